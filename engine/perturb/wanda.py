@@ -1,0 +1,34 @@
+"""Wanda (Sun et al., 2023): prune by |W_ij| · ‖X_j‖₂, comparing weights within each output row.
+
+‖X_j‖₂ is the norm of input feature j over all calibration tokens, taken from the (already pruned)
+previous layers' outputs. Unstructured: the lowest `sparsity` fraction of each row. N:M: in every group of
+M consecutive inputs of a row keep the N highest scores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.perturb.layerwise import InputStats, prune_layers_sequentially
+from engine.perturb.masks import lowest_per_row, n_of_m
+from engine.perturb.spec import Spec
+
+
+def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """|W| · ‖X_j‖₂ broadcast over the rows: shape (out_features, in_features)."""
+    return weight.detach().abs().float() * input_norm.float().reshape(1, -1)
+
+
+def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, spec: Spec) -> torch.Tensor:
+    score = wanda_score(weight, input_norm)
+    if spec.n is not None:
+        return n_of_m(score, spec.n, spec.m)
+    return lowest_per_row(score, spec.sparsity)
+
+
+def prune_wanda(model, spec: Spec, calib_ids: torch.Tensor, progress=None) -> None:
+    def prune_linear(_name, lin, stats: InputStats):
+        w = lin.weight
+        return w.masked_fill(wanda_mask(w, stats.norm.to(w.device), spec), 0)
+
+    prune_layers_sequentially(model, calib_ids, prune_linear, gram=False, progress=progress)
