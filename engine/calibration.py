@@ -134,8 +134,10 @@ def sample_from_model(model, tokenizer, samples: int, length: int, seed: int,
                 logits = model(input_ids=nxt.to(device), cache=cache, use_cache=True).logits[:, -1, :].float().cpu()
                 if banned:
                     logits[:, banned] = float("-inf")
+                # exponential-race sampling: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i
                 probs = torch.softmax(logits, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=gen)
+                race = torch.empty_like(probs).exponential_(generator=gen)
+                nxt = (probs / race).argmax(dim=-1, keepdim=True)
                 seq.append(nxt)
                 done += b
                 if progress:

@@ -1,0 +1,1 @@
+"""hierui's product face: the typer CLI and the Textual app."""

@@ -1,0 +1,3 @@
+from hierui.cli import main
+
+main()

@@ -1,0 +1,49 @@
+"""The CLI: bad input is one clear line with exit code 2; prune works end to end on tiny-random."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def hierui(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "hierui", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {}), "COLUMNS": "200"}, timeout=600)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prune", "--prune", "wanda:1.5"], "sparsity must be in (0, 1)"),
+    (["prune", "--prune", "wanda:4:2"], "0 < N < M"),
+    (["prune", "--prune", "foo:0.5"], "unknown method 'foo'"),
+    (["prune", "--prune", "magnitude:"], "argument is missing"),
+    (["prune", "--model", "llama-9000"], "unknown model 'llama-9000'"),
+    (["prune", "--model", "/no/such/dir"], "model directory not found"),
+    (["models", "pull", "nope-model"], "unknown model 'nope-model'"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    run = hierui(*args)
+    assert run.returncode == 2
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, run.stderr
+    assert message in lines[0]
+    assert "Traceback" not in run.stderr + run.stdout
+
+
+def test_prune_tiny_random_end_to_end_and_save(tmp_path):
+    out = tmp_path / "saved"
+    run = hierui("prune", "--model", "tiny-random", "--prune", "magnitude:2:4", "--tokens", "4",
+                 "--save", str(out), env={"HIERUI_HOME": str(tmp_path / "home")})
+    assert run.returncode == 0, run.stderr
+    assert "50.00%" in run.stdout and "perplexity" in run.stdout and "greedy" in run.stdout
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    again = hierui("prune", "--model", "tiny-random", "--prune", f"checkpoint:{out}", "--tokens", "4",
+                   env={"HIERUI_HOME": str(tmp_path / "home")})
+    assert again.returncode == 0, again.stderr
+    assert "50.00%" in again.stdout
+
+
+def test_models_lists_aliases():
+    run = hierui("models")
+    assert run.returncode == 0
+    assert "llama-7b" in run.stdout and "huggyllama/llama-7b" in run.stdout and "tiny-random" in run.stdout
