@@ -32,9 +32,12 @@ class Calibration:
     length: int
     seed: int
     key: str  # identifies (model, source, samples, length, seed)
+    from_cache: bool = False
+    seconds: float = 0.0  # time it took to build or load
 
     def describe(self) -> dict:
-        return {"source": self.source, "samples": self.samples, "length": self.length, "seed": self.seed}
+        return {"source": self.source, "samples": self.samples, "length": self.length, "seed": self.seed,
+                "from_cache": self.from_cache, "seconds": round(self.seconds, 3)}
 
 
 def calibration_key(model_key: str, source: str, samples: int, length: int, seed: int) -> str:
@@ -68,7 +71,7 @@ def build_calibration(loaded, source: str | None = None, samples: int = DEFAULT_
         try:
             ids = torch.load(cached, weights_only=True)
             if tuple(ids.shape) == (samples, length):
-                return Calibration(ids, source, samples, length, seed, key)
+                return Calibration(ids, source, samples, length, seed, key, from_cache=True)
         except Exception:
             pass  # a broken cache file is rebuilt
     if source == "self":

@@ -108,7 +108,9 @@ def prune(
     calib_note = ""
     if report.calibration:
         c = report.calibration
-        calib_note = f" · calibration {c['samples']}×{c['length']} tokens from {'the dense model' if c['source'] == 'self' else c['source']}"
+        made = "cached" if c["from_cache"] else f"{c['seconds']:.1f} s"
+        origin = "sampled from the dense model" if c["source"] == "self" else c["source"]
+        calib_note = f" · calibration: {c['samples']}×{c['length']} tokens {origin} ({made})"
     console.print(f"perturbation time: {how}{calib_note}")
     ratio = ppl_p / ppl_d
     console.print(f"perplexity on the held-out text: dense {ppl_d:.2f} · perturbed {ppl_p:.2f} · ratio {ratio:.2f}×")

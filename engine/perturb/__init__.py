@@ -54,8 +54,10 @@ def perturb(loaded, spec: Spec | str, calibration=None, use_cache: bool = True,
         from engine.calibration import build_calibration
 
         opts = dict(calib_options or {})
+        started = time.perf_counter()
         calibration = build_calibration(loaded, use_cache=use_cache,
                                         progress=lambda d, t: say("calibrating", d, t), **opts)
+        calibration.seconds = time.perf_counter() - started
 
     report = PerturbReport(spec=str(spec), calibration=calibration.describe() if calibration is not None else None)
     start = time.perf_counter()
