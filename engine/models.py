@@ -275,7 +275,7 @@ def _hub_snapshot(ref: ModelRef, say: Progress) -> Path:
     if os.environ.get("HF_HUB_OFFLINE") or not _reachable(endpoint):
         raise HieruiError(
             f"cannot reach the Hugging Face hub to fetch {ref.source} ('{ref.name}'); download it where the hub "
-            f"is reachable (huggingface-cli download {ref.source} --local-dir DIR) and pass --model DIR", 1)
+            f"is reachable (hf download {ref.source} --local-dir DIR) and pass --model DIR", 1)
     say(f"downloading {ref.source} from the hub")
     try:
         return Path(snapshot_download(ref.source, allow_patterns=patterns))

@@ -67,6 +67,8 @@ def prune(
 
     ref = resolve(model)  # bad names fail here, before anything slow
     parsed = parse_spec(spec)
+    if save is not None and parsed.family == "quant":
+        raise HieruiError(f"{parsed} models are quantized on the fly and not saved; use --prune {parsed} directly")
     if save is not None and save.is_dir() and any(save.iterdir()):
         raise HieruiError(f"--save directory {save} is not empty")
     _quiet_libraries()
@@ -91,7 +93,7 @@ def prune(
 
     report = pair.report
     console.print(f"[bold]{ref.display}[/] · [bold cyan]{parsed}[/] · {loaded.device} {str(loaded.dtype).replace('torch.', '')}")
-    if report.by_type:
+    if report.by_type and parsed.family in ("prune", "checkpoint"):
         table = Table(title="zero weights in the decoder linears", title_justify="left")
         table.add_column("linear")
         table.add_column("weights", justify="right")
@@ -101,9 +103,7 @@ def prune(
             style = "bold" if name == "all" else None
             table.add_row(name, f"{row['total']:,}", f"{row['dense']:.2%}", f"{row['perturbed']:.2%}", style=style)
         console.print(table)
-    for key, value in report.details.items():
-        if key != "similarity":
-            console.print(f"{key}: {value}")
+    console.print(_describe_details(report.details))
     how = "loaded from cache" if report.from_cache else f"{report.seconds:.2f} s"
     calib_note = ""
     if report.calibration:
@@ -126,6 +126,18 @@ def prune(
 
         save_checkpoint(pair, save)
         console.print(f"saved to {save} (load it with --prune checkpoint:{save} or from_pretrained)")
+
+
+def _describe_details(details: dict) -> str:
+    """One line on what a drop or quantization did (empty for pruning)."""
+    if "dropped" in details:
+        sims = details.get("similarity") or []
+        scored = ", ".join(f"{i} ({sims[i]:.3f})" if i < len(sims) else str(i) for i in details["dropped"])
+        noun = {"attention": "attention sublayers", "mlp": "MLP sublayers", "block": "blocks"}[details["kind"]]
+        return f"dropped {noun} (input/output cosine on calibration): {scored}"
+    if "quantized_linears" in details:
+        return f"quantized {details['quantized_linears']} linears to {details['bits']} bits ({details['backend']})"
+    return ""
 
 
 @models_app.callback()
