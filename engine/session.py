@@ -1,0 +1,186 @@
+"""Session files: one JSON Lines file per run (shared/design.md, "Sessions"), version 1.
+
+    line 1     header: {"format": "hierui-session", "version": 1, "model": …, "perturbation": {…}, …}
+    lines 2…   one step record each, appended and flushed as the step completes
+    last line  optionally {"end": true, "summary": {…}}
+
+A crash loses nothing that was written: the loader drops a truncated last line with a warning. A wrong
+format, a newer version, a missing file or a file that is not JSON Lines is one clear HieruiError.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine import __version__
+from engine.errors import HieruiError
+
+FORMAT = "hierui-session"
+VERSION = 1
+
+
+def _clean(value):
+    """JSON has no NaN/inf: they are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _line(obj: dict) -> str:
+    return json.dumps(_clean(obj), ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def slugify(text: str, limit: int = 32) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:limit].rstrip("-") or "session"
+
+
+def default_session_path(prompt: str, spec: str, directory: str | Path = "sessions") -> Path:
+    """sessions/<time>-<slug>.jsonl, unique within the directory."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(directory) / f"{stamp}-{slugify(spec, 20)}-{slugify(prompt)}"
+    path = base.with_suffix(".jsonl")
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(f"{base}-{n}.jsonl")
+    return path
+
+
+class SessionWriter:
+    """Writes the header at once, then each step as it comes (flushed), then an optional summary."""
+
+    def __init__(self, path: str | Path, header: dict):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        full = {"format": FORMAT, "version": VERSION, **header,
+                "created": header.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hierui": __version__}
+        self.header = full
+        self._file = open(self.path, "w", encoding="utf-8")
+        self._file.write(_line(full))
+        self._file.flush()
+        self.closed = False
+
+    def write_step(self, record: dict) -> None:
+        self._file.write(_line(record))
+        self._file.flush()
+
+    def close(self, summary: dict | None = None) -> None:
+        if self.closed:
+            return
+        if summary is not None:
+            self._file.write(_line({"end": True, "summary": summary}))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self.closed = True
+
+    def __enter__(self) -> "SessionWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class Session:
+    """A loaded session: header, step records, the closing summary if there is one."""
+
+    path: Path
+    header: dict
+    steps: list[dict]
+    summary: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.summary is not None
+
+
+def load_session(path: str | Path) -> Session:
+    """Read and validate a session file; raise HieruiError with one line on anything unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise HieruiError(f"session not found: {path}")
+    if path.is_dir():
+        raise HieruiError(f"{path} is a directory, not a session file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise HieruiError(f"{path} is not a hierui session (not UTF-8 text)") from None
+    lines = [ln for ln in text.split("\n") if ln.strip()]
+    if not lines:
+        raise HieruiError(f"{path} is empty, not a hierui session")
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError:
+        raise HieruiError(f"{path} is not a hierui session (its first line is not JSON)") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise HieruiError(f"{path} is not a hierui session (no \"format\": \"{FORMAT}\" header)")
+    version = header.get("version")
+    if not isinstance(version, int):
+        raise HieruiError(f"{path}: the session header has no valid version")
+    if version > VERSION:
+        raise HieruiError(f"{path} is a version {version} session; this hierui ({__version__}) reads version {VERSION}: upgrade hierui")
+    if version < 1:
+        raise HieruiError(f"{path}: unsupported session version {version}")
+
+    session = Session(path=path, header=header, steps=[])
+    for number, raw in enumerate(lines[1:], start=2):
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the last line: a crash mid-write
+                session.warnings.append(f"{path}: dropped a truncated last line (line {number}); the run was interrupted")
+                break
+            raise HieruiError(f"{path}: line {number} is not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise HieruiError(f"{path}: line {number} is not a JSON object")
+        if obj.get("end"):
+            session.summary = obj.get("summary") or {}
+            continue
+        if "step" not in obj:
+            raise HieruiError(f"{path}: line {number} is neither a step nor the closing line")
+        if obj["step"] != len(session.steps):
+            raise HieruiError(f"{path}: line {number} holds step {obj['step']}, expected step {len(session.steps)}")
+        session.steps.append(obj)
+    return session
+
+
+def record_run(stepper, path: str | Path, callback=None, stop=None) -> Session:
+    """Step `stepper` to the end, writing every step to a session at `path` as it completes.
+
+    `callback(record)` after each step; `stop()` returning True ends the run early (the session is then
+    left without a closing summary, like an interrupted one). Ctrl-C keeps every step written so far.
+    """
+    from engine.summary import summarize
+
+    with SessionWriter(path, stepper.header()) as writer:
+        interrupted = False
+        try:
+            while not stepper.finished:
+                if stop is not None and stop():
+                    interrupted = True
+                    break
+                record = stepper.step()
+                if record is None:
+                    break
+                writer.write_step(record)
+                if callback:
+                    callback(record)
+        except KeyboardInterrupt:
+            writer.close()
+            raise
+        summary = None if interrupted else summarize(stepper.records, stepper.settings.mode)
+        writer.close(summary)
+        return Session(path=Path(path), header=writer.header, steps=list(stepper.records), summary=summary)

@@ -1,0 +1,55 @@
+"""Per-run summaries of step records: what `hierui batch` tabulates and a session's closing line holds.
+
+The statistics llama.cpp's KL-divergence report uses (mean and percentiles of KL, same-top-1 rate,
+perplexity ratio) plus the hierarchy ones (similarity in each space, amplification, first divergence).
+"""
+
+from __future__ import annotations
+
+import math
+
+PERCENTILES = (50, 90, 99)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolation percentile (numpy's default), None for no values."""
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    pos = (len(vals) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
+
+
+def mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarize(steps: list[dict], mode: str | None = None) -> dict:
+    """Summary of one run's step records (see the module docstring)."""
+    out: dict = {"steps": len(steps)}
+    if not steps:
+        return out
+    for name in ("kl", "tv"):
+        vals = [s.get(name) for s in steps]
+        out[f"{name}_mean"] = mean(vals)
+        for q in PERCENTILES:
+            out[f"{name}_p{q}"] = percentile(vals, q)
+    out["kl_est_mean"] = mean(s.get("kl_est") for s in steps)
+    out["same_top1_rate"] = mean(s.get("top1_agree") for s in steps)
+    out["emb_cos_final_mean"] = mean((s.get("emb_cos") or [None])[-1] for s in steps)
+    for name in ("logit_cos", "prob_cos", "prob_cos_est", "js", "amp"):
+        out[f"{name}_mean"] = mean(s.get(name) for s in steps)
+    out["cum_kl"] = steps[-1].get("cum_kl")
+    out["cum_nll_gap"] = steps[-1].get("cum_nll_gap")
+    gap = mean((s["nll_p"] - s["nll_d"]) for s in steps if s.get("nll_p") is not None and s.get("nll_d") is not None)
+    out["ln_ppl_ratio"] = gap
+    out["ppl_ratio"] = math.exp(gap) if gap is not None else None
+    if mode == "free" or "first_divergence" in steps[-1]:
+        out["first_divergence"] = steps[-1].get("first_divergence")
+        out["same_token_rate"] = mean(float(bool(s.get("same_token"))) for s in steps)
+    if "sub_kl" in steps[0]:
+        out["sub_kl_mean"] = mean(s.get("sub_kl") for s in steps)
+        out["sub_agree_rate"] = mean(s.get("sub_agree") for s in steps)
+    return out
