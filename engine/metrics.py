@@ -24,13 +24,22 @@ import torch
 EPS = 1e-12
 
 
+def _f(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 model outputs are upcast; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(EPS)
+    """Cosine similarity as 1 − ‖â − b̂‖²/2: no cancellation when the vectors are nearly equal, and
+    exactly 1 when they are equal (the plain dot-product form loses 1 − cos below ~1e-7 in float32)."""
+    ua = a / a.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    ub = b / b.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    return 1.0 - (ua - ub).square().sum(-1) / 2.0
 
 
 def embedding_metrics(h_d: torch.Tensor, h_p: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per layer: emb_cos, emb_rel = ‖Δh‖/‖h‖, emb_perp = ‖Δh⊥‖/‖h‖, emb_cos_est. Each (B, L+1)."""
-    h_d, h_p = h_d.float(), h_p.float()
+    h_d, h_p = _f(h_d), _f(h_p)
     delta = h_p - h_d
     norm_d = h_d.norm(dim=-1).clamp_min(EPS)
     along = (delta * h_d).sum(-1, keepdim=True) / (norm_d.unsqueeze(-1) ** 2)
@@ -45,7 +54,7 @@ def embedding_metrics(h_d: torch.Tensor, h_p: torch.Tensor) -> dict[str, torch.T
 
 def logit_metrics(z_d: torch.Tensor, z_p: torch.Tensor) -> dict[str, torch.Tensor]:
     """logit_cos and logit_rel = ‖Δz‖/‖z‖, each (B,)."""
-    z_d, z_p = z_d.float(), z_p.float()
+    z_d, z_p = _f(z_d), _f(z_p)
     return {"logit_cos": _cos(z_d, z_p),
             "logit_rel": (z_p - z_d).norm(dim=-1) / z_d.norm(dim=-1).clamp_min(EPS)}
 
@@ -61,7 +70,7 @@ def probability_metrics(z_d: torch.Tensor, z_p: torch.Tensor, temperature: float
 
     Also returns the log-probabilities (`logp_d`, `logp_p`, (B, V)) for the caller's NLL and top-k lists.
     """
-    z_d, z_p = z_d.float(), z_p.float()
+    z_d, z_p = _f(z_d), _f(z_p)
     logp_d = torch.log_softmax(z_d / temperature, dim=-1)
     logp_p = torch.log_softmax(z_p / temperature, dim=-1)
     p_d, p_p = logp_d.exp(), logp_p.exp()
@@ -99,8 +108,8 @@ def amplification(prob_cos: torch.Tensor, logit_cos: torch.Tensor) -> torch.Tens
 def subspace_metrics(z_d: torch.Tensor, z_p: torch.Tensor, choice_ids: torch.Tensor,
                      temperature: float = 1.0) -> dict[str, torch.Tensor]:
     """The categorical subspace: both distributions renormalised over the candidate tokens."""
-    lq_d = torch.log_softmax(z_d.float().index_select(-1, choice_ids) / temperature, dim=-1)
-    lq_p = torch.log_softmax(z_p.float().index_select(-1, choice_ids) / temperature, dim=-1)
+    lq_d = torch.log_softmax(_f(z_d).index_select(-1, choice_ids) / temperature, dim=-1)
+    lq_p = torch.log_softmax(_f(z_p).index_select(-1, choice_ids) / temperature, dim=-1)
     q_d, q_p = lq_d.exp(), lq_p.exp()
     return {
         "sub_p_d": q_d,
