@@ -1,0 +1,66 @@
+"""Step overhead: the stepper with every metric vs two bare KV-cached forward passes of the same tokens.
+
+    .venv/bin/python bench/step_overhead.py [--model smollm2-135m] [--prune wanda:0.5] [--steps 48] [--repeats 3]
+
+Both sides run in this process on the same pair, prompt and fed tokens: the bare side is the dense and
+the perturbed model each stepping with its own DynamicCache (prefill + one token a step), nothing else.
+Prints the median ratio over alternating repeats (machines here are noisy; compare ratios, not times).
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+from engine.models import load
+from engine.perturb import perturb
+from engine.stepper import Stepper, StepSettings
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def time_stepper(pair, steps: int):
+    stepper = Stepper(pair, PROMPT, StepSettings(mode="shared", max_new_tokens=steps))
+    stepper._eos = set()  # always run the full number of steps
+    start = time.perf_counter()
+    records = stepper.run()
+    return time.perf_counter() - start, [r["token_d"] for r in records], stepper.prompt_ids
+
+
+@torch.no_grad()
+def time_bare(pair, prompt_ids, fed: list[int]) -> float:
+    caches = [DynamicCache(config=m.config) for m in (pair.dense, pair.perturbed)]
+    start = time.perf_counter()
+    for model, cache in zip((pair.dense, pair.perturbed), caches):
+        model(input_ids=prompt_ids, cache=cache, use_cache=True)
+    for token in fed[:-1]:
+        ids = torch.tensor([[token]])
+        for model, cache in zip((pair.dense, pair.perturbed), caches):
+            model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1].argmax(-1).item()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--prune", default="wanda:0.5")
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    pair = perturb(load(args.model, device=args.device), args.prune)
+    time_stepper(pair, 4)  # warm up both paths
+    ratios = []
+    for _ in range(args.repeats):
+        t_step, fed, prompt_ids = time_stepper(pair, args.steps)
+        t_bare = time_bare(pair, prompt_ids.to(pair.dense.device), fed)
+        ratios.append(t_step / t_bare)
+        print(f"stepper {t_step / args.steps * 1000:7.2f} ms/step · bare pair {t_bare / args.steps * 1000:7.2f} ms/step"
+              f" · ratio {t_step / t_bare:.3f}")
+    print(f"step overhead ratio (median of {args.repeats}): {statistics.median(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()
