@@ -1,0 +1,43 @@
+"""Messages the workers post to the app (models loading, steps arriving)."""
+
+from __future__ import annotations
+
+from textual.message import Message
+
+
+class LoadProgress(Message):
+    """A loading stage moved on: `stage` with `done` of `total` (total 0: a status line only)."""
+
+    def __init__(self, stage: str, done: int = 0, total: int = 0) -> None:
+        super().__init__()
+        self.stage, self.done, self.total = stage, done, total
+
+
+class PairReady(Message):
+    """The dense model is loaded and perturbed; stepping can start."""
+
+    def __init__(self, pair) -> None:
+        super().__init__()
+        self.pair = pair
+
+
+class LoadFailed(Message):
+    """Loading or perturbing failed; `text` is one line for the user."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+class StepDone(Message):
+    """One more step record of run number `run` (stale runs are ignored)."""
+
+    def __init__(self, run: int, record: dict, finished: bool) -> None:
+        super().__init__()
+        self.run, self.record, self.finished = run, record, finished
+
+
+class StepFailed(Message):
+    def __init__(self, run: int, text: str) -> None:
+        super().__init__()
+        self.run, self.text = run, text

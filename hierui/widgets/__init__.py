@@ -1,0 +1,1 @@
+"""The explorer's panels. Each renders step records; none computes a metric."""
