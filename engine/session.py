@@ -63,8 +63,9 @@ class SessionWriter:
     def __init__(self, path: str | Path, header: dict):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        full = {"format": FORMAT, "version": VERSION, **header,
-                "created": header.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hierui": __version__}
+        full = {"format": FORMAT, "version": VERSION,
+                **{k: v for k, v in header.items() if k not in ("format", "version", "created", "hierui")},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hierui": __version__}
         self.header = full
         self._file = open(self.path, "w", encoding="utf-8")
         self._file.write(_line(full))
@@ -107,28 +108,39 @@ class Session:
         return self.summary is not None
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def load_session(path: str | Path) -> Session:
-    """Read and validate a session file; raise HieruiError with one line on anything unusable."""
+    """Read and validate a session file; raise HieruiError with one line on anything unusable.
+
+    The file is split into lines before decoding, so a crash in the middle of a multi-byte character
+    of the last line is still a truncated last line (a warning), not an unreadable file.
+    """
     path = Path(path)
     if not path.exists():
         raise HieruiError(f"session not found: {path}")
     if path.is_dir():
         raise HieruiError(f"{path} is a directory, not a session file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise HieruiError(f"{path} is not a hierui session (not UTF-8 text)") from None
-    lines = [ln for ln in text.split("\n") if ln.strip()]
+        data = path.read_bytes()
+    except OSError as e:
+        raise HieruiError(f"cannot read session {path}: {e.strerror or e}") from None
+    # (line number in the file, raw bytes), blank lines skipped
+    lines = [(n, raw) for n, raw in enumerate(data.split(b"\n"), start=1) if raw.strip()]
     if not lines:
         raise HieruiError(f"{path} is empty, not a hierui session")
     try:
-        header = json.loads(lines[0])
+        header = json.loads(lines[0][1].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise HieruiError(f"{path} is not a hierui session (not UTF-8 text)") from None
     except json.JSONDecodeError:
         raise HieruiError(f"{path} is not a hierui session (its first line is not JSON)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise HieruiError(f"{path} is not a hierui session (no \"format\": \"{FORMAT}\" header)")
     version = header.get("version")
-    if not isinstance(version, int):
+    if not _is_int(version):
         raise HieruiError(f"{path}: the session header has no valid version")
     if version > VERSION:
         raise HieruiError(f"{path} is a version {version} session; this hierui ({__version__}) reads version {VERSION}: upgrade hierui")
@@ -136,23 +148,29 @@ def load_session(path: str | Path) -> Session:
         raise HieruiError(f"{path}: unsupported session version {version}")
 
     session = Session(path=path, header=header, steps=[])
-    for number, raw in enumerate(lines[1:], start=2):
+    last = len(lines) - 1
+    for index, (number, raw) in enumerate(lines[1:], start=1):
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError:
-            if number == len(lines):  # the last line: a crash mid-write
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            if index == last:  # the last line: a crash mid-write
                 session.warnings.append(f"{path}: dropped a truncated last line (line {number}); the run was interrupted")
                 break
             raise HieruiError(f"{path}: line {number} is not valid JSON") from None
         if not isinstance(obj, dict):
             raise HieruiError(f"{path}: line {number} is not a JSON object")
+        if session.summary is not None:
+            raise HieruiError(f"{path}: line {number} comes after the closing summary line")
         if obj.get("end"):
-            session.summary = obj.get("summary") or {}
+            summary = obj.get("summary")
+            if summary is not None and not isinstance(summary, dict):
+                raise HieruiError(f"{path}: line {number}, the closing line, holds no summary object")
+            session.summary = summary or {}
             continue
         if "step" not in obj:
             raise HieruiError(f"{path}: line {number} is neither a step nor the closing line")
-        if obj["step"] != len(session.steps):
-            raise HieruiError(f"{path}: line {number} holds step {obj['step']}, expected step {len(session.steps)}")
+        if not _is_int(obj["step"]) or obj["step"] != len(session.steps):
+            raise HieruiError(f"{path}: line {number} holds step {obj['step']!r}, expected step {len(session.steps)}")
         session.steps.append(obj)
     return session
 
@@ -167,6 +185,8 @@ def record_run(stepper, path: str | Path, callback=None, stop=None) -> Session:
 
     with SessionWriter(path, stepper.header()) as writer:
         interrupted = False
+        for record in stepper.records:  # steps taken before recording began: the file needs them too
+            writer.write_step(record)
         try:
             while not stepper.finished:
                 if stop is not None and stop():

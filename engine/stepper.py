@@ -117,6 +117,7 @@ class Stepper:
         self._state = None  # (hidden_d, logits_d, hidden_p, logits_p) for the next step
         self._caches = None
         self._cum = {"kl": 0.0, "nll_gap": 0.0, "first_divergence": None}
+        self._fed: tuple[list[int], list[int]] = ([], [])  # generated tokens each model was fed
         self.seconds = 0.0
 
     # ------------------------------------------------------------ forward passes
@@ -201,8 +202,10 @@ class Stepper:
         if token_d != token_p and self._cum["first_divergence"] is None:
             self._cum["first_divergence"] = i
         record = {"step": i, "token_d": token_d, "token_p": token_p,
-                  "text_d": tok.decode([token_d]), "text_p": tok.decode([token_p]),
+                  "text_d": self._piece(self._fed[0], token_d), "text_p": self._piece(self._fed[1], token_p),
                   "fed": [token_d, fed_p]}
+        self._fed[0].append(token_d)
+        self._fed[1].append(fed_p)
         for name in ("d", "p"):
             ids, probs = row.pop(f"topk_{name}_ids"), row.pop(f"topk_{name}_probs")
             record[f"topk_{name}"] = [[t, tok.decode([t]), p] for t, p in zip(ids, probs)]
@@ -213,6 +216,16 @@ class Stepper:
         if s.mode == "free":
             record["first_divergence"] = self._cum["first_divergence"]
         return record
+
+    def _piece(self, context: list[int], token: int) -> str:
+        """The text `token` adds after `context`, decoded in context: a character split over several tokens
+        (an emoji in byte-level BPE) comes out whole with the token that completes it, "" before that."""
+        tail = context[-16:]  # enough context to place the boundary
+        before = self.tokenizer.decode(tail).rstrip("\ufffd")
+        after = self.tokenizer.decode(tail + [token]).rstrip("\ufffd")
+        if after.startswith(before):
+            return after[len(before):]
+        return self.tokenizer.decode([token])
 
     def run(self, callback=None) -> list[dict]:
         """Step to the end; `callback(record)` after each step."""

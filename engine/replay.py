@@ -1,0 +1,196 @@
+"""Recompute a recorded session with its models and measure how far the recomputation is from the recording.
+
+`rerun(session)` loads the model named in the header, rebuilds the perturbation (same spec, same
+calibration samples/length/seed/source) and the step settings, and steps exactly as many steps as were
+recorded. `deviations(recorded, new)` is the largest absolute difference of every metric: scalars,
+per-layer and per-choice lists elementwise, and the probabilities of the top-k lists. `compare` adds
+whether every token matched. Nothing here prints; `hierui replay --rerun` renders the result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+from engine.errors import HieruiError
+from engine.session import Session, _clean
+
+# fields of a step record that are tokens (compared for equality, not as metrics)
+TOKEN_FIELDS = ("token_d", "token_p", "fed")
+# fields that are neither metrics nor tokens, or that follow from the tokens
+SKIP_FIELDS = frozenset({"step", "text_d", "text_p", "same_token", "first_divergence", *TOKEN_FIELDS})
+TOPK_FIELDS = ("topk_d", "topk_p")
+
+
+def settings_from_header(header: dict, steps: int):
+    """The StepSettings of a recorded run, with max_new_tokens forced to the recorded number of steps."""
+    from engine.stepper import StepSettings
+
+    defaults = StepSettings()
+    return StepSettings(
+        mode=header.get("mode") or defaults.mode,
+        temperature=float(header.get("temperature") or defaults.temperature),
+        max_new_tokens=steps,
+        sample=bool(header.get("sample", defaults.sample)),
+        seed=int(header.get("seed") if header.get("seed") is not None else defaults.seed),
+        choices=list(header["choices"]) if header.get("choices") else None,
+        raw=bool(header.get("raw", defaults.raw)),
+        topk=int(header.get("topk") or defaults.topk),
+    ).validate()
+
+
+def calib_options_from_header(header: dict) -> dict | None:
+    """perturb()'s calib_options that rebuild the recorded calibration (None: the spec had none)."""
+    calib = header.get("calibration")
+    if not isinstance(calib, dict):
+        return None
+    opts = {k: calib[k] for k in ("samples", "length", "seed") if calib.get(k) is not None}
+    source = calib.get("source")
+    if source and source != "self":
+        opts["source"] = source
+    return opts
+
+
+def rerun(session: Session, device: str = "auto", dtype: str | None = None, *, loaded=None,
+          use_cache: bool = True, progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
+    """Recompute `session` with its models; the new step records (NaN written as None, like a loaded file).
+
+    `dtype` None takes the recorded one (header "dtype"), else auto. `loaded`: an already loaded dense
+    model (engine.models.LoadedModel) to use instead of loading header["model"].
+    """
+    from engine.models import load
+    from engine.perturb import perturb
+    from engine.stepper import Stepper
+
+    header = session.header
+    if not session.steps:
+        raise HieruiError(f"{session.path} has no recorded steps to rerun")
+    model = header.get("model")
+    spec = (header.get("perturbation") or {}).get("spec")
+    if not model or not spec:
+        raise HieruiError(f"{session.path}: the header names no {'model' if not model else 'perturbation spec'}; cannot rerun")
+    if "prompt" not in header:
+        raise HieruiError(f"{session.path}: the header has no prompt; cannot rerun")
+    settings = settings_from_header(header, len(session.steps))
+    say = progress or (lambda *_: None)
+    if loaded is None:
+        loaded = load(model, device=device, dtype=dtype or header.get("dtype") or "auto",
+                      progress=lambda message: say(message, 0, 0))
+    pair = perturb(loaded, spec, use_cache=use_cache, progress=progress,
+                   calib_options=calib_options_from_header(header))
+    stepper = Stepper(pair, header["prompt"], settings)
+    stepper.run()
+    return [json.loads(json.dumps(_clean(r))) for r in stepper.records]
+
+
+# ------------------------------------------------------------------ comparing
+
+
+def _numbers(value) -> list[float | None] | None:
+    """A metric value as a flat list of numbers (None for null); None when it is not numeric."""
+    if value is None:
+        return [None]
+    if isinstance(value, bool):
+        return [float(value)]
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, list) and all(v is None or isinstance(v, (int, float)) for v in value):
+        return [None if v is None else float(v) for v in value]
+    return None
+
+
+def _topk_probs(value) -> list[float | None] | None:
+    if not isinstance(value, list):
+        return None
+    try:
+        return [None if row[2] is None else float(row[2]) for row in value]
+    except (TypeError, IndexError, ValueError):
+        return None
+
+
+def _max_abs(a: list | None, b: list | None) -> float:
+    """Largest |a_i − b_i|; null against null is 0, null against a number (or a length change) is inf."""
+    if a is None or b is None or len(a) != len(b):
+        return math.inf
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x is None and y is None:
+            continue
+        if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
+            if x != y:
+                return math.inf
+            continue
+        worst = max(worst, abs(x - y))
+    return worst
+
+
+def deviations(recorded_steps: list[dict], new_steps: list[dict]) -> dict[str, float]:
+    """Per metric name, the largest absolute deviation over the steps both runs have.
+
+    A metric present in one run only, or null in one and a number in the other, deviates by inf.
+    """
+    names: list[str] = []
+    for step in [*recorded_steps, *new_steps]:
+        for name in step:
+            if name not in SKIP_FIELDS and name not in names:
+                names.append(name)
+    out: dict[str, float] = {}
+    for name in names:
+        worst = 0.0
+        convert = _topk_probs if name in TOPK_FIELDS else _numbers
+        for old, new in zip(recorded_steps, new_steps):
+            if name not in old and name not in new:
+                continue
+            if name not in old or name not in new:
+                worst = math.inf
+                break
+            worst = max(worst, _max_abs(convert(old[name]), convert(new[name])))
+        out[name] = worst
+    return out
+
+
+def _token_row(step: dict) -> tuple:
+    return tuple(json.dumps(step.get(name)) for name in TOKEN_FIELDS)
+
+
+def _topk_ids(step: dict) -> tuple:
+    return tuple(tuple(row[0] for row in step.get(name) or []) for name in TOPK_FIELDS)
+
+
+@dataclass
+class Comparison:
+    """How a recomputation compares with its recording."""
+
+    recorded: int  # recorded steps
+    rerun: int  # recomputed steps
+    deviations: dict[str, float]
+    first_token_mismatch: int | None  # first step whose tokens (token_d, token_p, fed) differ
+    topk_id_mismatches: int = 0  # steps whose top-k token lists differ (reported, not a failure)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_match(self) -> bool:
+        return self.first_token_mismatch is None and self.recorded == self.rerun
+
+    @property
+    def max_deviation(self) -> float:
+        return max(self.deviations.values(), default=0.0)
+
+    def ok(self, tol: float) -> bool:
+        return self.tokens_match and self.max_deviation < tol
+
+
+def compare(recorded_steps: list[dict], new_steps: list[dict]) -> Comparison:
+    mismatch = next((i for i, (a, b) in enumerate(zip(recorded_steps, new_steps)) if _token_row(a) != _token_row(b)),
+                    None)
+    if mismatch is None and len(recorded_steps) != len(new_steps):
+        mismatch = min(len(recorded_steps), len(new_steps))
+    topk = sum(_topk_ids(a) != _topk_ids(b) for a, b in zip(recorded_steps, new_steps))
+    result = Comparison(recorded=len(recorded_steps), rerun=len(new_steps),
+                        deviations=deviations(recorded_steps, new_steps),
+                        first_token_mismatch=mismatch, topk_id_mismatches=topk)
+    if len(recorded_steps) != len(new_steps):
+        result.notes.append(f"the rerun took {len(new_steps)} steps, the recording {len(recorded_steps)}")
+    return result
