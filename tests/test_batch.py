@@ -1,0 +1,294 @@
+"""hierui batch: prompt files, planning checks, resume after an interruption, the tables, the CLI."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from engine import batch as B
+from engine.errors import HieruiError
+from engine.session import load_session
+
+TINY = {"model": "tiny-random", "max_new_tokens": 5, "calib": {"samples": 4, "length": 16, "seed": 0}}
+PROMPTS = [{"prompt": "Answer A or B:", "choices": ["A", "B"]}, {"prompt": "Hello there", "id": "hi"}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def tables(out):
+    return {name: pq.read_table(out / name) for name in ("steps.parquet", "summary.parquet")}
+
+
+def assert_same_tables(a, b):
+    ta, tb = tables(a), tables(b)
+    for name in ta:
+        assert ta[name].schema == tb[name].schema, name
+        assert ta[name].to_pylist() == tb[name].to_pylist(), name
+    assert (a / "summary.csv").read_bytes() == (b / "summary.csv").read_bytes()
+
+
+class Recorder(B.SweepHooks):
+    """Counts what run_sweep does; `stop_at=(run index, step index)` raises Ctrl-C there."""
+
+    def __init__(self, stop_at=None):
+        self.started, self.stop_at = [], stop_at
+
+    def run_started(self, run, max_tokens):
+        self.started.append(run.run_id)
+
+    def step(self, run, record):
+        if self.stop_at == (len(self.started) - 1, record["step"]):
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def sweep_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("batch")
+    return {"jsonl": write_jsonl(d / "prompts.jsonl", PROMPTS)}
+
+
+def plan(sweep_files, **kw):
+    return B.plan_sweep(prompts_file=sweep_files["jsonl"],
+                        **{**TINY, "specs": ["wanda:0.5", "none"], "modes": ["shared", "free"], **kw})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(sweep_files, tmp_path_factory):
+    """One whole sweep, never interrupted: 2 prompts × 2 specs × 2 modes."""
+    out = tmp_path_factory.mktemp("whole") / "out"
+    sweep = plan(sweep_files)
+    result = B.run_sweep(sweep, out)
+    assert result.computed == [r.run_id for r in sweep.runs()] and not result.skipped
+    return sweep, out
+
+
+# ------------------------------------------------------------------ prompt files and planning (no model)
+
+
+def test_read_prompts_text_and_jsonl(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("first prompt\n\n  \nsecond {not json}\n", encoding="utf-8")
+    assert [(p.id, p.prompt, p.choices) for p in B.read_prompts(text)] == [
+        ("p000", "first prompt", None), ("p001", "second {not json}", None)]
+    rows = [{"prompt": "q one", "choices": ["A", "B"]}, {"prompt": "q two", "id": "my id/2"}]
+    items = B.read_prompts(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert [(p.id, p.prompt, p.choices) for p in items] == [("p000", "q one", ["A", "B"]), ("my_id_2", "q two", None)]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.txt", None, "prompts file not found"),
+    ("empty.txt", "\n \n", "holds no prompts"),
+    ("noprompt.jsonl", '{"prompt": "ok"}\n{"text": "x"}\n', 'line 2 has no "prompt"'),
+    ("bad.jsonl", '{"prompt": "ok"\n', "line 1 is not valid JSON"),
+    ("dup.jsonl", '{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n', "'x' is used twice"),
+    ("choices.jsonl", '{"prompt": "a", "choices": "AB"}\n', "list of at least two"),
+])
+def test_bad_prompt_files(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(HieruiError, match=message):
+        B.read_prompts(path)
+
+
+def test_plan_checks_before_loading(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n", encoding="utf-8")
+    with pytest.raises(HieruiError, match="unknown method 'foo'"):
+        B.plan_sweep(prompts_file=prompts, model="tiny-random", specs=["wanda:0.5", "foo:0.5"])
+    with pytest.raises(HieruiError, match="unknown mode 'teacher'"):
+        B.plan_sweep(prompts_file=prompts, model="tiny-random", modes=["shared", "teacher"])
+    with pytest.raises(HieruiError, match="exactly one of --prompts FILE or --from SESSION"):
+        B.plan_sweep(model="tiny-random")
+    with pytest.raises(HieruiError, match="max new tokens"):
+        B.plan_sweep(prompts_file=prompts, model="tiny-random", max_new_tokens=0)
+    sweep = B.plan_sweep(prompts_file=prompts, model="tiny-random", specs=["wanda:2:4", "none", "none"],
+                         modes=["free", "shared"])
+    assert [r.run_id for r in sweep.runs()] == ["p000-wanda-2of4-free", "p000-wanda-2of4-shared",
+                                                "p000-none-free", "p000-none-shared"]
+
+
+# ------------------------------------------------------------------ resume
+
+
+def test_resume_after_ctrl_c_equals_uninterrupted(sweep_files, uninterrupted, tmp_path):
+    sweep, whole = uninterrupted
+    runs = [r.run_id for r in sweep.runs()]
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C at step 2 of the fourth run
+        B.run_sweep(plan(sweep_files), out, hooks=Recorder(stop_at=(3, 2)))
+    assert B.complete_runs(sweep, out) == runs[:3]
+    cut = load_session(out / "sessions" / f"{runs[3]}.jsonl")
+    assert not cut.complete and len(cut.steps) == 3
+    assert not (out / "steps.parquet").exists()
+
+    again = Recorder()
+    result = B.run_sweep(plan(sweep_files), out, hooks=again)
+    assert result.skipped == runs[:3]
+    assert result.computed == again.started == runs[3:]  # the cut run again from scratch, then the rest
+    assert_same_tables(out, whole)
+
+
+def test_resume_recomputes_only_missing_and_truncated_runs(uninterrupted, sweep_files, tmp_path):
+    sweep, whole = uninterrupted
+    out = tmp_path / "out"
+    shutil.copytree(whole, out)
+    runs = [r.run_id for r in sweep.runs()]
+    sessions = out / "sessions"
+    gone, cut = runs[1], runs[6]
+    (sessions / f"{gone}.jsonl").unlink()
+    lines = (sessions / f"{cut}.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (sessions / f"{cut}.jsonl").write_text("".join(lines[:2]) + lines[2][:10], encoding="utf-8")  # + a torn line
+    (out / "steps.parquet").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in sessions.iterdir() if p.stem not in (gone, cut)}
+
+    recorder = Recorder()
+    result = B.run_sweep(plan(sweep_files), out, hooks=recorder)
+    assert result.computed == recorder.started == [gone, cut]
+    assert {p.name: p.stat().st_mtime_ns for p in sessions.iterdir() if p.stem not in (gone, cut)} == kept
+    assert load_session(sessions / f"{cut}.jsonl").complete
+    assert_same_tables(out, whole)
+
+    nothing = Recorder()
+    assert B.run_sweep(plan(sweep_files), out, hooks=nothing).computed == [] and nothing.started == []
+    assert_same_tables(out, whole)
+
+
+def test_resume_with_other_settings_is_refused(uninterrupted, sweep_files):
+    _, out = uninterrupted
+    with pytest.raises(HieruiError, match="holds another sweep .*specs"):
+        B.run_sweep(plan(sweep_files, specs=["magnitude:0.5"]), out)
+    with pytest.raises(HieruiError, match="holds another sweep .*settings"):
+        B.run_sweep(plan(sweep_files, max_new_tokens=3), out)
+
+
+# ------------------------------------------------------------------ the tables
+
+
+def test_tables_none_is_exactly_zero_and_choices_give_sub_columns(uninterrupted):
+    sweep, out = uninterrupted
+    steps, summary = tables(out)["steps.parquet"].to_pylist(), tables(out)["summary.parquet"].to_pylist()
+    assert [r["run_id"] for r in summary] == sorted(r.run_id for r in sweep.runs())
+    assert len(steps) == sum(r["steps"] for r in summary)
+    assert [(r["run_id"], r["step"]) for r in steps] == sorted((r["run_id"], r["step"]) for r in steps)
+    schema = tables(out)["steps.parquet"].schema
+    for name in ("emb_cos", "emb_rel", "emb_perp", "emb_cos_est", "sub_p_d", "sub_p_p"):
+        assert str(schema.field(name).type) == "list<element: double>", name
+    layers = 4 + 1
+    assert all(len(r["emb_cos"]) == layers for r in steps)
+
+    none = [r for r in steps if r["spec"] == "none"]
+    assert none and all(r["kl"] == 0 and r["tv"] == 0 and r["top1_agree"] == 1 for r in none)
+    wanda = [r for r in steps if r["spec"] == "wanda:0.5"]
+    assert any(r["kl"] > 0 for r in wanda)
+
+    with_choices = [r for r in steps if r["prompt_id"] == "p000"]
+    assert with_choices and all(r["sub_kl"] is not None and len(r["sub_p_d"]) == 2 for r in with_choices)
+    assert all(r["sub_kl"] is None for r in steps if r["prompt_id"] == "hi")
+
+    for row in summary:
+        for name in ("kl_mean", "kl_p50", "kl_p90", "kl_p99", "tv_mean", "tv_p99", "same_top1_rate",
+                     "emb_cos_final_mean", "logit_cos_mean", "prob_cos_mean", "ln_ppl_ratio", "measured_sparsity"):
+            assert row[name] is not None, (row["run_id"], name)
+        assert (row["sub_kl_mean"] is not None) == (row["prompt_id"] == "p000")
+    assert {r["measured_sparsity"] for r in summary if r["spec"] == "wanda:0.5"} == {0.5}
+    assert all(r["kl_mean"] == 0 and r["ln_ppl_ratio"] == 0 for r in summary if r["spec"] == "none")
+    groups = B.group_summary(sweep, summary)
+    assert [(g["spec"], g["mode"], g["runs"]) for g in groups] == [
+        ("wanda:0.5", "shared", 2), ("wanda:0.5", "free", 2), ("none", "shared", 2), ("none", "free", 2)]
+    csv_header = (out / "summary.csv").read_text(encoding="utf-8").splitlines()[0]
+    assert '"kl_p99"' in csv_header and '"first_divergence"' in csv_header
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+def cli(*args):
+    from hierui.cli import app
+
+    return CliRunner().invoke(app, ["batch", *args])
+
+
+def test_cli_sweep_rerun_interrupt_and_from_session(tmp_path, monkeypatch):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello\nThe cat sat\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["-m", "tiny-random", "--prompts", str(prompts), "-p", "magnitude:0.5", "--mode", "shared",
+            "--mode", "free", "--max-new-tokens", "4", "--out", str(out)]
+    run = cli(*args)
+    assert run.exit_code == 0, run.output
+    assert "magnitude:0.5" in run.stdout and "4 runs (4 computed, 0 already complete)" in run.stdout
+    assert len(list((out / "sessions").glob("*.jsonl"))) == 4
+    assert pq.read_table(out / "summary.parquet").num_rows == 4 and (out / "summary.csv").is_file()
+
+    again = cli(*args)
+    assert again.exit_code == 0 and "4 runs (0 computed, 4 already complete)" in again.stdout
+
+    import hierui.cli  # Ctrl-C in the second run: exit 130, and it says which runs are complete
+
+    def ctrl_c(self, run, record):
+        if run.run_id.endswith("free"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(hierui.cli._BatchBars, "step", ctrl_c)
+    cut = cli(*args[:-1], str(tmp_path / "cut2"))
+    assert cut.exit_code == 130
+    assert "interrupted: 1 of 4 runs complete" in cut.stderr and "p000-magnitude-0.5-shared" in cut.stderr
+    monkeypatch.undo()
+    resumed = cli(*args[:-1], str(tmp_path / "cut2"))
+    assert resumed.exit_code == 0 and "(3 computed, 1 already complete)" in resumed.stdout
+    assert_same_tables(tmp_path / "cut2", out)
+
+    source = out / "sessions" / "p001-magnitude-0.5-free.jsonl"
+    header = load_session(source).header
+    rerun = cli("--from", str(source), "-p", "none", "--out", str(tmp_path / "from"))
+    assert rerun.exit_code == 0, rerun.output
+    (row,) = pq.read_table(tmp_path / "from" / "summary.parquet").to_pylist()
+    assert (row["run_id"], row["prompt"], row["mode"], row["model"]) == ("p000-none-free", "The cat sat", "free", "tiny-random")
+    assert row["kl_mean"] == 0
+    made = load_session(tmp_path / "from" / "sessions" / "p000-none-free.jsonl").header
+    for key in ("prompt", "mode", "temperature", "choices", "seed", "sample", "max_new_tokens", "raw", "topk", "model"):
+        assert made[key] == header[key], key
+
+    override = cli("--from", str(source), "-p", "none", "--mode", "shared", "--max-new-tokens", "2",
+                   "--out", str(tmp_path / "from2"))
+    assert override.exit_code == 0, override.output
+    made = load_session(tmp_path / "from2" / "sessions" / "p000-none-shared.jsonl")
+    assert made.header["max_new_tokens"] == 2 and made.header["prompt"] == "The cat sat" and len(made.steps) <= 2
+
+
+def hierui(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "hierui", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {}), "COLUMNS": "200"}, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompts", "{dir}/missing.txt"], "prompts file not found"),
+    (["--prompts", "{dir}/empty.txt"], "holds no prompts"),
+    (["--prompts", "{dir}/noprompt.jsonl"], 'has no "prompt"'),
+    (["--prompts", "{dir}/ok.txt", "-p", "wanda:0.5", "-p", "wanda:1.5"], "sparsity must be in (0, 1)"),
+    (["--prompts", "{dir}/ok.txt", "--mode", "sideways"], "unknown mode 'sideways'"),
+    (["--prompts", "{dir}/ok.txt", "--from", "{dir}/ok.txt"], "exactly one of --prompts FILE or --from SESSION"),
+    (["--from", "{dir}/ok.txt", "-p", "none"], "is not a hierui session"),
+    (["--from", "{dir}/ok.txt"], "give at least one --prune"),
+])
+def test_cli_bad_input_is_one_line_exit_2_before_loading(tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
+    (tmp_path / "ok.txt").write_text("hello\n", encoding="utf-8")
+    (tmp_path / "noprompt.jsonl").write_text('{"text": "hello"}\n', encoding="utf-8")
+    home = tmp_path / "home"
+    run = hierui("batch", *[a.format(dir=tmp_path) for a in args], "--out", str(tmp_path / "out"),
+                 env={"HIERUI_HOME": str(home)})
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
+    assert not home.exists() and not (tmp_path / "out").exists()  # nothing loaded, nothing written
