@@ -419,6 +419,16 @@ def build_tiny_random():
     return model.eval(), byte_tokenizer()
 
 
+def load_tokenizer(name: str, progress: Progress | None = None):
+    """Only the tokenizer of a --model name (fetching the model once if it has to)."""
+    ref = resolve(name)
+    if ref.kind == "tiny":
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(_local_path_for(ref, progress or (lambda _m: None))))
+
+
 # ---------------------------------------------------------------- listing
 
 

@@ -175,9 +175,18 @@ class HieruiApp(App):
     def _new_run(self) -> None:
         from hierui.live import LiveRun
 
+        from engine.errors import HieruiError
+
         self._stop_run()
         self.run_id += 1
-        self.live = LiveRun(self.pair, self.prompt, self.settings, self.session_dir)
+        try:
+            self.live = LiveRun(self.pair, self.prompt, self.settings, self.session_dir)
+        except HieruiError as e:
+            self.live = None
+            self.state = "failed"
+            self.notify(str(e), title="cannot start", severity="error", timeout=30)
+            self.refresh_view()
+            return
         self.header_info = dict(self.live.header)
         self.records = []
         self.selected = None
@@ -389,9 +398,11 @@ class HieruiApp(App):
     def info_line(self) -> str:
         h = self.header_info
         pert = h.get("perturbation") or {}
-        spec = pert.get("spec") or self.title_hint or "…"
         sparsity = pert.get("measured_sparsity")
-        parts = [h.get("model_display") or h.get("model") or self.title_hint or "hierui", spec]
+        if pert.get("spec"):
+            parts = [h.get("model_display") or h.get("model") or "", pert["spec"]]
+        else:  # still loading: what was asked for
+            parts = [self.title_hint or "hierui"]
         if self.size.width < COMPACT_WIDTH:
             parts[0] = parts[0].replace(" (embedded)", "")
         if sparsity:
@@ -416,8 +427,11 @@ class HieruiApp(App):
         record = self.selected_record
         self.query_one("#dense", Continuation).show(self.records, self.selected)
         perturbed = self.query_one("#perturbed", Continuation)
-        spec = (self.header_info.get("perturbation") or {}).get("spec", "")
-        perturbed.border_title = f"perturbed ({spec})" + (" · own choices, fed the dense token" if self.settings.mode == "shared" else "")
+        spec = (self.header_info.get("perturbation") or {}).get("spec")
+        title = f"perturbed ({spec})" if spec else "perturbed"
+        if self.settings.mode == "shared":
+            title += " · its own choices, fed the dense token"
+        perturbed.border_title = title
         perturbed.show(self.records, self.selected)
         self.query_one("#layers", LayerPanel).show(record)
         self.query_one("#spaces", SpacesPanel).show(record, self.settings.temperature)

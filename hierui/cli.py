@@ -375,6 +375,65 @@ SESSION_HELP = "a session file (.jsonl), or a directory of sessions (a `hierui b
 
 
 @app.command()
+def explore(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    spec: str = typer.Option("wanda:0.5", "--prune", "-p", help=SPEC_HELP),
+    prompt: str = typer.Option("What is the capital of France?", "--prompt", help="the prompt both models continue"),
+    mode: str = typer.Option("shared", "--mode", help="shared (both fed the dense token) or free (each its own)"),
+    temperature: float = typer.Option(1.0, "--temperature", "-T", help="T of the probability space"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens per run"),
+    sample: bool = typer.Option(False, "--sample", help="sample both models with one seeded stream (default greedy)"),
+    seed: int = typer.Option(0, "--seed", help="sampling seed"),
+    choices: Optional[list[str]] = typer.Option(None, "--choices", help="a candidate token of the categorical subspace; repeatable"),
+    raw: bool = typer.Option(False, "--raw", help="do not apply the chat template"),
+    topk: int = typer.Option(5, "--topk", help="size of the top-k lists"),
+    run: bool = typer.Option(False, "--run", help="start stepping as soon as the models are ready"),
+    sessions: Path = typer.Option(Path("sessions"), "--sessions", help="where the session files are written"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="plain-text calibration file (default: sampled from the dense model)"),
+    calib_samples: int = typer.Option(64, "--calib-samples", min=1, help="calibration sequences"),
+    calib_len: int = typer.Option(128, "--calib-len", min=2, help="tokens per calibration sequence"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration and pruned weights"),
+) -> None:
+    """Open the explorer: step the dense and the perturbed model token by token and watch them drift apart."""
+    from engine.models import DTYPES, resolve
+    from engine.perturb.spec import parse_spec
+    from engine.stepper import StepSettings
+
+    resolve(model)  # everything the user typed is checked before the UI starts
+    parsed = parse_spec(spec)
+    settings = StepSettings(mode=mode, temperature=temperature, max_new_tokens=max_new_tokens, sample=sample,
+                            seed=seed, choices=list(choices or []) or None, raw=raw, topk=topk).validate()
+    if calib is not None and not calib.is_file():
+        raise HieruiError(f"calibration file not found: {calib}")
+    if dtype.lower() != "auto" and dtype.lower() not in DTYPES:
+        raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    if parsed.method == "checkpoint":
+        resolve(parsed.path)
+    _quiet_libraries()
+    if settings.choices:  # choices need the tokenizer: check them before the UI too
+        from engine.models import load_tokenizer
+        from engine.stepper import choice_token_ids
+
+        choice_token_ids(load_tokenizer(model, progress=lambda m: err_console.print(f"[dim]{m}[/]")), settings.choices)
+
+    def make_pair(progress):
+        from engine.models import load
+        from engine.perturb import perturb
+
+        loaded = load(model, device=device, dtype=dtype, progress=lambda message: progress(message, 0, 0))
+        return perturb(loaded, parsed, use_cache=not no_cache, progress=progress,
+                       calib_options={"source": str(calib) if calib else None, "samples": calib_samples,
+                                      "length": calib_len})
+
+    from hierui.app import HieruiApp
+
+    HieruiApp(pair_factory=make_pair, prompt=prompt, settings=settings, session_dir=sessions,
+              title_hint=f"{model} · {parsed}", autorun=run).run()
+
+
+@app.command()
 def show(
     session: Path = typer.Argument(..., help=SESSION_HELP, show_default=False),
     steps: bool = typer.Option(False, "--steps", help="also print one table row per step"),
@@ -387,18 +446,29 @@ def show(
 def replay(
     session: Path = typer.Argument(..., help=SESSION_HELP, show_default=False),
     rerun: bool = typer.Option(False, "--rerun", help="recompute the session with its models and report the largest deviation"),
-    steps: bool = typer.Option(False, "--steps", help="without --rerun: also print one table row per step"),
+    print_only: bool = typer.Option(False, "--print", help="print the session as text instead of opening the explorer"),
+    steps: bool = typer.Option(False, "--steps", help="with --print: also print one table row per step"),
     device: str = typer.Option("auto", "--device", help="--rerun: auto, cpu, cuda or cuda:N"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="--rerun: auto, float32, bfloat16 or float16 (default: the recorded dtype)"),
     tol: float = typer.Option(1e-4, "--tol", min=0.0, help="--rerun: exit 1 when a metric deviates by this much or more"),
     no_cache: bool = typer.Option(False, "--no-cache", help="--rerun: recompute calibration and pruned weights"),
 ) -> None:
-    """Replay a recorded session. Without --rerun: print it like `show` (the interactive replay UI is not built yet).
+    """Replay a recorded session in the explorer, with no model loaded (--print: as text, like `show`).
 
     With --rerun: recompute every step with the models and compare; exit 0 when all tokens match and every metric is within --tol of the recording, 1 otherwise.
     """
-    if not rerun:
+    if not rerun and print_only:
         _show(session, steps)
+        return
+    if not rerun:
+        if session.is_dir():
+            raise HieruiError(f"{session} is a directory: replay opens one session file (hierui show DIR lists them)")
+        from engine.session import load_session
+
+        recorded = load_session(session)  # every problem with the file is reported here, before the UI starts
+        from hierui.app import HieruiApp
+
+        HieruiApp(session=recorded).run()
         return
     if session.is_dir():
         raise HieruiError(f"{session} is a directory: replay --rerun takes one session file")

@@ -20,7 +20,6 @@ class LayerPanel(Static):
         drift = [None if c is None else 1.0 - c for c in cos]
         top = max((d for d in drift if d is not None), default=0.0) or 1.0
         text = Text()
-        text.append("strip ", style="dim")
         for d in drift:
             text.append("█", style=drift_color(d))
         text.append("\n")

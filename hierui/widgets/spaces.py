@@ -27,7 +27,7 @@ class SpacesPanel(Static):
         table.add_row("logit rel", fmt(record.get("logit_rel")), "")
         table.add_row(f"prob cos T{temperature:g}", fmt(record.get("prob_cos")), fmt(record.get("prob_cos_est")))
         table.add_row(Text("KL", style=f"bold on {kl_color(kl)}"), fmt(kl), fmt(record.get("kl_est")))
-        table.add_row("amp", "–" if amp is None else f"{amp:.1f}×", "")
+        table.add_row("amp", "–" if amp is None else f"{amp:.3g}×", "")
         table.add_row("JS", fmt(record.get("js")), "")
         table.add_row("TV", fmt(record.get("tv")), "")
         table.add_row("top-1 agree", "yes" if record.get("top1_agree") else "no", "")
