@@ -1,4 +1,4 @@
-# Two commands for a newcomer: `make run` (set up, then prune the embedded model) and `make test`.
+# Two commands for a newcomer: `make run` (set up, then open the explorer on the embedded model) and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 run: $(BIN)/.installed
-	$(BIN)/hierui prune --model smollm2-135m --prune wanda:0.5
+	$(BIN)/hierui explore --model smollm2-135m --prune wanda:0.5
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

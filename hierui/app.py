@@ -430,7 +430,7 @@ class HieruiApp(App):
         spec = (self.header_info.get("perturbation") or {}).get("spec")
         title = f"perturbed ({spec})" if spec else "perturbed"
         if self.settings.mode == "shared":
-            title += " · its own choices, fed the dense token"
+            title += " · own picks, dense context"
         perturbed.border_title = title
         perturbed.show(self.records, self.selected)
         self.query_one("#layers", LayerPanel).show(record)

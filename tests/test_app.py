@@ -56,7 +56,7 @@ def test_stepping_fills_every_panel(tiny_pair, tmp_path):
             assert text_of(app, "#perturbed") == "".join(r["text_p"] for r in records).replace("\n", "⏎\n")
             assert "step 4/4" in text_of(app, "#info")
             topk = app.query_one("#topk")
-            assert topk.row_count == 5
+            assert len(topk.rows) == 5 and topk.rows[0][2] == f"{records[3]['topk_d'][0][2]:.3f}"
             assert f"{records[3]['kl']:.4f}" in _rendered(app, "#spaces")
             assert f"{records[3]['emb_cos'][1]:.5f}" in text_of(app, "#layers")
             assert "sub KL" in _rendered(app, "#subspace")
@@ -89,7 +89,7 @@ def test_scrubbing_changes_the_selected_step_everywhere(tiny_pair, tmp_path):
             assert "step 3/5" in text_of(app, "#info")
             assert f"{rec['kl']:.4f}" in _rendered(app, "#spaces")
             assert f"{rec['emb_cos'][-1]:.5f}" in text_of(app, "#layers")
-            assert app.query_one("#topk").get_row_at(0)[2] == f"{rec['topk_d'][0][2]:.3f}"
+            assert app.query_one("#topk").rows[0][2] == f"{rec['topk_d'][0][2]:.3f}"
             await pilot.press("home")
             await pilot.pause()
             assert app.selected == 0 and "step 1/5" in text_of(app, "#info")
@@ -207,5 +207,38 @@ def test_replay_shows_recorded_tokens_and_metrics(tiny_pair, tmp_path):
             await pilot.press("m")  # refused in replay
             await pilot.pause()
             assert app.settings.mode == "free"
+
+    run(scenario())
+
+
+def test_shipped_example_sessions_replay():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "sessions"
+    examples = sorted(folder.glob("*.jsonl"))
+    assert len(examples) >= 6
+    modes, specs, with_choices = set(), set(), 0
+    for path in examples:
+        session = load_session(path)
+        assert session.complete and session.steps and not session.warnings
+        modes.add(session.header["mode"])
+        specs.add(session.header["perturbation"]["spec"])
+        with_choices += bool(session.header.get("choices"))
+    assert modes == {"shared", "free"} and "wanda:0.5" in specs and any("drop" in s for s in specs) and with_choices
+
+    session = load_session(folder / "choice-wanda-0.5-shared.jsonl")
+    app = HieruiApp(session=session)
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            assert text_of(app, "#dense") == "".join(s["text_d"] for s in session.steps).replace("\n", "⏎\n")
+            last = session.steps[-1]
+            assert f"{last['kl']:.4f}" in _rendered(app, "#spaces")
+            assert f"{last['sub_kl']:.4f}" in _rendered(app, "#subspace")
+            assert "wanda:0.5" in text_of(app, "#info") and "SmolLM2" in text_of(app, "#info")
+            await pilot.press("r")  # play back from the start
+            await pilot.pause()
+            assert len(app.records) < len(session.steps)
 
     run(scenario())

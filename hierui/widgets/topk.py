@@ -1,40 +1,50 @@
-"""Top-k tokens of both models at the selected step, with where the dense ones landed."""
+"""Top-k tokens of both models at the selected step, with where the dense ones landed under the perturbed model."""
 
 from __future__ import annotations
 
+from rich.table import Table
 from rich.text import Text
-from textual.widgets import DataTable
+from textual.widgets import Static
 
 from hierui.widgets.continuation import visible
 
+TOKEN_WIDTH = 10
 
-class TopKTable(DataTable):
-    def on_mount(self) -> None:
-        self.cursor_type = "none"
-        self.add_columns("#", "dense", "p", "perturbed", "p", "Δr")
 
+def token_cell(text: str) -> Text:
+    shown = repr(visible(text))[1:-1]
+    if len(shown) > TOKEN_WIDTH:
+        shown = shown[:TOKEN_WIDTH - 1] + "…"
+    return Text(shown)
+
+
+class TopKTable(Static):
     def show(self, record: dict | None) -> None:
-        self.clear()
-        if record is None:
-            return
-        top_d, top_p = record.get("topk_d") or [], record.get("topk_p") or []
-        rank_p = {tok: i for i, (tok, _t, _p) in enumerate(top_p)}
-        for i in range(max(len(top_d), len(top_p))):
-            d = top_d[i] if i < len(top_d) else None
-            p = top_p[i] if i < len(top_p) else None
-            if d is not None:
-                where = rank_p.get(d[0])
-                if where is None:
-                    shift = Text(f">{len(top_p)}", style="red")
-                elif where == i:
-                    shift = Text("=", style="green")
-                else:
-                    shift = Text(f"{'+' if where > i else ''}{where - i}", style="yellow")
-            else:
+        table = Table(box=None, padding=(0, 1), show_edge=False, collapse_padding=True)
+        table.add_column("#", style="dim", no_wrap=True, min_width=1)
+        table.add_column("dense", no_wrap=True, min_width=5, max_width=TOKEN_WIDTH)
+        table.add_column("p", justify="right", no_wrap=True, min_width=5)
+        table.add_column("pert.", no_wrap=True, min_width=5, max_width=TOKEN_WIDTH)
+        table.add_column("p", justify="right", no_wrap=True, min_width=5)
+        table.add_column("Δr", justify="right", no_wrap=True, min_width=2)
+        self.rows: list[tuple] = []
+        if record is not None:
+            top_d, top_p = record.get("topk_d") or [], record.get("topk_p") or []
+            rank_p = {tok: i for i, (tok, _t, _p) in enumerate(top_p)}
+            for i in range(max(len(top_d), len(top_p))):
+                d = top_d[i] if i < len(top_d) else None
+                p = top_p[i] if i < len(top_p) else None
                 shift = Text("")
-            self.add_row(
-                str(i + 1),
-                repr(visible(d[1]))[1:-1] if d else "", f"{d[2]:.3f}" if d else "",
-                repr(visible(p[1]))[1:-1] if p else "", f"{p[2]:.3f}" if p else "",
-                shift,
-            )
+                if d is not None:
+                    where = rank_p.get(d[0])
+                    if where is None:
+                        shift = Text(f">{len(top_p)}", style="red")
+                    elif where == i:
+                        shift = Text("=", style="green")
+                    else:
+                        shift = Text(f"{where - i:+d}", style="yellow")
+                row = (str(i + 1), token_cell(d[1]) if d else "", f"{d[2]:.3f}" if d else "",
+                       token_cell(p[1]) if p else "", f"{p[2]:.3f}" if p else "", shift)
+                self.rows.append(row)
+                table.add_row(*row)
+        self.update(table)
