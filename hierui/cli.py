@@ -374,6 +374,10 @@ def _show(path: Path, steps: bool) -> None:
 SESSION_HELP = "a session file (.jsonl), or a directory of sessions (a `hierui batch` output)"
 
 
+def _interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
 @app.command()
 def explore(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
@@ -411,6 +415,8 @@ def explore(
         raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
     if parsed.method == "checkpoint":
         resolve(parsed.path)
+    if not _interactive():
+        raise HieruiError("explore needs an interactive terminal; for headless runs use hierui batch")
     _quiet_libraries()
     if settings.choices:  # choices need the tokenizer: check them before the UI too
         from engine.models import load_tokenizer
@@ -457,8 +463,8 @@ def replay(
 
     With --rerun: recompute every step with the models and compare; exit 0 when all tokens match and every metric is within --tol of the recording, 1 otherwise.
     """
-    if not rerun and print_only:
-        _show(session, steps)
+    if not rerun and (print_only or not _interactive()):
+        _show(session, steps)  # no terminal to draw on: print it instead
         return
     if not rerun:
         if session.is_dir():

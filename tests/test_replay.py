@@ -215,8 +215,8 @@ def test_show_prints_header_tokens_and_summary(session_file, tmp_path):
         assert _token_cell(step["text_d"]) in plain.stdout
     assert "".join(_visible(s["text_d"], keep_newlines=True) for s in session.steps) in plain.stdout
 
-    # replay without --rerun prints the same thing
-    again = hierui("replay", str(readable), "--steps")
+    # replay --print prints the same thing (and so does replay without a terminal)
+    again = hierui("replay", str(readable), "--print", "--steps")
     assert again.returncode == 0 and again.stdout.replace(str(readable), "") == out.replace(str(readable), "")
 
 
