@@ -102,6 +102,9 @@ class SweepHooks:
     def message(self, text: str) -> None: ...
     def stage(self, stage: str, done: int, total: int) -> None: ...
     def run_started(self, run: Run, max_tokens: int) -> None: ...
+    def batch_started(self, runs: list[Run], max_tokens: int) -> None:
+        """Several runs stepped together (max_tokens over all of them); by default the first run's start."""
+        self.run_started(runs[0], max_tokens)
     def step(self, run: Run, record: dict) -> None: ...
     def run_finished(self, run: Run) -> None: ...
 
@@ -268,7 +271,8 @@ def prepare_out(sweep: Sweep, out: str | Path) -> None:
     target.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def run_sweep(sweep: Sweep, out: str | Path, use_cache: bool = True, hooks: SweepHooks | None = None) -> SweepResult:
+def run_sweep(sweep: Sweep, out: str | Path, use_cache: bool = True, hooks: SweepHooks | None = None,
+              batch_size: int | None = None) -> SweepResult:
     """Record every run of `sweep` not yet complete in `out`, then write the tables.
 
     Ctrl-C propagates as KeyboardInterrupt; the run in progress keeps its written steps (and is rerun
@@ -283,17 +287,21 @@ def run_sweep(sweep: Sweep, out: str | Path, use_cache: bool = True, hooks: Swee
     todo = [r for r in runs if r.run_id not in done]
     hooks.sweep_started(len(runs), len(done))
     if todo:
-        _record(sweep, out, todo, use_cache, hooks, result)
+        size = batch_size or default_batch_size(sweep.device)
+        if size < 1:
+            raise HieruiError(f"--batch-size must be at least 1, got {size}")
+        _record(sweep, out, todo, use_cache, hooks, result, size)
     result.summary = write_tables(sweep, out)
     return result
 
 
-def _record(sweep: Sweep, out: Path, todo: list[Run], use_cache: bool, hooks: SweepHooks, result: SweepResult) -> None:
+def _record(sweep: Sweep, out: Path, todo: list[Run], use_cache: bool, hooks: SweepHooks, result: SweepResult,
+            batch_size: int) -> None:
     from engine.calibration import build_calibration
     from engine.models import load
     from engine.perturb import perturb
-    from engine.session import record_run
-    from engine.stepper import Stepper, choice_token_ids
+    from engine.session import record_batch
+    from engine.stepper import BatchStepper, choice_token_ids
 
     loaded = load(sweep.model, device=sweep.device, dtype=sweep.dtype, progress=hooks.message)
     for item in sweep.prompts:  # bad choices fail now, not in the middle of the sweep
@@ -316,14 +324,38 @@ def _record(sweep: Sweep, out: Path, todo: list[Run], use_cache: bool, hooks: Sw
             calibration.seconds = time.perf_counter() - started
         hooks.message(f"perturbing: {spec}")
         pair = perturb(loaded, spec, calibration=calibration, use_cache=use_cache, progress=hooks.stage)
-        for run in spec_runs:
-            settings = sweep.step_settings(run)
-            hooks.run_started(run, settings.max_new_tokens)
-            stepper = Stepper(pair, run.prompt.prompt, settings)
-            record_run(stepper, session_path(out, run), callback=lambda rec, run=run: hooks.step(run, rec))
-            result.computed.append(run.run_id)
-            hooks.run_finished(run)
+        for chunk in _batches(spec_runs, batch_size):
+            settings = sweep.step_settings(chunk[0])
+            hooks.batch_started(chunk, settings.max_new_tokens * len(chunk))
+            stepper = BatchStepper(pair, [r.prompt.prompt for r in chunk], settings,
+                                   choices=[r.prompt.choices for r in chunk])
+
+            def on_record(b, record, chunk=chunk, stepper=stepper):
+                hooks.step(chunk[b], record)
+                if stepper.rows[b].finished:
+                    result.computed.append(chunk[b].run_id)
+                    hooks.run_finished(chunk[b])
+
+            record_batch(stepper, [session_path(out, r) for r in chunk], callback=on_record)
         del pair
+
+
+def _batches(runs: list[Run], size: int) -> list[list[Run]]:
+    """Runs stepped together: same mode (the step settings differ only in choices), at most `size` each."""
+    chunks = []
+    for mode in dict.fromkeys(r.mode for r in runs):
+        same = [r for r in runs if r.mode == mode]
+        chunks += [same[i:i + size] for i in range(0, len(same), size)]
+    order = {id(r): i for i, r in enumerate(runs)}
+    return sorted(chunks, key=lambda chunk: order[id(chunk[0])])  # size 1: the sweep's own order
+
+
+def default_batch_size(device: str) -> int:
+    """Prompts stepped at once: 8 on a CPU (about 3× the tokens per second of one), 16 on a GPU."""
+    import torch
+
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return 16 if on_gpu else 8
 
 
 # ------------------------------------------------------------------ tables

@@ -122,7 +122,7 @@ def sample_from_model(model, tokenizer, samples: int, length: int, seed: int,
     vocab = model.get_output_embeddings().weight.shape[0]
     out = []
     done = 0
-    total = samples * length
+    total = samples * (length - 1)  # the first token of each sequence is given, not sampled
     with torch.no_grad():
         for b0 in range(0, samples, GENERATION_BATCH):
             b = min(GENERATION_BATCH, samples - b0)

@@ -106,22 +106,34 @@ def amplification(prob_cos: torch.Tensor, logit_cos: torch.Tensor) -> torch.Tens
 
 
 def subspace_metrics(z_d: torch.Tensor, z_p: torch.Tensor, choice_ids: torch.Tensor,
-                     temperature: float = 1.0) -> dict[str, torch.Tensor]:
-    """The categorical subspace: both distributions renormalised over the candidate tokens."""
-    lq_d = torch.log_softmax(_f(z_d).index_select(-1, choice_ids) / temperature, dim=-1)
-    lq_p = torch.log_softmax(_f(z_p).index_select(-1, choice_ids) / temperature, dim=-1)
+                     temperature: float = 1.0, choice_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The categorical subspace: both distributions renormalised over the candidate tokens.
+
+    `choice_ids`: (C,) for every row, or (B, C) per row with `choice_mask` (B, C) marking the real ones
+    (padded entries get probability 0 and add nothing).
+    """
+    ids = choice_ids.expand(z_d.shape[0], -1) if choice_ids.dim() == 1 else choice_ids
+    zc_d, zc_p = _f(z_d).gather(-1, ids) / temperature, _f(z_p).gather(-1, ids) / temperature
+    if choice_mask is not None:
+        zc_d = zc_d.masked_fill(~choice_mask, float("-inf"))
+        zc_p = zc_p.masked_fill(~choice_mask, float("-inf"))
+    lq_d, lq_p = torch.log_softmax(zc_d, dim=-1), torch.log_softmax(zc_p, dim=-1)
     q_d, q_p = lq_d.exp(), lq_p.exp()
+    terms = q_d * (lq_d - lq_p)
+    if choice_mask is not None:
+        terms = terms.masked_fill(~choice_mask, 0.0)
     return {
         "sub_p_d": q_d,
         "sub_p_p": q_p,
-        "sub_kl": (q_d * (lq_d - lq_p)).sum(-1),
+        "sub_kl": terms.sum(-1),
         "sub_cos": _cos(q_d, q_p),
         "sub_agree": (q_d.argmax(-1) == q_p.argmax(-1)).float(),
     }
 
 
 def step_metrics(h_d, h_p, z_d, z_p, fed_d, fed_p, temperature: float = 1.0, k: int = 5,
-                 choice_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 choice_ids: torch.Tensor | None = None,
+                 choice_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Every per-step metric of the design's table (accumulated ones excepted), still on the device.
 
     `fed_d`, `fed_p` (B,): the tokens each model is fed next (equal in shared mode), for nll_d / nll_p.
@@ -142,7 +154,7 @@ def step_metrics(h_d, h_p, z_d, z_p, fed_d, fed_p, temperature: float = 1.0, k: 
         out[f"topk_{name}_ids"] = top.indices
         out[f"topk_{name}_probs"] = top.values.exp()
     if choice_ids is not None and choice_ids.numel() > 0:
-        out.update(subspace_metrics(z_d, z_p, choice_ids, temperature))
+        out.update(subspace_metrics(z_d, z_p, choice_ids, temperature, choice_mask))
     return out
 
 

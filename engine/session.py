@@ -204,3 +204,30 @@ def record_run(stepper, path: str | Path, callback=None, stop=None) -> Session:
         summary = None if interrupted else summarize(stepper.records, stepper.settings.mode)
         writer.close(summary)
         return Session(path=Path(path), header=writer.header, steps=list(stepper.records), summary=summary)
+
+
+def record_batch(stepper, paths: list, callback=None) -> list[Session]:
+    """Step a BatchStepper to the end, writing each row to its own session file as it goes.
+
+    `callback(row_index, record)` after each record. A row's session gets its closing summary as soon as
+    that row finishes; Ctrl-C leaves every row with the steps written so far (and no summary).
+    """
+    from engine.summary import summarize
+
+    writers = [SessionWriter(path, stepper.header(b)) for b, path in enumerate(paths)]
+    try:
+        while not stepper.finished:
+            for b, record in enumerate(stepper.step()):
+                if record is None:
+                    continue
+                writers[b].write_step(record)
+                if stepper.rows[b].finished:
+                    writers[b].close(summarize(stepper.rows[b].records, stepper.settings.mode))
+                if callback:
+                    callback(b, record)
+    finally:
+        for writer in writers:
+            writer.close()  # no-op for the finished ones; interrupted rows keep their steps
+    return [Session(path=Path(p), header=w.header, steps=list(row.records),
+                    summary=summarize(row.records, stepper.settings.mode))
+            for p, w, row in zip(paths, writers, stepper.rows)]

@@ -576,6 +576,11 @@ class _BatchBars:
             self.tokens = self.progress.add_task(run.run_id, total=max_tokens)
         self.progress.reset(self.tokens, total=max_tokens, description=run.run_id)
 
+    def batch_started(self, runs, max_tokens: int) -> None:
+        more = f" +{len(runs) - 1}" if len(runs) > 1 else ""
+        self.run_started(runs[0], max_tokens)
+        self.progress.update(self.tokens, description=f"{runs[0].run_id}{more}")
+
     def step(self, run, record: dict) -> None:
         self.progress.advance(self.tokens)
 
@@ -633,6 +638,7 @@ def batch(
     calib_len: Optional[int] = typer.Option(None, "--calib-len", help="tokens per calibration sequence (default 128)"),
     calib_seed: Optional[int] = typer.Option(None, "--calib-seed", help="seed of the self-generated calibration (default 0)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration and pruned weights"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="prompts stepped at once (default 8 on CPU, 16 on GPU)"),
 ) -> None:
     """Sweep prompts × --prune specs × --mode headless: a session per run, steps.parquet, summary.parquet/.csv."""
     from engine import batch as B
@@ -646,7 +652,7 @@ def batch(
     _quiet_libraries()
     bars = _BatchBars(err_console)
     try:
-        result = B.run_sweep(sweep, out, use_cache=not no_cache, hooks=bars)
+        result = B.run_sweep(sweep, out, use_cache=not no_cache, hooks=bars, batch_size=batch_size)
     except KeyboardInterrupt:
         bars.close()
         done = B.complete_runs(sweep, out)

@@ -65,7 +65,7 @@ def uninterrupted(sweep_files, tmp_path_factory):
     """One whole sweep, never interrupted: 2 prompts × 2 specs × 2 modes."""
     out = tmp_path_factory.mktemp("whole") / "out"
     sweep = plan(sweep_files)
-    result = B.run_sweep(sweep, out)
+    result = B.run_sweep(sweep, out, batch_size=1)
     assert result.computed == [r.run_id for r in sweep.runs()] and not result.skipped
     return sweep, out
 
@@ -124,14 +124,14 @@ def test_resume_after_ctrl_c_equals_uninterrupted(sweep_files, uninterrupted, tm
     runs = [r.run_id for r in sweep.runs()]
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C at step 2 of the fourth run
-        B.run_sweep(plan(sweep_files), out, hooks=Recorder(stop_at=(3, 2)))
+        B.run_sweep(plan(sweep_files), out, hooks=Recorder(stop_at=(3, 2)), batch_size=1)
     assert B.complete_runs(sweep, out) == runs[:3]
     cut = load_session(out / "sessions" / f"{runs[3]}.jsonl")
     assert not cut.complete and len(cut.steps) == 3
     assert not (out / "steps.parquet").exists()
 
     again = Recorder()
-    result = B.run_sweep(plan(sweep_files), out, hooks=again)
+    result = B.run_sweep(plan(sweep_files), out, hooks=again, batch_size=1)
     assert result.skipped == runs[:3]
     assert result.computed == again.started == runs[3:]  # the cut run again from scratch, then the rest
     assert_same_tables(out, whole)
@@ -151,14 +151,14 @@ def test_resume_recomputes_only_missing_and_truncated_runs(uninterrupted, sweep_
     kept = {p.name: p.stat().st_mtime_ns for p in sessions.iterdir() if p.stem not in (gone, cut)}
 
     recorder = Recorder()
-    result = B.run_sweep(plan(sweep_files), out, hooks=recorder)
+    result = B.run_sweep(plan(sweep_files), out, hooks=recorder, batch_size=1)
     assert result.computed == recorder.started == [gone, cut]
     assert {p.name: p.stat().st_mtime_ns for p in sessions.iterdir() if p.stem not in (gone, cut)} == kept
     assert load_session(sessions / f"{cut}.jsonl").complete
     assert_same_tables(out, whole)
 
     nothing = Recorder()
-    assert B.run_sweep(plan(sweep_files), out, hooks=nothing).computed == [] and nothing.started == []
+    assert B.run_sweep(plan(sweep_files), out, hooks=nothing, batch_size=1).computed == [] and nothing.started == []
     assert_same_tables(out, whole)
 
 
@@ -241,10 +241,11 @@ def test_cli_sweep_rerun_interrupt_and_from_session(tmp_path, monkeypatch):
     monkeypatch.setattr(hierui.cli._BatchBars, "step", ctrl_c)
     cut = cli(*args[:-1], str(tmp_path / "cut2"))
     assert cut.exit_code == 130
-    assert "interrupted: 1 of 4 runs complete" in cut.stderr and "p000-magnitude-0.5-shared" in cut.stderr
+    # the two shared runs are stepped together (one batch) and complete before the free ones start
+    assert "interrupted: 2 of 4 runs complete" in cut.stderr and "p000-magnitude-0.5-shared" in cut.stderr
     monkeypatch.undo()
     resumed = cli(*args[:-1], str(tmp_path / "cut2"))
-    assert resumed.exit_code == 0 and "(3 computed, 1 already complete)" in resumed.stdout
+    assert resumed.exit_code == 0 and "(2 computed, 2 already complete)" in resumed.stdout
     assert_same_tables(tmp_path / "cut2", out)
 
     source = out / "sessions" / "p001-magnitude-0.5-free.jsonl"
@@ -292,3 +293,18 @@ def test_cli_bad_input_is_one_line_exit_2_before_loading(tmp_path, args, message
     assert len(lines) == 1 and message in lines[0], run.stderr
     assert "Traceback" not in run.stderr + run.stdout
     assert not home.exists() and not (tmp_path / "out").exists()  # nothing loaded, nothing written
+
+
+def test_batched_sweep_matches_one_prompt_at_a_time(sweep_files, uninterrupted, tmp_path):
+    """--batch-size 4 steps the prompts together; the recorded runs equal the one-at-a-time sweep's."""
+    _sweep, one_at_a_time = uninterrupted
+    out = tmp_path / "batched"
+    result = B.run_sweep(plan(sweep_files), out, batch_size=4)
+    assert sorted(result.computed) == sorted(r.run_id for r in plan(sweep_files).runs())
+    a = pq.read_table(one_at_a_time / "steps.parquet").to_pylist()
+    b = pq.read_table(out / "steps.parquet").to_pylist()
+    assert [(r["run_id"], r["step"], r["token_d"], r["token_p"]) for r in a] == \
+           [(r["run_id"], r["step"], r["token_d"], r["token_p"]) for r in b]
+    for ra, rb in zip(a, b):
+        for name in ("kl", "tv", "logit_cos", "prob_cos", "nll_p"):
+            assert rb[name] == pytest.approx(ra[name], abs=1e-4), name

@@ -31,9 +31,9 @@ def test_shared_mode_feeds_the_dense_choice_to_both(magnitude_pair):
     seen = {"d": [], "p": []}
     original = stepper._forward
 
-    def spy(model, ids, cache):
+    def spy(model, ids, cache, **kwargs):
         seen["d" if model is magnitude_pair.dense else "p"].append(ids.flatten().tolist())
-        return original(model, ids, cache)
+        return original(model, ids, cache, **kwargs)
 
     stepper._forward = spy
     records = stepper.run()

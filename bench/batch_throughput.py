@@ -1,0 +1,69 @@
+"""Batched stepping: generated tokens per second of the pair at batch size B over B = 1.
+
+    .venv/bin/python bench/batch_throughput.py [--model smollm2-135m] [--prune wanda:0.5] [--batch 8] [--tokens 32]
+
+The same B prompts are stepped one at a time and then all together (every metric computed in both), with
+end of sequence disabled so every row makes --tokens steps. Prints the ratio of tokens per second.
+"""
+
+import argparse
+import time
+
+from engine.models import load
+from engine.perturb import perturb
+from engine.stepper import BatchStepper, StepSettings
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short story about a lighthouse keeper.",
+    "Explain photosynthesis to a child.",
+    "List three uses of a paperclip.",
+    "Translate 'good morning' into Spanish and German.",
+    "Why is the sky blue?",
+    "Write a Python function that reverses a string.",
+    "Give me a recipe for pancakes.",
+    "What are the planets of the solar system?",
+    "Describe a rainy day in the city.",
+    "How do vaccines work?",
+    "Summarise the plot of Romeo and Juliet.",
+    "What is 17 times 23?",
+    "Name five animals that live in the ocean.",
+    "Why do leaves change colour in autumn?",
+    "Write a haiku about winter.",
+]
+
+
+def tokens_per_second(pair, prompts, settings) -> float:
+    stepper = BatchStepper(pair, prompts, settings)
+    stepper._eos = set()
+    start = time.perf_counter()
+    rows = stepper.run()
+    return sum(len(r) for r in rows) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--prune", default="wanda:0.5")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    pair = perturb(load(args.model, device=args.device), args.prune)
+    prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[:args.batch]
+    settings = StepSettings(max_new_tokens=args.tokens)
+    tokens_per_second(pair, prompts[:1], StepSettings(max_new_tokens=4))  # warm up
+    single_start = time.perf_counter()
+    single_tokens = 0
+    for prompt in prompts:
+        stepper = BatchStepper(pair, [prompt], settings)
+        stepper._eos = set()
+        single_tokens += sum(len(r) for r in stepper.run())
+    single = single_tokens / (time.perf_counter() - single_start)
+    batched = tokens_per_second(pair, prompts, settings)
+    print(f"B=1: {single:6.1f} tokens/s · B={args.batch}: {batched:6.1f} tokens/s · "
+          f"ratio {batched / single:.2f}× ({args.model}, {args.prune}, {args.tokens} tokens a prompt)")
+
+
+if __name__ == "__main__":
+    main()
