@@ -68,7 +68,8 @@ def probability_metrics(z_d: torch.Tensor, z_p: torch.Tensor, temperature: float
                         k: int = 5) -> dict[str, torch.Tensor]:
     """KL, JS, TV, cosines with their theory estimates, top-1/top-k agreement, dp and rank_shift. (B,) each.
 
-    Also returns the log-probabilities (`logp_d`, `logp_p`, (B, V)) for the caller's NLL and top-k lists.
+    Also returns the top-k lists (`topk_d_ids`, `topk_d_probs`, `topk_p_ids`, `topk_p_probs`, (B, k)) and
+    the log-probabilities (`logp_d`, `logp_p`, (B, V)) for the caller's NLL.
     """
     z_d, z_p = _f(z_d), _f(z_p)
     logp_d = torch.log_softmax(z_d / temperature, dim=-1)
@@ -79,8 +80,8 @@ def probability_metrics(z_d: torch.Tensor, z_p: torch.Tensor, temperature: float
     r = p_d.square() / p_d.square().sum(-1, keepdim=True)
     top_d = p_d.argmax(-1, keepdim=True)
     k = min(k, z_d.shape[-1])
-    ids_d = torch.topk(p_d, k, dim=-1).indices
-    ids_p = torch.topk(p_p, k, dim=-1).indices
+    best_d, best_p = torch.topk(p_d, k, dim=-1), torch.topk(p_p, k, dim=-1)
+    ids_d, ids_p = best_d.indices, best_p.indices
     p_p_at_t = p_p.gather(-1, top_d)
     return {
         "kl": (p_d * (logp_d - logp_p)).sum(-1),
@@ -93,6 +94,10 @@ def probability_metrics(z_d: torch.Tensor, z_p: torch.Tensor, temperature: float
         "topk_overlap": (ids_d.unsqueeze(-1) == ids_p.unsqueeze(-2)).any(-1).float().mean(-1),
         "dp": (p_p_at_t - p_d.gather(-1, top_d)).squeeze(-1),
         "rank_shift": (p_p > p_p_at_t).sum(-1).float(),  # 0: the dense top token is still first
+        "topk_d_ids": ids_d,
+        "topk_d_probs": best_d.values,
+        "topk_p_ids": ids_p,
+        "topk_p_probs": best_p.values,
         "logp_d": logp_d,
         "logp_p": logp_p,
     }
@@ -148,11 +153,6 @@ def step_metrics(h_d, h_p, z_d, z_p, fed_d, fed_p, temperature: float = 1.0, k: 
     out["amp"] = amplification(out["prob_cos"], out["logit_cos"])
     out["nll_d"] = -logp_d.gather(-1, fed_d.view(-1, 1)).squeeze(-1)
     out["nll_p"] = -logp_p.gather(-1, fed_p.view(-1, 1)).squeeze(-1)
-    k = min(k, logp_d.shape[-1])
-    for name, logp in (("d", logp_d), ("p", logp_p)):
-        top = torch.topk(logp, k, dim=-1)
-        out[f"topk_{name}_ids"] = top.indices
-        out[f"topk_{name}_probs"] = top.values.exp()
     if choice_ids is not None and choice_ids.numel() > 0:
         out.update(subspace_metrics(z_d, z_p, choice_ids, temperature, choice_mask))
     return out

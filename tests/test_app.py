@@ -242,3 +242,35 @@ def test_shipped_example_sessions_replay():
             assert len(app.records) < len(session.steps)
 
     run(scenario())
+
+
+def test_first_frame_comes_before_the_models(tiny_pair, tmp_path):
+    """The UI is up and says it is loading while the (here: blocked) model loading runs in its worker."""
+    import threading
+
+    release = threading.Event()
+
+    def slow_factory(progress):
+        progress("loading a big model", 0, 0)
+        release.wait(10)
+        return tiny_pair
+
+    app = HieruiApp(pair_factory=slow_factory, prompt="Hi", settings=StepSettings(max_new_tokens=3),
+                    session_dir=tmp_path, title_hint="big-model · wanda:0.5")
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            await asyncio.sleep(0.2)
+            assert app.state == "loading" and "loading" in text_of(app, "#info")
+            assert "loading a big model" in text_of(app, "#status")
+            await pilot.press("space")  # keys answer (nothing to step yet) while loading goes on
+            assert app.records == []
+            release.set()
+            await settle(app, pilot)
+            assert app.state == "ready"
+            await pilot.press("space")
+            await settle(app, pilot)
+            assert len(app.records) == 1
+
+    run(scenario())

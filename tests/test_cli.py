@@ -75,3 +75,11 @@ def test_replay_without_a_terminal_prints_the_session():
     example = Path(__file__).resolve().parent.parent / "sessions" / "choice-wanda-0.5-shared.jsonl"
     run = hierui("replay", str(example))
     assert run.returncode == 0 and "wanda:0.5" in run.stdout and "summary" in run.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["models"]])
+def test_light_commands_do_not_import_torch(args):
+    probe = ("import runpy, sys\nsys.argv = ['hierui', *%r]\ntry:\n    runpy.run_module('hierui', run_name='__main__')\n"
+             "except SystemExit:\n    pass\nsys.stderr.write(str(('torch' in sys.modules, 'transformers' in sys.modules)))" % (args,))
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert run.stderr.strip().endswith("(False, False)"), run.stderr

@@ -291,3 +291,16 @@ def test_saved_drop_loads_with_from_pretrained_and_matches(tiny, tiny_calib, tmp
     ids = torch.tensor([[256, 72, 101, 108, 108, 111, 32, 119]])
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, pair.perturbed(ids).logits, atol=1e-5)
+
+
+def test_drop_scores_are_cached(tiny, tiny_calib, fresh_home):
+    from pathlib import Path
+
+    first = perturb(tiny, "mlpdrop:2", calibration=tiny_calib)
+    cached = list((Path(fresh_home) / "pruned").glob("*-similarity.json"))
+    assert len(cached) == 1
+    second = perturb(tiny, "attndrop:1", calibration=tiny_calib)  # same scores, another kind
+    assert len(list((Path(fresh_home) / "pruned").glob("*-similarity.json"))) == 1
+    assert second.report.details["similarity"] == pytest.approx(
+        perturb(tiny, "attndrop:1", calibration=tiny_calib, use_cache=False).report.details["similarity"])
+    assert first.report.details["dropped"] == perturb(tiny, "mlpdrop:2", calibration=tiny_calib).report.details["dropped"]

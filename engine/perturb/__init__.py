@@ -92,11 +92,14 @@ def _build(loaded, spec: Spec, calibration, use_cache: bool, say: Progress, repo
         report.details.update(quantize(clone, spec) or {})
         return clone
     if spec.family == "drop":
-        from engine.perturb.drop import apply_drop
+        from engine.perturb.drop import apply_drop, similarity_scores
 
+        def score():
+            return similarity_scores(dense, calibration.ids, progress=lambda d, t: say("scoring", d, t))
+
+        scores = _cached_json(f"{_prune_key(loaded, 'similarity', calibration)}-similarity", score, use_cache)
         clone = clone_sharing(dense)
-        report.details.update(apply_drop(dense, clone, spec, calibration.ids,
-                                         progress=lambda d, t: say("scoring", d, t)) or {})
+        report.details.update(apply_drop(dense, clone, spec, calibration.ids, scores=scores) or {})
         return clone
 
     # pruning: magnitude / wanda / sparsegpt
@@ -146,9 +149,28 @@ def _measure_sparsity(dense, perturbed, report: PerturbReport) -> None:
 # ------------------------------------------------------------------ the pruned-weight cache
 
 
-def _prune_key(loaded, spec: Spec, calibration) -> str:
+def _prune_key(loaded, spec: Spec | str, calibration) -> str:
     raw = json.dumps([loaded.ref.cache_key(), str(loaded.dtype), str(spec), calibration.key if calibration else None])
     return hashlib.sha1(raw.encode()).hexdigest()[:20]
+
+
+def _cached_json(name: str, compute: Callable[[], dict], use_cache: bool) -> dict:
+    """`compute()`, stored as $HIERUI_HOME/pruned/NAME.json and read back next time."""
+    from engine.models import hierui_home
+
+    path = hierui_home() / "pruned" / f"{name}.json"
+    if use_cache and path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass  # a broken cache entry is recomputed
+    value = compute()
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value), encoding="utf-8")
+        tmp.replace(path)
+    return value
 
 
 def _changed_tensors(dense, perturbed) -> dict:

@@ -97,12 +97,15 @@ def similarity_scores(model, calib_ids: torch.Tensor, batch_size: int = 8,
         handles += [layer.register_forward_pre_hook(grab_input, with_kwargs=True),
                     layer.self_attn.register_forward_hook(grab_attention),
                     layer.register_forward_hook(grab_output)]
+    # the decoder stack only: the LM head's logits over every calibration position are not needed
+    # (they would be the largest tensor of the whole pass)
+    body = getattr(model, getattr(model, "base_model_prefix", "model"), None) or model
     try:
         device = model.get_input_embeddings().weight.device
         total = calib_ids.shape[0]
         for start in range(0, total, batch_size):
             ids = calib_ids[start:start + batch_size]
-            model(input_ids=ids.to(device), use_cache=False)
+            body(input_ids=ids.to(device), use_cache=False)
             tokens += ids.numel()
             if progress:
                 progress(min(start + batch_size, total), total)
@@ -189,14 +192,17 @@ def _own_config(dense, clone) -> None:
 
 
 def apply_drop(dense, clone, spec, calib_ids: torch.Tensor,
-               progress: Callable[[int, int], None] | None = None) -> dict:
-    """Score the dense model's layers on `calib_ids`, then drop the `spec.count` most redundant in `clone`."""
+               progress: Callable[[int, int], None] | None = None, scores: dict | None = None) -> dict:
+    """Score the dense model's layers on `calib_ids` (or take `scores`, the result of `similarity_scores`),
+    then drop the `spec.count` most redundant in `clone`."""
     kind = KINDS[spec.method]
     n_layers = len(decoder_layers(dense))
     if spec.count >= n_layers:
         raise HieruiError(f"{spec}: the model has {n_layers} layers and at least one must remain; "
                           f"drop at most {n_layers - 1}")
-    scores = similarity_scores(dense, calib_ids, progress=progress)[kind]
+    if scores is None:
+        scores = similarity_scores(dense, calib_ids, progress=progress)
+    scores = scores[kind]
     dropped = most_redundant(scores, spec.count)
     _own_config(dense, clone)
     DROPPERS[kind](clone, dropped)
