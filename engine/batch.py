@@ -43,9 +43,17 @@ GROUP_FIELDS = {"kl_mean": "KL", "kl_p99": "KL p99", "tv_mean": "TV", "same_top1
 
 @dataclass
 class PromptItem:
+    """A prompt to generate from; with `answer` (an index into `choices`), a multiple-choice item to score."""
+
     id: str
     prompt: str
     choices: list[str] | None = None
+    answer: int | None = None
+    topic: str | None = None
+
+    @property
+    def is_choice(self) -> bool:
+        return self.answer is not None
 
 
 @dataclass(frozen=True)
@@ -71,8 +79,14 @@ class Sweep:
     source: str | None = None  # the prompts file or session it came from (for the manifest only)
 
     def runs(self) -> list[Run]:
-        """Every run, in loop order: spec, then prompt, then mode."""
-        return [Run(f"{p.id}-{s.slug}-{m}", p, s, m) for s in self.specs for p in self.prompts for m in self.modes]
+        """Every generation run, in loop order: spec, then prompt, then mode (multiple-choice items excluded)."""
+        return [Run(f"{p.id}-{s.slug}-{m}", p, s, m)
+                for s in self.specs for p in self.prompts if not p.is_choice for m in self.modes]
+
+    @property
+    def choice_items(self) -> list[PromptItem]:
+        """The multiple-choice items: scored once per spec, without generation."""
+        return [p for p in self.prompts if p.is_choice]
 
     def step_settings(self, run: Run):
         from engine.stepper import StepSettings
@@ -81,7 +95,8 @@ class Sweep:
 
     def manifest(self) -> dict:
         return {"format": "hierui-batch", "version": 1, "model": self.model,
-                "prompts": [{"id": p.id, "prompt": p.prompt, "choices": p.choices} for p in self.prompts],
+                "prompts": [{"id": p.id, "prompt": p.prompt, "choices": p.choices,
+                             **({"answer": p.answer} if p.is_choice else {})} for p in self.prompts],
                 "specs": [str(s) for s in self.specs], "modes": list(self.modes), "settings": dict(self.settings),
                 "calibration": dict(self.calib), "device": self.device, "dtype": self.dtype, "source": self.source}
 
@@ -93,6 +108,7 @@ class SweepResult:
     skipped: list[str] = field(default_factory=list)  # run ids already complete
     computed: list[str] = field(default_factory=list)  # run ids recorded by this call
     summary: list[dict] = field(default_factory=list)  # summary.parquet's rows
+    choice_summary: list[dict] = field(default_factory=list)  # mc_summary.parquet's rows (one per spec)
 
 
 class SweepHooks:
@@ -155,7 +171,15 @@ def _jsonl_item(path: Path, number: int, line: str) -> PromptItem:
         pid = re.sub(r"[^A-Za-z0-9._]+", "_", str(obj["id"])).strip("._")
         if not pid:
             raise HieruiError(f'{where}: "id" {obj["id"]!r} has no letters or digits')
-    return PromptItem(pid, obj["prompt"], choices)
+    answer = None
+    if "answer" in obj:
+        from engine.choice import answer_index
+
+        if choices is None:
+            raise HieruiError(f'{where}: an item with an "answer" needs "choices"')
+        answer = answer_index(obj["answer"], choices, f"{where}: ")
+    topic = obj.get("topic") if isinstance(obj.get("topic"), str) else None
+    return PromptItem(pid, obj["prompt"], choices, answer, topic)
 
 
 def plan_sweep(*, prompts_file: str | Path | None = None, from_session: str | Path | None = None,
@@ -211,7 +235,7 @@ def plan_sweep(*, prompts_file: str | Path | None = None, from_session: str | Pa
             raise HieruiError(f"unknown mode '{mode}': use shared or free")
     sweep = Sweep(model, prompts, parsed, modes, base, base_calib, device, dtype, source)
     for mode in modes:
-        sweep.step_settings(Run("", prompts[0], parsed[0], mode)).validate()
+        sweep.step_settings(Run("", PromptItem("", ""), parsed[0], mode)).validate()
     ids = [r.run_id for r in sweep.runs()]
     if len(set(ids)) != len(ids):
         raise HieruiError("two specs give the same run name (e.g. checkpoints in folders of the same name)")
@@ -285,18 +309,20 @@ def run_sweep(sweep: Sweep, out: str | Path, use_cache: bool = True, hooks: Swee
     done = set(complete_runs(sweep, out))
     result = SweepResult(out, runs, skipped=[r.run_id for r in runs if r.run_id in done])
     todo = [r for r in runs if r.run_id not in done]
+    mc_todo = [spec for spec in sweep.specs if sweep.choice_items and not _choices_complete(sweep, out, spec)]
     hooks.sweep_started(len(runs), len(done))
-    if todo:
+    if todo or mc_todo:
         size = batch_size or default_batch_size(sweep.device)
         if size < 1:
             raise HieruiError(f"--batch-size must be at least 1, got {size}")
-        _record(sweep, out, todo, use_cache, hooks, result, size)
+        _record(sweep, out, todo, use_cache, hooks, result, size, mc_todo)
     result.summary = write_tables(sweep, out)
+    result.choice_summary = write_choice_tables(sweep, out)
     return result
 
 
 def _record(sweep: Sweep, out: Path, todo: list[Run], use_cache: bool, hooks: SweepHooks, result: SweepResult,
-            batch_size: int) -> None:
+            batch_size: int, mc_todo: list[Spec]) -> None:
     from engine.calibration import build_calibration
     from engine.models import load
     from engine.perturb import perturb
@@ -313,7 +339,7 @@ def _record(sweep: Sweep, out: Path, todo: list[Run], use_cache: bool, hooks: Sw
     calibration = None
     for spec in sweep.specs:
         spec_runs = [r for r in todo if r.spec == spec]
-        if not spec_runs:
+        if not spec_runs and spec not in mc_todo:
             continue
         if spec.needs_calibration and calibration is None:
             started = time.perf_counter()
@@ -324,6 +350,8 @@ def _record(sweep: Sweep, out: Path, todo: list[Run], use_cache: bool, hooks: Sw
             calibration.seconds = time.perf_counter() - started
         hooks.message(f"perturbing: {spec}")
         pair = perturb(loaded, spec, calibration=calibration, use_cache=use_cache, progress=hooks.stage)
+        if spec in mc_todo:
+            _score_choices(sweep, out, spec, pair, hooks)
         for chunk in _batches(spec_runs, batch_size):
             settings = sweep.step_settings(chunk[0])
             hooks.batch_started(chunk, settings.max_new_tokens * len(chunk))
@@ -338,6 +366,40 @@ def _record(sweep: Sweep, out: Path, todo: list[Run], use_cache: bool, hooks: Sw
 
             record_batch(stepper, [session_path(out, r) for r in chunk], callback=on_record)
         del pair
+
+
+def choices_path(out: str | Path, spec: Spec) -> Path:
+    return Path(out) / "mc" / f"{spec.slug}.jsonl"
+
+
+def _choices_complete(sweep: Sweep, out: str | Path, spec: Spec) -> bool:
+    path = choices_path(out, spec)
+    if not path.is_file():
+        return False
+    try:
+        done = [json.loads(line)["item_id"] for line in path.read_text(encoding="utf-8").splitlines() if line]
+    except (OSError, ValueError, KeyError):
+        return False
+    return done == [p.id for p in sweep.choice_items]
+
+
+def _score_choices(sweep: Sweep, out: Path, spec: Spec, pair, hooks: SweepHooks) -> None:
+    """Score every multiple-choice item under `spec`: OUT/mc/<spec>.jsonl, written whole at the end."""
+    from engine.choice import ChoiceItem, score_item
+    from engine.stepper import hidden_state_map
+
+    items = sweep.choice_items
+    mapping = hidden_state_map(pair)
+    rows = []
+    for n, item in enumerate(items, start=1):
+        rows.append(score_item(pair, ChoiceItem(item.id, item.prompt, item.choices, item.answer, item.topic),
+                               temperature=sweep.settings["temperature"], hidden_map=mapping))
+        hooks.stage(f"choices {spec}", n, len(items))
+    path = choices_path(out, spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(_json({"spec": str(spec), **row}) + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(path)
 
 
 def _batches(runs: list[Run], size: int) -> list[list[Run]]:
@@ -437,6 +499,34 @@ def write_tables(sweep: Sweep, out: str | Path) -> list[dict]:
         write(str(tmp))
         tmp.replace(out / name)
     return summary.to_pylist()
+
+
+def write_choice_tables(sweep: Sweep, out: str | Path) -> list[dict]:
+    """OUT/mc.parquet (an item per spec per row) and OUT/mc_summary.parquet/.csv (a row per spec)."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    from engine.choice import summarize_items
+
+    if not sweep.choice_items:
+        return []
+    out = Path(out)
+    items, summary = [], []
+    for spec in sweep.specs:
+        if not _choices_complete(sweep, out, spec):
+            raise HieruiError(f"the multiple-choice items of {spec} are not complete in {out}; rerun the sweep")
+        rows = [json.loads(line) for line in choices_path(out, spec).read_text(encoding="utf-8").splitlines() if line]
+        items += rows
+        summary.append({"spec": str(spec), **summarize_items(rows)})
+    items_table, summary_table = _table(items), _table(summary)
+    writers = {"mc.parquet": lambda path: pq.write_table(items_table, path),
+               "mc_summary.parquet": lambda path: pq.write_table(summary_table, path),
+               "mc_summary.csv": lambda path: pcsv.write_csv(summary_table, path)}
+    for name, write in writers.items():
+        tmp = out / f".{name}.tmp"
+        write(str(tmp))
+        tmp.replace(out / name)
+    return summary
 
 
 def group_summary(sweep: Sweep, rows: list[dict]) -> list[dict]:

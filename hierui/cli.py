@@ -591,6 +591,21 @@ class _BatchBars:
         self.progress.stop()
 
 
+def _choice_table(rows: list[dict]) -> Table:
+    """Multiple-choice items per spec: accuracy of both models, agreement, subspace vs full-vocabulary KL."""
+    from rich import box
+
+    table = Table(title="multiple choice (scored, no generation), per spec", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for name, justify in (("spec", "left"), ("items", "right"), ("acc d", "right"), ("acc p", "right"),
+                          ("agree", "right"), ("sub KL", "right"), ("KL", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    for r in rows:
+        table.add_row(r["spec"], str(r["items"]), f"{r['acc_d']:.3f}", f"{r['acc_p']:.3f}", f"{r['agree_rate']:.3f}",
+                      f"{r['sub_kl_mean']:.4f}", f"{r['kl_mean']:.4f}")
+    return table
+
+
 def _batch_table(groups: list[dict], fields: dict, width: int) -> Table:
     """Means per (spec, mode): a row per group, or, where that is wider than `width`, a column per group."""
     from rich import box
@@ -662,10 +677,18 @@ def batch(
         raise typer.Exit(130)
     finally:
         bars.close()
-    console.print(_batch_table(B.group_summary(sweep, result.summary), B.GROUP_FIELDS, console.width))
+    if result.runs:
+        console.print(_batch_table(B.group_summary(sweep, result.summary), B.GROUP_FIELDS, console.width))
+    if result.choice_summary:
+        console.print(_choice_table(result.choice_summary))
     n = len(result.runs)
-    console.print(f"{n} run{'s' * (n != 1)} ({len(result.computed)} computed, {len(result.skipped)} already complete) "
-                  f"in {out}: sessions/, steps.parquet, summary.parquet, summary.csv", highlight=False, soft_wrap=True)
+    if n:
+        console.print(f"{n} run{'s' * (n != 1)} ({len(result.computed)} computed, {len(result.skipped)} already "
+                      f"complete) in {out}: sessions/, steps.parquet, summary.parquet, summary.csv",
+                      highlight=False, soft_wrap=True)
+    if result.choice_summary:
+        console.print(f"{len(sweep.choice_items)} multiple-choice items × {len(sweep.specs)} specs in {out}: "
+                      f"mc/, mc.parquet, mc_summary.parquet, mc_summary.csv", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -308,3 +308,41 @@ def test_batched_sweep_matches_one_prompt_at_a_time(sweep_files, uninterrupted, 
     for ra, rb in zip(a, b):
         for name in ("kl", "tv", "logit_cos", "prob_cos", "nll_p"):
             assert rb[name] == pytest.approx(ra[name], abs=1e-4), name
+
+
+def test_multiple_choice_items_are_scored_per_spec_and_resume(tmp_path):
+    items = [{"id": "gen", "prompt": "Hello"},
+             {"id": "m1", "prompt": "Pick:", "choices": ["A", "B", "C", "D"], "answer": 2, "topic": "t1"},
+             {"id": "m2", "prompt": "Again:", "choices": ["x", "yy", "z", "w"], "answer": "yy", "topic": "t2"},
+             {"id": "m3", "prompt": "Last:", "choices": ["a", "b"], "answer": 0}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", items)
+    sweep = B.plan_sweep(prompts_file=path, **{**TINY, "specs": ["magnitude:0.5", "none"], "modes": ["shared"]})
+    assert [r.run_id for r in sweep.runs()] == ["gen-magnitude-0.5-shared", "gen-none-shared"]
+    assert [p.id for p in sweep.choice_items] == ["m1", "m2", "m3"] and sweep.choice_items[1].answer == 1
+    out = tmp_path / "out"
+    result = B.run_sweep(sweep, out)
+    rows = pq.read_table(out / "mc.parquet").to_pylist()
+    assert [(r["spec"], r["item_id"]) for r in rows] == [(s, i) for s in ("magnitude:0.5", "none") for i in ("m1", "m2", "m3")]
+    none_rows = [r for r in rows if r["spec"] == "none"]
+    assert all(r["sub_kl"] == 0 and r["kl"] == 0 and r["agree"] for r in none_rows)
+    by_spec = {r["spec"]: r for r in result.choice_summary}
+    for spec, summary in by_spec.items():
+        mine = [r for r in rows if r["spec"] == spec]
+        assert summary["acc_d"] == pytest.approx(sum(r["pred_d"] == r["answer"] for r in mine) / 3)
+        assert summary["acc_p"] == pytest.approx(sum(r["pred_p"] == r["answer"] for r in mine) / 3)
+    assert by_spec["none"]["acc_d"] == by_spec["none"]["acc_p"] == by_spec["magnitude:0.5"]["acc_d"]
+    assert pq.read_table(out / "mc_summary.parquet").num_rows == 2 and (out / "mc_summary.csv").is_file()
+    stamp = B.choices_path(out, sweep.specs[0]).stat().st_mtime_ns
+    B.choices_path(out, sweep.specs[1]).unlink()  # interrupted before the second spec's items were written
+    again = B.run_sweep(sweep, out)
+    assert again.computed == [] and B.choices_path(out, sweep.specs[0]).stat().st_mtime_ns == stamp
+    assert pq.read_table(out / "mc.parquet").to_pylist() == rows
+
+
+def test_bad_multiple_choice_items(tmp_path):
+    for line, message in (('{"prompt": "q", "answer": 0}', 'needs "choices"'),
+                          ('{"prompt": "q", "choices": ["a", "b"], "answer": 5}', '"answer" must be an index')):
+        path = tmp_path / "bad.jsonl"
+        path.write_text(line + "\n", encoding="utf-8")
+        with pytest.raises(HieruiError, match=message):
+            B.read_prompts(path)

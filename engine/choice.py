@@ -1,0 +1,127 @@
+"""Multiple-choice scoring: the categorical subspace, read the way multiple-choice evaluations read it.
+
+An item is a prompt and candidate continuations (`choices`), one of them the `answer`. Each choice is
+scored cloze-style by the sum of the log-probabilities of its tokens after the prompt (plain text, no chat
+template): the prompt followed by every choice is one batch of C rows, one forward pass per model. The
+subspace distribution is the softmax of those scores (for single-token choices: the full next-token
+distribution renormalised over the choice tokens). Beside it, the full-vocabulary metrics at the position
+after the prompt (KL, TV, cosines): what generation reads at the same place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine import metrics as M
+from engine.errors import HieruiError
+
+
+@dataclass
+class ChoiceItem:
+    id: str
+    prompt: str
+    choices: list[str]
+    answer: int
+    topic: str | None = None
+
+
+def answer_index(answer, choices: list[str], where: str = "") -> int:
+    """The answer as an index into `choices`: an int, or one of the choice strings."""
+    if isinstance(answer, bool):
+        answer = None
+    if isinstance(answer, int) and 0 <= answer < len(choices):
+        return answer
+    if isinstance(answer, str) and answer in choices:
+        return choices.index(answer)
+    raise HieruiError(f'{where}"answer" must be an index into "choices" (0..{len(choices) - 1}) or one of them, '
+                      f"got {answer!r}")
+
+
+@torch.no_grad()
+def _choice_logprobs(model, rows: torch.Tensor, mask: torch.Tensor, n_prompt: int, choice_ids: list[list[int]],
+                     temperature: float):
+    """Σ log p(choice tokens | prompt) per row, plus the last-prompt-position logits and hidden states."""
+    device = model.get_input_embeddings().weight.device
+    out = model(input_ids=rows.to(device), attention_mask=mask.to(device), use_cache=False,
+                output_hidden_states=True)
+    logp = torch.log_softmax(out.logits.float() / temperature, dim=-1)
+    scores = []
+    for r, ids in enumerate(choice_ids):
+        positions = torch.arange(n_prompt - 1, n_prompt - 1 + len(ids), device=logp.device)
+        scores.append(logp[r, positions, torch.tensor(ids, device=logp.device)].sum())
+    at = n_prompt - 1  # the position after the prompt: identical in every row
+    hidden = torch.stack([h[:1, at, :].to(logp.device) for h in out.hidden_states], dim=1)
+    return torch.stack(scores), out.logits[:1, at, :], hidden
+
+
+def score_item(pair, item: ChoiceItem, temperature: float = 1.0, hidden_map: list[int] | None = None) -> dict:
+    """Both models' scores for one item: subspace distributions, predictions, correctness and divergences."""
+    tok = pair.tokenizer
+    prompt = tok(item.prompt)["input_ids"]  # plain text, the tokenizer's own special tokens
+    if not prompt:
+        raise HieruiError(f"item {item.id}: the prompt is empty after tokenization")
+    choice_ids = []
+    for choice in item.choices:
+        ids = tok(choice, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise HieruiError(f"item {item.id}: choice {choice!r} is empty after tokenization")
+        choice_ids.append(ids)
+    width = len(prompt) + max(len(c) for c in choice_ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    rows = torch.full((len(choice_ids), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(rows)
+    for r, ids in enumerate(choice_ids):  # right padding: every row starts with the same prompt
+        seq = prompt + ids
+        rows[r, :len(seq)] = torch.tensor(seq)
+        mask[r, :len(seq)] = 1
+    s_d, z_d, h_d = _choice_logprobs(pair.dense, rows, mask, len(prompt), choice_ids, temperature)
+    s_p, z_p, h_p = _choice_logprobs(pair.perturbed, rows, mask, len(prompt), choice_ids, temperature)
+    if hidden_map is not None:
+        h_p = h_p.index_select(1, torch.tensor(hidden_map, device=h_p.device))
+    q_d, q_p = torch.softmax(s_d, -1), torch.softmax(s_p, -1)
+    lq_d, lq_p = torch.log_softmax(s_d, -1), torch.log_softmax(s_p, -1)
+    top = torch.zeros(1, dtype=torch.long, device=z_d.device)
+    full = M.to_host(M.step_metrics(h_d, h_p, z_d, z_p, top, top, temperature=temperature))[0]
+    pred_d, pred_p = int(q_d.argmax()), int(q_p.argmax())
+    return {
+        "item_id": item.id,
+        "topic": item.topic,
+        "prompt": item.prompt,
+        "choices": item.choices,
+        "answer": item.answer,
+        "score_d": s_d.tolist(),
+        "score_p": s_p.tolist(),
+        "sub_p_d": q_d.tolist(),
+        "sub_p_p": q_p.tolist(),
+        "pred_d": pred_d,
+        "pred_p": pred_p,
+        "correct_d": pred_d == item.answer,
+        "correct_p": pred_p == item.answer,
+        "agree": pred_d == pred_p,
+        "sub_kl": float((q_d * (lq_d - lq_p)).sum()),
+        "sub_cos": float((q_d * q_p).sum() / (q_d.norm() * q_p.norm())),
+        "kl": full["kl"],
+        "tv": full["tv"],
+        "logit_cos": full["logit_cos"],
+        "prob_cos": full["prob_cos"],
+        "emb_cos_final": full["emb_cos"][-1],
+    }
+
+
+def summarize_items(rows: list[dict]) -> dict:
+    """Accuracy of both models, how often they pick the same choice, and subspace vs full-vocabulary KL."""
+    from engine.summary import mean
+
+    n = len(rows)
+    out = {"items": n}
+    if not n:
+        return out
+    out["acc_d"] = sum(r["correct_d"] for r in rows) / n
+    out["acc_p"] = sum(r["correct_p"] for r in rows) / n
+    out["agree_rate"] = sum(r["agree"] for r in rows) / n
+    out["sub_kl_mean"] = mean(r["sub_kl"] for r in rows)
+    out["kl_mean"] = mean(r["kl"] for r in rows)
+    out["tv_mean"] = mean(r["tv"] for r in rows)
+    return out
