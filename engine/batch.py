@@ -331,7 +331,7 @@ def _record(sweep: Sweep, out: Path, todo: list[Run], use_cache: bool, hooks: Sw
 
     loaded = load(sweep.model, device=sweep.device, dtype=sweep.dtype, progress=hooks.message)
     for item in sweep.prompts:  # bad choices fail now, not in the middle of the sweep
-        if item.choices:
+        if item.choices and not item.is_choice:  # generation: the subspace reads each choice's first token
             try:
                 choice_token_ids(loaded.tokenizer, item.choices)
             except HieruiError as e:

@@ -354,6 +354,11 @@ def _show(path: Path, steps: bool) -> None:
     from engine.summary import summarize
 
     if path.is_dir():
+        from hierui.batchview import is_batch_output, show_batch
+
+        if is_batch_output(path):  # a `hierui batch` output: the report's table and charts
+            show_batch(path, console)
+            return
         _show_directory(path)
         return
     session = load_session(path)
@@ -654,15 +659,22 @@ def batch(
     calib_seed: Optional[int] = typer.Option(None, "--calib-seed", help="seed of the self-generated calibration (default 0)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration and pruned weights"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="prompts stepped at once (default 8 on CPU, 16 on GPU)"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="a sweep described in a TOML file, or a shipped recipe's name (hierarchy); the other options override it"),
 ) -> None:
     """Sweep prompts × --prune specs × --mode headless: a session per run, steps.parquet, summary.parquet/.csv."""
     from engine import batch as B
 
-    sweep = B.plan_sweep(prompts_file=prompts, from_session=from_session, model=model, specs=specs, modes=modes,
-                         calib={"source": str(calib) if calib else None, "samples": calib_samples,
-                                "length": calib_len, "seed": calib_seed},
-                         device=device, dtype=dtype, temperature=temperature, max_new_tokens=max_new_tokens,
-                         sample=sample, seed=seed, raw=raw, topk=topk)
+    args = dict(prompts_file=prompts, from_session=from_session, model=model, specs=specs, modes=modes,
+                calib={"source": str(calib) if calib else None, "samples": calib_samples,
+                       "length": calib_len, "seed": calib_seed},
+                device=device, dtype=dtype, temperature=temperature, max_new_tokens=max_new_tokens,
+                sample=sample, seed=seed, raw=raw, topk=topk)
+    if recipe is not None:  # the recipe's prompts go to OUT/prompts.jsonl
+        from engine.recipe import apply_recipe
+
+        out = out or B.default_out_dir()
+        args, batch_size = apply_recipe(recipe, out, args, batch_size)
+    sweep = B.plan_sweep(**args)
     out = out or B.default_out_dir()
     _quiet_libraries()
     bars = _BatchBars(err_console)
@@ -689,6 +701,24 @@ def batch(
     if result.choice_summary:
         console.print(f"{len(sweep.choice_items)} multiple-choice items × {len(sweep.specs)} specs in {out}: "
                       f"mc/, mc.parquet, mc_summary.parquet, mc_summary.csv", highlight=False, soft_wrap=True)
+    console.print(f"the report: hierui report {out}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="the --out folder of a hierui batch run", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="the HTML file to write (default RUN_DIR/report.html)"),
+    open_: bool = typer.Option(False, "--open", help="print only the report's path (to hand to a browser)"),
+) -> None:
+    """One self-contained HTML page from a batch output: the hierarchy, KL vs theory, amplification, accumulation, first divergence, multiple choice."""
+    from engine.report import write_report
+
+    path = write_report(run_dir, out)
+    if open_:
+        print(path.resolve())
+    else:
+        console.print(f"report: {path} (hierui show {run_dir} prints its table in the terminal)", highlight=False,
+                      soft_wrap=True)
 
 
 def main() -> None:

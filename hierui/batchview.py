@@ -1,0 +1,110 @@
+"""`hierui show RUN_DIR` for a `hierui batch` output: the report's per-spec table (engine.report.spec_rows)
+in the terminal, with plotext charts of the accumulated KL over steps and of multiple-choice accuracy.
+Reads files only: no torch, no transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from engine import report as R
+
+
+def is_batch_output(path: Path) -> bool:
+    return (path / "batch.json").is_file() and (path / "summary.parquet").is_file()
+
+
+# the report's per-spec rows as two tables that fit 80 columns: (title, [(field, heading)])
+TABLES = (
+    ("the hierarchy, per spec ({basis} mode means over steps and prompts)",
+     [("spec", "spec"), ("sparsity", "sparsity"), ("emb_cos", "hidden\ncos"), ("logit_cos", "logit\ncos"),
+      ("prob_cos", "prob\ncos"), ("kl", "KL"), ("kl_est", "KL\nest"), ("amp", "amp"), ("top1", "top-1\nagree")]),
+    ("accumulation, first divergence and multiple choice, per spec",
+     [("spec", "spec"), ("cum_kl_shared", "cum KL\nshared"), ("cum_kl_free", "cum KL\nfree"),
+      ("first_div", "1st div\nmedian"), ("mc_items", "MC\nitems"), ("mc_acc_d", "MC acc\ndense"),
+      ("mc_acc_p", "MC acc\npert"), ("mc_agree", "MC\nagree"), ("mc_sub_kl", "MC KL\nchoices")]),
+)
+
+
+def spec_tables(rows: list[dict], basis: str | None = "shared") -> list[Table]:
+    """engine.report.spec_rows as rich tables; columns without any value are left out."""
+    from rich import box
+
+    tables = []
+    for title, fields in TABLES:
+        shown = [(k, h) for k, h in fields if k == "spec" or any(r.get(k) is not None for r in rows)]
+        if len(shown) < 2:
+            continue
+        table = Table(title=title.format(basis=basis or "shared"), title_justify="left", box=box.SIMPLE_HEAD,
+                      pad_edge=False, padding=(0, 1), collapse_padding=True)
+        for key, heading in shown:
+            table.add_column(heading, justify="left" if key == "spec" else "right", no_wrap=True)
+        for r in rows:
+            table.add_row(*[Text(r["spec"]) if k == "spec" else (R.pct(r[k]) if k == "sparsity" else R.fmt(r.get(k), 3))
+                            for k, _ in shown])
+        tables.append(table)
+    return tables
+
+
+def _plot(build, width: int, height: int) -> Text:
+    import plotext as plt
+
+    plt.clear_figure()
+    plt.plotsize(width, height)
+    plt.theme("pro")
+    build(plt)
+    text = plt.build()
+    plt.clear_figure()
+    return Text.from_ansi(text)
+
+
+def cum_kl_chart(run: R.RunData, width: int) -> Text | None:
+    curves = R.cum_kl_curves(run)
+    if not curves:
+        return None
+
+    def build(plt):
+        for (spec, mode), pts in curves.items():
+            plt.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{spec} {mode}",
+                     marker="braille" if mode == "shared" else "dot")
+        plt.title("accumulated KL over generation steps (mean over prompts)")
+        plt.xlabel("step")
+
+    return _plot(build, width, 18)
+
+
+def choice_chart(run: R.RunData, width: int) -> Text | None:
+    rows = [r for r in R.choice_rows(run) if r["acc_d"] is not None]
+    if not rows:
+        return None
+
+    def build(plt):
+        plt.multiple_bar([r["spec"] for r in rows], [[r["acc_d"] for r in rows], [r["acc_p"] for r in rows]],
+                         labels=["dense", "perturbed"])
+        plt.ylim(0, 1)
+        plt.title("multiple-choice accuracy per spec")
+
+    return _plot(build, width, 14)
+
+
+def show_batch(path: Path, console: Console) -> None:
+    run = R.load_run(path)
+    rows = R.spec_rows(run)
+    name = run.recipe.get("name")
+    console.print(Text(f"batch output {path}" + (f" (recipe {name})" if name else ""), style="italic"))
+    n_runs, n_mc = len(run.summary), len({r.get("item_id") for r in run.mc})
+    console.print(f"model {run.manifest.get('model', '–')} · {len(run.specs)} specs · {n_runs} generation runs"
+                  + (f" · {n_mc} multiple-choice items" if n_mc else ""), highlight=False)
+    for table in spec_tables(rows, R.basis_mode(run)):
+        console.print(table)
+    width = max(40, min(console.width, 120))
+    for chart in (cum_kl_chart(run, width), choice_chart(run, width)):
+        if chart is not None:
+            console.print(chart, soft_wrap=True)
+    if run.mc_summary:
+        console.print(f"multiple choice per item: {path / 'mc.parquet'}", highlight=False)
+    console.print(f"per run: {path / 'summary.csv'} · sessions: hierui show {path / 'sessions'} · "
+                  f"HTML: hierui report {path}", highlight=False, soft_wrap=True)
