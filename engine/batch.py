@@ -491,14 +491,18 @@ def write_tables(sweep: Sweep, out: str | Path) -> list[dict]:
 
     out = Path(out)
     steps, summary = build_tables(sweep, out)
-    writers = {"steps.parquet": lambda path: pq.write_table(steps, path),
-               "summary.parquet": lambda path: pq.write_table(summary, path),
-               "summary.csv": lambda path: pcsv.write_csv(summary, path)}
-    for name, write in writers.items():  # each file appears whole or not at all
+    _write_whole(out, {"steps.parquet": lambda path: pq.write_table(steps, path),
+                       "summary.parquet": lambda path: pq.write_table(summary, path),
+                       "summary.csv": lambda path: pcsv.write_csv(summary, path)})
+    return summary.to_pylist()
+
+
+def _write_whole(out: Path, writers: dict) -> None:
+    """Write each file to a temporary name, then rename it: it appears whole or not at all."""
+    for name, write in writers.items():
         tmp = out / f".{name}.tmp"
         write(str(tmp))
         tmp.replace(out / name)
-    return summary.to_pylist()
 
 
 def write_choice_tables(sweep: Sweep, out: str | Path) -> list[dict]:
@@ -519,13 +523,9 @@ def write_choice_tables(sweep: Sweep, out: str | Path) -> list[dict]:
         items += rows
         summary.append({"spec": str(spec), **summarize_items(rows)})
     items_table, summary_table = _table(items), _table(summary)
-    writers = {"mc.parquet": lambda path: pq.write_table(items_table, path),
-               "mc_summary.parquet": lambda path: pq.write_table(summary_table, path),
-               "mc_summary.csv": lambda path: pcsv.write_csv(summary_table, path)}
-    for name, write in writers.items():
-        tmp = out / f".{name}.tmp"
-        write(str(tmp))
-        tmp.replace(out / name)
+    _write_whole(out, {"mc.parquet": lambda path: pq.write_table(items_table, path),
+                       "mc_summary.parquet": lambda path: pq.write_table(summary_table, path),
+                       "mc_summary.csv": lambda path: pcsv.write_csv(summary_table, path)})
     return summary
 
 
