@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from engine import report as R
+from hierui.output import console
 
 
 def is_batch_output(path: Path) -> bool:
@@ -108,3 +109,104 @@ def show_batch(path: Path, console: Console) -> None:
         console.print(f"multiple choice per item: {path / 'mc.parquet'}", highlight=False)
     console.print(f"per run: {path / 'summary.csv'} · sessions: hierui show {path / 'sessions'} · "
                   f"HTML: hierui report {path}", highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------ while `hierui batch` runs
+
+
+class BatchBars:
+    """The progress hooks of engine.batch.run_sweep as rich bars on stderr: the runs of the sweep, the
+    tokens of the current run, and the slow stages (calibrating, pruning) while they last."""
+
+    def __init__(self, target: Console):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn)
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<28}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=target, transient=True)
+        self.runs = self.tokens = None
+        self.stages: dict[str, int] = {}
+
+    def sweep_started(self, total: int, done: int) -> None:
+        self.progress.start()
+        self.runs = self.progress.add_task("runs", total=total, completed=done)
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(f"[dim]{text}[/]", highlight=False)
+
+    def stage(self, stage: str, done: int, total: int) -> None:
+        if total <= 0:
+            self.message(stage)
+            return
+        if stage not in self.stages:
+            self._clear_stages()  # a stage may stop short of its total (calibrating does): a new one ends it
+            self.stages[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.stages[stage], completed=done, total=total)
+        if done >= total:
+            self.progress.remove_task(self.stages.pop(stage))
+
+    def _clear_stages(self) -> None:
+        for task in self.stages.values():
+            self.progress.remove_task(task)
+        self.stages.clear()
+
+    def run_started(self, run, max_tokens: int) -> None:
+        self._clear_stages()
+        if self.tokens is None:
+            self.tokens = self.progress.add_task(run.run_id, total=max_tokens)
+        self.progress.reset(self.tokens, total=max_tokens, description=run.run_id)
+
+    def batch_started(self, runs, max_tokens: int) -> None:
+        more = f" +{len(runs) - 1}" if len(runs) > 1 else ""
+        self.run_started(runs[0], max_tokens)
+        self.progress.update(self.tokens, description=f"{runs[0].run_id}{more}")
+
+    def step(self, run, record: dict) -> None:
+        self.progress.advance(self.tokens)
+
+    def run_finished(self, run) -> None:
+        self.progress.advance(self.runs)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def choice_table(rows: list[dict]) -> Table:
+    """Multiple-choice items per spec: accuracy of both models, agreement, subspace vs full-vocabulary KL."""
+    from rich import box
+
+    table = Table(title="multiple choice (scored, no generation), per spec", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for name, justify in (("spec", "left"), ("items", "right"), ("acc d", "right"), ("acc p", "right"),
+                          ("agree", "right"), ("sub KL", "right"), ("KL", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    for r in rows:
+        table.add_row(r["spec"], str(r["items"]), f"{r['acc_d']:.3f}", f"{r['acc_p']:.3f}", f"{r['agree_rate']:.3f}",
+                      f"{r['sub_kl_mean']:.4f}", f"{r['kl_mean']:.4f}")
+    return table
+
+
+def batch_table(groups: list[dict], fields: dict, width: int) -> Table:
+    """Means per (spec, mode): a row per group, or, where that is wider than `width`, a column per group."""
+    from rich import box
+    from rich.measure import Measurement
+
+    shown = [name for name in fields if any(g[name] is not None for g in groups)]
+    cell = lambda value: "—" if value is None else f"{value:.3g}"  # noqa: E731
+    style = dict(title="mean over runs, per spec and mode", title_justify="left", box=box.SIMPLE_HEAD,
+                 pad_edge=False, collapse_padding=True)
+    table = Table(**style)
+    for name in ("spec", "mode", "runs", *shown):
+        table.add_column(fields.get(name, name), justify="left" if name in ("spec", "mode") else "right", no_wrap=True)
+    for g in groups:
+        table.add_row(g["spec"], g["mode"], str(g["runs"]), *[cell(g[name]) for name in shown])
+    if Measurement.get(console, console.options.update_width(10_000), table).maximum <= width:
+        return table
+    table = Table(**style)
+    table.add_column("")
+    for g in groups:
+        table.add_column(f"{g['spec']}\n{g['mode']}", justify="right", no_wrap=True)
+    table.add_row("runs", *[str(g["runs"]) for g in groups])
+    for name in shown:
+        table.add_row(fields[name], *[cell(g[name]) for g in groups])
+    return table

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from engine.errors import HieruiError
+from hierui.output import console, err_console
+from hierui.sessionview import print_comparison, print_warnings, show_path
 
 app = typer.Typer(
     name="hierui",
@@ -22,8 +23,6 @@ app = typer.Typer(
 models_app = typer.Typer(help="List the model aliases and what is cached; fetch a model.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
 
-console = Console()
-err_console = Console(stderr=True)
 
 MODEL_HELP = "alias (smollm2-135m, llama-7b, …), tiny-random, local directory, .gguf file or hub id"
 SPEC_HELP = "perturbation: wanda:0.5, sparsegpt:0.5, magnitude:2:4, attndrop:4, mlpdrop:4, blockdrop:4, int8, nf4, checkpoint:DIR, none"
@@ -172,210 +171,6 @@ def models_pull(name: str = typer.Argument(..., help=MODEL_HELP)) -> None:
 # ------------------------------------------------------------------ show / replay (no model is loaded)
 
 
-def _visible(text, keep_newlines: bool = False) -> str:
-    """Token text with control characters escaped (\\n, \\x0e, …) so a terminal shows what was generated."""
-    import unicodedata
-
-    out = []
-    for ch in "" if text is None else str(text):
-        if ch == "\n":
-            out.append("\n" if keep_newlines else "\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def _token_cell(text) -> str:
-    """A token for a table cell: escaped, spaces shown as ·."""
-    shown = _visible(text).replace(" ", "·")
-    return shown if shown else "∅"
-
-
-def _num(value, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            return str(value)
-        if value != 0 and (abs(value) >= 1e4 or abs(value) < 10 ** -(digits - 1)):
-            return f"{value:.{max(digits - 1, 1)}e}"
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def _print_warnings(warnings: list[str]) -> None:
-    from rich.text import Text
-
-    for warning in warnings:
-        err_console.print(Text("warning: ", style="yellow") + Text(warning), soft_wrap=True)
-
-
-def _session_header_table(session) -> Table:
-    from rich.text import Text
-
-    h = session.header
-    pert = h.get("perturbation") or {}
-    table = Table(title=Text(f"session {session.path}", style="italic"), title_justify="left", show_header=False, box=None, padding=(0, 2, 0, 0))
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-
-    def pct(v):
-        return f"{v:.2%}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
-
-    sparsity = pct(pert.get("measured_sparsity"))
-    if isinstance(pert.get("dense_sparsity"), (int, float)) and pert.get("dense_sparsity"):
-        sparsity += f" (dense model: {pct(pert['dense_sparsity'])})"
-    rows = [
-        ("model", h.get("model_display") or h.get("model") or "–"),
-        ("perturbation", str(pert.get("spec", "–"))),
-        ("measured sparsity", sparsity),
-    ]
-    calib = h.get("calibration")
-    if isinstance(calib, dict):
-        origin = "self-generated" if calib.get("source") in (None, "self") else str(calib.get("source"))
-        rows.append(("calibration", f"{calib.get('samples')}×{calib.get('length')} tokens, {origin}, seed {calib.get('seed')}"))
-    decoding = f"sampled, seed {h.get('seed')}" if h.get("sample") else "greedy"
-    rows += [
-        ("mode", f"{h.get('mode', '–')} ({decoding})"),
-        ("temperature", _num(h.get("temperature"), 3)),
-        ("prompt", _visible(h.get("prompt"), keep_newlines=True) + ("  (raw, no chat template)" if h.get("raw") else "")),
-        ("choices", ", ".join(repr(c) for c in h["choices"]) if isinstance(h.get("choices"), list) and h["choices"]
-         else "–"),
-        ("steps", f"{len(session.steps)}" + ("" if session.complete else " (interrupted: no closing summary)")),
-        ("created", str(h.get("created", "–"))),
-    ]
-    where = " ".join(str(h[k]) for k in ("device", "dtype") if h.get(k))
-    if where:
-        rows.append(("recorded on", where + (f", hierui {h['hierui']}" if h.get("hierui") else "")))
-    for name, value in rows:
-        table.add_row(name, Text(value))
-    return table
-
-
-def _summary_table(summary: dict, title: str) -> Table:
-    table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 2, 0, 0))
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    for name, value in summary.items():
-        table.add_row(name, _num(value))
-    return table
-
-
-def _continuations_table(session) -> Table:
-    from rich.text import Text
-
-    shared = session.header.get("mode") != "free"
-    table = Table(title="continuations", title_justify="left", expand=True)
-    table.add_column("dense", ratio=1, overflow="fold")
-    table.add_column("perturbed (its own choice at each step, fed the dense token)" if shared else "perturbed",
-                     ratio=1, overflow="fold")
-    dense = "".join(_visible(s.get("text_d"), keep_newlines=True) for s in session.steps)
-    pert = "".join(_visible(s.get("text_p"), keep_newlines=True) for s in session.steps)
-    table.add_row(Text(dense), Text(pert))
-    return table
-
-
-def _steps_table(session) -> Table:
-    from rich.text import Text
-
-    choices = bool(session.header.get("choices")) or any("sub_kl" in s for s in session.steps)
-    table = Table(title="steps", title_justify="left")
-    columns = ["step", "dense", "perturbed", "emb_cos[L]", "logit_cos", "prob_cos", "kl", "kl_est", "tv", "top1",
-               "amp", "cum_kl"] + (["sub_kl"] if choices else [])
-    for name in columns:
-        table.add_column(name, justify="left" if name in ("dense", "perturbed") else "right")
-    for s in session.steps:
-        emb = s.get("emb_cos") if isinstance(s.get("emb_cos"), list) and s.get("emb_cos") else [None]
-        top1 = s.get("top1_agree")
-        same = s.get("token_d") == s.get("token_p")
-        row = [str(s.get("step")), Text(_token_cell(s.get("text_d"))),
-               Text(_token_cell(s.get("text_p")), style=None if same else "red"),
-               _num(emb[-1], 6), _num(s.get("logit_cos"), 6), _num(s.get("prob_cos"), 6), _num(s.get("kl")),
-               _num(s.get("kl_est")), _num(s.get("tv")), "–" if top1 is None else ("✓" if top1 else "✗"),
-               _num(s.get("amp"), 3), _num(s.get("cum_kl"))]
-        if choices:
-            row.append(_num(s.get("sub_kl")))
-        table.add_row(*row)
-    return table
-
-
-def _session_files(path: Path) -> list[Path]:
-    """The sessions of a directory: a `hierui batch` output (sessions/*.jsonl) or a folder of sessions."""
-    for folder in (path / "sessions", path):
-        files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
-        if files:
-            return files
-    raise HieruiError(f"{path} is a directory, not a session file (and it holds no sessions/*.jsonl)")
-
-
-def _show_directory(path: Path) -> None:
-    from rich.text import Text
-
-    from engine.session import load_session
-    from engine.summary import summarize
-
-    table = Table(title=Text(f"sessions in {path}", style="italic"), title_justify="left")
-    for name in ("session", "model", "perturbation", "mode", "prompt", "steps", "kl_mean", "same_top1_rate"):
-        table.add_column(name, justify="right" if name in ("steps", "kl_mean", "same_top1_rate") else "left")
-    interrupted = False
-    for file in _session_files(path):
-        try:
-            s = load_session(file)
-        except HieruiError as e:
-            table.add_row(Text(file.name), Text(f"unreadable: {e}", style="red"), "", "", "", "", "", "")
-            continue
-        summary = s.summary if s.complete else summarize(s.steps, s.header.get("mode"))
-        interrupted |= not s.complete
-        prompt = _visible(s.header.get("prompt"))
-        table.add_row(Text(file.name), Text(str(s.header.get("model_display") or s.header.get("model", "–"))),
-                      Text(str((s.header.get("perturbation") or {}).get("spec", "–"))), str(s.header.get("mode", "–")),
-                      Text(prompt if len(prompt) <= 40 else prompt[:39] + "…"),
-                      f"{len(s.steps)}" + ("" if s.complete else "*"),
-                      _num(summary.get("kl_mean")), _num(summary.get("same_top1_rate")))
-    console.print(table)
-    if interrupted:
-        console.print("* interrupted run (no closing summary); its figures are computed from the recorded steps")
-    csv = path / "summary.csv"
-    if csv.is_file():
-        console.print(f"batch summary table: {csv}")
-    console.print("show one of them with: hierui show SESSION.jsonl [--steps]", highlight=False)
-
-
-def _show(path: Path, steps: bool) -> None:
-    from engine.session import load_session
-    from engine.summary import summarize
-
-    if path.is_dir():
-        from hierui.batchview import is_batch_output, show_batch
-
-        if is_batch_output(path):  # a `hierui batch` output: the report's table and charts
-            show_batch(path, console)
-            return
-        _show_directory(path)
-        return
-    session = load_session(path)
-    _print_warnings(session.warnings)
-    console.print(_session_header_table(session))
-    if session.steps:
-        console.print(_continuations_table(session))
-    if session.complete:
-        console.print(_summary_table(session.summary, "summary"))
-    else:
-        console.print(f"the run was interrupted: no closing summary; computed from the {len(session.steps)} recorded steps:",
-                      style="yellow", highlight=False)
-        console.print(_summary_table(summarize(session.steps, session.header.get("mode")), "summary (computed)"))
-    if steps and session.steps:
-        console.print(_steps_table(session))
-
-
 SESSION_HELP = "a session file (.jsonl), or a directory of sessions (a `hierui batch` output)"
 
 
@@ -450,7 +245,7 @@ def show(
     steps: bool = typer.Option(False, "--steps", help="also print one table row per step"),
 ) -> None:
     """Print a recorded session: header, continuations, summary (and --steps: every step). Loads no model."""
-    _show(session, steps)
+    show_path(session, steps)
 
 
 @app.command()
@@ -469,7 +264,7 @@ def replay(
     With --rerun: recompute every step with the models and compare; exit 0 when all tokens match and every metric is within --tol of the recording, 1 otherwise.
     """
     if not rerun and (print_only or not _interactive()):
-        _show(session, steps)  # no terminal to draw on: print it instead
+        show_path(session, steps)  # no terminal to draw on: print it instead
         return
     if not rerun:
         if session.is_dir():
@@ -486,7 +281,7 @@ def replay(
     from engine.session import load_session
 
     loaded_session = load_session(session)
-    _print_warnings(loaded_session.warnings)
+    print_warnings(loaded_session.warnings)
     if dtype is not None:
         from engine.models import DTYPES
 
@@ -499,142 +294,9 @@ def replay(
     with stage_progress(err_console) as (_say, step):
         new = R.rerun(loaded_session, device=device, dtype=dtype, use_cache=not no_cache, progress=step)
     result = R.compare(loaded_session.steps, new)
-    _print_comparison(loaded_session, result, tol)
+    print_comparison(loaded_session, result, tol)
     if not result.ok(tol):
         raise typer.Exit(1)
-
-
-def _print_comparison(session, result, tol: float) -> None:
-    from rich.text import Text
-
-    h = session.header
-    console.print(Text(f"{h.get('model_display') or h.get('model')} · {(h.get('perturbation') or {}).get('spec')} · "
-                       f"{h.get('mode')} · {result.recorded} recorded steps, {result.rerun} recomputed"))
-    console.print("largest absolute deviation per metric, recording vs recomputation:", highlight=False)
-    table = Table()
-    table.add_column("metric")
-    table.add_column("max |Δ|", justify="right")
-    for name, value in result.deviations.items():
-        label = "null vs number, or missing" if value == float("inf") else f"{value:.3e}"
-        table.add_row(name, label, style="red" if value >= tol else None)
-    console.print(table)
-    for note in result.notes:
-        console.print(note, highlight=False)
-    if result.tokens_match:
-        console.print(f"tokens: all {result.recorded} steps match", highlight=False)
-    else:
-        i = result.first_token_mismatch
-        console.print(f"tokens: differ, first at step {i}", style="red", highlight=False)
-    if result.topk_id_mismatches:
-        console.print(f"top-k token lists differ at {result.topk_id_mismatches} step(s)", highlight=False)
-    worst = max(result.deviations, key=result.deviations.get, default=None)
-    if worst is not None:
-        verdict = "below" if result.max_deviation < tol else "NOT below"
-        console.print(f"max deviation {result.max_deviation:.3e} ({worst}), {verdict} the tolerance {tol:g}",
-                      highlight=False)
-    console.print("rerun matches the recording" if result.ok(tol) else "rerun does NOT match the recording",
-                  style="green" if result.ok(tol) else "bold red", highlight=False)
-
-
-# ------------------------------------------------------------------ batch
-
-
-class _BatchBars:
-    """The progress hooks of engine.batch.run_sweep as rich bars on stderr: the runs of the sweep, the
-    tokens of the current run, and the slow stages (calibrating, pruning) while they last."""
-
-    def __init__(self, target: Console):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn)
-
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<28}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=target, transient=True)
-        self.runs = self.tokens = None
-        self.stages: dict[str, int] = {}
-
-    def sweep_started(self, total: int, done: int) -> None:
-        self.progress.start()
-        self.runs = self.progress.add_task("runs", total=total, completed=done)
-
-    def message(self, text: str) -> None:
-        self.progress.console.print(f"[dim]{text}[/]", highlight=False)
-
-    def stage(self, stage: str, done: int, total: int) -> None:
-        if total <= 0:
-            self.message(stage)
-            return
-        if stage not in self.stages:
-            self._clear_stages()  # a stage may stop short of its total (calibrating does): a new one ends it
-            self.stages[stage] = self.progress.add_task(stage, total=total)
-        self.progress.update(self.stages[stage], completed=done, total=total)
-        if done >= total:
-            self.progress.remove_task(self.stages.pop(stage))
-
-    def _clear_stages(self) -> None:
-        for task in self.stages.values():
-            self.progress.remove_task(task)
-        self.stages.clear()
-
-    def run_started(self, run, max_tokens: int) -> None:
-        self._clear_stages()
-        if self.tokens is None:
-            self.tokens = self.progress.add_task(run.run_id, total=max_tokens)
-        self.progress.reset(self.tokens, total=max_tokens, description=run.run_id)
-
-    def batch_started(self, runs, max_tokens: int) -> None:
-        more = f" +{len(runs) - 1}" if len(runs) > 1 else ""
-        self.run_started(runs[0], max_tokens)
-        self.progress.update(self.tokens, description=f"{runs[0].run_id}{more}")
-
-    def step(self, run, record: dict) -> None:
-        self.progress.advance(self.tokens)
-
-    def run_finished(self, run) -> None:
-        self.progress.advance(self.runs)
-
-    def close(self) -> None:
-        self.progress.stop()
-
-
-def _choice_table(rows: list[dict]) -> Table:
-    """Multiple-choice items per spec: accuracy of both models, agreement, subspace vs full-vocabulary KL."""
-    from rich import box
-
-    table = Table(title="multiple choice (scored, no generation), per spec", title_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
-    for name, justify in (("spec", "left"), ("items", "right"), ("acc d", "right"), ("acc p", "right"),
-                          ("agree", "right"), ("sub KL", "right"), ("KL", "right")):
-        table.add_column(name, justify=justify, no_wrap=True)
-    for r in rows:
-        table.add_row(r["spec"], str(r["items"]), f"{r['acc_d']:.3f}", f"{r['acc_p']:.3f}", f"{r['agree_rate']:.3f}",
-                      f"{r['sub_kl_mean']:.4f}", f"{r['kl_mean']:.4f}")
-    return table
-
-
-def _batch_table(groups: list[dict], fields: dict, width: int) -> Table:
-    """Means per (spec, mode): a row per group, or, where that is wider than `width`, a column per group."""
-    from rich import box
-    from rich.measure import Measurement
-
-    shown = [name for name in fields if any(g[name] is not None for g in groups)]
-    cell = lambda value: "—" if value is None else f"{value:.3g}"  # noqa: E731
-    style = dict(title="mean over runs, per spec and mode", title_justify="left", box=box.SIMPLE_HEAD,
-                 pad_edge=False, collapse_padding=True)
-    table = Table(**style)
-    for name in ("spec", "mode", "runs", *shown):
-        table.add_column(fields.get(name, name), justify="left" if name in ("spec", "mode") else "right", no_wrap=True)
-    for g in groups:
-        table.add_row(g["spec"], g["mode"], str(g["runs"]), *[cell(g[name]) for name in shown])
-    if Measurement.get(console, console.options.update_width(10_000), table).maximum <= width:
-        return table
-    table = Table(**style)
-    table.add_column("")
-    for g in groups:
-        table.add_column(f"{g['spec']}\n{g['mode']}", justify="right", no_wrap=True)
-    table.add_row("runs", *[str(g["runs"]) for g in groups])
-    for name in shown:
-        table.add_row(fields[name], *[cell(g[name]) for g in groups])
-    return table
 
 
 @app.command()
@@ -677,7 +339,9 @@ def batch(
     sweep = B.plan_sweep(**args)
     out = out or B.default_out_dir()
     _quiet_libraries()
-    bars = _BatchBars(err_console)
+    from hierui.batchview import BatchBars, batch_table, choice_table
+
+    bars = BatchBars(err_console)
     try:
         result = B.run_sweep(sweep, out, use_cache=not no_cache, hooks=bars, batch_size=batch_size)
     except KeyboardInterrupt:
@@ -690,9 +354,9 @@ def batch(
     finally:
         bars.close()
     if result.runs:
-        console.print(_batch_table(B.group_summary(sweep, result.summary), B.GROUP_FIELDS, console.width))
+        console.print(batch_table(B.group_summary(sweep, result.summary), B.GROUP_FIELDS, console.width))
     if result.choice_summary:
-        console.print(_choice_table(result.choice_summary))
+        console.print(choice_table(result.choice_summary))
     n = len(result.runs)
     if n:
         console.print(f"{n} run{'s' * (n != 1)} ({len(result.computed)} computed, {len(result.skipped)} already "

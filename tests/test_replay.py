@@ -184,7 +184,7 @@ def test_replay_rerun_of_a_tampered_session_exits_1(session_file, tmp_path):
 
 
 def test_show_prints_header_tokens_and_summary(session_file, tmp_path):
-    from hierui.cli import _token_cell, _visible
+    from hierui.sessionview import token_cell as _token_cell, visible_text as _visible
 
     session = load_session(session_file)
     # readable token texts, so the test can look for them in the output

@@ -1,0 +1,247 @@
+"""`hierui show SESSION` and `hierui replay --rerun` as text: a session's header, continuations, summary and
+steps, and the deviations of a rerun. Reads files only: no torch, no transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+from rich.text import Text
+
+from engine.errors import HieruiError
+from hierui.output import console, err_console
+
+
+def visible_text(text, keep_newlines: bool = False) -> str:
+    """Token text with control characters escaped (\\n, \\x0e, …) so a terminal shows what was generated."""
+    import unicodedata
+
+    out = []
+    for ch in "" if text is None else str(text):
+        if ch == "\n":
+            out.append("\n" if keep_newlines else "\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def token_cell(text) -> str:
+    """A token for a table cell: escaped, spaces shown as ·."""
+    shown = visible_text(text).replace(" ", "·")
+    return shown if shown else "∅"
+
+
+def _num(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return str(value)
+        if value != 0 and (abs(value) >= 1e4 or abs(value) < 10 ** -(digits - 1)):
+            return f"{value:.{max(digits - 1, 1)}e}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def print_warnings(warnings: list[str]) -> None:
+
+    for warning in warnings:
+        err_console.print(Text("warning: ", style="yellow") + Text(warning), soft_wrap=True)
+
+
+def _session_header_table(session) -> Table:
+
+    h = session.header
+    pert = h.get("perturbation") or {}
+    table = Table(title=Text(f"session {session.path}", style="italic"), title_justify="left", show_header=False, box=None, padding=(0, 2, 0, 0))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+
+    def pct(v):
+        return f"{v:.2%}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
+
+    sparsity = pct(pert.get("measured_sparsity"))
+    if isinstance(pert.get("dense_sparsity"), (int, float)) and pert.get("dense_sparsity"):
+        sparsity += f" (dense model: {pct(pert['dense_sparsity'])})"
+    rows = [
+        ("model", h.get("model_display") or h.get("model") or "–"),
+        ("perturbation", str(pert.get("spec", "–"))),
+        ("measured sparsity", sparsity),
+    ]
+    calib = h.get("calibration")
+    if isinstance(calib, dict):
+        origin = "self-generated" if calib.get("source") in (None, "self") else str(calib.get("source"))
+        rows.append(("calibration", f"{calib.get('samples')}×{calib.get('length')} tokens, {origin}, seed {calib.get('seed')}"))
+    decoding = f"sampled, seed {h.get('seed')}" if h.get("sample") else "greedy"
+    rows += [
+        ("mode", f"{h.get('mode', '–')} ({decoding})"),
+        ("temperature", _num(h.get("temperature"), 3)),
+        ("prompt", visible_text(h.get("prompt"), keep_newlines=True) + ("  (raw, no chat template)" if h.get("raw") else "")),
+        ("choices", ", ".join(repr(c) for c in h["choices"]) if isinstance(h.get("choices"), list) and h["choices"]
+         else "–"),
+        ("steps", f"{len(session.steps)}" + ("" if session.complete else " (interrupted: no closing summary)")),
+        ("created", str(h.get("created", "–"))),
+    ]
+    where = " ".join(str(h[k]) for k in ("device", "dtype") if h.get(k))
+    if where:
+        rows.append(("recorded on", where + (f", hierui {h['hierui']}" if h.get("hierui") else "")))
+    for name, value in rows:
+        table.add_row(name, Text(value))
+    return table
+
+
+def _summary_table(summary: dict, title: str) -> Table:
+    table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 2, 0, 0))
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for name, value in summary.items():
+        table.add_row(name, _num(value))
+    return table
+
+
+def _continuations_table(session) -> Table:
+
+    shared = session.header.get("mode") != "free"
+    table = Table(title="continuations", title_justify="left", expand=True)
+    table.add_column("dense", ratio=1, overflow="fold")
+    table.add_column("perturbed (its own choice at each step, fed the dense token)" if shared else "perturbed",
+                     ratio=1, overflow="fold")
+    dense = "".join(visible_text(s.get("text_d"), keep_newlines=True) for s in session.steps)
+    pert = "".join(visible_text(s.get("text_p"), keep_newlines=True) for s in session.steps)
+    table.add_row(Text(dense), Text(pert))
+    return table
+
+
+def _steps_table(session) -> Table:
+
+    choices = bool(session.header.get("choices")) or any("sub_kl" in s for s in session.steps)
+    table = Table(title="steps", title_justify="left")
+    columns = ["step", "dense", "perturbed", "emb_cos[L]", "logit_cos", "prob_cos", "kl", "kl_est", "tv", "top1",
+               "amp", "cum_kl"] + (["sub_kl"] if choices else [])
+    for name in columns:
+        table.add_column(name, justify="left" if name in ("dense", "perturbed") else "right")
+    for s in session.steps:
+        emb = s.get("emb_cos") if isinstance(s.get("emb_cos"), list) and s.get("emb_cos") else [None]
+        top1 = s.get("top1_agree")
+        same = s.get("token_d") == s.get("token_p")
+        row = [str(s.get("step")), Text(token_cell(s.get("text_d"))),
+               Text(token_cell(s.get("text_p")), style=None if same else "red"),
+               _num(emb[-1], 6), _num(s.get("logit_cos"), 6), _num(s.get("prob_cos"), 6), _num(s.get("kl")),
+               _num(s.get("kl_est")), _num(s.get("tv")), "–" if top1 is None else ("✓" if top1 else "✗"),
+               _num(s.get("amp"), 3), _num(s.get("cum_kl"))]
+        if choices:
+            row.append(_num(s.get("sub_kl")))
+        table.add_row(*row)
+    return table
+
+
+def _session_files(path: Path) -> list[Path]:
+    """The sessions of a directory: a `hierui batch` output (sessions/*.jsonl) or a folder of sessions."""
+    for folder in (path / "sessions", path):
+        files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+        if files:
+            return files
+    raise HieruiError(f"{path} is a directory, not a session file (and it holds no sessions/*.jsonl)")
+
+
+def _show_directory(path: Path) -> None:
+
+    from engine.session import load_session
+    from engine.summary import summarize
+
+    table = Table(title=Text(f"sessions in {path}", style="italic"), title_justify="left")
+    for name in ("session", "model", "perturbation", "mode", "prompt", "steps", "kl_mean", "same_top1_rate"):
+        table.add_column(name, justify="right" if name in ("steps", "kl_mean", "same_top1_rate") else "left")
+    interrupted = False
+    for file in _session_files(path):
+        try:
+            s = load_session(file)
+        except HieruiError as e:
+            table.add_row(Text(file.name), Text(f"unreadable: {e}", style="red"), "", "", "", "", "", "")
+            continue
+        summary = s.summary if s.complete else summarize(s.steps, s.header.get("mode"))
+        interrupted |= not s.complete
+        prompt = visible_text(s.header.get("prompt"))
+        table.add_row(Text(file.name), Text(str(s.header.get("model_display") or s.header.get("model", "–"))),
+                      Text(str((s.header.get("perturbation") or {}).get("spec", "–"))), str(s.header.get("mode", "–")),
+                      Text(prompt if len(prompt) <= 40 else prompt[:39] + "…"),
+                      f"{len(s.steps)}" + ("" if s.complete else "*"),
+                      _num(summary.get("kl_mean")), _num(summary.get("same_top1_rate")))
+    console.print(table)
+    if interrupted:
+        console.print("* interrupted run (no closing summary); its figures are computed from the recorded steps")
+    csv = path / "summary.csv"
+    if csv.is_file():
+        console.print(f"batch summary table: {csv}")
+    console.print("show one of them with: hierui show SESSION.jsonl [--steps]", highlight=False)
+
+
+def show_path(path: Path, steps: bool) -> None:
+    from engine.session import load_session
+    from engine.summary import summarize
+
+    if path.is_dir():
+        from hierui.batchview import is_batch_output, show_batch
+
+        if is_batch_output(path):  # a `hierui batch` output: the report's table and charts
+            show_batch(path, console)
+            return
+        _show_directory(path)
+        return
+    session = load_session(path)
+    print_warnings(session.warnings)
+    console.print(_session_header_table(session))
+    if session.steps:
+        console.print(_continuations_table(session))
+    if session.complete:
+        console.print(_summary_table(session.summary, "summary"))
+    else:
+        console.print(f"the run was interrupted: no closing summary; computed from the {len(session.steps)} recorded steps:",
+                      style="yellow", highlight=False)
+        console.print(_summary_table(summarize(session.steps, session.header.get("mode")), "summary (computed)"))
+    if steps and session.steps:
+        console.print(_steps_table(session))
+
+
+
+
+def print_comparison(session, result, tol: float) -> None:
+
+    h = session.header
+    console.print(Text(f"{h.get('model_display') or h.get('model')} · {(h.get('perturbation') or {}).get('spec')} · "
+                       f"{h.get('mode')} · {result.recorded} recorded steps, {result.rerun} recomputed"))
+    console.print("largest absolute deviation per metric, recording vs recomputation:", highlight=False)
+    table = Table()
+    table.add_column("metric")
+    table.add_column("max |Δ|", justify="right")
+    for name, value in result.deviations.items():
+        label = "null vs number, or missing" if value == float("inf") else f"{value:.3e}"
+        table.add_row(name, label, style="red" if value >= tol else None)
+    console.print(table)
+    for note in result.notes:
+        console.print(note, highlight=False)
+    if result.tokens_match:
+        console.print(f"tokens: all {result.recorded} steps match", highlight=False)
+    else:
+        i = result.first_token_mismatch
+        console.print(f"tokens: differ, first at step {i}", style="red", highlight=False)
+    if result.topk_id_mismatches:
+        console.print(f"top-k token lists differ at {result.topk_id_mismatches} step(s)", highlight=False)
+    worst = max(result.deviations, key=result.deviations.get, default=None)
+    if worst is not None:
+        verdict = "below" if result.max_deviation < tol else "NOT below"
+        console.print(f"max deviation {result.max_deviation:.3e} ({worst}), {verdict} the tolerance {tol:g}",
+                      highlight=False)
+    console.print("rerun matches the recording" if result.ok(tol) else "rerun does NOT match the recording",
+                  style="green" if result.ok(tol) else "bold red", highlight=False)
+
+
+# ------------------------------------------------------------------ batch
