@@ -6,13 +6,12 @@ from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
 
-from hierui.widgets.continuation import visible
 
 TOKEN_WIDTH = 10
 
 
 def token_cell(text: str) -> Text:
-    shown = repr(visible(text))[1:-1]
+    shown = repr(text.replace("\n", "⏎").replace("\t", "→"))[1:-1]  # other control characters escaped
     if len(shown) > TOKEN_WIDTH:
         shown = shown[:TOKEN_WIDTH - 1] + "…"
     return Text(shown)
