@@ -194,10 +194,10 @@ class HieruiApp(App):
         self.state = "ready"
         self.refresh_view()
 
-    def _stop_run(self) -> None:
+    def _stop_run(self, wait: bool = True) -> None:
         self._go.clear()
         if self.live is not None:
-            self.live.close()
+            self.live.close(wait=wait)
 
     @work(thread=True, exclusive=True, group="step", exit_on_error=False)
     def _stepping(self, live, run_id: int, count: int | None) -> None:
@@ -365,7 +365,7 @@ class HieruiApp(App):
         self.notify(f"session saved: {self.live.path} ({len(self.records)} steps)")
 
     async def action_quit(self) -> None:
-        self._stop_run()
+        self._stop_run(wait=False)  # a step in flight finishes and closes the session on its own thread
         self.exit()
 
     def _refuse_in_replay(self, what: str) -> bool:

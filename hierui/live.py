@@ -21,6 +21,7 @@ class LiveRun:
         self.path = default_session_path(prompt, str(pair.spec), session_dir)
         self._writer: SessionWriter | None = None
         self._lock = threading.Lock()
+        self._close_requested = False
         self.closed = False
 
     @property
@@ -30,21 +31,29 @@ class LiveRun:
     def step(self) -> dict | None:
         """One step, written to the session before it is returned; None when the run is over."""
         with self._lock:
-            if self.finished:
+            if self.finished or self._close_requested:
                 return None
             if self._writer is None:
                 self._writer = SessionWriter(self.path, self.header)
             record = self.stepper.step()
             if record is not None:
                 self._writer.write_step(record)
-            if self.stepper.finished:
+            if self.stepper.finished or self._close_requested:
                 self._close_locked()
             return record
 
-    def close(self) -> None:
-        """End the run: the session gets its closing summary (over the steps taken so far)."""
-        with self._lock:
-            self._close_locked()
+    def close(self, wait: bool = True) -> None:
+        """End the run: the session gets its closing summary (over the steps taken so far).
+
+        With `wait=False` (quitting) nothing blocks: if a step is in flight, the stepping thread writes it
+        and closes the session itself when the step ends.
+        """
+        self._close_requested = True
+        if self._lock.acquire(blocking=wait):
+            try:
+                self._close_locked()
+            finally:
+                self._lock.release()
 
     def _close_locked(self) -> None:
         if self.closed:

@@ -274,3 +274,34 @@ def test_first_frame_comes_before_the_models(tiny_pair, tmp_path):
             assert len(app.records) == 1
 
     run(scenario())
+
+
+def test_quit_does_not_wait_for_a_step_in_flight(tiny_pair, tmp_path):
+    """A slow step (a big model) holds the run; quitting returns at once and the step still lands in the file."""
+    import threading
+    import time
+
+    from hierui.live import LiveRun
+
+    live = LiveRun(tiny_pair, "Hello", StepSettings(max_new_tokens=5), tmp_path)
+    live.step()
+    entered, release = threading.Event(), threading.Event()
+    original = live.stepper.step
+
+    def slow_step():
+        entered.set()
+        release.wait(10)
+        return original()
+
+    live.stepper.step = slow_step
+    worker = threading.Thread(target=live.step)
+    worker.start()
+    entered.wait(5)
+    started = time.perf_counter()
+    live.close(wait=False)
+    assert time.perf_counter() - started < 0.5 and not live.closed
+    release.set()
+    worker.join(10)
+    session = load_session(live.path)
+    assert live.closed and len(session.steps) == 2 and session.summary["steps"] == 2
+    assert live.step() is None
