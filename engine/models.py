@@ -271,16 +271,24 @@ def _hub_snapshot(ref: ModelRef, say: Progress) -> Path:
         return Path(snapshot_download(ref.source, allow_patterns=patterns, local_files_only=True))
     except Exception:
         pass
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if os.environ.get("HF_HUB_OFFLINE") or not _reachable(endpoint):
-        raise HieruiError(
-            f"cannot reach the Hugging Face hub to fetch {ref.source} ('{ref.name}'); download it where the hub "
-            f"is reachable (hf download {ref.source} --local-dir DIR) and pass --model DIR", 1)
+    check_reachable(ref.name if ref.name in ALIASES else ref.source)
     say(f"downloading {ref.source} from the hub")
     try:
         return Path(snapshot_download(ref.source, allow_patterns=patterns))
     except Exception as e:
         raise HieruiError(f"could not download {ref.source} from the hub: {type(e).__name__}: {str(e).splitlines()[0]}", 1) from None
+
+
+def check_reachable(name: str) -> None:
+    """Fail fast (one line) when a hub model is neither in the local hub cache nor downloadable now."""
+    ref = resolve(name)
+    if ref.kind != "hub" or _hub_cache_dir(ref.source) is not None:
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if os.environ.get("HF_HUB_OFFLINE") or not _reachable(endpoint):
+        raise HieruiError(
+            f"cannot reach the Hugging Face hub to fetch {ref.source} ('{ref.name}'); download it where the hub "
+            f"is reachable (hf download {ref.source} --local-dir DIR) and pass --model DIR", 1)
 
 
 def _reachable(url: str, timeout: float = 3.0) -> bool:

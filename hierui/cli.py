@@ -217,6 +217,9 @@ def explore(
         resolve(parsed.path)
     if not _interactive():
         raise HieruiError("explore needs an interactive terminal; for headless runs use hierui batch")
+    from engine.models import check_reachable
+
+    check_reachable(model)  # a hub model that cannot be fetched: say so here, not inside the UI
     _quiet_libraries()
     if settings.choices:  # choices need the tokenizer: check them before the UI too
         from engine.models import load_tokenizer
@@ -396,6 +399,16 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    except MemoryError:
+        err_console.print("error: out of memory: use a smaller model, --dtype bfloat16, a smaller --batch-size "
+                          "or fewer --calib-samples", highlight=False)
+        sys.exit(1)
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA) derives from RuntimeError
+            raise
+        err_console.print("error: CUDA out of memory: use --dtype bfloat16, a smaller --batch-size, fewer "
+                          "--calib-samples, a smaller model or --device cpu", highlight=False)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
