@@ -401,13 +401,13 @@ def main() -> None:
         sys.exit(130)
     except MemoryError:
         err_console.print("error: out of memory: use a smaller model, --dtype bfloat16, a smaller --batch-size "
-                          "or fewer --calib-samples", highlight=False)
+                          "or fewer --calib-samples", highlight=False, soft_wrap=True)
         sys.exit(1)
     except RuntimeError as e:
         if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA) derives from RuntimeError
             raise
         err_console.print("error: CUDA out of memory: use --dtype bfloat16, a smaller --batch-size, fewer "
-                          "--calib-samples, a smaller model or --device cpu", highlight=False)
+                          "--calib-samples, a smaller model or --device cpu", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

@@ -72,3 +72,23 @@ def test_light_commands_do_not_import_torch(args):
              "except SystemExit:\n    pass\nsys.stderr.write(str(('torch' in sys.modules, 'transformers' in sys.modules)))" % (args,))
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert run.stderr.strip().endswith("(False, False)"), run.stderr
+
+
+@pytest.mark.parametrize("error, message", [
+    ("cuda", "CUDA out of memory: use --dtype bfloat16"),
+    ("host", "out of memory: use a smaller model"),
+])
+def test_out_of_memory_is_one_line_and_exit_1(monkeypatch, capsys, error, message):
+    import torch
+
+    import hierui.cli as cli
+
+    def boom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if error == "cuda" else MemoryError()
+
+    monkeypatch.setattr(cli, "app", boom)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert message in err and len([line for line in err.splitlines() if line.strip()]) == 1 and "Traceback" not in err
