@@ -99,16 +99,6 @@ def windows_from_text(tokenizer, text: str, samples: int, length: int, seed: int
     return torch.stack([ids[s:s + length] for s in starts.tolist()]).long()
 
 
-def _special_ids(tokenizer, model) -> list[int]:
-    ids: set[int] = set()
-    for value in (tokenizer.eos_token_id, tokenizer.pad_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return sorted(ids)
-
-
 def sample_from_model(model, tokenizer, samples: int, length: int, seed: int,
                       progress: Callable[[int, int], None] | None = None):
     """Sequences sampled from `model` itself, batched, with a KV cache and a private seeded generator."""
@@ -117,7 +107,9 @@ def sample_from_model(model, tokenizer, samples: int, length: int, seed: int,
 
     device = model.get_input_embeddings().weight.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    banned = _special_ids(tokenizer, model)
+    from engine.quality import eos_ids
+
+    banned = sorted(eos_ids(tokenizer, model) | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set()))
     start = tokenizer.bos_token_id
     vocab = model.get_output_embeddings().weight.shape[0]
     out = []

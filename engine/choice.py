@@ -80,11 +80,13 @@ def score_item(pair, item: ChoiceItem, temperature: float = 1.0, hidden_map: lis
     s_p, z_p, h_p = _choice_logprobs(pair.perturbed, rows, mask, len(prompt), choice_ids, temperature)
     if hidden_map is not None:
         h_p = h_p.index_select(1, torch.tensor(hidden_map, device=h_p.device))
-    q_d, q_p = torch.softmax(s_d, -1), torch.softmax(s_p, -1)
-    lq_d, lq_p = torch.log_softmax(s_d, -1), torch.log_softmax(s_p, -1)
+    # the choice scores play the logits of a C-way subspace (already at temperature T)
+    every = torch.arange(len(choice_ids), device=s_d.device)
+    sub = M.to_host(M.subspace_metrics(s_d.unsqueeze(0), s_p.unsqueeze(0), every))[0]
     top = torch.zeros(1, dtype=torch.long, device=z_d.device)
     full = M.to_host(M.step_metrics(h_d, h_p, z_d, z_p, top, top, temperature=temperature))[0]
-    pred_d, pred_p = int(q_d.argmax()), int(q_p.argmax())
+    pred_d = max(range(len(choice_ids)), key=lambda c: sub["sub_p_d"][c])
+    pred_p = max(range(len(choice_ids)), key=lambda c: sub["sub_p_p"][c])
     return {
         "item_id": item.id,
         "topic": item.topic,
@@ -93,15 +95,15 @@ def score_item(pair, item: ChoiceItem, temperature: float = 1.0, hidden_map: lis
         "answer": item.answer,
         "score_d": s_d.tolist(),
         "score_p": s_p.tolist(),
-        "sub_p_d": q_d.tolist(),
-        "sub_p_p": q_p.tolist(),
+        "sub_p_d": sub["sub_p_d"],
+        "sub_p_p": sub["sub_p_p"],
         "pred_d": pred_d,
         "pred_p": pred_p,
         "correct_d": pred_d == item.answer,
         "correct_p": pred_p == item.answer,
         "agree": pred_d == pred_p,
-        "sub_kl": float((q_d * (lq_d - lq_p)).sum()),
-        "sub_cos": float((q_d * q_p).sum() / (q_d.norm() * q_p.norm())),
+        "sub_kl": sub["sub_kl"],
+        "sub_cos": sub["sub_cos"],
         "kl": full["kl"],
         "tv": full["tv"],
         "logit_cos": full["logit_cos"],

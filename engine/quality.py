@@ -58,3 +58,14 @@ def greedy_tokens(model, tokenizer, ids, max_new_tokens: int = 24) -> list[int]:
                              max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                              top_k=None, pad_token_id=tokenizer.pad_token_id)
     return out[0, ids.shape[1]:].tolist()
+
+
+def eos_ids(tokenizer, model) -> set[int]:
+    """Every end-of-sequence id: the tokenizer's and the generation config's (an int or a list)."""
+    found: set[int] = set()
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, (list, tuple)):
+            found.update(v for v in value if isinstance(v, int))
+    return found

@@ -25,6 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import HieruiError
+from engine.summary import mean, percentile
+
+
+def median(values) -> float | None:
+    return percentile(list(values), 50)
 
 SECTION_IDS = ("hierarchy", "kl-theory", "amplification", "accumulation", "first-divergence", "multiple-choice")
 STEP_COLUMNS = ("run_id", "spec", "mode", "prompt_id", "step", "cum_kl")
@@ -127,19 +132,6 @@ def load_run(run_dir: str | Path) -> RunData:
     return run
 
 
-def _mean(values) -> float | None:
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _median(values) -> float | None:
-    vals = sorted(v for v in values if v is not None)
-    if not vals:
-        return None
-    mid = len(vals) // 2
-    return float(vals[mid]) if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
-
-
 def basis_mode(run: RunData) -> str | None:
     """The mode the hierarchy figures come from: shared (same context for both models) when recorded."""
     modes = run.modes
@@ -163,20 +155,20 @@ def spec_rows(run: RunData) -> list[dict]:
         m = mc.get(spec, {})
         rows.append({
             "spec": spec,
-            "sparsity": _mean(r.get("measured_sparsity") for r in mine),
+            "sparsity": mean(r.get("measured_sparsity") for r in mine),
             "runs": len(mine),
-            "emb_cos": _mean(r.get("emb_cos_final_mean") for r in base),
-            "logit_cos": _mean(r.get("logit_cos_mean") for r in base),
-            "prob_cos": _mean(r.get("prob_cos_mean") for r in base),
-            "prob_cos_est": _mean(r.get("prob_cos_est_mean") for r in base),
-            "kl": _mean(r.get("kl_mean") for r in base),
-            "kl_est": _mean(r.get("kl_est_mean") for r in base),
-            "tv": _mean(r.get("tv_mean") for r in base),
-            "amp": _mean(r.get("amp_mean") for r in base),
-            "top1": _mean(r.get("same_top1_rate") for r in base),
-            "cum_kl_shared": _mean(r.get("cum_kl") for r in mine if r.get("mode") == "shared"),
-            "cum_kl_free": _mean(r.get("cum_kl") for r in free),
-            "first_div": _median(r.get("first_divergence") for r in free),
+            "emb_cos": mean(r.get("emb_cos_final_mean") for r in base),
+            "logit_cos": mean(r.get("logit_cos_mean") for r in base),
+            "prob_cos": mean(r.get("prob_cos_mean") for r in base),
+            "prob_cos_est": mean(r.get("prob_cos_est_mean") for r in base),
+            "kl": mean(r.get("kl_mean") for r in base),
+            "kl_est": mean(r.get("kl_est_mean") for r in base),
+            "tv": mean(r.get("tv_mean") for r in base),
+            "amp": mean(r.get("amp_mean") for r in base),
+            "top1": mean(r.get("same_top1_rate") for r in base),
+            "cum_kl_shared": mean(r.get("cum_kl") for r in mine if r.get("mode") == "shared"),
+            "cum_kl_free": mean(r.get("cum_kl") for r in free),
+            "first_div": median(r.get("first_divergence") for r in free),
             "diverged": sum(r.get("first_divergence") is not None for r in free) if free else None,
             "free_runs": len(free),
             "mc_items": m.get("items"),
@@ -210,7 +202,7 @@ def first_divergences(run: RunData) -> list[dict]:
             continue
         steps = sorted(int(r["first_divergence"]) for r in free if r.get("first_divergence") is not None)
         out.append({"spec": spec, "runs": len(free), "steps": steps, "never": len(free) - len(steps),
-                    "median": _median(steps), "min": steps[0] if steps else None,
+                    "median": median(steps), "min": steps[0] if steps else None,
                     "max": steps[-1] if steps else None})
     return out
 

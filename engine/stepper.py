@@ -20,7 +20,7 @@ import torch
 
 from engine import metrics as M
 from engine.errors import HieruiError
-from engine.quality import prompt_ids
+from engine.quality import eos_ids, prompt_ids
 
 MODES = ("shared", "free")
 
@@ -64,16 +64,6 @@ def choice_token_ids(tokenizer, choices: list[str]) -> tuple[list[int], list[str
     if len(set(ids)) != len(ids):
         raise HieruiError(f"choices {choices} do not start with distinct tokens")
     return ids, notes
-
-
-def eos_ids(tokenizer, model) -> set[int]:
-    found: set[int] = set()
-    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            found.add(value)
-        elif isinstance(value, (list, tuple)):
-            found.update(v for v in value if isinstance(v, int))
-    return found
 
 
 def hidden_state_map(pair) -> list[int]:

@@ -22,7 +22,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def mean(values) -> float | None:
-    vals = [v for v in values if v is not None]
+    """Mean of the values that are not None or NaN; None when there are none."""
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return sum(vals) / len(vals) if vals else None
 
 
