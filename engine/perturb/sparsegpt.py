@@ -15,6 +15,9 @@ from engine.perturb.layerwise import InputStats, prune_layers_sequentially
 from engine.perturb.masks import lowest_k, n_of_m
 from engine.perturb.spec import Spec
 
+# bump when the output changes: cached pruned weights made by another version are then not reused (engine.cache)
+ALGORITHM_VERSION = 1
+
 BLOCK_SIZE = 128
 PERCENT_DAMP = 0.01
 

@@ -13,6 +13,9 @@ from engine.perturb.layerwise import InputStats, prune_layers_sequentially
 from engine.perturb.masks import lowest_per_row, n_of_m
 from engine.perturb.spec import Spec
 
+# bump when the output changes: cached pruned weights made by another version are then not reused (engine.cache)
+ALGORITHM_VERSION = 1
+
 
 def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
     """|W| · ‖X_j‖₂ broadcast over the rows: shape (out_features, in_features)."""
