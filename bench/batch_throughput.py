@@ -35,7 +35,7 @@ PROMPTS = [
 
 def tokens_per_second(pair, prompts, settings) -> float:
     stepper = BatchStepper(pair, prompts, settings)
-    stepper._eos = set()
+    stepper.eos = set()
     start = time.perf_counter()
     rows = stepper.run()
     return sum(len(r) for r in rows) / (time.perf_counter() - start)
@@ -57,7 +57,7 @@ def main() -> None:
     single_tokens = 0
     for prompt in prompts:
         stepper = BatchStepper(pair, [prompt], settings)
-        stepper._eos = set()
+        stepper.eos = set()
         single_tokens += sum(len(r) for r in stepper.run())
     single = single_tokens / (time.perf_counter() - single_start)
     batched = tokens_per_second(pair, prompts, settings)

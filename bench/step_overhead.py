@@ -23,10 +23,10 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 
 def time_stepper(pair, steps: int):
     stepper = Stepper(pair, PROMPT, StepSettings(mode="shared", max_new_tokens=steps))
-    stepper._eos = set()  # always run the full number of steps
+    stepper.batch.eos = set()  # always run the full number of steps
     start = time.perf_counter()
     records = stepper.run()
-    return time.perf_counter() - start, [r["token_d"] for r in records], stepper.prompt_ids
+    return time.perf_counter() - start, [r["token_d"] for r in records], torch.tensor([stepper.prompt_ids])
 
 
 @torch.no_grad()

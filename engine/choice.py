@@ -56,7 +56,7 @@ def _choice_logprobs(model, rows: torch.Tensor, mask: torch.Tensor, n_prompt: in
     return torch.stack(scores), out.logits[:1, at, :], hidden
 
 
-def score_item(pair, item: ChoiceItem, temperature: float = 1.0, hidden_map: list[int] | None = None) -> dict:
+def score_item(pair, item: ChoiceItem, temperature: float = 1.0) -> dict:
     """Both models' scores for one item: subspace distributions, predictions, correctness and divergences."""
     tok = pair.tokenizer
     prompt = tok(item.prompt)["input_ids"]  # plain text, the tokenizer's own special tokens
@@ -78,8 +78,7 @@ def score_item(pair, item: ChoiceItem, temperature: float = 1.0, hidden_map: lis
         mask[r, :len(seq)] = 1
     s_d, z_d, h_d = _choice_logprobs(pair.dense, rows, mask, len(prompt), choice_ids, temperature)
     s_p, z_p, h_p = _choice_logprobs(pair.perturbed, rows, mask, len(prompt), choice_ids, temperature)
-    if hidden_map is not None:
-        h_p = h_p.index_select(1, torch.tensor(hidden_map, device=h_p.device))
+    h_p = h_p.index_select(1, torch.tensor(pair.hidden_map, device=h_p.device))
     # the choice scores play the logits of a C-way subspace (already at temperature T)
     every = torch.arange(len(choice_ids), device=s_d.device)
     sub = M.to_host(M.subspace_metrics(s_d.unsqueeze(0), s_p.unsqueeze(0), every))[0]

@@ -11,3 +11,18 @@ class HieruiError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line for the user: a HieruiError's message, else `Type: first line`."""
+    if isinstance(exc, HieruiError):
+        text = str(exc)
+    else:
+        first = str(exc).strip().splitlines()
+        text = f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for running out of memory: MemoryError (host) or torch's OutOfMemoryError (an accelerator)."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"

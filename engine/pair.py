@@ -21,11 +21,6 @@ def clone_sharing(model):
     return clone
 
 
-def shares_storage(a, b) -> bool:
-    """True when two tensors are views of the same memory."""
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-
-
 def shared_fraction(dense, perturbed) -> float:
     """Fraction of the perturbed model's parameter bytes that live in the dense model's storage."""
     dense_ptrs = {p.untyped_storage().data_ptr() for p in dense.parameters()}
@@ -52,4 +47,10 @@ class ModelPair:
     spec: Any
     report: Any = None  # engine.perturb.PerturbReport
     loaded: Any = None  # engine.models.LoadedModel of the dense model
-    extra: dict = field(default_factory=dict)
+    # for each dense hidden-state index ℓ = 0..L, the perturbed model's index that corresponds to it: the
+    # identity, except after blockdrop (then the state after the last kept block); set by perturb()
+    hidden_map: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.hidden_map:
+            self.hidden_map = list(range(self.dense.config.num_hidden_layers + 1))

@@ -1,8 +1,8 @@
 """Recompute a recorded session with its models and measure how far the recomputation is from the recording.
 
 `rerun(session)` loads the model named in the header, rebuilds the perturbation (same spec, same
-calibration samples/length/seed/source) and the step settings, and steps exactly as many steps as were
-recorded. `deviations(recorded, new)` is the largest absolute difference of every metric: scalars,
+calibration samples/length/seed/source) and the step settings, and records exactly as many steps as were
+recorded, through the same SessionRecorder as every other run (into `save`, or a temporary file). `deviations(recorded, new)` is the largest absolute difference of every metric: scalars,
 per-layer and per-choice lists elementwise, and the probabilities of the top-k lists. `compare` adds
 whether every token matched. Nothing here prints; `hierui replay --rerun` renders the result.
 """
@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from engine.errors import HieruiError
-from engine.session import Session, _clean
+from engine.session import Session, SessionRecorder, load_session
+from engine.settings import StepSettings
 
 # fields of a step record that are tokens (compared for equality, not as metrics)
 TOKEN_FIELDS = ("token_d", "token_p", "fed")
@@ -24,10 +27,8 @@ SKIP_FIELDS = frozenset({"step", "text_d", "text_p", "same_token", "first_diverg
 TOPK_FIELDS = ("topk_d", "topk_p")
 
 
-def settings_from_header(header: dict, steps: int):
+def settings_from_header(header: dict, steps: int) -> StepSettings:
     """The StepSettings of a recorded run, with max_new_tokens forced to the recorded number of steps."""
-    from engine.stepper import StepSettings
-
     defaults = StepSettings()
     return StepSettings(
         mode=header.get("mode") or defaults.mode,
@@ -54,11 +55,13 @@ def calib_options_from_header(header: dict) -> dict | None:
 
 
 def rerun(session: Session, device: str = "auto", dtype: str | None = None, *, loaded=None,
-          use_cache: bool = True, progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
-    """Recompute `session` with its models; the new step records (NaN written as None, like a loaded file).
+          use_cache: bool = True, progress: Callable[[str, int, int], None] | None = None,
+          save: str | Path | None = None) -> list[dict]:
+    """Recompute `session` with its models; the new step records as its session file holds them.
 
     `dtype` None takes the recorded one (header "dtype"), else auto. `loaded`: an already loaded dense
-    model (engine.models.LoadedModel) to use instead of loading header["model"].
+    model (engine.models.LoadedModel) to use instead of loading header["model"]. `save`: where the
+    recomputed session is written (default: a temporary file, removed afterwards).
     """
     from engine.models import load
     from engine.perturb import perturb
@@ -81,8 +84,13 @@ def rerun(session: Session, device: str = "auto", dtype: str | None = None, *, l
     pair = perturb(loaded, spec, use_cache=use_cache, progress=progress,
                    calib_options=calib_options_from_header(header))
     stepper = Stepper(pair, header["prompt"], settings)
-    stepper.run()
-    return [json.loads(json.dumps(_clean(r))) for r in stepper.records]
+    if save is not None:
+        SessionRecorder(stepper, [save]).run()
+        return load_session(save).steps
+    with tempfile.TemporaryDirectory(prefix="hierui-rerun-") as tmp:
+        path = Path(tmp) / "rerun.jsonl"
+        SessionRecorder(stepper, [path]).run()
+        return load_session(path).steps
 
 
 # ------------------------------------------------------------------ comparing

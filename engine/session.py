@@ -71,6 +71,7 @@ class SessionWriter:
         self._file.write(_line(full))
         self._file.flush()
         self.closed = False
+        self.summary: dict | None = None
 
     def write_step(self, record: dict) -> None:
         self._file.write(_line(record))
@@ -81,6 +82,7 @@ class SessionWriter:
             return
         if summary is not None:
             self._file.write(_line({"end": True, "summary": summary}))
+            self.summary = summary
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -175,59 +177,128 @@ def load_session(path: str | Path) -> Session:
     return session
 
 
-def record_run(stepper, path: str | Path, callback=None, stop=None) -> Session:
-    """Step `stepper` to the end, writing every step to a session at `path` as it completes.
+# ------------------------------------------------------------------ recording
 
-    `callback(record)` after each step; `stop()` returning True ends the run early (the session is then
-    left without a closing summary, like an interrupted one). Ctrl-C keeps every step written so far.
+
+def session_header(pair, settings, row) -> dict:
+    """The header of one row's session (the writer adds format, version, created and hierui).
+
+    `pair`: an engine.pair.ModelPair; `settings`: the engine.settings.StepSettings the row is stepped
+    with; `row`: the stepper's row (prompt, ids, choices, choice ids, notes)."""
+    report = pair.report
+    loaded = pair.loaded
+    perturbation = {"spec": str(pair.spec)}
+    if report is not None:
+        perturbation.update(measured_sparsity=report.measured_sparsity, dense_sparsity=report.dense_sparsity,
+                            details=dict(report.details))
+    model = loaded.ref.name if loaded is not None else getattr(pair.dense.config, "name_or_path", "")
+    first = pair.dense.get_input_embeddings().weight
+    return {
+        "model": model,
+        "model_display": loaded.ref.display if loaded is not None else model,
+        "perturbation": perturbation,
+        "calibration": report.calibration if report is not None else None,
+        "prompt": row.prompt,
+        "prompt_tokens": len(row.ids),
+        "prompt_ids": list(row.ids),
+        "mode": settings.mode,
+        "temperature": settings.temperature,
+        "choices": list(row.choices) if row.choices else None,
+        "choice_ids": list(row.choice_ids) or None,
+        "choice_notes": list(row.notes) or None,
+        "seed": settings.seed,
+        "sample": settings.sample,
+        "max_new_tokens": settings.max_new_tokens,
+        "raw": settings.raw,
+        "topk": settings.topk,
+        "layers": pair.dense.config.num_hidden_layers,
+        "device": str(first.device),
+        "dtype": str(first.dtype).removeprefix("torch."),
+    }
+
+
+class SessionRecorder:
+    """Steps a stepper and writes each of its rows to its own session file as it goes: the one recording
+    path of `hierui batch`, `hierui replay --rerun` and the explorer.
+
+    `stepper`: an engine.stepper.BatchStepper, or a Stepper (one row); `paths`: one file per row. A row's
+    file is opened at its first recorded step (header, then every step so far, each flushed) and gets its
+    closing summary as soon as the row finishes. `close(summary=False)` ends the others without one (an
+    interrupted run, rerun later); `close(summary=True)` ends them with a summary of the steps taken (the
+    explorer's restart or quit: the user ended the run there).
     """
-    from engine.summary import summarize
 
-    with SessionWriter(path, stepper.header()) as writer:
-        interrupted = False
-        for record in stepper.records:  # steps taken before recording began: the file needs them too
+    def __init__(self, stepper, paths: list):
+        self.stepper = getattr(stepper, "batch", stepper)
+        self.paths = [Path(p) for p in paths]
+        if len(self.paths) != len(self.stepper.rows):
+            raise ValueError("one session path per row")
+        self.writers: list[SessionWriter | None] = [None] * len(self.paths)
+        self._written = [0] * len(self.paths)
+
+    @property
+    def finished(self) -> bool:
+        return self.stepper.finished
+
+    @property
+    def started(self) -> bool:
+        return any(w is not None for w in self.writers)
+
+    def header(self, b: int) -> dict:
+        return session_header(self.stepper.pair, self.stepper.settings, self.stepper.rows[b])
+
+    def step(self) -> list[dict | None]:
+        """One step of every unfinished row, written before it is returned."""
+        records = self.stepper.step()
+        for b, record in enumerate(records):
+            if record is not None:
+                self._flush(b)
+        return records
+
+    def _flush(self, b: int) -> None:
+        """Write row b's records not yet in its file (opening it first), and its summary once it finished."""
+        from engine.summary import summarize
+
+        row = self.stepper.rows[b]
+        if self.writers[b] is None:
+            self.writers[b] = SessionWriter(self.paths[b], self.header(b))
+        writer = self.writers[b]
+        for record in row.records[self._written[b]:]:
             writer.write_step(record)
+        self._written[b] = len(row.records)
+        if row.finished:
+            writer.close(summarize(row.records, self.stepper.settings.mode))
+
+    def run(self, callback=None, stop=None) -> list[Session]:
+        """Step to the end (or until `stop()` is true); `callback(row_index, record)` after each record.
+
+        Ctrl-C or an error keeps every step written so far, without a summary (an interrupted run)."""
         try:
-            while not stepper.finished:
+            while not self.finished:
                 if stop is not None and stop():
-                    interrupted = True
                     break
-                record = stepper.step()
-                if record is None:
-                    break
-                writer.write_step(record)
-                if callback:
-                    callback(record)
-        except KeyboardInterrupt:
-            writer.close()
-            raise
-        summary = None if interrupted else summarize(stepper.records, stepper.settings.mode)
-        writer.close(summary)
-        return Session(path=Path(path), header=writer.header, steps=list(stepper.records), summary=summary)
+                for b, record in enumerate(self.step()):
+                    if record is not None and callback is not None:
+                        callback(b, record)
+        finally:
+            self.close(summary=False)
+        return self.sessions()
 
+    def close(self, summary: bool) -> None:
+        """End every open session; with `summary`, each gets its closing summary over the steps taken."""
+        from engine.summary import summarize
 
-def record_batch(stepper, paths: list, callback=None) -> list[Session]:
-    """Step a BatchStepper to the end, writing each row to its own session file as it goes.
+        for b, writer in enumerate(self.writers):
+            if writer is None or writer.closed:
+                continue
+            row = self.stepper.rows[b]
+            writer.close(summarize(row.records, self.stepper.settings.mode) if summary else None)
 
-    `callback(row_index, record)` after each record. A row's session gets its closing summary as soon as
-    that row finishes; Ctrl-C leaves every row with the steps written so far (and no summary).
-    """
-    from engine.summary import summarize
-
-    writers = [SessionWriter(path, stepper.header(b)) for b, path in enumerate(paths)]
-    try:
-        while not stepper.finished:
-            for b, record in enumerate(stepper.step()):
-                if record is None:
-                    continue
-                writers[b].write_step(record)
-                if stepper.rows[b].finished:
-                    writers[b].close(summarize(stepper.rows[b].records, stepper.settings.mode))
-                if callback:
-                    callback(b, record)
-    finally:
-        for writer in writers:
-            writer.close()  # no-op for the finished ones; interrupted rows keep their steps
-    return [Session(path=Path(p), header=w.header, steps=list(row.records),
-                    summary=summarize(row.records, stepper.settings.mode))
-            for p, w, row in zip(paths, writers, stepper.rows)]
+    def sessions(self) -> list[Session]:
+        """What each row's file holds now (rows never recorded have an empty session)."""
+        out = []
+        for b, row in enumerate(self.stepper.rows):
+            writer = self.writers[b]
+            out.append(Session(path=self.paths[b], header=writer.header if writer else self.header(b),
+                               steps=list(row.records), summary=writer.summary if writer else None))
+        return out

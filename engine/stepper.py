@@ -13,75 +13,16 @@ A step record holds `step`, `token_d`/`token_p` (each model's own choice at this
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from engine import metrics as M
 from engine.errors import HieruiError
-from engine.quality import eos_ids, prompt_ids
+from engine.settings import StepSettings
+from engine.tokens import choice_token_ids, eos_ids, piece, prompt_ids
 
-MODES = ("shared", "free")
-
-
-@dataclass
-class StepSettings:
-    mode: str = "shared"
-    temperature: float = 1.0
-    max_new_tokens: int = 64
-    sample: bool = False
-    seed: int = 0
-    choices: list[str] | None = None
-    raw: bool = False
-    topk: int = 5
-
-    def validate(self) -> "StepSettings":
-        if self.mode not in MODES:
-            raise HieruiError(f"unknown mode '{self.mode}': use shared or free")
-        if not self.temperature > 0:
-            raise HieruiError(f"temperature must be > 0, got {self.temperature}")
-        if self.max_new_tokens < 1:
-            raise HieruiError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
-        if self.topk < 1:
-            raise HieruiError(f"top-k must be at least 1, got {self.topk}")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def choice_token_ids(tokenizer, choices: list[str]) -> tuple[list[int], list[str]]:
-    """The first token of each choice (the categorical subspace), and notes on multi-token choices."""
-    ids, notes = [], []
-    for choice in choices:
-        toks = tokenizer(choice, add_special_tokens=False)["input_ids"]
-        if not toks:
-            raise HieruiError(f"choice {choice!r} is empty after tokenization")
-        if len(toks) > 1:
-            notes.append(f"choice {choice!r} is {len(toks)} tokens; its first token stands for it")
-        ids.append(toks[0])
-    if len(set(ids)) != len(ids):
-        raise HieruiError(f"choices {choices} do not start with distinct tokens")
-    return ids, notes
-
-
-def hidden_state_map(pair) -> list[int]:
-    """For each dense hidden-state index ℓ = 0..L, the perturbed model's index that corresponds to it.
-
-    The identity, except after blockdrop: there the perturbed state after dense layer ℓ is the one after
-    the last kept layer before it.
-    """
-    n_dense = pair.dense.config.num_hidden_layers
-    details = pair.report.details if pair.report is not None else {}
-    if details.get("kind") != "block":
-        return list(range(n_dense + 1))
-    dropped = set(details["dropped"])
-    mapping, kept = [0], 0
-    for layer in range(n_dense):
-        kept += layer not in dropped
-        mapping.append(kept)
-    return mapping
+__all__ = ["BatchStepper", "Stepper", "StepSettings"]
 
 
 @dataclass
@@ -106,11 +47,12 @@ class BatchStepper:
 
     `step()` returns a record per row, None for rows already finished (end of sequence or the token limit).
     Each row's records equal (to float tolerance) those of stepping its prompt alone. `choices` gives each
-    row its own candidate tokens (default: `settings.choices` for every row).
+    row its own candidate tokens (default: `settings.choices` for every row). The settings are frozen: a
+    stepper keeps the ones it was made with.
     """
 
     def __init__(self, pair, prompts: list[str], settings: StepSettings | None = None,
-                 choices: list[list[str] | None] | None = None):
+                 choices: list | None = None):
         if not prompts:
             raise HieruiError("no prompts to step")
         self.pair = pair
@@ -122,11 +64,15 @@ class BatchStepper:
             raise HieruiError("one list of choices per prompt, or none")
         self.rows: list[_Row] = []
         for prompt, row_choices in zip(prompts, per_row):
-            ids = prompt_ids(self.tokenizer, prompt, raw=self.settings.raw)[0].tolist()
+            ids = prompt_ids(self.tokenizer, prompt, raw=self.settings.raw)
+            if not ids and self.tokenizer.bos_token_id is not None:
+                ids = [self.tokenizer.bos_token_id]  # an empty prompt starts from the beginning of a text
+            if not ids:
+                raise HieruiError(f"the prompt {prompt!r} is empty after tokenization")
             cids, notes = choice_token_ids(self.tokenizer, row_choices) if row_choices else ([], [])
             self.rows.append(_Row(prompt, ids, list(row_choices) if row_choices else None, cids, notes))
-        self._eos = eos_ids(self.tokenizer, pair.dense)
-        self._map = torch.tensor(hidden_state_map(pair), dtype=torch.long)
+        self.eos = eos_ids(self.tokenizer, pair.dense)  # the ids that end a run (an empty set: run to the limit)
+        self._map = torch.tensor(pair.hidden_map, dtype=torch.long)
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._state = None  # (hidden_d, logits_d, hidden_p, logits_p) for the next step
         self._caches = None
@@ -134,8 +80,6 @@ class BatchStepper:
         self._next_pos = None
         self._generators: list[torch.Generator] = []
         self._choices = None  # (ids (B, C), mask (B, C)) on the device
-        self.steps_taken = 0
-        self.seconds = 0.0
 
     @property
     def finished(self) -> bool:
@@ -205,7 +149,6 @@ class BatchStepper:
     def step(self) -> list[dict | None]:
         if self.finished:
             return [None] * len(self.rows)
-        started = time.perf_counter()
         if self._state is None:
             self._prefill()
         hd, zd, hp, zp = self._state
@@ -224,11 +167,10 @@ class BatchStepper:
                 continue
             record = self._record(row, host)
             row.records.append(record)
-            ended_d, ended_p = record["token_d"] in self._eos, record["token_p"] in self._eos
+            ended_d, ended_p = record["token_d"] in self.eos, record["token_p"] in self.eos
             ended = ended_d if s.mode == "shared" else (ended_d or ended_p)
             row.finished = ended or len(row.records) >= s.max_new_tokens
             out.append(record)
-        self.steps_taken += 1
         if self.finished:
             self._state = None
             self._caches = None
@@ -240,7 +182,6 @@ class BatchStepper:
                 extra = {"attention_mask": self._mask, "position_ids": self._next_pos}
                 self._next_pos = self._next_pos + 1
             self._both(tok_d.view(-1, 1), fed_p.view(-1, 1), extra)
-        self.seconds += time.perf_counter() - started
         return out
 
     def _record(self, row: _Row, host: dict) -> dict:
@@ -254,7 +195,7 @@ class BatchStepper:
         if token_d != token_p and row.first_divergence is None:
             row.first_divergence = i
         record = {"step": i, "token_d": token_d, "token_p": token_p,
-                  "text_d": self._piece(row.fed[0], token_d), "text_p": self._piece(row.fed[1], token_p),
+                  "text_d": piece(tok, row.fed[0], token_d), "text_p": piece(tok, row.fed[1], token_p),
                   "fed": [token_d, fed_p]}
         row.fed[0].append(token_d)
         row.fed[1].append(fed_p)
@@ -276,16 +217,6 @@ class BatchStepper:
             record["first_divergence"] = row.first_divergence
         return record
 
-    def _piece(self, context: list[int], token: int) -> str:
-        """The text `token` adds after `context`, decoded in context: a character split over several tokens
-        (an emoji in byte-level BPE) comes out whole with the token that completes it, "" before that."""
-        tail = context[-16:]  # enough context to place the boundary
-        before = self.tokenizer.decode(tail).rstrip("\ufffd")
-        after = self.tokenizer.decode(tail + [token]).rstrip("\ufffd")
-        if after.startswith(before):
-            return after[len(before):]
-        return self.tokenizer.decode([token])
-
     def run(self, callback=None) -> list[list[dict]]:
         """Step to the end; `callback(row_index, record)` after each record. Returns the records per row."""
         while not self.finished:
@@ -294,65 +225,55 @@ class BatchStepper:
                     callback(b, record)
         return [row.records for row in self.rows]
 
-    def header(self, row: int = 0) -> dict:
-        """The session header of one row (shared/design.md; the writer adds format, version, created)."""
-        pair = self.pair
-        report = pair.report
-        loaded = pair.loaded
-        r = self.rows[row]
-        perturbation = {"spec": str(pair.spec)}
-        if report is not None:
-            perturbation.update(measured_sparsity=report.measured_sparsity, dense_sparsity=report.dense_sparsity,
-                                details=dict(report.details))
-        model = loaded.ref.name if loaded is not None else getattr(pair.dense.config, "name_or_path", "")
-        return {
-            "model": model,
-            "model_display": loaded.ref.display if loaded is not None else model,
-            "perturbation": perturbation,
-            "calibration": report.calibration if report is not None else None,
-            "prompt": r.prompt,
-            "prompt_tokens": len(r.ids),
-            "mode": self.settings.mode,
-            "temperature": self.settings.temperature,
-            "choices": r.choices,
-            "choice_ids": r.choice_ids or None,
-            "seed": self.settings.seed,
-            "sample": self.settings.sample,
-            "max_new_tokens": self.settings.max_new_tokens,
-            "raw": self.settings.raw,
-            "topk": self.settings.topk,
-            "layers": pair.dense.config.num_hidden_layers,
-            "device": str(self.device),
-            "dtype": str(pair.dense.get_input_embeddings().weight.dtype).removeprefix("torch."),
-        }
 
-
-class Stepper(BatchStepper):
-    """Steps a pair in lockstep from one prompt. `step()` returns one record, or None when finished."""
+class Stepper:
+    """Steps a pair in lockstep from one prompt: a BatchStepper of one row. `step()` returns one record,
+    or None when the run is over."""
 
     def __init__(self, pair, prompt: str, settings: StepSettings | None = None):
-        super().__init__(pair, [prompt], settings)
-        self.prompt = prompt
+        self.batch = BatchStepper(pair, [prompt], settings)
 
     @property
-    def prompt_ids(self) -> torch.Tensor:
-        return torch.tensor([self.rows[0].ids], dtype=torch.long)
+    def pair(self):
+        return self.batch.pair
+
+    @property
+    def settings(self) -> StepSettings:
+        return self.batch.settings
+
+    @property
+    def row(self) -> _Row:
+        return self.batch.rows[0]
+
+    @property
+    def prompt(self) -> str:
+        return self.row.prompt
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.row.ids
 
     @property
     def choice_ids(self) -> list[int]:
-        return self.rows[0].choice_ids
+        return self.row.choice_ids
 
     @property
     def notes(self) -> list[str]:
-        return self.rows[0].notes
+        """Warnings about the choices (a multi-token choice is read through its first token)."""
+        return self.row.notes
 
     @property
     def records(self) -> list[dict]:
-        return self.rows[0].records
+        return self.row.records
+
+    @property
+    def finished(self) -> bool:
+        return self.batch.finished
 
     def step(self) -> dict | None:
-        return super().step()[0]
+        return self.batch.step()[0]
 
     def run(self, callback=None) -> list[dict]:
-        super().run(None if callback is None else (lambda _b, record: callback(record)))
+        """Step to the end; `callback(record)` after each step. Returns the records."""
+        self.batch.run(None if callback is None else (lambda _b, record: callback(record)))
         return self.records

@@ -18,7 +18,7 @@ def pair(tiny):
 
 def alone(pair, prompt, settings, choices, eos):
     stepper = Stepper(pair, prompt, StepSettings(**{**settings.to_dict(), "choices": choices}))
-    stepper._eos = eos
+    stepper.batch.eos = eos
     return stepper.run()
 
 
@@ -48,7 +48,7 @@ def test_batched_equals_alone_per_row(pair, mode, sample):
     assert candidates, "no token unique to row 1: pick other prompts"
     eos = {candidates[0]}
     batch = BatchStepper(pair, PROMPTS, settings, choices=CHOICES)
-    batch._eos = eos
+    batch.eos = eos
     rows = batch.run()
     lengths = []
     for prompt, choices, records in zip(PROMPTS, CHOICES, rows):
@@ -59,7 +59,11 @@ def test_batched_equals_alone_per_row(pair, mode, sample):
     assert "sub_kl" not in rows[1][0] and len(rows[2][0]["sub_p_d"]) == 3
 
 
-def test_batch_headers_are_per_row(pair):
+def test_batch_headers_are_per_row(pair, tmp_path):
+    from engine.session import SessionRecorder
+
     batch = BatchStepper(pair, PROMPTS, StepSettings(max_new_tokens=2), choices=CHOICES)
-    assert [batch.header(b)["prompt"] for b in range(3)] == PROMPTS
-    assert batch.header(0)["choices"] == ["A", "B"] and batch.header(1)["choices"] is None
+    recorder = SessionRecorder(batch, [tmp_path / f"{b}.jsonl" for b in range(3)])
+    assert [recorder.header(b)["prompt"] for b in range(3)] == PROMPTS
+    assert recorder.header(0)["choices"] == ["A", "B"] and recorder.header(1)["choices"] is None
+    assert [recorder.header(b)["prompt_ids"] for b in range(3)] == [row.ids for row in batch.rows]

@@ -50,7 +50,7 @@ def test_single_token_choice_scores_the_same_as_the_stepper_subspace(pair):
     item = ChoiceItem("q", "Hello", ["A", "B", "C"], 0)
     row = score_item(pair, item)
     stepper = Stepper(pair, item.prompt, StepSettings(raw=True, choices=item.choices, max_new_tokens=1))
-    stepper.rows[0].ids = pair.tokenizer(item.prompt)["input_ids"]  # the same plain-text prompt, no BOS added
+    assert stepper.prompt_ids == pair.tokenizer(item.prompt)["input_ids"]  # the same plain-text prompt
     record = stepper.step()
     assert record["sub_p_d"] == pytest.approx(row["sub_p_d"], abs=1e-5)
     assert record["sub_kl"] == pytest.approx(row["sub_kl"], abs=1e-5)

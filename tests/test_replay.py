@@ -13,12 +13,7 @@ import sys
 import pytest
 
 from engine import replay as R
-from engine.session import load_session, record_run
-
-
-def hierui(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "hierui", *args], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=timeout)
+from engine.session import SessionRecorder, SessionWriter, load_session
 
 
 def _record(tiny, path, spec="magnitude:0.5", prompt="Hello", calib=None, **settings):
@@ -27,7 +22,7 @@ def _record(tiny, path, spec="magnitude:0.5", prompt="Hello", calib=None, **sett
 
     pair = perturb(tiny, spec, calib_options=calib)
     stepper = Stepper(pair, prompt, StepSettings(**{"max_new_tokens": 5, **settings}))
-    record_run(stepper, path)
+    SessionRecorder(stepper, [path]).run()
     return path
 
 
@@ -90,7 +85,7 @@ def test_settings_and_calibration_come_from_the_header():
                               "seconds": 0.1}}
     s = R.settings_from_header(header, 9)
     assert (s.mode, s.temperature, s.max_new_tokens, s.sample, s.seed, s.choices, s.raw, s.topk) == \
-        ("free", 1.5, 9, True, 7, ["A", "B"], True, 3)
+        ("free", 1.5, 9, True, 7, ("A", "B"), True, 3)
     assert R.calib_options_from_header(header) == {"samples": 4, "length": 16, "seed": 2}
     assert R.calib_options_from_header({"calibration": {"source": "/x/c.txt", "samples": 2, "length": 8, "seed": 0}}) \
         == {"samples": 2, "length": 8, "seed": 0, "source": "/x/c.txt"}
@@ -122,7 +117,7 @@ def test_rerun_of_an_interrupted_session_steps_as_many_steps_as_recorded(tiny, t
     from engine.stepper import Stepper, StepSettings
 
     stepper = Stepper(perturb(tiny, "magnitude:0.5"), "Hi", StepSettings(max_new_tokens=20))
-    record_run(stepper, tmp_path / "stop.jsonl", stop=lambda: len(stepper.records) >= 3)
+    SessionRecorder(stepper, [tmp_path / "stop.jsonl"]).run(stop=lambda: len(stepper.records) >= 3)
     session = load_session(tmp_path / "stop.jsonl")
     new = R.rerun(session, loaded=tiny)
     assert len(new) == 3 and R.compare(session.steps, new).ok(1e-5)
@@ -134,7 +129,8 @@ def test_rerun_of_a_session_without_steps_is_an_error(tiny, tmp_path):
     from engine.stepper import Stepper, StepSettings
 
     stepper = Stepper(perturb(tiny, "none"), "Hi", StepSettings(max_new_tokens=3))
-    record_run(stepper, tmp_path / "empty.jsonl", stop=lambda: True)
+    path = tmp_path / "empty.jsonl"  # a run that ended before its first step: a header alone
+    SessionWriter(path, SessionRecorder(stepper, [path]).header(0)).close()
     with pytest.raises(HieruiError, match="no recorded steps"):
         R.rerun(load_session(tmp_path / "empty.jsonl"), loaded=tiny)
 
@@ -148,7 +144,7 @@ def _max_deviation(stdout):
     return float(found.group(1))
 
 
-def test_replay_rerun_of_a_fresh_session_reports_deviations_below_1e_5(tiny, tmp_path, monkeypatch):
+def test_replay_rerun_of_a_fresh_session_reports_deviations_below_1e_5(hierui, tiny, tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("HIERUI_HOME", str(home))
     path = _record(tiny, tmp_path / "wanda.jsonl", spec="wanda:0.5", calib={"samples": 4, "length": 16, "seed": 1},
@@ -165,7 +161,7 @@ def test_replay_rerun_of_a_fresh_session_reports_deviations_below_1e_5(tiny, tmp
     assert "Traceback" not in run.stderr
 
 
-def test_replay_rerun_of_a_tampered_session_exits_1(session_file, tmp_path):
+def test_replay_rerun_of_a_tampered_session_exits_1(cli, session_file, tmp_path):
     lines = session_file.read_text(encoding="utf-8").splitlines()
     step = json.loads(lines[2])
     step["kl"] += 0.01
@@ -173,7 +169,7 @@ def test_replay_rerun_of_a_tampered_session_exits_1(session_file, tmp_path):
     lines[2] = json.dumps(step)
     tampered = tmp_path / "tampered.jsonl"
     tampered.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    run = hierui("replay", str(tampered), "--rerun", "--device", "cpu")
+    run = cli("replay", str(tampered), "--rerun", "--device", "cpu")
     assert run.returncode == 1, run.stdout + run.stderr
     assert "tokens: differ, first at step 1" in run.stdout and "does NOT match" in run.stdout
     assert _max_deviation(run.stdout) == pytest.approx(0.01, rel=1e-3)
@@ -183,8 +179,8 @@ def test_replay_rerun_of_a_tampered_session_exits_1(session_file, tmp_path):
 # ------------------------------------------------------------------ show / replay without a model
 
 
-def test_show_prints_header_tokens_and_summary(session_file, tmp_path):
-    from hierui.sessionview import token_cell as _token_cell, visible_text as _visible
+def test_show_prints_header_tokens_and_summary(cli, session_file, tmp_path):
+    from hierui.tokentext import cell as _token_cell, running as _visible
 
     session = load_session(session_file)
     # readable token texts, so the test can look for them in the output
@@ -197,7 +193,7 @@ def test_show_prints_header_tokens_and_summary(session_file, tmp_path):
     readable = tmp_path / "readable.jsonl"
     readable.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    run = hierui("show", str(readable), "--steps")
+    run = cli("show", str(readable), "--steps")
     assert run.returncode == 0, run.stderr
     out = run.stdout
     assert " Paris Lyon Nice Lille Brest" in out  # the dense continuation
@@ -209,24 +205,24 @@ def test_show_prints_header_tokens_and_summary(session_file, tmp_path):
         assert label in out, label
     assert session.header["created"] in out
 
-    plain = hierui("show", str(session_file), "--steps")
+    plain = cli("show", str(session_file), "--steps")
     assert plain.returncode == 0
     for step in session.steps:
         assert _token_cell(step["text_d"]) in plain.stdout
-    assert "".join(_visible(s["text_d"], keep_newlines=True) for s in session.steps) in plain.stdout
+    assert "".join(_visible(s["text_d"]) for s in session.steps) in plain.stdout
 
     # replay --print prints the same thing (and so does replay without a terminal)
-    again = hierui("replay", str(readable), "--print", "--steps")
+    again = cli("replay", str(readable), "--print", "--steps")
     assert again.returncode == 0 and again.stdout.replace(str(readable), "") == out.replace(str(readable), "")
 
 
-def test_show_of_an_interrupted_session_computes_the_summary(tiny, tmp_path):
+def test_show_of_an_interrupted_session_computes_the_summary(cli, tiny, tmp_path):
     from engine.perturb import perturb
     from engine.stepper import Stepper, StepSettings
 
     stepper = Stepper(perturb(tiny, "magnitude:0.5"), "Hi", StepSettings(max_new_tokens=8))
-    record_run(stepper, tmp_path / "stop.jsonl", stop=lambda: len(stepper.records) >= 3)
-    run = hierui("show", str(tmp_path / "stop.jsonl"))
+    SessionRecorder(stepper, [tmp_path / "stop.jsonl"]).run(stop=lambda: len(stepper.records) >= 3)
+    run = cli("show", str(tmp_path / "stop.jsonl"))
     assert run.returncode == 0, run.stderr
     assert "interrupted" in run.stdout and "summary (computed)" in run.stdout and "kl_mean" in run.stdout
     assert run.stderr.strip() == ""
@@ -250,13 +246,13 @@ def test_show_imports_neither_torch_nor_transformers(session_file):
     assert "HEAVY []" in run.stdout, run.stdout[-500:]
 
 
-def test_show_lists_a_directory_of_sessions(session_file, tmp_path):
+def test_show_lists_a_directory_of_sessions(cli, session_file, tmp_path):
     out = tmp_path / "sweep"
     (out / "sessions").mkdir(parents=True)
     (out / "sessions" / "a.jsonl").write_bytes(session_file.read_bytes())
     (out / "sessions" / "broken.jsonl").write_text("not json\n")
     (out / "summary.csv").write_text("run,kl_mean\n")
-    run = hierui("show", str(out))
+    run = cli("show", str(out))
     assert run.returncode == 0, run.stderr
     assert "a.jsonl" in run.stdout and "magnitude:0.5" in run.stdout and "unreadable" in run.stdout
     assert "summary.csv" in run.stdout
@@ -285,8 +281,8 @@ def _bad(tmp_path, kind):
     ("not-json", "first line is not JSON"),
     ("directory", "is a directory"),
 ])
-def test_bad_inputs_exit_2_with_one_line(tmp_path, command, kind, message):
-    run = hierui(*command.split()[:1], str(_bad(tmp_path, kind)), *command.split()[1:])
+def test_bad_inputs_exit_2_with_one_line(cli, tmp_path, command, kind, message):
+    run = cli(*command.split()[:1], str(_bad(tmp_path, kind)), *command.split()[1:])
     assert run.returncode == 2, run.stdout + run.stderr
     lines = _stderr_lines(run)
     assert len(lines) == 1, run.stderr
@@ -294,23 +290,23 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, command, kind, message):
     assert "Traceback" not in run.stdout + run.stderr
 
 
-def test_replay_rerun_of_a_session_with_an_unknown_model_exits_2(session_file, tmp_path):
+def test_replay_rerun_of_a_session_with_an_unknown_model_exits_2(cli, session_file, tmp_path):
     lines = session_file.read_text(encoding="utf-8").splitlines()
     header = json.loads(lines[0])
     header["model"] = "llama-9000"
     path = tmp_path / "unknown.jsonl"
     path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n", encoding="utf-8")
-    run = hierui("replay", str(path), "--rerun", "--device", "cpu")
+    run = cli("replay", str(path), "--rerun", "--device", "cpu")
     assert run.returncode == 2
     lines = _stderr_lines(run)
     assert len(lines) == 1 and "unknown model 'llama-9000'" in lines[0]
-    bad_dtype = hierui("replay", str(session_file), "--rerun", "--dtype", "float8")
+    bad_dtype = cli("replay", str(session_file), "--rerun", "--dtype", "float8")
     assert bad_dtype.returncode == 2 and "unknown dtype" in bad_dtype.stderr
 
 
-def test_error_lines_print_paths_verbatim(tmp_path):
+def test_error_lines_print_paths_verbatim(cli, tmp_path):
     missing = tmp_path / "[/odd]" / "[b]run.jsonl"  # rich markup look-alikes
-    run = hierui("show", str(missing))
+    run = cli("show", str(missing))
     assert run.returncode == 2
     lines = _stderr_lines(run)
     assert len(lines) == 1 and str(missing) in lines[0], run.stderr

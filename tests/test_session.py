@@ -2,14 +2,11 @@
 future version, a missing file and non-JSON give one clear error line and exit 2 (through `hierui show`)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from engine.errors import HieruiError
-from engine.session import FORMAT, VERSION, SessionWriter, _clean, load_session, record_run
+from engine.session import FORMAT, VERSION, SessionRecorder, SessionWriter, _clean, load_session
 
 HEADER_FIELDS = ("format", "version", "model", "perturbation", "calibration", "prompt", "mode", "temperature",
                  "choices", "seed", "created", "hierui")
@@ -23,12 +20,17 @@ def _stepper(tiny, spec="magnitude:0.5", steps=5, **settings):
     return Stepper(pair, "Hello", StepSettings(max_new_tokens=steps, **settings))
 
 
+def record(stepper, path, **options):
+    """Record a one-prompt stepper through the production path (SessionRecorder)."""
+    return SessionRecorder(stepper, [path]).run(**options)[0]
+
+
 @pytest.fixture(scope="module")
 def recorded(tiny, tmp_path_factory):
     """A complete 5-step session of tiny-random under magnitude:0.5: (stepper, path, returned session)."""
     path = tmp_path_factory.mktemp("sessions") / "run.jsonl"
     stepper = _stepper(tiny)
-    returned = record_run(stepper, path)
+    returned = record(stepper, path)
     return stepper, path, returned
 
 
@@ -73,7 +75,7 @@ def test_session_round_trips(recorded):
 def test_nan_is_written_as_null(tiny, tmp_path):
     # `none`: identical logits, so the amplification ratio is undefined (NaN) and must be stored as null
     stepper = _stepper(tiny, "none", steps=2)
-    record_run(stepper, tmp_path / "none.jsonl")
+    record(stepper, tmp_path / "none.jsonl")
     text = (tmp_path / "none.jsonl").read_text(encoding="utf-8")
     assert "NaN" not in text and "Infinity" not in text
     session = load_session(tmp_path / "none.jsonl")
@@ -83,7 +85,7 @@ def test_nan_is_written_as_null(tiny, tmp_path):
 
 def test_interrupted_run_loads_incomplete(tiny, tmp_path):
     stepper = _stepper(tiny)
-    returned = record_run(stepper, tmp_path / "stopped.jsonl", stop=lambda: len(stepper.records) >= 2)
+    returned = record(stepper, tmp_path / "stopped.jsonl", stop=lambda: len(stepper.records) >= 2)
     assert not returned.complete
     session = load_session(tmp_path / "stopped.jsonl")
     assert len(session.steps) == 2 and [s["step"] for s in session.steps] == [0, 1]
@@ -95,7 +97,7 @@ def test_steps_taken_before_recording_are_written(tiny, tmp_path):
     stepper = _stepper(tiny, steps=4)
     stepper.step()
     stepper.step()
-    returned = record_run(stepper, tmp_path / "late.jsonl")
+    returned = record(stepper, tmp_path / "late.jsonl")
     session = load_session(tmp_path / "late.jsonl")
     assert [s["step"] for s in session.steps] == [0, 1, 2, 3]
     assert session.steps == _json_equal(stepper.records)
@@ -105,7 +107,7 @@ def test_steps_taken_before_recording_are_written(tiny, tmp_path):
 def test_callback_sees_every_step(tiny, tmp_path):
     seen = []
     stepper = _stepper(tiny, steps=3)
-    record_run(stepper, tmp_path / "cb.jsonl", callback=lambda r: seen.append(r["step"]))
+    record(stepper, tmp_path / "cb.jsonl", callback=lambda _b, r: seen.append(r["step"]))
     assert seen == [0, 1, 2]
 
 
@@ -217,14 +219,9 @@ def test_a_directory_is_not_a_session(tmp_path):
 # ------------------------------------------------------------------ through the CLI
 
 
-def hierui(*args):
-    return subprocess.run([sys.executable, "-m", "hierui", *args], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200"}, timeout=300)
-
-
 @pytest.mark.parametrize("kind", ["missing", "wrong-format", "future-version", "not-json"])
-def test_show_bad_session_is_one_line_exit_2(tmp_path, kind):
-    run = hierui("show", str(_bad_file(tmp_path, kind)))
+def test_show_bad_session_is_one_line_exit_2(cli, tmp_path, kind):
+    run = cli("show", str(_bad_file(tmp_path, kind)))
     assert run.returncode == 2, run.stdout + run.stderr
     lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, run.stderr
@@ -232,11 +229,11 @@ def test_show_bad_session_is_one_line_exit_2(tmp_path, kind):
     assert "Traceback" not in run.stdout + run.stderr
 
 
-def test_show_truncated_session_warns_on_one_stderr_line(recorded, tmp_path):
+def test_show_truncated_session_warns_on_one_stderr_line(cli, recorded, tmp_path):
     _, path, _ = recorded
     lines = [ln for ln in _lines(path) if ln]
     damaged = _write(tmp_path / "cut.jsonl", lines[:-2] + [lines[-2][:40]])
-    run = hierui("show", str(damaged))
+    run = cli("show", str(damaged))
     assert run.returncode == 0, run.stderr
     err = [ln for ln in run.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and "warning" in err[0] and "truncated last line" in err[0]

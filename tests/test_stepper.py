@@ -5,7 +5,7 @@ import torch
 
 from engine import metrics as M
 from engine.perturb import perturb
-from engine.stepper import Stepper, StepSettings, hidden_state_map
+from engine.stepper import Stepper, StepSettings
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +29,13 @@ def test_none_is_exactly_zero_divergence(tiny, mode):
 def test_shared_mode_feeds_the_dense_choice_to_both(magnitude_pair):
     stepper = Stepper(magnitude_pair, "The weather today", StepSettings(mode="shared", max_new_tokens=8))
     seen = {"d": [], "p": []}
-    original = stepper._forward
+    original = stepper.batch._forward
 
     def spy(model, ids, cache, **kwargs):
         seen["d" if model is magnitude_pair.dense else "p"].append(ids.flatten().tolist())
         return original(model, ids, cache, **kwargs)
 
-    stepper._forward = spy
+    stepper.batch._forward = spy
     records = stepper.run()
     assert seen["d"] == seen["p"]  # identical inputs, prompt included
     assert any(r["token_d"] != r["token_p"] for r in records)  # though the models disagree
@@ -46,7 +46,7 @@ def test_shared_mode_feeds_the_dense_choice_to_both(magnitude_pair):
 def test_kv_cached_steps_equal_full_forward_passes(magnitude_pair, mode):
     stepper = Stepper(magnitude_pair, "A short prompt", StepSettings(mode=mode, max_new_tokens=6, choices=["a", "e"]))
     records = stepper.run()
-    prompt = stepper.prompt_ids
+    prompt = torch.tensor([stepper.prompt_ids])
     fed_d, fed_p = [], []
     for r in records:
         seq_d = torch.cat([prompt, torch.tensor([fed_d], dtype=torch.long)], dim=1)
@@ -106,7 +106,7 @@ def test_eos_in_shared_mode_stops_at_that_step(magnitude_pair):
     probe = Stepper(magnitude_pair, "hello", StepSettings(max_new_tokens=6)).run()
     target = probe[3]["token_d"]
     stepper = Stepper(magnitude_pair, "hello", StepSettings(max_new_tokens=6))
-    stepper._eos = {target}
+    stepper.batch.eos = {target}
     records = stepper.run()
     stop = next(i for i, r in enumerate(probe) if r["token_d"] == target)
     assert len(records) == stop + 1 and records[-1]["token_d"] == target
@@ -114,7 +114,7 @@ def test_eos_in_shared_mode_stops_at_that_step(magnitude_pair):
 
 def test_blockdrop_maps_hidden_states_onto_dense_layers(tiny, tiny_calib):
     pair = perturb(tiny, "blockdrop:2", calibration=tiny_calib)
-    mapping = hidden_state_map(pair)
+    mapping = pair.hidden_map
     assert len(mapping) == 5 and mapping[0] == 0 and mapping[-1] == 2
     records = Stepper(pair, "hello", StepSettings(max_new_tokens=3)).run()
     assert all(len(r["emb_cos"]) == 5 and r["emb_cos"][0] == pytest.approx(1.0) for r in records)

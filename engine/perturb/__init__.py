@@ -2,19 +2,19 @@
 
 One module per family: magnitude, wanda, sparsegpt (pruning), drop (attndrop/mlpdrop/blockdrop),
 quant (int8/nf4), checkpoint. The perturbed model is a `clone_sharing` copy of the dense one, so every
-tensor a perturbation leaves alone is shared. Pruned weights are cached on disk keyed by
-(model, spec, calibration) so a repeated run does not prune again.
+tensor a perturbation leaves alone is shared. Pruned weights and drop scores are cached on disk keyed by
+(model, dtype, spec, calibration, the algorithm's ALGORITHM_VERSION, the hierui version), see engine.cache,
+so a repeated run does not prune again and an upgraded algorithm never reuses an old result.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from engine.errors import HieruiError
+from engine.errors import HieruiError, is_oom
 from engine.perturb.spec import Spec, parse_spec
 
 # progress(stage, done, total): stage is a short label such as "calibrating" or "pruning"
@@ -63,16 +63,20 @@ def perturb(loaded, spec: Spec | str, calibration=None, use_cache: bool = True,
     start = time.perf_counter()
     try:
         perturbed = _build(loaded, spec, calibration, use_cache, say, report)
-    except MemoryError:
-        raise HieruiError(f"out of memory while applying {spec}: lower --calib-samples/--calib-len or use a smaller model", 1) from None
-    except RuntimeError as e:
-        if type(e).__name__ == "OutOfMemoryError":
-            raise HieruiError(f"CUDA out of memory while applying {spec}: lower --calib-samples/--calib-len, "
-                              f"use --dtype bfloat16 or a smaller model", 1) from None
-        raise
+    except (MemoryError, RuntimeError) as e:
+        if not is_oom(e):
+            raise
+        raise HieruiError(f"out of memory while applying {spec}: lower --calib-samples/--calib-len, use "
+                          f"--dtype bfloat16 or a smaller model", 1) from None
     report.seconds = time.perf_counter() - start
     _measure_sparsity(dense, perturbed, report)
-    return ModelPair(dense=dense, perturbed=perturbed, tokenizer=loaded.tokenizer, spec=spec, report=report, loaded=loaded)
+    pair = ModelPair(dense=dense, perturbed=perturbed, tokenizer=loaded.tokenizer, spec=spec, report=report,
+                     loaded=loaded)
+    if spec.method == "blockdrop":
+        from engine.perturb.drop import hidden_map_after_block_drop
+
+        pair.hidden_map = hidden_map_after_block_drop(dense.config.num_hidden_layers, report.details["dropped"])
+    return pair
 
 
 def _build(loaded, spec: Spec, calibration, use_cache: bool, say: Progress, report: PerturbReport):
@@ -97,15 +101,15 @@ def _build(loaded, spec: Spec, calibration, use_cache: bool, say: Progress, repo
         def score():
             return similarity_scores(dense, calibration.ids, progress=lambda d, t: say("scoring", d, t))
 
-        scores = _cached_json(f"{_prune_key(loaded, 'similarity', calibration)}-similarity", score, use_cache)
+        scores = _cached_json(_prune_key(loaded, "similarity", calibration), score, use_cache)
         clone = clone_sharing(dense)
         report.details.update(apply_drop(dense, clone, spec, calibration.ids, scores=scores) or {})
         return clone
 
     # pruning: magnitude / wanda / sparsegpt
-    key = _prune_key(loaded, spec, calibration)
+    entry = _prune_key(loaded, spec, calibration)
     if use_cache:
-        cached = _load_pruned(dense, key)
+        cached = _load_pruned(dense, entry)
         if cached is not None:
             report.from_cache = True
             return cached
@@ -126,7 +130,7 @@ def _build(loaded, spec: Spec, calibration, use_cache: bool, say: Progress, repo
     else:  # pragma: no cover - parse_spec rejects anything else
         raise HieruiError(f"unsupported method {spec.method}")
     if use_cache:
-        _store_pruned(dense, clone, key)
+        _store_pruned(dense, clone, entry)
     return clone
 
 
@@ -149,16 +153,21 @@ def _measure_sparsity(dense, perturbed, report: PerturbReport) -> None:
 # ------------------------------------------------------------------ the pruned-weight cache
 
 
-def _prune_key(loaded, spec: Spec | str, calibration) -> str:
-    raw = json.dumps([loaded.ref.cache_key(), str(loaded.dtype), str(spec), calibration.key if calibration else None])
-    return hashlib.sha1(raw.encode()).hexdigest()[:20]
+def _prune_key(loaded, spec: Spec | str, calibration):
+    """The cache entry (engine.cache.Slot) of pruning `loaded` with `spec`, or of its drop scores when
+    `spec` is "similarity": keyed by model, dtype, spec, calibration and the algorithm and hierui versions."""
+    from engine import cache
+
+    scores = spec == "similarity"
+    identity = {"model_key": loaded.ref.cache_key(), "dtype": str(loaded.dtype),
+                "spec": None if scores else str(spec), "calibration": calibration.key if calibration else None}
+    return cache.slot("scores" if scores else "pruned", "similarity" if scores else spec.method, identity,
+                      {"model": loaded.ref.name})
 
 
-def _cached_json(name: str, compute: Callable[[], dict], use_cache: bool) -> dict:
-    """`compute()`, stored as $HIERUI_HOME/pruned/NAME.json and read back next time."""
-    from engine.models import hierui_home
-
-    path = hierui_home() / "pruned" / f"{name}.json"
+def _cached_json(entry, compute: Callable[[], dict], use_cache: bool) -> dict:
+    """`compute()`, stored as the cache entry `entry` (a JSON file, engine.cache.Slot) and read back next time."""
+    path = entry.path
     if use_cache and path.is_file():
         try:
             return json.loads(path.read_text(encoding="utf-8"))
@@ -166,10 +175,7 @@ def _cached_json(name: str, compute: Callable[[], dict], use_cache: bool) -> dic
             pass  # a broken cache entry is recomputed
     value = compute()
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(value), encoding="utf-8")
-        tmp.replace(path)
+        entry.store(json.dumps(value))
     return value
 
 
@@ -180,27 +186,21 @@ def _changed_tensors(dense, perturbed) -> dict:
             if name not in dense_params or p.data_ptr() != dense_params[name].data_ptr()}
 
 
-def _store_pruned(dense, perturbed, key: str) -> None:
+def _store_pruned(dense, perturbed, entry) -> None:
+    """Store the tensors `perturbed` does not share with `dense` as the cache entry `entry` (engine.cache.Slot)."""
     from safetensors.torch import save_file
 
-    from engine.models import hierui_home
-
-    target = hierui_home() / "pruned" / f"{key}.safetensors"
-    target.parent.mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().cpu().contiguous() for n, p in _changed_tensors(dense, perturbed).items()}
-    tmp = target.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(target)
+    entry.store(lambda tmp: save_file(tensors, str(tmp)))
 
 
-def _load_pruned(dense, key: str):
+def _load_pruned(dense, entry):
     import torch.nn as nn
     from safetensors.torch import load_file
 
-    from engine.models import hierui_home
     from engine.pair import clone_sharing
 
-    path = hierui_home() / "pruned" / f"{key}.safetensors"
+    path = entry.path
     if not path.is_file():
         return None
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.errors import HieruiError
+from engine.errors import HieruiError, one_line
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -37,11 +37,10 @@ def load_checkpoint(loaded, spec, progress=None):
     except HieruiError:
         raise
     except Exception as e:  # a broken or foreign directory: one line, with the likely cause
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         hint = ""
         if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
             hint = " (it has no tokenizer files: save the tokenizer there too)"
-        raise HieruiError(f"could not load checkpoint {path}{hint}: {type(e).__name__}: {first}") from None
+        raise HieruiError(f"could not load checkpoint {path}{hint}: {one_line(e)}") from None
     _check_compatible(dense, ckpt, path)
     share_identical(dense, ckpt)
     ckpt.eval()

@@ -38,6 +38,9 @@ import torch.nn as nn
 from engine.errors import HieruiError
 from engine.perturb.linears import decoder_layers
 
+# bump when the output changes: cached similarity scores made by another version are then not reused (engine.cache)
+ALGORITHM_VERSION = 1
+
 KINDS = {"attndrop": "attention", "mlpdrop": "mlp", "blockdrop": "block"}
 
 
@@ -207,6 +210,17 @@ def apply_drop(dense, clone, spec, calib_ids: torch.Tensor,
     _own_config(dense, clone)
     DROPPERS[kind](clone, dropped)
     return {"dropped": dropped, "kind": kind, "similarity": scores}
+
+
+def hidden_map_after_block_drop(n_layers: int, dropped: list[int]) -> list[int]:
+    """For each dense hidden-state index ℓ = 0..n_layers, the index of the corresponding hidden state of a
+    model whose blocks `dropped` are removed: the state after the last kept block before ℓ."""
+    gone = set(dropped)
+    mapping, kept = [0], 0
+    for layer in range(n_layers):
+        kept += layer not in gone
+        mapping.append(kept)
+    return mapping
 
 
 # ------------------------------------------------------------------ saving

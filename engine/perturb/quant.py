@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-from engine.errors import HieruiError
+from engine.errors import HieruiError, one_line
 from engine.perturb.linears import decoder_layers, layer_linears
 
 INT8_THRESHOLD = 0.0
@@ -82,9 +82,7 @@ def _import_bnb():
     try:
         import bitsandbytes as bnb
     except Exception as e:  # ImportError, or a failing native library
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise HieruiError(f"int8/nf4 need bitsandbytes, which failed to import: {type(e).__name__}: {first}",
-                          1) from None
+        raise HieruiError(f"int8/nf4 need bitsandbytes, which failed to import: {one_line(e)}", 1) from None
     finally:
         log.setLevel(level)
     cast_log = logging.getLogger("bitsandbytes.autograd._functions")
@@ -135,6 +133,5 @@ def _probe(module, method: str, device, dtype, torch) -> None:
         with torch.no_grad():
             module(torch.zeros(1, module.in_features, device=device, dtype=dtype))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise HieruiError(f"bitsandbytes cannot run {method} on {device} with {str(dtype).removeprefix('torch.')}: "
-                          f"{type(e).__name__}: {first}", 1) from None
+                          f"{one_line(e)}", 1) from None

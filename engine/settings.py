@@ -1,0 +1,97 @@
+"""The one definition of how a run is stepped and calibrated: modes, defaults, bounds. Torch-free.
+
+`StepSettings` and `CalibSettings` are frozen: a run holds the settings it started with for its whole
+life, and a change (the explorer's `m`, `+`/`-`, a new prompt) makes a new value with
+`dataclasses.replace`, never mutates one that a stepping thread may be reading.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from engine.errors import HieruiError
+
+MODES = ("shared", "free")
+DEFAULT_PROMPT = "What is the capital of France?"
+DEFAULT_MAX_NEW_TOKENS = 64  # the explorer
+BATCH_MAX_NEW_TOKENS = 32  # a sweep: many runs
+TEMPERATURE_STEP = 0.1  # the explorer's +/- keys
+MIN_TEMPERATURE = 0.05
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How a pair is stepped: mode, the temperature of the probability space, decoding, choices, top-k."""
+
+    mode: str = "shared"
+    temperature: float = 1.0
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    sample: bool = False
+    seed: int = 0
+    choices: tuple[str, ...] | None = None
+    raw: bool = False
+    topk: int = 5
+
+    def __post_init__(self) -> None:
+        if self.choices is not None and not isinstance(self.choices, tuple):
+            object.__setattr__(self, "choices", tuple(self.choices) or None)
+
+    def validate(self) -> "StepSettings":
+        if self.mode not in MODES:
+            raise HieruiError(f"unknown mode '{self.mode}': use shared or free")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise HieruiError(f"temperature must be > 0, got {self.temperature}")
+        if self.max_new_tokens < 1:
+            raise HieruiError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        if self.topk < 1:
+            raise HieruiError(f"top-k must be at least 1, got {self.topk}")
+        return self
+
+    def with_mode(self, mode: str) -> "StepSettings":
+        return replace(self, mode=mode).validate()
+
+    def other_mode(self) -> "StepSettings":
+        return self.with_mode("free" if self.mode == "shared" else "shared")
+
+    def nudged_temperature(self, direction: int) -> "StepSettings":
+        """T moved by one TEMPERATURE_STEP up or down (never below MIN_TEMPERATURE)."""
+        t = round(self.temperature + TEMPERATURE_STEP * direction, 2)
+        return self if t < MIN_TEMPERATURE else replace(self, temperature=t)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["choices"] = list(self.choices) if self.choices else None
+        return out
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+# the fields a sweep takes for all its runs (mode and choices vary per run)
+SWEEP_FIELDS = ("temperature", "max_new_tokens", "sample", "seed", "raw", "topk")
+SWEEP_DEFAULTS = {**{k: v for k, v in StepSettings().to_dict().items() if k in SWEEP_FIELDS},
+                  "max_new_tokens": BATCH_MAX_NEW_TOKENS}
+
+
+@dataclass(frozen=True)
+class CalibSettings:
+    """Calibration: `source` None for text sampled from the dense model itself, else a text file's path."""
+
+    source: str | None = None
+    samples: int = 64
+    length: int = 128
+    seed: int = 0
+
+    def validate(self) -> "CalibSettings":
+        if self.samples < 1 or self.length < 2:
+            raise HieruiError(f"calibration needs at least 1 sample of at least 2 tokens "
+                              f"(got {self.samples} × {self.length})")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CALIB_DEFAULTS = CalibSettings().to_dict()
