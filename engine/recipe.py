@@ -32,13 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import HieruiError
+from engine.settings import CALIB_DEFAULTS, MODES, SWEEP_DEFAULTS, SWEEP_FIELDS
 
 DATA = Path(__file__).parent / "data"
 RECIPES = DATA / "recipes"
 SUITES = DATA / "suites"
-MODES = ("shared", "free")
-SETTINGS = {"max_new_tokens": int, "temperature": float, "sample": bool, "seed": int, "raw": bool, "topk": int}
-CALIBRATION = {"samples": int, "length": int, "seed": int, "source": str}
+# the keys a recipe may set, with the TOML type of each: the step settings a sweep takes and the
+# calibration's (engine.settings), typed like their defaults (the calibration source: a path)
+SETTINGS = {k: type(SWEEP_DEFAULTS[k]) for k in SWEEP_FIELDS}
+CALIBRATION = {k: str if k == "source" else type(v) for k, v in CALIB_DEFAULTS.items()}
 KEYS = {"name": str, "description": str, "model": str, "prompts": list, "specs": list, "modes": list,
         "batch_size": int, "calibration": dict, **SETTINGS}
 REQUIRED = ("prompts", "specs")
@@ -200,7 +202,7 @@ def _sources(where: str, path: Path, prompts: list[str]) -> list[tuple[str, Path
 
 def read_items(recipe: Recipe) -> list[dict]:
     """Every prompt item of the recipe's sources, in order, with all its fields and a prefixed id."""
-    from engine.batch import read_prompts
+    from engine.prompts import read_prompts
 
     items = []
     for prefix, file in recipe.sources:

@@ -1,18 +1,19 @@
-"""hierui batch: prompt files, planning checks, resume after an interruption, the tables, the CLI."""
+"""hierui batch: prompt files, planning checks, resume after an interruption, the tables and their schema, the CLI."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from engine import batch as B
+from engine import schema
 from engine.errors import HieruiError
+from engine.prompts import read_prompts
 from engine.session import load_session
+from engine.settings import StepSettings
+from engine.sweep import SweepHooks, choices_path, complete_runs, plan_sweep, run_sweep
+from engine.tables import group_summary
 
 TINY = {"model": "tiny-random", "max_new_tokens": 5, "calib": {"samples": 4, "length": 16, "seed": 0}}
 PROMPTS = [{"prompt": "Answer A or B:", "choices": ["A", "B"]}, {"prompt": "Hello there", "id": "hi"}]
@@ -35,7 +36,7 @@ def assert_same_tables(a, b):
     assert (a / "summary.csv").read_bytes() == (b / "summary.csv").read_bytes()
 
 
-class Recorder(B.SweepHooks):
+class Recorder(SweepHooks):
     """Counts what run_sweep does; `stop_at=(run index, step index)` raises Ctrl-C there."""
 
     def __init__(self, stop_at=None):
@@ -56,7 +57,7 @@ def sweep_files(tmp_path_factory):
 
 
 def plan(sweep_files, **kw):
-    return B.plan_sweep(prompts_file=sweep_files["jsonl"],
+    return plan_sweep(prompts_file=sweep_files["jsonl"],
                         **{**TINY, "specs": ["wanda:0.5", "none"], "modes": ["shared", "free"], **kw})
 
 
@@ -65,7 +66,7 @@ def uninterrupted(sweep_files, tmp_path_factory):
     """One whole sweep, never interrupted: 2 prompts × 2 specs × 2 modes."""
     out = tmp_path_factory.mktemp("whole") / "out"
     sweep = plan(sweep_files)
-    result = B.run_sweep(sweep, out, batch_size=1)
+    result = run_sweep(sweep, out, batch_size=1)
     assert result.computed == [r.run_id for r in sweep.runs()] and not result.skipped
     return sweep, out
 
@@ -76,10 +77,10 @@ def uninterrupted(sweep_files, tmp_path_factory):
 def test_read_prompts_text_and_jsonl(tmp_path):
     text = tmp_path / "p.txt"
     text.write_text("first prompt\n\n  \nsecond {not json}\n", encoding="utf-8")
-    assert [(p.id, p.prompt, p.choices) for p in B.read_prompts(text)] == [
+    assert [(p.id, p.prompt, p.choices) for p in read_prompts(text)] == [
         ("p000", "first prompt", None), ("p001", "second {not json}", None)]
     rows = [{"prompt": "q one", "choices": ["A", "B"]}, {"prompt": "q two", "id": "my id/2"}]
-    items = B.read_prompts(write_jsonl(tmp_path / "p.jsonl", rows))
+    items = read_prompts(write_jsonl(tmp_path / "p.jsonl", rows))
     assert [(p.id, p.prompt, p.choices) for p in items] == [("p000", "q one", ["A", "B"]), ("my_id_2", "q two", None)]
 
 
@@ -96,21 +97,21 @@ def test_bad_prompt_files(tmp_path, name, content, message):
     if content is not None:
         path.write_text(content, encoding="utf-8")
     with pytest.raises(HieruiError, match=message):
-        B.read_prompts(path)
+        read_prompts(path)
 
 
 def test_plan_checks_before_loading(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("hi\n", encoding="utf-8")
     with pytest.raises(HieruiError, match="unknown method 'foo'"):
-        B.plan_sweep(prompts_file=prompts, model="tiny-random", specs=["wanda:0.5", "foo:0.5"])
+        plan_sweep(prompts_file=prompts, model="tiny-random", specs=["wanda:0.5", "foo:0.5"])
     with pytest.raises(HieruiError, match="unknown mode 'teacher'"):
-        B.plan_sweep(prompts_file=prompts, model="tiny-random", modes=["shared", "teacher"])
+        plan_sweep(prompts_file=prompts, model="tiny-random", modes=["shared", "teacher"])
     with pytest.raises(HieruiError, match="exactly one of --prompts FILE or --from SESSION"):
-        B.plan_sweep(model="tiny-random")
+        plan_sweep(model="tiny-random")
     with pytest.raises(HieruiError, match="max new tokens"):
-        B.plan_sweep(prompts_file=prompts, model="tiny-random", max_new_tokens=0)
-    sweep = B.plan_sweep(prompts_file=prompts, model="tiny-random", specs=["wanda:2:4", "none", "none"],
+        plan_sweep(prompts_file=prompts, model="tiny-random", max_new_tokens=0)
+    sweep = plan_sweep(prompts_file=prompts, model="tiny-random", specs=["wanda:2:4", "none", "none"],
                          modes=["free", "shared"])
     assert [r.run_id for r in sweep.runs()] == ["p000-wanda-2of4-free", "p000-wanda-2of4-shared",
                                                 "p000-none-free", "p000-none-shared"]
@@ -124,14 +125,14 @@ def test_resume_after_ctrl_c_equals_uninterrupted(sweep_files, uninterrupted, tm
     runs = [r.run_id for r in sweep.runs()]
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C at step 2 of the fourth run
-        B.run_sweep(plan(sweep_files), out, hooks=Recorder(stop_at=(3, 2)), batch_size=1)
-    assert B.complete_runs(sweep, out) == runs[:3]
+        run_sweep(plan(sweep_files), out, hooks=Recorder(stop_at=(3, 2)), batch_size=1)
+    assert complete_runs(sweep, out) == runs[:3]
     cut = load_session(out / "sessions" / f"{runs[3]}.jsonl")
     assert not cut.complete and len(cut.steps) == 3
     assert not (out / "steps.parquet").exists()
 
     again = Recorder()
-    result = B.run_sweep(plan(sweep_files), out, hooks=again, batch_size=1)
+    result = run_sweep(plan(sweep_files), out, hooks=again, batch_size=1)
     assert result.skipped == runs[:3]
     assert result.computed == again.started == runs[3:]  # the cut run again from scratch, then the rest
     assert_same_tables(out, whole)
@@ -151,23 +152,23 @@ def test_resume_recomputes_only_missing_and_truncated_runs(uninterrupted, sweep_
     kept = {p.name: p.stat().st_mtime_ns for p in sessions.iterdir() if p.stem not in (gone, cut)}
 
     recorder = Recorder()
-    result = B.run_sweep(plan(sweep_files), out, hooks=recorder, batch_size=1)
+    result = run_sweep(plan(sweep_files), out, hooks=recorder, batch_size=1)
     assert result.computed == recorder.started == [gone, cut]
     assert {p.name: p.stat().st_mtime_ns for p in sessions.iterdir() if p.stem not in (gone, cut)} == kept
     assert load_session(sessions / f"{cut}.jsonl").complete
     assert_same_tables(out, whole)
 
     nothing = Recorder()
-    assert B.run_sweep(plan(sweep_files), out, hooks=nothing, batch_size=1).computed == [] and nothing.started == []
+    assert run_sweep(plan(sweep_files), out, hooks=nothing, batch_size=1).computed == [] and nothing.started == []
     assert_same_tables(out, whole)
 
 
 def test_resume_with_other_settings_is_refused(uninterrupted, sweep_files):
     _, out = uninterrupted
     with pytest.raises(HieruiError, match="holds another sweep .*specs"):
-        B.run_sweep(plan(sweep_files, specs=["magnitude:0.5"]), out)
+        run_sweep(plan(sweep_files, specs=["magnitude:0.5"]), out)
     with pytest.raises(HieruiError, match="holds another sweep .*settings"):
-        B.run_sweep(plan(sweep_files, max_new_tokens=3), out)
+        run_sweep(plan(sweep_files, max_new_tokens=3), out)
 
 
 # ------------------------------------------------------------------ the tables
@@ -201,11 +202,80 @@ def test_tables_none_is_exactly_zero_and_choices_give_sub_columns(uninterrupted)
         assert (row["sub_kl_mean"] is not None) == (row["prompt_id"] == "p000")
     assert {r["measured_sparsity"] for r in summary if r["spec"] == "wanda:0.5"} == {0.5}
     assert all(r["kl_mean"] == 0 and r["ln_ppl_ratio"] == 0 for r in summary if r["spec"] == "none")
-    groups = B.group_summary(sweep, summary)
+    groups = group_summary(sweep, summary)
     assert [(g["spec"], g["mode"], g["runs"]) for g in groups] == [
         ("wanda:0.5", "shared", 2), ("wanda:0.5", "free", 2), ("none", "shared", 2), ("none", "free", 2)]
     csv_header = (out / "summary.csv").read_text(encoding="utf-8").splitlines()[0]
     assert '"kl_p99"' in csv_header and '"first_divergence"' in csv_header
+
+
+def test_step_and_summary_tables_have_the_declared_schema(uninterrupted, tmp_path):
+    """Every column always present, typed from engine.schema: with choices and free mode (the whole sweep)
+    and without either (a shared-only sweep of a prompt without choices: sub_* and first_divergence null)."""
+    _, out = uninterrupted
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello there\n", encoding="utf-8")
+    plain = tmp_path / "plain"
+    run_sweep(plan_sweep(prompts_file=prompts, model="tiny-random", specs=["none"], modes=["shared"],
+                         max_new_tokens=3), plain, batch_size=1)
+    for folder in (out, plain):
+        assert pq.read_schema(folder / "steps.parquet") == schema.arrow_schema(schema.STEPS), folder
+        assert pq.read_schema(folder / "summary.parquet") == schema.arrow_schema(schema.SUMMARY), folder
+        assert pq.read_schema(folder / "steps.parquet").names == list(schema.STEPS)
+    steps = pq.read_table(out / "steps.parquet").to_pylist()
+    assert any(r["first_divergence"] is not None for r in steps if r["mode"] == "free")
+    assert all(r["first_divergence"] is None for r in steps if r["mode"] == "shared")
+    assert all(isinstance(r["top1_agree"], bool) and isinstance(r["rank_shift"], int) for r in steps)
+    assert all(isinstance(r["sub_agree"], bool) for r in steps if r["prompt_id"] == "p000")
+    assert all(json.loads(r["topk_d"])[0][0] == r["token_d"] for r in steps)  # greedy: the dense top-1
+
+    plain_steps = pq.read_table(plain / "steps.parquet").to_pylist()
+    assert plain_steps and all(r[name] is None for r in plain_steps
+                               for name in ("sub_p_d", "sub_p_p", "sub_kl", "sub_cos", "sub_agree", "first_divergence"))
+    (row,) = pq.read_table(plain / "summary.parquet").to_pylist()
+    assert row["choices"] is None and row["sub_kl_mean"] is None and row["first_divergence"] is None
+    assert row["kl_mean"] == 0 and row["steps"] == len(plain_steps)
+
+
+def test_schema_refuses_undeclared_fields_and_wrong_kinds():
+    row = {"run_id": "r", "spec": "none", "mode": "shared", "prompt_id": "p", "step": 0, "kl": 0.5}
+    table = schema.to_table([row], schema.STEPS)
+    assert table.schema == schema.arrow_schema(schema.STEPS) and table.to_pylist()[0]["tv"] is None
+    assert schema.to_table([], schema.STEPS).schema == schema.arrow_schema(schema.STEPS)
+    assert schema.to_table([{**row, "rank_shift": 3.0, "top1_agree": 1.0}], schema.STEPS).to_pylist()[0][
+        "rank_shift"] == 3
+    with pytest.raises(schema.SchemaError, match="'new_metric'.*engine/schema.py"):
+        schema.to_table([{**row, "new_metric": 1.0}], schema.STEPS, "steps.parquet")
+    for name, value in (("step", 1.5), ("top1_agree", 0.5), ("kl", "high"), ("emb_cos", 1.0), ("fed", [1.5])):
+        with pytest.raises(schema.SchemaError, match=f"column '{name}'"):
+            schema.to_table([{**row, name: value}], schema.STEPS)
+
+
+def test_summary_columns_cover_summarize():
+    """Every key summarize() can give (free mode, choices) is a declared summary column."""
+    from engine.summary import summarize
+
+    record = {"kl": 0.1, "kl_est": 0.1, "tv": 0.1, "top1_agree": 1.0, "emb_cos": [1.0], "logit_cos": 1.0,
+              "prob_cos": 1.0, "prob_cos_est": 1.0, "js": 0.0, "amp": 1.0, "cum_kl": 0.1, "cum_nll_gap": 0.0,
+              "nll_d": 1.0, "nll_p": 1.0, "same_token": True, "first_divergence": None, "sub_kl": 0.0,
+              "sub_agree": 1.0}
+    assert list(summarize([record], "free")) == list(schema.SUMMARY_FIELDS)
+
+
+def test_settings_are_frozen_and_the_manifest_format_is_unchanged(sweep_files, uninterrupted):
+    sweep, out = uninterrupted
+    assert isinstance(sweep.settings, StepSettings) and sweep.settings.max_new_tokens == 5
+    assert sweep.step_settings("free").mode == "free" and sweep.settings.mode == "shared"
+    manifest = json.loads((out / "batch.json").read_text(encoding="utf-8"))
+    assert manifest.pop("created")
+    assert manifest == {
+        "format": "hierui-batch", "version": 1, "model": "tiny-random",
+        "prompts": [{"id": "p000", "prompt": "Answer A or B:", "choices": ["A", "B"]},
+                    {"id": "hi", "prompt": "Hello there", "choices": None}],
+        "specs": ["wanda:0.5", "none"], "modes": ["shared", "free"],
+        "settings": {"temperature": 1.0, "max_new_tokens": 5, "sample": False, "seed": 0, "raw": False, "topk": 5},
+        "calibration": {"source": None, "samples": 4, "length": 16, "seed": 0},
+        "device": "auto", "dtype": "auto", "source": str(sweep_files["jsonl"])}
 
 
 # ------------------------------------------------------------------ the CLI
@@ -266,11 +336,6 @@ def test_cli_sweep_rerun_interrupt_and_from_session(tmp_path, monkeypatch):
     assert made.header["max_new_tokens"] == 2 and made.header["prompt"] == "The cat sat" and len(made.steps) <= 2
 
 
-def hierui(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "hierui", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {}), "COLUMNS": "200"}, timeout=300)
-
-
 @pytest.mark.parametrize("args, message", [
     (["--prompts", "{dir}/missing.txt"], "prompts file not found"),
     (["--prompts", "{dir}/empty.txt"], "holds no prompts"),
@@ -281,13 +346,13 @@ def hierui(*args, env=None):
     (["--from", "{dir}/ok.txt", "-p", "none"], "is not a hierui session"),
     (["--from", "{dir}/ok.txt"], "give at least one --prune"),
 ])
-def test_cli_bad_input_is_one_line_exit_2_before_loading(tmp_path, args, message):
+def test_cli_bad_input_is_one_line_exit_2_before_loading(cli, tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
     (tmp_path / "ok.txt").write_text("hello\n", encoding="utf-8")
     (tmp_path / "noprompt.jsonl").write_text('{"text": "hello"}\n', encoding="utf-8")
     home = tmp_path / "home"
-    run = hierui("batch", *[a.format(dir=tmp_path) for a in args], "--out", str(tmp_path / "out"),
-                 env={"HIERUI_HOME": str(home)})
+    run = cli("batch", *[a.format(dir=tmp_path) for a in args], "--out", str(tmp_path / "out"),
+              env={"HIERUI_HOME": str(home)})
     assert run.returncode == 2, run.stderr
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], run.stderr
@@ -299,7 +364,7 @@ def test_batched_sweep_matches_one_prompt_at_a_time(sweep_files, uninterrupted, 
     """--batch-size 4 steps the prompts together; the recorded runs equal the one-at-a-time sweep's."""
     _sweep, one_at_a_time = uninterrupted
     out = tmp_path / "batched"
-    result = B.run_sweep(plan(sweep_files), out, batch_size=4)
+    result = run_sweep(plan(sweep_files), out, batch_size=4)
     assert sorted(result.computed) == sorted(r.run_id for r in plan(sweep_files).runs())
     a = pq.read_table(one_at_a_time / "steps.parquet").to_pylist()
     b = pq.read_table(out / "steps.parquet").to_pylist()
@@ -316,11 +381,11 @@ def test_multiple_choice_items_are_scored_per_spec_and_resume(tmp_path):
              {"id": "m2", "prompt": "Again:", "choices": ["x", "yy", "z", "w"], "answer": "yy", "topic": "t2"},
              {"id": "m3", "prompt": "Last:", "choices": ["a", "b"], "answer": 0}]
     path = write_jsonl(tmp_path / "mixed.jsonl", items)
-    sweep = B.plan_sweep(prompts_file=path, **{**TINY, "specs": ["magnitude:0.5", "none"], "modes": ["shared"]})
+    sweep = plan_sweep(prompts_file=path, **{**TINY, "specs": ["magnitude:0.5", "none"], "modes": ["shared"]})
     assert [r.run_id for r in sweep.runs()] == ["gen-magnitude-0.5-shared", "gen-none-shared"]
     assert [p.id for p in sweep.choice_items] == ["m1", "m2", "m3"] and sweep.choice_items[1].answer == 1
     out = tmp_path / "out"
-    result = B.run_sweep(sweep, out)
+    result = run_sweep(sweep, out)
     rows = pq.read_table(out / "mc.parquet").to_pylist()
     assert [(r["spec"], r["item_id"]) for r in rows] == [(s, i) for s in ("magnitude:0.5", "none") for i in ("m1", "m2", "m3")]
     none_rows = [r for r in rows if r["spec"] == "none"]
@@ -332,10 +397,14 @@ def test_multiple_choice_items_are_scored_per_spec_and_resume(tmp_path):
         assert summary["acc_p"] == pytest.approx(sum(r["pred_p"] == r["answer"] for r in mine) / 3)
     assert by_spec["none"]["acc_d"] == by_spec["none"]["acc_p"] == by_spec["magnitude:0.5"]["acc_d"]
     assert pq.read_table(out / "mc_summary.parquet").num_rows == 2 and (out / "mc_summary.csv").is_file()
-    stamp = B.choices_path(out, sweep.specs[0]).stat().st_mtime_ns
-    B.choices_path(out, sweep.specs[1]).unlink()  # interrupted before the second spec's items were written
-    again = B.run_sweep(sweep, out)
-    assert again.computed == [] and B.choices_path(out, sweep.specs[0]).stat().st_mtime_ns == stamp
+    assert pq.read_schema(out / "mc.parquet") == schema.arrow_schema(schema.CHOICES)
+    assert pq.read_schema(out / "mc_summary.parquet") == schema.arrow_schema(schema.CHOICE_SUMMARY)
+    assert [json.loads(r["choices"]) for r in rows[:3]] == [item["choices"] for item in items[1:]]
+    assert pq.read_table(out / "steps.parquet").schema == schema.arrow_schema(schema.STEPS)
+    stamp = choices_path(out, sweep.specs[0]).stat().st_mtime_ns
+    choices_path(out, sweep.specs[1]).unlink()  # interrupted before the second spec's items were written
+    again = run_sweep(sweep, out)
+    assert again.computed == [] and choices_path(out, sweep.specs[0]).stat().st_mtime_ns == stamp
     assert pq.read_table(out / "mc.parquet").to_pylist() == rows
 
 
@@ -345,4 +414,4 @@ def test_bad_multiple_choice_items(tmp_path):
         path = tmp_path / "bad.jsonl"
         path.write_text(line + "\n", encoding="utf-8")
         with pytest.raises(HieruiError, match=message):
-            B.read_prompts(path)
+            read_prompts(path)

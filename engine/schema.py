@@ -1,0 +1,155 @@
+"""The columns of the batch tables, each with one fixed type, and rows turned into pyarrow tables of exactly those.
+
+A table's columns are always all present, in the order declared here, with their declared type, whatever a
+sweep's runs hold: a value a run lacks (the `sub_*` fields of a prompt without choices, `first_divergence`
+in shared mode) is null. A field that is not declared is an error (SchemaError), so the tables cannot drift
+from the step records (engine.stepper), the summaries (engine.summary) or the multiple-choice rows
+(engine.choice) without a test failing. The names are the contract of shared/design.md and engine.metrics.
+
+Kinds: "string", "int64", "float64", "bool", "list<int64>", "list<float64>", and "json": any JSON value,
+stored as its compact JSON text (the top-k lists, the choices). Integral floats are accepted for int64
+columns and 0/1 for bool columns: engine.metrics.to_host moves every metric as a float64
+(`rank_shift` is a count, `top1_agree`/`sub_agree` are yes/no). pyarrow is imported only to build a table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from engine.errors import HieruiError
+from engine.summary import PERCENTILES
+
+STRING, INT, FLOAT, BOOL, JSON = "string", "int64", "float64", "bool", "json"
+INTS, FLOATS = "list<int64>", "list<float64>"
+
+# ------------------------------------------------------------------ the columns
+
+# which run a row belongs to: the first columns of steps.parquet and summary.parquet
+RUN_COLUMNS = {"run_id": STRING, "spec": STRING, "mode": STRING, "prompt_id": STRING}
+
+# every field of a step record (engine.stepper), in the order of the design's table
+STEP_FIELDS = {
+    "step": INT, "token_d": INT, "token_p": INT, "text_d": STRING, "text_p": STRING, "fed": INTS,
+    # hidden states, per layer ℓ = 0 (embeddings) … L (final normed state)
+    "emb_cos": FLOATS, "emb_rel": FLOATS, "emb_perp": FLOATS, "emb_cos_est": FLOATS,
+    # logits
+    "logit_cos": FLOAT, "logit_rel": FLOAT,
+    # probabilities
+    "kl": FLOAT, "kl_est": FLOAT, "prob_cos": FLOAT, "prob_cos_est": FLOAT, "js": FLOAT, "tv": FLOAT,
+    "top1_agree": BOOL, "topk_overlap": FLOAT, "dp": FLOAT, "rank_shift": INT, "amp": FLOAT,
+    "nll_d": FLOAT, "nll_p": FLOAT,
+    # accumulated over the run
+    "cum_kl": FLOAT, "cum_nll_gap": FLOAT, "same_token": BOOL, "first_divergence": INT,  # free mode only
+    # the categorical subspace (prompts with choices only)
+    "sub_p_d": FLOATS, "sub_p_p": FLOATS, "sub_kl": FLOAT, "sub_cos": FLOAT, "sub_agree": BOOL,
+    # top-k lists [[token id, text, probability], …]
+    "topk_d": JSON, "topk_p": JSON,
+}
+
+# engine.summary.summarize's keys
+SUMMARY_FIELDS = {
+    "steps": INT,
+    **{f"{name}_{stat}": FLOAT for name in ("kl", "tv") for stat in ("mean", *(f"p{q}" for q in PERCENTILES))},
+    "kl_est_mean": FLOAT, "same_top1_rate": FLOAT, "emb_cos_final_mean": FLOAT,
+    **{f"{name}_mean": FLOAT for name in ("logit_cos", "prob_cos", "prob_cos_est", "js", "amp")},
+    "cum_kl": FLOAT, "cum_nll_gap": FLOAT, "ln_ppl_ratio": FLOAT, "ppl_ratio": FLOAT,
+    "first_divergence": INT, "same_token_rate": FLOAT,  # free mode only
+    "sub_kl_mean": FLOAT, "sub_agree_rate": FLOAT,  # prompts with choices only
+}
+
+# engine.choice.score_item's keys: one multiple-choice item scored under one spec
+CHOICE_FIELDS = {
+    "item_id": STRING, "topic": STRING, "prompt": STRING, "choices": JSON, "answer": INT,
+    "score_d": FLOATS, "score_p": FLOATS, "sub_p_d": FLOATS, "sub_p_p": FLOATS,
+    "pred_d": INT, "pred_p": INT, "correct_d": BOOL, "correct_p": BOOL, "agree": BOOL,
+    "sub_kl": FLOAT, "sub_cos": FLOAT, "kl": FLOAT, "tv": FLOAT, "logit_cos": FLOAT, "prob_cos": FLOAT,
+    "emb_cos_final": FLOAT,
+}
+
+# engine.choice.summarize_items's keys
+CHOICE_SUMMARY_FIELDS = {"items": INT, "acc_d": FLOAT, "acc_p": FLOAT, "agree_rate": FLOAT,
+                         "sub_kl_mean": FLOAT, "kl_mean": FLOAT, "tv_mean": FLOAT}
+
+# the tables: OUT/steps.parquet, OUT/summary.parquet (and .csv), OUT/mc.parquet, OUT/mc_summary.parquet (and .csv)
+STEPS = {**RUN_COLUMNS, **STEP_FIELDS}
+SUMMARY = {**RUN_COLUMNS, "prompt": STRING, "choices": JSON, "model": STRING, "measured_sparsity": FLOAT,
+           **SUMMARY_FIELDS}
+CHOICES = {"spec": STRING, **CHOICE_FIELDS}
+CHOICE_SUMMARY = {"spec": STRING, **CHOICE_SUMMARY_FIELDS}
+TABLES = {"steps": STEPS, "summary": SUMMARY, "mc": CHOICES, "mc_summary": CHOICE_SUMMARY}
+
+
+class SchemaError(HieruiError):
+    """A row holds a field its table does not declare, or a value of the wrong kind."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=1)
+
+
+# ------------------------------------------------------------------ pyarrow
+
+
+def arrow_type(kind: str):
+    import pyarrow as pa
+
+    return {STRING: pa.string(), INT: pa.int64(), FLOAT: pa.float64(), BOOL: pa.bool_(),
+            INTS: pa.list_(pa.int64()), FLOATS: pa.list_(pa.float64()), JSON: pa.string()}[kind]
+
+
+def arrow_schema(columns: dict[str, str]):
+    """The pyarrow schema of a table declared here (STEPS, SUMMARY, CHOICES, CHOICE_SUMMARY)."""
+    import pyarrow as pa
+
+    return pa.schema([pa.field(name, arrow_type(kind)) for name, kind in columns.items()])
+
+
+def _bad(name: str, kind: str, value) -> SchemaError:
+    return SchemaError(f"column '{name}' ({kind}) cannot hold {type(value).__name__} {value!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _scalar(name: str, kind: str, value):
+    if value is None:
+        return None
+    if kind == STRING and isinstance(value, str):
+        return value
+    if kind == FLOAT and _is_number(value):
+        return float(value)
+    if kind == INT and _is_number(value) and (isinstance(value, int) or (math.isfinite(value) and value.is_integer())):
+        return int(value)
+    if kind == BOOL and (isinstance(value, bool) or (_is_number(value) and value in (0, 1))):
+        return bool(value)
+    raise _bad(name, kind, value)
+
+
+def cell(name: str, kind: str, value):
+    """`value` as the Python value pyarrow stores in a column of `kind`; SchemaError if it cannot be one."""
+    if value is None:
+        return None
+    if kind == JSON:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if kind in (INTS, FLOATS):
+        if not isinstance(value, (list, tuple)):
+            raise _bad(name, kind, value)
+        item = INT if kind == INTS else FLOAT
+        return [_scalar(name, item, v) for v in value]
+    return _scalar(name, kind, value)
+
+
+def to_table(rows: list[dict], columns: dict[str, str], what: str = "table"):
+    """A pyarrow table of exactly `columns` (in their order, with their types) from `rows`: a field a row
+    lacks is null; a field not in `columns` is a SchemaError naming it (and `what`, the table)."""
+    import pyarrow as pa
+
+    for row in rows:
+        unknown = [name for name in row if name not in columns]
+        if unknown:
+            raise SchemaError(f"{what}: field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
+                              f"not declared in engine/schema.py")
+    arrays = [pa.array([cell(name, kind, row.get(name)) for row in rows], arrow_type(kind))
+              for name, kind in columns.items()]
+    return pa.Table.from_arrays(arrays, schema=arrow_schema(columns))

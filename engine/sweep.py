@@ -1,0 +1,348 @@
+"""Sweeps: prompts × perturbation specs × modes, planned, recorded headless into an output folder, and resumed.
+
+    plan     plan_sweep() reads the prompts (a prompts file, engine.prompts; or the prompt and settings of a
+             saved session) and checks every spec, mode and setting, before any model is loaded.
+    run      run_sweep() loads the model once, builds one calibration shared by all specs, perturbs each
+             spec once and records each run (spec → prompt → mode) as OUT/sessions/<run_id>.jsonl, with
+             run_id = <prompt id>-<spec slug>-<mode>, e.g. p003-wanda-0.5-shared; runs of one mode are
+             stepped together, `batch_size` at a time. Multiple-choice items are scored once per spec
+             (OUT/mc/<spec slug>.jsonl). Then it writes the tables (engine.tables).
+    resume   a run whose session file has its closing summary is complete and is skipped; an incomplete
+             one is rerun from scratch. OUT/batch.json records the sweep; rerunning into the same OUT
+             with other settings is refused (use another --out).
+
+The step settings come from engine.settings: the sweep's `settings` (a frozen StepSettings, of which
+batch.json records the SWEEP_FIELDS), with each run's mode put in by `dataclasses.replace`; each prompt's
+choices go to the stepper per row.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from engine.errors import HieruiError
+from engine.paths import atomic_write
+from engine.perturb.spec import Spec, parse_spec
+from engine.prompts import PromptItem, read_prompts
+from engine.session import Session, load_session
+from engine.settings import SWEEP_DEFAULTS, SWEEP_FIELDS, CalibSettings, StepSettings
+
+MANIFEST = "batch.json"
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_SPEC = "wanda:0.5"
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    prompt: PromptItem
+    spec: Spec
+    mode: str
+
+
+@dataclass
+class Sweep:
+    """What a sweep runs: model × prompts × specs × modes, with the step and calibration settings."""
+
+    model: str
+    prompts: list[PromptItem]
+    specs: list[Spec]
+    modes: list[str]
+    settings: StepSettings = field(default_factory=lambda: StepSettings(**SWEEP_DEFAULTS))  # SWEEP_FIELDS used
+    calib: CalibSettings = field(default_factory=CalibSettings)
+    device: str = "auto"
+    dtype: str = "auto"
+    source: str | None = None  # the prompts file or session it came from (for the manifest only)
+
+    def runs(self) -> list[Run]:
+        """Every generation run, in loop order: spec, then prompt, then mode (multiple-choice items excluded)."""
+        return [Run(f"{p.id}-{s.slug}-{m}", p, s, m)
+                for s in self.specs for p in self.prompts if not p.is_choice for m in self.modes]
+
+    @property
+    def choice_items(self) -> list[PromptItem]:
+        """The multiple-choice items: scored once per spec, without generation."""
+        return [p for p in self.prompts if p.is_choice]
+
+    def step_settings(self, mode: str) -> StepSettings:
+        """The settings the runs of `mode` are stepped with (each prompt's choices go to the stepper per row)."""
+        return replace(self.settings, mode=mode)
+
+    def settings_dict(self) -> dict:
+        """The SWEEP_FIELDS of the settings, as batch.json records them."""
+        values = self.settings.to_dict()
+        return {k: values[k] for k in SWEEP_FIELDS}
+
+    def manifest(self) -> dict:
+        return {"format": "hierui-batch", "version": 1, "model": self.model,
+                "prompts": [{"id": p.id, "prompt": p.prompt, "choices": p.choices,
+                             **({"answer": p.answer} if p.is_choice else {})} for p in self.prompts],
+                "specs": [str(s) for s in self.specs], "modes": list(self.modes), "settings": self.settings_dict(),
+                "calibration": self.calib.to_dict(), "device": self.device, "dtype": self.dtype, "source": self.source}
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    runs: list[Run]
+    skipped: list[str] = field(default_factory=list)  # run ids already complete
+    computed: list[str] = field(default_factory=list)  # run ids recorded by this call
+    summary: list[dict] = field(default_factory=list)  # summary.parquet's rows
+    choice_summary: list[dict] = field(default_factory=list)  # mc_summary.parquet's rows (one per spec)
+
+
+class SweepHooks:
+    """Progress callbacks of run_sweep; the CLI draws bars with them. Every method is optional."""
+
+    def sweep_started(self, total: int, done: int) -> None: ...
+    def message(self, text: str) -> None: ...
+    def stage(self, stage: str, done: int, total: int) -> None: ...
+    def run_started(self, run: Run, max_tokens: int) -> None: ...
+    def batch_started(self, runs: list[Run], max_tokens: int) -> None:
+        """Several runs stepped together (max_tokens over all of them); by default the first run's start."""
+        self.run_started(runs[0], max_tokens)
+    def step(self, run: Run, record: dict) -> None: ...
+    def run_finished(self, run: Run) -> None: ...
+
+
+# ------------------------------------------------------------------ planning
+
+
+def plan_sweep(*, prompts_file: str | Path | None = None, from_session: str | Path | None = None,
+               model: str | None = None, specs: list[str] | None = None, modes: list[str] | None = None,
+               calib: dict | None = None, device: str = "auto", dtype: str = "auto", **settings) -> Sweep:
+    """Check the whole sweep before anything is loaded. `settings` (SWEEP_FIELDS) and `calib` values left
+    None take the session's (with `from_session`) or the defaults (engine.settings)."""
+    from engine.models import resolve
+
+    if (prompts_file is None) == (from_session is None):
+        raise HieruiError("give the prompts with exactly one of --prompts FILE or --from SESSION")
+    unknown = set(settings) - set(SWEEP_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown settings {sorted(unknown)}")
+    given = {k: v for k, v in settings.items() if v is not None}
+    calib_given = {k: v for k, v in (calib or {}).items() if v is not None}
+    base, base_calib = dict(SWEEP_DEFAULTS), CalibSettings().to_dict()
+    if from_session is not None:
+        if not specs:
+            raise HieruiError("--from SESSION reruns a session under other perturbations: give at least one --prune")
+        header = load_session(from_session).header
+        prompts = [PromptItem("p000", header.get("prompt") or "", header.get("choices") or None)]
+        base.update({k: header[k] for k in SWEEP_FIELDS if header.get(k) is not None})
+        for k, v in (header.get("calibration") or {}).items():
+            if k in base_calib and v is not None:
+                base_calib[k] = None if k == "source" and v == "self" else v
+        model = model or header.get("model")
+        modes = modes or [header.get("mode") or "shared"]
+        source = str(from_session)
+    else:
+        prompts = read_prompts(prompts_file)
+        source = str(prompts_file)
+    base.update(given)
+    base_calib.update(calib_given)
+    if base_calib["source"] is not None:
+        path = Path(base_calib["source"]).expanduser()
+        if not path.is_file():
+            raise HieruiError(f"calibration file not found: {base_calib['source']}")
+        base_calib["source"] = str(path.resolve())
+    calibration = CalibSettings(**base_calib).validate()
+
+    model = model or DEFAULT_MODEL
+    resolve(model)  # an unknown model fails here, before anything slow
+    parsed = _unique([parse_spec(s) for s in (specs or [DEFAULT_SPEC])])
+    for spec in parsed:
+        if spec.method == "checkpoint" and not Path(spec.path).expanduser().exists():
+            raise HieruiError(f"checkpoint not found: {spec.path}")
+    modes = _unique([m.strip().lower() for m in (modes or ["shared"])])
+    sweep = Sweep(model, prompts, parsed, modes, StepSettings(**base), calibration, device, dtype, source)
+    for mode in modes:
+        sweep.step_settings(mode).validate()  # the mode and every bound (engine.settings)
+    ids = [r.run_id for r in sweep.runs()]
+    if len(set(ids)) != len(ids):
+        raise HieruiError("two specs give the same run name (e.g. checkpoints in folders of the same name)")
+    return sweep
+
+
+def _unique(items: list) -> list:
+    return list(dict.fromkeys(items))
+
+
+def default_out_dir(root: str | Path = "runs") -> Path:
+    return Path(root) / time.strftime("%Y%m%d-%H%M%S")
+
+
+# ------------------------------------------------------------------ the output folder
+
+
+def session_path(out: str | Path, run: Run) -> Path:
+    return Path(out) / "sessions" / f"{run.run_id}.jsonl"
+
+
+def choices_path(out: str | Path, spec: Spec) -> Path:
+    return Path(out) / "mc" / f"{spec.slug}.jsonl"
+
+
+def load_complete(path: Path) -> Session | None:
+    """The session at `path` if it is there and complete (has its closing summary), else None."""
+    try:
+        session = load_session(path)
+    except HieruiError:
+        return None
+    return session if session.complete else None
+
+
+def complete_runs(sweep: Sweep, out: str | Path) -> list[str]:
+    """The ids of the runs of `sweep` whose session in `out` is complete."""
+    return [r.run_id for r in sweep.runs() if load_complete(session_path(out, r)) is not None]
+
+
+def choices_complete(sweep: Sweep, out: str | Path, spec: Spec) -> bool:
+    """Whether OUT/mc/<spec>.jsonl holds a row for every multiple-choice item of `sweep`, in order."""
+    path = choices_path(out, spec)
+    if not path.is_file():
+        return False
+    try:
+        done = [json.loads(line)["item_id"] for line in path.read_text(encoding="utf-8").splitlines() if line]
+    except (OSError, ValueError, KeyError):
+        return False
+    return done == [p.id for p in sweep.choice_items]
+
+
+def prepare_out(sweep: Sweep, out: str | Path) -> None:
+    """Create OUT and write OUT/batch.json, or check that the one there describes this same sweep."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HieruiError(f"--out {out} is a file, not a folder")
+    manifest = json.loads(json.dumps(sweep.manifest()))
+    target = out / MANIFEST
+    if target.exists():
+        try:
+            old = json.loads(target.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise HieruiError(f"{target} is unreadable; use another --out") from None
+        ignore = {"source", "created"}
+        differ = [k for k in sorted(set(old) | set(manifest)) if k not in ignore and old.get(k) != manifest.get(k)]
+        if differ:
+            raise HieruiError(f"{out} holds another sweep ({', '.join(differ)} differ): rerun it with the same "
+                              f"settings to resume it, or use another --out")
+        return
+    if (out / "sessions").is_dir() and any((out / "sessions").iterdir()):
+        raise HieruiError(f"{out} holds sessions but no {MANIFEST}; use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic_write(target, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+
+
+# ------------------------------------------------------------------ running
+
+
+def run_sweep(sweep: Sweep, out: str | Path, use_cache: bool = True, hooks: SweepHooks | None = None,
+              batch_size: int | None = None) -> SweepResult:
+    """Record every run of `sweep` not yet complete in `out`, then write the tables (engine.tables).
+
+    Ctrl-C propagates as KeyboardInterrupt; the run in progress keeps its written steps (and is rerun
+    from scratch next time), the finished ones stay complete.
+    """
+    from engine.tables import write_choice_tables, write_tables
+
+    hooks = hooks or SweepHooks()
+    out = Path(out)
+    prepare_out(sweep, out)
+    runs = sweep.runs()
+    done = set(complete_runs(sweep, out))
+    result = SweepResult(out, runs, skipped=[r.run_id for r in runs if r.run_id in done])
+    todo = [r for r in runs if r.run_id not in done]
+    mc_todo = [spec for spec in sweep.specs if sweep.choice_items and not choices_complete(sweep, out, spec)]
+    hooks.sweep_started(len(runs), len(done))
+    if todo or mc_todo:
+        size = batch_size or default_batch_size(sweep.device)
+        if size < 1:
+            raise HieruiError(f"--batch-size must be at least 1, got {size}")
+        _record(sweep, out, todo, use_cache, hooks, result, size, mc_todo)
+    result.summary = write_tables(sweep, out)
+    result.choice_summary = write_choice_tables(sweep, out)
+    return result
+
+
+def _record(sweep: Sweep, out: Path, todo: list[Run], use_cache: bool, hooks: SweepHooks, result: SweepResult,
+            batch_size: int, mc_todo: list[Spec]) -> None:
+    from engine.calibration import build_calibration
+    from engine.models import load
+    from engine.perturb import perturb
+    from engine.session import SessionRecorder
+    from engine.stepper import BatchStepper
+    from engine.tokens import choice_token_ids
+
+    loaded = load(sweep.model, device=sweep.device, dtype=sweep.dtype, progress=hooks.message)
+    for item in sweep.prompts:  # bad choices fail now, not in the middle of the sweep
+        if item.choices and not item.is_choice:  # generation: the subspace reads each choice's first token
+            try:
+                choice_token_ids(loaded.tokenizer, item.choices)
+            except HieruiError as e:
+                raise HieruiError(f"prompt {item.id}: {e}") from None
+    calibration = None
+    for spec in sweep.specs:
+        spec_runs = [r for r in todo if r.spec == spec]
+        if not spec_runs and spec not in mc_todo:
+            continue
+        if spec.needs_calibration and calibration is None:
+            started = time.perf_counter()
+            c = sweep.calib
+            calibration = build_calibration(loaded, source=c.source, samples=c.samples, length=c.length,
+                                            seed=c.seed, use_cache=use_cache,
+                                            progress=lambda d, t: hooks.stage("calibrating", d, t))
+            calibration.seconds = time.perf_counter() - started
+        hooks.message(f"perturbing: {spec}")
+        pair = perturb(loaded, spec, calibration=calibration, use_cache=use_cache, progress=hooks.stage)
+        if spec in mc_todo:
+            _score_choices(sweep, out, spec, pair, hooks)
+        for chunk in batches(spec_runs, batch_size):
+            settings = sweep.step_settings(chunk[0].mode)
+            hooks.batch_started(chunk, settings.max_new_tokens * len(chunk))
+            stepper = BatchStepper(pair, [r.prompt.prompt for r in chunk], settings,
+                                   choices=[r.prompt.choices for r in chunk])
+
+            def on_record(b, record, chunk=chunk, stepper=stepper):
+                hooks.step(chunk[b], record)
+                if stepper.rows[b].finished:
+                    result.computed.append(chunk[b].run_id)
+                    hooks.run_finished(chunk[b])
+
+            SessionRecorder(stepper, [session_path(out, r) for r in chunk]).run(callback=on_record)
+        del pair
+
+
+def _score_choices(sweep: Sweep, out: Path, spec: Spec, pair, hooks: SweepHooks) -> None:
+    """Score every multiple-choice item under `spec`: OUT/mc/<spec>.jsonl, written whole at the end."""
+    from engine.choice import ChoiceItem, score_item
+
+    items = sweep.choice_items
+    rows = []
+    for n, item in enumerate(items, start=1):
+        rows.append(score_item(pair, ChoiceItem(item.id, item.prompt, item.choices, item.answer, item.topic),
+                               temperature=sweep.settings.temperature))
+        hooks.stage(f"choices {spec}", n, len(items))
+    text = "".join(json.dumps({"spec": str(spec), **row}, ensure_ascii=False, separators=(",", ":")) + "\n"
+                   for row in rows)
+    atomic_write(choices_path(out, spec), text)
+
+
+def batches(runs: list[Run], size: int) -> list[list[Run]]:
+    """Runs stepped together: same mode (the step settings differ only in choices), at most `size` each."""
+    chunks = []
+    for mode in dict.fromkeys(r.mode for r in runs):
+        same = [r for r in runs if r.mode == mode]
+        chunks += [same[i:i + size] for i in range(0, len(same), size)]
+    order = {id(r): i for i, r in enumerate(runs)}
+    return sorted(chunks, key=lambda chunk: order[id(chunk[0])])  # size 1: the sweep's own order
+
+
+def default_batch_size(device: str) -> int:
+    """Prompts stepped at once: 8 on a CPU (about 3× the tokens per second of one), 16 on a GPU."""
+    import torch
+
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return 16 if on_gpu else 8

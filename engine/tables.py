@@ -1,0 +1,116 @@
+"""The tables of a sweep: read back from its session and multiple-choice files, written whole, averaged per group.
+
+    steps        OUT/steps.parquet: a row per step per run (per-layer metrics as list columns, top-k lists as
+                 JSON text), sorted by run_id, step.
+    summary      OUT/summary.parquet and OUT/summary.csv: a row per run, engine.summary.summarize of its
+                 steps, sorted by run_id.
+    mc           OUT/mc.parquet (an item per spec per row) and OUT/mc_summary.parquet/.csv (a row per spec),
+                 when the sweep has multiple-choice items.
+
+Every table has the columns and types of engine.schema, whatever the sweep held. The tables are built from
+the files, never from memory, so a resumed and an uninterrupted sweep give equal tables. group_summary()
+averages the key summary fields per (spec, mode) for the printed table.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine import schema
+from engine.errors import HieruiError
+from engine.paths import atomic_write
+from engine.session import Session
+from engine.sweep import Run, Sweep, choices_complete, choices_path, load_complete, session_path
+
+# the summary fields averaged per (spec, mode) in the printed table, with their headings
+GROUP_FIELDS = {"kl_mean": "KL", "kl_p99": "KL p99", "tv_mean": "TV", "same_top1_rate": "top-1",
+                "emb_cos_final_mean": "emb cos", "logit_cos_mean": "logit cos", "prob_cos_mean": "prob cos",
+                "amp_mean": "amp", "first_divergence": "1st div", "ln_ppl_ratio": "ln ppl",
+                "sub_kl_mean": "sub KL"}
+
+
+def _sessions(sweep: Sweep, out: Path) -> list[tuple[Run, Session]]:
+    found, missing = [], []
+    for run in sorted(sweep.runs(), key=lambda r: r.run_id):
+        session = load_complete(session_path(out, run))
+        (missing.append(run.run_id) if session is None else found.append((run, session)))
+    if missing:
+        raise HieruiError(f"{len(missing)} runs are not complete in {out} (e.g. {missing[0]}); rerun the sweep")
+    return found
+
+
+def build_tables(sweep: Sweep, out: str | Path):
+    """(steps, summary) as pyarrow tables, read back from the session files of every run of `sweep`."""
+    from engine.summary import summarize
+
+    steps, summary = [], []
+    for run, session in _sessions(sweep, Path(out)):
+        ident = {"run_id": run.run_id, "spec": str(run.spec), "mode": run.mode, "prompt_id": run.prompt.id}
+        for record in session.steps:
+            steps.append({**ident, **record})
+        perturbation = session.header.get("perturbation") or {}
+        summary.append({**ident, "prompt": run.prompt.prompt, "choices": run.prompt.choices or None,
+                        "model": sweep.model, "measured_sparsity": perturbation.get("measured_sparsity"),
+                        **summarize(session.steps, run.mode)})
+    return (schema.to_table(steps, schema.STEPS, "steps.parquet"),
+            schema.to_table(summary, schema.SUMMARY, "summary.parquet"))
+
+
+def write_tables(sweep: Sweep, out: str | Path) -> list[dict]:
+    """Write OUT/steps.parquet, OUT/summary.parquet and OUT/summary.csv; return the summary rows."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    steps, summary = build_tables(sweep, out)
+    atomic_write(out / "steps.parquet", lambda path: pq.write_table(steps, str(path)))
+    atomic_write(out / "summary.parquet", lambda path: pq.write_table(summary, str(path)))
+    atomic_write(out / "summary.csv", lambda path: pcsv.write_csv(summary, str(path)))
+    return summary.to_pylist()
+
+
+def build_choice_tables(sweep: Sweep, out: str | Path):
+    """(items, summary) as pyarrow tables, read back from OUT/mc/<spec>.jsonl of every spec of `sweep`."""
+    from engine.choice import summarize_items
+
+    out = Path(out)
+    items, summary = [], []
+    for spec in sweep.specs:
+        if not choices_complete(sweep, out, spec):
+            raise HieruiError(f"the multiple-choice items of {spec} are not complete in {out}; rerun the sweep")
+        rows = [json.loads(line) for line in choices_path(out, spec).read_text(encoding="utf-8").splitlines() if line]
+        items += rows
+        summary.append({"spec": str(spec), **summarize_items(rows)})
+    return (schema.to_table(items, schema.CHOICES, "mc.parquet"),
+            schema.to_table(summary, schema.CHOICE_SUMMARY, "mc_summary.parquet"))
+
+
+def write_choice_tables(sweep: Sweep, out: str | Path) -> list[dict]:
+    """OUT/mc.parquet and OUT/mc_summary.parquet/.csv when the sweep has multiple-choice items; returns
+    mc_summary's rows (none without items)."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    if not sweep.choice_items:
+        return []
+    out = Path(out)
+    items, summary = build_choice_tables(sweep, out)
+    atomic_write(out / "mc.parquet", lambda path: pq.write_table(items, str(path)))
+    atomic_write(out / "mc_summary.parquet", lambda path: pq.write_table(summary, str(path)))
+    atomic_write(out / "mc_summary.csv", lambda path: pcsv.write_csv(summary, str(path)))
+    return summary.to_pylist()
+
+
+def group_summary(sweep: Sweep, rows: list[dict]) -> list[dict]:
+    """Per (spec, mode), in sweep order: the number of runs and the mean over runs of GROUP_FIELDS."""
+    groups = []
+    for spec in sweep.specs:
+        for mode in sweep.modes:
+            members = [r for r in rows if r["spec"] == str(spec) and r["mode"] == mode]
+            entry = {"spec": str(spec), "mode": mode, "runs": len(members)}
+            for name in GROUP_FIELDS:
+                vals = [r.get(name) for r in members if r.get(name) is not None]
+                entry[name] = sum(vals) / len(vals) if vals else None
+            groups.append(entry)
+    return groups
