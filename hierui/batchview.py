@@ -1,4 +1,4 @@
-"""`hierui show RUN_DIR` for a `hierui batch` output: the report's per-spec table (engine.report.spec_rows)
+"""`hierui show RUN_DIR` for a `hierui batch` output: the report's per-spec table (engine.runs.spec_rows)
 in the terminal, with plotext charts of the accumulated KL over steps and of multiple-choice accuracy.
 Reads files only: no torch, no transformers."""
 
@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from engine import report as R
+from engine import runs as R
+from hierui.format import MISSING, metric
 from hierui.output import console
 
 
@@ -31,7 +32,7 @@ TABLES = (
 
 
 def spec_tables(rows: list[dict], basis: str | None = "shared") -> list[Table]:
-    """engine.report.spec_rows as rich tables; columns without any value are left out."""
+    """engine.runs.spec_rows as rich tables; columns without any value are left out."""
     from rich import box
 
     tables = []
@@ -44,8 +45,7 @@ def spec_tables(rows: list[dict], basis: str | None = "shared") -> list[Table]:
         for key, heading in shown:
             table.add_column(heading, justify="left" if key == "spec" else "right", no_wrap=True)
         for r in rows:
-            table.add_row(*[Text(r["spec"]) if k == "spec" else (R.pct(r[k]) if k == "sparsity" else R.fmt(r.get(k), 3))
-                            for k, _ in shown])
+            table.add_row(*[Text(r["spec"]) if k == "spec" else metric(k, r.get(k)) for k, _ in shown])
         tables.append(table)
     return tables
 
@@ -97,7 +97,7 @@ def show_batch(path: Path, console: Console) -> None:
     name = run.recipe.get("name")
     console.print(Text(f"batch output {path}" + (f" (recipe {name})" if name else ""), style="italic"))
     n_runs, n_mc = len(run.summary), len({r.get("item_id") for r in run.mc})
-    console.print(f"model {run.manifest.get('model', '–')} · {len(run.specs)} specs · {n_runs} generation runs"
+    console.print(f"model {run.manifest.get('model', MISSING)} · {len(run.specs)} specs · {n_runs} generation runs"
                   + (f" · {n_mc} multiple-choice items" if n_mc else ""), highlight=False)
     for table in spec_tables(rows, R.basis_mode(run)):
         console.print(table)
@@ -115,7 +115,7 @@ def show_batch(path: Path, console: Console) -> None:
 
 
 class BatchBars:
-    """The progress hooks of engine.batch.run_sweep as rich bars on stderr: the runs of the sweep, the
+    """The progress hooks of engine.sweep.run_sweep as rich bars on stderr: the runs of the sweep, the
     tokens of the current run, and the slow stages (calibrating, pruning) while they last."""
 
     def __init__(self, target: Console):
@@ -181,8 +181,8 @@ def choice_table(rows: list[dict]) -> Table:
                           ("agree", "right"), ("sub KL", "right"), ("KL", "right")):
         table.add_column(name, justify=justify, no_wrap=True)
     for r in rows:
-        table.add_row(r["spec"], str(r["items"]), f"{r['acc_d']:.3f}", f"{r['acc_p']:.3f}", f"{r['agree_rate']:.3f}",
-                      f"{r['sub_kl_mean']:.4f}", f"{r['kl_mean']:.4f}")
+        table.add_row(r["spec"], *[metric(k, r.get(k)) for k in ("items", "acc_d", "acc_p", "agree_rate", "sub_kl_mean",
+                                                                 "kl_mean")])
     return table
 
 
@@ -192,14 +192,13 @@ def batch_table(groups: list[dict], fields: dict, width: int) -> Table:
     from rich.measure import Measurement
 
     shown = [name for name in fields if any(g[name] is not None for g in groups)]
-    cell = lambda value: "—" if value is None else f"{value:.3g}"  # noqa: E731
     style = dict(title="mean over runs, per spec and mode", title_justify="left", box=box.SIMPLE_HEAD,
                  pad_edge=False, collapse_padding=True)
     table = Table(**style)
     for name in ("spec", "mode", "runs", *shown):
         table.add_column(fields.get(name, name), justify="left" if name in ("spec", "mode") else "right", no_wrap=True)
     for g in groups:
-        table.add_row(g["spec"], g["mode"], str(g["runs"]), *[cell(g[name]) for name in shown])
+        table.add_row(g["spec"], g["mode"], str(g["runs"]), *[metric(name, g[name]) for name in shown])
     if Measurement.get(console, console.options.update_width(10_000), table).maximum <= width:
         return table
     table = Table(**style)
@@ -208,5 +207,5 @@ def batch_table(groups: list[dict], fields: dict, width: int) -> Table:
         table.add_column(f"{g['spec']}\n{g['mode']}", justify="right", no_wrap=True)
     table.add_row("runs", *[str(g["runs"]) for g in groups])
     for name in shown:
-        table.add_row(fields[name], *[cell(g[name]) for g in groups])
+        table.add_row(fields[name], *[metric(name, g[name]) for g in groups])
     return table

@@ -9,46 +9,9 @@ from rich.table import Table
 from rich.text import Text
 
 from engine.errors import HieruiError
+from hierui.format import MISSING, metric, pct
 from hierui.output import console, err_console
-
-
-def visible_text(text, keep_newlines: bool = False) -> str:
-    """Token text with control characters escaped (\\n, \\x0e, …) so a terminal shows what was generated."""
-    import unicodedata
-
-    out = []
-    for ch in "" if text is None else str(text):
-        if ch == "\n":
-            out.append("\n" if keep_newlines else "\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn"):
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def token_cell(text) -> str:
-    """A token for a table cell: escaped, spaces shown as ·."""
-    shown = visible_text(text).replace(" ", "·")
-    return shown if shown else "∅"
-
-
-def _num(value, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            return str(value)
-        if value != 0 and (abs(value) >= 1e4 or abs(value) < 10 ** -(digits - 1)):
-            return f"{value:.{max(digits - 1, 1)}e}"
-        return f"{value:.{digits}f}"
-    return str(value)
+from hierui.tokentext import cell, clip, escape, running
 
 
 def print_warnings(warnings: list[str]) -> None:
@@ -65,15 +28,12 @@ def _session_header_table(session) -> Table:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
 
-    def pct(v):
-        return f"{v:.2%}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
-
     sparsity = pct(pert.get("measured_sparsity"))
     if isinstance(pert.get("dense_sparsity"), (int, float)) and pert.get("dense_sparsity"):
         sparsity += f" (dense model: {pct(pert['dense_sparsity'])})"
     rows = [
-        ("model", h.get("model_display") or h.get("model") or "–"),
-        ("perturbation", str(pert.get("spec", "–"))),
+        ("model", h.get("model_display") or h.get("model") or MISSING),
+        ("perturbation", str(pert.get("spec", MISSING))),
         ("measured sparsity", sparsity),
     ]
     calib = h.get("calibration")
@@ -82,13 +42,13 @@ def _session_header_table(session) -> Table:
         rows.append(("calibration", f"{calib.get('samples')}×{calib.get('length')} tokens, {origin}, seed {calib.get('seed')}"))
     decoding = f"sampled, seed {h.get('seed')}" if h.get("sample") else "greedy"
     rows += [
-        ("mode", f"{h.get('mode', '–')} ({decoding})"),
-        ("temperature", _num(h.get("temperature"), 3)),
-        ("prompt", visible_text(h.get("prompt"), keep_newlines=True) + ("  (raw, no chat template)" if h.get("raw") else "")),
+        ("mode", f"{h.get('mode', MISSING)} ({decoding})"),
+        ("temperature", metric("temperature", h.get("temperature"))),
+        ("prompt", running(h.get("prompt")) + ("  (raw, no chat template)" if h.get("raw") else "")),
         ("choices", ", ".join(repr(c) for c in h["choices"]) if isinstance(h.get("choices"), list) and h["choices"]
-         else "–"),
+         else MISSING),
         ("steps", f"{len(session.steps)}" + ("" if session.complete else " (interrupted: no closing summary)")),
-        ("created", str(h.get("created", "–"))),
+        ("created", str(h.get("created", MISSING))),
     ]
     where = " ".join(str(h[k]) for k in ("device", "dtype") if h.get(k))
     if where:
@@ -103,7 +63,7 @@ def _summary_table(summary: dict, title: str) -> Table:
     table.add_column(style="bold")
     table.add_column(justify="right")
     for name, value in summary.items():
-        table.add_row(name, _num(value))
+        table.add_row(name, metric(name, value))
     return table
 
 
@@ -114,8 +74,8 @@ def _continuations_table(session) -> Table:
     table.add_column("dense", ratio=1, overflow="fold")
     table.add_column("perturbed (its own choice at each step, fed the dense token)" if shared else "perturbed",
                      ratio=1, overflow="fold")
-    dense = "".join(visible_text(s.get("text_d"), keep_newlines=True) for s in session.steps)
-    pert = "".join(visible_text(s.get("text_p"), keep_newlines=True) for s in session.steps)
+    dense = "".join(running(s.get("text_d")) for s in session.steps)
+    pert = "".join(running(s.get("text_p")) for s in session.steps)
     table.add_row(Text(dense), Text(pert))
     return table
 
@@ -132,13 +92,14 @@ def _steps_table(session) -> Table:
         emb = s.get("emb_cos") if isinstance(s.get("emb_cos"), list) and s.get("emb_cos") else [None]
         top1 = s.get("top1_agree")
         same = s.get("token_d") == s.get("token_p")
-        row = [str(s.get("step")), Text(token_cell(s.get("text_d"))),
-               Text(token_cell(s.get("text_p")), style=None if same else "red"),
-               _num(emb[-1], 6), _num(s.get("logit_cos"), 6), _num(s.get("prob_cos"), 6), _num(s.get("kl")),
-               _num(s.get("kl_est")), _num(s.get("tv")), "–" if top1 is None else ("✓" if top1 else "✗"),
-               _num(s.get("amp"), 3), _num(s.get("cum_kl"))]
+        row = [str(s.get("step")), Text(cell(s.get("text_d"))),
+               Text(cell(s.get("text_p")), style=None if same else "red"),
+               metric("emb_cos", emb[-1]),
+               *[metric(k, s.get(k)) for k in ("logit_cos", "prob_cos", "kl", "kl_est", "tv")],
+               MISSING if top1 is None else ("✓" if top1 else "✗"), metric("amp", s.get("amp")),
+               metric("cum_kl", s.get("cum_kl"))]
         if choices:
-            row.append(_num(s.get("sub_kl")))
+            row.append(metric("sub_kl", s.get("sub_kl")))
         table.add_row(*row)
     return table
 
@@ -169,12 +130,11 @@ def _show_directory(path: Path) -> None:
             continue
         summary = s.summary if s.complete else summarize(s.steps, s.header.get("mode"))
         interrupted |= not s.complete
-        prompt = visible_text(s.header.get("prompt"))
-        table.add_row(Text(file.name), Text(str(s.header.get("model_display") or s.header.get("model", "–"))),
-                      Text(str((s.header.get("perturbation") or {}).get("spec", "–"))), str(s.header.get("mode", "–")),
-                      Text(prompt if len(prompt) <= 40 else prompt[:39] + "…"),
+        table.add_row(Text(file.name), Text(str(s.header.get("model_display") or s.header.get("model", MISSING))),
+                      Text(str((s.header.get("perturbation") or {}).get("spec", MISSING))),
+                      str(s.header.get("mode", MISSING)), Text(clip(escape(s.header.get("prompt")), 40)),
                       f"{len(s.steps)}" + ("" if s.complete else "*"),
-                      _num(summary.get("kl_mean")), _num(summary.get("same_top1_rate")))
+                      metric("kl_mean", summary.get("kl_mean")), metric("same_top1_rate", summary.get("same_top1_rate")))
     console.print(table)
     if interrupted:
         console.print("* interrupted run (no closing summary); its figures are computed from the recorded steps")

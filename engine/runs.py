@@ -1,0 +1,194 @@
+"""A `hierui batch` output folder as data: what `hierui report` and `hierui show RUN_DIR` print.
+
+    load_run()           reads OUT/batch.json, summary.parquet, steps.parquet (the few columns needed) and,
+                         when the sweep scored multiple-choice items, mc.parquet and mc_summary.parquet
+    spec_rows()          one dict per spec: the similarity in each space, KL and its estimate, amplification,
+                         accumulated KL, first divergence, multiple-choice accuracy (means over runs)
+    basis_mode()         the mode those figures come from (shared when recorded)
+    cum_kl_curves()      accumulated KL over the steps, per (spec, mode)
+    first_divergences()  the first-divergence steps of the free-mode runs, per spec
+    choice_rows()        multiple choice per spec beside the generation KL of the same spec
+
+Numbers and rows only: the headings, formatting and charts are the face's (hierui.report, hierui.batchview).
+Torch is never imported: this reads files only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.errors import HieruiError
+from engine.summary import mean, percentile
+
+STEP_COLUMNS = ("run_id", "spec", "mode", "prompt_id", "step", "cum_kl")
+
+
+def median(values) -> float | None:
+    return percentile(list(values), 50)
+
+
+@dataclass
+class RunData:
+    path: Path
+    manifest: dict
+    summary: list[dict]
+    steps: list[dict]
+    mc: list[dict] = field(default_factory=list)
+    mc_summary: list[dict] = field(default_factory=list)
+    recipe: dict = field(default_factory=dict)  # name, description (OUT/recipe.toml from --recipe)
+    specs: list[str] = field(default_factory=list)  # in sweep order
+
+    @property
+    def modes(self) -> list[str]:
+        return list(dict.fromkeys(r["mode"] for r in self.summary))
+
+    @property
+    def prompt_count(self) -> int:
+        """Distinct generation prompts."""
+        return len({r.get("prompt_id") for r in self.summary})
+
+    @property
+    def item_count(self) -> int:
+        """Distinct multiple-choice items."""
+        return len({r.get("item_id") for r in self.mc})
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read a `hierui batch` output folder; a folder that is not one is a one-line HieruiError."""
+    import pyarrow.parquet as pq
+
+    path = Path(run_dir)
+    if not path.exists():
+        raise HieruiError(f"run folder not found: {path}")
+    if not path.is_dir():
+        raise HieruiError(f"{path} is not a folder: give the --out folder of a hierui batch run")
+    missing = [n for n in ("batch.json", "summary.parquet") if not (path / n).is_file()]
+    if missing:
+        raise HieruiError(f"{path} is not a hierui batch output (no {' or '.join(missing)}): "
+                          f"run hierui batch --out {path} first")
+    try:
+        manifest = json.loads((path / "batch.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise HieruiError(f"{path / 'batch.json'} is unreadable") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "hierui-batch":
+        raise HieruiError(f"{path / 'batch.json'} is not a hierui batch manifest")
+
+    def read(name: str, columns=None) -> list[dict]:
+        file = path / name
+        if not file.is_file():
+            return []
+        try:
+            table = pq.read_table(file)
+            if columns is not None:
+                table = table.select([c for c in columns if c in table.column_names])
+            return table.to_pylist()
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise HieruiError(f"{file} is unreadable ({type(e).__name__}); rerun the sweep to rewrite it") from None
+
+    run = RunData(path, manifest, read("summary.parquet"), read("steps.parquet", STEP_COLUMNS),
+                  read("mc.parquet"), read("mc_summary.parquet"))
+    recipe = path / "recipe.toml"
+    if recipe.is_file():
+        import tomllib
+
+        try:
+            data = tomllib.loads(recipe.read_text(encoding="utf-8"))
+            run.recipe = {k: data[k] for k in ("name", "description") if isinstance(data.get(k), str)}
+        except (OSError, ValueError):
+            pass
+    order = [str(s) for s in manifest.get("specs") or []]
+    seen = order + [r.get("spec") for r in run.summary + run.mc_summary]
+    run.specs = [s for s in dict.fromkeys(seen) if s]
+    return run
+
+
+def basis_mode(run: RunData) -> str | None:
+    """The mode the hierarchy figures come from: shared (same context for both models) when recorded."""
+    modes = run.modes
+    return "shared" if "shared" in modes else (modes[0] if modes else None)
+
+
+def spec_rows(run: RunData) -> list[dict]:
+    """One row per spec, in sweep order: means over runs of the per-run summaries.
+
+    Similarities, KL, its estimate, amplification and top-1 agreement come from the basis mode's runs
+    (shared when recorded); cum_kl_* are the mean final accumulated KL per mode; first_div is the median
+    first-divergence step of the free runs that diverged; mc_* come from mc_summary.
+    """
+    basis = basis_mode(run)
+    mc = {r["spec"]: r for r in run.mc_summary}
+    rows = []
+    for spec in run.specs:
+        mine = [r for r in run.summary if r.get("spec") == spec]
+        base = [r for r in mine if r.get("mode") == basis]
+        free = [r for r in mine if r.get("mode") == "free"]
+        m = mc.get(spec, {})
+        rows.append({
+            "spec": spec,
+            "sparsity": mean(r.get("measured_sparsity") for r in mine),
+            "runs": len(mine),
+            "emb_cos": mean(r.get("emb_cos_final_mean") for r in base),
+            "logit_cos": mean(r.get("logit_cos_mean") for r in base),
+            "prob_cos": mean(r.get("prob_cos_mean") for r in base),
+            "prob_cos_est": mean(r.get("prob_cos_est_mean") for r in base),
+            "kl": mean(r.get("kl_mean") for r in base),
+            "kl_est": mean(r.get("kl_est_mean") for r in base),
+            "tv": mean(r.get("tv_mean") for r in base),
+            "amp": mean(r.get("amp_mean") for r in base),
+            "top1": mean(r.get("same_top1_rate") for r in base),
+            "cum_kl_shared": mean(r.get("cum_kl") for r in mine if r.get("mode") == "shared"),
+            "cum_kl_free": mean(r.get("cum_kl") for r in free),
+            "first_div": median(r.get("first_divergence") for r in free),
+            "diverged": sum(r.get("first_divergence") is not None for r in free) if free else None,
+            "free_runs": len(free),
+            "mc_items": m.get("items"),
+            "mc_acc_d": m.get("acc_d"),
+            "mc_acc_p": m.get("acc_p"),
+            "mc_agree": m.get("agree_rate"),
+            "mc_sub_kl": m.get("sub_kl_mean"),
+            "mc_kl": m.get("kl_mean"),
+        })
+    return rows
+
+
+def cum_kl_curves(run: RunData) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(spec, mode) → [(step, mean cum_kl over the runs that reached that step)], in sweep order."""
+    sums: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for s in run.steps:
+        if s.get("cum_kl") is None or s.get("step") is None:
+            continue
+        sums.setdefault((s["spec"], s["mode"]), {}).setdefault(int(s["step"]), []).append(float(s["cum_kl"]))
+    order = {spec: i for i, spec in enumerate(run.specs)}
+    keys = sorted(sums, key=lambda k: (order.get(k[0], len(order)), k[1] != "shared"))
+    return {k: [(step, sum(v) / len(v)) for step, v in sorted(sums[k].items())] for k in keys}
+
+
+def first_divergences(run: RunData) -> list[dict]:
+    """Per spec with free-mode runs: the first-divergence steps of the runs that split, and how many did not."""
+    out = []
+    for spec in run.specs:
+        free = [r for r in run.summary if r.get("spec") == spec and r.get("mode") == "free"]
+        if not free:
+            continue
+        steps = sorted(int(r["first_divergence"]) for r in free if r.get("first_divergence") is not None)
+        out.append({"spec": spec, "runs": len(free), "steps": steps, "diverged": len(steps),
+                    "never": len(free) - len(steps), "median": median(steps),
+                    "min": steps[0] if steps else None, "max": steps[-1] if steps else None})
+    return out
+
+
+def choice_rows(run: RunData) -> list[dict]:
+    """Per spec with multiple-choice results: accuracy dense/perturbed, agreement, subspace vs full KL at
+    the answer position, beside the generation KL of the same spec."""
+    gen = {r["spec"]: r for r in spec_rows(run)}
+    rows = []
+    for m in run.mc_summary:
+        g = gen.get(m["spec"], {})
+        rows.append({"spec": m["spec"], "items": m.get("items"), "acc_d": m.get("acc_d"), "acc_p": m.get("acc_p"),
+                     "agree": m.get("agree_rate"), "sub_kl": m.get("sub_kl_mean"), "kl": m.get("kl_mean"),
+                     "gen_kl": g.get("kl"), "gen_cum_kl": g.get("cum_kl_free") if g.get("cum_kl_free") is not None
+                     else g.get("cum_kl_shared")})
+    order = {spec: i for i, spec in enumerate(run.specs)}
+    return sorted(rows, key=lambda r: order.get(r["spec"], len(order)))

@@ -1,0 +1,188 @@
+"""The report's charts: matplotlib figures as inline <svg> text (Agg/SVG, no pyplot state), one per section.
+
+Each function takes the rows of engine.runs and returns the <svg> element, or None when there is nothing
+to draw. The SVG is the same for the same rows: no date, a fixed hash salt, ids prefixed per chart so that
+the charts of one page never share one.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+
+COLORS = {"emb": "#4C72B0", "logit": "#DD8452", "prob": "#C44E52", "dense": "#55A868", "pert": "#8172B2"}
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig
+
+
+def _svg(fig, salt: str) -> str:
+    """The figure as an <svg> element: text kept as text, ids unique per chart, no date."""
+    import matplotlib
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"hierui-{salt}"}):
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": "hierui"})
+    text = buf.getvalue()
+    text = re.sub(r"\s*<metadata>.*?</metadata>", "", text[text.index("<svg"):], count=1, flags=re.S)
+    # matplotlib numbers its element ids per figure (figure_1, axes_1, …): prefix them so that the
+    # charts of one page never share an id, and keep the internal references (clip paths, markers)
+    text = re.sub(r'\bid="([^"]+)"', rf'id="{salt}-\1"', text)
+    return re.sub(r'(url\(#|href="#)([^")]+)', rf"\g<1>{salt}-\2", text)
+
+
+def _style(ax) -> None:
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.grid(axis="y", alpha=0.3, linewidth=0.6)
+    ax.set_axisbelow(True)
+
+
+def _positive(values) -> bool:
+    return any(v is not None and v > 0 for v in values)
+
+
+def _chart_width(n: int) -> float:
+    return min(11.0, max(5.5, 1.6 + 0.55 * n))
+
+
+def chart_hierarchy(rows: list[dict]) -> str | None:
+    """Grouped bars of 1 − cos per spec in the three spaces (log scale): the hierarchy in one picture."""
+    import numpy as np
+
+    rows = [r for r in rows if any(r[k] is not None for k in ("emb_cos", "logit_cos", "prob_cos"))]
+    if not rows:
+        return None
+    fig = _figure(_chart_width(len(rows)), 3.6)
+    ax = fig.add_subplot()
+    x = np.arange(len(rows))
+    series = [("emb_cos", "hidden state (final layer)", COLORS["emb"]), ("logit_cos", "logits", COLORS["logit"]),
+              ("prob_cos", "probabilities", COLORS["prob"])]
+    gaps = [[None if r[k] is None else max(1.0 - r[k], 0.0) for r in rows] for k, _, _ in series]
+    for i, ((_, label, color), vals) in enumerate(zip(series, gaps)):
+        heights = [v if v is not None and v > 0 else np.nan for v in vals]
+        ax.bar(x + (i - 1) * 0.27, heights, 0.27, label=label, color=color)
+    if _positive([v for vals in gaps for v in vals]):
+        ax.set_yscale("log")
+    for i, r in enumerate(rows):  # nothing to draw: say why
+        if all(vals[i] == 0 for vals in gaps):
+            ax.annotate("identical", (i, 0), xycoords=("data", "axes fraction"), xytext=(0, 4),
+                        textcoords="offset points", ha="center", fontsize=7, color="#666")
+    ax.set_xticks(x, [r["spec"] for r in rows], rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("1 − cosine (dense vs perturbed)")
+    ax.legend(fontsize=8, frameon=False)
+    _style(ax)
+    return _svg(fig, "hierarchy")
+
+
+def chart_kl_theory(rows: list[dict]) -> str | None:
+    """Measured KL against its second-order estimate Var_p(Δz)/2T², one point per spec, with y = x."""
+    pts = [r for r in rows if r["kl"] is not None and r["kl_est"] is not None and r["kl"] > 0 and r["kl_est"] > 0]
+    if not pts:
+        return None
+    fig = _figure(5.8, 4.2)
+    ax = fig.add_subplot()
+    xs, ys = [r["kl"] for r in pts], [r["kl_est"] for r in pts]
+    lo, hi = min(xs + ys) / 1.5, max(xs + ys) * 1.5
+    ax.plot([lo, hi], [lo, hi], "--", color="#888", linewidth=1, label="estimate = measured")
+    ax.scatter(xs, ys, color=COLORS["prob"], zorder=3)
+    for r, xv, yv in zip(pts, xs, ys):
+        ax.annotate(r["spec"], (xv, yv), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("measured KL(P_d ‖ P_p), nats (mean per step)")
+    ax.set_ylabel("theory Var_p(Δz) / 2T²")
+    ax.legend(fontsize=8, frameon=False)
+    _style(ax)
+    return _svg(fig, "kl-theory")
+
+
+def chart_amplification(rows: list[dict]) -> str | None:
+    rows = [r for r in rows if r["amp"] is not None]
+    if not rows:
+        return None
+    fig = _figure(_chart_width(len(rows)), 3.2)
+    ax = fig.add_subplot()
+    ax.bar(range(len(rows)), [r["amp"] for r in rows], color=COLORS["prob"])
+    ax.axhline(1.0, color="#888", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(rows)), [r["spec"] for r in rows], rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("amp = (1 − cos p) / (1 − cos z)")
+    _style(ax)
+    return _svg(fig, "amplification")
+
+
+def chart_accumulation(curves: dict, specs: list[str]) -> str | None:
+    if not curves:
+        return None
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20" if len(specs) > 10 else "tab10"]
+    color = {spec: cmap(i % cmap.N) for i, spec in enumerate(specs)}
+    fig = _figure(8.5 if len(curves) <= 8 else 11.0, 4.2 if len(curves) <= 16 else 5.0)
+    ax = fig.add_subplot()
+    for (spec, mode), pts in curves.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="-" if mode == "shared" else "--",
+                color=color.get(spec, "#444"), linewidth=1.4, label=f"{spec} · {mode}")
+    ax.set_xlabel("generation step")
+    ax.set_ylabel("accumulated KL, nats (mean over prompts)")
+    ax.legend(fontsize=7, frameon=False, ncol=2 if len(curves) > 8 else 1, loc="upper left",
+              bbox_to_anchor=(1.01, 1.0))
+    _style(ax)
+    return _svg(fig, "accumulation")
+
+
+def chart_first_divergence(groups: list[dict]) -> str | None:
+    groups = [g for g in groups if g["steps"]]
+    if not groups:
+        return None
+    fig = _figure(_chart_width(len(groups)), 3.4)
+    ax = fig.add_subplot()
+    ax.boxplot([g["steps"] for g in groups], positions=range(len(groups)), widths=0.5, showfliers=False)
+    for i, g in enumerate(groups):
+        n = len(g["steps"])
+        jitter = [i + (k - (n - 1) / 2) * min(0.3 / max(n, 1), 0.05) for k in range(n)]
+        ax.scatter(jitter, g["steps"], s=10, color=COLORS["pert"], alpha=0.6, zorder=3)
+    ax.set_xticks(range(len(groups)), [g["spec"] for g in groups], rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("first step where the texts differ")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _style(ax)
+    return _svg(fig, "first-divergence")
+
+
+def chart_choices(rows: list[dict]) -> str | None:
+    import numpy as np
+
+    rows = [r for r in rows if r["acc_d"] is not None]
+    if not rows:
+        return None
+    fig = _figure(min(12.0, max(8.0, 2.0 + 0.9 * len(rows))), 3.8)
+    left, right = fig.subplots(1, 2)
+    x = np.arange(len(rows))
+    left.bar(x - 0.2, [r["acc_d"] for r in rows], 0.4, label="dense", color=COLORS["dense"])
+    left.bar(x + 0.2, [r["acc_p"] for r in rows], 0.4, label="perturbed", color=COLORS["pert"])
+    left.set_ylim(0, 1.05)
+    left.set_ylabel("multiple-choice accuracy")
+    left.set_xticks(x, [r["spec"] for r in rows], rotation=40, ha="right", fontsize=8)
+    left.legend(fontsize=8, frameon=False)
+    _style(left)
+    series = [("sub_kl", "MC: KL over the choices", COLORS["dense"]),
+              ("kl", "MC: full-vocabulary KL at the answer", COLORS["logit"]),
+              ("gen_kl", "generation: KL per step", COLORS["prob"])]
+    values = [[r[k] if r[k] is not None and r[k] > 0 else np.nan for r in rows] for k, _, _ in series]
+    for i, ((_, label, color), vals) in enumerate(zip(series, values)):
+        right.bar(x + (i - 1) * 0.27, vals, 0.27, label=label, color=color)
+    if _positive([r[k] for r in rows for k, _, _ in series]):
+        right.set_yscale("log")
+    right.set_ylabel("KL, nats")
+    right.set_xticks(x, [r["spec"] for r in rows], rotation=40, ha="right", fontsize=8)
+    right.legend(fontsize=7, frameon=False)
+    _style(right)
+    return _svg(fig, "multiple-choice")
