@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from engine.errors import HieruiError
+from engine.errors import HieruiError, is_oom
 from hierui.output import console, err_console
 from hierui.sessionview import print_comparison, print_warnings, show_path
 
@@ -22,19 +22,32 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List the model aliases and what is cached; fetch a model.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
+cache_app = typer.Typer(help="List and clear the caches: pruned weights, drop scores, calibration batches.",
+                        invoke_without_command=True)
+app.add_typer(cache_app, name="cache")
 
 
 MODEL_HELP = "alias (smollm2-135m, llama-7b, …), tiny-random, local directory, .gguf file or hub id"
 SPEC_HELP = "perturbation: wanda:0.5, sparsegpt:0.5, magnitude:2:4, attndrop:4, mlpdrop:4, blockdrop:4, int8, nf4, checkpoint:DIR, none"
 
 
+# library warnings that say nothing to a hierui user (each seen in a real run): (category, message start, module)
+QUIET_WARNINGS = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"torch\.utils\._pytree"),
+    (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated", r"torch\.jit"),
+)
+
+
 def _quiet_libraries() -> None:
+    """Silence the named library warnings and transformers' info logging and progress bars (every other
+    warning still shows)."""
     import os
     import warnings
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
+    for category, message, module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -49,9 +62,10 @@ def models_list(ctx: typer.Context) -> None:
     """List the aliases, their targets, and which are cached locally."""
     if ctx.invoked_subcommand is not None:
         return
-    from engine.models import hierui_home, list_models
+    from engine.models import list_models
+    from engine.paths import models_dir
 
-    table = Table(title=f"models (cache: {hierui_home()})", title_justify="left")
+    table = Table(title=f"models (cache: {models_dir()})", title_justify="left")
     for col in ("alias", "target", "cached", "where"):
         table.add_column(col)
     for row in list_models():
@@ -71,6 +85,65 @@ def models_pull(name: str = typer.Argument(..., help=MODEL_HELP)) -> None:
     with stage_progress(err_console) as (say, _step):
         where = pull(name, progress=say)
     console.print(f"{name}: ready" + (f" in {where}" if where else " (built in, nothing to fetch)"))
+
+
+# ------------------------------------------------------------------ the caches (torch-free)
+
+
+KIND_HELP = "only this kind: pruned (weights), scores (drop scores) or calib (calibration batches)"
+
+
+@cache_app.callback()
+def cache_list(ctx: typer.Context, kind: Optional[str] = typer.Option(None, "--kind", help=KIND_HELP)) -> None:
+    """List the cache entries; stale ones (made by another algorithm or hierui version) are never reused."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from engine import cache
+    from engine.paths import hierui_home
+
+    found = cache.entries(kind)
+    table = Table(title=f"cache of hierui {cache.hierui_version()} in {hierui_home()}", title_justify="left")
+    for col in ("kind", "model", "spec", "made by", "size", "age", "stale"):
+        table.add_column(col, justify="right" if col in ("size", "age") else "left")
+    for e in found:
+        table.add_row(e.kind, e.model, e.spec, e.versions, _size(e.size), _age(e.age()), "yes" if e.stale else "-")
+    console.print(table)
+    stale = sum(e.stale for e in found)
+    console.print(f"{_entries(len(found))}, {_size(sum(e.size for e in found))}, {stale} stale"
+                  + (": hierui cache clear --stale removes them" if stale else ""))
+
+
+@cache_app.command("clear")
+def cache_clear(stale: bool = typer.Option(False, "--stale", help="only the stale entries"),
+                kind: Optional[str] = typer.Option(None, "--kind", help=KIND_HELP)) -> None:
+    """Remove cache entries (all of them, or the stale ones); converted models are kept."""
+    from engine import cache
+
+    removed = cache.clear(kind, stale_only=stale)
+    what = " ".join(w for w in ("stale" if stale else "", kind or "") if w)
+    console.print(f"removed {len(removed)} {what + ' ' if what else ''}cache {_entries(len(removed), False)} "
+                  f"({_size(sum(e.size for e in removed))})")
+
+
+def _entries(n: int, count: bool = True) -> str:
+    word = "entry" if n == 1 else "entries"
+    return f"{n} {word}" if count else word
+
+
+def _size(n: float) -> str:
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit in ("kB", "MB", "GB"):
+        n /= 1000
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if n < 100 else f"{n:.0f} {unit}"
+
+
+def _age(seconds: float) -> str:
+    for limit, div, unit in ((60, 1, "s"), (3600, 60, "m"), (86400, 3600, "h")):
+        if seconds < limit:
+            return f"{int(seconds // div)}{unit}"
+    return f"{int(seconds // 86400)}d"
 
 
 # ------------------------------------------------------------------ show / replay (no model is loaded)
@@ -108,7 +181,7 @@ def explore(
     """Open the explorer: step the dense and the perturbed model token by token and watch them drift apart."""
     from engine.models import DTYPES, resolve
     from engine.perturb.spec import parse_spec
-    from engine.stepper import StepSettings
+    from engine.settings import StepSettings
 
     resolve(model)  # everything the user typed is checked before the UI starts
     parsed = parse_spec(spec)
@@ -128,7 +201,7 @@ def explore(
     _quiet_libraries()
     if settings.choices:  # choices need the tokenizer: check them before the UI too
         from engine.models import load_tokenizer
-        from engine.stepper import choice_token_ids
+        from engine.tokens import choice_token_ids
 
         choice_token_ids(load_tokenizer(model, progress=lambda m: err_console.print(f"[dim]{m}[/]")), settings.choices)
 
@@ -232,7 +305,8 @@ def batch(
     recipe: Optional[str] = typer.Option(None, "--recipe", help="a sweep described in a TOML file, or a shipped recipe's name (hierarchy); the other options override it"),
 ) -> None:
     """Sweep prompts × --prune specs × --mode headless: a session per run, steps.parquet, summary.parquet/.csv."""
-    from engine import batch as B
+    from engine.sweep import complete_runs, default_out_dir, plan_sweep, run_sweep
+    from engine.tables import GROUP_FIELDS, group_summary
 
     args = dict(prompts_file=prompts, from_session=from_session, model=model, specs=specs, modes=modes,
                 calib={"source": str(calib) if calib else None, "samples": calib_samples,
@@ -242,19 +316,19 @@ def batch(
     if recipe is not None:  # the recipe's prompts go to OUT/prompts.jsonl
         from engine.recipe import apply_recipe
 
-        out = out or B.default_out_dir()
+        out = out or default_out_dir()
         args, batch_size = apply_recipe(recipe, out, args, batch_size)
-    sweep = B.plan_sweep(**args)
-    out = out or B.default_out_dir()
+    sweep = plan_sweep(**args)
+    out = out or default_out_dir()
     _quiet_libraries()
     from hierui.batchview import BatchBars, batch_table, choice_table
 
     bars = BatchBars(err_console)
     try:
-        result = B.run_sweep(sweep, out, use_cache=not no_cache, hooks=bars, batch_size=batch_size)
+        result = run_sweep(sweep, out, use_cache=not no_cache, hooks=bars, batch_size=batch_size)
     except KeyboardInterrupt:
         bars.close()
-        done = B.complete_runs(sweep, out)
+        done = complete_runs(sweep, out)
         listed = f": {', '.join(done)}" if done else ""
         err_console.print(f"interrupted: {len(done)} of {len(sweep.runs())} runs complete in {out}{listed}", highlight=False)
         err_console.print(f"rerun with --out {out} to finish the others", highlight=False)
@@ -262,7 +336,7 @@ def batch(
     finally:
         bars.close()
     if result.runs:
-        console.print(batch_table(B.group_summary(sweep, result.summary), B.GROUP_FIELDS, console.width))
+        console.print(batch_table(group_summary(sweep, result.summary), GROUP_FIELDS, console.width))
     if result.choice_summary:
         console.print(choice_table(result.choice_summary))
     n = len(result.runs)
@@ -280,17 +354,27 @@ def batch(
 def report(
     run_dir: Path = typer.Argument(..., help="the --out folder of a hierui batch run", show_default=False),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="the HTML file to write (default RUN_DIR/report.html)"),
-    open_: bool = typer.Option(False, "--open", help="print only the report's path (to hand to a browser)"),
+    open_: bool = typer.Option(False, "--open", help="open the page in the default browser"),
+    print_path: bool = typer.Option(False, "--print-path", help="print only the report's path (to hand to a browser)"),
+    stamp: bool = typer.Option(False, "--stamp", help="say in the footer when the page was made (by default the page is the same for the same run)"),
 ) -> None:
     """One self-contained HTML page from a batch output: the hierarchy, KL vs theory, amplification, accumulation, first divergence, multiple choice."""
-    from engine.report import write_report
+    from hierui.report import write_report
 
-    path = write_report(run_dir, out)
-    if open_:
+    path = write_report(run_dir, out, stamp=stamp)
+    if print_path:
         print(path.resolve())
     else:
         console.print(f"report: {path} (hierui show {run_dir} prints its table in the terminal)", highlight=False,
                       soft_wrap=True)
+    if open_:
+        try:
+            failed = typer.launch(str(path.resolve()))
+        except OSError:
+            failed = 1
+        if failed:
+            err_console.print(f"warning: could not open a browser; open {path.resolve()} yourself", highlight=False,
+                              soft_wrap=True)
 
 
 @app.command()
@@ -322,6 +406,7 @@ def prune(
     _quiet_libraries()
 
     from engine import quality
+    from engine.tokens import prompt_ids
     from engine.models import load
     from engine.perturb import perturb
     from hierui.progress import stage_progress
@@ -335,7 +420,7 @@ def prune(
         text = quality.heldout_text()
         ppl_d = quality.perplexity(pair.dense, loaded.tokenizer, text)
         ppl_p = quality.perplexity(pair.perturbed, loaded.tokenizer, text)
-        ids = quality.prompt_ids(loaded.tokenizer, prompt, raw=raw)
+        ids = prompt_ids(loaded.tokenizer, prompt, raw=raw)
         out_d = quality.greedy_tokens(pair.dense, loaded.tokenizer, ids, tokens)
         out_p = quality.greedy_tokens(pair.perturbed, loaded.tokenizer, ids, tokens)
 
@@ -388,9 +473,11 @@ def _describe_details(details: dict) -> str:
     return ""
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The `hierui` command: every HieruiError is one line on stderr and its exit code; out of memory and
+    Ctrl-C likewise. `argv` (default: the process's arguments) lets tests run it in-process."""
     try:
-        app()
+        app(args=argv)
     except HieruiError as e:
         from rich.text import Text  # the message is plain text: a path like a[b] is not markup
 
@@ -399,15 +486,15 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-    except MemoryError:
-        err_console.print("error: out of memory: use a smaller model, --dtype bfloat16, a smaller --batch-size "
-                          "or fewer --calib-samples", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except RuntimeError as e:
-        if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA) derives from RuntimeError
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError (CUDA) derives from RuntimeError
+        if not is_oom(e):
             raise
-        err_console.print("error: CUDA out of memory: use --dtype bfloat16, a smaller --batch-size, fewer "
-                          "--calib-samples, a smaller model or --device cpu", highlight=False, soft_wrap=True)
+        if isinstance(e, MemoryError):
+            err_console.print("error: out of memory: use a smaller model, --dtype bfloat16, a smaller --batch-size "
+                              "or fewer --calib-samples", highlight=False, soft_wrap=True)
+        else:
+            err_console.print("error: CUDA out of memory: use --dtype bfloat16, a smaller --batch-size, fewer "
+                              "--calib-samples, a smaller model or --device cpu", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

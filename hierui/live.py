@@ -1,7 +1,8 @@
-"""A live stepping run for the explorer: a Stepper whose every step goes to a session file at once.
+"""The explorer's live step source: a Stepper recorded by the SessionRecorder, made safe to close from the UI thread.
 
-`step()` is called from a worker thread; `close()` may come from the UI thread (quit, restart): a lock
-keeps them apart, so a closing never interleaves with a half-written step.
+`step()` runs in a worker thread; `close()` comes from the UI thread (quit, restart) and never waits: a
+lock keeps a closing from interleaving with a half-written step, and when a step is in flight the
+stepping thread closes the session itself as soon as that step is written.
 """
 
 from __future__ import annotations
@@ -9,59 +10,73 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from engine.session import SessionWriter, default_session_path
-from engine.stepper import Stepper, StepSettings
-from engine.summary import summarize
+from engine.session import SessionRecorder, default_session_path
+from engine.settings import StepSettings
+from engine.stepper import Stepper
 
 
 class LiveRun:
+    live = True
+    pace = 0.0  # seconds between steps when running: as fast as the models go
+
     def __init__(self, pair, prompt: str, settings: StepSettings, session_dir: str | Path):
         self.stepper = Stepper(pair, prompt, settings)
-        self.header = self.stepper.header()
-        self.path = default_session_path(prompt, str(pair.spec), session_dir)
-        self._writer: SessionWriter | None = None
+        self.path = default_session_path(prompt, f"{pair.spec}-{settings.mode}", session_dir)
+        self.recorder = SessionRecorder(self.stepper, [self.path])
+        self.header = self.recorder.header(0)
         self._lock = threading.Lock()
         self._close_requested = False
         self.closed = False
 
     @property
+    def settings(self) -> StepSettings:
+        return self.stepper.settings
+
+    @property
+    def records(self) -> list[dict]:
+        return self.stepper.records
+
+    @property
+    def total(self) -> int:
+        return self.settings.max_new_tokens
+
+    @property
+    def notes(self) -> list[str]:
+        return self.stepper.notes
+
+    @property
     def finished(self) -> bool:
-        return self.stepper.finished or self.closed
+        return self.stepper.finished or self.closed or self._close_requested
+
+    @property
+    def written(self) -> bool:
+        return self.recorder.started
 
     def step(self) -> dict | None:
         """One step, written to the session before it is returned; None when the run is over."""
         with self._lock:
-            if self.finished or self._close_requested:
+            if self.finished:
+                if self._close_requested:
+                    self._close_locked()
                 return None
-            if self._writer is None:
-                self._writer = SessionWriter(self.path, self.header)
-            record = self.stepper.step()
-            if record is not None:
-                self._writer.write_step(record)
+            record = self.recorder.step()[0]
             if self.stepper.finished or self._close_requested:
                 self._close_locked()
-            return record
+        if self._close_requested and not self.closed:  # asked while this step was being written
+            self.close()
+        return record
 
-    def close(self, wait: bool = True) -> None:
-        """End the run: the session gets its closing summary (over the steps taken so far).
-
-        With `wait=False` (quitting) nothing blocks: if a step is in flight, the stepping thread writes it
-        and closes the session itself when the step ends.
-        """
+    def close(self) -> None:
+        """End the run, its session closed with a summary over the steps taken. Never blocks: with a
+        step in flight, the stepping thread writes that step and closes the session when it ends."""
         self._close_requested = True
-        if self._lock.acquire(blocking=wait):
+        if self._lock.acquire(blocking=False):
             try:
                 self._close_locked()
             finally:
                 self._lock.release()
 
     def _close_locked(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self._writer is not None:
-            self._writer.close(summarize(self.stepper.records, self.stepper.settings.mode))
-
-    @property
-    def written(self) -> bool:
-        return self._writer is not None
+        if not self.closed:
+            self.closed = True
+            self.recorder.close(summary=True)

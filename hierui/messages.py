@@ -1,4 +1,5 @@
-"""Messages the workers post to the app (models loading, steps arriving)."""
+"""Messages the workers post to the app (models loading, steps arriving). Failures reach the app as
+Textual's own `Worker.StateChanged`, handled in one place."""
 
 from __future__ import annotations
 
@@ -21,23 +22,9 @@ class PairReady(Message):
         self.pair = pair
 
 
-class LoadFailed(Message):
-    """Loading or perturbing failed; `text` is one line for the user."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-
 class StepDone(Message):
-    """One more step record of run number `run` (stale runs are ignored)."""
+    """One more step record of run number `run` (steps of a run that was restarted are ignored)."""
 
     def __init__(self, run: int, record: dict, finished: bool) -> None:
         super().__init__()
         self.run, self.record, self.finished = run, record, finished
-
-
-class StepFailed(Message):
-    def __init__(self, run: int, text: str) -> None:
-        super().__init__()
-        self.run, self.text = run, text

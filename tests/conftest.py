@@ -1,14 +1,31 @@
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
-# Tests never touch the user's cache, except for the embedded model, which is shared across runs
-# (fetching and converting it takes a while): HIERUI_TEST_HOME or ~/.cache/hierui-test.
-_HOME = os.environ.get("HIERUI_TEST_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "hierui-test")
-os.environ["HIERUI_HOME"] = _HOME
+# Tests never touch the user's HIERUI_HOME. Each test session gets an empty HIERUI_HOME of its own, removed
+# at the end, so no test reuses pruned weights, drop scores or calibration of an earlier run. Only models
+# are shared between sessions (fetching and converting the embedded one takes a while): the persistent
+# test store, HIERUI_TEST_HOME or ~/.cache/hierui-test, keeps them in models/ (HIERUI_MODELS points there)
+# and the embedded GGUF in downloads/.
+TEST_STORE = Path(os.environ.get("HIERUI_TEST_HOME") or Path.home() / ".cache" / "hierui-test")
+_SESSION_HOME = tempfile.mkdtemp(prefix="hierui-test-home-")
+os.environ["HIERUI_HOME"] = _SESSION_HOME
+os.environ["HIERUI_MODELS"] = str(TEST_STORE / "models")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def test_store() -> Path:
+    """The persistent test store (models/, downloads/), shared between test sessions."""
+    return TEST_STORE
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +55,48 @@ def embedded():
     from engine.models import load
 
     return load("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def hierui():
+    """Run the real `hierui` command in a subprocess (`python -m hierui ARGS`): what exit codes, stray
+    tracebacks, import time and the console script itself are about. Returns CompletedProcess."""
+    import subprocess
+    import sys
+
+    def run(*args, env=None, timeout=300):
+        return subprocess.run([sys.executable, "-m", "hierui", *map(str, args)], capture_output=True, text=True,
+                              env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """Run `hierui ARGS` in-process through hierui.cli.main (its one-line error handling and exit codes),
+    with Typer's CliRunner isolating stdin, stdout and stderr: the fast way to test a command's contract.
+    Returns an object with `returncode`, `stdout` and `stderr`, like a CompletedProcess."""
+    import sys
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from hierui.cli import main
+
+    def run(*args, env=None):
+        runner = CliRunner()
+        with runner.isolation(env={"COLUMNS": "200", **(env or {})}) as (out, err, _):
+            from hierui import output
+
+            output.console.width = output.err_console.width = 200
+            try:
+                main([str(a) for a in args])
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+        return SimpleNamespace(returncode=code, stdout=stdout, stderr=stderr)
+
+    return run

@@ -4,9 +4,12 @@ import asyncio
 
 import pytest
 
-from engine.session import load_session, record_run
-from engine.stepper import Stepper, StepSettings
+from engine.session import SessionRecorder, load_session
+from engine.settings import StepSettings
+from engine.stepper import Stepper
 from hierui.app import HieruiApp
+from hierui.tokentext import running
+from hierui.format import metric
 
 SIZE = (120, 40)
 
@@ -36,8 +39,12 @@ async def settle(app, pilot):
 
 def text_of(app, selector) -> str:
     widget = app.query_one(selector)
-    content = widget.content
+    content = widget.content if hasattr(widget, "content") else widget.render()
     return content.plain if hasattr(content, "plain") else str(content)
+
+
+def notes_of(app) -> list[str]:
+    return [n.message for n in app._notifications]
 
 
 def test_stepping_fills_every_panel(tiny_pair, tmp_path):
@@ -52,12 +59,12 @@ def test_stepping_fills_every_panel(tiny_pair, tmp_path):
                 await settle(app, pilot)
             records = app.records
             assert len(records) == 4 and app.selected == 3
-            assert text_of(app, "#dense") == "".join(r["text_d"] for r in records).replace("\n", "⏎\n")
-            assert text_of(app, "#perturbed") == "".join(r["text_p"] for r in records).replace("\n", "⏎\n")
+            assert text_of(app, "#dense") == "".join(running(r["text_d"]) for r in records)
+            assert text_of(app, "#perturbed") == "".join(running(r["text_p"]) for r in records)
             assert "step 4/4" in text_of(app, "#info")
             topk = app.query_one("#topk")
             assert len(topk.rows) == 5 and topk.rows[0][2] == f"{records[3]['topk_d'][0][2]:.3f}"
-            assert f"{records[3]['kl']:.4f}" in _rendered(app, "#spaces")
+            assert metric("kl", records[3]["kl"]) in _rendered(app, "#spaces")
             assert f"{records[3]['emb_cos'][1]:.5f}" in text_of(app, "#layers")
             assert "sub KL" in _rendered(app, "#subspace")
 
@@ -87,7 +94,7 @@ def test_scrubbing_changes_the_selected_step_everywhere(tiny_pair, tmp_path):
             assert app.selected == 2
             rec = app.records[2]
             assert "step 3/5" in text_of(app, "#info")
-            assert f"{rec['kl']:.4f}" in _rendered(app, "#spaces")
+            assert metric("kl", rec["kl"]) in _rendered(app, "#spaces")
             assert f"{rec['emb_cos'][-1]:.5f}" in text_of(app, "#layers")
             assert app.query_one("#topk").rows[0][2] == f"{rec['topk_d'][0][2]:.3f}"
             await pilot.press("home")
@@ -106,7 +113,7 @@ def test_run_then_pause_stops(tiny_pair, tmp_path):
     async def scenario():
         async with app.run_test(size=SIZE) as pilot:
             await settle(app, pilot)
-            app.live.stepper._eos = set()  # tiny-random may say </s> early: keep it going
+            app.live.stepper.batch.eos = set()  # tiny-random may say </s> early: keep it going
             await pilot.press("r")
             for _ in range(50):
                 await asyncio.sleep(0.05)
@@ -191,7 +198,7 @@ def test_mode_switch_restarts_in_free_mode(tiny_pair, tmp_path):
 
 def test_replay_shows_recorded_tokens_and_metrics(tiny_pair, tmp_path):
     path = tmp_path / "rec.jsonl"
-    record_run(Stepper(tiny_pair, "Replay me", StepSettings(max_new_tokens=6, mode="free")), path)
+    SessionRecorder(Stepper(tiny_pair, "Replay me", StepSettings(max_new_tokens=6, mode="free")), [path]).run()
     session = load_session(path)
     app = HieruiApp(session=session)
 
@@ -199,14 +206,17 @@ def test_replay_shows_recorded_tokens_and_metrics(tiny_pair, tmp_path):
         async with app.run_test(size=SIZE) as pilot:
             await pilot.pause()
             assert app.state == "replay" and len(app.records) == 6
-            assert text_of(app, "#dense") == "".join(s["text_d"] for s in session.steps).replace("\n", "⏎\n")
-            assert f"{session.steps[-1]['kl']:.4f}" in _rendered(app, "#spaces")
+            assert text_of(app, "#dense") == "".join(running(s["text_d"]) for s in session.steps)
+            assert metric("kl", session.steps[-1]["kl"]) in _rendered(app, "#spaces")
             await pilot.press("left")
             await pilot.pause()
-            assert f"{session.steps[-2]['kl']:.4f}" in _rendered(app, "#spaces")
-            await pilot.press("m")  # refused in replay
+            assert metric("kl", session.steps[-2]["kl"]) in _rendered(app, "#spaces")
+            await pilot.press("m")  # refused in replay, and said so
             await pilot.pause()
-            assert app.settings.mode == "free"
+            assert app.settings.mode == "free" and any("cannot switch mode" in n for n in notes_of(app))
+            await pilot.press("space")  # every recorded step is shown: stepping past the end says so
+            await pilot.pause()
+            assert len(app.records) == 6 and any("end of the recording" in n for n in notes_of(app))
 
     run(scenario())
 
@@ -232,10 +242,10 @@ def test_shipped_example_sessions_replay():
     async def scenario():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.pause()
-            assert text_of(app, "#dense") == "".join(s["text_d"] for s in session.steps).replace("\n", "⏎\n")
+            assert text_of(app, "#dense") == "".join(running(s["text_d"]) for s in session.steps)
             last = session.steps[-1]
-            assert f"{last['kl']:.4f}" in _rendered(app, "#spaces")
-            assert f"{last['sub_kl']:.4f}" in _rendered(app, "#subspace")
+            assert metric("kl", last["kl"]) in _rendered(app, "#spaces")
+            assert metric("sub_kl", last["sub_kl"]) in _rendered(app, "#subspace")
             assert "wanda:0.5" in text_of(app, "#info") and "SmolLM2" in text_of(app, "#info")
             await pilot.press("r")  # play back from the start
             await pilot.pause()
@@ -286,22 +296,174 @@ def test_quit_does_not_wait_for_a_step_in_flight(tiny_pair, tmp_path):
     live = LiveRun(tiny_pair, "Hello", StepSettings(max_new_tokens=5), tmp_path)
     live.step()
     entered, release = threading.Event(), threading.Event()
-    original = live.stepper.step
+    original = live.stepper.batch.step
 
     def slow_step():
         entered.set()
         release.wait(10)
         return original()
 
-    live.stepper.step = slow_step
+    live.stepper.batch.step = slow_step
     worker = threading.Thread(target=live.step)
     worker.start()
     entered.wait(5)
     started = time.perf_counter()
-    live.close(wait=False)
+    live.close()
     assert time.perf_counter() - started < 0.5 and not live.closed
     release.set()
     worker.join(10)
     session = load_session(live.path)
     assert live.closed and len(session.steps) == 2 and session.summary["steps"] == 2
     assert live.step() is None
+
+
+def test_settings_are_frozen_and_a_restart_closes_the_old_run_with_its_own_settings(tiny_pair, tmp_path):
+    """Switching mode makes new settings; the old session keeps its mode, in its header and its summary."""
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        StepSettings().mode = "free"
+    app = live_app(tiny_pair, tmp_path)
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(app, pilot)
+            for _ in range(2):
+                await pilot.press("space")
+                await settle(app, pilot)
+            old = app.live
+            await pilot.press("m")
+            await settle(app, pilot)
+            assert app.settings.mode == "free" and app.live.settings.mode == "free" and app.live is not old
+            assert old.settings.mode == "shared"
+            return old.path
+
+    session = load_session(run(scenario()))
+    assert session.header["mode"] == "shared" and len(session.steps) == 2
+    assert session.summary is not None and "first_divergence" not in session.summary  # a shared-mode summary
+
+
+def test_a_restart_never_waits_for_a_step_in_flight(tiny_pair, tmp_path):
+    """`m` while a (slow) step is in flight restarts at once; the old step lands in the old file on its thread."""
+    import threading
+
+    app = live_app(tiny_pair, tmp_path)
+    entered, release, returned = threading.Event(), threading.Event(), threading.Event()
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(app, pilot)
+            await pilot.press("space")
+            await settle(app, pilot)
+            old = app.live
+            original = old.stepper.batch.step
+
+            def slow_step():
+                entered.set()
+                release.wait(10)
+                try:
+                    return original()
+                finally:
+                    returned.set()
+
+            old.stepper.batch.step = slow_step
+            await pilot.press("space")
+            await asyncio.to_thread(entered.wait, 5)
+            await pilot.press("m")
+            await pilot.pause()
+            in_flight = not returned.is_set()
+            assert app.settings.mode == "free" and app.live is not old and app.records == []
+            release.set()
+            await settle(app, pilot)
+            await asyncio.to_thread(returned.wait, 5)
+            assert app.records == []  # the old run's late step is not shown in the new one
+            return in_flight, old
+
+    in_flight, old = run(scenario())
+    assert in_flight, "the UI waited for the step in flight before restarting"
+    session = load_session(old.path)
+    assert old.closed and len(session.steps) == 2 and session.summary["steps"] == 2
+
+
+def test_worker_failures_are_shown_not_silent(tiny_pair, tmp_path):
+    def broken(progress):
+        raise RuntimeError("the weights are on fire")
+
+    app = HieruiApp(pair_factory=broken, prompt="Hi", settings=StepSettings(max_new_tokens=3), session_dir=tmp_path)
+
+    async def loading():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(app, pilot)
+            assert app.state == "failed" and "the weights are on fire" in text_of(app, "#status")
+            assert any("RuntimeError: the weights are on fire" in n for n in notes_of(app))
+
+    run(loading())
+    stepping = live_app(tiny_pair, tmp_path)
+
+    async def step_fails():
+        async with stepping.run_test(size=SIZE) as pilot:
+            await settle(stepping, pilot)
+
+            def bad_step():
+                raise ValueError("a shape went wrong")
+
+            stepping.live.stepper.batch.step = bad_step
+            await pilot.press("space")
+            await settle(stepping, pilot)
+            assert stepping.state == "failed"
+            assert any("ValueError: a shape went wrong" in n for n in notes_of(stepping))
+
+    run(step_fails())
+
+
+def test_command_palette_lists_every_binding(tiny_pair, tmp_path):
+    app = live_app(tiny_pair, tmp_path)
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(app, pilot)
+            commands = {c.title: c for c in app.get_system_commands(app.screen)}
+            for binding in app.BINDINGS:
+                if binding.action.split("(")[0] in app.PALETTE_SKIP:
+                    continue
+                assert commands[binding.description].help == binding.tooltip
+            await commands["Mode"].callback()
+            await pilot.pause()
+            assert app.settings.mode == "free"
+            await commands["Session file"].callback()
+            await pilot.pause()
+            assert any("nothing recorded yet" in n for n in notes_of(app))
+
+    run(scenario())
+
+
+def test_replay_in_the_ui_and_a_bad_model_on_explore_import_no_torch(tmp_path):
+    """`python -X importtime`: the explorer replaying a session, and explore refusing a bad model, load no torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "sessions" / "factual-wanda-0.5-shared.jsonl"
+    script = (
+        "import asyncio\n"
+        "from engine.session import load_session\n"
+        "from hierui.app import HieruiApp\n"
+        f"app = HieruiApp(session=load_session({str(example)!r}))\n"
+        "async def go():\n"
+        "    async with app.run_test(size=(120, 40)) as pilot:\n"
+        "        await pilot.press('left', 'r')\n"
+        "        await pilot.pause()\n"
+        "asyncio.run(go())\n"
+    )
+
+    def imported(*args):
+        done = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, timeout=120)
+        names = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+        return done, names
+
+    done, names = imported("-c", script)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "textual" in names and "torch" not in names and "transformers" not in names
+    done, names = imported("-m", "hierui", "explore", "--model", "llama-9000")
+    assert done.returncode == 2 and "unknown model 'llama-9000'" in done.stderr
+    assert "torch" not in names and "transformers" not in names

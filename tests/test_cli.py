@@ -1,15 +1,13 @@
-"""The CLI: bad input is one clear line with exit code 2; prune works end to end on tiny-random."""
+"""The CLI: bad input is one clear line with exit code 2; prune works end to end on tiny-random.
 
-import os
+Contract tests run in-process (the `cli` fixture); a few run the real command in a subprocess (`hierui`)
+where the process is the point: exit codes, tracebacks, import time.
+"""
+
 import subprocess
 import sys
 
 import pytest
-
-
-def hierui(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "hierui", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {}), "COLUMNS": "200"}, timeout=600)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -30,8 +28,8 @@ def hierui(*args, env=None):
     (["explore"], "needs an interactive terminal"),  # valid input, but no terminal here: still before the UI
     (["replay", "/no/such/session.jsonl"], "session not found"),
 ])
-def test_bad_input_is_one_line_and_exit_2(args, message):
-    run = hierui(*args)
+def test_bad_input_is_one_line_and_exit_2(cli, args, message):
+    run = cli(*args)
     assert run.returncode == 2
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, run.stderr
@@ -39,7 +37,15 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert "Traceback" not in run.stderr + run.stdout
 
 
-def test_prune_tiny_random_end_to_end_and_save(tmp_path):
+def test_bad_input_in_a_real_process_is_one_line_exit_2_and_no_traceback(hierui):
+    run = hierui("prune", "--prune", "wanda:1.5")
+    assert run.returncode == 2 and run.stderr.strip() == "error: spec 'wanda:1.5': sparsity must be in (0, 1)" \
+        or ("sparsity must be in (0, 1)" in run.stderr and len(run.stderr.strip().splitlines()) == 1)
+    assert "Traceback" not in run.stderr + run.stdout
+
+
+@pytest.mark.slow
+def test_prune_tiny_random_end_to_end_and_save(hierui, tmp_path):
     out = tmp_path / "saved"
     run = hierui("prune", "--model", "tiny-random", "--prune", "magnitude:2:4", "--tokens", "4",
                  "--save", str(out), env={"HIERUI_HOME": str(tmp_path / "home")})
@@ -52,13 +58,13 @@ def test_prune_tiny_random_end_to_end_and_save(tmp_path):
     assert "50.00%" in again.stdout
 
 
-def test_models_lists_aliases():
-    run = hierui("models")
+def test_models_lists_aliases(cli):
+    run = cli("models")
     assert run.returncode == 0
     assert "llama-7b" in run.stdout and "huggyllama/llama-7b" in run.stdout and "tiny-random" in run.stdout
 
 
-def test_replay_without_a_terminal_prints_the_session():
+def test_replay_without_a_terminal_prints_the_session(hierui):
     from pathlib import Path
 
     example = Path(__file__).resolve().parent.parent / "sessions" / "choice-wanda-0.5-shared.jsonl"
@@ -83,7 +89,7 @@ def test_out_of_memory_is_one_line_and_exit_1(monkeypatch, capsys, error, messag
 
     import hierui.cli as cli
 
-    def boom():
+    def boom(*_args, **_kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if error == "cuda" else MemoryError()
 
     monkeypatch.setattr(cli, "app", boom)

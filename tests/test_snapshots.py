@@ -1,48 +1,135 @@
-"""Snapshots of the explorer's main screen (pytest-textual-snapshot): replay of a shipped session, live tiny-random.
+"""Snapshots of the explorer, one per screen state (pytest-textual-snapshot).
 
-Update after an intended change with `pytest tests/test_snapshots.py --snapshot-update` and look at the SVGs.
+Every state is built from a recorded session (the shipped example of the embedded model under
+wanda:0.5), so no snapshot depends on floating-point noise: the live states play that session through a
+scripted live source. Update after an intended change with
+`pytest tests/test_snapshots.py --snapshot-update`, and look at every SVG before accepting it.
 """
 
+import threading
 from pathlib import Path
 
 import pytest
 
 from engine.session import load_session
-from engine.stepper import StepSettings
 from hierui.app import HieruiApp
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "sessions" / "factual-wanda-0.5-shared.jsonl"
 
 
-def replay_app():
-    return HieruiApp(session=load_session(EXAMPLE))
+class ScriptedRun:
+    """A live step source whose steps are a recorded session's: it behaves like hierui.live.LiveRun (live,
+    restartable) but its numbers are fixed. With `hold_after`, the step after that many waits (up to a few
+    seconds) so a snapshot can catch the app while it is running."""
+
+    live = True
+    pace = 0.0
+
+    def __init__(self, session, hold_after: int | None = None):
+        from engine.replay import settings_from_header
+
+        self.session, self.path, self.header = session, session.path, dict(session.header)
+        self.settings = settings_from_header(self.header, len(session.steps))
+        self.position, self.hold_after, self.closed = 0, hold_after, False
+        self.release = threading.Event()
+        self.written = False
+
+    records = property(lambda self: self.session.steps[:self.position])
+    total = property(lambda self: len(self.session.steps))
+    notes = property(lambda self: [])
+    finished = property(lambda self: self.closed or self.position >= len(self.session.steps))
+
+    def step(self):
+        if self.finished:
+            return None
+        if self.hold_after is not None and self.position >= self.hold_after:
+            self.release.wait(3)
+            return None
+        self.position += 1
+        self.written = True
+        return self.session.steps[self.position - 1]
+
+    def close(self):
+        self.closed = True
+        self.release.set()
+
+
+def live_app(monkeypatch, hold_after=None):
+    session = load_session(EXAMPLE)
+    runs = []
+
+    def scripted(pair, prompt, settings, session_dir):
+        runs.append(ScriptedRun(session, hold_after))
+        return runs[-1]
+
+    monkeypatch.setattr("hierui.live.LiveRun", scripted)
+    app = HieruiApp(pair_factory=lambda progress: object(), prompt=session.header["prompt"],
+                    title_hint="smollm2-135m · wanda:0.5")
+    return app, runs
+
+
+async def settle(pilot):
+    await pilot.pause()
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
 
 
 @pytest.mark.parametrize("size", [(120, 40), (80, 24)])
 def test_replay_screen(snap_compare, size):
+    """Replay of the shipped session with step 38 of 48 selected (ten steps back from the last): the header
+    says `↺ replay` and `step 38/48`; the selected token is highlighted in both texts; every panel shows
+    step 38's values (hierarchy, top-k, layers); the chart marks step 38. At 80×24 the compact layout: the
+    state still visible in the header, the panels stacked below the texts."""
+
     async def select_a_middle_step(pilot):
         await pilot.pause()
         for _ in range(10):
             await pilot.press("left")
         await pilot.pause()
 
-    assert snap_compare(replay_app(), terminal_size=size, run_before=select_a_middle_step)
+    assert snap_compare(HieruiApp(session=load_session(EXAMPLE)), terminal_size=size,
+                        run_before=select_a_middle_step)
 
 
-def test_live_screen_after_steps(snap_compare, tiny, tmp_path):
-    from engine.perturb import perturb
+def test_live_ready_screen(snap_compare, monkeypatch):
+    """Live explorer once the pair is ready, before any step: header `● ready` and `step –/0 (max 48)`, the
+    prompt in its box, both texts saying how to start (space / r), the panels empty ("no step selected")."""
+    app, _ = live_app(monkeypatch)
+    assert snap_compare(app, terminal_size=(120, 40), run_before=settle)
 
-    pair = perturb(tiny, "magnitude:0.5", use_cache=False)
-    app = HieruiApp(pair_factory=lambda progress: pair, prompt="Hello there",
-                    settings=StepSettings(max_new_tokens=16, choices=["A", "B"]), session_dir=tmp_path)
 
-    async def step_a_few(pilot):
-        await pilot.pause()
-        await app.workers.wait_for_complete()
-        for _ in range(5):
-            await pilot.press("space")
+def test_live_running_screen(snap_compare, monkeypatch):
+    """Live explorer while running (r pressed; the seventh step is in flight): header `▶ running` and
+    `step 6/6`, six tokens in each text coloured by their KL, the panels on step 6, the chart with six
+    points per series."""
+    app, runs = live_app(monkeypatch, hold_after=6)
+
+    async def run_six(pilot):
+        await settle(pilot)
+        await pilot.press("r")
+        for _ in range(100):
             await pilot.pause()
-            await app.workers.wait_for_complete()
+            if len(app.records) >= 6:
+                break
         await pilot.pause()
 
-    assert snap_compare(app, terminal_size=(120, 40), run_before=step_a_few)
+    try:
+        assert snap_compare(app, terminal_size=(120, 40), run_before=run_six)
+    finally:
+        for run in runs:
+            run.release.set()
+
+
+def test_live_compact_screen(snap_compare, monkeypatch):
+    """Live explorer at 100×30 (narrower than 110 columns: the compact layout) after eight steps, paused on
+    the last: the header keeps model, spec, mode, step and `⏸ paused`; the hierarchy and top-k side by side,
+    the layer panel and the chart below them (the lower part scrolls)."""
+    app, _ = live_app(monkeypatch)
+
+    async def step_eight(pilot):
+        await settle(pilot)
+        for _ in range(8):
+            await pilot.press("space")
+            await settle(pilot)
+
+    assert snap_compare(app, terminal_size=(100, 30), run_before=step_eight)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from textual.reactive import reactive
 from textual_plotext import PlotextPlot
 
 FLOOR = 1e-7  # log scale: zero divergence is drawn at the floor
 
 
 class SeriesChart(PlotextPlot):
+    BORDER_TITLE = "over steps"
+    records: reactive[list] = reactive(list, always_update=True)
+    selected: reactive[int | None] = reactive(None)
+
+    def _redraw(self) -> None:
+        self.show(self.records, self.selected)
+
+    watch_records = watch_selected = _redraw
+
     def show(self, records: list[dict], selected: int | None) -> None:
         plt = self.plt
         plt.clear_data()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from rich.text import Text
+from textual.reactive import reactive
 from textual.widgets import Static
 
+from engine.settings import StepSettings
+from hierui.tokentext import running
 from hierui.widgets.scale import kl_color
-
-
-def visible(text: str) -> str:
-    return text.replace("\n", "⏎\n").replace("\t", "→")
 
 
 class Continuation(Static):
@@ -18,6 +17,22 @@ class Continuation(Static):
     def __init__(self, side: str, **kwargs):
         super().__init__("", **kwargs)
         self.side = side  # "d" or "p"
+
+    records: reactive[list] = reactive(list, always_update=True)
+    selected: reactive[int | None] = reactive(None)
+    settings: reactive[StepSettings] = reactive(StepSettings)
+    header: reactive[dict] = reactive(dict)
+
+    def _redraw(self) -> None:
+        if self.side == "d":
+            self.border_title = "dense"
+        else:
+            spec = (self.header.get("perturbation") or {}).get("spec")
+            title = f"perturbed ({spec})" if spec else "perturbed"
+            self.border_title = title + (" · own picks, dense context" if self.settings.mode == "shared" else "")
+        self.show(self.records, self.selected)
+
+    watch_records = watch_selected = watch_settings = watch_header = _redraw
 
     def show(self, records: list[dict], selected: int | None) -> None:
         text = Text()
@@ -28,7 +43,7 @@ class Continuation(Static):
                 style += " bold underline reverse"
             elif self.side == "p" and r.get("token_p") != r.get("token_d"):
                 style += " italic"
-            text.append(visible(r.get(key, "")), style=style)
+            text.append(running(r.get(key, "")), style=style)
         if not records:
             text.append("(no steps yet: press space to step, r to run)", style="dim")
         self.update(text)

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from rich.text import Text
+from textual.reactive import reactive
 from textual.widgets import Static
 
+from hierui.format import metric
 from hierui.widgets.scale import drift_color
 
 BAR = 10
 
 
 class LayerPanel(Static):
+    BORDER_TITLE = "embedding space: cos per layer"
+    record: reactive[dict | None] = reactive(None)
+
+    def watch_record(self) -> None:
+        self.show(self.record)
+
     def show(self, record: dict | None) -> None:
         if record is None or not record.get("emb_cos"):
             self.update(Text("hidden states: no step selected", style="dim"))
@@ -28,7 +36,7 @@ class LayerPanel(Static):
         for layer, (c, e, d) in enumerate(zip(cos, est, drift)):
             name = "emb" if layer == 0 else ("out" if layer == last else f"{layer:>3}")
             filled = 0 if d is None else max(0, min(BAR, round(BAR * d / top)))
-            text.append(f" {name:>5} {c:.5f} {e if e is None else format(e, '.5f'):>7} ")
+            text.append(f" {name:>5} {metric('emb_cos', c):>7} {metric('emb_cos_est', e):>7} ")
             text.append("▇" * filled, style=drift_color(d))
             text.append(" " * (BAR - filled) + "\n")
         self.update(text)

@@ -39,11 +39,3 @@ def drift_color(one_minus_cos: float | None) -> str:
     level = min(max(level, 0.0), 1.0)
     palette = ["#1b5e20", "#558b2f", "#9e9d24", "#f9a825", "#ef6c00", "#d84315", "#b71c1c"]
     return palette[min(int(level * len(palette)), len(palette) - 1)]
-
-
-def fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float) and (abs(value) >= 1e4 or (0 < abs(value) < 10 ** -digits)):
-        return f"{value:.2e}"
-    return f"{value:.{digits}f}"

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 from rich.table import Table
 from rich.text import Text
+from textual.reactive import reactive
 from textual.widgets import Static
 
+from hierui import tokentext
+from hierui.format import prob
 
 TOKEN_WIDTH = 10
 
 
 def token_cell(text: str) -> Text:
-    shown = repr(text.replace("\n", "⏎").replace("\t", "→"))[1:-1]  # other control characters escaped
-    if len(shown) > TOKEN_WIDTH:
-        shown = shown[:TOKEN_WIDTH - 1] + "…"
-    return Text(shown)
+    return Text(tokentext.cell(text, TOKEN_WIDTH))
 
 
 class TopKTable(Static):
+    BORDER_TITLE = "top-k"
+    record: reactive[dict | None] = reactive(None)
+
+    def watch_record(self) -> None:
+        self.show(self.record)
+
     def show(self, record: dict | None) -> None:
         table = Table(box=None, padding=(0, 1), show_edge=False, collapse_padding=True)
         table.add_column("#", style="dim", no_wrap=True, min_width=1)
@@ -42,8 +48,8 @@ class TopKTable(Static):
                         shift = Text("=", style="green")
                     else:
                         shift = Text(f"{where - i:+d}", style="yellow")
-                row = (str(i + 1), token_cell(d[1]) if d else "", f"{d[2]:.3f}" if d else "",
-                       token_cell(p[1]) if p else "", f"{p[2]:.3f}" if p else "", shift)
+                row = (str(i + 1), token_cell(d[1]) if d else "", prob(d[2]) if d else "",
+                       token_cell(p[1]) if p else "", prob(p[2]) if p else "", shift)
                 self.rows.append(row)
                 table.add_row(*row)
         self.update(table)
