@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     pair = perturb(load(args.model, device=args.device), args.prune)
-    prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[:args.batch]
+    prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]
     settings = StepSettings(max_new_tokens=args.tokens)
     tokens_per_second(pair, prompts[:1], StepSettings(max_new_tokens=4))  # warm up
     single_start = time.perf_counter()
@@ -61,8 +61,10 @@ def main() -> None:
         single_tokens += sum(len(r) for r in stepper.run())
     single = single_tokens / (time.perf_counter() - single_start)
     batched = tokens_per_second(pair, prompts, settings)
-    print(f"B=1: {single:6.1f} tokens/s · B={args.batch}: {batched:6.1f} tokens/s · "
-          f"ratio {batched / single:.2f}× ({args.model}, {args.prune}, {args.tokens} tokens a prompt)")
+    print(
+        f"B=1: {single:6.1f} tokens/s · B={args.batch}: {batched:6.1f} tokens/s · "
+        f"ratio {batched / single:.2f}× ({args.model}, {args.prune}, {args.tokens} tokens a prompt)"
+    )
 
 
 if __name__ == "__main__":

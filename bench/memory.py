@@ -33,8 +33,9 @@ print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def peak(model: str, spec: str, steps: int) -> float:
-    out = subprocess.run([sys.executable, "-c", CASE, model, spec, str(steps)], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CASE, model, spec, str(steps)], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 

@@ -20,7 +20,7 @@ def dense_forward_seconds(model, ids, batch_size=8) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, ids.shape[0], batch_size):
-            model(input_ids=ids[i:i + batch_size], use_cache=False)
+            model(input_ids=ids[i : i + batch_size], use_cache=False)
     return time.perf_counter() - start
 
 
@@ -36,8 +36,10 @@ def main() -> None:
     for spec in args.specs:
         pair = perturb(loaded, spec, calibration=calib, use_cache=False)
         secs = pair.report.seconds
-        print(f"{spec:>14}: {secs:7.2f} s = {secs / base:5.2f}× one dense forward "
-              f"(measured sparsity {pair.report.measured_sparsity:.4f})")
+        print(
+            f"{spec:>14}: {secs:7.2f} s = {secs / base:5.2f}× one dense forward "
+            f"(measured sparsity {pair.report.measured_sparsity:.4f})"
+        )
 
 
 if __name__ == "__main__":

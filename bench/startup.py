@@ -1,6 +1,6 @@
 """Start-up time of the light commands, relative to `python -c pass` (none of them imports torch).
 
-    .venv/bin/python bench/startup.py [--repeats 5]
+.venv/bin/python bench/startup.py [--repeats 5]
 """
 
 import argparse
@@ -18,7 +18,10 @@ COMMANDS = {
     "hierui show SESSION": [sys.executable, "-m", "hierui", "show", str(SESSION)],
     "hierui models": [sys.executable, "-m", "hierui", "models"],
 }
-CHECK = "import sys, runpy; sys.argv = {argv!r}; \ntry:\n    runpy.run_module('hierui', run_name='__main__')\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules, 'transformers' in sys.modules)"
+CHECK = (
+    "import sys, runpy; sys.argv = {argv!r}; \ntry:\n    runpy.run_module('hierui', run_name='__main__')\n"
+    "except SystemExit:\n    pass\nprint('torch' in sys.modules, 'transformers' in sys.modules)"
+)
 
 
 def wall(cmd: list[str]) -> float:
@@ -40,8 +43,9 @@ def main() -> None:
         median = statistics.median(times[name])
         imported = ""
         if name != "python -c pass":
-            probe = subprocess.run([sys.executable, "-c", CHECK.format(argv=["hierui", *cmd[3:]])],
-                                   capture_output=True, text=True)
+            probe = subprocess.run(
+                [sys.executable, "-c", CHECK.format(argv=["hierui", *cmd[3:]])], capture_output=True, text=True
+            )
             torch_loaded = probe.stdout.strip().splitlines()[-1] if probe.stdout.strip() else "?"
             imported = f" · torch, transformers imported: {torch_loaded}"
         print(f"{name:<22} {median * 1000:7.0f} ms = {median / base:5.1f}× python -c pass{imported}")

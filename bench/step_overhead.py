@@ -57,8 +57,10 @@ def main() -> None:
         t_step, fed, prompt_ids = time_stepper(pair, args.steps)
         t_bare = time_bare(pair, prompt_ids.to(pair.dense.device), fed)
         ratios.append(t_step / t_bare)
-        print(f"stepper {t_step / args.steps * 1000:7.2f} ms/step · bare pair {t_bare / args.steps * 1000:7.2f} ms/step"
-              f" · ratio {t_step / t_bare:.3f}")
+        print(
+            f"stepper {t_step / args.steps * 1000:7.2f} ms/step · bare pair {t_bare / args.steps * 1000:7.2f} ms/step"
+            f" · ratio {t_step / t_bare:.3f}"
+        )
     print(f"step overhead ratio (median of {args.repeats}): {statistics.median(ratios):.3f}")
 
 

@@ -34,9 +34,9 @@ import importlib.util
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from engine.errors import HieruiError
 from engine.paths import atomic_write, calib_dir, is_temporary, pruned_dir
@@ -124,8 +124,11 @@ class Slot:
     def store(self, data) -> Path:
         """Write the data (text, bytes or a function writing a file at the path it gets), then its metadata."""
         atomic_write(self.path, data)
-        meta = {**self.meta, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "size": self.path.stat().st_size}
+        meta = {
+            **self.meta,
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "size": self.path.stat().st_size,
+        }
         atomic_write(self.meta_path, json.dumps(meta, indent=1, default=str))
         return self.path
 
@@ -135,8 +138,13 @@ def slot(kind: str, algorithm: str, identity: dict, info: dict | None = None) ->
     current algorithm and hierui versions. `info` is stored in the metadata but not part of the key."""
     check_kind(kind)
     version = algorithm_version(algorithm)
-    ident = {"kind": kind, **identity, "algorithm": algorithm, "algorithm_version": version,
-             "hierui_version": hierui_version()}
+    ident = {
+        "kind": kind,
+        **identity,
+        "algorithm": algorithm,
+        "algorithm_version": version,
+        "hierui_version": hierui_version(),
+    }
     key = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return Slot(kind, key, {"kind": kind, "key": key, **(info or {}), **ident})
 

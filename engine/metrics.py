@@ -55,8 +55,7 @@ def embedding_metrics(h_d: torch.Tensor, h_p: torch.Tensor) -> dict[str, torch.T
 def logit_metrics(z_d: torch.Tensor, z_p: torch.Tensor) -> dict[str, torch.Tensor]:
     """logit_cos and logit_rel = ‖Δz‖/‖z‖, each (B,)."""
     z_d, z_p = _f(z_d), _f(z_p)
-    return {"logit_cos": _cos(z_d, z_p),
-            "logit_rel": (z_p - z_d).norm(dim=-1) / z_d.norm(dim=-1).clamp_min(EPS)}
+    return {"logit_cos": _cos(z_d, z_p), "logit_rel": (z_p - z_d).norm(dim=-1) / z_d.norm(dim=-1).clamp_min(EPS)}
 
 
 def _weighted_var(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -64,8 +63,9 @@ def _weighted_var(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (weights * (x - mean).square()).sum(-1)
 
 
-def probability_metrics(z_d: torch.Tensor, z_p: torch.Tensor, temperature: float = 1.0,
-                        k: int = 5) -> dict[str, torch.Tensor]:
+def probability_metrics(
+    z_d: torch.Tensor, z_p: torch.Tensor, temperature: float = 1.0, k: int = 5
+) -> dict[str, torch.Tensor]:
     """KL, JS, TV, cosines with their theory estimates, top-1/top-k agreement, dp and rank_shift. (B,) each.
 
     Also returns the top-k lists (`topk_d_ids`, `topk_d_probs`, `topk_p_ids`, `topk_p_probs`, (B, k)) and
@@ -85,9 +85,9 @@ def probability_metrics(z_d: torch.Tensor, z_p: torch.Tensor, temperature: float
     p_p_at_t = p_p.gather(-1, top_d)
     return {
         "kl": (p_d * (logp_d - logp_p)).sum(-1),
-        "kl_est": _weighted_var(p_d, dz) / (2 * temperature ** 2),
+        "kl_est": _weighted_var(p_d, dz) / (2 * temperature**2),
         "prob_cos": _cos(p_d, p_p),
-        "prob_cos_est": 1.0 - _weighted_var(r, dz) / (2 * temperature ** 2),
+        "prob_cos_est": 1.0 - _weighted_var(r, dz) / (2 * temperature**2),
         "js": 0.5 * (p_d * (logp_d - log_m)).sum(-1) + 0.5 * (p_p * (logp_p - log_m)).sum(-1),
         "tv": 0.5 * (p_d - p_p).abs().sum(-1),
         "top1_agree": (top_d.squeeze(-1) == p_p.argmax(-1)).float(),
@@ -110,8 +110,13 @@ def amplification(prob_cos: torch.Tensor, logit_cos: torch.Tensor) -> torch.Tens
     return torch.where(den > 0, num / den.clamp_min(EPS), torch.full_like(num, float("nan")))
 
 
-def subspace_metrics(z_d: torch.Tensor, z_p: torch.Tensor, choice_ids: torch.Tensor,
-                     temperature: float = 1.0, choice_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def subspace_metrics(
+    z_d: torch.Tensor,
+    z_p: torch.Tensor,
+    choice_ids: torch.Tensor,
+    temperature: float = 1.0,
+    choice_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """The categorical subspace: both distributions renormalised over the candidate tokens.
 
     `choice_ids`: (C,) for every row, or (B, C) per row with `choice_mask` (B, C) marking the real ones
@@ -136,9 +141,18 @@ def subspace_metrics(z_d: torch.Tensor, z_p: torch.Tensor, choice_ids: torch.Ten
     }
 
 
-def step_metrics(h_d, h_p, z_d, z_p, fed_d, fed_p, temperature: float = 1.0, k: int = 5,
-                 choice_ids: torch.Tensor | None = None,
-                 choice_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def step_metrics(
+    h_d,
+    h_p,
+    z_d,
+    z_p,
+    fed_d,
+    fed_p,
+    temperature: float = 1.0,
+    k: int = 5,
+    choice_ids: torch.Tensor | None = None,
+    choice_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Every per-step metric of the design's table (accumulated ones excepted), still on the device.
 
     `fed_d`, `fed_p` (B,): the tokens each model is fed next (equal in shared mode), for nll_d / nll_p.
@@ -173,7 +187,7 @@ def to_host(metrics: dict[str, torch.Tensor]) -> list[dict[str, object]]:
         record: dict[str, object] = {}
         pos = 0
         for name, width in zip(names, widths):
-            values = row[pos:pos + width]
+            values = row[pos : pos + width]
             pos += width
             if name.endswith("_ids"):
                 record[name] = [int(v) for v in values]

@@ -18,13 +18,20 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
-from engine.embedded import (EMBEDDED_NAME, EMBEDDED_PACKAGE, EMBEDDED_SHA256, convert_gguf, embedded_dir,
-                             ensure_embedded)
+from engine.embedded import (
+    EMBEDDED_NAME,
+    EMBEDDED_PACKAGE,
+    EMBEDDED_SHA256,
+    convert_gguf,
+    embedded_dir,
+    ensure_embedded,
+)
 from engine.errors import HieruiError
 from engine.paths import models_dir
 from engine.tiny import TINY_RANDOM, TINY_VERSION
@@ -76,7 +83,9 @@ class ModelRef:
             return f"tiny-random:{TINY_VERSION}"
         if self.kind in ("local", "gguf"):
             p = Path(self.source)
-            files = [p] if p.is_file() else sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")) + [p / "config.json"]
+            files = (
+                [p] if p.is_file() else sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")) + [p / "config.json"]
+            )
             stamp = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.exists()]
             return f"{self.kind}:{p.resolve()}:{hashlib.sha1(repr(stamp).encode()).hexdigest()[:12]}"
         return f"hub:{self.source}"
@@ -159,8 +168,15 @@ def pick_device(device: str = "auto"):
     return dev
 
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16", "half": "float16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
 
 
 def pick_dtype(dtype: str, device):
@@ -188,8 +204,13 @@ def _placement(device, device_map: str | None) -> dict:
 # ---------------------------------------------------------------- loading
 
 
-def load(name: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None,
-         progress: Progress | None = None) -> LoadedModel:
+def load(
+    name: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    device_map: str | None = None,
+    progress: Progress | None = None,
+) -> LoadedModel:
     """Load the model a --model name points at, in eval mode, with a tokenizer that has a pad token."""
     ref = resolve(name)
     dev = pick_device(device)
@@ -211,7 +232,9 @@ def load(name: str, device: str = "auto", dtype: str = "auto", device_map: str |
         raise HieruiError(f"out of memory loading {ref.display}: try a smaller model or --dtype bfloat16", 1) from None
     except Exception as e:  # torch OOM is a RuntimeError subclass
         if type(e).__name__ == "OutOfMemoryError":
-            raise HieruiError(f"CUDA out of memory loading {ref.display}: try --dtype bfloat16, --device cpu or a smaller model", 1) from None
+            raise HieruiError(
+                f"CUDA out of memory loading {ref.display}: try --dtype bfloat16, --device cpu or a smaller model", 1
+            ) from None
         raise
     model.eval()
     model.requires_grad_(False)
@@ -261,7 +284,9 @@ def _hub_snapshot(ref: ModelRef, say: Progress) -> Path:
     try:
         return Path(snapshot_download(ref.source, allow_patterns=patterns))
     except Exception as e:
-        raise HieruiError(f"could not download {ref.source} from the hub: {type(e).__name__}: {str(e).splitlines()[0]}", 1) from None
+        raise HieruiError(
+            f"could not download {ref.source} from the hub: {type(e).__name__}: {str(e).splitlines()[0]}", 1
+        ) from None
 
 
 def check_reachable(name: str) -> None:
@@ -273,7 +298,9 @@ def check_reachable(name: str) -> None:
     if os.environ.get("HF_HUB_OFFLINE") or not _reachable(endpoint):
         raise HieruiError(
             f"cannot reach the Hugging Face hub to fetch {ref.source} ('{ref.name}'); download it where the hub "
-            f"is reachable (hf download {ref.source} --local-dir DIR) and pass --model DIR", 1)
+            f"is reachable (hf download {ref.source} --local-dir DIR) and pass --model DIR",
+            1,
+        )
 
 
 def _reachable(url: str, timeout: float = 3.0) -> bool:
@@ -304,9 +331,15 @@ def load_tokenizer(name: str, progress: Progress | None = None):
 
 def list_models() -> list[dict]:
     """Aliases with their targets and whether they are available without a download."""
-    rows = [{"alias": DEFAULT_MODEL, "target": f"SmolLM2-135M-Instruct from {EMBEDDED_PACKAGE}",
-             "cached": (embedded_dir() / "model.safetensors").is_file(), "where": str(embedded_dir())},
-            {"alias": TINY_RANDOM, "target": "seeded 4-layer Llama, byte tokenizer", "cached": True, "where": "built in"}]
+    rows = [
+        {
+            "alias": DEFAULT_MODEL,
+            "target": f"SmolLM2-135M-Instruct from {EMBEDDED_PACKAGE}",
+            "cached": (embedded_dir() / "model.safetensors").is_file(),
+            "where": str(embedded_dir()),
+        },
+        {"alias": TINY_RANDOM, "target": "seeded 4-layer Llama, byte tokenizer", "cached": True, "where": "built in"},
+    ]
     for alias, hub_id in ALIASES.items():
         where = _hub_cache_dir(hub_id)
         rows.append({"alias": alias, "target": hub_id, "cached": where is not None, "where": where or ""})

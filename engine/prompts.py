@@ -62,8 +62,9 @@ def jsonl_item(path: Path, number: int, line: str) -> PromptItem:
     if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
         raise HieruiError(f'{where} has no "prompt" (expected {{"prompt": "...", "choices": [...], "id": "..."}})')
     choices = obj.get("choices")
-    if choices is not None and (not isinstance(choices, list) or len(choices) < 2
-                                or not all(isinstance(c, str) and c for c in choices)):
+    if choices is not None and (
+        not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices)
+    ):
         raise HieruiError(f'{where}: "choices" must be a list of at least two non-empty strings')
     pid = ""
     if obj.get("id") is not None:

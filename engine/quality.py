@@ -22,7 +22,7 @@ def perplexity(model, tokenizer, text: str, window: int = 512) -> float:
     total_nll, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, ids.numel() - 1, window):
-            chunk = ids[start:start + window + 1].unsqueeze(0).to(device)
+            chunk = ids[start : start + window + 1].unsqueeze(0).to(device)
             if chunk.shape[1] < 2:
                 break
             logits = model(input_ids=chunk[:, :-1], use_cache=False).logits.float()
@@ -39,7 +39,14 @@ def greedy_tokens(model, tokenizer, prompt_ids: list[int], max_new_tokens: int =
     ids = torch.tensor([prompt_ids], dtype=torch.long)
     device = model.get_input_embeddings().weight.device
     with torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                             top_k=None, pad_token_id=tokenizer.pad_token_id)
-    return out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=torch.ones_like(ids).to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return out[0, ids.shape[1] :].tolist()

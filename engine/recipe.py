@@ -41,8 +41,17 @@ SUITES = DATA / "suites"
 # calibration's (engine.settings), typed like their defaults (the calibration source: a path)
 SETTINGS = {k: type(SWEEP_DEFAULTS[k]) for k in SWEEP_FIELDS}
 CALIBRATION = {k: str if k == "source" else type(v) for k, v in CALIB_DEFAULTS.items()}
-KEYS = {"name": str, "description": str, "model": str, "prompts": list, "specs": list, "modes": list,
-        "batch_size": int, "calibration": dict, **SETTINGS}
+KEYS = {
+    "name": str,
+    "description": str,
+    "model": str,
+    "prompts": list,
+    "specs": list,
+    "modes": list,
+    "batch_size": int,
+    "calibration": dict,
+    **SETTINGS,
+}
 REQUIRED = ("prompts", "specs")
 
 
@@ -79,14 +88,22 @@ def recipe_path(name_or_path: str | Path) -> Path:
         shipped = RECIPES / f"{text}.toml"
         if shipped.is_file():
             return shipped
-        raise HieruiError(f"recipe '{text}' not found: not a file, and not a shipped recipe "
-                          f"(shipped: {', '.join(shipped_recipes()) or 'none'})")
+        raise HieruiError(
+            f"recipe '{text}' not found: not a file, and not a shipped recipe "
+            f"(shipped: {', '.join(shipped_recipes()) or 'none'})"
+        )
     raise HieruiError(f"recipe file not found: {path}")
 
 
 def _type_name(kind) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
-            dict: "a table"}[kind]
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }[kind]
 
 
 def _check_type(where: str, key: str, value, kind) -> None:
@@ -129,8 +146,12 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     for key, value in data.items():
         _check_type(where, key, value, KEYS[key])
 
-    recipe = Recipe(name=data.get("name") or path.stem, path=path, description=data.get("description", ""),
-                    model=data.get("model") or None)
+    recipe = Recipe(
+        name=data.get("name") or path.stem,
+        path=path,
+        description=data.get("description", ""),
+        model=data.get("model") or None,
+    )
     recipe.specs = _string_list(where, "specs", data["specs"])
     for spec in recipe.specs:
         try:
@@ -184,8 +205,10 @@ def _sources(where: str, path: Path, prompts: list[str]) -> list[tuple[str, Path
             name = text.removeprefix("suite:").strip()
             file = SUITES / f"{name}.jsonl"
             if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not file.is_file():
-                raise HieruiError(f"{where}: unknown suite '{text}' (shipped: "
-                                  f"{', '.join('suite:' + s for s in shipped_suites()) or 'none'})")
+                raise HieruiError(
+                    f"{where}: unknown suite '{text}' (shipped: "
+                    f"{', '.join('suite:' + s for s in shipped_suites()) or 'none'})"
+                )
         else:
             file = (path.parent / Path(text).expanduser()).resolve()
             if not file.is_file():
@@ -225,8 +248,10 @@ def write_prompts(recipe: Recipe, out: str | Path) -> Path:
     text = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in read_items(recipe))
     target = out / "prompts.jsonl"
     if target.is_file() and target.read_text(encoding="utf-8") != text:
-        raise HieruiError(f"{out} holds a sweep with other prompts (its prompts.jsonl differs from the "
-                          f"recipe's): rerun the same recipe to resume it, or use another --out")
+        raise HieruiError(
+            f"{out} holds a sweep with other prompts (its prompts.jsonl differs from the "
+            f"recipe's): rerun the same recipe to resume it, or use another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     if not target.is_file():
         target.write_text(text, encoding="utf-8")
@@ -236,8 +261,9 @@ def write_prompts(recipe: Recipe, out: str | Path) -> Path:
     return target
 
 
-def apply_recipe(name_or_path: str | Path, out: str | Path, args: dict,
-                 batch_size: int | None = None) -> tuple[dict, int | None]:
+def apply_recipe(
+    name_or_path: str | Path, out: str | Path, args: dict, batch_size: int | None = None
+) -> tuple[dict, int | None]:
     """plan_sweep's keyword arguments from a recipe, with `args` (the command line's; None = not given)
     overriding it; writes OUT/prompts.jsonl unless args give prompts_file. Returns (args, batch_size)."""
     recipe = load_recipe(name_or_path)

@@ -2,9 +2,10 @@
 
 `rerun(session)` loads the model named in the header, rebuilds the perturbation (same spec, same
 calibration samples/length/seed/source) and the step settings, and records exactly as many steps as were
-recorded, through the same SessionRecorder as every other run (into `save`, or a temporary file). `deviations(recorded, new)` is the largest absolute difference of every metric: scalars,
-per-layer and per-choice lists elementwise, and the probabilities of the top-k lists. `compare` adds
-whether every token matched. Nothing here prints; `hierui replay --rerun` renders the result.
+recorded, through the same SessionRecorder as every other run (into `save`, or a temporary file).
+`deviations(recorded, new)` is the largest absolute difference of every metric: scalars, per-layer and
+per-choice lists elementwise, and the probabilities of the top-k lists. `compare` adds whether every token
+matched. Nothing here prints; `hierui replay --rerun` renders the result.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from engine.errors import HieruiError
 from engine.session import Session, SessionRecorder, load_session
@@ -54,9 +55,16 @@ def calib_options_from_header(header: dict) -> dict | None:
     return opts
 
 
-def rerun(session: Session, device: str = "auto", dtype: str | None = None, *, loaded=None,
-          use_cache: bool = True, progress: Callable[[str, int, int], None] | None = None,
-          save: str | Path | None = None) -> list[dict]:
+def rerun(
+    session: Session,
+    device: str = "auto",
+    dtype: str | None = None,
+    *,
+    loaded=None,
+    use_cache: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+    save: str | Path | None = None,
+) -> list[dict]:
     """Recompute `session` with its models; the new step records as its session file holds them.
 
     `dtype` None takes the recorded one (header "dtype"), else auto. `loaded`: an already loaded dense
@@ -73,16 +81,23 @@ def rerun(session: Session, device: str = "auto", dtype: str | None = None, *, l
     model = header.get("model")
     spec = (header.get("perturbation") or {}).get("spec")
     if not model or not spec:
-        raise HieruiError(f"{session.path}: the header names no {'model' if not model else 'perturbation spec'}; cannot rerun")
+        raise HieruiError(
+            f"{session.path}: the header names no {'model' if not model else 'perturbation spec'}; cannot rerun"
+        )
     if "prompt" not in header:
         raise HieruiError(f"{session.path}: the header has no prompt; cannot rerun")
     settings = settings_from_header(header, len(session.steps))
     say = progress or (lambda *_: None)
     if loaded is None:
-        loaded = load(model, device=device, dtype=dtype or header.get("dtype") or "auto",
-                      progress=lambda message: say(message, 0, 0))
-    pair = perturb(loaded, spec, use_cache=use_cache, progress=progress,
-                   calib_options=calib_options_from_header(header))
+        loaded = load(
+            model,
+            device=device,
+            dtype=dtype or header.get("dtype") or "auto",
+            progress=lambda message: say(message, 0, 0),
+        )
+    pair = perturb(
+        loaded, spec, use_cache=use_cache, progress=progress, calib_options=calib_options_from_header(header)
+    )
     stepper = Stepper(pair, header["prompt"], settings)
     if save is not None:
         SessionRecorder(stepper, [save]).run()
@@ -191,14 +206,19 @@ class Comparison:
 
 
 def compare(recorded_steps: list[dict], new_steps: list[dict]) -> Comparison:
-    mismatch = next((i for i, (a, b) in enumerate(zip(recorded_steps, new_steps)) if _token_row(a) != _token_row(b)),
-                    None)
+    mismatch = next(
+        (i for i, (a, b) in enumerate(zip(recorded_steps, new_steps)) if _token_row(a) != _token_row(b)), None
+    )
     if mismatch is None and len(recorded_steps) != len(new_steps):
         mismatch = min(len(recorded_steps), len(new_steps))
     topk = sum(_topk_ids(a) != _topk_ids(b) for a, b in zip(recorded_steps, new_steps))
-    result = Comparison(recorded=len(recorded_steps), rerun=len(new_steps),
-                        deviations=deviations(recorded_steps, new_steps),
-                        first_token_mismatch=mismatch, topk_id_mismatches=topk)
+    result = Comparison(
+        recorded=len(recorded_steps),
+        rerun=len(new_steps),
+        deviations=deviations(recorded_steps, new_steps),
+        first_token_mismatch=mismatch,
+        topk_id_mismatches=topk,
+    )
     if len(recorded_steps) != len(new_steps):
         result.notes.append(f"the rerun took {len(new_steps)} steps, the recording {len(recorded_steps)}")
     return result

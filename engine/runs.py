@@ -66,8 +66,9 @@ def load_run(run_dir: str | Path) -> RunData:
         raise HieruiError(f"{path} is not a folder: give the --out folder of a hierui batch run")
     missing = [n for n in ("batch.json", "summary.parquet") if not (path / n).is_file()]
     if missing:
-        raise HieruiError(f"{path} is not a hierui batch output (no {' or '.join(missing)}): "
-                          f"run hierui batch --out {path} first")
+        raise HieruiError(
+            f"{path} is not a hierui batch output (no {' or '.join(missing)}): run hierui batch --out {path} first"
+        )
     try:
         manifest = json.loads((path / "batch.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -87,8 +88,14 @@ def load_run(run_dir: str | Path) -> RunData:
         except Exception as e:  # pyarrow raises several types for a damaged file
             raise HieruiError(f"{file} is unreadable ({type(e).__name__}); rerun the sweep to rewrite it") from None
 
-    run = RunData(path, manifest, read("summary.parquet"), read("steps.parquet", STEP_COLUMNS),
-                  read("mc.parquet"), read("mc_summary.parquet"))
+    run = RunData(
+        path,
+        manifest,
+        read("summary.parquet"),
+        read("steps.parquet", STEP_COLUMNS),
+        read("mc.parquet"),
+        read("mc_summary.parquet"),
+    )
     recipe = path / "recipe.toml"
     if recipe.is_file():
         import tomllib
@@ -125,31 +132,33 @@ def spec_rows(run: RunData) -> list[dict]:
         base = [r for r in mine if r.get("mode") == basis]
         free = [r for r in mine if r.get("mode") == "free"]
         m = mc.get(spec, {})
-        rows.append({
-            "spec": spec,
-            "sparsity": mean(r.get("measured_sparsity") for r in mine),
-            "runs": len(mine),
-            "emb_cos": mean(r.get("emb_cos_final_mean") for r in base),
-            "logit_cos": mean(r.get("logit_cos_mean") for r in base),
-            "prob_cos": mean(r.get("prob_cos_mean") for r in base),
-            "prob_cos_est": mean(r.get("prob_cos_est_mean") for r in base),
-            "kl": mean(r.get("kl_mean") for r in base),
-            "kl_est": mean(r.get("kl_est_mean") for r in base),
-            "tv": mean(r.get("tv_mean") for r in base),
-            "amp": mean(r.get("amp_mean") for r in base),
-            "top1": mean(r.get("same_top1_rate") for r in base),
-            "cum_kl_shared": mean(r.get("cum_kl") for r in mine if r.get("mode") == "shared"),
-            "cum_kl_free": mean(r.get("cum_kl") for r in free),
-            "first_div": median(r.get("first_divergence") for r in free),
-            "diverged": sum(r.get("first_divergence") is not None for r in free) if free else None,
-            "free_runs": len(free),
-            "mc_items": m.get("items"),
-            "mc_acc_d": m.get("acc_d"),
-            "mc_acc_p": m.get("acc_p"),
-            "mc_agree": m.get("agree_rate"),
-            "mc_sub_kl": m.get("sub_kl_mean"),
-            "mc_kl": m.get("kl_mean"),
-        })
+        rows.append(
+            {
+                "spec": spec,
+                "sparsity": mean(r.get("measured_sparsity") for r in mine),
+                "runs": len(mine),
+                "emb_cos": mean(r.get("emb_cos_final_mean") for r in base),
+                "logit_cos": mean(r.get("logit_cos_mean") for r in base),
+                "prob_cos": mean(r.get("prob_cos_mean") for r in base),
+                "prob_cos_est": mean(r.get("prob_cos_est_mean") for r in base),
+                "kl": mean(r.get("kl_mean") for r in base),
+                "kl_est": mean(r.get("kl_est_mean") for r in base),
+                "tv": mean(r.get("tv_mean") for r in base),
+                "amp": mean(r.get("amp_mean") for r in base),
+                "top1": mean(r.get("same_top1_rate") for r in base),
+                "cum_kl_shared": mean(r.get("cum_kl") for r in mine if r.get("mode") == "shared"),
+                "cum_kl_free": mean(r.get("cum_kl") for r in free),
+                "first_div": median(r.get("first_divergence") for r in free),
+                "diverged": sum(r.get("first_divergence") is not None for r in free) if free else None,
+                "free_runs": len(free),
+                "mc_items": m.get("items"),
+                "mc_acc_d": m.get("acc_d"),
+                "mc_acc_p": m.get("acc_p"),
+                "mc_agree": m.get("agree_rate"),
+                "mc_sub_kl": m.get("sub_kl_mean"),
+                "mc_kl": m.get("kl_mean"),
+            }
+        )
     return rows
 
 
@@ -173,9 +182,18 @@ def first_divergences(run: RunData) -> list[dict]:
         if not free:
             continue
         steps = sorted(int(r["first_divergence"]) for r in free if r.get("first_divergence") is not None)
-        out.append({"spec": spec, "runs": len(free), "steps": steps, "diverged": len(steps),
-                    "never": len(free) - len(steps), "median": median(steps),
-                    "min": steps[0] if steps else None, "max": steps[-1] if steps else None})
+        out.append(
+            {
+                "spec": spec,
+                "runs": len(free),
+                "steps": steps,
+                "diverged": len(steps),
+                "never": len(free) - len(steps),
+                "median": median(steps),
+                "min": steps[0] if steps else None,
+                "max": steps[-1] if steps else None,
+            }
+        )
     return out
 
 
@@ -186,9 +204,18 @@ def choice_rows(run: RunData) -> list[dict]:
     rows = []
     for m in run.mc_summary:
         g = gen.get(m["spec"], {})
-        rows.append({"spec": m["spec"], "items": m.get("items"), "acc_d": m.get("acc_d"), "acc_p": m.get("acc_p"),
-                     "agree": m.get("agree_rate"), "sub_kl": m.get("sub_kl_mean"), "kl": m.get("kl_mean"),
-                     "gen_kl": g.get("kl"), "gen_cum_kl": g.get("cum_kl_free") if g.get("cum_kl_free") is not None
-                     else g.get("cum_kl_shared")})
+        rows.append(
+            {
+                "spec": m["spec"],
+                "items": m.get("items"),
+                "acc_d": m.get("acc_d"),
+                "acc_p": m.get("acc_p"),
+                "agree": m.get("agree_rate"),
+                "sub_kl": m.get("sub_kl_mean"),
+                "kl": m.get("kl_mean"),
+                "gen_kl": g.get("kl"),
+                "gen_cum_kl": g.get("cum_kl_free") if g.get("cum_kl_free") is not None else g.get("cum_kl_shared"),
+            }
+        )
     order = {spec: i for i, spec in enumerate(run.specs)}
     return sorted(rows, key=lambda r: order.get(r["spec"], len(order)))

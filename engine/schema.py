@@ -30,51 +30,114 @@ RUN_COLUMNS = {"run_id": STRING, "spec": STRING, "mode": STRING, "prompt_id": ST
 
 # every field of a step record (engine.stepper), in the order of the design's table
 STEP_FIELDS = {
-    "step": INT, "token_d": INT, "token_p": INT, "text_d": STRING, "text_p": STRING, "fed": INTS,
+    "step": INT,
+    "token_d": INT,
+    "token_p": INT,
+    "text_d": STRING,
+    "text_p": STRING,
+    "fed": INTS,
     # hidden states, per layer ℓ = 0 (embeddings) … L (final normed state)
-    "emb_cos": FLOATS, "emb_rel": FLOATS, "emb_perp": FLOATS, "emb_cos_est": FLOATS,
+    "emb_cos": FLOATS,
+    "emb_rel": FLOATS,
+    "emb_perp": FLOATS,
+    "emb_cos_est": FLOATS,
     # logits
-    "logit_cos": FLOAT, "logit_rel": FLOAT,
+    "logit_cos": FLOAT,
+    "logit_rel": FLOAT,
     # probabilities
-    "kl": FLOAT, "kl_est": FLOAT, "prob_cos": FLOAT, "prob_cos_est": FLOAT, "js": FLOAT, "tv": FLOAT,
-    "top1_agree": BOOL, "topk_overlap": FLOAT, "dp": FLOAT, "rank_shift": INT, "amp": FLOAT,
-    "nll_d": FLOAT, "nll_p": FLOAT,
+    "kl": FLOAT,
+    "kl_est": FLOAT,
+    "prob_cos": FLOAT,
+    "prob_cos_est": FLOAT,
+    "js": FLOAT,
+    "tv": FLOAT,
+    "top1_agree": BOOL,
+    "topk_overlap": FLOAT,
+    "dp": FLOAT,
+    "rank_shift": INT,
+    "amp": FLOAT,
+    "nll_d": FLOAT,
+    "nll_p": FLOAT,
     # accumulated over the run
-    "cum_kl": FLOAT, "cum_nll_gap": FLOAT, "same_token": BOOL, "first_divergence": INT,  # free mode only
+    "cum_kl": FLOAT,
+    "cum_nll_gap": FLOAT,
+    "same_token": BOOL,
+    "first_divergence": INT,  # free mode only
     # the categorical subspace (prompts with choices only)
-    "sub_p_d": FLOATS, "sub_p_p": FLOATS, "sub_kl": FLOAT, "sub_cos": FLOAT, "sub_agree": BOOL,
+    "sub_p_d": FLOATS,
+    "sub_p_p": FLOATS,
+    "sub_kl": FLOAT,
+    "sub_cos": FLOAT,
+    "sub_agree": BOOL,
     # top-k lists [[token id, text, probability], …]
-    "topk_d": JSON, "topk_p": JSON,
+    "topk_d": JSON,
+    "topk_p": JSON,
 }
 
 # engine.summary.summarize's keys
 SUMMARY_FIELDS = {
     "steps": INT,
     **{f"{name}_{stat}": FLOAT for name in ("kl", "tv") for stat in ("mean", *(f"p{q}" for q in PERCENTILES))},
-    "kl_est_mean": FLOAT, "same_top1_rate": FLOAT, "emb_cos_final_mean": FLOAT,
+    "kl_est_mean": FLOAT,
+    "same_top1_rate": FLOAT,
+    "emb_cos_final_mean": FLOAT,
     **{f"{name}_mean": FLOAT for name in ("logit_cos", "prob_cos", "prob_cos_est", "js", "amp")},
-    "cum_kl": FLOAT, "cum_nll_gap": FLOAT, "ln_ppl_ratio": FLOAT, "ppl_ratio": FLOAT,
-    "first_divergence": INT, "same_token_rate": FLOAT,  # free mode only
-    "sub_kl_mean": FLOAT, "sub_agree_rate": FLOAT,  # prompts with choices only
+    "cum_kl": FLOAT,
+    "cum_nll_gap": FLOAT,
+    "ln_ppl_ratio": FLOAT,
+    "ppl_ratio": FLOAT,
+    "first_divergence": INT,
+    "same_token_rate": FLOAT,  # free mode only
+    "sub_kl_mean": FLOAT,
+    "sub_agree_rate": FLOAT,  # prompts with choices only
 }
 
 # engine.choice.score_item's keys: one multiple-choice item scored under one spec
 CHOICE_FIELDS = {
-    "item_id": STRING, "topic": STRING, "prompt": STRING, "choices": JSON, "answer": INT,
-    "score_d": FLOATS, "score_p": FLOATS, "sub_p_d": FLOATS, "sub_p_p": FLOATS,
-    "pred_d": INT, "pred_p": INT, "correct_d": BOOL, "correct_p": BOOL, "agree": BOOL,
-    "sub_kl": FLOAT, "sub_cos": FLOAT, "kl": FLOAT, "tv": FLOAT, "logit_cos": FLOAT, "prob_cos": FLOAT,
+    "item_id": STRING,
+    "topic": STRING,
+    "prompt": STRING,
+    "choices": JSON,
+    "answer": INT,
+    "score_d": FLOATS,
+    "score_p": FLOATS,
+    "sub_p_d": FLOATS,
+    "sub_p_p": FLOATS,
+    "pred_d": INT,
+    "pred_p": INT,
+    "correct_d": BOOL,
+    "correct_p": BOOL,
+    "agree": BOOL,
+    "sub_kl": FLOAT,
+    "sub_cos": FLOAT,
+    "kl": FLOAT,
+    "tv": FLOAT,
+    "logit_cos": FLOAT,
+    "prob_cos": FLOAT,
     "emb_cos_final": FLOAT,
 }
 
 # engine.choice.summarize_items's keys
-CHOICE_SUMMARY_FIELDS = {"items": INT, "acc_d": FLOAT, "acc_p": FLOAT, "agree_rate": FLOAT,
-                         "sub_kl_mean": FLOAT, "kl_mean": FLOAT, "tv_mean": FLOAT}
+CHOICE_SUMMARY_FIELDS = {
+    "items": INT,
+    "acc_d": FLOAT,
+    "acc_p": FLOAT,
+    "agree_rate": FLOAT,
+    "sub_kl_mean": FLOAT,
+    "kl_mean": FLOAT,
+    "tv_mean": FLOAT,
+}
 
 # the tables: OUT/steps.parquet, OUT/summary.parquet (and .csv), OUT/mc.parquet, OUT/mc_summary.parquet (and .csv)
 STEPS = {**RUN_COLUMNS, **STEP_FIELDS}
-SUMMARY = {**RUN_COLUMNS, "prompt": STRING, "choices": JSON, "model": STRING, "measured_sparsity": FLOAT,
-           **SUMMARY_FIELDS}
+SUMMARY = {
+    **RUN_COLUMNS,
+    "prompt": STRING,
+    "choices": JSON,
+    "model": STRING,
+    "measured_sparsity": FLOAT,
+    **SUMMARY_FIELDS,
+}
 CHOICES = {"spec": STRING, **CHOICE_FIELDS}
 CHOICE_SUMMARY = {"spec": STRING, **CHOICE_SUMMARY_FIELDS}
 TABLES = {"steps": STEPS, "summary": SUMMARY, "mc": CHOICES, "mc_summary": CHOICE_SUMMARY}
@@ -93,8 +156,15 @@ class SchemaError(HieruiError):
 def arrow_type(kind: str):
     import pyarrow as pa
 
-    return {STRING: pa.string(), INT: pa.int64(), FLOAT: pa.float64(), BOOL: pa.bool_(),
-            INTS: pa.list_(pa.int64()), FLOATS: pa.list_(pa.float64()), JSON: pa.string()}[kind]
+    return {
+        STRING: pa.string(),
+        INT: pa.int64(),
+        FLOAT: pa.float64(),
+        BOOL: pa.bool_(),
+        INTS: pa.list_(pa.int64()),
+        FLOATS: pa.list_(pa.float64()),
+        JSON: pa.string(),
+    }[kind]
 
 
 def arrow_schema(columns: dict[str, str]):
@@ -148,8 +218,11 @@ def to_table(rows: list[dict], columns: dict[str, str], what: str = "table"):
     for row in rows:
         unknown = [name for name in row if name not in columns]
         if unknown:
-            raise SchemaError(f"{what}: field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
-                              f"not declared in engine/schema.py")
-    arrays = [pa.array([cell(name, kind, row.get(name)) for row in rows], arrow_type(kind))
-              for name, kind in columns.items()]
+            raise SchemaError(
+                f"{what}: field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
+                f"not declared in engine/schema.py"
+            )
+    arrays = [
+        pa.array([cell(name, kind, row.get(name)) for row in rows], arrow_type(kind)) for name, kind in columns.items()
+    ]
     return pa.Table.from_arrays(arrays, schema=arrow_schema(columns))

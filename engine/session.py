@@ -63,9 +63,13 @@ class SessionWriter:
     def __init__(self, path: str | Path, header: dict):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        full = {"format": FORMAT, "version": VERSION,
-                **{k: v for k, v in header.items() if k not in ("format", "version", "created", "hierui")},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hierui": __version__}
+        full = {
+            "format": FORMAT,
+            "version": VERSION,
+            **{k: v for k, v in header.items() if k not in ("format", "version", "created", "hierui")},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "hierui": __version__,
+        }
         self.header = full
         self._file = open(self.path, "w", encoding="utf-8")
         self._file.write(_line(full))
@@ -88,7 +92,7 @@ class SessionWriter:
         self._file.close()
         self.closed = True
 
-    def __enter__(self) -> "SessionWriter":
+    def __enter__(self) -> SessionWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -140,12 +144,15 @@ def load_session(path: str | Path) -> Session:
     except json.JSONDecodeError:
         raise HieruiError(f"{path} is not a hierui session (its first line is not JSON)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise HieruiError(f"{path} is not a hierui session (no \"format\": \"{FORMAT}\" header)")
+        raise HieruiError(f'{path} is not a hierui session (no "format": "{FORMAT}" header)')
     version = header.get("version")
     if not _is_int(version):
         raise HieruiError(f"{path}: the session header has no valid version")
     if version > VERSION:
-        raise HieruiError(f"{path} is a version {version} session; this hierui ({__version__}) reads version {VERSION}: upgrade hierui")
+        raise HieruiError(
+            f"{path} is a version {version} session; this hierui ({__version__}) reads version {VERSION}: "
+            "upgrade hierui"
+        )
     if version < 1:
         raise HieruiError(f"{path}: unsupported session version {version}")
 
@@ -156,7 +163,9 @@ def load_session(path: str | Path) -> Session:
             obj = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             if index == last:  # the last line: a crash mid-write
-                session.warnings.append(f"{path}: dropped a truncated last line (line {number}); the run was interrupted")
+                session.warnings.append(
+                    f"{path}: dropped a truncated last line (line {number}); the run was interrupted"
+                )
                 break
             raise HieruiError(f"{path}: line {number} is not valid JSON") from None
         if not isinstance(obj, dict):
@@ -189,8 +198,11 @@ def session_header(pair, settings, row) -> dict:
     loaded = pair.loaded
     perturbation = {"spec": str(pair.spec)}
     if report is not None:
-        perturbation.update(measured_sparsity=report.measured_sparsity, dense_sparsity=report.dense_sparsity,
-                            details=dict(report.details))
+        perturbation.update(
+            measured_sparsity=report.measured_sparsity,
+            dense_sparsity=report.dense_sparsity,
+            details=dict(report.details),
+        )
     model = loaded.ref.name if loaded is not None else getattr(pair.dense.config, "name_or_path", "")
     first = pair.dense.get_input_embeddings().weight
     return {
@@ -263,7 +275,7 @@ class SessionRecorder:
         if self.writers[b] is None:
             self.writers[b] = SessionWriter(self.paths[b], self.header(b))
         writer = self.writers[b]
-        for record in row.records[self._written[b]:]:
+        for record in row.records[self._written[b] :]:
             writer.write_step(record)
         self._written[b] = len(row.records)
         if row.finished:
@@ -299,6 +311,12 @@ class SessionRecorder:
         out = []
         for b, row in enumerate(self.stepper.rows):
             writer = self.writers[b]
-            out.append(Session(path=self.paths[b], header=writer.header if writer else self.header(b),
-                               steps=list(row.records), summary=writer.summary if writer else None))
+            out.append(
+                Session(
+                    path=self.paths[b],
+                    header=writer.header if writer else self.header(b),
+                    steps=list(row.records),
+                    summary=writer.summary if writer else None,
+                )
+            )
         return out

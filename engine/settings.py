@@ -37,10 +37,12 @@ class StepSettings:
         if self.choices is not None and not isinstance(self.choices, tuple):
             object.__setattr__(self, "choices", tuple(self.choices) or None)
 
-    def validate(self) -> "StepSettings":
+    def validate(self) -> StepSettings:
         if self.mode not in MODES:
             raise HieruiError(f"unknown mode '{self.mode}': use shared or free")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+        if not (
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0
+        ):
             raise HieruiError(f"temperature must be > 0, got {self.temperature}")
         if self.max_new_tokens < 1:
             raise HieruiError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
@@ -48,13 +50,13 @@ class StepSettings:
             raise HieruiError(f"top-k must be at least 1, got {self.topk}")
         return self
 
-    def with_mode(self, mode: str) -> "StepSettings":
+    def with_mode(self, mode: str) -> StepSettings:
         return replace(self, mode=mode).validate()
 
-    def other_mode(self) -> "StepSettings":
+    def other_mode(self) -> StepSettings:
         return self.with_mode("free" if self.mode == "shared" else "shared")
 
-    def nudged_temperature(self, direction: int) -> "StepSettings":
+    def nudged_temperature(self, direction: int) -> StepSettings:
         """T moved by one TEMPERATURE_STEP up or down (never below MIN_TEMPERATURE)."""
         t = round(self.temperature + TEMPERATURE_STEP * direction, 2)
         return self if t < MIN_TEMPERATURE else replace(self, temperature=t)
@@ -71,8 +73,10 @@ class StepSettings:
 
 # the fields a sweep takes for all its runs (mode and choices vary per run)
 SWEEP_FIELDS = ("temperature", "max_new_tokens", "sample", "seed", "raw", "topk")
-SWEEP_DEFAULTS = {**{k: v for k, v in StepSettings().to_dict().items() if k in SWEEP_FIELDS},
-                  "max_new_tokens": BATCH_MAX_NEW_TOKENS}
+SWEEP_DEFAULTS = {
+    **{k: v for k, v in StepSettings().to_dict().items() if k in SWEEP_FIELDS},
+    "max_new_tokens": BATCH_MAX_NEW_TOKENS,
+}
 
 
 @dataclass(frozen=True)
@@ -84,10 +88,11 @@ class CalibSettings:
     length: int = 128
     seed: int = 0
 
-    def validate(self) -> "CalibSettings":
+    def validate(self) -> CalibSettings:
         if self.samples < 1 or self.length < 2:
-            raise HieruiError(f"calibration needs at least 1 sample of at least 2 tokens "
-                              f"(got {self.samples} × {self.length})")
+            raise HieruiError(
+                f"calibration needs at least 1 sample of at least 2 tokens (got {self.samples} × {self.length})"
+            )
         return self
 
     def to_dict(self) -> dict:

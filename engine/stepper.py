@@ -51,8 +51,7 @@ class BatchStepper:
     stepper keeps the ones it was made with.
     """
 
-    def __init__(self, pair, prompts: list[str], settings: StepSettings | None = None,
-                 choices: list | None = None):
+    def __init__(self, pair, prompts: list[str], settings: StepSettings | None = None, choices: list | None = None):
         if not prompts:
             raise HieruiError("no prompts to step")
         self.pair = pair
@@ -111,8 +110,8 @@ class BatchStepper:
         ids = torch.full((len(self.rows), width), self._pad, dtype=torch.long)
         mask = torch.zeros((len(self.rows), width), dtype=torch.long)
         for b, row in enumerate(self.rows):  # left padding: every prompt ends at the last column
-            ids[b, width - len(row.ids):] = torch.tensor(row.ids)
-            mask[b, width - len(row.ids):] = 1
+            ids[b, width - len(row.ids) :] = torch.tensor(row.ids)
+            mask[b, width - len(row.ids) :] = 1
         extra = {}
         if len(self.rows) > 1:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -128,8 +127,8 @@ class BatchStepper:
             cids = torch.zeros((len(self.rows), width_c), dtype=torch.long)
             cmask = torch.zeros((len(self.rows), width_c), dtype=torch.bool)
             for b, row in enumerate(self.rows):
-                cids[b, :len(row.choice_ids)] = torch.tensor(row.choice_ids, dtype=torch.long)
-                cmask[b, :len(row.choice_ids)] = True
+                cids[b, : len(row.choice_ids)] = torch.tensor(row.choice_ids, dtype=torch.long)
+                cmask[b, : len(row.choice_ids)] = True
             self._choices = (cids.to(zd.device), cmask.to(zd.device))
         self._map = self._map.to(self._state[2].device)
 
@@ -140,8 +139,9 @@ class BatchStepper:
             return z_d.argmax(-1), z_p.argmax(-1)
         t = self.settings.temperature
         # one noise vector per row from that row's generator, used by both models: identical streams
-        noise = torch.stack([torch.empty(z_d.shape[-1], device=z_d.device).exponential_(generator=g)
-                             for g in self._generators])
+        noise = torch.stack(
+            [torch.empty(z_d.shape[-1], device=z_d.device).exponential_(generator=g) for g in self._generators]
+        )
         pick = lambda z: (torch.softmax(z.float() / t, dim=-1) / noise).argmax(-1)  # noqa: E731
         return pick(z_d), pick(z_p)
 
@@ -156,8 +156,18 @@ class BatchStepper:
         tok_d, tok_p = self._choose(zd, zp)
         fed_p = tok_d if s.mode == "shared" else tok_p
         cids, cmask = self._choices if self._choices is not None else (None, None)
-        values = M.step_metrics(hd, hp.index_select(1, self._map), zd, zp, tok_d, fed_p,
-                                temperature=s.temperature, k=s.topk, choice_ids=cids, choice_mask=cmask)
+        values = M.step_metrics(
+            hd,
+            hp.index_select(1, self._map),
+            zd,
+            zp,
+            tok_d,
+            fed_p,
+            temperature=s.temperature,
+            k=s.topk,
+            choice_ids=cids,
+            choice_mask=cmask,
+        )
         values["token_d"] = tok_d.float()
         values["token_p"] = tok_p.float()
         out: list[dict | None] = []
@@ -194,9 +204,14 @@ class BatchStepper:
         row.cum_nll_gap += host["nll_p"] - host["nll_d"]
         if token_d != token_p and row.first_divergence is None:
             row.first_divergence = i
-        record = {"step": i, "token_d": token_d, "token_p": token_p,
-                  "text_d": piece(tok, row.fed[0], token_d), "text_p": piece(tok, row.fed[1], token_p),
-                  "fed": [token_d, fed_p]}
+        record = {
+            "step": i,
+            "token_d": token_d,
+            "token_p": token_p,
+            "text_d": piece(tok, row.fed[0], token_d),
+            "text_p": piece(tok, row.fed[1], token_p),
+            "fed": [token_d, fed_p],
+        }
         row.fed[0].append(token_d)
         row.fed[1].append(fed_p)
         for name in ("d", "p"):

@@ -12,8 +12,9 @@ PERCENTILES = (50, 90, 99)
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolation percentile (numpy's default), None for no values."""
-    vals = sorted(v for v in values if v is not None)
+    """Linear-interpolation percentile (numpy's default) of the values that are not None or NaN; None when
+    there are none."""
+    vals = sorted(float(v) for v in values if v is not None and not math.isnan(v))
     if not vals:
         return None
     pos = (len(vals) - 1) * q / 100.0

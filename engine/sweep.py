@@ -59,8 +59,13 @@ class Sweep:
 
     def runs(self) -> list[Run]:
         """Every generation run, in loop order: spec, then prompt, then mode (multiple-choice items excluded)."""
-        return [Run(f"{p.id}-{s.slug}-{m}", p, s, m)
-                for s in self.specs for p in self.prompts if not p.is_choice for m in self.modes]
+        return [
+            Run(f"{p.id}-{s.slug}-{m}", p, s, m)
+            for s in self.specs
+            for p in self.prompts
+            if not p.is_choice
+            for m in self.modes
+        ]
 
     @property
     def choice_items(self) -> list[PromptItem]:
@@ -77,11 +82,22 @@ class Sweep:
         return {k: values[k] for k in SWEEP_FIELDS}
 
     def manifest(self) -> dict:
-        return {"format": "hierui-batch", "version": 1, "model": self.model,
-                "prompts": [{"id": p.id, "prompt": p.prompt, "choices": p.choices,
-                             **({"answer": p.answer} if p.is_choice else {})} for p in self.prompts],
-                "specs": [str(s) for s in self.specs], "modes": list(self.modes), "settings": self.settings_dict(),
-                "calibration": self.calib.to_dict(), "device": self.device, "dtype": self.dtype, "source": self.source}
+        return {
+            "format": "hierui-batch",
+            "version": 1,
+            "model": self.model,
+            "prompts": [
+                {"id": p.id, "prompt": p.prompt, "choices": p.choices, **({"answer": p.answer} if p.is_choice else {})}
+                for p in self.prompts
+            ],
+            "specs": [str(s) for s in self.specs],
+            "modes": list(self.modes),
+            "settings": self.settings_dict(),
+            "calibration": self.calib.to_dict(),
+            "device": self.device,
+            "dtype": self.dtype,
+            "source": self.source,
+        }
 
 
 @dataclass
@@ -104,6 +120,7 @@ class SweepHooks:
     def batch_started(self, runs: list[Run], max_tokens: int) -> None:
         """Several runs stepped together (max_tokens over all of them); by default the first run's start."""
         self.run_started(runs[0], max_tokens)
+
     def step(self, run: Run, record: dict) -> None: ...
     def run_finished(self, run: Run) -> None: ...
 
@@ -111,9 +128,18 @@ class SweepHooks:
 # ------------------------------------------------------------------ planning
 
 
-def plan_sweep(*, prompts_file: str | Path | None = None, from_session: str | Path | None = None,
-               model: str | None = None, specs: list[str] | None = None, modes: list[str] | None = None,
-               calib: dict | None = None, device: str = "auto", dtype: str = "auto", **settings) -> Sweep:
+def plan_sweep(
+    *,
+    prompts_file: str | Path | None = None,
+    from_session: str | Path | None = None,
+    model: str | None = None,
+    specs: list[str] | None = None,
+    modes: list[str] | None = None,
+    calib: dict | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    **settings,
+) -> Sweep:
     """Check the whole sweep before anything is loaded. `settings` (SWEEP_FIELDS) and `calib` values left
     None take the session's (with `from_session`) or the defaults (engine.settings)."""
     from engine.models import resolve
@@ -226,8 +252,10 @@ def prepare_out(sweep: Sweep, out: str | Path) -> None:
         ignore = {"source", "created"}
         differ = [k for k in sorted(set(old) | set(manifest)) if k not in ignore and old.get(k) != manifest.get(k)]
         if differ:
-            raise HieruiError(f"{out} holds another sweep ({', '.join(differ)} differ): rerun it with the same "
-                              f"settings to resume it, or use another --out")
+            raise HieruiError(
+                f"{out} holds another sweep ({', '.join(differ)} differ): rerun it with the same "
+                f"settings to resume it, or use another --out"
+            )
         return
     if (out / "sessions").is_dir() and any((out / "sessions").iterdir()):
         raise HieruiError(f"{out} holds sessions but no {MANIFEST}; use another --out")
@@ -239,8 +267,13 @@ def prepare_out(sweep: Sweep, out: str | Path) -> None:
 # ------------------------------------------------------------------ running
 
 
-def run_sweep(sweep: Sweep, out: str | Path, use_cache: bool = True, hooks: SweepHooks | None = None,
-              batch_size: int | None = None) -> SweepResult:
+def run_sweep(
+    sweep: Sweep,
+    out: str | Path,
+    use_cache: bool = True,
+    hooks: SweepHooks | None = None,
+    batch_size: int | None = None,
+) -> SweepResult:
     """Record every run of `sweep` not yet complete in `out`, then write the tables (engine.tables).
 
     Ctrl-C propagates as KeyboardInterrupt; the run in progress keeps its written steps (and is rerun
@@ -267,8 +300,16 @@ def run_sweep(sweep: Sweep, out: str | Path, use_cache: bool = True, hooks: Swee
     return result
 
 
-def _record(sweep: Sweep, out: Path, todo: list[Run], use_cache: bool, hooks: SweepHooks, result: SweepResult,
-            batch_size: int, mc_todo: list[Spec]) -> None:
+def _record(
+    sweep: Sweep,
+    out: Path,
+    todo: list[Run],
+    use_cache: bool,
+    hooks: SweepHooks,
+    result: SweepResult,
+    batch_size: int,
+    mc_todo: list[Spec],
+) -> None:
     from engine.calibration import build_calibration
     from engine.models import load
     from engine.perturb import perturb
@@ -280,9 +321,11 @@ def _record(sweep: Sweep, out: Path, todo: list[Run], use_cache: bool, hooks: Sw
     for item in sweep.prompts:  # bad choices fail now, not in the middle of the sweep
         if item.choices and not item.is_choice:  # generation: the subspace reads each choice's first token
             try:
-                choice_token_ids(loaded.tokenizer, item.choices)
+                _ids, notes = choice_token_ids(loaded.tokenizer, item.choices)
             except HieruiError as e:
                 raise HieruiError(f"prompt {item.id}: {e}") from None
+            for note in notes:  # a multi-token choice is read through its first token: say so
+                hooks.message(f"prompt {item.id}: {note}")
     calibration = None
     for spec in sweep.specs:
         spec_runs = [r for r in todo if r.spec == spec]
@@ -291,9 +334,15 @@ def _record(sweep: Sweep, out: Path, todo: list[Run], use_cache: bool, hooks: Sw
         if spec.needs_calibration and calibration is None:
             started = time.perf_counter()
             c = sweep.calib
-            calibration = build_calibration(loaded, source=c.source, samples=c.samples, length=c.length,
-                                            seed=c.seed, use_cache=use_cache,
-                                            progress=lambda d, t: hooks.stage("calibrating", d, t))
+            calibration = build_calibration(
+                loaded,
+                source=c.source,
+                samples=c.samples,
+                length=c.length,
+                seed=c.seed,
+                use_cache=use_cache,
+                progress=lambda d, t: hooks.stage("calibrating", d, t),
+            )
             calibration.seconds = time.perf_counter() - started
         hooks.message(f"perturbing: {spec}")
         pair = perturb(loaded, spec, calibration=calibration, use_cache=use_cache, progress=hooks.stage)
@@ -302,8 +351,9 @@ def _record(sweep: Sweep, out: Path, todo: list[Run], use_cache: bool, hooks: Sw
         for chunk in batches(spec_runs, batch_size):
             settings = sweep.step_settings(chunk[0].mode)
             hooks.batch_started(chunk, settings.max_new_tokens * len(chunk))
-            stepper = BatchStepper(pair, [r.prompt.prompt for r in chunk], settings,
-                                   choices=[r.prompt.choices for r in chunk])
+            stepper = BatchStepper(
+                pair, [r.prompt.prompt for r in chunk], settings, choices=[r.prompt.choices for r in chunk]
+            )
 
             def on_record(b, record, chunk=chunk, stepper=stepper):
                 hooks.step(chunk[b], record)
@@ -322,11 +372,17 @@ def _score_choices(sweep: Sweep, out: Path, spec: Spec, pair, hooks: SweepHooks)
     items = sweep.choice_items
     rows = []
     for n, item in enumerate(items, start=1):
-        rows.append(score_item(pair, ChoiceItem(item.id, item.prompt, item.choices, item.answer, item.topic),
-                               temperature=sweep.settings.temperature))
+        rows.append(
+            score_item(
+                pair,
+                ChoiceItem(item.id, item.prompt, item.choices, item.answer, item.topic),
+                temperature=sweep.settings.temperature,
+            )
+        )
         hooks.stage(f"choices {spec}", n, len(items))
-    text = "".join(json.dumps({"spec": str(spec), **row}, ensure_ascii=False, separators=(",", ":")) + "\n"
-                   for row in rows)
+    text = "".join(
+        json.dumps({"spec": str(spec), **row}, ensure_ascii=False, separators=(",", ":")) + "\n" for row in rows
+    )
     atomic_write(choices_path(out, spec), text)
 
 
@@ -335,7 +391,7 @@ def batches(runs: list[Run], size: int) -> list[list[Run]]:
     chunks = []
     for mode in dict.fromkeys(r.mode for r in runs):
         same = [r for r in runs if r.mode == mode]
-        chunks += [same[i:i + size] for i in range(0, len(same), size)]
+        chunks += [same[i : i + size] for i in range(0, len(same), size)]
     order = {id(r): i for i, r in enumerate(runs)}
     return sorted(chunks, key=lambda chunk: order[id(chunk[0])])  # size 1: the sweep's own order
 

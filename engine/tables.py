@@ -24,10 +24,19 @@ from engine.session import Session
 from engine.sweep import Run, Sweep, choices_complete, choices_path, load_complete, session_path
 
 # the summary fields averaged per (spec, mode) in the printed table, with their headings
-GROUP_FIELDS = {"kl_mean": "KL", "kl_p99": "KL p99", "tv_mean": "TV", "same_top1_rate": "top-1",
-                "emb_cos_final_mean": "emb cos", "logit_cos_mean": "logit cos", "prob_cos_mean": "prob cos",
-                "amp_mean": "amp", "first_divergence": "1st div", "ln_ppl_ratio": "ln ppl",
-                "sub_kl_mean": "sub KL"}
+GROUP_FIELDS = {
+    "kl_mean": "KL",
+    "kl_p99": "KL p99",
+    "tv_mean": "TV",
+    "same_top1_rate": "top-1",
+    "emb_cos_final_mean": "emb cos",
+    "logit_cos_mean": "logit cos",
+    "prob_cos_mean": "prob cos",
+    "amp_mean": "amp",
+    "first_divergence": "1st div",
+    "ln_ppl_ratio": "ln ppl",
+    "sub_kl_mean": "sub KL",
+}
 
 
 def _sessions(sweep: Sweep, out: Path) -> list[tuple[Run, Session]]:
@@ -50,11 +59,20 @@ def build_tables(sweep: Sweep, out: str | Path):
         for record in session.steps:
             steps.append({**ident, **record})
         perturbation = session.header.get("perturbation") or {}
-        summary.append({**ident, "prompt": run.prompt.prompt, "choices": run.prompt.choices or None,
-                        "model": sweep.model, "measured_sparsity": perturbation.get("measured_sparsity"),
-                        **summarize(session.steps, run.mode)})
-    return (schema.to_table(steps, schema.STEPS, "steps.parquet"),
-            schema.to_table(summary, schema.SUMMARY, "summary.parquet"))
+        summary.append(
+            {
+                **ident,
+                "prompt": run.prompt.prompt,
+                "choices": run.prompt.choices or None,
+                "model": sweep.model,
+                "measured_sparsity": perturbation.get("measured_sparsity"),
+                **summarize(session.steps, run.mode),
+            }
+        )
+    return (
+        schema.to_table(steps, schema.STEPS, "steps.parquet"),
+        schema.to_table(summary, schema.SUMMARY, "summary.parquet"),
+    )
 
 
 def write_tables(sweep: Sweep, out: str | Path) -> list[dict]:
@@ -82,8 +100,10 @@ def build_choice_tables(sweep: Sweep, out: str | Path):
         rows = [json.loads(line) for line in choices_path(out, spec).read_text(encoding="utf-8").splitlines() if line]
         items += rows
         summary.append({"spec": str(spec), **summarize_items(rows)})
-    return (schema.to_table(items, schema.CHOICES, "mc.parquet"),
-            schema.to_table(summary, schema.CHOICE_SUMMARY, "mc_summary.parquet"))
+    return (
+        schema.to_table(items, schema.CHOICES, "mc.parquet"),
+        schema.to_table(summary, schema.CHOICE_SUMMARY, "mc_summary.parquet"),
+    )
 
 
 def write_choice_tables(sweep: Sweep, out: str | Path) -> list[dict]:

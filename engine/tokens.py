@@ -14,8 +14,11 @@ from engine.errors import HieruiError
 def prompt_ids(tokenizer, prompt: str, raw: bool = False) -> list[int]:
     """The token ids both models are fed first: the chat template for chat models unless `raw`."""
     if not raw and getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  return_dict=True)["input_ids"])
+        return list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+        )
     return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 
@@ -58,5 +61,5 @@ def piece(tokenizer, context: list[int], token: int) -> str:
     before = tokenizer.decode(tail).rstrip("\ufffd")
     after = tokenizer.decode(tail + [token]).rstrip("\ufffd")
     if after.startswith(before):
-        return after[len(before):]
+        return after[len(before) :]
     return tokenizer.decode([token])

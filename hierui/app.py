@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from enum import Enum
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
@@ -66,8 +66,12 @@ class HieruiApp(App):
         Binding("e", "edit_prompt", "Prompt", tooltip="edit the prompt; enter restarts"),
         Binding("plus,equals_sign", "temperature(1)", "T+", show=False, tooltip="raise T by 0.1, restarting"),
         Binding("minus", "temperature(-1)", "T−", show=False, tooltip="lower T by 0.1, restarting"),
-        Binding("s", "where", "Session file",
-                tooltip="say where this run's session file is (every step is written as it is taken)"),
+        Binding(
+            "s",
+            "where",
+            "Session file",
+            tooltip="say where this run's session file is (every step is written as it is taken)",
+        ),
         Binding("q", "quit", "Quit", tooltip="quit; the session file keeps every step"),
         Binding("escape", "leave_prompt", "Leave prompt", show=False, tooltip="leave the prompt unchanged"),
     ]
@@ -83,9 +87,17 @@ class HieruiApp(App):
     total: reactive[int] = reactive(0)
     status: reactive[str] = reactive("")
 
-    def __init__(self, *, pair_factory: PairFactory | None = None, session=None, prompt: str = "",
-                 settings: StepSettings | None = None, session_dir: str | Path = "sessions",
-                 title_hint: str = "", autorun: bool = False):
+    def __init__(
+        self,
+        *,
+        pair_factory: PairFactory | None = None,
+        session=None,
+        prompt: str = "",
+        settings: StepSettings | None = None,
+        session_dir: str | Path = "sessions",
+        title_hint: str = "",
+        autorun: bool = False,
+    ):
         super().__init__()
         if (pair_factory is None) == (session is None):
             raise ValueError("give either a pair factory (explore) or a session (replay)")
@@ -114,14 +126,16 @@ class HieruiApp(App):
 
     def compose(self) -> ComposeResult:
         cls = HieruiApp
-        yield InfoBar(self.title_hint, id="info").data_bind(cls.state, cls.header, cls.settings, cls.records,
-                                                             cls.selected, cls.total)
+        yield InfoBar(self.title_hint, id="info").data_bind(
+            cls.state, cls.header, cls.settings, cls.records, cls.selected, cls.total
+        )
         with Horizontal(id="loading"):
             yield Static("", id="status")
             yield ProgressBar(id="progress", show_eta=False)
         with Horizontal(id="prompt-row"):
-            yield Input(value=self.prompt, placeholder="prompt (e to edit, enter to restart)", id="prompt",
-                        disabled=self.replay)
+            yield Input(
+                value=self.prompt, placeholder="prompt (e to edit, enter to restart)", id="prompt", disabled=self.replay
+            )
             yield Static(kl_legend(), id="legend")
         with Horizontal(id="texts"):
             yield Continuation("d", id="dense").data_bind(cls.records, cls.selected, cls.settings, cls.header)
@@ -350,8 +364,10 @@ class HieruiApp(App):
         if self.replay:
             self.notify(f"replaying {self.source.path}")
         elif self.live is None or not self.live.written:
-            self.notify("nothing recorded yet: step first (every step is written to the session file as it "
-                        "is taken)", severity="warning")
+            self.notify(
+                "nothing recorded yet: step first (every step is written to the session file as it is taken)",
+                severity="warning",
+            )
         else:
             self.notify(f"session file: {self.live.path} ({len(self.records)} steps, written as taken)")
 

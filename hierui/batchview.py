@@ -21,13 +21,34 @@ def is_batch_output(path: Path) -> bool:
 
 # the report's per-spec rows as two tables that fit 80 columns: (title, [(field, heading)])
 TABLES = (
-    ("the hierarchy, per spec ({basis} mode means over steps and prompts)",
-     [("spec", "spec"), ("sparsity", "sparsity"), ("emb_cos", "hidden\ncos"), ("logit_cos", "logit\ncos"),
-      ("prob_cos", "prob\ncos"), ("kl", "KL"), ("kl_est", "KL\nest"), ("amp", "amp"), ("top1", "top-1\nagree")]),
-    ("accumulation, first divergence and multiple choice, per spec",
-     [("spec", "spec"), ("cum_kl_shared", "cum KL\nshared"), ("cum_kl_free", "cum KL\nfree"),
-      ("first_div", "1st div\nmedian"), ("mc_items", "MC\nitems"), ("mc_acc_d", "MC acc\ndense"),
-      ("mc_acc_p", "MC acc\npert"), ("mc_agree", "MC\nagree"), ("mc_sub_kl", "MC KL\nchoices")]),
+    (
+        "the hierarchy, per spec ({basis} mode means over steps and prompts)",
+        [
+            ("spec", "spec"),
+            ("sparsity", "sparsity"),
+            ("emb_cos", "hidden\ncos"),
+            ("logit_cos", "logit\ncos"),
+            ("prob_cos", "prob\ncos"),
+            ("kl", "KL"),
+            ("kl_est", "KL\nest"),
+            ("amp", "amp"),
+            ("top1", "top-1\nagree"),
+        ],
+    ),
+    (
+        "accumulation, first divergence and multiple choice, per spec",
+        [
+            ("spec", "spec"),
+            ("cum_kl_shared", "cum KL\nshared"),
+            ("cum_kl_free", "cum KL\nfree"),
+            ("first_div", "1st div\nmedian"),
+            ("mc_items", "MC\nitems"),
+            ("mc_acc_d", "MC acc\ndense"),
+            ("mc_acc_p", "MC acc\npert"),
+            ("mc_agree", "MC\nagree"),
+            ("mc_sub_kl", "MC KL\nchoices"),
+        ],
+    ),
 )
 
 
@@ -40,8 +61,14 @@ def spec_tables(rows: list[dict], basis: str | None = "shared") -> list[Table]:
         shown = [(k, h) for k, h in fields if k == "spec" or any(r.get(k) is not None for r in rows)]
         if len(shown) < 2:
             continue
-        table = Table(title=title.format(basis=basis or "shared"), title_justify="left", box=box.SIMPLE_HEAD,
-                      pad_edge=False, padding=(0, 1), collapse_padding=True)
+        table = Table(
+            title=title.format(basis=basis or "shared"),
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            padding=(0, 1),
+            collapse_padding=True,
+        )
         for key, heading in shown:
             table.add_column(heading, justify="left" if key == "spec" else "right", no_wrap=True)
         for r in rows:
@@ -69,8 +96,12 @@ def cum_kl_chart(run: R.RunData, width: int) -> Text | None:
 
     def build(plt):
         for (spec, mode), pts in curves.items():
-            plt.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{spec} {mode}",
-                     marker="braille" if mode == "shared" else "dot")
+            plt.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                label=f"{spec} {mode}",
+                marker="braille" if mode == "shared" else "dot",
+            )
         plt.title("accumulated KL over generation steps (mean over prompts)")
         plt.xlabel("step")
 
@@ -83,8 +114,11 @@ def choice_chart(run: R.RunData, width: int) -> Text | None:
         return None
 
     def build(plt):
-        plt.multiple_bar([r["spec"] for r in rows], [[r["acc_d"] for r in rows], [r["acc_p"] for r in rows]],
-                         labels=["dense", "perturbed"])
+        plt.multiple_bar(
+            [r["spec"] for r in rows],
+            [[r["acc_d"] for r in rows], [r["acc_p"] for r in rows]],
+            labels=["dense", "perturbed"],
+        )
         plt.ylim(0, 1)
         plt.title("multiple-choice accuracy per spec")
 
@@ -97,8 +131,11 @@ def show_batch(path: Path, console: Console) -> None:
     name = run.recipe.get("name")
     console.print(Text(f"batch output {path}" + (f" (recipe {name})" if name else ""), style="italic"))
     n_runs, n_mc = len(run.summary), len({r.get("item_id") for r in run.mc})
-    console.print(f"model {run.manifest.get('model', MISSING)} · {len(run.specs)} specs · {n_runs} generation runs"
-                  + (f" · {n_mc} multiple-choice items" if n_mc else ""), highlight=False)
+    console.print(
+        f"model {run.manifest.get('model', MISSING)} · {len(run.specs)} specs · {n_runs} generation runs"
+        + (f" · {n_mc} multiple-choice items" if n_mc else ""),
+        highlight=False,
+    )
     for table in spec_tables(rows, R.basis_mode(run)):
         console.print(table)
     width = max(40, min(console.width, 120))
@@ -107,8 +144,11 @@ def show_batch(path: Path, console: Console) -> None:
             console.print(chart, soft_wrap=True)
     if run.mc_summary:
         console.print(f"multiple choice per item: {path / 'mc.parquet'}", highlight=False)
-    console.print(f"per run: {path / 'summary.csv'} · sessions: hierui show {path / 'sessions'} · "
-                  f"HTML: hierui report {path}", highlight=False, soft_wrap=True)
+    console.print(
+        f"per run: {path / 'summary.csv'} · sessions: hierui show {path / 'sessions'} · HTML: hierui report {path}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 # ------------------------------------------------------------------ while `hierui batch` runs
@@ -119,11 +159,17 @@ class BatchBars:
     tokens of the current run, and the slow stages (calibrating, pruning) while they last."""
 
     def __init__(self, target: Console):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<28}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=target, transient=True)
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description:<28}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=target,
+            transient=True,
+        )
         self.runs = self.tokens = None
         self.stages: dict[str, int] = {}
 
@@ -175,14 +221,27 @@ def choice_table(rows: list[dict]) -> Table:
     """Multiple-choice items per spec: accuracy of both models, agreement, subspace vs full-vocabulary KL."""
     from rich import box
 
-    table = Table(title="multiple choice (scored, no generation), per spec", title_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
-    for name, justify in (("spec", "left"), ("items", "right"), ("acc d", "right"), ("acc p", "right"),
-                          ("agree", "right"), ("sub KL", "right"), ("KL", "right")):
+    table = Table(
+        title="multiple choice (scored, no generation), per spec",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for name, justify in (
+        ("spec", "left"),
+        ("items", "right"),
+        ("acc d", "right"),
+        ("acc p", "right"),
+        ("agree", "right"),
+        ("sub KL", "right"),
+        ("KL", "right"),
+    ):
         table.add_column(name, justify=justify, no_wrap=True)
     for r in rows:
-        table.add_row(r["spec"], *[metric(k, r.get(k)) for k in ("items", "acc_d", "acc_p", "agree_rate", "sub_kl_mean",
-                                                                 "kl_mean")])
+        table.add_row(
+            r["spec"],
+            *[metric(k, r.get(k)) for k in ("items", "acc_d", "acc_p", "agree_rate", "sub_kl_mean", "kl_mean")],
+        )
     return table
 
 
@@ -192,8 +251,13 @@ def batch_table(groups: list[dict], fields: dict, width: int) -> Table:
     from rich.measure import Measurement
 
     shown = [name for name in fields if any(g[name] is not None for g in groups)]
-    style = dict(title="mean over runs, per spec and mode", title_justify="left", box=box.SIMPLE_HEAD,
-                 pad_edge=False, collapse_padding=True)
+    style = dict(
+        title="mean over runs, per spec and mode",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     table = Table(**style)
     for name in ("spec", "mode", "runs", *shown):
         table.add_column(fields.get(name, name), justify="left" if name in ("spec", "mode") else "right", no_wrap=True)

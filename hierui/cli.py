@@ -22,13 +22,17 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List the model aliases and what is cached; fetch a model.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
-cache_app = typer.Typer(help="List and clear the caches: pruned weights, drop scores, calibration batches.",
-                        invoke_without_command=True)
+cache_app = typer.Typer(
+    help="List and clear the caches: pruned weights, drop scores, calibration batches.", invoke_without_command=True
+)
 app.add_typer(cache_app, name="cache")
 
 
 MODEL_HELP = "alias (smollm2-135m, llama-7b, …), tiny-random, local directory, .gguf file or hub id"
-SPEC_HELP = "perturbation: wanda:0.5, sparsegpt:0.5, magnitude:2:4, attndrop:4, mlpdrop:4, blockdrop:4, int8, nf4, checkpoint:DIR, none"
+SPEC_HELP = (
+    "perturbation: wanda:0.5, sparsegpt:0.5, magnitude:2:4, attndrop:4, mlpdrop:4, blockdrop:4, int8, nf4, "
+    "checkpoint:DIR, none"
+)
 
 
 # library warnings that say nothing to a hierui user (each seen in a real run): (category, message start, module)
@@ -109,20 +113,26 @@ def cache_list(ctx: typer.Context, kind: Optional[str] = typer.Option(None, "--k
         table.add_row(e.kind, e.model, e.spec, e.versions, _size(e.size), _age(e.age()), "yes" if e.stale else "-")
     console.print(table)
     stale = sum(e.stale for e in found)
-    console.print(f"{_entries(len(found))}, {_size(sum(e.size for e in found))}, {stale} stale"
-                  + (": hierui cache clear --stale removes them" if stale else ""))
+    console.print(
+        f"{_entries(len(found))}, {_size(sum(e.size for e in found))}, {stale} stale"
+        + (": hierui cache clear --stale removes them" if stale else "")
+    )
 
 
 @cache_app.command("clear")
-def cache_clear(stale: bool = typer.Option(False, "--stale", help="only the stale entries"),
-                kind: Optional[str] = typer.Option(None, "--kind", help=KIND_HELP)) -> None:
+def cache_clear(
+    stale: bool = typer.Option(False, "--stale", help="only the stale entries"),
+    kind: Optional[str] = typer.Option(None, "--kind", help=KIND_HELP),
+) -> None:
     """Remove cache entries (all of them, or the stale ones); converted models are kept."""
     from engine import cache
 
     removed = cache.clear(kind, stale_only=stale)
     what = " ".join(w for w in ("stale" if stale else "", kind or "") if w)
-    console.print(f"removed {len(removed)} {what + ' ' if what else ''}cache {_entries(len(removed), False)} "
-                  f"({_size(sum(e.size for e in removed))})")
+    console.print(
+        f"removed {len(removed)} {what + ' ' if what else ''}cache {_entries(len(removed), False)} "
+        f"({_size(sum(e.size for e in removed))})"
+    )
 
 
 def _entries(n: int, count: bool = True) -> str:
@@ -166,14 +176,18 @@ def explore(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens per run"),
     sample: bool = typer.Option(False, "--sample", help="sample both models with one seeded stream (default greedy)"),
     seed: int = typer.Option(0, "--seed", help="sampling seed"),
-    choices: Optional[list[str]] = typer.Option(None, "--choices", help="a candidate token of the categorical subspace; repeatable"),
+    choices: Optional[list[str]] = typer.Option(
+        None, "--choices", help="a candidate token of the categorical subspace; repeatable"
+    ),
     raw: bool = typer.Option(False, "--raw", help="do not apply the chat template"),
     topk: int = typer.Option(5, "--topk", help="size of the top-k lists"),
     run: bool = typer.Option(False, "--run", help="start stepping as soon as the models are ready"),
     sessions: Path = typer.Option(Path("sessions"), "--sessions", help="where the session files are written"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="plain-text calibration file (default: sampled from the dense model)"),
+    calib: Optional[Path] = typer.Option(
+        None, "--calib", help="plain-text calibration file (default: sampled from the dense model)"
+    ),
     calib_samples: int = typer.Option(64, "--calib-samples", min=1, help="calibration sequences"),
     calib_len: int = typer.Option(128, "--calib-len", min=2, help="tokens per calibration sequence"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration and pruned weights"),
@@ -185,8 +199,16 @@ def explore(
 
     resolve(model)  # everything the user typed is checked before the UI starts
     parsed = parse_spec(spec)
-    settings = StepSettings(mode=mode, temperature=temperature, max_new_tokens=max_new_tokens, sample=sample,
-                            seed=seed, choices=list(choices or []) or None, raw=raw, topk=topk).validate()
+    settings = StepSettings(
+        mode=mode,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        sample=sample,
+        seed=seed,
+        choices=list(choices or []) or None,
+        raw=raw,
+        topk=topk,
+    ).validate()
     if calib is not None and not calib.is_file():
         raise HieruiError(f"calibration file not found: {calib}")
     if dtype.lower() != "auto" and dtype.lower() not in DTYPES:
@@ -210,14 +232,24 @@ def explore(
         from engine.perturb import perturb
 
         loaded = load(model, device=device, dtype=dtype, progress=lambda message: progress(message, 0, 0))
-        return perturb(loaded, parsed, use_cache=not no_cache, progress=progress,
-                       calib_options={"source": str(calib) if calib else None, "samples": calib_samples,
-                                      "length": calib_len})
+        return perturb(
+            loaded,
+            parsed,
+            use_cache=not no_cache,
+            progress=progress,
+            calib_options={"source": str(calib) if calib else None, "samples": calib_samples, "length": calib_len},
+        )
 
     from hierui.app import HieruiApp
 
-    HieruiApp(pair_factory=make_pair, prompt=prompt, settings=settings, session_dir=sessions,
-              title_hint=f"{model} · {parsed}", autorun=run).run()
+    HieruiApp(
+        pair_factory=make_pair,
+        prompt=prompt,
+        settings=settings,
+        session_dir=sessions,
+        title_hint=f"{model} · {parsed}",
+        autorun=run,
+    ).run()
 
 
 @app.command()
@@ -232,17 +264,24 @@ def show(
 @app.command()
 def replay(
     session: Path = typer.Argument(..., help=SESSION_HELP, show_default=False),
-    rerun: bool = typer.Option(False, "--rerun", help="recompute the session with its models and report the largest deviation"),
+    rerun: bool = typer.Option(
+        False, "--rerun", help="recompute the session with its models and report the largest deviation"
+    ),
     print_only: bool = typer.Option(False, "--print", help="print the session as text instead of opening the explorer"),
     steps: bool = typer.Option(False, "--steps", help="with --print: also print one table row per step"),
     device: str = typer.Option("auto", "--device", help="--rerun: auto, cpu, cuda or cuda:N"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="--rerun: auto, float32, bfloat16 or float16 (default: the recorded dtype)"),
-    tol: float = typer.Option(1e-4, "--tol", min=0.0, help="--rerun: exit 1 when a metric deviates by this much or more"),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="--rerun: auto, float32, bfloat16 or float16 (default: the recorded dtype)"
+    ),
+    tol: float = typer.Option(
+        1e-4, "--tol", min=0.0, help="--rerun: exit 1 when a metric deviates by this much or more"
+    ),
     no_cache: bool = typer.Option(False, "--no-cache", help="--rerun: recompute calibration and pruned weights"),
 ) -> None:
     """Replay a recorded session in the explorer, with no model loaded (--print: as text, like `show`).
 
-    With --rerun: recompute every step with the models and compare; exit 0 when all tokens match and every metric is within --tol of the recording, 1 otherwise.
+    With --rerun: recompute every step with the models and compare; exit 0 when all tokens match and every
+    metric is within --tol of the recording, 1 otherwise.
     """
     if not rerun and (print_only or not _interactive()):
         show_path(session, steps)  # no terminal to draw on: print it instead
@@ -282,37 +321,77 @@ def replay(
 
 @app.command()
 def batch(
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="a text file, one prompt per line, or .jsonl with \"prompt\" and optional \"choices\", \"id\""),
-    from_session: Optional[Path] = typer.Option(None, "--from", help="rerun this session's prompt and settings under the --prune specs"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP + " (default smollm2-135m, or the session's)"),
-    specs: Optional[list[str]] = typer.Option(None, "--prune", "-p", help=SPEC_HELP + "; repeatable (default wanda:0.5)"),
-    modes: Optional[list[str]] = typer.Option(None, "--mode", help="shared or free; repeatable (default shared, or the session's)"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default runs/<time>); rerun into it to resume"),
+    prompts: Optional[Path] = typer.Option(
+        None, "--prompts", help='a text file, one prompt per line, or .jsonl with "prompt" and optional "choices", "id"'
+    ),
+    from_session: Optional[Path] = typer.Option(
+        None, "--from", help="rerun this session's prompt and settings under the --prune specs"
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help=MODEL_HELP + " (default smollm2-135m, or the session's)"
+    ),
+    specs: Optional[list[str]] = typer.Option(
+        None, "--prune", "-p", help=SPEC_HELP + "; repeatable (default wanda:0.5)"
+    ),
+    modes: Optional[list[str]] = typer.Option(
+        None, "--mode", help="shared or free; repeatable (default shared, or the session's)"
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="output folder (default runs/<time>); rerun into it to resume"
+    ),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="tokens per run (default 32)"),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="T of the probability space (default 1.0)"),
-    sample: Optional[bool] = typer.Option(None, "--sample/--greedy", help="sample both models with one seed (default greedy)"),
+    sample: Optional[bool] = typer.Option(
+        None, "--sample/--greedy", help="sample both models with one seed (default greedy)"
+    ),
     seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed (default 0)"),
     raw: Optional[bool] = typer.Option(None, "--raw/--chat", help="do not apply the chat template (default: apply it)"),
     topk: Optional[int] = typer.Option(None, "--topk", help="size of the recorded top-k lists (default 5)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="plain-text calibration file (default: sampled from the dense model)"),
+    calib: Optional[Path] = typer.Option(
+        None, "--calib", help="plain-text calibration file (default: sampled from the dense model)"
+    ),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="calibration sequences (default 64)"),
     calib_len: Optional[int] = typer.Option(None, "--calib-len", help="tokens per calibration sequence (default 128)"),
-    calib_seed: Optional[int] = typer.Option(None, "--calib-seed", help="seed of the self-generated calibration (default 0)"),
+    calib_seed: Optional[int] = typer.Option(
+        None, "--calib-seed", help="seed of the self-generated calibration (default 0)"
+    ),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration and pruned weights"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="prompts stepped at once (default 8 on CPU, 16 on GPU)"),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="a sweep described in a TOML file, or a shipped recipe's name (hierarchy); the other options override it"),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", "-b", min=1, help="prompts stepped at once (default 8 on CPU, 16 on GPU)"
+    ),
+    recipe: Optional[str] = typer.Option(
+        None,
+        "--recipe",
+        help="a sweep described in a TOML file, or a shipped recipe's name (hierarchy); the other options override it",
+    ),
 ) -> None:
     """Sweep prompts × --prune specs × --mode headless: a session per run, steps.parquet, summary.parquet/.csv."""
     from engine.sweep import complete_runs, default_out_dir, plan_sweep, run_sweep
     from engine.tables import GROUP_FIELDS, group_summary
 
-    args = dict(prompts_file=prompts, from_session=from_session, model=model, specs=specs, modes=modes,
-                calib={"source": str(calib) if calib else None, "samples": calib_samples,
-                       "length": calib_len, "seed": calib_seed},
-                device=device, dtype=dtype, temperature=temperature, max_new_tokens=max_new_tokens,
-                sample=sample, seed=seed, raw=raw, topk=topk)
+    args = dict(
+        prompts_file=prompts,
+        from_session=from_session,
+        model=model,
+        specs=specs,
+        modes=modes,
+        calib={
+            "source": str(calib) if calib else None,
+            "samples": calib_samples,
+            "length": calib_len,
+            "seed": calib_seed,
+        },
+        device=device,
+        dtype=dtype,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        sample=sample,
+        seed=seed,
+        raw=raw,
+        topk=topk,
+    )
     if recipe is not None:  # the recipe's prompts go to OUT/prompts.jsonl
         from engine.recipe import apply_recipe
 
@@ -330,9 +409,11 @@ def batch(
         bars.close()
         done = complete_runs(sweep, out)
         listed = f": {', '.join(done)}" if done else ""
-        err_console.print(f"interrupted: {len(done)} of {len(sweep.runs())} runs complete in {out}{listed}", highlight=False)
+        err_console.print(
+            f"interrupted: {len(done)} of {len(sweep.runs())} runs complete in {out}{listed}", highlight=False
+        )
         err_console.print(f"rerun with --out {out} to finish the others", highlight=False)
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     finally:
         bars.close()
     if result.runs:
@@ -341,53 +422,75 @@ def batch(
         console.print(choice_table(result.choice_summary))
     n = len(result.runs)
     if n:
-        console.print(f"{n} run{'s' * (n != 1)} ({len(result.computed)} computed, {len(result.skipped)} already "
-                      f"complete) in {out}: sessions/, steps.parquet, summary.parquet, summary.csv",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"{n} run{'s' * (n != 1)} ({len(result.computed)} computed, {len(result.skipped)} already "
+            f"complete) in {out}: sessions/, steps.parquet, summary.parquet, summary.csv",
+            highlight=False,
+            soft_wrap=True,
+        )
     if result.choice_summary:
-        console.print(f"{len(sweep.choice_items)} multiple-choice items × {len(sweep.specs)} specs in {out}: "
-                      f"mc/, mc.parquet, mc_summary.parquet, mc_summary.csv", highlight=False, soft_wrap=True)
+        console.print(
+            f"{len(sweep.choice_items)} multiple-choice items × {len(sweep.specs)} specs in {out}: "
+            f"mc/, mc.parquet, mc_summary.parquet, mc_summary.csv",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(f"the report: hierui report {out}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def report(
     run_dir: Path = typer.Argument(..., help="the --out folder of a hierui batch run", show_default=False),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="the HTML file to write (default RUN_DIR/report.html)"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="the HTML file to write (default RUN_DIR/report.html)"
+    ),
     open_: bool = typer.Option(False, "--open", help="open the page in the default browser"),
     print_path: bool = typer.Option(False, "--print-path", help="print only the report's path (to hand to a browser)"),
-    stamp: bool = typer.Option(False, "--stamp", help="say in the footer when the page was made (by default the page is the same for the same run)"),
+    stamp: bool = typer.Option(
+        False,
+        "--stamp",
+        help="say in the footer when the page was made (by default the page is the same for the same run)",
+    ),
 ) -> None:
-    """One self-contained HTML page from a batch output: the hierarchy, KL vs theory, amplification, accumulation, first divergence, multiple choice."""
+    """One self-contained HTML page from a batch output: the hierarchy, KL vs theory, amplification,
+    accumulation, first divergence, multiple choice."""
     from hierui.report import write_report
 
     path = write_report(run_dir, out, stamp=stamp)
     if print_path:
         print(path.resolve())
     else:
-        console.print(f"report: {path} (hierui show {run_dir} prints its table in the terminal)", highlight=False,
-                      soft_wrap=True)
+        console.print(
+            f"report: {path} (hierui show {run_dir} prints its table in the terminal)", highlight=False, soft_wrap=True
+        )
     if open_:
         try:
             failed = typer.launch(str(path.resolve()))
         except OSError:
             failed = 1
         if failed:
-            err_console.print(f"warning: could not open a browser; open {path.resolve()} yourself", highlight=False,
-                              soft_wrap=True)
+            err_console.print(
+                f"warning: could not open a browser; open {path.resolve()} yourself", highlight=False, soft_wrap=True
+            )
 
 
 @app.command()
 def prune(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     spec: str = typer.Option("wanda:0.5", "--prune", "-p", help=SPEC_HELP),
-    save: Optional[Path] = typer.Option(None, "--save", help="write the perturbed model as a transformers checkpoint here"),
-    prompt: str = typer.Option("What is the capital of France?", "--prompt", help="prompt for the side-by-side greedy text"),
+    save: Optional[Path] = typer.Option(
+        None, "--save", help="write the perturbed model as a transformers checkpoint here"
+    ),
+    prompt: str = typer.Option(
+        "What is the capital of France?", "--prompt", help="prompt for the side-by-side greedy text"
+    ),
     tokens: int = typer.Option(24, "--tokens", min=1, help="greedy tokens to show from each model"),
     raw: bool = typer.Option(False, "--raw", help="do not apply the chat template to the prompt"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="plain-text calibration file (default: sampled from the dense model)"),
+    calib: Optional[Path] = typer.Option(
+        None, "--calib", help="plain-text calibration file (default: sampled from the dense model)"
+    ),
     calib_samples: int = typer.Option(64, "--calib-samples", min=1, help="calibration sequences"),
     calib_len: int = typer.Option(128, "--calib-len", min=2, help="tokens per calibration sequence"),
     seed: int = typer.Option(0, "--seed", help="seed of the self-generated calibration"),
@@ -406,16 +509,25 @@ def prune(
     _quiet_libraries()
 
     from engine import quality
-    from engine.tokens import prompt_ids
     from engine.models import load
     from engine.perturb import perturb
+    from engine.tokens import prompt_ids
     from hierui.progress import stage_progress
 
     with stage_progress(err_console) as (say, step):
         loaded = load(model, device=device, dtype=dtype, progress=say)
-        pair = perturb(loaded, parsed, use_cache=not no_cache, progress=step,
-                       calib_options={"source": str(calib) if calib else None, "samples": calib_samples,
-                                      "length": calib_len, "seed": seed})
+        pair = perturb(
+            loaded,
+            parsed,
+            use_cache=not no_cache,
+            progress=step,
+            calib_options={
+                "source": str(calib) if calib else None,
+                "samples": calib_samples,
+                "length": calib_len,
+                "seed": seed,
+            },
+        )
         say("measuring perplexity and greedy text")
         text = quality.heldout_text()
         ppl_d = quality.perplexity(pair.dense, loaded.tokenizer, text)
@@ -425,7 +537,9 @@ def prune(
         out_p = quality.greedy_tokens(pair.perturbed, loaded.tokenizer, ids, tokens)
 
     report = pair.report
-    console.print(f"[bold]{ref.display}[/] · [bold cyan]{parsed}[/] · {loaded.device} {str(loaded.dtype).replace('torch.', '')}")
+    console.print(
+        f"[bold]{ref.display}[/] · [bold cyan]{parsed}[/] · {loaded.device} {str(loaded.dtype).replace('torch.', '')}"
+    )
     if report.by_type and parsed.family in ("prune", "checkpoint"):
         table = Table(title="zero weights in the decoder linears", title_justify="left")
         table.add_column("linear")
@@ -490,11 +604,19 @@ def main(argv: list[str] | None = None) -> None:
         if not is_oom(e):
             raise
         if isinstance(e, MemoryError):
-            err_console.print("error: out of memory: use a smaller model, --dtype bfloat16, a smaller --batch-size "
-                              "or fewer --calib-samples", highlight=False, soft_wrap=True)
+            err_console.print(
+                "error: out of memory: use a smaller model, --dtype bfloat16, a smaller --batch-size "
+                "or fewer --calib-samples",
+                highlight=False,
+                soft_wrap=True,
+            )
         else:
-            err_console.print("error: CUDA out of memory: use --dtype bfloat16, a smaller --batch-size, fewer "
-                              "--calib-samples, a smaller model or --device cpu", highlight=False, soft_wrap=True)
+            err_console.print(
+                "error: CUDA out of memory: use --dtype bfloat16, a smaller --batch-size, fewer "
+                "--calib-samples, a smaller model or --device cpu",
+                highlight=False,
+                soft_wrap=True,
+            )
         sys.exit(1)
 
 

@@ -27,8 +27,10 @@ PCT, COUNT = "pct", "count"
 # with the name wins. Names are split at anything but letters and digits: emb_cos[L] → emb, cos, l.
 KINDS: tuple[tuple[frozenset[str], int | str], ...] = (
     (frozenset({"sparsity"}), PCT),
-    (frozenset({"runs", "steps", "step", "items", "diverged", "div", "divergence", "median", "min", "max",
-                "shift"}), COUNT),
+    (
+        frozenset({"runs", "steps", "step", "items", "diverged", "div", "divergence", "median", "min", "max", "shift"}),
+        COUNT,
+    ),
     (frozenset({"cos"}), 5),
     (frozenset({"rate", "acc", "agree", "top1", "overlap", "share"}), 3),
     (frozenset({"dp"}), 2),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import re
 
-
 COLORS = {"emb": "#4C72B0", "logit": "#DD8452", "prob": "#C44E52", "dense": "#55A868", "pert": "#8172B2"}
 
 
@@ -29,7 +28,7 @@ def _svg(fig, salt: str) -> str:
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"hierui-{salt}"}):
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": "hierui"})
     text = buf.getvalue()
-    text = re.sub(r"\s*<metadata>.*?</metadata>", "", text[text.index("<svg"):], count=1, flags=re.S)
+    text = re.sub(r"\s*<metadata>.*?</metadata>", "", text[text.index("<svg") :], count=1, flags=re.S)
     # matplotlib numbers its element ids per figure (figure_1, axes_1, …): prefix them so that the
     # charts of one page never share an id, and keep the internal references (clip paths, markers)
     text = re.sub(r'\bid="([^"]+)"', rf'id="{salt}-\1"', text)
@@ -60,18 +59,29 @@ def chart_hierarchy(rows: list[dict]) -> str | None:
     fig = _figure(_chart_width(len(rows)), 3.6)
     ax = fig.add_subplot()
     x = np.arange(len(rows))
-    series = [("emb_cos", "hidden state (final layer)", COLORS["emb"]), ("logit_cos", "logits", COLORS["logit"]),
-              ("prob_cos", "probabilities", COLORS["prob"])]
+    series = [
+        ("emb_cos", "hidden state (final layer)", COLORS["emb"]),
+        ("logit_cos", "logits", COLORS["logit"]),
+        ("prob_cos", "probabilities", COLORS["prob"]),
+    ]
     gaps = [[None if r[k] is None else max(1.0 - r[k], 0.0) for r in rows] for k, _, _ in series]
     for i, ((_, label, color), vals) in enumerate(zip(series, gaps)):
         heights = [v if v is not None and v > 0 else np.nan for v in vals]
         ax.bar(x + (i - 1) * 0.27, heights, 0.27, label=label, color=color)
     if _positive([v for vals in gaps for v in vals]):
         ax.set_yscale("log")
-    for i, r in enumerate(rows):  # nothing to draw: say why
+    for i in range(len(rows)):  # nothing to draw: say why
         if all(vals[i] == 0 for vals in gaps):
-            ax.annotate("identical", (i, 0), xycoords=("data", "axes fraction"), xytext=(0, 4),
-                        textcoords="offset points", ha="center", fontsize=7, color="#666")
+            ax.annotate(
+                "identical",
+                (i, 0),
+                xycoords=("data", "axes fraction"),
+                xytext=(0, 4),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+                color="#666",
+            )
     ax.set_xticks(x, [r["spec"] for r in rows], rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("1 − cosine (dense vs perturbed)")
     ax.legend(fontsize=8, frameon=False)
@@ -127,12 +137,17 @@ def chart_accumulation(curves: dict, specs: list[str]) -> str | None:
     fig = _figure(8.5 if len(curves) <= 8 else 11.0, 4.2 if len(curves) <= 16 else 5.0)
     ax = fig.add_subplot()
     for (spec, mode), pts in curves.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="-" if mode == "shared" else "--",
-                color=color.get(spec, "#444"), linewidth=1.4, label=f"{spec} · {mode}")
+        ax.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            linestyle="-" if mode == "shared" else "--",
+            color=color.get(spec, "#444"),
+            linewidth=1.4,
+            label=f"{spec} · {mode}",
+        )
     ax.set_xlabel("generation step")
     ax.set_ylabel("accumulated KL, nats (mean over prompts)")
-    ax.legend(fontsize=7, frameon=False, ncol=2 if len(curves) > 8 else 1, loc="upper left",
-              bbox_to_anchor=(1.01, 1.0))
+    ax.legend(fontsize=7, frameon=False, ncol=2 if len(curves) > 8 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _style(ax)
     return _svg(fig, "accumulation")
 
@@ -173,9 +188,11 @@ def chart_choices(rows: list[dict]) -> str | None:
     left.set_xticks(x, [r["spec"] for r in rows], rotation=40, ha="right", fontsize=8)
     left.legend(fontsize=8, frameon=False)
     _style(left)
-    series = [("sub_kl", "MC: KL over the choices", COLORS["dense"]),
-              ("kl", "MC: full-vocabulary KL at the answer", COLORS["logit"]),
-              ("gen_kl", "generation: KL per step", COLORS["prob"])]
+    series = [
+        ("sub_kl", "MC: KL over the choices", COLORS["dense"]),
+        ("kl", "MC: full-vocabulary KL at the answer", COLORS["logit"]),
+        ("gen_kl", "generation: KL per step", COLORS["prob"]),
+    ]
     values = [[r[k] if r[k] is not None and r[k] > 0 else np.nan for r in rows] for k, _, _ in series]
     for i, ((_, label, color), vals) in enumerate(zip(series, values)):
         right.bar(x + (i - 1) * 0.27, vals, 0.27, label=label, color=color)

@@ -15,16 +15,20 @@ from hierui.tokentext import cell, clip, escape, running
 
 
 def print_warnings(warnings: list[str]) -> None:
-
     for warning in warnings:
         err_console.print(Text("warning: ", style="yellow") + Text(warning), soft_wrap=True)
 
 
 def _session_header_table(session) -> Table:
-
     h = session.header
     pert = h.get("perturbation") or {}
-    table = Table(title=Text(f"session {session.path}", style="italic"), title_justify="left", show_header=False, box=None, padding=(0, 2, 0, 0))
+    table = Table(
+        title=Text(f"session {session.path}", style="italic"),
+        title_justify="left",
+        show_header=False,
+        box=None,
+        padding=(0, 2, 0, 0),
+    )
     table.add_column(style="bold")
     table.add_column(overflow="fold")
 
@@ -39,14 +43,25 @@ def _session_header_table(session) -> Table:
     calib = h.get("calibration")
     if isinstance(calib, dict):
         origin = "self-generated" if calib.get("source") in (None, "self") else str(calib.get("source"))
-        rows.append(("calibration", f"{calib.get('samples')}×{calib.get('length')} tokens, {origin}, seed {calib.get('seed')}"))
+        rows.append(
+            ("calibration", f"{calib.get('samples')}×{calib.get('length')} tokens, {origin}, seed {calib.get('seed')}")
+        )
     decoding = f"sampled, seed {h.get('seed')}" if h.get("sample") else "greedy"
     rows += [
         ("mode", f"{h.get('mode', MISSING)} ({decoding})"),
         ("temperature", metric("temperature", h.get("temperature"))),
         ("prompt", running(h.get("prompt")) + ("  (raw, no chat template)" if h.get("raw") else "")),
-        ("choices", ", ".join(repr(c) for c in h["choices"]) if isinstance(h.get("choices"), list) and h["choices"]
-         else MISSING),
+        (
+            "choices",
+            ", ".join(repr(c) for c in h["choices"])
+            if isinstance(h.get("choices"), list) and h["choices"]
+            else MISSING,
+        ),
+        *[
+            ("", f"note: {note}")
+            for note in (h["choice_notes"] if isinstance(h.get("choice_notes"), list) else [])
+            if isinstance(note, str)
+        ],
         ("steps", f"{len(session.steps)}" + ("" if session.complete else " (interrupted: no closing summary)")),
         ("created", str(h.get("created", MISSING))),
     ]
@@ -68,12 +83,14 @@ def _summary_table(summary: dict, title: str) -> Table:
 
 
 def _continuations_table(session) -> Table:
-
     shared = session.header.get("mode") != "free"
     table = Table(title="continuations", title_justify="left", expand=True)
     table.add_column("dense", ratio=1, overflow="fold")
-    table.add_column("perturbed (its own choice at each step, fed the dense token)" if shared else "perturbed",
-                     ratio=1, overflow="fold")
+    table.add_column(
+        "perturbed (its own choice at each step, fed the dense token)" if shared else "perturbed",
+        ratio=1,
+        overflow="fold",
+    )
     dense = "".join(running(s.get("text_d")) for s in session.steps)
     pert = "".join(running(s.get("text_p")) for s in session.steps)
     table.add_row(Text(dense), Text(pert))
@@ -81,23 +98,38 @@ def _continuations_table(session) -> Table:
 
 
 def _steps_table(session) -> Table:
-
     choices = bool(session.header.get("choices")) or any("sub_kl" in s for s in session.steps)
     table = Table(title="steps", title_justify="left")
-    columns = ["step", "dense", "perturbed", "emb_cos[L]", "logit_cos", "prob_cos", "kl", "kl_est", "tv", "top1",
-               "amp", "cum_kl"] + (["sub_kl"] if choices else [])
+    columns = [
+        "step",
+        "dense",
+        "perturbed",
+        "emb_cos[L]",
+        "logit_cos",
+        "prob_cos",
+        "kl",
+        "kl_est",
+        "tv",
+        "top1",
+        "amp",
+        "cum_kl",
+    ] + (["sub_kl"] if choices else [])
     for name in columns:
         table.add_column(name, justify="left" if name in ("dense", "perturbed") else "right")
     for s in session.steps:
         emb = s.get("emb_cos") if isinstance(s.get("emb_cos"), list) and s.get("emb_cos") else [None]
         top1 = s.get("top1_agree")
         same = s.get("token_d") == s.get("token_p")
-        row = [str(s.get("step")), Text(cell(s.get("text_d"))),
-               Text(cell(s.get("text_p")), style=None if same else "red"),
-               metric("emb_cos", emb[-1]),
-               *[metric(k, s.get(k)) for k in ("logit_cos", "prob_cos", "kl", "kl_est", "tv")],
-               MISSING if top1 is None else ("✓" if top1 else "✗"), metric("amp", s.get("amp")),
-               metric("cum_kl", s.get("cum_kl"))]
+        row = [
+            str(s.get("step")),
+            Text(cell(s.get("text_d"))),
+            Text(cell(s.get("text_p")), style=None if same else "red"),
+            metric("emb_cos", emb[-1]),
+            *[metric(k, s.get(k)) for k in ("logit_cos", "prob_cos", "kl", "kl_est", "tv")],
+            MISSING if top1 is None else ("✓" if top1 else "✗"),
+            metric("amp", s.get("amp")),
+            metric("cum_kl", s.get("cum_kl")),
+        ]
         if choices:
             row.append(metric("sub_kl", s.get("sub_kl")))
         table.add_row(*row)
@@ -114,7 +146,6 @@ def _session_files(path: Path) -> list[Path]:
 
 
 def _show_directory(path: Path) -> None:
-
     from engine.session import load_session
     from engine.summary import summarize
 
@@ -130,11 +161,16 @@ def _show_directory(path: Path) -> None:
             continue
         summary = s.summary if s.complete else summarize(s.steps, s.header.get("mode"))
         interrupted |= not s.complete
-        table.add_row(Text(file.name), Text(str(s.header.get("model_display") or s.header.get("model", MISSING))),
-                      Text(str((s.header.get("perturbation") or {}).get("spec", MISSING))),
-                      str(s.header.get("mode", MISSING)), Text(clip(escape(s.header.get("prompt")), 40)),
-                      f"{len(s.steps)}" + ("" if s.complete else "*"),
-                      metric("kl_mean", summary.get("kl_mean")), metric("same_top1_rate", summary.get("same_top1_rate")))
+        table.add_row(
+            Text(file.name),
+            Text(str(s.header.get("model_display") or s.header.get("model", MISSING))),
+            Text(str((s.header.get("perturbation") or {}).get("spec", MISSING))),
+            str(s.header.get("mode", MISSING)),
+            Text(clip(escape(s.header.get("prompt")), 40)),
+            f"{len(s.steps)}" + ("" if s.complete else "*"),
+            metric("kl_mean", summary.get("kl_mean")),
+            metric("same_top1_rate", summary.get("same_top1_rate")),
+        )
     console.print(table)
     if interrupted:
         console.print("* interrupted run (no closing summary); its figures are computed from the recorded steps")
@@ -164,20 +200,24 @@ def show_path(path: Path, steps: bool) -> None:
     if session.complete:
         console.print(_summary_table(session.summary, "summary"))
     else:
-        console.print(f"the run was interrupted: no closing summary; computed from the {len(session.steps)} recorded steps:",
-                      style="yellow", highlight=False)
+        console.print(
+            f"the run was interrupted: no closing summary; computed from the {len(session.steps)} recorded steps:",
+            style="yellow",
+            highlight=False,
+        )
         console.print(_summary_table(summarize(session.steps, session.header.get("mode")), "summary (computed)"))
     if steps and session.steps:
         console.print(_steps_table(session))
 
 
-
-
 def print_comparison(session, result, tol: float) -> None:
-
     h = session.header
-    console.print(Text(f"{h.get('model_display') or h.get('model')} · {(h.get('perturbation') or {}).get('spec')} · "
-                       f"{h.get('mode')} · {result.recorded} recorded steps, {result.rerun} recomputed"))
+    console.print(
+        Text(
+            f"{h.get('model_display') or h.get('model')} · {(h.get('perturbation') or {}).get('spec')} · "
+            f"{h.get('mode')} · {result.recorded} recorded steps, {result.rerun} recomputed"
+        )
+    )
     console.print("largest absolute deviation per metric, recording vs recomputation:", highlight=False)
     table = Table()
     table.add_column("metric")
@@ -198,10 +238,11 @@ def print_comparison(session, result, tol: float) -> None:
     worst = max(result.deviations, key=result.deviations.get, default=None)
     if worst is not None:
         verdict = "below" if result.max_deviation < tol else "NOT below"
-        console.print(f"max deviation {result.max_deviation:.3e} ({worst}), {verdict} the tolerance {tol:g}",
-                      highlight=False)
-    console.print("rerun matches the recording" if result.ok(tol) else "rerun does NOT match the recording",
-                  style="green" if result.ok(tol) else "bold red", highlight=False)
-
-
-# ------------------------------------------------------------------ batch
+        console.print(
+            f"max deviation {result.max_deviation:.3e} ({worst}), {verdict} the tolerance {tol:g}", highlight=False
+        )
+    console.print(
+        "rerun matches the recording" if result.ok(tol) else "rerun does NOT match the recording",
+        style="green" if result.ok(tol) else "bold red",
+        highlight=False,
+    )

@@ -50,7 +50,7 @@ class RecordedRun:
 
     @property
     def records(self) -> list[dict]:
-        return self.session.steps[:self.position]
+        return self.session.steps[: self.position]
 
     @property
     def total(self) -> int:

@@ -47,7 +47,7 @@ def clip(text: str, width: int | None) -> str:
     """`text` cut to `width` characters, the last one … when anything was cut."""
     if width is None or len(text) <= width:
         return text
-    return text[:max(width - 1, 0)] + CUT
+    return text[: max(width - 1, 0)] + CUT
 
 
 def cell(text, width: int | None = None) -> str:

@@ -65,8 +65,13 @@ def hierui():
     import sys
 
     def run(*args, env=None, timeout=300):
-        return subprocess.run([sys.executable, "-m", "hierui", *map(str, args)], capture_output=True, text=True,
-                              env={**os.environ, "COLUMNS": "200", **(env or {})}, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "hierui", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "COLUMNS": "200", **(env or {})},
+            timeout=timeout,
+        )
 
     return run
 

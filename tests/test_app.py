@@ -8,8 +8,8 @@ from engine.session import SessionRecorder, load_session
 from engine.settings import StepSettings
 from engine.stepper import Stepper
 from hierui.app import HieruiApp
-from hierui.tokentext import running
 from hierui.format import metric
+from hierui.tokentext import running
 
 SIZE = (120, 40)
 
@@ -27,8 +27,12 @@ def tiny_pair(tiny):
 
 def live_app(tiny_pair, tmp_path, **settings):
     opts = {"max_new_tokens": 12, "choices": ["A", "B"], **settings}
-    return HieruiApp(pair_factory=lambda progress: tiny_pair, prompt="Hello there",
-                     settings=StepSettings(**opts), session_dir=tmp_path)
+    return HieruiApp(
+        pair_factory=lambda progress: tiny_pair,
+        prompt="Hello there",
+        settings=StepSettings(**opts),
+        session_dir=tmp_path,
+    )
 
 
 async def settle(app, pilot):
@@ -265,8 +269,13 @@ def test_first_frame_comes_before_the_models(tiny_pair, tmp_path):
         release.wait(10)
         return tiny_pair
 
-    app = HieruiApp(pair_factory=slow_factory, prompt="Hi", settings=StepSettings(max_new_tokens=3),
-                    session_dir=tmp_path, title_hint="big-model · wanda:0.5")
+    app = HieruiApp(
+        pair_factory=slow_factory,
+        prompt="Hi",
+        settings=StepSettings(max_new_tokens=3),
+        session_dir=tmp_path,
+        title_hint="big-model · wanda:0.5",
+    )
 
     async def scenario():
         async with app.run_test(size=SIZE) as pilot:
@@ -458,7 +467,9 @@ def test_replay_in_the_ui_and_a_bad_model_on_explore_import_no_torch(tmp_path):
 
     def imported(*args):
         done = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, timeout=120)
-        names = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+        names = {
+            line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")
+        }
         return done, names
 
     done, names = imported("-c", script)
@@ -467,3 +478,21 @@ def test_replay_in_the_ui_and_a_bad_model_on_explore_import_no_torch(tmp_path):
     done, names = imported("-m", "hierui", "explore", "--model", "llama-9000")
     assert done.returncode == 2 and "unknown model 'llama-9000'" in done.stderr
     assert "torch" not in names and "transformers" not in names
+
+
+def test_a_multi_token_choice_is_reported_in_the_explorer_and_in_show(tiny_pair, tmp_path, cli):
+    """A choice of several tokens is read through its first token: the user is told, live and in `show`."""
+    app = live_app(tiny_pair, tmp_path, choices=["A", "Bc"])
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(app, pilot)
+            assert any("'Bc' is 2 tokens; its first token stands for it" in n for n in notes_of(app))
+            await pilot.press("space")
+            await settle(app, pilot)
+            return app.live.path
+
+    path = run(scenario())
+    assert load_session(path).header["choice_notes"] == ["choice 'Bc' is 2 tokens; its first token stands for it"]
+    shown = cli("show", path)
+    assert shown.returncode == 0 and "note: choice 'Bc' is 2 tokens" in shown.stdout

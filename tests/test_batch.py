@@ -57,8 +57,9 @@ def sweep_files(tmp_path_factory):
 
 
 def plan(sweep_files, **kw):
-    return plan_sweep(prompts_file=sweep_files["jsonl"],
-                        **{**TINY, "specs": ["wanda:0.5", "none"], "modes": ["shared", "free"], **kw})
+    return plan_sweep(
+        prompts_file=sweep_files["jsonl"], **{**TINY, "specs": ["wanda:0.5", "none"], "modes": ["shared", "free"], **kw}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +79,25 @@ def test_read_prompts_text_and_jsonl(tmp_path):
     text = tmp_path / "p.txt"
     text.write_text("first prompt\n\n  \nsecond {not json}\n", encoding="utf-8")
     assert [(p.id, p.prompt, p.choices) for p in read_prompts(text)] == [
-        ("p000", "first prompt", None), ("p001", "second {not json}", None)]
+        ("p000", "first prompt", None),
+        ("p001", "second {not json}", None),
+    ]
     rows = [{"prompt": "q one", "choices": ["A", "B"]}, {"prompt": "q two", "id": "my id/2"}]
     items = read_prompts(write_jsonl(tmp_path / "p.jsonl", rows))
     assert [(p.id, p.prompt, p.choices) for p in items] == [("p000", "q one", ["A", "B"]), ("my_id_2", "q two", None)]
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("missing.txt", None, "prompts file not found"),
-    ("empty.txt", "\n \n", "holds no prompts"),
-    ("noprompt.jsonl", '{"prompt": "ok"}\n{"text": "x"}\n', 'line 2 has no "prompt"'),
-    ("bad.jsonl", '{"prompt": "ok"\n', "line 1 is not valid JSON"),
-    ("dup.jsonl", '{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n', "'x' is used twice"),
-    ("choices.jsonl", '{"prompt": "a", "choices": "AB"}\n', "list of at least two"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.txt", None, "prompts file not found"),
+        ("empty.txt", "\n \n", "holds no prompts"),
+        ("noprompt.jsonl", '{"prompt": "ok"}\n{"text": "x"}\n', 'line 2 has no "prompt"'),
+        ("bad.jsonl", '{"prompt": "ok"\n', "line 1 is not valid JSON"),
+        ("dup.jsonl", '{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n', "'x' is used twice"),
+        ("choices.jsonl", '{"prompt": "a", "choices": "AB"}\n', "list of at least two"),
+    ],
+)
 def test_bad_prompt_files(tmp_path, name, content, message):
     path = tmp_path / name
     if content is not None:
@@ -111,10 +117,15 @@ def test_plan_checks_before_loading(tmp_path):
         plan_sweep(model="tiny-random")
     with pytest.raises(HieruiError, match="max new tokens"):
         plan_sweep(prompts_file=prompts, model="tiny-random", max_new_tokens=0)
-    sweep = plan_sweep(prompts_file=prompts, model="tiny-random", specs=["wanda:2:4", "none", "none"],
-                         modes=["free", "shared"])
-    assert [r.run_id for r in sweep.runs()] == ["p000-wanda-2of4-free", "p000-wanda-2of4-shared",
-                                                "p000-none-free", "p000-none-shared"]
+    sweep = plan_sweep(
+        prompts_file=prompts, model="tiny-random", specs=["wanda:2:4", "none", "none"], modes=["free", "shared"]
+    )
+    assert [r.run_id for r in sweep.runs()] == [
+        "p000-wanda-2of4-free",
+        "p000-wanda-2of4-shared",
+        "p000-none-free",
+        "p000-none-shared",
+    ]
 
 
 # ------------------------------------------------------------------ resume
@@ -196,15 +207,31 @@ def test_tables_none_is_exactly_zero_and_choices_give_sub_columns(uninterrupted)
     assert all(r["sub_kl"] is None for r in steps if r["prompt_id"] == "hi")
 
     for row in summary:
-        for name in ("kl_mean", "kl_p50", "kl_p90", "kl_p99", "tv_mean", "tv_p99", "same_top1_rate",
-                     "emb_cos_final_mean", "logit_cos_mean", "prob_cos_mean", "ln_ppl_ratio", "measured_sparsity"):
+        for name in (
+            "kl_mean",
+            "kl_p50",
+            "kl_p90",
+            "kl_p99",
+            "tv_mean",
+            "tv_p99",
+            "same_top1_rate",
+            "emb_cos_final_mean",
+            "logit_cos_mean",
+            "prob_cos_mean",
+            "ln_ppl_ratio",
+            "measured_sparsity",
+        ):
             assert row[name] is not None, (row["run_id"], name)
         assert (row["sub_kl_mean"] is not None) == (row["prompt_id"] == "p000")
     assert {r["measured_sparsity"] for r in summary if r["spec"] == "wanda:0.5"} == {0.5}
     assert all(r["kl_mean"] == 0 and r["ln_ppl_ratio"] == 0 for r in summary if r["spec"] == "none")
     groups = group_summary(sweep, summary)
     assert [(g["spec"], g["mode"], g["runs"]) for g in groups] == [
-        ("wanda:0.5", "shared", 2), ("wanda:0.5", "free", 2), ("none", "shared", 2), ("none", "free", 2)]
+        ("wanda:0.5", "shared", 2),
+        ("wanda:0.5", "free", 2),
+        ("none", "shared", 2),
+        ("none", "free", 2),
+    ]
     csv_header = (out / "summary.csv").read_text(encoding="utf-8").splitlines()[0]
     assert '"kl_p99"' in csv_header and '"first_divergence"' in csv_header
 
@@ -216,8 +243,11 @@ def test_step_and_summary_tables_have_the_declared_schema(uninterrupted, tmp_pat
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello there\n", encoding="utf-8")
     plain = tmp_path / "plain"
-    run_sweep(plan_sweep(prompts_file=prompts, model="tiny-random", specs=["none"], modes=["shared"],
-                         max_new_tokens=3), plain, batch_size=1)
+    run_sweep(
+        plan_sweep(prompts_file=prompts, model="tiny-random", specs=["none"], modes=["shared"], max_new_tokens=3),
+        plain,
+        batch_size=1,
+    )
     for folder in (out, plain):
         assert pq.read_schema(folder / "steps.parquet") == schema.arrow_schema(schema.STEPS), folder
         assert pq.read_schema(folder / "summary.parquet") == schema.arrow_schema(schema.SUMMARY), folder
@@ -230,8 +260,11 @@ def test_step_and_summary_tables_have_the_declared_schema(uninterrupted, tmp_pat
     assert all(json.loads(r["topk_d"])[0][0] == r["token_d"] for r in steps)  # greedy: the dense top-1
 
     plain_steps = pq.read_table(plain / "steps.parquet").to_pylist()
-    assert plain_steps and all(r[name] is None for r in plain_steps
-                               for name in ("sub_p_d", "sub_p_p", "sub_kl", "sub_cos", "sub_agree", "first_divergence"))
+    assert plain_steps and all(
+        r[name] is None
+        for r in plain_steps
+        for name in ("sub_p_d", "sub_p_p", "sub_kl", "sub_cos", "sub_agree", "first_divergence")
+    )
     (row,) = pq.read_table(plain / "summary.parquet").to_pylist()
     assert row["choices"] is None and row["sub_kl_mean"] is None and row["first_divergence"] is None
     assert row["kl_mean"] == 0 and row["steps"] == len(plain_steps)
@@ -242,8 +275,9 @@ def test_schema_refuses_undeclared_fields_and_wrong_kinds():
     table = schema.to_table([row], schema.STEPS)
     assert table.schema == schema.arrow_schema(schema.STEPS) and table.to_pylist()[0]["tv"] is None
     assert schema.to_table([], schema.STEPS).schema == schema.arrow_schema(schema.STEPS)
-    assert schema.to_table([{**row, "rank_shift": 3.0, "top1_agree": 1.0}], schema.STEPS).to_pylist()[0][
-        "rank_shift"] == 3
+    assert (
+        schema.to_table([{**row, "rank_shift": 3.0, "top1_agree": 1.0}], schema.STEPS).to_pylist()[0]["rank_shift"] == 3
+    )
     with pytest.raises(schema.SchemaError, match="'new_metric'.*engine/schema.py"):
         schema.to_table([{**row, "new_metric": 1.0}], schema.STEPS, "steps.parquet")
     for name, value in (("step", 1.5), ("top1_agree", 0.5), ("kl", "high"), ("emb_cos", 1.0), ("fed", [1.5])):
@@ -255,10 +289,26 @@ def test_summary_columns_cover_summarize():
     """Every key summarize() can give (free mode, choices) is a declared summary column."""
     from engine.summary import summarize
 
-    record = {"kl": 0.1, "kl_est": 0.1, "tv": 0.1, "top1_agree": 1.0, "emb_cos": [1.0], "logit_cos": 1.0,
-              "prob_cos": 1.0, "prob_cos_est": 1.0, "js": 0.0, "amp": 1.0, "cum_kl": 0.1, "cum_nll_gap": 0.0,
-              "nll_d": 1.0, "nll_p": 1.0, "same_token": True, "first_divergence": None, "sub_kl": 0.0,
-              "sub_agree": 1.0}
+    record = {
+        "kl": 0.1,
+        "kl_est": 0.1,
+        "tv": 0.1,
+        "top1_agree": 1.0,
+        "emb_cos": [1.0],
+        "logit_cos": 1.0,
+        "prob_cos": 1.0,
+        "prob_cos_est": 1.0,
+        "js": 0.0,
+        "amp": 1.0,
+        "cum_kl": 0.1,
+        "cum_nll_gap": 0.0,
+        "nll_d": 1.0,
+        "nll_p": 1.0,
+        "same_token": True,
+        "first_divergence": None,
+        "sub_kl": 0.0,
+        "sub_agree": 1.0,
+    }
     assert list(summarize([record], "free")) == list(schema.SUMMARY_FIELDS)
 
 
@@ -269,13 +319,21 @@ def test_settings_are_frozen_and_the_manifest_format_is_unchanged(sweep_files, u
     manifest = json.loads((out / "batch.json").read_text(encoding="utf-8"))
     assert manifest.pop("created")
     assert manifest == {
-        "format": "hierui-batch", "version": 1, "model": "tiny-random",
-        "prompts": [{"id": "p000", "prompt": "Answer A or B:", "choices": ["A", "B"]},
-                    {"id": "hi", "prompt": "Hello there", "choices": None}],
-        "specs": ["wanda:0.5", "none"], "modes": ["shared", "free"],
+        "format": "hierui-batch",
+        "version": 1,
+        "model": "tiny-random",
+        "prompts": [
+            {"id": "p000", "prompt": "Answer A or B:", "choices": ["A", "B"]},
+            {"id": "hi", "prompt": "Hello there", "choices": None},
+        ],
+        "specs": ["wanda:0.5", "none"],
+        "modes": ["shared", "free"],
         "settings": {"temperature": 1.0, "max_new_tokens": 5, "sample": False, "seed": 0, "raw": False, "topk": 5},
         "calibration": {"source": None, "samples": 4, "length": 16, "seed": 0},
-        "device": "auto", "dtype": "auto", "source": str(sweep_files["jsonl"])}
+        "device": "auto",
+        "dtype": "auto",
+        "source": str(sweep_files["jsonl"]),
+    }
 
 
 # ------------------------------------------------------------------ the CLI
@@ -291,8 +349,22 @@ def test_cli_sweep_rerun_interrupt_and_from_session(tmp_path, monkeypatch):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello\nThe cat sat\n", encoding="utf-8")
     out = tmp_path / "out"
-    args = ["-m", "tiny-random", "--prompts", str(prompts), "-p", "magnitude:0.5", "--mode", "shared",
-            "--mode", "free", "--max-new-tokens", "4", "--out", str(out)]
+    args = [
+        "-m",
+        "tiny-random",
+        "--prompts",
+        str(prompts),
+        "-p",
+        "magnitude:0.5",
+        "--mode",
+        "shared",
+        "--mode",
+        "free",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        str(out),
+    ]
     run = cli(*args)
     assert run.exit_code == 0, run.output
     assert "magnitude:0.5" in run.stdout and "4 runs (4 computed, 0 already complete)" in run.stdout
@@ -323,36 +395,55 @@ def test_cli_sweep_rerun_interrupt_and_from_session(tmp_path, monkeypatch):
     rerun = cli("--from", str(source), "-p", "none", "--out", str(tmp_path / "from"))
     assert rerun.exit_code == 0, rerun.output
     (row,) = pq.read_table(tmp_path / "from" / "summary.parquet").to_pylist()
-    assert (row["run_id"], row["prompt"], row["mode"], row["model"]) == ("p000-none-free", "The cat sat", "free", "tiny-random")
+    assert (row["run_id"], row["prompt"], row["mode"], row["model"]) == (
+        "p000-none-free",
+        "The cat sat",
+        "free",
+        "tiny-random",
+    )
     assert row["kl_mean"] == 0
     made = load_session(tmp_path / "from" / "sessions" / "p000-none-free.jsonl").header
     for key in ("prompt", "mode", "temperature", "choices", "seed", "sample", "max_new_tokens", "raw", "topk", "model"):
         assert made[key] == header[key], key
 
-    override = cli("--from", str(source), "-p", "none", "--mode", "shared", "--max-new-tokens", "2",
-                   "--out", str(tmp_path / "from2"))
+    override = cli(
+        "--from",
+        str(source),
+        "-p",
+        "none",
+        "--mode",
+        "shared",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        str(tmp_path / "from2"),
+    )
     assert override.exit_code == 0, override.output
     made = load_session(tmp_path / "from2" / "sessions" / "p000-none-shared.jsonl")
     assert made.header["max_new_tokens"] == 2 and made.header["prompt"] == "The cat sat" and len(made.steps) <= 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompts", "{dir}/missing.txt"], "prompts file not found"),
-    (["--prompts", "{dir}/empty.txt"], "holds no prompts"),
-    (["--prompts", "{dir}/noprompt.jsonl"], 'has no "prompt"'),
-    (["--prompts", "{dir}/ok.txt", "-p", "wanda:0.5", "-p", "wanda:1.5"], "sparsity must be in (0, 1)"),
-    (["--prompts", "{dir}/ok.txt", "--mode", "sideways"], "unknown mode 'sideways'"),
-    (["--prompts", "{dir}/ok.txt", "--from", "{dir}/ok.txt"], "exactly one of --prompts FILE or --from SESSION"),
-    (["--from", "{dir}/ok.txt", "-p", "none"], "is not a hierui session"),
-    (["--from", "{dir}/ok.txt"], "give at least one --prune"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompts", "{dir}/missing.txt"], "prompts file not found"),
+        (["--prompts", "{dir}/empty.txt"], "holds no prompts"),
+        (["--prompts", "{dir}/noprompt.jsonl"], 'has no "prompt"'),
+        (["--prompts", "{dir}/ok.txt", "-p", "wanda:0.5", "-p", "wanda:1.5"], "sparsity must be in (0, 1)"),
+        (["--prompts", "{dir}/ok.txt", "--mode", "sideways"], "unknown mode 'sideways'"),
+        (["--prompts", "{dir}/ok.txt", "--from", "{dir}/ok.txt"], "exactly one of --prompts FILE or --from SESSION"),
+        (["--from", "{dir}/ok.txt", "-p", "none"], "is not a hierui session"),
+        (["--from", "{dir}/ok.txt"], "give at least one --prune"),
+    ],
+)
 def test_cli_bad_input_is_one_line_exit_2_before_loading(cli, tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
     (tmp_path / "ok.txt").write_text("hello\n", encoding="utf-8")
     (tmp_path / "noprompt.jsonl").write_text('{"text": "hello"}\n', encoding="utf-8")
     home = tmp_path / "home"
-    run = cli("batch", *[a.format(dir=tmp_path) for a in args], "--out", str(tmp_path / "out"),
-              env={"HIERUI_HOME": str(home)})
+    run = cli(
+        "batch", *[a.format(dir=tmp_path) for a in args], "--out", str(tmp_path / "out"), env={"HIERUI_HOME": str(home)}
+    )
     assert run.returncode == 2, run.stderr
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], run.stderr
@@ -368,18 +459,21 @@ def test_batched_sweep_matches_one_prompt_at_a_time(sweep_files, uninterrupted, 
     assert sorted(result.computed) == sorted(r.run_id for r in plan(sweep_files).runs())
     a = pq.read_table(one_at_a_time / "steps.parquet").to_pylist()
     b = pq.read_table(out / "steps.parquet").to_pylist()
-    assert [(r["run_id"], r["step"], r["token_d"], r["token_p"]) for r in a] == \
-           [(r["run_id"], r["step"], r["token_d"], r["token_p"]) for r in b]
+    assert [(r["run_id"], r["step"], r["token_d"], r["token_p"]) for r in a] == [
+        (r["run_id"], r["step"], r["token_d"], r["token_p"]) for r in b
+    ]
     for ra, rb in zip(a, b):
         for name in ("kl", "tv", "logit_cos", "prob_cos", "nll_p"):
             assert rb[name] == pytest.approx(ra[name], abs=1e-4), name
 
 
 def test_multiple_choice_items_are_scored_per_spec_and_resume(tmp_path):
-    items = [{"id": "gen", "prompt": "Hello"},
-             {"id": "m1", "prompt": "Pick:", "choices": ["A", "B", "C", "D"], "answer": 2, "topic": "t1"},
-             {"id": "m2", "prompt": "Again:", "choices": ["x", "yy", "z", "w"], "answer": "yy", "topic": "t2"},
-             {"id": "m3", "prompt": "Last:", "choices": ["a", "b"], "answer": 0}]
+    items = [
+        {"id": "gen", "prompt": "Hello"},
+        {"id": "m1", "prompt": "Pick:", "choices": ["A", "B", "C", "D"], "answer": 2, "topic": "t1"},
+        {"id": "m2", "prompt": "Again:", "choices": ["x", "yy", "z", "w"], "answer": "yy", "topic": "t2"},
+        {"id": "m3", "prompt": "Last:", "choices": ["a", "b"], "answer": 0},
+    ]
     path = write_jsonl(tmp_path / "mixed.jsonl", items)
     sweep = plan_sweep(prompts_file=path, **{**TINY, "specs": ["magnitude:0.5", "none"], "modes": ["shared"]})
     assert [r.run_id for r in sweep.runs()] == ["gen-magnitude-0.5-shared", "gen-none-shared"]
@@ -387,7 +481,9 @@ def test_multiple_choice_items_are_scored_per_spec_and_resume(tmp_path):
     out = tmp_path / "out"
     result = run_sweep(sweep, out)
     rows = pq.read_table(out / "mc.parquet").to_pylist()
-    assert [(r["spec"], r["item_id"]) for r in rows] == [(s, i) for s in ("magnitude:0.5", "none") for i in ("m1", "m2", "m3")]
+    assert [(r["spec"], r["item_id"]) for r in rows] == [
+        (s, i) for s in ("magnitude:0.5", "none") for i in ("m1", "m2", "m3")
+    ]
     none_rows = [r for r in rows if r["spec"] == "none"]
     assert all(r["sub_kl"] == 0 and r["kl"] == 0 and r["agree"] for r in none_rows)
     by_spec = {r["spec"]: r for r in result.choice_summary}
@@ -409,8 +505,10 @@ def test_multiple_choice_items_are_scored_per_spec_and_resume(tmp_path):
 
 
 def test_bad_multiple_choice_items(tmp_path):
-    for line, message in (('{"prompt": "q", "answer": 0}', 'needs "choices"'),
-                          ('{"prompt": "q", "choices": ["a", "b"], "answer": 5}', '"answer" must be an index')):
+    for line, message in (
+        ('{"prompt": "q", "answer": 0}', 'needs "choices"'),
+        ('{"prompt": "q", "choices": ["a", "b"], "answer": 5}', '"answer" must be an index'),
+    ):
         path = tmp_path / "bad.jsonl"
         path.write_text(line + "\n", encoding="utf-8")
         with pytest.raises(HieruiError, match=message):

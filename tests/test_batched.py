@@ -7,8 +7,21 @@ from engine.stepper import BatchStepper, Stepper, StepSettings
 
 PROMPTS = ["Hi", "A much longer prompt than the first one, to force padding", "Third: medium length"]
 CHOICES = [["A", "B"], None, ["x", "y", "z"]]
-SCALARS = ("kl", "kl_est", "tv", "js", "logit_cos", "prob_cos", "prob_cos_est", "nll_d", "nll_p", "cum_kl",
-           "cum_nll_gap", "dp", "sub_kl")
+SCALARS = (
+    "kl",
+    "kl_est",
+    "tv",
+    "js",
+    "logit_cos",
+    "prob_cos",
+    "prob_cos_est",
+    "nll_d",
+    "nll_p",
+    "cum_kl",
+    "cum_nll_gap",
+    "dp",
+    "sub_kl",
+)
 
 
 @pytest.fixture(scope="module")

@@ -141,8 +141,13 @@ def test_unknown_kind_is_one_clear_line():
 
 
 def hierui(home, *args):
-    return subprocess.run([sys.executable, "-m", "hierui", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HIERUI_HOME": str(home), "COLUMNS": "80"})
+    return subprocess.run(
+        [sys.executable, "-m", "hierui", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HIERUI_HOME": str(home), "COLUMNS": "80"},
+    )
 
 
 def _fake_entry(home: Path, key: str, hierui_version: str, spec="magnitude:0.5"):
@@ -151,10 +156,20 @@ def _fake_entry(home: Path, key: str, hierui_version: str, spec="magnitude:0.5")
     data = home / "pruned" / f"{key}.safetensors"
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_bytes(b"x" * 2000)
-    meta = {"kind": "pruned", "key": key, "model": "tiny-random", "model_key": "tiny-random:1", "spec": spec,
-            "dtype": "torch.float32", "calibration": None, "algorithm": "magnitude",
-            "algorithm_version": ALGORITHM_VERSION, "hierui_version": hierui_version,
-            "created": "2024-01-01T00:00:00+00:00", "size": 2000}
+    meta = {
+        "kind": "pruned",
+        "key": key,
+        "model": "tiny-random",
+        "model_key": "tiny-random:1",
+        "spec": spec,
+        "dtype": "torch.float32",
+        "calibration": None,
+        "algorithm": "magnitude",
+        "algorithm_version": ALGORITHM_VERSION,
+        "hierui_version": hierui_version,
+        "created": "2024-01-01T00:00:00+00:00",
+        "size": 2000,
+    }
     (home / "pruned" / f"{key}.meta.json").write_text(json.dumps(meta))
 
 
@@ -178,7 +193,9 @@ def test_cli_lists_and_clears_the_cache(tmp_path):
 
     cleared = hierui(home, "cache", "clear", "--stale")
     assert cleared.returncode == 0 and "removed 2 stale cache entries" in cleared.stdout
-    assert [p.name for p in (home / "pruned").iterdir() if not p.name.endswith(".meta.json")] == [f"{'a' * 20}.safetensors"]
+    assert [p.name for p in (home / "pruned").iterdir() if not p.name.endswith(".meta.json")] == [
+        f"{'a' * 20}.safetensors"
+    ]
     assert not list((home / "calib").iterdir())
     everything = hierui(home, "cache", "clear", "--kind", "pruned")
     assert "removed 1 pruned cache entry " in everything.stdout and not list((home / "pruned").iterdir())
@@ -196,13 +213,18 @@ def test_cli_bad_kind_is_one_line_and_exit_2(tmp_path, args):
 def test_current_versions_are_read_without_importing_the_algorithm():
     from engine import cache
 
-    code = ("import sys; from engine import cache; "
-            "print(cache.algorithm_version('wanda', load=False), cache.algorithm_version('calibration', load=False), "
-            "'torch' in sys.modules)")
+    code = (
+        "import sys; from engine import cache; "
+        "print(cache.algorithm_version('wanda', load=False), cache.algorithm_version('calibration', load=False), "
+        "'torch' in sys.modules)"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     import engine.calibration
     import engine.perturb.wanda
 
-    assert run.stdout.split() == [str(engine.perturb.wanda.ALGORITHM_VERSION),
-                                  str(engine.calibration.ALGORITHM_VERSION), "False"]
+    assert run.stdout.split() == [
+        str(engine.perturb.wanda.ALGORITHM_VERSION),
+        str(engine.calibration.ALGORITHM_VERSION),
+        "False",
+    ]
     assert cache.algorithm_version("nope") is None

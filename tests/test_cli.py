@@ -10,24 +10,27 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("args, message", [
-    (["prune", "--prune", "wanda:1.5"], "sparsity must be in (0, 1)"),
-    (["prune", "--prune", "wanda:4:2"], "0 < N < M"),
-    (["prune", "--prune", "foo:0.5"], "unknown method 'foo'"),
-    (["prune", "--prune", "magnitude:"], "argument is missing"),
-    (["prune", "--model", "llama-9000"], "unknown model 'llama-9000'"),
-    (["prune", "--model", "/no/such/dir"], "model directory not found"),
-    (["models", "pull", "nope-model"], "unknown model 'nope-model'"),
-    (["explore", "--model", "llama-9000"], "unknown model 'llama-9000'"),
-    (["explore", "--prune", "wanda:1.5"], "sparsity must be in (0, 1)"),
-    (["explore", "--prune", "nope:2"], "unknown method 'nope'"),
-    (["explore", "--mode", "sideways"], "unknown mode 'sideways'"),
-    (["explore", "--temperature", "0"], "temperature must be > 0"),
-    (["explore", "--calib", "/no/such/file.txt"], "calibration file not found"),
-    (["explore", "--prune", "checkpoint:/no/such/dir"], "not found"),
-    (["explore"], "needs an interactive terminal"),  # valid input, but no terminal here: still before the UI
-    (["replay", "/no/such/session.jsonl"], "session not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["prune", "--prune", "wanda:1.5"], "sparsity must be in (0, 1)"),
+        (["prune", "--prune", "wanda:4:2"], "0 < N < M"),
+        (["prune", "--prune", "foo:0.5"], "unknown method 'foo'"),
+        (["prune", "--prune", "magnitude:"], "argument is missing"),
+        (["prune", "--model", "llama-9000"], "unknown model 'llama-9000'"),
+        (["prune", "--model", "/no/such/dir"], "model directory not found"),
+        (["models", "pull", "nope-model"], "unknown model 'nope-model'"),
+        (["explore", "--model", "llama-9000"], "unknown model 'llama-9000'"),
+        (["explore", "--prune", "wanda:1.5"], "sparsity must be in (0, 1)"),
+        (["explore", "--prune", "nope:2"], "unknown method 'nope'"),
+        (["explore", "--mode", "sideways"], "unknown mode 'sideways'"),
+        (["explore", "--temperature", "0"], "temperature must be > 0"),
+        (["explore", "--calib", "/no/such/file.txt"], "calibration file not found"),
+        (["explore", "--prune", "checkpoint:/no/such/dir"], "not found"),
+        (["explore"], "needs an interactive terminal"),  # valid input, but no terminal here: still before the UI
+        (["replay", "/no/such/session.jsonl"], "session not found"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(cli, args, message):
     run = cli(*args)
     assert run.returncode == 2
@@ -39,21 +42,42 @@ def test_bad_input_is_one_line_and_exit_2(cli, args, message):
 
 def test_bad_input_in_a_real_process_is_one_line_exit_2_and_no_traceback(hierui):
     run = hierui("prune", "--prune", "wanda:1.5")
-    assert run.returncode == 2 and run.stderr.strip() == "error: spec 'wanda:1.5': sparsity must be in (0, 1)" \
+    assert (
+        run.returncode == 2
+        and run.stderr.strip() == "error: spec 'wanda:1.5': sparsity must be in (0, 1)"
         or ("sparsity must be in (0, 1)" in run.stderr and len(run.stderr.strip().splitlines()) == 1)
+    )
     assert "Traceback" not in run.stderr + run.stdout
 
 
 @pytest.mark.slow
 def test_prune_tiny_random_end_to_end_and_save(hierui, tmp_path):
     out = tmp_path / "saved"
-    run = hierui("prune", "--model", "tiny-random", "--prune", "magnitude:2:4", "--tokens", "4",
-                 "--save", str(out), env={"HIERUI_HOME": str(tmp_path / "home")})
+    run = hierui(
+        "prune",
+        "--model",
+        "tiny-random",
+        "--prune",
+        "magnitude:2:4",
+        "--tokens",
+        "4",
+        "--save",
+        str(out),
+        env={"HIERUI_HOME": str(tmp_path / "home")},
+    )
     assert run.returncode == 0, run.stderr
     assert "50.00%" in run.stdout and "perplexity" in run.stdout and "greedy" in run.stdout
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
-    again = hierui("prune", "--model", "tiny-random", "--prune", f"checkpoint:{out}", "--tokens", "4",
-                   env={"HIERUI_HOME": str(tmp_path / "home")})
+    again = hierui(
+        "prune",
+        "--model",
+        "tiny-random",
+        "--prune",
+        f"checkpoint:{out}",
+        "--tokens",
+        "4",
+        env={"HIERUI_HOME": str(tmp_path / "home")},
+    )
     assert again.returncode == 0, again.stderr
     assert "50.00%" in again.stdout
 
@@ -74,23 +98,33 @@ def test_replay_without_a_terminal_prints_the_session(hierui):
 
 @pytest.mark.parametrize("args", [["--help"], ["models"]])
 def test_light_commands_do_not_import_torch(args):
-    probe = ("import runpy, sys\nsys.argv = ['hierui', *%r]\ntry:\n    runpy.run_module('hierui', run_name='__main__')\n"
-             "except SystemExit:\n    pass\nsys.stderr.write(str(('torch' in sys.modules, 'transformers' in sys.modules)))" % (args,))
+    probe = (
+        f"import runpy, sys\nsys.argv = ['hierui', *{args!r}]\n"
+        "try:\n    runpy.run_module('hierui', run_name='__main__')\n"
+        "except SystemExit:\n    pass\nsys.stderr.write(str(('torch' in sys.modules, 'transformers' in sys.modules)))"
+    )
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert run.stderr.strip().endswith("(False, False)"), run.stderr
 
 
-@pytest.mark.parametrize("error, message", [
-    ("cuda", "CUDA out of memory: use --dtype bfloat16"),
-    ("host", "out of memory: use a smaller model"),
-])
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        ("cuda", "CUDA out of memory: use --dtype bfloat16"),
+        ("host", "out of memory: use a smaller model"),
+    ],
+)
 def test_out_of_memory_is_one_line_and_exit_1(monkeypatch, capsys, error, message):
     import torch
 
     import hierui.cli as cli
 
     def boom(*_args, **_kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if error == "cuda" else MemoryError()
+        raise (
+            torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            if error == "cuda"
+            else MemoryError()
+        )
 
     monkeypatch.setattr(cli, "app", boom)
     with pytest.raises(SystemExit) as exit_info:

@@ -15,19 +15,22 @@ def test_missing_value_is_one_mark_everywhere():
     assert F.num(None) == F.pct(None) == F.count(None) == F.metric("kl", None) == F.metric("sparsity", None) == "—"
 
 
-@pytest.mark.parametrize("value, digits, text", [
-    (0.5, 4, "0.5000"),
-    (0.0123456, 4, "0.01235"),
-    (1.23456e-5, 4, "1.235e-05"),
-    (12345.678, 4, "1.235e+04"),
-    (1234.4, 4, "1234"),
-    (0.0, 4, "0.000"),
-    (-0.0, 4, "0.000"),
-    (-2.5, 3, "-2.50"),
-    (0.9999871, 6, "0.999987"),
-    (1.0, 6, "1.00000"),
-    (3e5, 1, "3e+05"),
-])
+@pytest.mark.parametrize(
+    "value, digits, text",
+    [
+        (0.5, 4, "0.5000"),
+        (0.0123456, 4, "0.01235"),
+        (1.23456e-5, 4, "1.235e-05"),
+        (12345.678, 4, "1.235e+04"),
+        (1234.4, 4, "1234"),
+        (0.0, 4, "0.000"),
+        (-0.0, 4, "0.000"),
+        (-2.5, 3, "-2.50"),
+        (0.9999871, 6, "0.999987"),
+        (1.0, 6, "1.00000"),
+        (3e5, 1, "3e+05"),
+    ],
+)
 def test_significant_digits(value, digits, text):
     assert F.num(value, digits) == text
 

@@ -22,7 +22,7 @@ def test_embedding_metrics_hand_example():
     assert out["emb_rel"][0, 0] == pytest.approx(0.2, rel=1e-6)
     # Δh = (0, 1); along h: (4/25)·(3, 4) = (0.48, 0.64); orthogonal part (−0.48, 0.36), norm 0.6
     assert out["emb_perp"][0, 0] == pytest.approx(0.12, rel=1e-5)
-    assert out["emb_cos_est"][0, 0] == pytest.approx(1 - 0.12 ** 2 / 2, rel=1e-6)
+    assert out["emb_cos_est"][0, 0] == pytest.approx(1 - 0.12**2 / 2, rel=1e-6)
     assert out["emb_cos"][0, 1] == pytest.approx(1.0) and out["emb_rel"][0, 1] == 0
 
 
@@ -35,15 +35,17 @@ def test_probability_metrics_against_direct_sums(temperature):
     m = (p + q) / 2
     out = M.probability_metrics(torch.tensor(zd[None]), torch.tensor(zp[None]), temperature, k=5)
     assert out["kl"].item() == pytest.approx(float(np.sum(p * np.log(p / q))), rel=1e-4)
-    assert out["js"].item() == pytest.approx(float(0.5 * np.sum(p * np.log(p / m)) + 0.5 * np.sum(q * np.log(q / m))), rel=1e-4)
+    assert out["js"].item() == pytest.approx(
+        float(0.5 * np.sum(p * np.log(p / m)) + 0.5 * np.sum(q * np.log(q / m))), rel=1e-4
+    )
     assert out["tv"].item() == pytest.approx(float(0.5 * np.abs(p - q).sum()), rel=1e-4)
     assert out["prob_cos"].item() == pytest.approx(float(p @ q / np.linalg.norm(p) / np.linalg.norm(q)), rel=1e-5)
     dz = zp - zd
-    var_p = float(np.sum(p * dz ** 2) - np.sum(p * dz) ** 2)
-    assert out["kl_est"].item() == pytest.approx(var_p / (2 * temperature ** 2), rel=1e-4)
-    r = p ** 2 / np.sum(p ** 2)
-    var_r = float(np.sum(r * dz ** 2) - np.sum(r * dz) ** 2)
-    assert out["prob_cos_est"].item() == pytest.approx(1 - var_r / (2 * temperature ** 2), rel=1e-5)
+    var_p = float(np.sum(p * dz**2) - np.sum(p * dz) ** 2)
+    assert out["kl_est"].item() == pytest.approx(var_p / (2 * temperature**2), rel=1e-4)
+    r = p**2 / np.sum(p**2)
+    var_r = float(np.sum(r * dz**2) - np.sum(r * dz) ** 2)
+    assert out["prob_cos_est"].item() == pytest.approx(1 - var_r / (2 * temperature**2), rel=1e-5)
 
 
 def test_logit_metrics_direct():
@@ -73,11 +75,13 @@ def test_theory_estimates_approach_measurement_as_perturbation_shrinks():
     for eps in (0.3, 0.03, 0.003):
         prob = M.probability_metrics(zd, zd + eps * noise, 1.0)
         emb = M.embedding_metrics(h, h + eps * dh)
-        errors.append((
-            abs(prob["kl_est"] - prob["kl"]).item() / prob["kl"].item(),
-            abs((1 - prob["prob_cos_est"]) - (1 - prob["prob_cos"])).item() / (1 - prob["prob_cos"]).item(),
-            (abs((1 - emb["emb_cos_est"]) - (1 - emb["emb_cos"])) / (1 - emb["emb_cos"])).max().item(),
-        ))
+        errors.append(
+            (
+                abs(prob["kl_est"] - prob["kl"]).item() / prob["kl"].item(),
+                abs((1 - prob["prob_cos_est"]) - (1 - prob["prob_cos"])).item() / (1 - prob["prob_cos"]).item(),
+                (abs((1 - emb["emb_cos_est"]) - (1 - emb["emb_cos"])) / (1 - emb["emb_cos"])).max().item(),
+            )
+        )
     for j in range(3):
         assert errors[2][j] < errors[1][j] < errors[0][j]
         assert errors[2][j] < 0.01
@@ -98,8 +102,15 @@ def test_amplification_and_nan_when_logits_identical():
 def test_nll_of_fed_tokens_and_subspace():
     zd = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     zp = torch.log(torch.tensor([[0.4, 0.2, 0.3, 0.1]]))
-    out = M.step_metrics(torch.ones(1, 2, 3), torch.ones(1, 2, 3), zd, zp, torch.tensor([1]), torch.tensor([2]),
-                         choice_ids=torch.tensor([0, 2]))
+    out = M.step_metrics(
+        torch.ones(1, 2, 3),
+        torch.ones(1, 2, 3),
+        zd,
+        zp,
+        torch.tensor([1]),
+        torch.tensor([2]),
+        choice_ids=torch.tensor([0, 2]),
+    )
     assert out["nll_d"].item() == pytest.approx(-math.log(0.3), rel=1e-5)
     assert out["nll_p"].item() == pytest.approx(-math.log(0.3), rel=1e-5)
     # renormalised over the choices {0, 2}: dense 0.5/0.65, 0.15/0.65; perturbed 0.4/0.7, 0.3/0.7

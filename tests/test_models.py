@@ -16,12 +16,15 @@ def test_aliases_and_special_names_resolve():
     assert {"llama2-7b", "llama3-8b", "mistral-7b", "qwen2.5-7b"} <= set(ALIASES)
 
 
-@pytest.mark.parametrize("name, why", [
-    ("llama-9000", "unknown model 'llama-9000'"),
-    ("./no/such/dir", "not found"),
-    ("missing.gguf", "GGUF file not found"),
-    ("", "no model given"),
-])
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("llama-9000", "unknown model 'llama-9000'"),
+        ("./no/such/dir", "not found"),
+        ("missing.gguf", "GGUF file not found"),
+        ("", "no model given"),
+    ],
+)
 def test_unknown_models_are_one_clear_line(name, why):
     with pytest.raises(HieruiError) as info:
         resolve(name)
@@ -87,6 +90,7 @@ def test_embedded_default_loads_from_cache_and_answers_sensibly(embedded):
 
 
 @pytest.mark.embedded
+@pytest.mark.slow
 def test_gguf_path_loads_like_the_embedded_default(embedded, test_store, tmp_path, monkeypatch):
     """A .gguf path goes through transformers' GGUF support and the same cache: same weights as the default.
 
@@ -124,8 +128,10 @@ def test_models_and_cache_modules_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, engine.models, engine.embedded, engine.tiny, engine.cache, engine.paths; "
-            "engine.cache.entries(); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, engine.models, engine.embedded, engine.tiny, engine.cache, engine.paths; "
+        "engine.cache.entries(); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]"
 

@@ -49,8 +49,10 @@ def test_layout(monkeypatch, tmp_path):
 def test_two_processes_writing_the_same_file_never_show_half_of_one(tmp_path):
     target = tmp_path / "table.txt"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(target), name, "150", str(SIZE)], env=env)
-               for name in ("A", "B")]
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(target), name, "150", str(SIZE)], env=env)
+        for name in ("A", "B")
+    ]
     reads, seen = 0, set()
     while any(w.poll() is None for w in writers):
         if target.exists():
@@ -72,7 +74,7 @@ def test_two_threads_writing_the_same_file_never_show_half_of_one(tmp_path):
         try:
             for i in range(100):
                 payload = f"{name}:{i}:" + name * SIZE + "\nEND"
-                atomic_write(target, lambda path: path.write_bytes(payload.encode()))
+                atomic_write(target, payload.encode())
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 

@@ -11,18 +11,22 @@ from engine.perturb.sparsegpt import sparsegpt_weight
 from engine.perturb.spec import parse_spec
 from engine.perturb.wanda import wanda_mask
 
-W_HAND = torch.tensor([
-    [1.0, -2.0, 3.0, 0.5],
-    [4.0, 1.0, -1.0, 2.0],
-    [0.6, 0.25, 8.0, 0.1],
-])
+W_HAND = torch.tensor(
+    [
+        [1.0, -2.0, 3.0, 0.5],
+        [4.0, 1.0, -1.0, 2.0],
+        [0.6, 0.25, 8.0, 0.1],
+    ]
+)
 # four tokens whose feature norms are ‖X_j‖₂ = 1, 2, 0.5, 4
-X_HAND = torch.tensor([
-    [1.0, 0.0, 0.0, 0.0],
-    [0.0, 2.0, 0.0, 0.0],
-    [0.0, 0.0, 0.5, 0.0],
-    [0.0, 0.0, 0.0, 4.0],
-])
+X_HAND = torch.tensor(
+    [
+        [1.0, 0.0, 0.0, 0.0],
+        [0.0, 2.0, 0.0, 0.0],
+        [0.0, 0.0, 0.5, 0.0],
+        [0.0, 0.0, 0.0, 4.0],
+    ]
+)
 
 
 def test_wanda_mask_matches_hand_computation():
@@ -30,19 +34,22 @@ def test_wanda_mask_matches_hand_computation():
     stats.add(X_HAND)
     assert torch.allclose(stats.norm, torch.tensor([1.0, 2.0, 0.5, 4.0]))
     # scores |W|·‖X‖: row0 = 1, 4, 1.5, 2 ; row1 = 4, 2, 0.5, 8 ; row2 = 0.6, 0.5, 4, 0.4
-    expected = torch.tensor([
-        [True, False, True, False],
-        [False, True, True, False],
-        [False, True, False, True],
-    ])
+    expected = torch.tensor(
+        [
+            [True, False, True, False],
+            [False, True, True, False],
+            [False, True, False, True],
+        ]
+    )
     assert torch.equal(wanda_mask(W_HAND, stats.norm, parse_spec("wanda:0.5")), expected)
 
 
 def test_wanda_differs_from_magnitude_on_the_same_weights():
     stats = InputStats(4, "cpu", gram=False)
     stats.add(X_HAND)
-    assert not torch.equal(wanda_mask(W_HAND, stats.norm, parse_spec("wanda:0.5")),
-                           magnitude_mask(W_HAND, parse_spec("magnitude:0.5")))
+    assert not torch.equal(
+        wanda_mask(W_HAND, stats.norm, parse_spec("wanda:0.5")), magnitude_mask(W_HAND, parse_spec("magnitude:0.5"))
+    )
 
 
 def test_magnitude_uses_one_threshold_per_matrix():
@@ -123,7 +130,7 @@ def test_wanda_is_sequential_and_uses_input_norms(tiny, tiny_calib):
 def _anisotropic_inputs(tokens=1024, features=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(tokens, features, generator=g)
-    mix = torch.eye(features) + 0.5 * torch.randn(features, features, generator=g) / features ** 0.5
+    mix = torch.eye(features) + 0.5 * torch.randn(features, features, generator=g) / features**0.5
     scales = torch.exp(0.5 * torch.randn(features, generator=g))  # some features larger, as in LLMs
     return (z @ mix) * scales
 

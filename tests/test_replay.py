@@ -40,16 +40,29 @@ def _stderr_lines(run):
 
 
 def _step(i, **values):
-    base = {"step": i, "token_d": 5, "token_p": 6, "text_d": "a", "text_p": "b", "fed": [5, 5], "kl": 0.1,
-            "emb_cos": [1.0, 0.9, 0.8], "amp": None, "topk_d": [[5, "a", 0.5], [6, "b", 0.25]],
-            "topk_p": [[6, "b", 0.4], [5, "a", 0.3]], "same_token": False}
+    base = {
+        "step": i,
+        "token_d": 5,
+        "token_p": 6,
+        "text_d": "a",
+        "text_p": "b",
+        "fed": [5, 5],
+        "kl": 0.1,
+        "emb_cos": [1.0, 0.9, 0.8],
+        "amp": None,
+        "topk_d": [[5, "a", 0.5], [6, "b", 0.25]],
+        "topk_p": [[6, "b", 0.4], [5, "a", 0.3]],
+        "same_token": False,
+    }
     return {**base, **values}
 
 
 def test_deviations_are_elementwise_maxima():
     old = [_step(0), _step(1)]
-    new = [_step(0, kl=0.1 + 1e-3, emb_cos=[1.0, 0.9, 0.8 - 2e-3]),
-           _step(1, topk_p=[[6, "b", 0.4], [5, "a", 0.3 + 5e-3]])]
+    new = [
+        _step(0, kl=0.1 + 1e-3, emb_cos=[1.0, 0.9, 0.8 - 2e-3]),
+        _step(1, topk_p=[[6, "b", 0.4], [5, "a", 0.3 + 5e-3]]),
+    ]
     dev = R.deviations(old, new)
     assert dev["kl"] == pytest.approx(1e-3)
     assert dev["emb_cos"] == pytest.approx(2e-3)
@@ -79,27 +92,56 @@ def test_token_mismatches_and_length_changes_fail():
 
 
 def test_settings_and_calibration_come_from_the_header():
-    header = {"mode": "free", "temperature": 1.5, "sample": True, "seed": 7, "choices": ["A", "B"], "raw": True,
-              "topk": 3, "max_new_tokens": 64,
-              "calibration": {"source": "self", "samples": 4, "length": 16, "seed": 2, "from_cache": True,
-                              "seconds": 0.1}}
+    header = {
+        "mode": "free",
+        "temperature": 1.5,
+        "sample": True,
+        "seed": 7,
+        "choices": ["A", "B"],
+        "raw": True,
+        "topk": 3,
+        "max_new_tokens": 64,
+        "calibration": {"source": "self", "samples": 4, "length": 16, "seed": 2, "from_cache": True, "seconds": 0.1},
+    }
     s = R.settings_from_header(header, 9)
-    assert (s.mode, s.temperature, s.max_new_tokens, s.sample, s.seed, s.choices, s.raw, s.topk) == \
-        ("free", 1.5, 9, True, 7, ("A", "B"), True, 3)
+    assert (s.mode, s.temperature, s.max_new_tokens, s.sample, s.seed, s.choices, s.raw, s.topk) == (
+        "free",
+        1.5,
+        9,
+        True,
+        7,
+        ("A", "B"),
+        True,
+        3,
+    )
     assert R.calib_options_from_header(header) == {"samples": 4, "length": 16, "seed": 2}
-    assert R.calib_options_from_header({"calibration": {"source": "/x/c.txt", "samples": 2, "length": 8, "seed": 0}}) \
-        == {"samples": 2, "length": 8, "seed": 0, "source": "/x/c.txt"}
+    assert R.calib_options_from_header(
+        {"calibration": {"source": "/x/c.txt", "samples": 2, "length": 8, "seed": 0}}
+    ) == {"samples": 2, "length": 8, "seed": 0, "source": "/x/c.txt"}
     assert R.calib_options_from_header({"calibration": None}) is None
 
 
 # ------------------------------------------------------------------ rerun (in process)
 
 
-@pytest.mark.parametrize("spec, settings", [
-    ("none", {"mode": "shared"}),
-    ("magnitude:0.5", {"mode": "free", "sample": True, "seed": 3, "temperature": 1.5, "topk": 3,
-                       "choices": ["A", "B", "C"], "raw": True}),
-])
+@pytest.mark.parametrize(
+    "spec, settings",
+    [
+        ("none", {"mode": "shared"}),
+        (
+            "magnitude:0.5",
+            {
+                "mode": "free",
+                "sample": True,
+                "seed": 3,
+                "temperature": 1.5,
+                "topk": 3,
+                "choices": ["A", "B", "C"],
+                "raw": True,
+            },
+        ),
+    ],
+)
 def test_rerun_reproduces_the_recording(tiny, tmp_path, spec, settings):
     path = _record(tiny, tmp_path / "s.jsonl", spec=spec, max_new_tokens=6, **settings)
     session = load_session(path)
@@ -144,15 +186,22 @@ def _max_deviation(stdout):
     return float(found.group(1))
 
 
+@pytest.mark.slow
 def test_replay_rerun_of_a_fresh_session_reports_deviations_below_1e_5(hierui, tiny, tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("HIERUI_HOME", str(home))
-    path = _record(tiny, tmp_path / "wanda.jsonl", spec="wanda:0.5", calib={"samples": 4, "length": 16, "seed": 1},
-                   choices=["A", "B"])
+    path = _record(
+        tiny,
+        tmp_path / "wanda.jsonl",
+        spec="wanda:0.5",
+        calib={"samples": 4, "length": 16, "seed": 1},
+        choices=["A", "B"],
+    )
     assert load_session(path).header["calibration"]["samples"] == 4
     # --no-cache: the calibration and the pruned weights are rebuilt from the header, not read back
-    run = hierui("replay", str(path), "--rerun", "--device", "cpu", "--no-cache", "--tol", "1e-5",
-                 env={"HIERUI_HOME": str(home)})
+    run = hierui(
+        "replay", str(path), "--rerun", "--device", "cpu", "--no-cache", "--tol", "1e-5", env={"HIERUI_HOME": str(home)}
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "tokens: all 5 steps match" in run.stdout and "rerun matches the recording" in run.stdout
     assert _max_deviation(run.stdout) < 1e-5
@@ -180,7 +229,8 @@ def test_replay_rerun_of_a_tampered_session_exits_1(cli, session_file, tmp_path)
 
 
 def test_show_prints_header_tokens_and_summary(cli, session_file, tmp_path):
-    from hierui.tokentext import cell as _token_cell, running as _visible
+    from hierui.tokentext import cell as _token_cell
+    from hierui.tokentext import running as _visible
 
     session = load_session(session_file)
     # readable token texts, so the test can look for them in the output
@@ -200,8 +250,22 @@ def test_show_prints_header_tokens_and_summary(cli, session_file, tmp_path):
     assert "PARIS!LYON!NICE!LILLE!BREST!" in out  # the perturbed one
     for word in words:
         assert f"·{word}" in out  # the per-step table shows the leading space
-    for label in ("tiny-random", "magnitude:0.5", "50.00%", "shared", "Hello", "'A', 'B'", "summary", "kl_mean",
-                  "logit_cos", "prob_cos", "kl_est", "cum_kl", "sub_kl", "emb_cos[L]"):
+    for label in (
+        "tiny-random",
+        "magnitude:0.5",
+        "50.00%",
+        "shared",
+        "Hello",
+        "'A', 'B'",
+        "summary",
+        "kl_mean",
+        "logit_cos",
+        "prob_cos",
+        "kl_est",
+        "cum_kl",
+        "sub_kl",
+        "emb_cos[L]",
+    ):
         assert label in out, label
     assert session.header["created"] in out
 
@@ -240,8 +304,13 @@ def test_show_imports_neither_torch_nor_transformers(session_file):
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
         "print('HEAVY', heavy)\n"
     )
-    run = subprocess.run([sys.executable, "-c", code, str(session_file)], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "COLUMNS": "200"})
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(session_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert run.returncode == 0, run.stderr
     assert "HEAVY []" in run.stdout, run.stdout[-500:]
 
@@ -274,13 +343,16 @@ def _bad(tmp_path, kind):
 
 
 @pytest.mark.parametrize("command", ["show", "replay", "replay --rerun"])
-@pytest.mark.parametrize("kind, message", [
-    ("missing", "session not found"),
-    ("wrong-format", "is not a hierui session"),
-    ("future-version", "version 99 session"),
-    ("not-json", "first line is not JSON"),
-    ("directory", "is a directory"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing", "session not found"),
+        ("wrong-format", "is not a hierui session"),
+        ("future-version", "version 99 session"),
+        ("not-json", "first line is not JSON"),
+        ("directory", "is a directory"),
+    ],
+)
 def test_bad_inputs_exit_2_with_one_line(cli, tmp_path, command, kind, message):
     run = cli(*command.split()[:1], str(_bad(tmp_path, kind)), *command.split()[1:])
     assert run.returncode == 2, run.stdout + run.stderr

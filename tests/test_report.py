@@ -36,15 +36,20 @@ length = 16
 seed = 0
 """
 # tiny-random's tokenizer is byte-level: choices must start with distinct bytes
-MC_ITEMS = [{"id": "q1", "topic": "facts", "prompt": "The capital of France is", "choices": ["Paris", "Rome"],
-             "answer": 0},
-            {"id": "q2", "topic": "maths", "prompt": "Two plus two is", "choices": ["four", "two", "six"],
-             "answer": "four"}]
+MC_ITEMS = [
+    {"id": "q1", "topic": "facts", "prompt": "The capital of France is", "choices": ["Paris", "Rome"], "answer": 0},
+    {"id": "q2", "topic": "maths", "prompt": "Two plus two is", "choices": ["four", "two", "six"], "answer": "four"},
+]
 
 
 def hierui(*args):
-    return subprocess.run([sys.executable, "-m", "hierui", *args], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200"}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hierui", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=300,
+    )
 
 
 def one_line_error(run, *needles):
@@ -87,7 +92,9 @@ def test_shipped_hierarchy_recipe_is_valid():
     assert all(i["id"].startswith(("open.", "mc.")) for i in items)
     mc = [i for i in items if i["id"].startswith("mc.")]
     assert mc and all("choices" in i and "answer" in i and "topic" in i for i in mc)
-    lines = sum(1 for s in ("open", "mc") for line in (RC.SUITES / f"{s}.jsonl").read_text().splitlines() if line.strip())
+    lines = sum(
+        1 for s in ("open", "mc") for line in (RC.SUITES / f"{s}.jsonl").read_text().splitlines() if line.strip()
+    )
     assert len(items) == lines
 
 
@@ -106,18 +113,27 @@ BAD = [
     ("syntax", 'name = "x"\nprompts = [\n', "is not valid TOML"),
     ("unknown key", 'prompts = ["open.txt"]\nspecs = ["none"]\nprune = ["wanda:0.5"]\n', "unknown key 'prune'"),
     ("wrong type", 'prompts = ["open.txt"]\nspecs = "wanda:0.5"\n', "'specs' must be a list"),
-    ("wrong setting type", 'prompts = ["open.txt"]\nspecs = ["none"]\nmax_new_tokens = "32"\n',
-     "'max_new_tokens' must be an integer"),
+    (
+        "wrong setting type",
+        'prompts = ["open.txt"]\nspecs = ["none"]\nmax_new_tokens = "32"\n',
+        "'max_new_tokens' must be an integer",
+    ),
     ("empty specs", 'prompts = ["open.txt"]\nspecs = []\n', "'specs' is empty"),
     ("no specs", 'prompts = ["open.txt"]\n', "'specs' is missing"),
     ("bad spec", 'prompts = ["open.txt"]\nspecs = ["wanda:1.5"]\n', "spec 'wanda:1.5'"),
     ("bad mode", 'prompts = ["open.txt"]\nspecs = ["none"]\nmodes = ["teacher"]\n', "unknown mode 'teacher'"),
     ("unknown suite", 'prompts = ["suite:nosuch"]\nspecs = ["none"]\n', "unknown suite 'suite:nosuch'"),
     ("missing prompts file", 'prompts = ["absent.txt"]\nspecs = ["none"]\n', "prompts file not found: absent.txt"),
-    ("calibration key", 'prompts = ["open.txt"]\nspecs = ["none"]\n[calibration]\nsize = 3\n',
-     "unknown key 'calibration.size'"),
-    ("calibration value", 'prompts = ["open.txt"]\nspecs = ["none"]\n[calibration]\nsamples = 0\n',
-     "'calibration.samples' must be at least 1"),
+    (
+        "calibration key",
+        'prompts = ["open.txt"]\nspecs = ["none"]\n[calibration]\nsize = 3\n',
+        "unknown key 'calibration.size'",
+    ),
+    (
+        "calibration value",
+        'prompts = ["open.txt"]\nspecs = ["none"]\n[calibration]\nsamples = 0\n',
+        "'calibration.samples' must be at least 1",
+    ),
 ]
 
 
@@ -140,9 +156,22 @@ def test_unknown_recipe_name_lists_the_shipped_ones():
 
 def test_command_line_options_override_the_recipe(tmp_path):
     path = write_recipe(tmp_path / "r")
-    given = dict(prompts_file=None, from_session=None, model=None, specs=["wanda:0.3"], modes=None,
-                 calib={"source": None, "samples": 8, "length": None, "seed": None}, device="auto", dtype="auto",
-                 temperature=None, max_new_tokens=7, sample=None, seed=None, raw=None, topk=None)
+    given = dict(
+        prompts_file=None,
+        from_session=None,
+        model=None,
+        specs=["wanda:0.3"],
+        modes=None,
+        calib={"source": None, "samples": 8, "length": None, "seed": None},
+        device="auto",
+        dtype="auto",
+        temperature=None,
+        max_new_tokens=7,
+        sample=None,
+        seed=None,
+        raw=None,
+        topk=None,
+    )
     args, batch_size = RC.apply_recipe(path, tmp_path / "out", given, None)
     assert args["specs"] == ["wanda:0.3"] and args["modes"] == ["shared", "free"] and args["model"] == "tiny-random"
     assert args["max_new_tokens"] == 7 and args["calib"]["samples"] == 8 and args["calib"]["length"] == 16
@@ -268,14 +297,34 @@ EVIL = "<script>alert('spec')</script>"
 def _synthetic_run(folder, specs=(EVIL, "none")):
     """A batch output without a model: batch.json and summary.parquet, shared mode, two specs."""
     folder.mkdir(parents=True)
-    manifest = {"format": "hierui-batch", "model": "<b>model</b>", "specs": list(specs), "modes": ["shared"],
-                "settings": {"max_new_tokens": 4, "temperature": 1.0}, "calibration": {"samples": 4, "length": 16}}
+    manifest = {
+        "format": "hierui-batch",
+        "model": "<b>model</b>",
+        "specs": list(specs),
+        "modes": ["shared"],
+        "settings": {"max_new_tokens": 4, "temperature": 1.0},
+        "calibration": {"samples": 4, "length": 16},
+    }
     (folder / "batch.json").write_text(json.dumps(manifest), encoding="utf-8")
-    rows = [{"run_id": f"r{i}", "spec": spec, "mode": "shared", "prompt_id": "p0", "measured_sparsity": 0.5 * (i == 0),
-             "emb_cos_final_mean": 0.99 + 0.01 * i, "logit_cos_mean": 0.98 + 0.02 * i, "prob_cos_mean": 0.9 + 0.1 * i,
-             "kl_mean": 0.05 * (i == 0), "kl_est_mean": 0.04 * (i == 0), "amp_mean": 5.0 if i == 0 else None,
-             "same_top1_rate": 0.75 + 0.25 * i, "cum_kl": 0.2 * (i == 0), "first_divergence": None}
-            for i, spec in enumerate(specs)]
+    rows = [
+        {
+            "run_id": f"r{i}",
+            "spec": spec,
+            "mode": "shared",
+            "prompt_id": "p0",
+            "measured_sparsity": 0.5 * (i == 0),
+            "emb_cos_final_mean": 0.99 + 0.01 * i,
+            "logit_cos_mean": 0.98 + 0.02 * i,
+            "prob_cos_mean": 0.9 + 0.1 * i,
+            "kl_mean": 0.05 * (i == 0),
+            "kl_est_mean": 0.04 * (i == 0),
+            "amp_mean": 5.0 if i == 0 else None,
+            "same_top1_rate": 0.75 + 0.25 * i,
+            "cum_kl": 0.2 * (i == 0),
+            "first_divergence": None,
+        }
+        for i, spec in enumerate(specs)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), folder / "summary.parquet")
     return folder
 
@@ -332,9 +381,11 @@ def test_show_prints_the_per_spec_table_and_charts(recipe_run):
 
 
 def test_show_batch_output_loads_no_model_library(recipe_run):
-    code = ("import sys\nfrom hierui.cli import app\nfrom typer.testing import CliRunner\n"
-            "r = CliRunner().invoke(app, ['show', sys.argv[1]])\nassert r.exit_code == 0, r.output\n"
-            "print('HEAVY', [m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules])\n")
+    code = (
+        "import sys\nfrom hierui.cli import app\nfrom typer.testing import CliRunner\n"
+        "r = CliRunner().invoke(app, ['show', sys.argv[1]])\nassert r.exit_code == 0, r.output\n"
+        "print('HEAVY', [m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules])\n"
+    )
     run = subprocess.run([sys.executable, "-c", code, str(recipe_run)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "HEAVY []" in run.stdout, run.stdout[-500:]

@@ -8,8 +8,20 @@ import pytest
 from engine.errors import HieruiError
 from engine.session import FORMAT, VERSION, SessionRecorder, SessionWriter, _clean, load_session
 
-HEADER_FIELDS = ("format", "version", "model", "perturbation", "calibration", "prompt", "mode", "temperature",
-                 "choices", "seed", "created", "hierui")
+HEADER_FIELDS = (
+    "format",
+    "version",
+    "model",
+    "perturbation",
+    "calibration",
+    "prompt",
+    "mode",
+    "temperature",
+    "choices",
+    "seed",
+    "created",
+    "hierui",
+)
 
 
 def _stepper(tiny, spec="magnitude:0.5", steps=5, **settings):
@@ -140,7 +152,7 @@ def test_truncated_last_line_loads_with_warning(recorded, tmp_path):
 def test_truncated_inside_a_multibyte_character_is_still_a_warning(recorded, tmp_path):
     _, path, _ = recorded
     lines = [ln for ln in _lines(path) if ln]
-    partial = '{"step":5,"text_d":"é'.encode("utf-8")[:-1]  # the crash split a 2-byte character
+    partial = '{"step":5,"text_d":"é'.encode()[:-1]  # the crash split a 2-byte character
     session = load_session(_write(tmp_path / "utf.jsonl", lines[:-1] + [partial]))
     assert len(session.steps) == 5 and session.warnings
 

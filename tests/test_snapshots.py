@@ -34,7 +34,7 @@ class ScriptedRun:
         self.release = threading.Event()
         self.written = False
 
-    records = property(lambda self: self.session.steps[:self.position])
+    records = property(lambda self: self.session.steps[: self.position])
     total = property(lambda self: len(self.session.steps))
     notes = property(lambda self: [])
     finished = property(lambda self: self.closed or self.position >= len(self.session.steps))
@@ -63,8 +63,9 @@ def live_app(monkeypatch, hold_after=None):
         return runs[-1]
 
     monkeypatch.setattr("hierui.live.LiveRun", scripted)
-    app = HieruiApp(pair_factory=lambda progress: object(), prompt=session.header["prompt"],
-                    title_hint="smollm2-135m · wanda:0.5")
+    app = HieruiApp(
+        pair_factory=lambda progress: object(), prompt=session.header["prompt"], title_hint="smollm2-135m · wanda:0.5"
+    )
     return app, runs
 
 
@@ -87,8 +88,7 @@ def test_replay_screen(snap_compare, size):
             await pilot.press("left")
         await pilot.pause()
 
-    assert snap_compare(HieruiApp(session=load_session(EXAMPLE)), terminal_size=size,
-                        run_before=select_a_middle_step)
+    assert snap_compare(HieruiApp(session=load_session(EXAMPLE)), terminal_size=size, run_before=select_a_middle_step)
 
 
 def test_live_ready_screen(snap_compare, monkeypatch):

@@ -4,19 +4,22 @@ from engine.errors import HieruiError
 from engine.perturb.spec import parse_spec
 
 
-@pytest.mark.parametrize("text, method, attrs", [
-    ("wanda:0.5", "wanda", {"sparsity": 0.5}),
-    ("magnitude:0.3", "magnitude", {"sparsity": 0.3}),
-    ("sparsegpt:4:8", "sparsegpt", {"n": 4, "m": 8}),
-    ("wanda:2:4", "wanda", {"n": 2, "m": 4}),
-    ("attndrop:4", "attndrop", {"count": 4}),
-    ("blockdrop:2", "blockdrop", {"count": 2}),
-    ("int8", "int8", {}),
-    ("nf4", "nf4", {}),
-    ("none", "none", {}),
-    ("checkpoint:/models/x", "checkpoint", {"path": "/models/x"}),
-    (" WANDA:0.5 ", "wanda", {"sparsity": 0.5}),
-])
+@pytest.mark.parametrize(
+    "text, method, attrs",
+    [
+        ("wanda:0.5", "wanda", {"sparsity": 0.5}),
+        ("magnitude:0.3", "magnitude", {"sparsity": 0.3}),
+        ("sparsegpt:4:8", "sparsegpt", {"n": 4, "m": 8}),
+        ("wanda:2:4", "wanda", {"n": 2, "m": 4}),
+        ("attndrop:4", "attndrop", {"count": 4}),
+        ("blockdrop:2", "blockdrop", {"count": 2}),
+        ("int8", "int8", {}),
+        ("nf4", "nf4", {}),
+        ("none", "none", {}),
+        ("checkpoint:/models/x", "checkpoint", {"path": "/models/x"}),
+        (" WANDA:0.5 ", "wanda", {"sparsity": 0.5}),
+    ],
+)
 def test_valid_specs(text, method, attrs):
     spec = parse_spec(text)
     assert spec.method == method
@@ -32,26 +35,29 @@ def test_spec_round_trips_and_target_sparsity():
     assert parse_spec("wanda:0.5").slug == "wanda-0.5"
 
 
-@pytest.mark.parametrize("text, why", [
-    ("wanda:1.5", "in (0, 1)"),
-    ("wanda:0", "in (0, 1)"),
-    ("wanda:1", "in (0, 1)"),
-    ("wanda:-0.2", "in (0, 1)"),
-    ("wanda:nan", "in (0, 1)"),
-    ("wanda:4:2", "0 < N < M"),
-    ("wanda:4:4", "0 < N < M"),
-    ("wanda:0:4", "0 < N < M"),
-    ("foo:0.5", "unknown method 'foo'"),
-    ("magnitude:", "missing"),
-    ("wanda", "takes a sparsity"),
-    ("wanda:x", "number"),
-    ("wanda:2:x", "whole number"),
-    ("int8:2", "no arguments"),
-    ("attndrop:0", "at least 1"),
-    ("attndrop", "one argument"),
-    ("checkpoint:", "needs a path"),
-    ("", "empty"),
-])
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("wanda:1.5", "in (0, 1)"),
+        ("wanda:0", "in (0, 1)"),
+        ("wanda:1", "in (0, 1)"),
+        ("wanda:-0.2", "in (0, 1)"),
+        ("wanda:nan", "in (0, 1)"),
+        ("wanda:4:2", "0 < N < M"),
+        ("wanda:4:4", "0 < N < M"),
+        ("wanda:0:4", "0 < N < M"),
+        ("foo:0.5", "unknown method 'foo'"),
+        ("magnitude:", "missing"),
+        ("wanda", "takes a sparsity"),
+        ("wanda:x", "number"),
+        ("wanda:2:x", "whole number"),
+        ("int8:2", "no arguments"),
+        ("attndrop:0", "at least 1"),
+        ("attndrop", "one argument"),
+        ("checkpoint:", "needs a path"),
+        ("", "empty"),
+    ],
+)
 def test_malformed_specs_say_why(text, why):
     with pytest.raises(HieruiError) as info:
         parse_spec(text)

@@ -58,8 +58,17 @@ def test_kv_cached_steps_equal_full_forward_passes(magnitude_pair, mode):
         hp = torch.stack([h[:, -1] for h in op.hidden_states], dim=1)
         zd, zp = od.logits[:, -1], op.logits[:, -1]
         assert int(zd.argmax()) == r["token_d"] and int(zp.argmax()) == r["token_p"]
-        ref = M.to_host(M.step_metrics(hd, hp, zd, zp, torch.tensor([r["fed"][0]]), torch.tensor([r["fed"][1]]),
-                                       choice_ids=torch.tensor(stepper.choice_ids)))[0]
+        ref = M.to_host(
+            M.step_metrics(
+                hd,
+                hp,
+                zd,
+                zp,
+                torch.tensor([r["fed"][0]]),
+                torch.tensor([r["fed"][1]]),
+                choice_ids=torch.tensor(stepper.choice_ids),
+            )
+        )[0]
         for name in ("kl", "tv", "logit_cos", "prob_cos", "kl_est", "nll_d", "nll_p", "sub_kl"):
             assert r[name] == pytest.approx(ref[name], abs=1e-5), name
         assert r["emb_cos"] == pytest.approx(ref["emb_cos"], abs=1e-5)
@@ -86,8 +95,11 @@ def test_accumulated_series(magnitude_pair):
 
 def test_sampling_uses_identical_streams_and_the_seed(tiny):
     none = perturb(tiny, "none")
-    run = lambda seed: [r["token_d"] for r in Stepper(none, "hi", StepSettings(  # noqa: E731
-        mode="free", sample=True, seed=seed, max_new_tokens=10)).run()]
+
+    def run(seed):
+        settings = StepSettings(mode="free", sample=True, seed=seed, max_new_tokens=10)
+        return [r["token_d"] for r in Stepper(none, "hi", settings).run()]
+
     a = Stepper(none, "hi", StepSettings(mode="free", sample=True, seed=1, max_new_tokens=10)).run()
     assert all(r["token_d"] == r["token_p"] for r in a)  # same distribution + same noise → same token
     assert run(1) == [r["token_d"] for r in a]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from engine.errors import HieruiError, is_oom
 from engine.perturb.spec import Spec, parse_spec
@@ -38,8 +38,14 @@ class PerturbReport:
         return asdict(self)
 
 
-def perturb(loaded, spec: Spec | str, calibration=None, use_cache: bool = True,
-            progress: Progress | None = None, calib_options: dict | None = None):
+def perturb(
+    loaded,
+    spec: Spec | str,
+    calibration=None,
+    use_cache: bool = True,
+    progress: Progress | None = None,
+    calib_options: dict | None = None,
+):
     """Build the ModelPair for `spec` over `loaded` (an engine.models.LoadedModel).
 
     `calibration`: an engine.calibration.Calibration; built with `calib_options` when the spec needs
@@ -55,8 +61,9 @@ def perturb(loaded, spec: Spec | str, calibration=None, use_cache: bool = True,
 
         opts = dict(calib_options or {})
         started = time.perf_counter()
-        calibration = build_calibration(loaded, use_cache=use_cache,
-                                        progress=lambda d, t: say("calibrating", d, t), **opts)
+        calibration = build_calibration(
+            loaded, use_cache=use_cache, progress=lambda d, t: say("calibrating", d, t), **opts
+        )
         calibration.seconds = time.perf_counter() - started
 
     report = PerturbReport(spec=str(spec), calibration=calibration.describe() if calibration is not None else None)
@@ -66,12 +73,16 @@ def perturb(loaded, spec: Spec | str, calibration=None, use_cache: bool = True,
     except (MemoryError, RuntimeError) as e:
         if not is_oom(e):
             raise
-        raise HieruiError(f"out of memory while applying {spec}: lower --calib-samples/--calib-len, use "
-                          f"--dtype bfloat16 or a smaller model", 1) from None
+        raise HieruiError(
+            f"out of memory while applying {spec}: lower --calib-samples/--calib-len, use "
+            f"--dtype bfloat16 or a smaller model",
+            1,
+        ) from None
     report.seconds = time.perf_counter() - start
     _measure_sparsity(dense, perturbed, report)
-    pair = ModelPair(dense=dense, perturbed=perturbed, tokenizer=loaded.tokenizer, spec=spec, report=report,
-                     loaded=loaded)
+    pair = ModelPair(
+        dense=dense, perturbed=perturbed, tokenizer=loaded.tokenizer, spec=spec, report=report, loaded=loaded
+    )
     if spec.method == "blockdrop":
         from engine.perturb.drop import hidden_map_after_block_drop
 
@@ -144,8 +155,10 @@ def _measure_sparsity(dense, perturbed, report: PerturbReport) -> None:
     p = sparsity_by_type(perturbed)
     if p["all"]["total"] == 0:  # quantized: no float weights to count
         return
-    report.by_type = {t: {"dense": d[t]["sparsity"] if t in d else None, "perturbed": row["sparsity"],
-                          "total": row["total"]} for t, row in p.items()}
+    report.by_type = {
+        t: {"dense": d[t]["sparsity"] if t in d else None, "perturbed": row["sparsity"], "total": row["total"]}
+        for t, row in p.items()
+    }
     report.measured_sparsity = p["all"]["sparsity"]
     report.dense_sparsity = d["all"]["sparsity"]
 
@@ -159,10 +172,15 @@ def _prune_key(loaded, spec: Spec | str, calibration):
     from engine import cache
 
     scores = spec == "similarity"
-    identity = {"model_key": loaded.ref.cache_key(), "dtype": str(loaded.dtype),
-                "spec": None if scores else str(spec), "calibration": calibration.key if calibration else None}
-    return cache.slot("scores" if scores else "pruned", "similarity" if scores else spec.method, identity,
-                      {"model": loaded.ref.name})
+    identity = {
+        "model_key": loaded.ref.cache_key(),
+        "dtype": str(loaded.dtype),
+        "spec": None if scores else str(spec),
+        "calibration": calibration.key if calibration else None,
+    }
+    return cache.slot(
+        "scores" if scores else "pruned", "similarity" if scores else spec.method, identity, {"model": loaded.ref.name}
+    )
 
 
 def _cached_json(entry, compute: Callable[[], dict], use_cache: bool) -> dict:
@@ -182,8 +200,11 @@ def _cached_json(entry, compute: Callable[[], dict], use_cache: bool) -> dict:
 def _changed_tensors(dense, perturbed) -> dict:
     """Parameters of `perturbed` that are not the dense model's own tensors, by state-dict name."""
     dense_params = dict(dense.named_parameters())
-    return {name: p for name, p in perturbed.named_parameters()
-            if name not in dense_params or p.data_ptr() != dense_params[name].data_ptr()}
+    return {
+        name: p
+        for name, p in perturbed.named_parameters()
+        if name not in dense_params or p.data_ptr() != dense_params[name].data_ptr()
+    }
 
 
 def _store_pruned(dense, perturbed, entry) -> None:

@@ -32,8 +32,13 @@ def load_checkpoint(loaded, spec, progress=None):
     devices = set((getattr(dense, "hf_device_map", None) or {}).values())
     say(f"loading checkpoint {path}")
     try:
-        ckpt = load(path, device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
-                    device_map="auto" if len(devices) > 1 else None, progress=say).model
+        ckpt = load(
+            path,
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            device_map="auto" if len(devices) > 1 else None,
+            progress=say,
+        ).model
     except HieruiError:
         raise
     except Exception as e:  # a broken or foreign directory: one line, with the likely cause
@@ -49,8 +54,10 @@ def load_checkpoint(loaded, spec, progress=None):
 
 
 def _dims(model) -> dict:
-    return {"output vocabulary": model.get_output_embeddings().weight.shape[0],
-            "hidden size": model.get_input_embeddings().weight.shape[1]}
+    return {
+        "output vocabulary": model.get_output_embeddings().weight.shape[0],
+        "hidden size": model.get_input_embeddings().weight.shape[1],
+    }
 
 
 def _check_compatible(dense, ckpt, path: str) -> None:
@@ -74,8 +81,7 @@ def share_identical(dense, ckpt) -> int:
         d = dense_params.get(name)
         if id(p) in swap or d is None or d is p:
             continue
-        if (d.shape == p.shape and d.dtype == p.dtype and d.device == p.device
-                and torch.equal(d.detach(), p.detach())):
+        if d.shape == p.shape and d.dtype == p.dtype and d.device == p.device and torch.equal(d.detach(), p.detach()):
             swap[id(p)] = d
     for module in ckpt.modules():
         for attr, p in list(module._parameters.items()):

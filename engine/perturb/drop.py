@@ -30,7 +30,7 @@ costs no weight memory:
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -72,8 +72,9 @@ def _cos_sum(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def similarity_scores(model, calib_ids: torch.Tensor, batch_size: int = 8,
-                      progress: Callable[[int, int], None] | None = None) -> dict[str, list[float]]:
+def similarity_scores(
+    model, calib_ids: torch.Tensor, batch_size: int = 8, progress: Callable[[int, int], None] | None = None
+) -> dict[str, list[float]]:
     """Per decoder layer, the mean input/output cosine similarity of its attention, MLP and whole block."""
     layers = decoder_layers(model)
     sums = {kind: [0.0] * len(layers) for kind in ("attention", "mlp", "block")}
@@ -82,6 +83,7 @@ def similarity_scores(model, calib_ids: torch.Tensor, batch_size: int = 8,
     handles = []
 
     for i, layer in enumerate(layers):
+
         def grab_input(_m, args, kwargs, i=i):
             seen[i] = args[0] if args else kwargs["hidden_states"]
 
@@ -97,9 +99,11 @@ def similarity_scores(model, calib_ids: torch.Tensor, batch_size: int = 8,
             sums["mlp"][i] += _cos_sum(h_mid, h_out)
             sums["block"][i] += _cos_sum(h_in, h_out)
 
-        handles += [layer.register_forward_pre_hook(grab_input, with_kwargs=True),
-                    layer.self_attn.register_forward_hook(grab_attention),
-                    layer.register_forward_hook(grab_output)]
+        handles += [
+            layer.register_forward_pre_hook(grab_input, with_kwargs=True),
+            layer.self_attn.register_forward_hook(grab_attention),
+            layer.register_forward_hook(grab_output),
+        ]
     # the decoder stack only: the LM head's logits over every calibration position are not needed
     # (they would be the largest tensor of the whole pass)
     body = getattr(model, getattr(model, "base_model_prefix", "model"), None) or model
@@ -107,7 +111,7 @@ def similarity_scores(model, calib_ids: torch.Tensor, batch_size: int = 8,
         device = model.get_input_embeddings().weight.device
         total = calib_ids.shape[0]
         for start in range(0, total, batch_size):
-            ids = calib_ids[start:start + batch_size]
+            ids = calib_ids[start : start + batch_size]
             body(input_ids=ids.to(device), use_cache=False)
             tokens += ids.numel()
             if progress:
@@ -155,7 +159,7 @@ def drop_attention(model, indices) -> None:
         raise HieruiError("cannot drop every attention layer: at least one must remain")
     cfg = _config(model)
     types = getattr(cfg, "layer_types", None)
-    if types is None or [types[i] for i in live] == list(types[:len(live)]):
+    if types is None or [types[i] for i in live] == list(types[: len(live)]):
         _renumber([layers[i].self_attn for i in live])
         cfg.kv_sharing_modes = [None] * len(live) + ["reuse"] * (len(layers) - len(live))
     else:  # mixed slot kinds: keep the indices, make the dropped slots themselves dummies
@@ -194,15 +198,22 @@ def _own_config(dense, clone) -> None:
             module.config = new
 
 
-def apply_drop(dense, clone, spec, calib_ids: torch.Tensor,
-               progress: Callable[[int, int], None] | None = None, scores: dict | None = None) -> dict:
+def apply_drop(
+    dense,
+    clone,
+    spec,
+    calib_ids: torch.Tensor,
+    progress: Callable[[int, int], None] | None = None,
+    scores: dict | None = None,
+) -> dict:
     """Score the dense model's layers on `calib_ids` (or take `scores`, the result of `similarity_scores`),
     then drop the `spec.count` most redundant in `clone`."""
     kind = KINDS[spec.method]
     n_layers = len(decoder_layers(dense))
     if spec.count >= n_layers:
-        raise HieruiError(f"{spec}: the model has {n_layers} layers and at least one must remain; "
-                          f"drop at most {n_layers - 1}")
+        raise HieruiError(
+            f"{spec}: the model has {n_layers} layers and at least one must remain; drop at most {n_layers - 1}"
+        )
     if scores is None:
         scores = similarity_scores(dense, calib_ids, progress=progress)
     scores = scores[kind]

@@ -9,7 +9,7 @@ layer's outputs become the next layer's inputs.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -38,7 +38,7 @@ def capture_layer_inputs(model, calib_ids: torch.Tensor, batch_size: int = 8):
     try:
         embed_device = model.get_input_embeddings().weight.device
         for start in range(0, calib_ids.shape[0], batch_size):
-            ids = calib_ids[start:start + batch_size].to(embed_device)
+            ids = calib_ids[start : start + batch_size].to(embed_device)
             try:
                 model(input_ids=ids, use_cache=False)
             except _Stop:
@@ -87,8 +87,14 @@ PruneLinear = Callable[[str, object, InputStats], torch.Tensor]
 
 
 @torch.no_grad()
-def prune_layers_sequentially(model, calib_ids: torch.Tensor, prune_linear: PruneLinear, gram: bool,
-                              progress: Callable[[int, int], None] | None = None, batch_size: int = 8) -> None:
+def prune_layers_sequentially(
+    model,
+    calib_ids: torch.Tensor,
+    prune_linear: PruneLinear,
+    gram: bool,
+    progress: Callable[[int, int], None] | None = None,
+    batch_size: int = 8,
+) -> None:
     """Prune every decoder layer of `model` in place (by replacing weights), layer after layer.
 
     `prune_linear(name, linear, stats)` returns the new weight for one linear from its input stats.
@@ -102,8 +108,10 @@ def prune_layers_sequentially(model, calib_ids: torch.Tensor, prune_linear: Prun
         chunks = [(h.to(device), {k: _to(v, device) for k, v in kw.items()}) for h, kw in chunks]
         linears = layer_linears(layer)
         stats = {name: InputStats(lin.in_features, device, gram) for name, lin in linears.items()}
-        hooks = [lin.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
-                 for name, lin in linears.items()]
+        hooks = [
+            lin.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
+            for name, lin in linears.items()
+        ]
         try:
             run_layer(layer, chunks)
         finally:

@@ -33,7 +33,7 @@ def is_linear(module) -> bool:
     return hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight")
 
 
-def layer_linears(layer) -> "OrderedDict[str, object]":
+def layer_linears(layer) -> OrderedDict[str, object]:
     """Linears of one decoder layer, keyed by their path inside it (e.g. 'self_attn.q_proj')."""
     found = OrderedDict()
     for name, module in layer.named_modules():
@@ -54,14 +54,14 @@ def set_weight(linear, weight) -> None:
     linear.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
 
 
-def sparsity_by_type(model) -> "OrderedDict[str, dict]":
+def sparsity_by_type(model) -> OrderedDict[str, dict]:
     """Zeros per linear type over all decoder layers: {type: {'zeros': z, 'total': n, 'sparsity': z/n}}.
 
     The key 'all' sums every type. Quantized linears (no float weight) are skipped.
     """
     import torch
 
-    table: "OrderedDict[str, dict]" = OrderedDict()
+    table: OrderedDict[str, dict] = OrderedDict()
     for layer in decoder_layers(model):
         for name, lin in layer_linears(layer).items():
             w = lin.weight

@@ -39,8 +39,9 @@ def quantize(clone, spec) -> dict:
         for name, linear in layer_linears(layer).items():
             device = linear.weight.device
             if device.type == "meta":
-                raise HieruiError(f"cannot quantize {name}: its weight is offloaded (meta device); "
-                                  "load the model on one device")
+                raise HieruiError(
+                    f"cannot quantize {name}: its weight is offloaded (meta device); load the model on one device"
+                )
             new = _int8_linear(bnb, linear) if spec.method == "int8" else _nf4_linear(bnb, linear, dtype)
             new.train(linear.training)
             new.requires_grad_(False)
@@ -49,13 +50,20 @@ def quantize(clone, spec) -> dict:
                 _probe(new, spec.method, device, dtype, torch)
                 probed.add(device)
             count += 1
-    details = {"quantized_linears": count, "bits": 8 if spec.method == "int8" else 4,
-               "backend": f"bitsandbytes {bnb.__version__}"}
+    details = {
+        "quantized_linears": count,
+        "bits": 8 if spec.method == "int8" else 4,
+        "backend": f"bitsandbytes {bnb.__version__}",
+    }
     if spec.method == "int8":
         details["threshold"] = INT8_THRESHOLD
     else:
-        details.update(quant_type="nf4", blocksize=NF4_BLOCKSIZE, double_quant=NF4_DOUBLE_QUANT,
-                       compute_dtype=str(dtype).removeprefix("torch."))
+        details.update(
+            quant_type="nf4",
+            blocksize=NF4_BLOCKSIZE,
+            double_quant=NF4_DOUBLE_QUANT,
+            compute_dtype=str(dtype).removeprefix("torch."),
+        )
     return details
 
 
@@ -103,8 +111,14 @@ def _int8_linear(bnb, linear):
 
     w = linear.weight.detach().to(dtype=torch.float16, copy=True)
     cb, scb, _ = bnb.functional.int8_vectorwise_quant(w)  # int8 rows and their absmax scales
-    new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta")
+    new = bnb.nn.Linear8bitLt(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        has_fp16_weights=False,
+        threshold=INT8_THRESHOLD,
+        device="meta",
+    )
     new.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
     new.bias = _own_bias(linear)
     return new
@@ -114,14 +128,30 @@ def _nf4_linear(bnb, linear, dtype):
     import torch
 
     w = linear.weight.detach().clone()
-    packed, state = bnb.functional.quantize_4bit(w, blocksize=NF4_BLOCKSIZE, compress_statistics=NF4_DOUBLE_QUANT,
-                                                 quant_type="nf4", quant_storage=torch.uint8)
-    new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                            compute_dtype=dtype, compress_statistics=NF4_DOUBLE_QUANT, quant_type="nf4",
-                            quant_storage=torch.uint8, device="meta")
-    new.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=NF4_BLOCKSIZE,
-                                   compress_statistics=NF4_DOUBLE_QUANT, quant_type="nf4",
-                                   quant_storage=torch.uint8, module=new, bnb_quantized=True)
+    packed, state = bnb.functional.quantize_4bit(
+        w, blocksize=NF4_BLOCKSIZE, compress_statistics=NF4_DOUBLE_QUANT, quant_type="nf4", quant_storage=torch.uint8
+    )
+    new = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=dtype,
+        compress_statistics=NF4_DOUBLE_QUANT,
+        quant_type="nf4",
+        quant_storage=torch.uint8,
+        device="meta",
+    )
+    new.weight = bnb.nn.Params4bit(
+        packed,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=NF4_BLOCKSIZE,
+        compress_statistics=NF4_DOUBLE_QUANT,
+        quant_type="nf4",
+        quant_storage=torch.uint8,
+        module=new,
+        bnb_quantized=True,
+    )
     new.quant_state = state
     new.bias = _own_bias(linear)
     return new
@@ -133,5 +163,6 @@ def _probe(module, method: str, device, dtype, torch) -> None:
         with torch.no_grad():
             module(torch.zeros(1, module.in_features, device=device, dtype=dtype))
     except Exception as e:
-        raise HieruiError(f"bitsandbytes cannot run {method} on {device} with {str(dtype).removeprefix('torch.')}: "
-                          f"{one_line(e)}", 1) from None
+        raise HieruiError(
+            f"bitsandbytes cannot run {method} on {device} with {str(dtype).removeprefix('torch.')}: {one_line(e)}", 1
+        ) from None

@@ -31,7 +31,7 @@ def inverse_hessian_factor(xtx: torch.Tensor, percdamp: float = PERCENT_DAMP) ->
     damp = percdamp * torch.mean(torch.diag(H))
     for attempt in range(6):
         Hd = H.clone()
-        Hd[idx, idx] += damp * (10 ** attempt)
+        Hd[idx, idx] += damp * (10**attempt)
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
             break
@@ -42,8 +42,9 @@ def inverse_hessian_factor(xtx: torch.Tensor, percdamp: float = PERCENT_DAMP) ->
 
 
 @torch.no_grad()
-def sparsegpt_weight(weight: torch.Tensor, xtx: torch.Tensor, spec: Spec,
-                     blocksize: int = BLOCK_SIZE, percdamp: float = PERCENT_DAMP) -> torch.Tensor:
+def sparsegpt_weight(
+    weight: torch.Tensor, xtx: torch.Tensor, spec: Spec, blocksize: int = BLOCK_SIZE, percdamp: float = PERCENT_DAMP
+) -> torch.Tensor:
     """The pruned and updated weight matrix (same dtype as `weight`)."""
     W = weight.detach().float().clone()
     rows, cols = W.shape
@@ -65,11 +66,11 @@ def sparsegpt_weight(weight: torch.Tensor, xtx: torch.Tensor, spec: Spec,
         else:
             # exactly int(numel · sparsity) pruned over the whole matrix: each block takes its share
             k = int(rows * i2 * spec.sparsity) - int(rows * i1 * spec.sparsity)
-            mask1 = lowest_k(W1 ** 2 / d.reshape(1, -1) ** 2, k)
+            mask1 = lowest_k(W1**2 / d.reshape(1, -1) ** 2, k)
         for i in range(i2 - i1):
             if nm and i % spec.m == 0:
-                group = W1[:, i:i + spec.m] ** 2 / d[i:i + spec.m].reshape(1, -1) ** 2
-                mask1[:, i:i + spec.m] = n_of_m(group, spec.n, spec.m)
+                group = W1[:, i : i + spec.m] ** 2 / d[i : i + spec.m].reshape(1, -1) ** 2
+                mask1[:, i : i + spec.m] = n_of_m(group, spec.n, spec.m)
             w = W1[:, i]
             q = w.masked_fill(mask1[:, i], 0.0)
             Q1[:, i] = q

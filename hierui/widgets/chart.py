@@ -31,12 +31,18 @@ class SeriesChart(PlotextPlot):
 
             plt.plot(steps, series(r.get("kl") for r in records), label="KL", marker="braille")
             plt.plot(steps, series(r.get("cum_kl") for r in records), label="cum KL", marker="braille")
-            plt.plot(steps, series(1 - (r.get("emb_cos") or [1.0])[-1] for r in records), label="1−cos hidden",
-                     marker="braille")
-            plt.plot(steps, series(1 - (r.get("logit_cos") or 1.0) for r in records), label="1−cos logit",
-                     marker="braille")
-            plt.plot(steps, series(1 - (r.get("prob_cos") or 1.0) for r in records), label="1−cos prob",
-                     marker="braille")
+            plt.plot(
+                steps,
+                series(1 - (r.get("emb_cos") or [1.0])[-1] for r in records),
+                label="1−cos hidden",
+                marker="braille",
+            )
+            plt.plot(
+                steps, series(1 - (r.get("logit_cos") or 1.0) for r in records), label="1−cos logit", marker="braille"
+            )
+            plt.plot(
+                steps, series(1 - (r.get("prob_cos") or 1.0) for r in records), label="1−cos prob", marker="braille"
+            )
             plt.yscale("log")
             if selected is not None:
                 plt.vline(selected, "white")

@@ -9,8 +9,16 @@ from textual.widget import Widget
 from engine.settings import StepSettings
 from hierui.format import MISSING
 
-STATE_LABELS = {"loading": "⏳ loading", "ready": "● ready", "running": "▶ running", "paused": "⏸ paused",
-                "done": "■ done", "failed": "✖ failed", "replay": "↺ replay", "playing": "▶ playing"}
+STATE_LABELS = {
+    "loading": "⏳ loading",
+    "ready": "● ready",
+    "running": "▶ running",
+    "paused": "⏸ paused",
+    "done": "■ done",
+    "failed": "✖ failed",
+    "replay": "↺ replay",
+    "playing": "▶ playing",
+}
 NARROW = 110  # below this width the line drops the least useful parts
 
 

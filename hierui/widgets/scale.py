@@ -7,8 +7,14 @@ import math
 from rich.text import Text
 
 # (upper bound of KL in nats, background colour)
-KL_SCALE = [(0.01, "#1b5e20"), (0.05, "#558b2f"), (0.2, "#9e9d24"), (0.5, "#ef6c00"), (1.0, "#d84315"),
-            (math.inf, "#b71c1c")]
+KL_SCALE = [
+    (0.01, "#1b5e20"),
+    (0.05, "#558b2f"),
+    (0.2, "#9e9d24"),
+    (0.5, "#ef6c00"),
+    (1.0, "#d84315"),
+    (math.inf, "#b71c1c"),
+]
 
 
 def kl_color(kl: float | None) -> str:

@@ -37,10 +37,14 @@ class SpacesPanel(Static):
         table.add_row("hidden cos", metric("emb_cos", emb[-1]), metric("emb_cos_est", est[-1]))
         table.add_row("logit cos", metric("logit_cos", record.get("logit_cos")), "")
         table.add_row("logit rel", metric("logit_rel", record.get("logit_rel")), "")
-        table.add_row(f"prob cos T{temperature:g}", metric("prob_cos", record.get("prob_cos")),
-                      metric("prob_cos_est", record.get("prob_cos_est")))
-        table.add_row(Text("KL", style=f"bold on {kl_color(kl)}"), metric("kl", kl),
-                      metric("kl_est", record.get("kl_est")))
+        table.add_row(
+            f"prob cos T{temperature:g}",
+            metric("prob_cos", record.get("prob_cos")),
+            metric("prob_cos_est", record.get("prob_cos_est")),
+        )
+        table.add_row(
+            Text("KL", style=f"bold on {kl_color(kl)}"), metric("kl", kl), metric("kl_est", record.get("kl_est"))
+        )
         table.add_row("amp", MISSING if amp is None else f"{metric('amp', amp)}×", "")
         table.add_row("JS", metric("js", record.get("js")), "")
         table.add_row("TV", metric("tv", record.get("tv")), "")

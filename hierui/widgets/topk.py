@@ -48,8 +48,14 @@ class TopKTable(Static):
                         shift = Text("=", style="green")
                     else:
                         shift = Text(f"{where - i:+d}", style="yellow")
-                row = (str(i + 1), token_cell(d[1]) if d else "", prob(d[2]) if d else "",
-                       token_cell(p[1]) if p else "", prob(p[2]) if p else "", shift)
+                row = (
+                    str(i + 1),
+                    token_cell(d[1]) if d else "",
+                    prob(d[2]) if d else "",
+                    token_cell(p[1]) if p else "",
+                    prob(p[2]) if p else "",
+                    shift,
+                )
                 self.rows.append(row)
                 table.add_row(*row)
         self.update(table)
