@@ -20,7 +20,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.errors import HieruiError
+from engine.errors import HieruiError, one_line
 from engine.paths import atomic_dir, atomic_path, models_dir
 
 Progress = Callable[[str], None]
@@ -101,9 +101,7 @@ def convert_gguf(gguf: Path, target: Path, say: Progress) -> None:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:
-        raise HieruiError(
-            f"could not load GGUF {gguf}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from None
+        raise HieruiError(f"could not load GGUF {gguf}: {one_line(e)}") from None
     # the weights are de-quantized float32 now: drop the GGUF quantizer so they save as plain safetensors
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

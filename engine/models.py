@@ -32,7 +32,7 @@ from engine.embedded import (
     embedded_dir,
     ensure_embedded,
 )
-from engine.errors import HieruiError
+from engine.errors import HieruiError, is_oom, one_line
 from engine.paths import models_dir
 from engine.tiny import TINY_RANDOM, TINY_VERSION
 
@@ -228,14 +228,12 @@ def load(
             model, tok = _from_pretrained(path, dev, dt, device_map)
     except HieruiError:
         raise
-    except MemoryError:
-        raise HieruiError(f"out of memory loading {ref.display}: try a smaller model or --dtype bfloat16", 1) from None
-    except Exception as e:  # torch OOM is a RuntimeError subclass
-        if type(e).__name__ == "OutOfMemoryError":
-            raise HieruiError(
-                f"CUDA out of memory loading {ref.display}: try --dtype bfloat16, --device cpu or a smaller model", 1
-            ) from None
-        raise
+    except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError is a RuntimeError
+        if not is_oom(e):
+            raise
+        raise HieruiError(
+            f"out of memory loading {ref.display}: try --dtype bfloat16, --device cpu or a smaller model", 1
+        ) from None
     model.eval()
     model.requires_grad_(False)
     if tok.pad_token_id is None:
@@ -284,9 +282,7 @@ def _hub_snapshot(ref: ModelRef, say: Progress) -> Path:
     try:
         return Path(snapshot_download(ref.source, allow_patterns=patterns))
     except Exception as e:
-        raise HieruiError(
-            f"could not download {ref.source} from the hub: {type(e).__name__}: {str(e).splitlines()[0]}", 1
-        ) from None
+        raise HieruiError(f"could not download {ref.source} from the hub: {one_line(e)}", 1) from None
 
 
 def check_reachable(name: str) -> None:

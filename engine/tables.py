@@ -77,15 +77,20 @@ def build_tables(sweep: Sweep, out: str | Path):
 
 def write_tables(sweep: Sweep, out: str | Path) -> list[dict]:
     """Write OUT/steps.parquet, OUT/summary.parquet and OUT/summary.csv; return the summary rows."""
+    out = Path(out)
+    steps, summary = build_tables(sweep, out)
+    _write_whole(out, "steps", steps, "summary", summary)
+    return summary.to_pylist()
+
+
+def _write_whole(out: Path, rows_name: str, rows, summary_name: str, summary) -> None:
+    """OUT/<rows_name>.parquet, OUT/<summary_name>.parquet and .csv, each written whole or not at all."""
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    out = Path(out)
-    steps, summary = build_tables(sweep, out)
-    atomic_write(out / "steps.parquet", lambda path: pq.write_table(steps, str(path)))
-    atomic_write(out / "summary.parquet", lambda path: pq.write_table(summary, str(path)))
-    atomic_write(out / "summary.csv", lambda path: pcsv.write_csv(summary, str(path)))
-    return summary.to_pylist()
+    atomic_write(out / f"{rows_name}.parquet", lambda path: pq.write_table(rows, str(path)))
+    atomic_write(out / f"{summary_name}.parquet", lambda path: pq.write_table(summary, str(path)))
+    atomic_write(out / f"{summary_name}.csv", lambda path: pcsv.write_csv(summary, str(path)))
 
 
 def build_choice_tables(sweep: Sweep, out: str | Path):
@@ -109,16 +114,11 @@ def build_choice_tables(sweep: Sweep, out: str | Path):
 def write_choice_tables(sweep: Sweep, out: str | Path) -> list[dict]:
     """OUT/mc.parquet and OUT/mc_summary.parquet/.csv when the sweep has multiple-choice items; returns
     mc_summary's rows (none without items)."""
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
     if not sweep.choice_items:
         return []
     out = Path(out)
     items, summary = build_choice_tables(sweep, out)
-    atomic_write(out / "mc.parquet", lambda path: pq.write_table(items, str(path)))
-    atomic_write(out / "mc_summary.parquet", lambda path: pq.write_table(summary, str(path)))
-    atomic_write(out / "mc_summary.csv", lambda path: pcsv.write_csv(summary, str(path)))
+    _write_whole(out, "mc", items, "mc_summary", summary)
     return summary.to_pylist()
 
 

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from engine.errors import HieruiError, is_oom
+from engine.settings import DEFAULT_PROMPT
 from hierui.output import console, err_console
 from hierui.sessionview import print_comparison, print_warnings, show_path
 
@@ -170,7 +171,7 @@ def _interactive() -> bool:
 def explore(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     spec: str = typer.Option("wanda:0.5", "--prune", "-p", help=SPEC_HELP),
-    prompt: str = typer.Option("What is the capital of France?", "--prompt", help="the prompt both models continue"),
+    prompt: str = typer.Option(DEFAULT_PROMPT, "--prompt", help="the prompt both models continue"),
     mode: str = typer.Option("shared", "--mode", help="shared (both fed the dense token) or free (each its own)"),
     temperature: float = typer.Option(1.0, "--temperature", "-T", help="T of the probability space"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens per run"),
@@ -277,6 +278,7 @@ def replay(
         1e-4, "--tol", min=0.0, help="--rerun: exit 1 when a metric deviates by this much or more"
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="--rerun: recompute calibration and pruned weights"),
+    save: Optional[Path] = typer.Option(None, "--save", help="--rerun: keep the recomputed session in this file"),
 ) -> None:
     """Replay a recorded session in the explorer, with no model loaded (--print: as text, like `show`).
 
@@ -298,6 +300,9 @@ def replay(
         return
     if session.is_dir():
         raise HieruiError(f"{session} is a directory: replay --rerun takes one session file")
+    if save is not None and (save.exists() or not save.parent.is_dir()):
+        why = "exists already" if save.exists() else f"is in a folder that does not exist ({save.parent})"
+        raise HieruiError(f"--save {save} {why}: name a new file")
     from engine.session import load_session
 
     loaded_session = load_session(session)
@@ -312,7 +317,7 @@ def replay(
     from hierui.progress import stage_progress
 
     with stage_progress(err_console) as (_say, step):
-        new = R.rerun(loaded_session, device=device, dtype=dtype, use_cache=not no_cache, progress=step)
+        new = R.rerun(loaded_session, device=device, dtype=dtype, use_cache=not no_cache, progress=step, save=save)
     result = R.compare(loaded_session.steps, new)
     print_comparison(loaded_session, result, tol)
     if not result.ok(tol):
@@ -481,9 +486,7 @@ def prune(
     save: Optional[Path] = typer.Option(
         None, "--save", help="write the perturbed model as a transformers checkpoint here"
     ),
-    prompt: str = typer.Option(
-        "What is the capital of France?", "--prompt", help="prompt for the side-by-side greedy text"
-    ),
+    prompt: str = typer.Option(DEFAULT_PROMPT, "--prompt", help="prompt for the side-by-side greedy text"),
     tokens: int = typer.Option(24, "--tokens", min=1, help="greedy tokens to show from each model"),
     raw: bool = typer.Option(False, "--raw", help="do not apply the chat template to the prompt"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),

@@ -90,10 +90,11 @@ def cli():
 
     def run(*args, env=None):
         runner = CliRunner()
-        with runner.isolation(env={"COLUMNS": "200", **(env or {})}) as (out, err, _):
+        env = {"COLUMNS": "200", **{k: str(v) for k, v in (env or {}).items()}}
+        with runner.isolation(env=env) as (out, err, _):
             from hierui import output
 
-            output.console.width = output.err_console.width = 200
+            output.console.width = output.err_console.width = int(env["COLUMNS"])
             try:
                 main([str(a) for a in args])
                 code = 0

@@ -140,16 +140,6 @@ def test_unknown_kind_is_one_clear_line():
     assert str(info.value) == "unknown cache kind 'weights': use pruned, scores, calib"
 
 
-def hierui(home, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "hierui", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "HIERUI_HOME": str(home), "COLUMNS": "80"},
-    )
-
-
 def _fake_entry(home: Path, key: str, hierui_version: str, spec="magnitude:0.5"):
     from engine.perturb.magnitude import ALGORITHM_VERSION
 
@@ -173,14 +163,14 @@ def _fake_entry(home: Path, key: str, hierui_version: str, spec="magnitude:0.5")
     (home / "pruned" / f"{key}.meta.json").write_text(json.dumps(meta))
 
 
-def test_cli_lists_and_clears_the_cache(tmp_path):
+def test_cli_lists_and_clears_the_cache(cli, tmp_path):
     home = tmp_path / "home"
     _fake_entry(home, "a" * 20, engine.__version__)
     _fake_entry(home, "b" * 20, "0.0.1", spec="magnitude:0.3")
     (home / "calib").mkdir()
     (home / "calib" / f"{'c' * 20}.pt").write_bytes(b"old")
 
-    listed = hierui(home, "cache")
+    listed = cli("cache", env={"HIERUI_HOME": home, "COLUMNS": "80"})
     assert listed.returncode == 0, listed.stderr
     assert all(len(line) <= 80 for line in listed.stdout.splitlines())
     rows = [line for line in listed.stdout.splitlines() if "pruned" in line or "calib " in line]
@@ -188,22 +178,22 @@ def test_cli_lists_and_clears_the_cache(tmp_path):
     assert "magnitude:0.5" in listed.stdout and f"v1 · {engine.__version__}" in listed.stdout
     assert "v1 · 0.0.1" in listed.stdout and "2.0 kB" in listed.stdout
     assert "3 entries" in listed.stdout and "2 stale" in listed.stdout
-    only_calib = hierui(home, "cache", "--kind", "calib")
+    only_calib = cli("cache", "--kind", "calib", env={"HIERUI_HOME": home, "COLUMNS": "80"})
     assert "1 entry," in only_calib.stdout and "magnitude" not in only_calib.stdout
 
-    cleared = hierui(home, "cache", "clear", "--stale")
+    cleared = cli("cache", "clear", "--stale", env={"HIERUI_HOME": home, "COLUMNS": "80"})
     assert cleared.returncode == 0 and "removed 2 stale cache entries" in cleared.stdout
     assert [p.name for p in (home / "pruned").iterdir() if not p.name.endswith(".meta.json")] == [
         f"{'a' * 20}.safetensors"
     ]
     assert not list((home / "calib").iterdir())
-    everything = hierui(home, "cache", "clear", "--kind", "pruned")
+    everything = cli("cache", "clear", "--kind", "pruned", env={"HIERUI_HOME": home, "COLUMNS": "80"})
     assert "removed 1 pruned cache entry " in everything.stdout and not list((home / "pruned").iterdir())
 
 
 @pytest.mark.parametrize("args", [["cache", "--kind", "weights"], ["cache", "clear", "--kind", "weights"]])
-def test_cli_bad_kind_is_one_line_and_exit_2(tmp_path, args):
-    run = hierui(tmp_path, *args)
+def test_cli_bad_kind_is_one_line_and_exit_2(cli, tmp_path, args):
+    run = cli(*args, env={"HIERUI_HOME": tmp_path, "COLUMNS": "80"})
     assert run.returncode == 2
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "unknown cache kind 'weights'" in lines[0], run.stderr

@@ -382,3 +382,16 @@ def test_error_lines_print_paths_verbatim(cli, tmp_path):
     assert run.returncode == 2
     lines = _stderr_lines(run)
     assert len(lines) == 1 and str(missing) in lines[0], run.stderr
+
+
+def test_replay_rerun_save_keeps_the_recomputed_session(cli, session_file, tmp_path):
+    """--save keeps the recomputation, recorded by the same SessionRecorder: it equals the recording."""
+    kept = tmp_path / "again.jsonl"
+    run = cli("replay", str(session_file), "--rerun", "--device", "cpu", "--save", str(kept))
+    assert run.returncode == 0, run.stdout + run.stderr
+    recorded, again = load_session(session_file), load_session(kept)
+    assert again.complete and [s["token_d"] for s in again.steps] == [s["token_d"] for s in recorded.steps]
+    assert again.header["prompt_ids"] == recorded.header["prompt_ids"]
+    assert R.compare(recorded.steps, again.steps).ok(1e-5)
+    refused = cli("replay", str(session_file), "--rerun", "--save", str(kept))
+    assert refused.returncode == 2 and "exists already" in refused.stderr

@@ -1,7 +1,6 @@
 """Recipes (hierui batch --recipe), the HTML report (hierui report) and the batch view of hierui show."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -40,16 +39,6 @@ MC_ITEMS = [
     {"id": "q1", "topic": "facts", "prompt": "The capital of France is", "choices": ["Paris", "Rome"], "answer": 0},
     {"id": "q2", "topic": "maths", "prompt": "Two plus two is", "choices": ["four", "two", "six"], "answer": "four"},
 ]
-
-
-def hierui(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "hierui", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-        timeout=300,
-    )
 
 
 def one_line_error(run, *needles):
@@ -212,12 +201,12 @@ def test_batch_recipe_end_to_end(recipe_run):
     assert rerun.exit_code == 0 and "0 computed, 8 already complete" in rerun.output
 
 
-def test_batch_recipe_errors_exit_2(tmp_path):
+def test_batch_recipe_errors_exit_2(cli, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('prompts = ["suite:open"]\nspecs = ["wanda:2:2"]\n', encoding="utf-8")
-    one_line_error(hierui("batch", "--recipe", str(bad), "--out", str(tmp_path / "out")), str(bad), "wanda:2:2")
+    one_line_error(cli("batch", "--recipe", str(bad), "--out", str(tmp_path / "out")), str(bad), "wanda:2:2")
     assert not (tmp_path / "out").exists()
-    one_line_error(hierui("batch", "--recipe", "nosuch"), "recipe 'nosuch' not found")
+    one_line_error(cli("batch", "--recipe", "nosuch"), "recipe 'nosuch' not found")
 
 
 # ------------------------------------------------------------------ the report
@@ -259,8 +248,8 @@ def test_report_contains_every_section(recipe_run, tmp_path):
     assert "No multiple-choice items" not in page and "No free-mode runs" not in page
 
 
-def test_report_default_path_and_print_path(recipe_run):
-    run = hierui("report", str(recipe_run), "--print-path")
+def test_report_default_path_and_print_path(cli, recipe_run):
+    run = cli("report", str(recipe_run), "--print-path")
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == str((recipe_run / "report.html").resolve())
     assert (recipe_run / "report.html").is_file()
@@ -357,12 +346,12 @@ def test_report_says_when_parts_have_no_data(recipe_run, tmp_path):
     assert page.count("<svg") == 4
 
 
-def test_report_rejects_a_folder_that_is_not_a_batch_output(tmp_path):
-    one_line_error(hierui("report", str(tmp_path / "absent")), "run folder not found")
+def test_report_rejects_a_folder_that_is_not_a_batch_output(cli, tmp_path):
+    one_line_error(cli("report", str(tmp_path / "absent")), "run folder not found")
     (tmp_path / "empty").mkdir()
-    one_line_error(hierui("report", str(tmp_path / "empty")), "not a hierui batch output", "batch.json")
+    one_line_error(cli("report", str(tmp_path / "empty")), "not a hierui batch output", "batch.json")
     (tmp_path / "file.txt").write_text("x")
-    one_line_error(hierui("report", str(tmp_path / "file.txt")), "is not a folder")
+    one_line_error(cli("report", str(tmp_path / "file.txt")), "is not a folder")
 
 
 # ------------------------------------------------------------------ hierui show RUN_DIR
