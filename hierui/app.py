@@ -37,7 +37,7 @@ from hierui.widgets.subspace import SubspacePanel
 from hierui.widgets.topk import TopKTable
 
 PairFactory = Callable[[Callable[[str, int, int], None]], object]
-COMPACT_WIDTH, COMPACT_HEIGHT = 110, 34
+COMPACT_WIDTH, COMPACT_HEIGHT = 110, 34  # below either, the panels stack (hierui.tcss: -narrow, -short)
 
 
 class AppState(str, Enum):
@@ -75,6 +75,8 @@ class HieruiApp(App):
         Binding("q", "quit", "Quit", tooltip="quit; the session file keeps every step"),
         Binding("escape", "leave_prompt", "Leave prompt", show=False, tooltip="leave the prompt unchanged"),
     ]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (COMPACT_WIDTH, "-wide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (COMPACT_HEIGHT, "-tall")]
     # bindings the command palette leaves out (Textual's own palette has Quit; escape belongs to the prompt)
     PALETTE_SKIP = ("quit", "leave_prompt")
 
@@ -151,21 +153,14 @@ class HieruiApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        self._apply_size()
         if self.replay:
             self._adopt(self.source)
             self.state = AppState.REPLAY
         else:
             self.settings = self._pending_settings
+            self.total = self.settings.max_new_tokens
             self.status = "loading the model…"
             self._load_pair()
-
-    def on_resize(self, _event) -> None:
-        self._apply_size()
-
-    def _apply_size(self) -> None:
-        compact = self.size.width < COMPACT_WIDTH or self.size.height < COMPACT_HEIGHT
-        self.screen.set_class(compact, "-compact")
 
     # ------------------------------------------------------------ reactive state
 

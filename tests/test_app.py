@@ -496,3 +496,28 @@ def test_a_multi_token_choice_is_reported_in_the_explorer_and_in_show(tiny_pair,
     assert load_session(path).header["choice_notes"] == ["choice 'Bc' is 2 tokens; its first token stands for it"]
     shown = cli("show", path)
     assert shown.returncode == 0 and "note: choice 'Bc' is 2 tokens" in shown.stdout
+
+
+def test_resizing_the_terminal_switches_the_layout():
+    """Narrower than 110 columns or shorter than 34 rows, the panels stack; back to wide, they sit side by side."""
+    from pathlib import Path
+
+    session = load_session(Path(__file__).resolve().parent.parent / "sessions" / "factual-wanda-0.5-shared.jsonl")
+    app = HieruiApp(session=session)
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            row = app.query_one("#row")
+            assert {"-wide", "-tall"} <= app.screen.classes and len(row.styles.grid_columns) == 3
+            await pilot.resize_terminal(80, 24)
+            await pilot.pause()
+            assert {"-narrow", "-short"} <= app.screen.classes and len(row.styles.grid_columns) == 2
+            await pilot.resize_terminal(120, 30)
+            await pilot.pause()
+            assert "-short" in app.screen.classes and len(row.styles.grid_columns) == 2
+            await pilot.resize_terminal(120, 40)
+            await pilot.pause()
+            assert len(row.styles.grid_columns) == 3
+
+    run(scenario())

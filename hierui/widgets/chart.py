@@ -6,45 +6,39 @@ from textual.reactive import reactive
 from textual_plotext import PlotextPlot
 
 FLOOR = 1e-7  # log scale: zero divergence is drawn at the floor
+SERIES = (  # (label, value of a step record)
+    ("KL", lambda r: r.get("kl")),
+    ("cum KL", lambda r: r.get("cum_kl")),
+    ("1−cos hidden", lambda r: 1 - (r.get("emb_cos") or [1.0])[-1]),
+    ("1−cos logit", lambda r: 1 - (r.get("logit_cos") or 1.0)),
+    ("1−cos prob", lambda r: 1 - (r.get("prob_cos") or 1.0)),
+)
 
 
 class SeriesChart(PlotextPlot):
+    """Redrawn from its records at every render: plotext's build transforms the data it holds in place
+    (log scale), so a figure is never built twice (a resize re-renders)."""
+
     BORDER_TITLE = "over steps"
     records: reactive[list] = reactive(list, always_update=True)
     selected: reactive[int | None] = reactive(None)
 
-    def _redraw(self) -> None:
-        self.show(self.records, self.selected)
-
-    watch_records = watch_selected = _redraw
-
-    def show(self, records: list[dict], selected: int | None) -> None:
+    def _draw(self) -> None:
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
         plt.title("divergence over steps (log scale)")
-        if records:
-            steps = [r["step"] for r in records]
+        if not self.records:
+            return
+        steps = [r["step"] for r in self.records]
+        for label, value in SERIES:
+            values = [value(r) for r in self.records]
+            plt.plot(steps, [max(v, FLOOR) if v is not None else FLOOR for v in values], label=label, marker="braille")
+        plt.yscale("log")
+        if self.selected is not None:
+            plt.vline(self.selected, "white")
+        plt.xlim(0, max(steps[-1], 1))
 
-            def series(values):
-                return [max(v, FLOOR) if v is not None else FLOOR for v in values]
-
-            plt.plot(steps, series(r.get("kl") for r in records), label="KL", marker="braille")
-            plt.plot(steps, series(r.get("cum_kl") for r in records), label="cum KL", marker="braille")
-            plt.plot(
-                steps,
-                series(1 - (r.get("emb_cos") or [1.0])[-1] for r in records),
-                label="1−cos hidden",
-                marker="braille",
-            )
-            plt.plot(
-                steps, series(1 - (r.get("logit_cos") or 1.0) for r in records), label="1−cos logit", marker="braille"
-            )
-            plt.plot(
-                steps, series(1 - (r.get("prob_cos") or 1.0) for r in records), label="1−cos prob", marker="braille"
-            )
-            plt.yscale("log")
-            if selected is not None:
-                plt.vline(selected, "white")
-            plt.xlim(0, max(steps[-1], 1))
-        self.refresh()
+    def render(self):
+        self._draw()
+        return super().render()
