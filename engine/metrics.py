@@ -13,6 +13,10 @@ Theory estimates (second order in the perturbation) shown beside the measurement
     1 − cos(h, h + Δh) ≈ ‖Δh⊥‖² / (2‖h‖²)        → emb_cos_est = 1 − emb_perp² / 2
     KL(p ‖ p′)         ≈ Var_{i~p}(Δz_i) / (2T²)  → kl_est
     1 − cos(p, p′)     ≈ Var_{i~r}(Δz_i) / (2T²), r_i = p_i² / Σ_j p_j²  → prob_cos_est = 1 − that
+They hold for small perturbations (Var(Δz)/T² ≪ 1, ‖Δh⊥‖/‖h‖ ≪ 1). A cosine estimate outside [−1, 1] means
+nothing (the perturbation is too large for a second-order expansion): it is recorded as NaN (null on the
+host) with its flag `emb_cos_est_oor` (per layer) / `prob_cos_est_oor` true; the flag is false where the
+estimate is a value. `kl_est` is ≥ 0 by construction and has no flag.
 """
 
 from __future__ import annotations
@@ -37,18 +41,28 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1.0 - (ua - ub).square().sum(-1) / 2.0
 
 
+def cos_estimate(est: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A second-order estimate of a cosine, and where it leaves [−1, 1]: (the estimate with NaN there, a bool
+    flag that is true there). NaN in, NaN out, flag false."""
+    oor = (est < -1.0) | (est > 1.0)
+    return est.masked_fill(oor, float("nan")), oor
+
+
 def embedding_metrics(h_d: torch.Tensor, h_p: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per layer: emb_cos, emb_rel = ‖Δh‖/‖h‖, emb_perp = ‖Δh⊥‖/‖h‖, emb_cos_est. Each (B, L+1)."""
+    """Per layer: emb_cos, emb_rel = ‖Δh‖/‖h‖, emb_perp = ‖Δh⊥‖/‖h‖, emb_cos_est (NaN outside [−1, 1]) and
+    emb_cos_est_oor (bool: the estimate left [−1, 1], ‖Δh⊥‖/‖h‖ > 2). Each (B, L+1)."""
     h_d, h_p = _f(h_d), _f(h_p)
     delta = h_p - h_d
     norm_d = h_d.norm(dim=-1).clamp_min(EPS)
     along = (delta * h_d).sum(-1, keepdim=True) / (norm_d.unsqueeze(-1) ** 2)
     perp = (delta - along * h_d).norm(dim=-1) / norm_d
+    est, oor = cos_estimate(1.0 - perp.square() / 2.0)
     return {
         "emb_cos": _cos(h_d, h_p),
         "emb_rel": delta.norm(dim=-1) / norm_d,
         "emb_perp": perp,
-        "emb_cos_est": 1.0 - perp.square() / 2.0,
+        "emb_cos_est": est,
+        "emb_cos_est_oor": oor,
     }
 
 
@@ -67,6 +81,7 @@ def probability_metrics(
     z_d: torch.Tensor, z_p: torch.Tensor, temperature: float = 1.0, k: int = 5
 ) -> dict[str, torch.Tensor]:
     """KL, JS, TV, cosines with their theory estimates, top-1/top-k agreement, dp and rank_shift. (B,) each.
+    `prob_cos_est` is NaN where it leaves [−1, 1], flagged by `prob_cos_est_oor` (bool).
 
     Also returns the top-k lists (`topk_d_ids`, `topk_d_probs`, `topk_p_ids`, `topk_p_probs`, (B, k)) and
     the log-probabilities (`logp_d`, `logp_p`, (B, V)) for the caller's NLL.
@@ -83,11 +98,13 @@ def probability_metrics(
     best_d, best_p = torch.topk(p_d, k, dim=-1), torch.topk(p_p, k, dim=-1)
     ids_d, ids_p = best_d.indices, best_p.indices
     p_p_at_t = p_p.gather(-1, top_d)
+    prob_cos_est, prob_cos_est_oor = cos_estimate(1.0 - _weighted_var(r, dz) / (2 * temperature**2))
     return {
         "kl": (p_d * (logp_d - logp_p)).sum(-1),
         "kl_est": _weighted_var(p_d, dz) / (2 * temperature**2),
         "prob_cos": _cos(p_d, p_p),
-        "prob_cos_est": 1.0 - _weighted_var(r, dz) / (2 * temperature**2),
+        "prob_cos_est": prob_cos_est,
+        "prob_cos_est_oor": prob_cos_est_oor,
         "js": 0.5 * (p_d * (logp_d - log_m)).sum(-1) + 0.5 * (p_p * (logp_p - log_m)).sum(-1),
         "tv": 0.5 * (p_d - p_p).abs().sum(-1),
         "top1_agree": (top_d.squeeze(-1) == p_p.argmax(-1)).float(),
@@ -175,13 +192,15 @@ def step_metrics(
 def to_host(metrics: dict[str, torch.Tensor]) -> list[dict[str, object]]:
     """One device→host transfer for all of a step's metrics; a dict of Python values per batch row.
 
-    Scalars become floats (NaN → None), per-layer and per-choice vectors lists, *_ids lists of ints.
+    Scalars become floats (NaN → None), per-layer and per-choice vectors lists, *_ids lists of ints, bool
+    tensors (the *_oor flags) bools or lists of bools.
     """
     names = list(metrics)
     batch = next(iter(metrics.values())).shape[0]
     flat = torch.cat([metrics[n].reshape(batch, -1).to(torch.float64) for n in names], dim=1).cpu()
     widths = [metrics[n].reshape(batch, -1).shape[1] for n in names]
     vectors = {n for n in names if metrics[n].dim() > 1}
+    bools = {n for n in names if metrics[n].dtype == torch.bool}
     rows = []
     for row in flat.tolist():
         record: dict[str, object] = {}
@@ -191,6 +210,8 @@ def to_host(metrics: dict[str, torch.Tensor]) -> list[dict[str, object]]:
             pos += width
             if name.endswith("_ids"):
                 record[name] = [int(v) for v in values]
+            elif name in bools:
+                record[name] = [bool(v) for v in values] if name in vectors else bool(values[0])
             elif name in vectors:
                 record[name] = [None if math.isnan(v) else v for v in values]
             else:

@@ -24,7 +24,7 @@ from engine.settings import StepSettings
 # fields of a step record that are tokens (compared for equality, not as metrics)
 TOKEN_FIELDS = ("token_d", "token_p", "fed")
 # fields that are neither metrics nor tokens, or that follow from the tokens
-SKIP_FIELDS = frozenset({"step", "text_d", "text_p", "same_token", "first_divergence", *TOKEN_FIELDS})
+SKIP_FIELDS = frozenset({"step", "text_d", "text_p", "same_token", "first_divergence", "end_d", "end_p", *TOKEN_FIELDS})
 TOPK_FIELDS = ("topk_d", "topk_p")
 
 
@@ -93,18 +93,26 @@ def rerun(
             model,
             device=device,
             dtype=dtype or header.get("dtype") or "auto",
-            progress=lambda message: say(message, 0, 0),
+            progress=lambda message, done=0, total=0: say(message, done, total),
         )
     pair = perturb(
         loaded, spec, use_cache=use_cache, progress=progress, calib_options=calib_options_from_header(header)
     )
     stepper = Stepper(pair, header["prompt"], settings)
+    total, done = len(session.steps), 0
+
+    def stepped(_row, _record) -> None:
+        nonlocal done
+        done += 1
+        say("recomputing steps", done, total)
+
+    say("recomputing steps", 0, total)
     if save is not None:
-        SessionRecorder(stepper, [save]).run()
+        SessionRecorder(stepper, [save]).run(callback=stepped)
         return load_session(save).steps
     with tempfile.TemporaryDirectory(prefix="hierui-rerun-") as tmp:
         path = Path(tmp) / "rerun.jsonl"
-        SessionRecorder(stepper, [path]).run()
+        SessionRecorder(stepper, [path]).run(callback=stepped)
         return load_session(path).steps
 
 

@@ -6,7 +6,7 @@ in shared mode) is null. A field that is not declared is an error (SchemaError),
 from the step records (engine.stepper), the summaries (engine.summary) or the multiple-choice rows
 (engine.choice) without a test failing. The names are the contract of shared/design.md and engine.metrics.
 
-Kinds: "string", "int64", "float64", "bool", "list<int64>", "list<float64>", and "json": any JSON value,
+Kinds: "string", "int64", "float64", "bool", "list<int64>", "list<float64>", "list<bool>", and "json": any JSON value,
 stored as its compact JSON text (the top-k lists, the choices). Integral floats are accepted for int64
 columns and 0/1 for bool columns: engine.metrics.to_host moves every metric as a float64
 (`rank_shift` is a count, `top1_agree`/`sub_agree` are yes/no). pyarrow is imported only to build a table.
@@ -21,14 +21,16 @@ from engine.errors import HieruiError
 from engine.summary import PERCENTILES
 
 STRING, INT, FLOAT, BOOL, JSON = "string", "int64", "float64", "bool", "json"
-INTS, FLOATS = "list<int64>", "list<float64>"
+INTS, FLOATS, BOOLS = "list<int64>", "list<float64>", "list<bool>"
 
 # ------------------------------------------------------------------ the columns
 
 # which run a row belongs to: the first columns of steps.parquet and summary.parquet
 RUN_COLUMNS = {"run_id": STRING, "spec": STRING, "mode": STRING, "prompt_id": STRING}
 
-# every field of a step record (engine.stepper), in the order of the design's table
+# every field of a step record (engine.stepper), in the order of the design's table. In free mode, after one
+# model has ended (`end_d`/`end_p` below), its token is null, its text "", its entry of `fed`, its top-k,
+# nll and sub_p null, and every field comparing the two models is null (not computed).
 STEP_FIELDS = {
     "step": INT,
     "token_d": INT,
@@ -40,7 +42,8 @@ STEP_FIELDS = {
     "emb_cos": FLOATS,
     "emb_rel": FLOATS,
     "emb_perp": FLOATS,
-    "emb_cos_est": FLOATS,
+    "emb_cos_est": FLOATS,  # null where the estimate leaves [−1, 1] …
+    "emb_cos_est_oor": BOOLS,  # … and true here
     # logits
     "logit_cos": FLOAT,
     "logit_rel": FLOAT,
@@ -48,7 +51,8 @@ STEP_FIELDS = {
     "kl": FLOAT,
     "kl_est": FLOAT,
     "prob_cos": FLOAT,
-    "prob_cos_est": FLOAT,
+    "prob_cos_est": FLOAT,  # null where the estimate leaves [−1, 1] …
+    "prob_cos_est_oor": BOOL,  # … and true here
     "js": FLOAT,
     "tv": FLOAT,
     "top1_agree": BOOL,
@@ -63,6 +67,10 @@ STEP_FIELDS = {
     "cum_nll_gap": FLOAT,
     "same_token": BOOL,
     "first_divergence": INT,  # free mode only
+    # the step at which each model emitted end-of-sequence, from that step on (null before, and if it never
+    # did); the perturbed model never ends in shared mode (it is fed the dense text)
+    "end_d": INT,
+    "end_p": INT,
     # the categorical subspace (prompts with choices only)
     "sub_p_d": FLOATS,
     "sub_p_p": FLOATS,
@@ -82,12 +90,16 @@ SUMMARY_FIELDS = {
     "same_top1_rate": FLOAT,
     "emb_cos_final_mean": FLOAT,
     **{f"{name}_mean": FLOAT for name in ("logit_cos", "prob_cos", "prob_cos_est", "js", "amp")},
+    "prob_cos_est_oor_rate": FLOAT,  # fraction of the compared steps whose estimate left [−1, 1]
+    "emb_cos_est_oor_rate": FLOAT,  # fraction of the compared steps with a layer whose estimate left [−1, 1]
     "cum_kl": FLOAT,
     "cum_nll_gap": FLOAT,
     "ln_ppl_ratio": FLOAT,
     "ppl_ratio": FLOAT,
     "first_divergence": INT,
     "same_token_rate": FLOAT,  # free mode only
+    "end_d": INT,  # the step of each model's end-of-sequence, null if it ran to the token limit
+    "end_p": INT,
     "sub_kl_mean": FLOAT,
     "sub_agree_rate": FLOAT,  # prompts with choices only
 }
@@ -163,6 +175,7 @@ def arrow_type(kind: str):
         BOOL: pa.bool_(),
         INTS: pa.list_(pa.int64()),
         FLOATS: pa.list_(pa.float64()),
+        BOOLS: pa.list_(pa.bool_()),
         JSON: pa.string(),
     }[kind]
 
@@ -202,10 +215,10 @@ def cell(name: str, kind: str, value):
         return None
     if kind == JSON:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    if kind in (INTS, FLOATS):
+    if kind in (INTS, FLOATS, BOOLS):
         if not isinstance(value, (list, tuple)):
             raise _bad(name, kind, value)
-        item = INT if kind == INTS else FLOAT
+        item = {INTS: INT, FLOATS: FLOAT, BOOLS: BOOL}[kind]
         return [_scalar(name, item, v) for v in value]
     return _scalar(name, kind, value)
 

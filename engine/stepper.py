@@ -8,7 +8,17 @@ step from one seeded generator and used by both models (identical sampling strea
 
 A step record holds `step`, `token_d`/`token_p` (each model's own choice at this step), `text_d`/`text_p`,
 `fed` (what each was fed), every metric of engine.metrics, and the accumulated ones: `cum_kl`,
-`cum_nll_gap` (Σ nll_p − nll_d), `same_token`, and in free mode `first_divergence`.
+`cum_nll_gap` (Σ nll_p − nll_d), `same_token`, in free mode `first_divergence`, and `end_d`/`end_p`.
+
+End of a run. `end_d`/`end_p` is the step at which that model emitted an end-of-sequence token, in that step's
+record and every later one (None before, and if it never does). Shared mode ends at the dense model's EOS
+(the perturbed model is fed the dense text, so it never ends on its own: `end_p` stays None). Free mode ends
+when both models have ended, or at the token limit: after one model's EOS the other goes on, fed its own
+choices. In the records after a model's end step, that model generates nothing: its token is None, its text
+"", its entry of `fed`, its top-k list, its `nll_*` and its `sub_p_*` are None; every field that compares the
+two models (the embedding, logit and probability metrics, their estimates, amp, dp, rank_shift, top-1/top-k
+agreement, sub_kl/sub_cos/sub_agree, same_token) is None, not computed. The running model's own fields go on.
+`cum_kl` and `cum_nll_gap` sum over the compared steps only: they keep their last value once a model ended.
 """
 
 from __future__ import annotations
@@ -39,6 +49,8 @@ class _Row:
     cum_kl: float = 0.0
     cum_nll_gap: float = 0.0
     first_divergence: int | None = None
+    end_d: int | None = None  # the step at which each model emitted end-of-sequence
+    end_p: int | None = None
     fed: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))  # generated tokens each model got
 
 
@@ -46,9 +58,12 @@ class BatchStepper:
     """Steps a pair in lockstep over B prompts at once (left padding, attention masks, per-row positions).
 
     `step()` returns a record per row, None for rows already finished (end of sequence or the token limit).
-    Each row's records equal (to float tolerance) those of stepping its prompt alone. `choices` gives each
-    row its own candidate tokens (default: `settings.choices` for every row). The settings are frozen: a
-    stepper keeps the ones it was made with.
+    Each row's records equal (to float tolerance) those of stepping its prompt alone. A model that has ended
+    in a row (free mode) is fed the pad token in that row from then on, and its outputs there are ignored:
+    the pad only enters that model's own KV cache (each model has its own, and batch rows never attend to each
+    other), so the running model of the row is unaffected. A model that has ended in every row is not run any
+    more. `choices` gives each row its own candidate tokens (default: `settings.choices` for every row). The
+    settings are frozen: a stepper keeps the ones it was made with.
     """
 
     def __init__(self, pair, prompts: list[str], settings: StepSettings | None = None, choices: list | None = None):
@@ -98,9 +113,15 @@ class BatchStepper:
         hidden = torch.stack([h[:, -1, :].to(logits.device) for h in out.hidden_states], dim=1)
         return hidden, logits
 
-    def _both(self, ids_d: torch.Tensor, ids_p: torch.Tensor, extra: dict) -> None:
-        hd, zd = self._forward(self.pair.dense, ids_d, self._caches[0], **extra)
-        hp, zp = self._forward(self.pair.perturbed, ids_p, self._caches[1], **extra)
+    def _both(self, ids_d: torch.Tensor, ids_p: torch.Tensor, extra: dict, run=(True, True)) -> None:
+        """Feed each model its ids; a model with `run` False (ended in every row) keeps its last outputs,
+        which are ignored, and drops its cache."""
+        hd, zd, hp, zp = self._state if self._state is not None else (None,) * 4
+        if run[0]:
+            hd, zd = self._forward(self.pair.dense, ids_d, self._caches[0], **extra)
+        if run[1]:
+            hp, zp = self._forward(self.pair.perturbed, ids_p, self._caches[1], **extra)
+        self._caches = tuple(cache if go else None for cache, go in zip(self._caches, run))
         self._state = (hd, zd, hp, zp)
 
     def _prefill(self) -> None:
@@ -177,46 +198,53 @@ class BatchStepper:
                 continue
             record = self._record(row, host)
             row.records.append(record)
-            ended_d, ended_p = record["token_d"] in self.eos, record["token_p"] in self.eos
-            ended = ended_d if s.mode == "shared" else (ended_d or ended_p)
+            ended = row.end_d is not None if s.mode == "shared" else None not in (row.end_d, row.end_p)
             row.finished = ended or len(row.records) >= s.max_new_tokens
             out.append(record)
         if self.finished:
             self._state = None
             self._caches = None
         else:
+            # what each model is fed next: its token where it is still running, the pad token elsewhere
+            live_d = torch.tensor([not r.finished and r.end_d is None for r in self.rows], device=tok_d.device)
+            live_p = torch.tensor([not r.finished and r.end_p is None for r in self.rows], device=tok_d.device)
+            ids_d = torch.where(live_d, tok_d, torch.full_like(tok_d, self._pad))
+            ids_p = torch.where(live_p, fed_p, torch.full_like(fed_p, self._pad))
             extra = {}
             if self._mask is not None:
                 ones = torch.ones((len(self.rows), 1), dtype=self._mask.dtype, device=self._mask.device)
                 self._mask = torch.cat([self._mask, ones], dim=1)
                 extra = {"attention_mask": self._mask, "position_ids": self._next_pos}
                 self._next_pos = self._next_pos + 1
-            self._both(tok_d.view(-1, 1), fed_p.view(-1, 1), extra)
+            self._both(ids_d.view(-1, 1), ids_p.view(-1, 1), extra, run=(bool(live_d.any()), bool(live_p.any())))
         return out
 
     def _record(self, row: _Row, host: dict) -> dict:
         tok = self.tokenizer
         s = self.settings
         i = len(row.records)
+        live = {"d": row.end_d is None, "p": row.end_p is None}  # ended before this step: generates nothing
         token_d, token_p = int(host.pop("token_d")), int(host.pop("token_p"))
         fed_p = token_d if s.mode == "shared" else token_p
-        row.cum_kl += host["kl"]
-        row.cum_nll_gap += host["nll_p"] - host["nll_d"]
-        if token_d != token_p and row.first_divergence is None:
-            row.first_divergence = i
-        record = {
-            "step": i,
-            "token_d": token_d,
-            "token_p": token_p,
-            "text_d": piece(tok, row.fed[0], token_d),
-            "text_p": piece(tok, row.fed[1], token_p),
-            "fed": [token_d, fed_p],
-        }
-        row.fed[0].append(token_d)
-        row.fed[1].append(fed_p)
+        tokens = {"d": token_d if live["d"] else None, "p": token_p if live["p"] else None}
+        fed = {"d": tokens["d"], "p": fed_p if live["p"] else None}
+        both = live["d"] and live["p"]
+        if both:
+            if host["kl"] is not None:  # None: not a number (a non-finite logit)
+                row.cum_kl += host["kl"]
+            if host["nll_p"] is not None and host["nll_d"] is not None:
+                row.cum_nll_gap += host["nll_p"] - host["nll_d"]
+            if token_d != token_p and row.first_divergence is None:
+                row.first_divergence = i
+        record = {"step": i, "token_d": tokens["d"], "token_p": tokens["p"]}
+        for name, index in (("d", 0), ("p", 1)):
+            record[f"text_{name}"] = piece(tok, row.fed[index], tokens[name]) if live[name] else ""
+            if live[name]:
+                row.fed[index].append(fed[name])
+        record["fed"] = [fed["d"], fed["p"]]
         for name in ("d", "p"):
             ids, probs = host.pop(f"topk_{name}_ids"), host.pop(f"topk_{name}_probs")
-            record[f"topk_{name}"] = [[t, tok.decode([t]), p] for t, p in zip(ids, probs)]
+            record[f"topk_{name}"] = [[t, tok.decode([t]), p] for t, p in zip(ids, probs)] if live[name] else None
         n_choices = len(row.choice_ids)
         for key in ("sub_p_d", "sub_p_p"):
             if key in host:
@@ -224,12 +252,21 @@ class BatchStepper:
         if not n_choices:
             for key in ("sub_p_d", "sub_p_p", "sub_kl", "sub_cos", "sub_agree"):
                 host.pop(key, None)
+        if not both:  # one model has ended: only the running one's own fields are values
+            own = {f"{kind}_{name}" for name in ("d", "p") if live[name] for kind in ("nll", "sub_p")}
+            host = {key: (value if key in own else None) for key, value in host.items()}
         record.update(host)
         record["cum_kl"] = row.cum_kl
         record["cum_nll_gap"] = row.cum_nll_gap
-        record["same_token"] = token_d == token_p
+        record["same_token"] = token_d == token_p if both else None
         if s.mode == "free":
             record["first_divergence"] = row.first_divergence
+        if live["d"] and token_d in self.eos:
+            row.end_d = i
+        if s.mode == "free" and live["p"] and token_p in self.eos:
+            row.end_p = i
+        record["end_d"] = row.end_d
+        record["end_p"] = row.end_p
         return record
 
     def run(self, callback=None) -> list[list[dict]]:

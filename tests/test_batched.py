@@ -1,4 +1,5 @@
-"""Batched stepping equals stepping each prompt alone, row by row (left padding, masks, positions, EOS)."""
+"""Batched stepping equals stepping each prompt alone, row by row (left padding, masks, positions, EOS; in free
+mode a row where one model has ended while the other goes on)."""
 
 import pytest
 
@@ -20,8 +21,13 @@ SCALARS = (
     "cum_kl",
     "cum_nll_gap",
     "dp",
+    "amp",
+    "top1_agree",
     "sub_kl",
+    "prob_cos_est_oor",
 )
+# fields that must be equal, not close
+EXACT = ("token_d", "token_p", "text_d", "text_p", "fed", "same_token", "first_divergence", "end_d", "end_p")
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +41,43 @@ def alone(pair, prompt, settings, choices, eos):
     return stepper.run()
 
 
+def close(b, s, name):
+    """Equal to float tolerance, or both null (a field of an ended model, or one not computed)."""
+    if s is None or b is None:
+        assert b is None and s is None, name
+    else:
+        assert b == pytest.approx(s, abs=1e-4), name
+
+
 def assert_same(batched, single):
-    assert [r["token_d"] for r in batched] == [r["token_d"] for r in single]
-    assert [r["token_p"] for r in batched] == [r["token_p"] for r in single]
+    assert len(batched) == len(single)
+    for name in EXACT:
+        assert [r.get(name) for r in batched] == [r.get(name) for r in single], name
     for b, s in zip(batched, single):
         assert set(b) == set(s)
-        for name in SCALARS:
+        for name in (*SCALARS, "emb_cos", "emb_cos_est", "nll_d", "nll_p", "sub_p_d", "sub_p_p"):
             if name in s:
-                assert b[name] == pytest.approx(s[name], abs=1e-4), name
-        assert b["emb_cos"] == pytest.approx(s["emb_cos"], abs=1e-4)
-        assert [t for t, _x, _p in b["topk_d"]] == [t for t, _x, _p in s["topk_d"]]
-        if "sub_p_d" in s:
-            assert b["sub_p_d"] == pytest.approx(s["sub_p_d"], abs=1e-4)
-        assert b["text_d"] == s["text_d"] and b.get("first_divergence") == s.get("first_divergence")
+                close(b[name], s[name], name)
+        for name in ("topk_d", "topk_p"):
+            if s[name] is None:
+                assert b[name] is None, name
+            else:
+                assert [t for t, _x, _p in b[name]] == [t for t, _x, _p in s[name]], name
+                close([p for _t, _x, p in b[name]], [p for _t, _x, p in s[name]], name)
+
+
+def one_side_eos(runs, side):
+    """An end-of-sequence set that ends model `side` early (at a step 1…5) in every row where one of its tokens
+    allows it, and never the other model: tokens of `side` that the other model never produces in any row.
+    `runs`: each row's free-mode records without an EOS (each model's own trajectory, which an EOS only cuts)."""
+    other = "p" if side == "d" else "d"
+    taken = {r[f"token_{other}"] for run in runs for r in run}
+    eos = set()
+    for run in runs:
+        seq = [r[f"token_{side}"] for r in run]
+        found = [t for t in seq[1:6] if t not in taken and seq.index(t) >= 1]
+        eos.update(found[:1])
+    return eos
 
 
 @pytest.mark.parametrize("mode", ["shared", "free"])
@@ -68,7 +98,13 @@ def test_batched_equals_alone_per_row(pair, mode, sample):
         single = alone(pair, prompt, settings, choices, eos)
         assert_same(records, single)
         lengths.append(len(records))
-    assert lengths[1] <= 6 < 10 and lengths[0] == lengths[2] == 10  # the EOS row ended early, the batch did not
+    assert lengths[0] == lengths[2] == 10  # the batch did not end with row 1
+    end_d, end_p = rows[1][-1]["end_d"], rows[1][-1]["end_p"]
+    assert end_d is not None and end_d <= 5
+    if mode == "shared":  # row 1 ended at its dense EOS
+        assert lengths[1] == end_d + 1 and end_p is None
+    else:  # row 1's perturbed model went on after the dense EOS, to its own EOS or the limit
+        assert lengths[1] == (10 if end_p is None else max(end_d, end_p) + 1)
     assert "sub_kl" not in rows[1][0] and len(rows[2][0]["sub_p_d"]) == 3
 
 
@@ -80,3 +116,56 @@ def test_batch_headers_are_per_row(pair, tmp_path):
     assert [recorder.header(b)["prompt"] for b in range(3)] == PROMPTS
     assert recorder.header(0)["choices"] == ["A", "B"] and recorder.header(1)["choices"] is None
     assert [recorder.header(b)["prompt_ids"] for b in range(3)] == [row.ids for row in batch.rows]
+
+
+@pytest.mark.parametrize("side", ["d", "p"])
+def test_free_mode_row_where_one_model_ended_equals_alone(pair, side):
+    """Free mode: in some rows one model ends early (at different steps), the other goes on to the limit; the
+    ended model is fed padding in its rows, yet every row still equals its prompt stepped alone."""
+    settings = StepSettings(mode="free", max_new_tokens=10)
+    runs = [alone(pair, p, settings, c, set()) for p, c in zip(PROMPTS, CHOICES)]
+    eos = one_side_eos(runs, side)
+    assert eos, "no token of one model that the other never produces: pick other prompts"
+    batch = BatchStepper(pair, PROMPTS, settings, choices=CHOICES)
+    batch.eos = eos
+    rows = batch.run()
+    ended = 0
+    other = "p" if side == "d" else "d"
+    for prompt, choices, records, free in zip(PROMPTS, CHOICES, rows, runs):
+        assert_same(records, alone(pair, prompt, settings, choices, eos))
+        assert len(records) == 10 and all(r[f"end_{other}"] is None for r in records)
+        end = records[-1][f"end_{side}"]
+        if end is not None:
+            ended += 1
+            assert all(r[f"token_{side}"] is None and r["kl"] is None for r in records[end + 1 :])
+            # the running model's trajectory is the one it has without any EOS
+            assert [r[f"token_{other}"] for r in records] == [r[f"token_{other}"] for r in free]
+    assert ended >= 1
+
+
+def test_model_ended_in_every_row_is_no_longer_run(pair):
+    """Free mode, two rows of different lengths: the dense model ends in both (at different steps), so it stops
+    running; the perturbed model goes on in both rows, as when each prompt is stepped alone."""
+    settings = StepSettings(mode="free", max_new_tokens=10)
+    prompts, choices = PROMPTS[:2], CHOICES[:2]
+    runs = [alone(pair, p, settings, c, set()) for p, c in zip(prompts, choices)]
+    eos = one_side_eos(runs, "d")
+    batch = BatchStepper(pair, prompts, settings, choices=choices)
+    batch.eos = eos
+    calls = {"dense": 0, "perturbed": 0}
+    original = batch._forward
+
+    def spy(model, ids, cache, **kwargs):
+        calls["dense" if model is pair.dense else "perturbed"] += 1
+        return original(model, ids, cache, **kwargs)
+
+    batch._forward = spy
+    rows = batch.run()
+    ends = [records[-1]["end_d"] for records in rows]
+    assert None not in ends, "the dense model should end in both rows: pick other prompts"
+    for prompt, row_choices, records in zip(prompts, choices, rows):
+        assert_same(records, alone(pair, prompt, settings, row_choices, eos))
+        assert len(records) == 10 and records[-1]["end_p"] is None
+    # the prefill, then one forward after each step but the last; the dense one only after the steps before its
+    # last end (it needs no input after its EOS)
+    assert calls == {"dense": 1 + max(ends), "perturbed": 1 + 9}

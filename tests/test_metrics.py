@@ -129,3 +129,73 @@ def test_to_host_is_one_record_per_row_with_python_types():
     assert isinstance(rows[0]["kl"], float) and len(rows[0]["emb_cos"]) == 5
     assert all(isinstance(t, int) for t in rows[2]["topk_d_ids"]) and len(rows[2]["topk_d_ids"]) == 3
     assert rows[2]["topk_d_ids"][0] == int(z[2].argmax())
+
+
+# a hand-made logit difference: at scale 1 the prob_cos estimate leaves [−1, 1] (Var_r(Δz)/T² ≈ 4.3 at T = 1,
+# 4.1 at T = 0.7: the estimate is below −1 exactly when Var_r(Δz)/T² > 4); at scale 0.03 (Var_r(Δz)/T² ≈ 0.004)
+# it is within 1e-3 of the measured cosine
+Z_D = np.array([2.0, 1.0, 0.0, -1.0, 0.5, -0.3, 1.5])
+DZ = np.array([0.0, 6.0, -6.0, 3.0, -4.0, 2.0, -1.0])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_prob_cos_estimate_outside_its_range_is_null_and_flagged(temperature):
+    rows = []
+    for scale in (1.0, 0.03):
+        dz = DZ * scale
+        p, q = softmax(Z_D, temperature), softmax(Z_D + dz, temperature)
+        r = p**2 / np.sum(p**2)
+        var = float(np.sum(r * dz**2) - np.sum(r * dz) ** 2)
+        rows.append(
+            (var / temperature**2, 1 - var / (2 * temperature**2), float(p @ q / np.linalg.norm(p) / np.linalg.norm(q)))
+        )
+    (big_ratio, big_est, _), (small_ratio, small_est, small_cos) = rows
+    assert big_ratio > 4 and big_est < -1 and small_ratio < 0.005
+    zd = torch.tensor(np.stack([Z_D, Z_D]))
+    zp = torch.tensor(np.stack([Z_D + DZ, Z_D + DZ * 0.03]))
+    out = M.probability_metrics(zd, zp, temperature)
+    assert out["prob_cos_est_oor"].tolist() == [True, False]
+    assert math.isnan(out["prob_cos_est"][0].item())
+    assert out["prob_cos_est"][1].item() == pytest.approx(small_est, abs=1e-9)  # the value where it holds …
+    assert abs(out["prob_cos_est"][1].item() - small_cos) < 1e-3  # … is close to the measured cosine
+    assert out["prob_cos"][1].item() == pytest.approx(small_cos, abs=1e-9)
+    big, small = M.to_host(
+        M.step_metrics(torch.ones(2, 2, 3), torch.ones(2, 2, 3), zd, zp, *[torch.tensor([0, 0])] * 2, temperature)
+    )
+    assert big["prob_cos_est"] is None and big["prob_cos_est_oor"] is True
+    assert small["prob_cos_est_oor"] is False and small["prob_cos_est"] == pytest.approx(small_est, abs=1e-9)
+    assert big["kl_est"] > 0  # kl_est ≥ 0 by construction: never flagged
+
+
+def test_emb_cos_estimate_outside_its_range_is_null_and_flagged():
+    h_d = np.array([[[1.0, 0.0, 0.0], [3.0, 4.0, 0.0]]])  # (B=1, L+1=2, H=3)
+    dh = np.array([[[0.0, 3.0, 0.0], [0.0, 0.0, 0.05]]])  # ‖Δh⊥‖/‖h‖ = 3 (> 2: out of range), then 0.01
+    h_p = h_d + dh
+    cos = (h_d * h_p).sum(-1) / np.linalg.norm(h_d, axis=-1) / np.linalg.norm(h_p, axis=-1)
+    perp = np.linalg.norm(dh, axis=-1) / np.linalg.norm(h_d, axis=-1)  # Δh ⟂ h in both layers
+    est = 1 - perp**2 / 2
+    assert est[0, 0] < -1 and abs(est[0, 1] - cos[0, 1]) < 1e-3
+    out = M.embedding_metrics(torch.tensor(h_d), torch.tensor(h_p))
+    assert out["emb_cos_est_oor"].tolist() == [[True, False]] and out["emb_perp"][0, 0].item() == pytest.approx(3.0)
+    assert math.isnan(out["emb_cos_est"][0, 0].item())
+    assert out["emb_cos_est"][0, 1].item() == pytest.approx(est[0, 1], abs=1e-12)
+    assert out["emb_cos"][0].tolist() == pytest.approx(cos[0].tolist(), abs=1e-9)
+    (host,) = M.to_host(out)
+    assert host["emb_cos_est"][0] is None and host["emb_cos_est"][1] == pytest.approx(est[0, 1])
+    assert host["emb_cos_est_oor"] == [True, False] and all(isinstance(v, bool) for v in host["emb_cos_est_oor"])
+
+
+def test_summary_counts_the_estimates_out_of_range():
+    from engine.summary import summarize
+
+    steps = [
+        {"step": 0, "prob_cos_est": None, "prob_cos_est_oor": True, "emb_cos_est_oor": [False, True]},
+        {"step": 1, "prob_cos_est": 0.9, "prob_cos_est_oor": False, "emb_cos_est_oor": [False, False]},
+        {"step": 2, "prob_cos_est": 0.7, "prob_cos_est_oor": False, "emb_cos_est_oor": [False, False]},
+        {"step": 3, "prob_cos_est": None, "prob_cos_est_oor": None, "emb_cos_est_oor": None},  # one model ended
+    ]
+    out = summarize(steps, "shared")
+    assert out["prob_cos_est_mean"] == pytest.approx(0.8)  # the null estimates are left out of the mean
+    assert out["prob_cos_est_oor_rate"] == pytest.approx(1 / 3) and out["emb_cos_est_oor_rate"] == pytest.approx(1 / 3)
+    old = summarize([{"step": 0, "prob_cos_est": 0.5}], "shared")  # a session recorded before the flags
+    assert old["prob_cos_est_oor_rate"] is None and old["emb_cos_est_oor_rate"] is None
