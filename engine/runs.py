@@ -5,12 +5,15 @@
     spec_rows()          one dict per spec: the similarity in each space, KL and its estimate, amplification,
                          accumulated KL, first divergence, multiple-choice accuracy (means over runs)
     basis_mode()         the mode those figures come from (shared when recorded)
-    cum_kl_curves()      accumulated KL over the steps, per (spec, mode)
+    cum_kl_curves()      accumulated KL over the steps, per (spec, mode), as a Curve: the mean over the runs still
+                         generating at each step with how many they are (n), and the mean over every run with a
+                         finished run carrying its final value forward (its end is the mean final cum_kl)
     first_divergences()  the first-divergence steps of the free-mode runs, per spec
     choice_rows()        multiple choice per spec beside the generation KL of the same spec
 
 Numbers and rows only: the headings, formatting and charts are the face's (hierui.report, hierui.batchview).
-Torch is never imported: this reads files only.
+Steps are the tables' own 0-based indices (`step`, `first_divergence`); a face shows them counted from 1
+(hierui.format.step_label). Torch is never imported: this reads files only.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 from engine.errors import HieruiError
 from engine.summary import mean, percentile
 
-STEP_COLUMNS = ("run_id", "spec", "mode", "prompt_id", "step", "cum_kl")
+STEP_COLUMNS = ("run_id", "spec", "mode", "prompt_id", "step", "kl", "cum_kl")
 
 
 def median(values) -> float | None:
@@ -121,8 +124,9 @@ def spec_rows(run: RunData) -> list[dict]:
     """One row per spec, in sweep order: means over runs of the per-run summaries.
 
     Similarities, KL, its estimate, amplification and top-1 agreement come from the basis mode's runs
-    (shared when recorded); cum_kl_* are the mean final accumulated KL per mode; first_div is the median
-    first-divergence step of the free runs that diverged; mc_* come from mc_summary.
+    (shared when recorded); cum_kl_* are the mean final accumulated KL over runs per mode (Curve.final, the end
+    of the carried curve); first_div is the median first-divergence step (0-based, as in the tables) of the
+    free runs that diverged; mc_* come from mc_summary.
     """
     basis = basis_mode(run)
     mc = {r["spec"]: r for r in run.mc_summary}
@@ -141,6 +145,7 @@ def spec_rows(run: RunData) -> list[dict]:
                 "logit_cos": mean(r.get("logit_cos_mean") for r in base),
                 "prob_cos": mean(r.get("prob_cos_mean") for r in base),
                 "prob_cos_est": mean(r.get("prob_cos_est_mean") for r in base),
+                "est_oor_rate": mean(r.get("prob_cos_est_oor_rate") for r in base),
                 "kl": mean(r.get("kl_mean") for r in base),
                 "kl_est": mean(r.get("kl_est_mean") for r in base),
                 "tv": mean(r.get("tv_mean") for r in base),
@@ -162,16 +167,73 @@ def spec_rows(run: RunData) -> list[dict]:
     return rows
 
 
-def cum_kl_curves(run: RunData) -> dict[tuple[str, str], list[tuple[int, float]]]:
-    """(spec, mode) → [(step, mean cum_kl over the runs that reached that step)], in sweep order."""
-    sums: dict[tuple[str, str], dict[int, list[float]]] = {}
+@dataclass
+class Curve:
+    """Accumulated KL over the steps of one (spec, mode), two honest means over its runs.
+
+    A run is *generating* at a step while it has a record there that compares the two models (a `kl`): runs
+    stop at different steps (end of sequence), so later steps hold fewer runs. `generating[i]` is the mean
+    cum_kl over the `n[i]` runs still generating at `steps[i]`; `carried[i]` the mean over all `runs`, a run
+    that stopped counting with its final cum_kl (it has accumulated all it will), so `carried[-1]` is the mean
+    final cum_kl over runs, the figure of the tables (`final`). Steps are 0-based, as in the tables.
+    """
+
+    spec: str
+    mode: str
+    steps: list[int]
+    generating: list[float]
+    n: list[int]
+    carried: list[float]
+    runs: int
+
+    @property
+    def final(self) -> float | None:
+        """Mean final cum_kl over the runs (= carried at the last step)."""
+        return self.carried[-1] if self.carried else None
+
+    @property
+    def varies(self) -> bool:
+        """Whether some run stopped before the last step (then the two means differ)."""
+        return bool(self.n) and (self.n[0] != self.runs or self.n[-1] != self.runs)
+
+    @property
+    def lengths(self) -> tuple[int, int]:
+        """(fewest, most) steps a run generated: the runs stop after that many tokens."""
+        if not self.n:
+            return (0, 0)
+        return (sum(k == self.runs for k in self.n), len(self.steps))
+
+
+def cum_kl_curves(run: RunData) -> dict[tuple[str, str], Curve]:
+    """(spec, mode) → its Curve, in sweep order (shared before free)."""
+    per_run: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
     for s in run.steps:
-        if s.get("cum_kl") is None or s.get("step") is None:
+        if s.get("cum_kl") is None or s.get("step") is None or s.get("spec") is None:
             continue
-        sums.setdefault((s["spec"], s["mode"]), {}).setdefault(int(s["step"]), []).append(float(s["cum_kl"]))
+        if "kl" in s and s["kl"] is None:  # no comparison at this step: one model has ended
+            continue
+        key = (s["spec"], s.get("mode") or "")
+        per_run.setdefault(key, {}).setdefault(s.get("run_id"), {})[int(s["step"])] = float(s["cum_kl"])
     order = {spec: i for i, spec in enumerate(run.specs)}
-    keys = sorted(sums, key=lambda k: (order.get(k[0], len(order)), k[1] != "shared"))
-    return {k: [(step, sum(v) / len(v)) for step, v in sorted(sums[k].items())] for k in keys}
+    keys = sorted(per_run, key=lambda k: (order.get(k[0], len(order)), k[1] != "shared", k[1]))
+    curves = {}
+    for key in keys:
+        runs = list(per_run[key].values())
+        steps = sorted({step for values in runs for step in values})
+        generating, n, carried = [], [], []
+        last = [None] * len(runs)  # each run's cum_kl at its latest step so far
+        for step in steps:
+            here = []
+            for i, values in enumerate(runs):
+                if step in values:
+                    last[i] = values[step]
+                    here.append(values[step])
+            generating.append(sum(here) / len(here))
+            n.append(len(here))
+            seen = [v for v in last if v is not None]
+            carried.append(sum(seen) / len(seen))
+        curves[key] = Curve(key[0], key[1], steps, generating, n, carried, len(runs))
+    return curves
 
 
 def first_divergences(run: RunData) -> list[dict]:
@@ -214,6 +276,7 @@ def choice_rows(run: RunData) -> list[dict]:
                 "sub_kl": m.get("sub_kl_mean"),
                 "kl": m.get("kl_mean"),
                 "gen_kl": g.get("kl"),
+                "gen_top1": g.get("top1"),
                 "gen_cum_kl": g.get("cum_kl_free") if g.get("cum_kl_free") is not None else g.get("cum_kl_shared"),
             }
         )

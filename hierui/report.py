@@ -1,10 +1,15 @@
 """`hierui report RUN_DIR`: a `hierui batch` output as one self-contained HTML page, the paper's argument.
 
     data       engine.runs (load_run, spec_rows, cum_kl_curves, first_divergences, choice_rows)
-    page       templates/report.html.j2, rendered by Jinja2 with autoescape: the claim in three sentences,
-               then one section per step of the argument (ids SECTION_IDS), each with a one-line reading
-               guide, a table and an inline SVG chart (hierui.report_charts); a part without data says so
-    numbers    hierui.format.metric, the same digits as the explorer and `hierui show`
+    page       templates/report.html.j2, rendered by Jinja2 with autoescape: the claim under test, what this
+               sweep shows of it, then one section per step of the argument (ids SECTION_IDS), each with a
+               one-line reading guide, what the run's numbers say, a table and an inline SVG chart
+               (hierui.report_charts); a part without data says so
+    readings   every sentence that states a pattern is decided from the run's own numbers by the small pure
+               functions below (*_check: one spec's row → Check; reading: the checks → the sentences), so a
+               run that contradicts the expected pattern is told so, spec by spec
+    numbers    hierui.format.metric, the same digits as the explorer and `hierui show`; steps counted from 1
+               (hierui.format.step_label), as everywhere on screen (the tables keep them 0-based)
 
 The page is the same, byte for byte, for the same run folder: it carries no wall-clock time unless asked
 (`stamp`, `hierui report --stamp`). Torch is never imported: the report reads files only.
@@ -13,13 +18,23 @@ The page is the same, byte for byte, for the same run folder: it carries no wall
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 from engine.errors import HieruiError
 from engine.paths import atomic_write
-from engine.runs import RunData, basis_mode, choice_rows, cum_kl_curves, first_divergences, load_run, spec_rows
-from hierui.format import MISSING, metric
+from engine.runs import (
+    Curve,
+    RunData,
+    basis_mode,
+    choice_rows,
+    cum_kl_curves,
+    first_divergences,
+    load_run,
+    spec_rows,
+)
+from hierui.format import MISSING, metric, step_label
 from hierui.tokentext import escape
 
 SECTION_IDS = ("hierarchy", "kl-theory", "amplification", "accumulation", "first-divergence", "multiple-choice")
@@ -44,7 +59,9 @@ ROW_FIELDS = {
     "mc_sub_kl": "MC sub KL",
 }
 
-TEXT_FIELDS = ("spec",)  # printed as text (escaped by hierui.tokentext), every other field by hierui.format
+TEXT_FIELDS = ("spec", "len_shared", "len_free")  # printed as text (escaped by hierui.tokentext) …
+STEP_FIELDS = ("first_div", "first_divergence")  # … steps (0-based in the tables) counted from 1 …
+# … every other field by hierui.format
 
 
 @cache
@@ -61,16 +78,20 @@ def environment():
     )
 
 
-def cell(key: str, value) -> str:
-    """One value of a table as the page prints it."""
-    return escape(value) if key in TEXT_FIELDS else metric(key, value)
+def cell(key: str, value, steps: tuple[str, ...] = ()) -> str:
+    """One value of a table as the page prints it (`steps`: more fields that hold a step)."""
+    if key in TEXT_FIELDS:
+        return escape(value)
+    if key in STEP_FIELDS or key in steps:
+        return step_label(value)
+    return metric(key, value)
 
 
-def table(columns: list[tuple[str, str]], rows: list[dict]) -> dict:
+def table(columns: list[tuple[str, str]], rows: list[dict], steps: tuple[str, ...] = ()) -> dict:
     """(field, heading) columns over rows → the template's {head, rows} of text."""
     return {
         "head": [title for _, title in columns],
-        "rows": [[cell(key, row.get(key)) for key, _ in columns] for row in rows],
+        "rows": [[cell(key, row.get(key), steps) for key, _ in columns] for row in rows],
     }
 
 
@@ -100,7 +121,254 @@ def _meta(run: RunData) -> list[str]:
     return parts
 
 
-def _sections(run: RunData) -> list[dict]:
+# ------------------------------------------------------------------ readings: the run's numbers → its sentences
+
+TOL = 1e-6  # a 1 − cos, KL or accuracy difference below this is no deviation (float noise)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One spec against one expected pattern. `holds`: True or False, None when it cannot be judged
+    (`identical`: the spec leaves the outputs as they are, so there is no deviation to judge; else a figure
+    is missing). `detail`: the numbers behind a False (or a missing figure), for the sentence."""
+
+    spec: str
+    holds: bool | None
+    detail: str = ""
+    identical: bool = False
+
+
+def _gap(cos) -> float | None:
+    return None if cos is None else 1.0 - cos
+
+
+def _num(name: str, value) -> str:
+    return metric(name, value)
+
+
+def hierarchy_check(row: dict) -> Check | None:
+    """Does 1 − cos grow from hidden states to logits to probabilities? None without any similarity."""
+    spaces = [
+        ("hidden states", "hidden cos", "emb_cos"),
+        ("logits", "logit cos", "logit_cos"),
+        ("probabilities", "prob cos", "prob_cos"),
+    ]
+    known = [(name, label, key, _gap(row.get(key))) for name, label, key in spaces if row.get(key) is not None]
+    if not known:
+        return None
+    if all(g <= TOL for *_, g in known):
+        return Check(row["spec"], None, identical=True)
+    if len(known) < 2:
+        return Check(row["spec"], None, "only one space recorded")
+    wrong = [
+        f"1 − cos shrinks from {a[0]} to {b[0]} ({b[1]} {_num(b[2], row[b[2]])} above {a[1]} {_num(a[2], row[a[2]])})"
+        for a, b in zip(known, known[1:])
+        if b[3] < a[3] - TOL
+    ]
+    return Check(row["spec"], not wrong, "; ".join(wrong))
+
+
+def amplification_check(row: dict) -> Check | None:
+    """Does the softmax amplify (mean amp per step above 1)? None without an amp and a deviation."""
+    amp, gap = row.get("amp"), _gap(row.get("logit_cos"))
+    if amp is None:
+        return Check(row["spec"], None, identical=True) if gap is not None and gap <= TOL else None
+    if amp > 1:
+        return Check(row["spec"], True)
+    return Check(row["spec"], False, f"amp {_num('amp', amp)}: probabilities deviate less than logits")
+
+
+def amplification_disagreements(rows: list[dict]) -> list[str]:
+    """Specs whose mean amp and mean cosines point different ways: amp is the mean of a per-step ratio, the
+    cosines of section 1 are means over steps, and a few steps with barely moved logits can weigh more
+    in the first than in the second."""
+    out = []
+    for r in rows:
+        amp, z, p = r.get("amp"), _gap(r.get("logit_cos")), _gap(r.get("prob_cos"))
+        if amp is None or z is None or p is None or z <= TOL:
+            continue
+        if (amp > 1) != (p > z):
+            out.append(r["spec"])
+    return out
+
+
+KL_FACTOR = 1.25  # the estimate "tracks" the measured KL within this factor either way
+
+
+def kl_theory_check(row: dict) -> Check | None:
+    """Is the second-order estimate within KL_FACTOR of the measured KL? None without both."""
+    kl, est = row.get("kl"), row.get("kl_est")
+    if kl is None or est is None:
+        return None
+    if kl <= TOL and est <= TOL:
+        return Check(row["spec"], None, identical=True)
+    if kl <= TOL:
+        return Check(row["spec"], False, f"measured KL {_num('kl', kl)}, estimate {_num('kl_est', est)}")
+    ratio = est / kl
+    if 1 / KL_FACTOR <= ratio <= KL_FACTOR:
+        return Check(row["spec"], True)
+    side = "below" if ratio < 1 else "above"
+    return Check(
+        row["spec"],
+        False,
+        f"the estimate {_num('kl_est', est)} is {ratio:.2f}× the measured {_num('kl', kl)}, {side} it",
+    )
+
+
+def accumulation_check(row: dict) -> Check | None:
+    """Does free mode (each model on its own text) accumulate more KL than shared mode? None without both."""
+    shared, free = row.get("cum_kl_shared"), row.get("cum_kl_free")
+    if shared is None or free is None:
+        return None
+    if shared <= TOL and free <= TOL:
+        return Check(row["spec"], None, identical=True)
+    if free > shared:
+        return Check(row["spec"], True)
+    return Check(
+        row["spec"], False, f"free {_num('cum_kl', free)} against shared {_num('cum_kl', shared)} (mean final cum KL)"
+    )
+
+
+def choice_check(row: dict) -> Check | None:
+    """Does multiple-choice accuracy drop less than generation's top-1 agreement does (MC stays stable)?
+    Row: engine.runs.choice_rows. None without accuracies."""
+    acc_d, acc_p, top1 = row.get("acc_d"), row.get("acc_p"), row.get("gen_top1")
+    if acc_d is None or acc_p is None:
+        return None
+    drop = acc_d - acc_p
+    if top1 is None:
+        return Check(row["spec"], None, "no generation runs to set it against")
+    gen_drop = 1.0 - top1
+    if abs(drop) <= TOL and gen_drop <= TOL and (row.get("agree") is None or row["agree"] >= 1 - TOL):
+        return Check(row["spec"], None, identical=True)
+    if drop <= gen_drop + TOL:
+        return Check(row["spec"], True)
+    return Check(
+        row["spec"],
+        False,
+        f"accuracy drops by {_num('acc', drop)} ({_num('acc', acc_d)} → {_num('acc', acc_p)}), more than the "
+        f"top-1 agreement of generation, which drops by {_num('acc', gen_drop)} (to {_num('top1', top1)})",
+    )
+
+
+def choice_kl_check(row: dict) -> Check | None:
+    """Is the KL over the choices smaller than the full-vocabulary KL at the answer position? Row: choice_rows."""
+    sub, full = row.get("sub_kl"), row.get("kl")
+    if sub is None or full is None:
+        return None
+    if sub <= TOL and full <= TOL:
+        return Check(row["spec"], None, identical=True)
+    if sub < full:
+        return Check(row["spec"], True)
+    return Check(row["spec"], False, f"KL over the choices {_num('sub_kl', sub)} ≥ full KL {_num('kl', full)}")
+
+
+def _names(specs: list[str]) -> str:
+    return ", ".join(specs[:-1]) + f" and {specs[-1]}" if len(specs) > 1 else specs[0]
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def reading(checks, pattern: str, contrary: str) -> dict | None:
+    """The checks of one claim → {verdict, details, holds}: `verdict` one sentence saying whether `pattern`
+    (a clause: "1 − cos grows …"; `contrary` its negation) holds under every spec it can be judged on, some
+    (naming those where it does not) or none; `details` the numbers where it does not, and the specs left
+    out; `holds` True, False (contradicted under at least one spec) or None (nothing to judge). None when
+    there are no checks."""
+    checks = [c for c in checks if c is not None]
+    if not checks:
+        return None
+    judged = [c for c in checks if c.holds is not None]
+    failing = [c for c in judged if not c.holds]
+    same = [c.spec for c in checks if c.identical]
+    unjudged = [c for c in checks if c.holds is None and not c.identical]
+    n = len(judged)
+    every = (
+        f"{judged[0].spec}, the one spec that changes the outputs"
+        if n == 1
+        else f"all {n} specs that change the outputs"
+    )
+    if not judged:
+        verdict = (
+            "Every spec leaves the outputs identical to the dense model's: no deviation to judge."
+            if not unjudged
+            else "This sweep cannot tell: " + "; ".join(f"{c.spec}: {c.detail}" for c in unjudged) + "."
+        )
+    elif not failing:
+        verdict = f"Under {every}, {pattern}."
+    elif len(failing) < n:
+        verdict = (
+            f"Under {n - len(failing)} of {n} specs, {pattern}; under {_names([c.spec for c in failing])}, it does not."
+        )
+    else:
+        verdict = f"Contrary to the claim, under {every}, {contrary}."
+    details = []
+    if failing:
+        details.append("Where it does not: " + "; ".join(f"{c.spec}: {c.detail}" for c in failing) + ".")
+    if same and judged:
+        details.append(
+            f"The spec {same[0]} leaves the outputs identical and is left out."
+            if len(same) == 1
+            else f"The specs {_names(same)} leave the outputs identical and are left out."
+        )
+    if unjudged and judged:
+        details.append("Not judged: " + "; ".join(f"{c.spec}: {c.detail}" for c in unjudged) + ".")
+    return {"verdict": verdict, "details": " ".join(details), "holds": None if not judged else not failing}
+
+
+CLAIMS = {  # claim → (its pattern, its negation), as clauses
+    "hierarchy": (
+        "1 − cos grows from hidden states to logits to probabilities",
+        "1 − cos does not grow from hidden states to logits to probabilities",
+    ),
+    "kl-theory": (
+        f"the second-order estimate Var_p(Δz)/2T² tracks the measured KL (within a factor {KL_FACTOR})",
+        f"the second-order estimate Var_p(Δz)/2T² misses the measured KL by more than a factor {KL_FACTOR}",
+    ),
+    "amplification": (
+        "the softmax amplifies the logit deviation (mean amp per step above 1)",
+        "the softmax does not amplify the logit deviation (mean amp per step at most 1)",
+    ),
+    "accumulation": (
+        "free mode, where each model follows its own text, accumulates more KL than shared mode",
+        "free mode, where each model follows its own text, accumulates no more KL than shared mode",
+    ),
+    "multiple-choice": (
+        "multiple choice stays stable: its accuracy drops less than generation's top-1 agreement",
+        "multiple choice is not more stable than generation: its accuracy drops more than generation's top-1 agreement",
+    ),
+    "multiple-choice-kl": (
+        "the KL over the few choices is smaller than the full-vocabulary KL at the same position",
+        "the KL over the few choices is not smaller than the full-vocabulary KL at the same position",
+    ),
+}
+
+
+def readings(rows: list[dict], mc: list[dict]) -> dict[str, dict | None]:
+    """Every claim's reading for a run: spec_rows and choice_rows → {claim: reading(…) or None}."""
+    checks = {
+        "hierarchy": (hierarchy_check, rows),
+        "kl-theory": (kl_theory_check, rows),
+        "amplification": (amplification_check, rows),
+        "accumulation": (accumulation_check, rows),
+        "multiple-choice": (choice_check, mc),
+        "multiple-choice-kl": (choice_kl_check, mc),
+    }
+    return {claim: reading([check(r) for r in data], *CLAIMS[claim]) for claim, (check, data) in checks.items()}
+
+
+def _lengths(curve: Curve | None) -> str | None:
+    """How many steps the runs of a curve compared: '12', or '4–12' when they stopped at different steps."""
+    if curve is None:
+        return None
+    lo, hi = curve.lengths
+    return f"{lo}" if lo == hi else f"{lo}–{hi}"
+
+
+def _sections(run: RunData) -> tuple[list[dict], list[dict]]:
+    """The page's sections, and the summary of what this sweep shows (one verdict per claim)."""
     from markupsafe import Markup
 
     from hierui import report_charts as C
@@ -109,6 +377,8 @@ def _sections(run: RunData) -> list[dict]:
         return Markup(text) if text else None
 
     rows = spec_rows(run)
+    mc = choice_rows(run)
+    said = readings(rows, mc)
     basis = basis_mode(run)
     sections = []
 
@@ -117,8 +387,9 @@ def _sections(run: RunData) -> list[dict]:
         "id": "hierarchy",
         "title": "1. The hierarchy: hidden states, logits, probabilities",
         "guide": f"Mean cosine similarity dense vs perturbed per space ({basis or 'shared'} mode, mean over steps "
-        "and prompts); in the chart lower bars are closer: read how 1 − cos grows from hidden states to "
+        "and prompts); in the chart lower bars are closer. Expected: 1 − cos grows from hidden states to "
         "logits to probabilities.",
+        "readings": [said["hierarchy"]],
     }
     if any(r["logit_cos"] is not None for r in rows):
         if basis not in (None, "shared"):
@@ -149,19 +420,22 @@ def _sections(run: RunData) -> list[dict]:
         "id": "kl-theory",
         "title": "2. KL and its second-order estimate",
         "guide": "The measured KL(P_d ‖ P_p) beside the theory Var_{i~p}(Δz_i)/2T²: points near the diagonal mean "
-        "the logit deviation alone explains the probability divergence.",
+        "the logit deviation alone explains the probability divergence. The estimates are second order in Δz: "
+        "they hold while Var(Δz)/T² ≪ 1; beyond that a cosine estimate can leave [−1, 1] and is left out "
+        "(its share of steps: “est out of range”).",
+        "readings": [said["kl-theory"]],
     }
     if any(r["kl"] is not None for r in rows):
-        s["table"] = table(
-            [
-                ("spec", "spec"),
-                ("kl", "KL measured"),
-                ("kl_est", "KL est Var_p(Δz)/2T²"),
-                ("prob_cos", "prob cos"),
-                ("prob_cos_est", "prob cos est"),
-            ],
-            rows,
-        )
+        columns = [
+            ("spec", "spec"),
+            ("kl", "KL measured"),
+            ("kl_est", "KL est Var_p(Δz)/2T²"),
+            ("prob_cos", "prob cos"),
+            ("prob_cos_est", "prob cos est"),
+        ]
+        if any(r.get("est_oor_rate") is not None for r in rows):
+            columns.append(("est_oor_rate", "est out of range"))
+        s["table"] = table(columns, rows)
         s["chart"] = svg(C.chart_kl_theory(rows))
     else:
         s["nodata"] = "No generation runs in this sweep: no KL to compare with its estimate."
@@ -173,7 +447,15 @@ def _sections(run: RunData) -> list[dict]:
         "title": "3. Amplification by the softmax",
         "guide": "amp = (1 − cos p) / (1 − cos z) per step, averaged: how much larger the deviation is in "
         "probability space than in logit space (the dashed line is 1, no amplification).",
+        "readings": [said["amplification"]],
     }
+    odd = amplification_disagreements(rows)
+    if odd:
+        s["note"] = (
+            f"For {_names(odd)} the mean amp and the mean cosines of section 1 point different ways: amp is the "
+            "mean of a per-step ratio, and steps where the logits barely moved weigh more in it than in the "
+            "mean cosines."
+        )
     if any(r["amp"] is not None for r in rows):
         s["table"] = table(
             [("spec", "spec"), ("logit_cos", "logit cos"), ("prob_cos", "prob cos"), ("amp", "amp (mean per step)")],
@@ -186,15 +468,33 @@ def _sections(run: RunData) -> list[dict]:
 
     # 4. accumulation
     curves = cum_kl_curves(run)
+    varies = any(c.varies for c in curves.values())
     s = {
         "id": "accumulation",
-        "title": "4. Divergence accumulates over generation steps",
-        "guide": "Accumulated KL Σ KL(step) against the step, mean over prompts per spec: solid lines are shared "
-        "mode (same context, the local effect), dashed free mode (each model its own text).",
+        "title": "4. Accumulation over generation steps",
+        "guide": "Accumulated KL Σ KL(step) against the step (step 1 = the first generated token), per spec: solid "
+        "lines are shared mode (same context, the local effect), dashed free mode (each model its own text). "
+        + (
+            "Runs stop at different steps (end of sequence), so two means are drawn: over every run, a run that "
+            "stopped keeping its final value (it ends at the table's mean final cum KL), and over only the runs "
+            "still generating at each step, with how many they are below it."
+            if varies
+            else "Every run generated every step, so the mean over all runs is the mean at every step."
+        ),
+        "readings": [said["accumulation"]],
     }
     if curves:
+        for r in rows:
+            r["len_shared"] = _lengths(curves.get((r["spec"], "shared")))
+            r["len_free"] = _lengths(curves.get((r["spec"], "free")))
         s["table"] = table(
-            [("spec", "spec"), ("cum_kl_shared", "cum KL, shared (final)"), ("cum_kl_free", "cum KL, free (final)")],
+            [
+                ("spec", "spec"),
+                ("cum_kl_shared", "cum KL shared: mean final over runs"),
+                ("len_shared", "shared: steps per run"),
+                ("cum_kl_free", "cum KL free: mean final over runs"),
+                ("len_free", "free: steps per run (both generating)"),
+            ],
             rows,
         )
         s["chart"] = svg(C.chart_accumulation(curves, run.specs))
@@ -207,8 +507,10 @@ def _sections(run: RunData) -> list[dict]:
     s = {
         "id": "first-divergence",
         "title": "5. Where the generated texts split",
-        "guide": "Free mode: the first step at which the perturbed model picks another token than the dense one, "
-        "per run (box: quartiles; runs that never split are counted in the table).",
+        "guide": "Free mode: the first step at which the perturbed model picks another token than the dense one "
+        "(step 1 = the first generated token), per run (box: quartiles; runs that never split are counted in "
+        "the table).",
+        "readings": [],
     }
     if groups:
         s["table"] = table(
@@ -221,6 +523,7 @@ def _sections(run: RunData) -> list[dict]:
                 ("max", "latest"),
             ],
             groups,
+            steps=("median", "min", "max"),
         )
         s["chart"] = svg(C.chart_first_divergence(groups))
         if s["chart"] is None:
@@ -230,12 +533,13 @@ def _sections(run: RunData) -> list[dict]:
     sections.append(s)
 
     # 6. multiple choice
-    mc = choice_rows(run)
     s = {
         "id": "multiple-choice",
-        "title": "6. Multiple choice stays stable",
+        "title": "6. Multiple choice beside generation",
         "guide": "Accuracy of the dense and the perturbed model on the same items, and the divergence they see "
-        "over the few candidate answers, beside the divergence of generation under the same spec.",
+        "over the few candidate answers, beside the divergence of generation under the same spec. Expected: "
+        "multiple choice stays stable while generation drifts.",
+        "readings": [said["multiple-choice"], said["multiple-choice-kl"]],
     }
     if mc:
         s["table"] = table(
@@ -245,6 +549,7 @@ def _sections(run: RunData) -> list[dict]:
                 ("acc_d", "acc dense"),
                 ("acc_p", "acc perturbed"),
                 ("agree", "same choice"),
+                ("gen_top1", "generation top-1 agree"),
                 ("sub_kl", "KL over choices"),
                 ("kl", "full KL at answer"),
                 ("gen_kl", "generation KL/step"),
@@ -261,13 +566,25 @@ def _sections(run: RunData) -> list[dict]:
     sections.append(s)
 
     assert tuple(s["id"] for s in sections) == SECTION_IDS
-    return [{"note": None, "table": None, "chart": None, "nodata": None, **s} for s in sections]
+    labels = {
+        "hierarchy": "The hierarchy",
+        "kl-theory": "The theory",
+        "amplification": "Amplification",
+        "accumulation": "Accumulation",
+        "multiple-choice": "Multiple choice",
+        "multiple-choice-kl": "The choices' KL",
+    }
+    summary = [{"label": labels[k], **r} for k, r in said.items() if r is not None]
+    for s in sections:
+        s["readings"] = [r for r in s["readings"] if r is not None]
+    return [{"note": None, "table": None, "chart": None, "nodata": None, **s} for s in sections], summary
 
 
 def render_html(run: RunData, stamp: str | None = None) -> str:
     """The page for `run`; `stamp` (a time, as text) goes into the footer when given."""
     title = f"hierui report — {run.recipe.get('name') or run.path.name}"
     files = ["batch.json", "summary.parquet", "steps.parquet"] + (["mc_summary.parquet"] if run.mc_summary else [])
+    sections, summary = _sections(run)
     return (
         environment()
         .get_template("report.html.j2")
@@ -276,7 +593,8 @@ def render_html(run: RunData, stamp: str | None = None) -> str:
             model=escape(run.manifest.get("model") or MISSING),
             meta=_meta(run),
             description=run.recipe.get("description"),
-            sections=_sections(run),
+            sections=sections,
+            summary=summary,
             source=str(run.path),
             stamp=stamp,
             files=files,

@@ -128,43 +128,98 @@ def chart_amplification(rows: list[dict]) -> str | None:
 
 
 def chart_accumulation(curves: dict, specs: list[str]) -> str | None:
+    """Accumulated KL over the steps (x counted from 1), per (spec, mode): engine.runs.Curve values.
+
+    When the runs stop at different steps, three panels share the x axis: the mean over every run (a run that
+    stopped keeps its final value: it ends at the table's mean final cum KL), the mean over the runs still
+    generating at each step, and below it how many those are. Otherwise one panel: both means are the same.
+    """
     if not curves:
         return None
     from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
 
     cmap = colormaps["tab20" if len(specs) > 10 else "tab10"]
     color = {spec: cmap(i % cmap.N) for i, spec in enumerate(specs)}
-    fig = _figure(8.5 if len(curves) <= 8 else 11.0, 4.2 if len(curves) <= 16 else 5.0)
-    ax = fig.add_subplot()
-    for (spec, mode), pts in curves.items():
-        ax.plot(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            linestyle="-" if mode == "shared" else "--",
-            color=color.get(spec, "#444"),
-            linewidth=1.4,
-            label=f"{spec} · {mode}",
+    varies = any(c.varies for c in curves.values())
+    width = 8.5 if len(curves) <= 8 else 11.0
+    height = 4.2 if len(curves) <= 16 else 5.0
+    fig = _figure(width, height * 2 + 1.4 if varies else height)
+    if varies:
+        every, generating, count = fig.subplots(3, 1, sharex=True, height_ratios=[3, 3, 1.2])
+        generating.sharey(every)  # one scale: the two means can be compared by eye
+        panels = [(every, "carried"), (generating, "generating")]
+    else:
+        every, generating, count = fig.add_subplot(), None, None
+        panels = [(every, "carried")]
+    for ax, field in panels:
+        for (spec, mode), c in curves.items():
+            ax.plot(
+                [step + 1 for step in c.steps],
+                getattr(c, field),
+                linestyle="-" if mode == "shared" else "--",
+                color=color.get(spec, "#444"),
+                linewidth=1.4,
+                label=f"{spec} · {mode}",
+            )
+        _style(ax)
+    runs = sorted({c.runs for c in curves.values()})
+    n = f"{runs[0]}" if len(runs) == 1 else f"{runs[0]}–{runs[-1]}"
+    if varies:
+        every.set_title(
+            f"mean over all {n} runs per line; a run that stopped keeps its final value "
+            "(ends at the table's mean final cum KL)",
+            fontsize=9,
+            loc="left",
         )
-    ax.set_xlabel("generation step")
-    ax.set_ylabel("accumulated KL, nats (mean over prompts)")
-    ax.legend(fontsize=7, frameon=False, ncol=2 if len(curves) > 8 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _style(ax)
+        generating.set_title(
+            "mean over only the runs still generating at each step (how many: below)", fontsize=9, loc="left"
+        )
+        generating.set_ylabel("accumulated KL, nats")
+        for (spec, mode), c in curves.items():
+            count.plot(
+                [step + 1 for step in c.steps],
+                c.n,
+                drawstyle="steps-mid",
+                marker="o",
+                markersize=2.5,
+                linestyle="-" if mode == "shared" else "--",
+                color=color.get(spec, "#444"),
+                linewidth=1.2,
+            )
+        count.set_ylabel("runs still\ngenerating", fontsize=8)
+        count.set_ylim(bottom=0)
+        count.yaxis.set_major_locator(MaxNLocator(integer=True))
+        _style(count)
+        bottom = count
+    else:
+        every.set_title(f"mean over the {n} runs per line (every run generated every step)", fontsize=9, loc="left")
+        bottom = every
+    every.set_ylabel("accumulated KL, nats")
+    bottom.set_xlabel("generation step (1 = the first generated token)")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    every.legend(
+        fontsize=7, frameon=False, ncol=2 if len(curves) > 8 else 1, loc="upper left", bbox_to_anchor=(1.01, 1.0)
+    )
     return _svg(fig, "accumulation")
 
 
 def chart_first_divergence(groups: list[dict]) -> str | None:
+    """The first-divergence steps of the free runs per spec (engine.runs.first_divergences: 0-based), drawn
+    counted from 1."""
     groups = [g for g in groups if g["steps"]]
     if not groups:
         return None
     fig = _figure(_chart_width(len(groups)), 3.4)
     ax = fig.add_subplot()
-    ax.boxplot([g["steps"] for g in groups], positions=range(len(groups)), widths=0.5, showfliers=False)
+    steps = [[step + 1 for step in g["steps"]] for g in groups]  # counted from 1, as on screen
+    ax.boxplot(steps, positions=range(len(groups)), widths=0.5, showfliers=False)
     for i, g in enumerate(groups):
         n = len(g["steps"])
         jitter = [i + (k - (n - 1) / 2) * min(0.3 / max(n, 1), 0.05) for k in range(n)]
-        ax.scatter(jitter, g["steps"], s=10, color=COLORS["pert"], alpha=0.6, zorder=3)
+        ax.scatter(jitter, steps[i], s=10, color=COLORS["pert"], alpha=0.6, zorder=3)
     ax.set_xticks(range(len(groups)), [g["spec"] for g in groups], rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel("first step where the texts differ")
+    ax.set_ylabel("first step where the texts differ\n(1 = the first generated token)")
     from matplotlib.ticker import MaxNLocator
 
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))

@@ -1,5 +1,9 @@
 """`hierui show SESSION` and `hierui replay --rerun` as text: a session's header, continuations, summary and
-steps, and the deviations of a rerun. Reads files only: no torch, no transformers."""
+steps, and the deviations of a rerun. Reads files only: no torch, no transformers.
+
+Steps are shown counted from 1 (hierui.format.step_label): the session files keep their 0-based `step`,
+`first_divergence`, `end_d` and `end_p`. A long title (a path) is a line of text above its table, never a
+title squeezed into the table's width."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from engine.errors import HieruiError
-from hierui.format import MISSING, metric, pct
+from hierui.format import MISSING, metric, pct, step_label
 from hierui.output import console, err_console
 from hierui.tokentext import cell, clip, escape, running
 
@@ -22,13 +26,7 @@ def print_warnings(warnings: list[str]) -> None:
 def _session_header_table(session) -> Table:
     h = session.header
     pert = h.get("perturbation") or {}
-    table = Table(
-        title=Text(f"session {session.path}", style="italic"),
-        title_justify="left",
-        show_header=False,
-        box=None,
-        padding=(0, 2, 0, 0),
-    )
+    table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
     table.add_column(style="bold")
     table.add_column(overflow="fold")
 
@@ -73,13 +71,32 @@ def _session_header_table(session) -> Table:
     return table
 
 
+SUMMARY_STEPS = ("first_divergence", "end_d", "end_p")  # summary fields that are steps: shown counted from 1
+
+
 def _summary_table(summary: dict, title: str) -> Table:
     table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 2, 0, 0))
     table.add_column(style="bold")
     table.add_column(justify="right")
     for name, value in summary.items():
-        table.add_row(name, metric(name, value))
+        table.add_row(name, step_label(value) if name in SUMMARY_STEPS else metric(name, value))
     return table
+
+
+def split_line(session) -> str | None:
+    """Where the two texts part, as a sentence with the step counted from 1; None without steps."""
+    steps = session.steps
+    if not steps:
+        return None
+    if session.header.get("mode") == "free":
+        first = steps[-1].get("first_divergence")
+        if first is None:
+            return f"the two texts never split in the {len(steps)} steps"
+        return f"the texts split at step {step_label(first)}"
+    first = next((s.get("step", i) for i, s in enumerate(steps) if s.get("token_d") != s.get("token_p")), None)
+    if first is None:
+        return f"the perturbed model picks the dense model's token at all {len(steps)} steps"
+    return f"the perturbed model would first have picked another token at step {step_label(first)}"
 
 
 def _continuations_table(session) -> Table:
@@ -99,7 +116,7 @@ def _continuations_table(session) -> Table:
 
 def _steps_table(session) -> Table:
     choices = bool(session.header.get("choices")) or any("sub_kl" in s for s in session.steps)
-    table = Table(title="steps", title_justify="left")
+    table = Table()
     columns = [
         "step",
         "dense",
@@ -121,7 +138,7 @@ def _steps_table(session) -> Table:
         top1 = s.get("top1_agree")
         same = s.get("token_d") == s.get("token_p")
         row = [
-            str(s.get("step")),
+            step_label(s.get("step")),
             Text(cell(s.get("text_d"))),
             Text(cell(s.get("text_p")), style=None if same else "red"),
             metric("emb_cos", emb[-1]),
@@ -149,7 +166,7 @@ def _show_directory(path: Path) -> None:
     from engine.session import load_session
     from engine.summary import summarize
 
-    table = Table(title=Text(f"sessions in {path}", style="italic"), title_justify="left")
+    table = Table()
     for name in ("session", "model", "perturbation", "mode", "prompt", "steps", "kl_mean", "same_top1_rate"):
         table.add_column(name, justify="right" if name in ("steps", "kl_mean", "same_top1_rate") else "left")
     interrupted = False
@@ -171,6 +188,7 @@ def _show_directory(path: Path) -> None:
             metric("kl_mean", summary.get("kl_mean")),
             metric("same_top1_rate", summary.get("same_top1_rate")),
         )
+    console.print(Text(f"sessions in {path}", style="italic"))
     console.print(table)
     if interrupted:
         console.print("* interrupted run (no closing summary); its figures are computed from the recorded steps")
@@ -194,9 +212,11 @@ def show_path(path: Path, steps: bool) -> None:
         return
     session = load_session(path)
     print_warnings(session.warnings)
+    console.print(Text(f"session {session.path}", style="italic"))
     console.print(_session_header_table(session))
     if session.steps:
         console.print(_continuations_table(session))
+        console.print(split_line(session), highlight=False)
     if session.complete:
         console.print(_summary_table(session.summary, "summary"))
     else:
@@ -207,6 +227,7 @@ def show_path(path: Path, steps: bool) -> None:
         )
         console.print(_summary_table(summarize(session.steps, session.header.get("mode")), "summary (computed)"))
     if steps and session.steps:
+        console.print("steps (step 1 = the first generated token)", highlight=False)
         console.print(_steps_table(session))
 
 
@@ -232,7 +253,7 @@ def print_comparison(session, result, tol: float) -> None:
         console.print(f"tokens: all {result.recorded} steps match", highlight=False)
     else:
         i = result.first_token_mismatch
-        console.print(f"tokens: differ, first at step {i}", style="red", highlight=False)
+        console.print(f"tokens: differ, first at step {step_label(i)}", style="red", highlight=False)
     if result.topk_id_mismatches:
         console.print(f"top-k token lists differ at {result.topk_id_mismatches} step(s)", highlight=False)
     worst = max(result.deviations, key=result.deviations.get, default=None)

@@ -220,7 +220,8 @@ def test_replay_rerun_of_a_tampered_session_exits_1(cli, session_file, tmp_path)
     tampered.write_text("\n".join(lines) + "\n", encoding="utf-8")
     run = cli("replay", str(tampered), "--rerun", "--device", "cpu")
     assert run.returncode == 1, run.stdout + run.stderr
-    assert "tokens: differ, first at step 1" in run.stdout and "does NOT match" in run.stdout
+    # lines[2] is the record of step index 1: on screen steps count from 1, so that is step 2
+    assert "tokens: differ, first at step 2" in run.stdout and "does NOT match" in run.stdout
     assert _max_deviation(run.stdout) == pytest.approx(0.01, rel=1e-3)
     assert "Traceback" not in run.stderr
 
@@ -278,6 +279,28 @@ def test_show_prints_header_tokens_and_summary(cli, session_file, tmp_path):
     # replay --print prints the same thing (and so does replay without a terminal)
     again = cli("replay", str(readable), "--print", "--steps")
     assert again.returncode == 0 and again.stdout.replace(str(readable), "") == out.replace(str(readable), "")
+
+
+def _steps_column(out: str) -> list[str]:
+    """The first cell of each row of the --steps table (rich's box-drawn rows start with │)."""
+    table = out.split("steps (step 1 = the first generated token)", 1)[1]
+    return [line.split("│")[1].strip() for line in table.splitlines() if line.startswith("│")]
+
+
+def test_show_numbers_steps_from_1(cli, tiny, tmp_path):
+    """Session files count `step` (and first_divergence) from 0; hierui show counts from 1, as the screen does."""
+    path = _record(tiny, tmp_path / "free.jsonl", mode="free", max_new_tokens=6)
+    session = load_session(path)
+    assert [s["step"] for s in session.steps] == list(range(len(session.steps)))  # the file: from 0
+    run = cli("show", str(path), "--steps")
+    assert run.returncode == 0, run.stderr
+    assert _steps_column(run.stdout) == [str(i + 1) for i in range(len(session.steps))]
+    first = session.steps[-1]["first_divergence"]
+    if first is None:
+        assert f"the two texts never split in the {len(session.steps)} steps" in run.stdout
+    else:
+        assert f"the texts split at step {first + 1}" in run.stdout
+        assert re.search(rf"first_divergence\s+{first + 1}\b", run.stdout), run.stdout
 
 
 def test_show_of_an_interrupted_session_computes_the_summary(cli, tiny, tmp_path):

@@ -387,3 +387,248 @@ def test_spec_rows_follow_the_sweep_order(recipe_run):
     assert none["kl"] == 0 and none["logit_cos"] == pytest.approx(1.0) and none["first_div"] is None
     assert none["diverged"] == 0 and none["mc_agree"] == 1.0
     assert re.fullmatch(r"[0-9.e+-]+", metric("kl", rows[0]["kl"]))
+
+
+# ------------------------------------------------------------------ runs that stop at different steps (hand-made)
+
+# (prompt, mode) → per step (kl, cum_kl); kl None: one model has ended, nothing compared (cum_kl kept)
+UNEVEN_STEPS = {
+    ("p0", "shared"): [(0.1, 0.1), (0.2, 0.3), (0.3, 0.6), (0.4, 1.0)],
+    ("p1", "shared"): [(0.2, 0.2), (0.2, 0.4), (0.1, 0.5)],
+    ("p2", "shared"): [(0.3, 0.3)],
+    ("p0", "free"): [(0.5, 0.5), (0.5, 1.0), (0.5, 1.5), (None, 1.5), (None, 1.5)],
+    ("p1", "free"): [(0.4, 0.4), (0.4, 0.8), (0.4, 1.2), (0.4, 1.6), (0.4, 2.0)],
+    ("p2", "free"): [(0.6, 0.6), (0.6, 1.2)],
+}
+UNEVEN_SPLIT = {"p0": 1, "p1": 3, "p2": None}  # free mode's first_divergence, 0-based as in the tables
+
+
+def _uneven_run(folder):
+    """A batch output written by hand: wanda:0.5, three prompts that stop at different steps, both modes."""
+    folder.mkdir(parents=True)
+    manifest = {
+        "format": "hierui-batch",
+        "model": "tiny-random",
+        "specs": ["wanda:0.5"],
+        "modes": ["shared", "free"],
+        "settings": {"max_new_tokens": 5, "temperature": 1.0},
+        "calibration": {"samples": 4, "length": 16},
+    }
+    (folder / "batch.json").write_text(json.dumps(manifest), encoding="utf-8")
+    steps, summary = [], []
+    for (prompt, mode), values in UNEVEN_STEPS.items():
+        ident = {"run_id": f"{prompt}-wanda-0.5-{mode}", "spec": "wanda:0.5", "mode": mode, "prompt_id": prompt}
+        steps += [{**ident, "step": i, "kl": kl, "cum_kl": cum} for i, (kl, cum) in enumerate(values)]
+        summary.append(
+            {
+                **ident,
+                "measured_sparsity": 0.5,
+                "emb_cos_final_mean": 0.95,
+                "logit_cos_mean": 0.9,
+                "prob_cos_mean": 0.8,
+                "kl_mean": 0.2,
+                "kl_est_mean": 0.18,
+                "amp_mean": 2.0,
+                "same_top1_rate": 0.8,
+                "cum_kl": values[-1][1],
+                "first_divergence": UNEVEN_SPLIT[prompt] if mode == "free" else None,
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(steps), folder / "steps.parquet")
+    pq.write_table(pa.Table.from_pylist(summary), folder / "summary.parquet")
+    return folder
+
+
+@pytest.fixture()
+def uneven(tmp_path):
+    return _uneven_run(tmp_path / "uneven")
+
+
+def test_cum_kl_curves_average_over_the_runs_still_generating(uneven):
+    run = R.load_run(uneven)
+    curves = R.cum_kl_curves(run)
+    assert list(curves) == [("wanda:0.5", "shared"), ("wanda:0.5", "free")]
+    shared, free = curves.values()
+    # shared: the runs stop after 4, 3 and 1 steps
+    assert shared.steps == [0, 1, 2, 3] and shared.n == [3, 2, 2, 1] and shared.runs == 3
+    assert shared.generating == pytest.approx([0.2, 0.35, 0.55, 1.0])  # the last point is one run's value
+    assert shared.carried == pytest.approx([0.2, (0.3 + 0.4 + 0.3) / 3, (0.6 + 0.5 + 0.3) / 3, 0.6])
+    assert shared.varies and shared.lengths == (1, 4)
+    # free: p0's last two records compare nothing (one model ended): it stopped generating after 3 steps
+    assert free.n == [3, 3, 2, 1, 1] and free.lengths == (2, 5)
+    assert free.generating[-1] == pytest.approx(2.0)
+    assert free.final == pytest.approx((1.5 + 2.0 + 1.2) / 3)
+    # the tables' figure (mean final cum KL over runs) is where the carried curve ends
+    row = R.spec_rows(run)[0]
+    assert row["cum_kl_shared"] == pytest.approx(shared.final) and row["cum_kl_free"] == pytest.approx(free.final)
+
+
+def test_cum_kl_curves_of_runs_of_equal_length_coincide(recipe_run):
+    for curve in R.cum_kl_curves(R.load_run(recipe_run)).values():
+        assert not curve.varies and curve.n == [curve.runs] * len(curve.steps)
+        assert curve.generating == pytest.approx(curve.carried)
+
+
+def _lines(text):
+    return [line.rstrip() for line in text.splitlines()]
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_show_run_dir_wraps_no_table_title(cli, uneven, recipe_run, columns):
+    for folder in (uneven, recipe_run):
+        run = cli("show", folder, env={"COLUMNS": str(columns)})
+        assert run.returncode == 0, run.stderr
+        lines = _lines(run.stdout)
+        drawn = [line for line in lines if str(folder) not in line]  # paths are left whole, to copy
+        assert all(len(line) <= columns for line in drawn), max(drawn, key=len)
+        for title in (
+            "the hierarchy, per spec (shared mode means over steps and prompts)",
+            "accumulation, first divergence and multiple choice, per spec",
+        ):  # each title whole on one line of its own (a rich title would wrap inside the narrow table)
+            assert any(line.strip().startswith(title) for line in lines), (title, run.stdout)
+        assert "cum KL: the mean final accumulated KL over runs" in run.stdout
+
+
+def test_show_run_dir_draws_both_honest_means(cli, uneven):
+    run = cli("show", uneven, env={"COLUMNS": "120"})
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "mean over all 3 runs per line: a run that stopped keeps its final value" in out
+    assert "mean over only the runs still generating (both models)" in out
+    assert "wanda:0.5 shared n 3→1" in out and "wanda:0.5 free n 3→1" in out  # how many are left, per line
+    # the table's figures, and the carried chart's top tick agrees with the free one (1.567)
+    row = next(line for line in _lines(out) if line.strip().startswith("wanda:0.5") and "0.6000" in line)
+    assert row.split()[1:] == ["0.6000", "1.567", "3"]  # 1st div: median of steps 1 and 3 (0-based) → step 3
+    assert "1.57┤" in out
+
+
+def test_report_shows_both_means_and_n_per_step(uneven):
+    page = HR.render_html(R.load_run(uneven))
+    accumulation = page.split('id="accumulation"')[1].split("</section>")[0]
+    assert "cum KL shared: mean final over runs" in accumulation
+    assert "<td>0.6000</td><td>1–4</td><td>1.567</td><td>2–5</td>" in accumulation
+    for text in ("runs still", "a run that stopped keeps its final value", "still generating at each step"):
+        assert text in accumulation, text
+    assert "generation step (1 = the first generated token)" in accumulation
+
+
+def test_steps_are_counted_from_1_in_the_report(uneven):
+    page = HR.render_html(R.load_run(uneven))
+    split = page.split('id="first-divergence"')[1].split("</section>")[0]
+    # free runs split at steps 1 and 3 (0-based): 2 and 4 as people count, median 3
+    assert "<td>wanda:0.5</td><td>3</td><td>2</td><td>3</td><td>2</td><td>4</td>" in split
+    assert "Steps count from 1" in page
+
+
+def test_show_batch_counts_steps_from_1():
+    from hierui.batchview import value_text
+    from hierui.format import step_label
+
+    assert step_label(0) == "1" and step_label(None) == "—" and step_label(3.0) == "4" and step_label(3.5) == "4.5"
+    assert value_text("first_div", 2.0) == "3" and value_text("first_divergence", 1.5) == "2.5"
+    assert value_text("cum_kl_free", 2.0) == metric("cum_kl_free", 2.0)
+
+
+# ------------------------------------------------------------------ the report's sentences read the run's numbers
+
+
+def _row(spec="wanda:0.5", **values):
+    base = dict.fromkeys(
+        ("emb_cos", "logit_cos", "prob_cos", "kl", "kl_est", "amp", "top1", "cum_kl_shared", "cum_kl_free")
+    )
+    return {"spec": spec, **base, **values}
+
+
+def test_hierarchy_check_confirms_and_contradicts():
+    grows = HR.hierarchy_check(_row(emb_cos=0.99, logit_cos=0.95, prob_cos=0.9))
+    assert grows.holds is True
+    # wanda:0.5 in the README's sweep: prob cos above logit cos, 1 − cos shrinks from logits to probabilities
+    shrinks = HR.hierarchy_check(_row(emb_cos=0.747, logit_cos=0.503, prob_cos=0.66))
+    assert shrinks.holds is False
+    assert (
+        "shrinks from logits to probabilities" in shrinks.detail and "0.66000 above logit cos 0.50300" in shrinks.detail
+    )
+    first = HR.hierarchy_check(_row(emb_cos=0.9, logit_cos=0.95, prob_cos=0.5))
+    assert first.holds is False and "from hidden states to logits" in first.detail
+    assert HR.hierarchy_check(_row(spec="none", emb_cos=1.0, logit_cos=1.0, prob_cos=1.0)).identical
+    assert HR.hierarchy_check(_row()) is None
+
+
+def test_amplification_check_confirms_and_contradicts():
+    assert HR.amplification_check(_row(amp=4.3, logit_cos=0.9)).holds is True
+    below = HR.amplification_check(_row(amp=0.538, logit_cos=0.72))
+    assert below.holds is False and "amp 0.5380" in below.detail
+    assert HR.amplification_check(_row(spec="none", amp=None, logit_cos=1.0)).identical
+    # amp (mean of a per-step ratio) above 1 while the mean cosines say probabilities deviate less
+    rows = [_row(amp=3.5, logit_cos=0.503, prob_cos=0.66), _row(spec="int8", amp=6.2, logit_cos=0.99, prob_cos=0.98)]
+    assert HR.amplification_disagreements(rows) == ["wanda:0.5"]
+
+
+def test_kl_theory_check_confirms_and_contradicts():
+    assert HR.kl_theory_check(_row(kl=0.179, kl_est=0.164)).holds is True
+    far = HR.kl_theory_check(_row(kl=5.112, kl_est=2.674))
+    assert far.holds is False and "0.52× the measured" in far.detail and "below" in far.detail
+    assert HR.kl_theory_check(_row(kl=0.0, kl_est=0.0)).identical
+
+
+def test_accumulation_check_confirms_and_contradicts():
+    assert HR.accumulation_check(_row(cum_kl_shared=5.7, cum_kl_free=256.0)).holds is True
+    less = HR.accumulation_check(_row(cum_kl_shared=4.0, cum_kl_free=3.0))
+    assert less.holds is False and "free 3.000 against shared 4.000" in less.detail
+    assert HR.accumulation_check(_row(cum_kl_shared=1.0)) is None  # one mode only: nothing to compare
+
+
+def test_choice_checks_confirm_and_contradict():
+    stable = {"spec": "wanda:0.3", "acc_d": 0.875, "acc_p": 0.833, "agree": 0.9, "gen_top1": 0.82}
+    assert HR.choice_check(stable).holds is True  # accuracy −0.042, top-1 agreement −0.18
+    drops = {"spec": "magnitude:0.7", "acc_d": 0.875, "acc_p": 0.264, "agree": 0.3, "gen_top1": 0.9}
+    check = HR.choice_check(drops)
+    assert check.holds is False and "accuracy drops by 0.611" in check.detail and "(to 0.900)" in check.detail
+    assert HR.choice_check({**drops, "gen_top1": None}).holds is None  # no generation to set it against
+    same = {"spec": "none", "acc_d": 0.5, "acc_p": 0.5, "agree": 1.0, "gen_top1": 1.0}
+    assert HR.choice_check(same).identical
+    assert HR.choice_kl_check({"spec": "x", "sub_kl": 0.05, "kl": 0.19}).holds is True
+    assert HR.choice_kl_check({"spec": "x", "sub_kl": 0.3, "kl": 0.2}).holds is False
+
+
+def test_reading_says_whether_the_pattern_holds_spec_by_spec():
+    pattern, contrary = HR.CLAIMS["hierarchy"]
+    ok = HR.Check("a", True)
+    bad = HR.Check("b", False, "1 − cos shrinks from logits to probabilities")
+    same = HR.Check("none", None, identical=True)
+    assert HR.reading([], pattern, contrary) is None
+    every = HR.reading([ok, HR.Check("c", True), same], pattern, contrary)
+    assert every["holds"] is True and every["verdict"] == f"Under all 2 specs that change the outputs, {pattern}."
+    assert "none leaves the outputs identical" in every["details"]
+    mixed = HR.reading([ok, bad], pattern, contrary)
+    assert mixed["holds"] is False and mixed["verdict"] == f"Under 1 of 2 specs, {pattern}; under b, it does not."
+    assert "b: 1 − cos shrinks from logits to probabilities" in mixed["details"]
+    none = HR.reading([bad], pattern, contrary)
+    assert (
+        none["holds"] is False and none["verdict"].startswith("Contrary to the claim") and contrary in none["verdict"]
+    )
+    nothing = HR.reading([same], pattern, contrary)
+    assert nothing["holds"] is None and "identical" in nothing["verdict"]
+
+
+def test_report_says_when_a_run_contradicts_the_pattern(uneven, tmp_path):
+    """The page states what the run's numbers show: the claimed pattern where they confirm it, the
+    contrary, spec by spec, where they do not."""
+    page = HR.render_html(R.load_run(uneven))
+    assert f"Under wanda:0.5, the one spec that changes the outputs, {HR.CLAIMS['hierarchy'][0]}." in page
+    # the same run with probabilities closer than logits and amp below 1
+    folder = tmp_path / "contrary"
+    shutil.copytree(uneven, folder)
+    table = pq.read_table(folder / "summary.parquet").to_pylist()
+    for r in table:
+        r.update(prob_cos_mean=0.95, amp_mean=0.5)
+    pq.write_table(pa.Table.from_pylist(table), folder / "summary.parquet")
+    page = HR.render_html(R.load_run(folder))
+    said = re.findall(r'<(?:p class="reading|li class=")[^>]*>(.*?)</(?:p|li)>', page)  # the page's findings
+    assert len(said) == 2 * 4  # four claims with data, in the summary and in their sections
+    assert not any(HR.CLAIMS["hierarchy"][0] in text for text in said)  # the pattern is not claimed …
+    assert "Expected: 1 − cos grows" in page  # … only named as what is expected
+    assert "Contrary to the claim" in page and HR.CLAIMS["hierarchy"][1] in page
+    assert "1 − cos shrinks from logits to probabilities (prob cos 0.95000 above logit cos 0.90000)" in page
+    assert HR.CLAIMS["amplification"][1] in page and "amp 0.5000" in page
+    assert 'class="reading contradicted"' in page
