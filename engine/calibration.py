@@ -5,6 +5,9 @@ starts at the BOS token and is sampled at temperature 1 with end-of-sequence sup
 sequence has the full length. `--calib FILE`: a plain text file, tokenised once and cut into windows
 at seeded random offsets. Results are cached under $HIERUI_HOME/calib keyed by model and settings and
 by ALGORITHM_VERSION and the hierui version (engine.cache), with their metadata beside them.
+
+How many sequences of how many tokens a command takes by default is engine.settings.default_calibration;
+`describe_calibration` says what a run used, in one line. Torch is imported only when a batch is built.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import HieruiError
+from engine.settings import CALIB_LENGTH, CALIB_SAMPLES, CALIB_SEED
 
-DEFAULT_SAMPLES = 64
-DEFAULT_LENGTH = 128
-DEFAULT_SEED = 0
+DEFAULT_SAMPLES = CALIB_SAMPLES
+DEFAULT_LENGTH = CALIB_LENGTH
+DEFAULT_SEED = CALIB_SEED
+# sequences sampled at once. Part of the algorithm: the random stream is drawn batch by batch, so the first
+# GENERATION_BATCH sequences of a seed are the same whatever the number asked for (the explorer's 32 are the
+# first 32 of a sweep's 64) and a session recorded with 64 × 128 rebuilds the same calibration on a rerun.
 GENERATION_BATCH = 32
 
 # bump when the batches built change: cached calibration (and what was pruned with it) is then rebuilt
@@ -47,6 +54,20 @@ class Calibration:
             "from_cache": self.from_cache,
             "seconds": round(self.seconds, 3),
         }
+
+
+def describe_calibration(calib: dict | None) -> str:
+    """One line on a run's calibration (the `calibration` dict of a session header, Calibration.describe()):
+    "calibration: 32×128 self-generated", "calibration: 64×128 from notes.txt", "calibration: none"."""
+    if not calib:
+        return "calibration: none"
+    size = f"{calib.get('samples', '?')}×{calib.get('length', '?')}"
+    source = calib.get("source")
+    origin = "self-generated" if source in (None, "self") else f"from {Path(str(source)).name}"
+    seed = calib.get("seed")
+    if source in (None, "self") and seed not in (None, DEFAULT_SEED):
+        origin += f" (seed {seed})"
+    return f"calibration: {size} {origin}"
 
 
 def calibration_slot(model_key: str, source: str, samples: int, length: int, seed: int, model: str | None = None):
@@ -137,6 +158,8 @@ def sample_from_model(
     out = []
     done = 0
     total = samples * (length - 1)  # the first token of each sequence is given, not sampled
+    if progress:
+        progress(0, total)
     with torch.no_grad():
         for b0 in range(0, samples, GENERATION_BATCH):
             b = min(GENERATION_BATCH, samples - b0)

@@ -45,6 +45,11 @@ def pruned_dir() -> Path:
     return hierui_home() / "pruned"
 
 
+def sessions_dir() -> Path:
+    """Where the explorer records its sessions by default (never the repository's shipped sessions/)."""
+    return hierui_home() / "sessions"
+
+
 def _temp_name(target: Path, suffix: str) -> Path:
     """A name beside `target` that no other writer (thread or process) picks: hidden, pid + random."""
     return target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}{suffix}")

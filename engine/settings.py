@@ -79,14 +79,27 @@ SWEEP_DEFAULTS = {
 }
 
 
+# Calibration defaults, the one rule (default_calibration): every sweep (`hierui batch`), SparseGPT and the drop
+# methods take CALIB_SAMPLES × CALIB_LENGTH tokens sampled from the dense model; Wanda in the interactive
+# commands (the explorer and `hierui prune`, which share their caches) takes QUICK_CALIB_SAMPLES, so that the
+# explorer's first start is quick on a CPU. Wanda needs few samples (its published ablation is flat from
+# about 16-32 sequences); SparseGPT's Hessians need more; a sweep keeps one calibration for all its specs.
+CALIB_SAMPLES = 64
+CALIB_LENGTH = 128
+CALIB_SEED = 0
+QUICK_CALIB_SAMPLES = 32
+QUICK_CALIB_METHODS = ("wanda",)
+INTERACTIVE_COMMANDS = ("explore", "prune")
+
+
 @dataclass(frozen=True)
 class CalibSettings:
     """Calibration: `source` None for text sampled from the dense model itself, else a text file's path."""
 
     source: str | None = None
-    samples: int = 64
-    length: int = 128
-    seed: int = 0
+    samples: int = CALIB_SAMPLES
+    length: int = CALIB_LENGTH
+    seed: int = CALIB_SEED
 
     def validate(self) -> CalibSettings:
         if self.samples < 1 or self.length < 2:
@@ -100,3 +113,24 @@ class CalibSettings:
 
 
 CALIB_DEFAULTS = CalibSettings().to_dict()
+
+
+def default_calibration(method: str | None, command: str) -> CalibSettings:
+    """The calibration `command` (explore, prune, batch, ...) uses for a pruning `method` when none is asked for."""
+    if command in INTERACTIVE_COMMANDS and method in QUICK_CALIB_METHODS:
+        return CalibSettings(samples=QUICK_CALIB_SAMPLES)
+    return CalibSettings()
+
+
+def calibration_for(method: str | None, command: str, **given) -> CalibSettings:
+    """default_calibration with the values the user gave (source, samples, length, seed; None: the default)."""
+    chosen = {k: v for k, v in given.items() if v is not None}
+    return replace(default_calibration(method, command), **chosen).validate()
+
+
+def calib_samples_help(command: str) -> str:
+    """How many calibration sequences `command` takes by default, as its --calib-samples help says it."""
+    if command in INTERACTIVE_COMMANDS:
+        methods = "/".join(QUICK_CALIB_METHODS)
+        return f"calibration sequences (default {QUICK_CALIB_SAMPLES} for {methods}, {CALIB_SAMPLES} otherwise)"
+    return f"calibration sequences (default {CALIB_SAMPLES})"

@@ -19,7 +19,7 @@ from pathlib import Path
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.containers import Container, Horizontal, Vertical
+from textual.containers import Container, Horizontal, Vertical, VerticalScroll
 from textual.reactive import reactive
 from textual.widgets import Footer, Input, ProgressBar, Static
 from textual.worker import Worker, WorkerState, get_current_worker
@@ -60,7 +60,7 @@ class HieruiApp(App):
         Binding("r", "toggle_run", "Run/Pause", tooltip="step continuously, or pause"),
         Binding("left", "scrub(-1)", "◀", tooltip="select the step before"),
         Binding("right", "scrub(1)", "▶", tooltip="select the step after"),
-        Binding("home", "scrub_to(0)", "First", show=False, tooltip="select the first step"),
+        Binding("home", "scrub_to(0)", "First", show=False, tooltip="select step 1"),
         Binding("end", "scrub_to(-1)", "Last", show=False, tooltip="select the newest step"),
         Binding("m", "switch_mode", "Mode", tooltip="switch shared ⇄ free, restarting from the prompt"),
         Binding("e", "edit_prompt", "Prompt", tooltip="edit the prompt; enter restarts"),
@@ -72,6 +72,8 @@ class HieruiApp(App):
             "Session file",
             tooltip="say where this run's session file is (every step is written as it is taken)",
         ),
+        Binding("pagedown", "scroll_panels(1)", "Panels ↓", show=False, tooltip="scroll the panels below the texts"),
+        Binding("pageup", "scroll_panels(-1)", "Panels ↑", show=False, tooltip="scroll the panels back up"),
         Binding("q", "quit", "Quit", tooltip="quit; the session file keeps every step"),
         Binding("escape", "leave_prompt", "Leave prompt", show=False, tooltip="leave the prompt unchanged"),
     ]
@@ -113,6 +115,8 @@ class HieruiApp(App):
         self.run_id = 0
         self.follow = True
         self._go = threading.Event()  # set while running continuously
+        self._stage = ""  # the loading stage in progress
+        self._queued = ""  # what space or r asked for while loading: done when the models are ready
         self._pending_settings = settings or StepSettings()
 
     @property
@@ -133,7 +137,7 @@ class HieruiApp(App):
         )
         with Horizontal(id="loading"):
             yield Static("", id="status")
-            yield ProgressBar(id="progress", show_eta=False)
+            yield ProgressBar(id="progress", show_eta=True, show_percentage=True)
         with Horizontal(id="prompt-row"):
             yield Input(
                 value=self.prompt, placeholder="prompt (e to edit, enter to restart)", id="prompt", disabled=self.replay
@@ -142,15 +146,16 @@ class HieruiApp(App):
         with Horizontal(id="texts"):
             yield Continuation("d", id="dense").data_bind(cls.records, cls.selected, cls.settings, cls.header)
             yield Continuation("p", id="perturbed").data_bind(cls.records, cls.selected, cls.settings, cls.header)
-        with Vertical(id="panels"):
+        with VerticalScroll(id="panels", can_focus=False):
             with Container(id="row"):
-                yield SpacesPanel(id="spaces").data_bind(cls.record, cls.settings)
+                yield SpacesPanel(id="spaces").data_bind(cls.record)
                 with Vertical(id="right"):
                     yield TopKTable(id="topk").data_bind(cls.record)
                     yield SubspacePanel(id="subspace").data_bind(cls.record, cls.settings)
                 yield LayerPanel(id="layers").data_bind(cls.record)
             yield SeriesChart(id="chart").data_bind(cls.records, cls.selected)
-        yield Footer()
+            yield Static(kl_legend(), id="legend-below")  # the compact layout's legend, at the end of the panels
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         if self.replay:
@@ -201,17 +206,24 @@ class HieruiApp(App):
 
     @on(LoadProgress)
     def _on_load_progress(self, message: LoadProgress) -> None:
-        self.status = f"{message.stage}…"
+        bar = self.query_one("#progress", ProgressBar)
+        if message.stage != self._stage:  # a new stage: its own bar, percentage and ETA
+            self._stage = message.stage
+            bar.update(total=None, progress=0)
+        self.status = f"{message.stage}…" + (f" ({self._queued})" if self._queued else "")
         if message.total > 0:
-            self.query_one("#progress", ProgressBar).update(total=message.total, progress=message.done)
+            bar.update(total=message.total, progress=message.done)
 
     @on(PairReady)
     def _on_pair_ready(self, message: PairReady) -> None:
         self.pair = message.pair
         self.status = ""
         self._new_run(self.settings)
-        if self.autorun:
+        queued, self._queued = self._queued, ""
+        if self.autorun or queued == "will run when ready":
             self.action_toggle_run()
+        elif queued == "will step when ready":
+            self.action_step()
 
     @work(thread=True, exclusive=True, group="step", exit_on_error=False)
     def _stepping(self, source: StepSource, run_id: int, count: int | None) -> None:
@@ -279,8 +291,17 @@ class HieruiApp(App):
 
     # ------------------------------------------------------------ actions
 
+    def _queue(self, what: str) -> bool:
+        """While the models load, remember a step or a run for when they are ready, and say so."""
+        if self.source is not None or self.state != AppState.LOADING:
+            return False
+        self._queued = "" if self._queued == what else what  # pressing it again cancels
+        self.notify(f"the models are loading: {what}" if self._queued else "cancelled: will wait when ready")
+        self.status = f"{self._stage or 'loading'}…" + (f" ({self._queued})" if self._queued else "")
+        return True
+
     def action_step(self) -> None:
-        if self.source is None:
+        if self._queue("will step when ready") or self.source is None:
             return
         if self._go.is_set():  # step while running = pause
             self.action_toggle_run()
@@ -293,7 +314,7 @@ class HieruiApp(App):
         self._stepping(self.source, self.run_id, 1)
 
     def action_toggle_run(self) -> None:
-        if self.source is None:
+        if self._queue("will run when ready") or self.source is None:
             return
         if self._go.is_set():
             self._go.clear()
@@ -309,6 +330,10 @@ class HieruiApp(App):
         self.follow = True
         self.state = AppState.PLAYING if self.replay else AppState.RUNNING
         self._stepping(self.source, self.run_id, None)
+
+    def action_scroll_panels(self, direction: int) -> None:
+        panels = self.query_one("#panels", VerticalScroll)
+        panels.scroll_page_down() if direction > 0 else panels.scroll_page_up()
 
     def action_scrub(self, delta: int) -> None:
         if not self.records:

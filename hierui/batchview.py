@@ -1,17 +1,22 @@
 """`hierui show RUN_DIR` for a `hierui batch` output: the report's per-spec table (engine.runs.spec_rows)
 in the terminal, with plotext charts of the accumulated KL over steps and of multiple-choice accuracy.
-Reads files only: no torch, no transformers."""
+Reads files only: no torch, no transformers.
+
+Each table's title is a line of text above it (a rich table title wraps inside the table's width, and a
+narrow table broke a long title into a column of fragments). Steps are shown counted from 1
+(hierui.format.step_label); the tables keep them 0-based.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
 from engine import runs as R
-from hierui.format import MISSING, metric
+from hierui.format import MISSING, metric, step_label
 from hierui.output import console
 
 
@@ -19,10 +24,26 @@ def is_batch_output(path: Path) -> bool:
     return (path / "batch.json").is_file() and (path / "summary.parquet").is_file()
 
 
-# the report's per-spec rows as two tables that fit 80 columns: (title, [(field, heading)])
+# fields that are steps (0-based in the tables): shown counted from 1
+STEP_FIELDS = frozenset({"first_div", "first_divergence"})
+
+
+def value_text(key: str, value) -> str:
+    """One table value as `show` prints it: a step counted from 1, anything else through hierui.format."""
+    return step_label(value) if key in STEP_FIELDS else metric(key, value)
+
+
+def titled(title: str, table: Table, *notes: str) -> Group:
+    """A table with its title (and notes) as lines of text above it, wrapped at the console's width."""
+    lines = [Text(title, style="italic")] + [Text(note, style="dim") for note in notes if note]
+    return Group(*lines, table)
+
+
+# the report's per-spec rows as two tables that fit 80 columns: (title, notes, [(field, heading)])
 TABLES = (
     (
         "the hierarchy, per spec ({basis} mode means over steps and prompts)",
+        (),
         [
             ("spec", "spec"),
             ("sparsity", "sparsity"),
@@ -37,6 +58,16 @@ TABLES = (
     ),
     (
         "accumulation, first divergence and multiple choice, per spec",
+        (  # (the fields a note is about, the note): shown when one of them is
+            (
+                ("cum_kl_shared", "cum_kl_free"),
+                "cum KL: the mean final accumulated KL over runs, per mode (where the chart of every run ends)",
+            ),
+            (
+                ("first_div",),
+                "1st div: the median step at which the free-mode texts split (step 1 = the first generated token)",
+            ),
+        ),
         [
             ("spec", "spec"),
             ("cum_kl_shared", "cum KL\nshared"),
@@ -52,28 +83,53 @@ TABLES = (
 )
 
 
-def spec_tables(rows: list[dict], basis: str | None = "shared") -> list[Table]:
-    """engine.runs.spec_rows as rich tables; columns without any value are left out."""
+def _table(**style) -> Table:
     from rich import box
 
+    return Table(box=box.SIMPLE_HEAD, pad_edge=False, **style)
+
+
+def _width(table: Table) -> int:
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update_width(10_000), table).maximum
+
+
+def _spec_table(rows: list[dict], shown: list[tuple[str, str]]) -> Table:
+    table = _table(padding=(0, 1), collapse_padding=True)
+    for key, heading in shown:
+        table.add_column(heading, justify="left" if key == "spec" else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(*[Text(r["spec"]) if k == "spec" else value_text(k, r.get(k)) for k, _ in shown])
+    return table
+
+
+def _split(rows: list[dict], shown: list[tuple[str, str]], width: int | None) -> list[list[tuple[str, str]]]:
+    """The columns `shown` (spec first) as the fewest tables of about equal size that fit `width`."""
+    spec, rest = shown[0], shown[1:]
+    for k in range(1, len(rest) + 1):
+        size = -(-len(rest) // k)
+        parts = [[spec, *rest[i : i + size]] for i in range(0, len(rest), size)]
+        if not width or all(_width(_spec_table(rows, part)) <= width for part in parts):
+            return parts
+    return [[spec, column] for column in rest]
+
+
+def spec_tables(rows: list[dict], basis: str | None = "shared", width: int | None = None) -> list[Group]:
+    """engine.runs.spec_rows as rich tables, each under its title; columns without any value are left out.
+    A table wider than `width` is cut into several of fewer columns (each keeps the spec column), so that
+    no value is cut short."""
     tables = []
-    for title, fields in TABLES:
+    for title, notes, fields in TABLES:
         shown = [(k, h) for k, h in fields if k == "spec" or any(r.get(k) is not None for r in rows)]
         if len(shown) < 2:
             continue
-        table = Table(
-            title=title.format(basis=basis or "shared"),
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-            padding=(0, 1),
-            collapse_padding=True,
-        )
-        for key, heading in shown:
-            table.add_column(heading, justify="left" if key == "spec" else "right", no_wrap=True)
-        for r in rows:
-            table.add_row(*[Text(r["spec"]) if k == "spec" else metric(k, r.get(k)) for k, _ in shown])
-        tables.append(table)
+        parts = _split(rows, shown, width)
+        for i, part in enumerate(parts):
+            keys = {k for k, _ in part}
+            kept = [note for about, note in notes if keys.intersection(about)]
+            heading = title.format(basis=basis or "shared") + (f" ({i + 1}/{len(parts)})" if len(parts) > 1 else "")
+            tables.append(titled(heading, _spec_table(rows, part), *kept))
     return tables
 
 
@@ -89,23 +145,63 @@ def _plot(build, width: int, height: int) -> Text:
     return Text.from_ansi(text)
 
 
-def cum_kl_chart(run: R.RunData, width: int) -> Text | None:
+def step_ticks(last: int, most: int = 8) -> list[int]:
+    """Whole steps 1 … last for an axis, at most about `most` of them (1, 2, 5, 10, 20, 50 … apart)."""
+    gap = 1
+    while last / gap > most:
+        gap = gap * 5 // 2 if str(gap).startswith("2") else gap * 2
+    return [1] + [t for t in range(gap, last + 1, gap) if t > 1]
+
+
+def cum_kl_charts(run: R.RunData, width: int) -> list[tuple[str, Text]]:
+    """The accumulated KL over steps (x: step counted from 1), as (what is drawn, chart) pairs.
+
+    Runs stop at different steps (end of sequence): the first chart is the mean over every run, a run that
+    stopped keeping its final value (it ends at the table's mean final cum KL); the second the mean over
+    the runs still generating at each step, with how many they are in the legend (n first → last step).
+    When every run generated every step the two are the same and one chart says so.
+    """
     curves = R.cum_kl_curves(run)
     if not curves:
-        return None
+        return []
 
-    def build(plt):
-        for (spec, mode), pts in curves.items():
-            plt.plot(
-                [p[0] for p in pts],
-                [p[1] for p in pts],
-                label=f"{spec} {mode}",
-                marker="braille" if mode == "shared" else "dot",
+    def chart(values, label) -> Text:
+        def build(plt):
+            for c in curves.values():
+                plt.plot(
+                    [step + 1 for step in c.steps],
+                    values(c),
+                    label=label(c),
+                    marker="braille" if c.mode == "shared" else "dot",
+                )
+            plt.xticks(step_ticks(max(c.steps[-1] for c in curves.values()) + 1))
+            plt.xlabel("step")
+
+        return _plot(build, width, 16)
+
+    runs = sorted({c.runs for c in curves.values()})
+    every = f"{runs[0]}" if len(runs) == 1 else f"{runs[0]}–{runs[-1]}"
+    if not any(c.varies for c in curves.values()):
+        lengths = sorted({c.lengths[1] for c in curves.values()})
+        return [
+            (
+                f"accumulated KL over generation steps, mean over the {every} runs per line (each generated "
+                f"all {'/'.join(map(str, lengths))} steps)",
+                chart(lambda c: c.carried, lambda c: f"{c.spec} {c.mode}"),
             )
-        plt.title("accumulated KL over generation steps (mean over prompts)")
-        plt.xlabel("step")
-
-    return _plot(build, width, 18)
+        ]
+    return [
+        (
+            f"accumulated KL over generation steps, mean over all {every} runs per line: a run that stopped "
+            "keeps its final value, so the curves end at the table's cum KL",
+            chart(lambda c: c.carried, lambda c: f"{c.spec} {c.mode}"),
+        ),
+        (
+            "accumulated KL over generation steps, mean over only the runs still generating (both models) at "
+            "each step: n in the legend falls from the first step to the last",
+            chart(lambda c: c.generating, lambda c: f"{c.spec} {c.mode} n {c.n[0]}→{c.n[-1]}"),
+        ),
+    ]
 
 
 def choice_chart(run: R.RunData, width: int) -> Text | None:
@@ -120,9 +216,12 @@ def choice_chart(run: R.RunData, width: int) -> Text | None:
             labels=["dense", "perturbed"],
         )
         plt.ylim(0, 1)
-        plt.title("multiple-choice accuracy per spec")
 
     return _plot(build, width, 14)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
 
 
 def show_batch(path: Path, console: Console) -> None:
@@ -132,16 +231,22 @@ def show_batch(path: Path, console: Console) -> None:
     console.print(Text(f"batch output {path}" + (f" (recipe {name})" if name else ""), style="italic"))
     n_runs, n_mc = len(run.summary), len({r.get("item_id") for r in run.mc})
     console.print(
-        f"model {run.manifest.get('model', MISSING)} · {len(run.specs)} specs · {n_runs} generation runs"
-        + (f" · {n_mc} multiple-choice items" if n_mc else ""),
+        f"model {run.manifest.get('model', MISSING)} · {_plural(len(run.specs), 'spec')} · "
+        f"{_plural(n_runs, 'generation run')}" + (f" · {_plural(n_mc, 'multiple-choice item')}" if n_mc else ""),
         highlight=False,
     )
-    for table in spec_tables(rows, R.basis_mode(run)):
+    for table in spec_tables(rows, R.basis_mode(run), console.width):
+        console.print()
         console.print(table)
     width = max(40, min(console.width, 120))
-    for chart in (cum_kl_chart(run, width), choice_chart(run, width)):
-        if chart is not None:
-            console.print(chart, soft_wrap=True)
+    charts = cum_kl_charts(run, width)
+    mc = choice_chart(run, width)
+    if mc is not None:
+        charts.append(("multiple-choice accuracy per spec, dense and perturbed", mc))
+    for title, chart in charts:
+        console.print()
+        console.print(Text(title, style="italic"))
+        console.print(chart, soft_wrap=True)
     if run.mc_summary:
         console.print(f"multiple choice per item: {path / 'mc.parquet'}", highlight=False)
     console.print(
@@ -155,78 +260,64 @@ def show_batch(path: Path, console: Console) -> None:
 
 
 class BatchBars:
-    """The progress hooks of engine.sweep.run_sweep as rich bars on stderr: the runs of the sweep, the
-    tokens of the current run, and the slow stages (calibrating, pruning) while they last."""
+    """The progress hooks of engine.sweep.run_sweep on stderr, through hierui.progress.Reporter: the runs of
+    the sweep, the tokens of the current batch of runs, and the slow stages (loading, calibrating, pruning)
+    while they last. In a terminal: rich bars with percentage and time left; redirected: plain lines (a line
+    per stage start and end, about every 10% or 30 s of the runs, never a control character)."""
 
-    def __init__(self, target: Console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    def __init__(self, target: Console, clock=None, terminal: bool | None = None):
+        import time
 
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description:<28}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=target,
-            transient=True,
-        )
-        self.runs = self.tokens = None
-        self.stages: dict[str, int] = {}
+        from hierui.progress import Reporter
+
+        self.reporter = Reporter(target, clock or time.monotonic, terminal)
+        self.runs_done = self.runs_total = 0
+        self.tokens_done = self.tokens_total = 0
+        self.tokens_label = ""
 
     def sweep_started(self, total: int, done: int) -> None:
-        self.progress.start()
-        self.runs = self.progress.add_task("runs", total=total, completed=done)
+        self.runs_done, self.runs_total = done, total
+        if done < total:  # a sweep that is complete already has nothing to show
+            self.reporter.stage("runs", done, total, exclusive=False)
 
-    def message(self, text: str) -> None:
-        self.progress.console.print(f"[dim]{text}[/]", highlight=False)
+    def message(self, text: str, done: int = 0, total: int = 0) -> None:
+        """A note; with counts (a model being fetched or converted) a stage of its own."""
+        if total > 0:
+            self.stage(text, done, total)
+        else:
+            self.reporter.message(text)
 
     def stage(self, stage: str, done: int, total: int) -> None:
-        if total <= 0:
-            self.message(stage)
-            return
-        if stage not in self.stages:
-            self._clear_stages()  # a stage may stop short of its total (calibrating does): a new one ends it
-            self.stages[stage] = self.progress.add_task(stage, total=total)
-        self.progress.update(self.stages[stage], completed=done, total=total)
-        if done >= total:
-            self.progress.remove_task(self.stages.pop(stage))
-
-    def _clear_stages(self) -> None:
-        for task in self.stages.values():
-            self.progress.remove_task(task)
-        self.stages.clear()
+        self.reporter.stage(stage, done, total)  # a new stage ends the one before (calibrating, then pruning)
 
     def run_started(self, run, max_tokens: int) -> None:
-        self._clear_stages()
-        if self.tokens is None:
-            self.tokens = self.progress.add_task(run.run_id, total=max_tokens)
-        self.progress.reset(self.tokens, total=max_tokens, description=run.run_id)
+        self.batch_started([run], max_tokens)
 
     def batch_started(self, runs, max_tokens: int) -> None:
+        self.reporter.lines.end_stages()  # the slow stages are over once a batch steps
         more = f" +{len(runs) - 1}" if len(runs) > 1 else ""
-        self.run_started(runs[0], max_tokens)
-        self.progress.update(self.tokens, description=f"{runs[0].run_id}{more}")
+        self.tokens_label, self.tokens_done, self.tokens_total = f"{runs[0].run_id}{more}", 0, max_tokens
+        self.reporter.bar("tokens", self.tokens_label, 0, max_tokens)
 
     def step(self, run, record: dict) -> None:
-        self.progress.advance(self.tokens)
+        self.tokens_done += 1
+        self.reporter.bar("tokens", self.tokens_label, self.tokens_done, self.tokens_total)
 
     def run_finished(self, run) -> None:
-        self.progress.advance(self.runs)
+        self.runs_done += 1
+        self.reporter.stage("runs", self.runs_done, self.runs_total, exclusive=False)
 
-    def close(self) -> None:
-        self.progress.stop()
+    def close(self, failed: bool | None = None) -> None:
+        """Ends the bars; a stage cut short by an error or Ctrl-C (`failed`, by default: an exception is being
+        handled) leaves no end line."""
+        import sys
+
+        self.reporter.close(sys.exc_info()[1] is not None if failed is None else failed)
 
 
-def choice_table(rows: list[dict]) -> Table:
+def choice_table(rows: list[dict]) -> Group:
     """Multiple-choice items per spec: accuracy of both models, agreement, subspace vs full-vocabulary KL."""
-    from rich import box
-
-    table = Table(
-        title="multiple choice (scored, no generation), per spec",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
+    table = _table()
     for name, justify in (
         ("spec", "left"),
         ("items", "right"),
@@ -239,37 +330,31 @@ def choice_table(rows: list[dict]) -> Table:
         table.add_column(name, justify=justify, no_wrap=True)
     for r in rows:
         table.add_row(
-            r["spec"],
+            Text(r["spec"]),
             *[metric(k, r.get(k)) for k in ("items", "acc_d", "acc_p", "agree_rate", "sub_kl_mean", "kl_mean")],
         )
-    return table
+    return titled("multiple choice (scored, no generation), per spec", table)
 
 
-def batch_table(groups: list[dict], fields: dict, width: int) -> Table:
+def batch_table(groups: list[dict], fields: dict, width: int) -> Group:
     """Means per (spec, mode): a row per group, or, where that is wider than `width`, a column per group."""
-    from rich import box
     from rich.measure import Measurement
 
     shown = [name for name in fields if any(g[name] is not None for g in groups)]
-    style = dict(
-        title="mean over runs, per spec and mode",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    table = Table(**style)
+    title = "mean over runs, per spec and mode"
+    note = "1st div: the step at which the free-mode texts split, counted from 1" if "first_divergence" in shown else ""
+    table = _table(collapse_padding=True)
     for name in ("spec", "mode", "runs", *shown):
         table.add_column(fields.get(name, name), justify="left" if name in ("spec", "mode") else "right", no_wrap=True)
     for g in groups:
-        table.add_row(g["spec"], g["mode"], str(g["runs"]), *[metric(name, g[name]) for name in shown])
+        table.add_row(Text(g["spec"]), g["mode"], str(g["runs"]), *[value_text(name, g[name]) for name in shown])
     if Measurement.get(console, console.options.update_width(10_000), table).maximum <= width:
-        return table
-    table = Table(**style)
+        return titled(title, table, note)
+    table = _table(collapse_padding=True)
     table.add_column("")
     for g in groups:
         table.add_column(f"{g['spec']}\n{g['mode']}", justify="right", no_wrap=True)
     table.add_row("runs", *[str(g["runs"]) for g in groups])
     for name in shown:
-        table.add_row(fields[name], *[metric(name, g[name]) for g in groups])
-    return table
+        table.add_row(fields[name], *[value_text(name, g[name]) for g in groups])
+    return titled(title, table, note)

@@ -10,9 +10,38 @@ import typer
 from rich.table import Table
 
 from engine.errors import HieruiError, is_oom
-from engine.settings import DEFAULT_PROMPT
+from engine.settings import CALIB_LENGTH, DEFAULT_PROMPT, calib_samples_help
 from hierui.output import console, err_console
 from hierui.sessionview import print_comparison, print_warnings, show_path
+
+
+def _help_without_type_artefacts() -> None:
+    """typer 0.29's rich help prints a Python type beside every option: `<bool>` beside each flag (even
+    `--help <bool>`, though a flag takes no value), `<str>`, `<list[str]>`, `<int range>`. Show what click
+    shows instead: nothing beside a flag, TEXT, INTEGER, FLOAT or PATH beside a value."""
+    from typer.core import TyperArgument, TyperOption
+
+    names = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH", "bool": "BOOLEAN"}
+    for cls in (TyperOption, TyperArgument):
+        shown = getattr(cls, "display_type_rich", None)
+        if shown is None or getattr(shown, "hierui", False):
+            continue
+
+        def display_type_rich(self, ctx, _shown=shown, _names=names):
+            if getattr(self, "is_flag", False):
+                return None
+            label = _shown(self, ctx)
+            if not label or self.metavar is not None or not label.startswith("<"):
+                return label
+            inner, dots = label.rstrip("."), "..." if label.endswith("...") else ""
+            inner = inner.strip("<>").removeprefix("list[").removesuffix("]").removesuffix(" range")
+            return _names.get(inner, inner) + dots
+
+        display_type_rich.hierui = True
+        cls.display_type_rich = display_type_rich
+
+
+_help_without_type_artefacts()
 
 app = typer.Typer(
     name="hierui",
@@ -30,6 +59,8 @@ app.add_typer(cache_app, name="cache")
 
 
 MODEL_HELP = "alias (smollm2-135m, llama-7b, …), tiny-random, local directory, .gguf file or hub id"
+CALIB_HELP = "plain-text calibration file (default: sequences sampled from the dense model)"
+CALIB_LEN_HELP = f"tokens per calibration sequence (default {CALIB_LENGTH})"
 SPEC_HELP = (
     "perturbation: wanda:0.5, sparsegpt:0.5, magnitude:2:4, attndrop:4, mlpdrop:4, blockdrop:4, int8, nf4, "
     "checkpoint:DIR, none"
@@ -67,15 +98,25 @@ def models_list(ctx: typer.Context) -> None:
     """List the aliases, their targets, and which are cached locally."""
     if ctx.invoked_subcommand is not None:
         return
+    from rich import box
+
     from engine.models import list_models
     from engine.paths import models_dir
 
-    table = Table(title=f"models (cache: {models_dir()})", title_justify="left")
-    for col in ("alias", "target", "cached", "where"):
-        table.add_column(col)
-    for row in list_models():
-        table.add_row(row["alias"], row["target"], "yes" if row["cached"] else "-", row["where"])
+    rows = list_models()
+    table = Table(title="models (--model NAME)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("alias", no_wrap=True)
+    table.add_column("target", overflow="fold")
+    table.add_column("cached", no_wrap=True)
+    for row in rows:
+        cached = "built in" if row["where"] == "built in" else "yes" if row["cached"] else "-"
+        table.add_row(row["alias"], row["target"], cached)
     console.print(table)
+    # where the cached ones are: paths of any length, wrapped (never cut) at the terminal's width
+    console.print(f"converted models are kept in {models_dir()}", highlight=False, overflow="fold")
+    for row in rows:
+        if row["cached"] and row["where"] and row["where"] != "built in":
+            console.print(f"  {row['alias']}: {row['where']}", highlight=False, overflow="fold")
 
 
 @models_app.command("pull")
@@ -183,23 +224,26 @@ def explore(
     raw: bool = typer.Option(False, "--raw", help="do not apply the chat template"),
     topk: int = typer.Option(5, "--topk", help="size of the top-k lists"),
     run: bool = typer.Option(False, "--run", help="start stepping as soon as the models are ready"),
-    sessions: Path = typer.Option(Path("sessions"), "--sessions", help="where the session files are written"),
+    sessions: Optional[Path] = typer.Option(
+        None, "--sessions", help="folder for the session files (default: $HIERUI_HOME/sessions)", show_default=False
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
-    calib: Optional[Path] = typer.Option(
-        None, "--calib", help="plain-text calibration file (default: sampled from the dense model)"
-    ),
-    calib_samples: int = typer.Option(64, "--calib-samples", min=1, help="calibration sequences"),
-    calib_len: int = typer.Option(128, "--calib-len", min=2, help="tokens per calibration sequence"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help=CALIB_HELP),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help=calib_samples_help("explore")),
+    calib_len: Optional[int] = typer.Option(None, "--calib-len", min=2, help=CALIB_LEN_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration and pruned weights"),
 ) -> None:
     """Open the explorer: step the dense and the perturbed model token by token and watch them drift apart."""
     from engine.models import DTYPES, resolve
     from engine.perturb.spec import parse_spec
-    from engine.settings import StepSettings
+    from engine.settings import StepSettings, calibration_for
 
     resolve(model)  # everything the user typed is checked before the UI starts
     parsed = parse_spec(spec)
+    calibration = calibration_for(  # engine.settings: the one rule for the default calibration
+        parsed.method, "explore", source=str(calib) if calib else None, samples=calib_samples, length=calib_len
+    )
     settings = StepSettings(
         mode=mode,
         temperature=temperature,
@@ -216,6 +260,7 @@ def explore(
         raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
     if parsed.method == "checkpoint":
         resolve(parsed.path)
+    sessions = _writable_folder(sessions, "--sessions")
     if not _interactive():
         raise HieruiError("explore needs an interactive terminal; for headless runs use hierui batch")
     from engine.models import check_reachable
@@ -232,14 +277,8 @@ def explore(
         from engine.models import load
         from engine.perturb import perturb
 
-        loaded = load(model, device=device, dtype=dtype, progress=lambda message: progress(message, 0, 0))
-        return perturb(
-            loaded,
-            parsed,
-            use_cache=not no_cache,
-            progress=progress,
-            calib_options={"source": str(calib) if calib else None, "samples": calib_samples, "length": calib_len},
-        )
+        loaded = load(model, device=device, dtype=dtype, progress=progress)
+        return perturb(loaded, parsed, use_cache=not no_cache, progress=progress, calib_options=calibration.to_dict())
 
     from hierui.app import HieruiApp
 
@@ -251,6 +290,22 @@ def explore(
         title_hint=f"{model} · {parsed}",
         autorun=run,
     ).run()
+
+
+def _writable_folder(folder: Path | None, option: str) -> Path:
+    """`folder` (default: $HIERUI_HOME/sessions), created if needed; one clear line when it cannot be written."""
+    import os
+
+    from engine.paths import sessions_dir
+
+    folder = (folder or sessions_dir()).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HieruiError(f"{option} {folder}: cannot create the folder ({e.strerror or e})") from None
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise HieruiError(f"{option} {folder}: not a writable folder")
+    return folder
 
 
 @app.command()
@@ -354,11 +409,9 @@ def batch(
     topk: Optional[int] = typer.Option(None, "--topk", help="size of the recorded top-k lists (default 5)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
-    calib: Optional[Path] = typer.Option(
-        None, "--calib", help="plain-text calibration file (default: sampled from the dense model)"
-    ),
-    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="calibration sequences (default 64)"),
-    calib_len: Optional[int] = typer.Option(None, "--calib-len", help="tokens per calibration sequence (default 128)"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help=CALIB_HELP),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help=calib_samples_help("batch")),
+    calib_len: Optional[int] = typer.Option(None, "--calib-len", help=CALIB_LEN_HELP),
     calib_seed: Optional[int] = typer.Option(
         None, "--calib-seed", help="seed of the self-generated calibration (default 0)"
     ),
@@ -491,20 +544,22 @@ def prune(
     raw: bool = typer.Option(False, "--raw", help="do not apply the chat template to the prompt"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
-    calib: Optional[Path] = typer.Option(
-        None, "--calib", help="plain-text calibration file (default: sampled from the dense model)"
-    ),
-    calib_samples: int = typer.Option(64, "--calib-samples", min=1, help="calibration sequences"),
-    calib_len: int = typer.Option(128, "--calib-len", min=2, help="tokens per calibration sequence"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help=CALIB_HELP),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help=calib_samples_help("prune")),
+    calib_len: Optional[int] = typer.Option(None, "--calib-len", min=2, help=CALIB_LEN_HELP),
     seed: int = typer.Option(0, "--seed", help="seed of the self-generated calibration"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration and pruned weights"),
 ) -> None:
     """Perturb a model and report sparsity, time, perplexity and greedy text, dense vs perturbed."""
     from engine.models import resolve
     from engine.perturb.spec import parse_spec
+    from engine.settings import calibration_for
 
     ref = resolve(model)  # bad names fail here, before anything slow
     parsed = parse_spec(spec)
+    calibration = calibration_for(  # engine.settings: the one rule (the explorer's, so the two share their caches)
+        parsed.method, "prune", source=str(calib) if calib else None, samples=calib_samples, length=calib_len, seed=seed
+    )
     if save is not None and parsed.family == "quant":
         raise HieruiError(f"{parsed} models are quantized on the fly and not saved; use --prune {parsed} directly")
     if save is not None and save.is_dir() and any(save.iterdir()):
@@ -518,26 +573,20 @@ def prune(
     from hierui.progress import stage_progress
 
     with stage_progress(err_console) as (say, step):
-        loaded = load(model, device=device, dtype=dtype, progress=say)
-        pair = perturb(
-            loaded,
-            parsed,
-            use_cache=not no_cache,
-            progress=step,
-            calib_options={
-                "source": str(calib) if calib else None,
-                "samples": calib_samples,
-                "length": calib_len,
-                "seed": seed,
-            },
-        )
-        say("measuring perplexity and greedy text")
+        loaded = load(model, device=device, dtype=dtype, progress=step)
+        pair = perturb(loaded, parsed, use_cache=not no_cache, progress=step, calib_options=calibration.to_dict())
+        measuring = "measuring perplexity and greedy text"
+        step(measuring, 0, 4)
         text = quality.heldout_text()
         ppl_d = quality.perplexity(pair.dense, loaded.tokenizer, text)
+        step(measuring, 1, 4)
         ppl_p = quality.perplexity(pair.perturbed, loaded.tokenizer, text)
+        step(measuring, 2, 4)
         ids = prompt_ids(loaded.tokenizer, prompt, raw=raw)
         out_d = quality.greedy_tokens(pair.dense, loaded.tokenizer, ids, tokens)
+        step(measuring, 3, 4)
         out_p = quality.greedy_tokens(pair.perturbed, loaded.tokenizer, ids, tokens)
+        step(measuring, 4, 4)
 
     report = pair.report
     console.print(
@@ -557,11 +606,12 @@ def prune(
     how = "loaded from cache" if report.from_cache else f"{report.seconds:.2f} s"
     calib_note = ""
     if report.calibration:
+        from engine.calibration import describe_calibration
+
         c = report.calibration
-        made = "cached" if c["from_cache"] else f"{c['seconds']:.1f} s"
-        origin = "sampled from the dense model" if c["source"] == "self" else c["source"]
-        calib_note = f" · calibration: {c['samples']}×{c['length']} tokens {origin} ({made})"
-    console.print(f"perturbation time: {how}{calib_note}")
+        made = "from the cache" if c["from_cache"] else f"made in {c['seconds']:.1f} s"
+        calib_note = f" · {describe_calibration(c)} ({made})"
+    console.print(f"perturbation time: {how}{calib_note}", highlight=False)
     ratio = ppl_p / ppl_d
     console.print(f"perplexity on the held-out text: dense {ppl_d:.2f} · perturbed {ppl_p:.2f} · ratio {ratio:.2f}×")
 

@@ -109,3 +109,24 @@ def metric(name: str, value) -> str:
     if found == COUNT:
         return count(value)
     return num(value, found)
+
+
+def step_label(index) -> str:
+    """A step as people read it: counted from 1 (session files and tables count `step` from 0). A mean or
+    median of steps (a float) shifts the same way and prints as count() does: 3.5 → 4.5, 3.0 → 4."""
+    if index is None or isinstance(index, bool) or not isinstance(index, numbers.Real):
+        return MISSING if index is None else str(index)
+    if isinstance(index, numbers.Integral):
+        return str(int(index) + 1)
+    return count(float(index) + 1) if math.isfinite(index) else count(index)
+
+
+def ended_note(record: dict | None) -> str | None:
+    """Why a free-mode step compares nothing: a model had ended before it (`end_d`/`end_p`), else None."""
+    if not record:
+        return None
+    for side, name in (("d", "dense"), ("p", "perturbed")):
+        end = record.get(f"end_{side}")
+        if isinstance(end, int) and not isinstance(end, bool) and end < record.get("step", -1):
+            return f"{name} ended at step {step_label(end)}: nothing to compare"
+    return None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import unicodedata
 
-NEWLINE, TAB, SPACE, EMPTY, CUT = "⏎", "→", "·", "∅", "…"
+NEWLINE, TAB, SPACE, EMPTY, CUT, BLANK = "⏎", "→", "·", "∅", "…", "␣"
 ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})
 
 
@@ -41,6 +41,13 @@ def escape(text) -> str:
 def running(text) -> str:
     """Token text as running text: as escape(), and each newline breaks the line after its ⏎."""
     return _render(text, NEWLINE + "\n")
+
+
+def token(text) -> str:
+    """One token in running text: as running(), but a token of spaces alone shows as ␣ (one per space), so
+    a generated space is as visible as a generated newline or tab."""
+    raw = "" if text is None else str(text)
+    return BLANK * len(raw) if raw and not raw.strip(" ") else running(raw)
 
 
 def clip(text: str, width: int | None) -> str:

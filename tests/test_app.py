@@ -1,6 +1,7 @@
 """The explorer driven through Textual's Pilot, on tiny-random (live) and on recorded sessions (replay)."""
 
 import asyncio
+import re
 
 import pytest
 
@@ -283,14 +284,16 @@ def test_first_frame_comes_before_the_models(tiny_pair, tmp_path):
             await asyncio.sleep(0.2)
             assert app.state == "loading" and "loading" in text_of(app, "#info")
             assert "loading a big model" in text_of(app, "#status")
-            await pilot.press("space")  # keys answer (nothing to step yet) while loading goes on
-            assert app.records == []
+            await pilot.press("space")  # queued while loading goes on, and the screen says so
+            await pilot.pause()
+            assert app.records == [] and "will step when ready" in text_of(app, "#status")
+            assert any("will step when ready" in n for n in notes_of(app))
             release.set()
             await settle(app, pilot)
-            assert app.state == "ready"
+            assert app.state == "paused" and len(app.records) == 1  # the queued step was taken
             await pilot.press("space")
             await settle(app, pilot)
-            assert len(app.records) == 1
+            assert len(app.records) == 2
 
     run(scenario())
 
@@ -519,5 +522,126 @@ def test_resizing_the_terminal_switches_the_layout():
             await pilot.resize_terminal(120, 40)
             await pilot.pause()
             assert len(row.styles.grid_columns) == 3
+
+    run(scenario())
+
+
+def _rendered_at_width(app, selector) -> str:
+    """A panel's content rendered at the panel's own width (what the screen shows, cut or not)."""
+    from rich.console import Console
+
+    widget = app.query_one(selector)
+    console = Console(width=widget.content_size.width, record=True)
+    console.print(widget.content)
+    return console.export_text()
+
+
+@pytest.mark.parametrize("name", ["story-wanda-0.5-free.jsonl", "choice-wanda-0.5-shared.jsonl"])
+def test_the_hierarchy_and_top_k_cut_nothing_at_120x40(name):
+    """Every label and value of the hierarchy panel shows whole at every step of a shipped session (free and
+    shared mode); the final layer's cosine is in view in the layer panel without scrolling."""
+    from pathlib import Path
+
+    session = load_session(Path(__file__).resolve().parent.parent / "sessions" / name)
+    app = HieruiApp(session=session)
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            for index in range(len(session.steps)):
+                app.selected = index
+                await pilot.pause()
+                shown = _rendered_at_width(app, "#spaces")
+                assert "…" not in shown, (index, shown)
+                step = session.steps[index]
+                if step.get("first_divergence") is not None:
+                    assert re.search(rf"texts split\s+step {step['first_divergence'] + 1}\b", shown), shown
+            layers = app.query_one("#layers")
+            assert layers.scroll_y == 0
+            top = text_of(app, "#layers").splitlines()[: layers.content_size.height]
+            assert any(line.strip().startswith("out") and "← final" in line for line in top)
+            last_layer = f"{len(session.steps[-1]['emb_cos']) - 2:>5} "
+            assert any(line.startswith(last_layer) for line in text_of(app, "#layers").splitlines())
+
+    run(scenario())
+
+
+def test_the_header_keeps_the_state_at_80_columns(tiny_pair, tmp_path):
+    """At 80×24 the header drops detail (calibration, what T changes, the step limit) and shortens the
+    model's name before it would lose the state."""
+    from hierui.widgets.info import InfoBar
+
+    app = live_app(tiny_pair, tmp_path)
+
+    async def scenario():
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(app, pilot)
+            info = app.query_one("#info", InfoBar)
+            assert info.line().endswith("● ready") and len(info.line()) <= 78
+            info.header = {**info.header, "model_display": "SmolLM2-135M-Instruct (embedded) with a long name"}
+            await pilot.press("space")
+            await settle(app, pilot)
+            line = info.line()
+            assert line.endswith("⏸ paused") and "step 1/1" in line and len(line) <= 78
+
+    async def wide():
+        wide_app = live_app(tiny_pair, tmp_path)
+        async with wide_app.run_test(size=(160, 40)) as pilot:
+            await settle(wide_app, pilot)
+            assert "T=1 (probabilities; greedy)" in wide_app.query_one("#info", InfoBar).line()
+
+    run(scenario())
+    run(wide())
+
+
+def test_chart_legend_space_tokens_and_whole_top_k_tokens(tiny_pair, tmp_path):
+    """The chart names its five series in its border at every size; a token of spaces shows as ␣; a top-k
+    token longer than the old 10-character cut shows whole when the panel has room."""
+    from hierui.tokentext import token
+    from hierui.widgets.chart import SERIES
+
+    assert token(" ") == "␣" and token("  ") == "␣␣" and token(" a") == " a" and token("\n") == "⏎\n"
+    record = {"step": 0, "topk_d": [[1, " wonderful,", 0.5]], "topk_p": [[2, " internationally", 0.4]], "kl": 0.1}
+    for size in ((120, 40), (80, 24)):
+        app = live_app(tiny_pair, tmp_path)
+
+        async def scenario(app=app, size=size):
+            async with app.run_test(size=size) as pilot:
+                await settle(app, pilot)
+                legend = app.query_one("#chart").border_subtitle
+                assert all(label in str(legend) for label, *_ in SERIES)
+                app.records = [record]
+                app.selected = 0
+                await pilot.pause()
+                topk = app.query_one("#topk")
+                return topk.token_width(), topk.rows[0][1].plain, topk.rows[0][3].plain
+
+        width, dense, perturbed = run(scenario())
+        if size == (120, 40):
+            assert width >= 11 and dense == "·wonderful,"  # the old fixed cut showed "·wonderfu…"
+        assert dense == ("·wonderful," if width >= 11 else "·wonderful,"[: width - 1] + "…")
+        assert perturbed == "·internationally"[: width - 1] + "…"
+
+
+def test_free_mode_marks_where_a_model_ended_and_the_other_goes_on(tiny_pair, tmp_path):
+    probe = Stepper(tiny_pair, "Hello there", StepSettings(mode="free", max_new_tokens=8)).run()
+    target = probe[2]["token_d"]
+    app = live_app(tiny_pair, tmp_path, mode="free", max_new_tokens=8, choices=None)
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(app, pilot)
+            app.live.stepper.batch.eos = {target}
+            for _ in range(8):
+                await pilot.press("space")
+                await settle(app, pilot)
+            records = app.records
+            end = next(r["end_d"] for r in records if r["end_d"] is not None)
+            assert records[end]["token_d"] == target
+            after = [r for r in records if r["step"] > end]
+            assert len(records) == 8 and after and all(r["token_p"] is not None for r in after)  # it went on
+            assert all(r["kl"] is None and r["text_d"] == "" for r in after)
+            assert f"⏹ end (step {end + 1})" in text_of(app, "#dense")
+            assert f"dense ended at step {end + 1}: nothing to compare" in _rendered(app, "#spaces")
 
     run(scenario())

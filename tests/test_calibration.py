@@ -76,3 +76,91 @@ def test_calibration_cache_keeps_its_metadata_beside_it(tiny, fresh_home, tmp_pa
     assert meta["calibration"]["samples"] == 2 and meta["calibration"]["seed"] == 5
     assert meta["calibration"]["source"].startswith("file:") and meta["source_path"] == str(text.resolve())
     assert not [p for p in (Path(fresh_home) / "calib").iterdir() if p.name.startswith(".")]  # no temporary file
+
+
+# ------------------------------------------------------------------ the default calibration, and what a run says of it
+
+
+def test_the_default_calibration_rule():
+    """engine.settings.default_calibration: Wanda in the interactive commands takes QUICK_CALIB_SAMPLES (a
+    quick first start); SparseGPT, the drop methods and every sweep take CALIB_SAMPLES; all 128 tokens long."""
+    from engine.settings import (
+        CALIB_LENGTH,
+        CALIB_SAMPLES,
+        QUICK_CALIB_SAMPLES,
+        CalibSettings,
+        calibration_for,
+        default_calibration,
+    )
+
+    assert (QUICK_CALIB_SAMPLES, CALIB_SAMPLES, CALIB_LENGTH) == (32, 64, 128)
+    assert default_calibration("wanda", "explore") == CalibSettings(samples=32, length=128, seed=0, source=None)
+    assert default_calibration("wanda", "prune").samples == 32  # the explorer's: the two share their caches
+    for method in ("sparsegpt", "attndrop", "mlpdrop", "blockdrop"):
+        assert default_calibration(method, "explore").samples == 64, method
+        assert default_calibration(method, "prune").samples == 64, method
+    for method in ("wanda", "sparsegpt", "attndrop"):
+        assert default_calibration(method, "batch") == CalibSettings() and CalibSettings().samples == 64
+    given = calibration_for("wanda", "explore", samples=8, length=None, source=None, seed=None)
+    assert (given.samples, given.length, given.seed) == (8, 128, 0)
+    with pytest.raises(HieruiError, match="at least 1 sample"):
+        calibration_for("wanda", "explore", samples=0)
+
+
+def test_a_sweep_takes_the_sweep_default_calibration(tmp_path):
+    from engine.settings import CALIB_SAMPLES
+    from engine.sweep import plan_sweep
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    sweep = plan_sweep(prompts_file=prompts, model="tiny-random", specs=["wanda:0.5"])
+    assert sweep.calib.samples == CALIB_SAMPLES and sweep.calib.length == 128
+
+
+def test_describe_calibration():
+    from engine.calibration import describe_calibration
+
+    assert describe_calibration({"source": "self", "samples": 32, "length": 128, "seed": 0}) == (
+        "calibration: 32×128 self-generated"
+    )
+    assert describe_calibration({"source": "/data/notes.txt", "samples": 64, "length": 256, "seed": 0}) == (
+        "calibration: 64×256 from notes.txt"
+    )
+    assert describe_calibration({"source": "self", "samples": 8, "length": 16, "seed": 3}) == (
+        "calibration: 8×16 self-generated (seed 3)"
+    )
+    assert describe_calibration(None) == "calibration: none"
+
+
+def test_the_calibration_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    probe = "import sys, engine.calibration, engine.settings; print('torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "False", run.stderr
+
+
+def test_a_run_records_samples_length_and_source(tiny):
+    from engine.perturb import perturb
+
+    pair = perturb(tiny, "wanda:0.5", use_cache=False, calib_options={"samples": 3, "length": 8})
+    calib = pair.report.calibration
+    assert (calib["samples"], calib["length"], calib["source"], calib["seed"]) == (3, 8, "self", 0)
+
+
+def test_the_first_sequences_do_not_depend_on_how_many_are_asked_for(tiny, monkeypatch):
+    """The explorer's 32 sequences are the first 32 of a sweep's 64 (one batch of GENERATION_BATCH)."""
+    import engine.calibration as calibration
+
+    monkeypatch.setattr(calibration, "GENERATION_BATCH", 4)
+    few = build_calibration(tiny, samples=4, length=10, seed=1, use_cache=False)
+    more = build_calibration(tiny, samples=8, length=10, seed=1, use_cache=False)
+    assert torch.equal(few.ids, more.ids[:4])
+
+
+def test_calibration_reports_its_progress_in_tokens(tiny):
+    calls = []
+    build_calibration(tiny, samples=3, length=6, use_cache=False, progress=lambda d, t: calls.append((d, t)))
+    assert calls[0] == (0, 15) and calls[-1] == (15, 15)
+    assert all(b[0] > a[0] for a, b in zip(calls, calls[1:]))

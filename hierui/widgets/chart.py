@@ -1,18 +1,37 @@
-"""Metric series over steps (plotext): per-step KL, cumulative KL, 1 − cos in each space."""
+"""Metric series over steps (plotext): per-step KL, cumulative KL, 1 − cos in each space.
+
+The legend is the panel's bottom border (the series' names in their colours), so it shows at every size;
+steps are numbered from 1, as everywhere on screen.
+"""
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.reactive import reactive
 from textual_plotext import PlotextPlot
 
 FLOOR = 1e-7  # log scale: zero divergence is drawn at the floor
-SERIES = (  # (label, value of a step record)
-    ("KL", lambda r: r.get("kl")),
-    ("cum KL", lambda r: r.get("cum_kl")),
-    ("1−cos hidden", lambda r: 1 - (r.get("emb_cos") or [1.0])[-1]),
-    ("1−cos logit", lambda r: 1 - (r.get("logit_cos") or 1.0)),
-    ("1−cos prob", lambda r: 1 - (r.get("prob_cos") or 1.0)),
+
+
+def _gap(cos) -> float | None:
+    return None if cos is None else 1 - cos
+
+
+SERIES = (  # (label, plotext colour, the same colour for the legend, value of a step record or None)
+    ("KL", "red", "red", lambda r: r.get("kl")),
+    ("cum KL", "orange", "dark_orange", lambda r: r.get("cum_kl")),
+    ("1−cos hidden", "cyan", "cyan", lambda r: _gap((r.get("emb_cos") or [None])[-1])),
+    ("1−cos logit", "green", "green", lambda r: _gap(r.get("logit_cos"))),
+    ("1−cos prob", "magenta", "magenta", lambda r: _gap(r.get("prob_cos"))),
 )
+
+
+def legend() -> Text:
+    text = Text()
+    for i, (label, _color, rich_color, _value) in enumerate(SERIES):
+        text.append(" ━ " if i == 0 else "  ━ ", style=rich_color)
+        text.append(label)
+    return text + Text(" ")
 
 
 class SeriesChart(PlotextPlot):
@@ -23,6 +42,9 @@ class SeriesChart(PlotextPlot):
     records: reactive[list] = reactive(list, always_update=True)
     selected: reactive[int | None] = reactive(None)
 
+    def on_mount(self) -> None:
+        self.border_subtitle = legend()
+
     def _draw(self) -> None:
         plt = self.plt
         plt.clear_data()
@@ -30,14 +52,22 @@ class SeriesChart(PlotextPlot):
         plt.title("divergence over steps (log scale)")
         if not self.records:
             return
-        steps = [r["step"] for r in self.records]
-        for label, value in SERIES:
-            values = [value(r) for r in self.records]
-            plt.plot(steps, [max(v, FLOOR) if v is not None else FLOOR for v in values], label=label, marker="braille")
+        steps = [r["step"] + 1 for r in self.records]  # on screen steps count from 1
+        for _label, color, _rich, value in SERIES:
+            # a step where nothing was compared (one side had ended) is a gap, not a point at the floor
+            points = [(step, v) for step, v in zip(steps, map(value, self.records)) if v is not None]
+            if points:
+                xs, ys = zip(*points)
+                plt.plot(list(xs), [max(v, FLOOR) for v in ys], color=color, marker="braille")
         plt.yscale("log")
         if self.selected is not None:
-            plt.vline(self.selected, "white")
-        plt.xlim(0, max(steps[-1], 1))
+            plt.vline(self.selected + 1, "white")
+        last = max(steps[-1], 2)
+        plt.xlim(1, last)
+        every = 5 if last <= 40 else 10 if last <= 120 else 50
+        ticks = sorted({1, *range(every, last + 1, every), last})
+        plt.xticks(ticks, [str(t) for t in ticks])
+        plt.xlabel("step")
 
     def render(self):
         self._draw()

@@ -6,8 +6,10 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
+from engine.calibration import describe_calibration
 from engine.settings import StepSettings
-from hierui.tokentext import running
+from hierui.format import step_label
+from hierui.tokentext import token
 from hierui.widgets.scale import kl_color
 
 
@@ -29,21 +31,33 @@ class Continuation(Static):
         else:
             spec = (self.header.get("perturbation") or {}).get("spec")
             title = f"perturbed ({spec})" if spec else "perturbed"
-            self.border_title = title + (" · own picks, dense context" if self.settings.mode == "shared" else "")
+            note = " · own picks, dense context" if self.settings.mode == "shared" else ""
+            # the whole title where it fits the border, else without the note
+            fits = not self.size.width or len(title + note) + 6 <= self.size.width
+            self.border_title = title + (note if fits else "")
+            calib = self.header.get("calibration")
+            self.border_subtitle = describe_calibration(calib) if isinstance(calib, dict) and calib else ""
         self.show(self.records, self.selected)
 
     watch_records = watch_selected = watch_settings = watch_header = _redraw
 
+    def on_resize(self) -> None:
+        self._redraw()
+
     def show(self, records: list[dict], selected: int | None) -> None:
+        """Each token on its step's KL colour (grey where nothing was compared: the other side had ended);
+        the perturbed model's picks that differ from the dense one in italics; this side's end marked."""
         text = Text()
-        key = f"text_{self.side}"
+        key, end_key = f"text_{self.side}", f"end_{self.side}"
         for r in records:
             style = f"on {kl_color(r.get('kl'))}"
             if r["step"] == selected:
                 style += " bold underline reverse"
-            elif self.side == "p" and r.get("token_p") != r.get("token_d"):
+            elif self.side == "p" and None not in (r.get("token_p"), r.get("token_d")) and r["token_p"] != r["token_d"]:
                 style += " italic"
-            text.append(running(r.get(key, "")), style=style)
+            text.append(token(r.get(key, "")), style=style)
+            if r.get(end_key) == r["step"]:  # this model emitted end-of-sequence at this step
+                text.append(f" ⏹ end (step {step_label(r['step'])})", style="bold")
         if not records:
             text.append("(no steps yet: press space to step, r to run)", style="dim")
         self.update(text)

@@ -1,4 +1,8 @@
-"""The header line: model, spec, sparsity, mode, T, the selected step and the app's state."""
+"""The header line: model, spec, sparsity, calibration, mode, T, the selected step and the app's state.
+
+It always fits one line: the least useful parts go first (calibration, what T changes, the step limit,
+sparsity), then the model's name is shortened; the state (ready, running, done, replay …) always shows.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,10 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
+from engine.calibration import describe_calibration
 from engine.settings import StepSettings
 from hierui.format import MISSING
+from hierui.tokentext import clip
 
 STATE_LABELS = {
     "loading": "⏳ loading",
@@ -19,7 +25,13 @@ STATE_LABELS = {
     "replay": "↺ replay",
     "playing": "▶ playing",
 }
-NARROW = 110  # below this width the line drops the least useful parts
+SEP = " · "
+
+
+def short_model(name: str) -> str:
+    """SmolLM2-135M-Instruct (embedded) → SmolLM2-135M; a path or hub id → its last part."""
+    name = name.replace(" (embedded)", "").rsplit("/", 1)[-1]
+    return name.removesuffix("-Instruct").removesuffix("-instruct")
 
 
 class InfoBar(Widget):
@@ -34,25 +46,35 @@ class InfoBar(Widget):
         super().__init__(**kwargs)
         self.hint = hint  # what was asked for, shown until the header is known
 
-    def line(self) -> str:
+    def parts(self, level: int) -> list[str]:
+        """The line's parts at a level of detail: 0 everything, higher levels leave more out."""
         h = self.header or {}
         pert = h.get("perturbation") or {}
-        narrow = self.size.width and self.size.width < NARROW
-        if pert.get("spec"):
-            model = str(h.get("model_display") or h.get("model") or "")
-            parts = [model.replace(" (embedded)", "") if narrow else model, str(pert["spec"])]
-        else:  # still loading: what was asked for
-            parts = [self.hint or "hierui"]
+        model = str(h.get("model_display") or h.get("model") or "")
+        s = self.settings
+        out = [model if level < 5 else short_model(model), str(pert["spec"])] if pert.get("spec") else [self.hint]
         sparsity = pert.get("measured_sparsity")
-        if isinstance(sparsity, (int, float)) and sparsity:
-            parts.append(f"sparsity {sparsity:.1%}")
-        parts.append(self.settings.mode)
-        parts.append(f"T={self.settings.temperature:g}")
+        if isinstance(sparsity, (int, float)) and sparsity and level < 4:
+            out.append(f"sparsity {sparsity:.1%}")
+        calib = h.get("calibration")
+        if isinstance(calib, dict) and calib and level < 1:
+            out.append(describe_calibration(calib))
+        out.append(s.mode)
+        decoding = f"sampled, seed {s.seed}" if s.sample else "greedy"
+        out.append(f"T={s.temperature:g} (probabilities; {decoding})" if level < 2 else f"T={s.temperature:g}")
         step = MISSING if self.selected is None else str(self.selected + 1)
-        parts.append(f"step {step}/{len(self.records)}" + ("" if narrow else f" (max {self.total})"))
-        state = getattr(self.state, "value", self.state)
-        parts.append(STATE_LABELS.get(state, str(state)))
-        return " · ".join(parts)
+        out.append(f"step {step}/{len(self.records)}" + (f" (max {self.total})" if level < 3 else ""))
+        return out
+
+    def line(self) -> str:
+        width = self.size.width - 2 if self.size.width else 10_000  # padding 0 1
+        state = STATE_LABELS.get(getattr(self.state, "value", self.state), str(self.state))
+        for level in range(6):
+            text = SEP.join([*self.parts(level), state])
+            if len(text) <= width:
+                return text
+        rest = SEP.join(self.parts(5)[1:] + [state])  # the model's name is cut last
+        return SEP.join([clip(self.parts(5)[0], max(width - len(rest) - len(SEP), 4)), rest])
 
     def render(self) -> Text:
-        return Text(self.line())
+        return Text(self.line(), no_wrap=True, overflow="ellipsis")

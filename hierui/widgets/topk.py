@@ -10,11 +10,12 @@ from textual.widgets import Static
 from hierui import tokentext
 from hierui.format import prob
 
-TOKEN_WIDTH = 10
+MIN_TOKEN_WIDTH = 6
+FIXED_WIDTH = 1 + 5 + 5 + 3 + 5  # the #, both p and Δr columns, and the padding between the six columns
 
 
-def token_cell(text: str) -> Text:
-    return Text(tokentext.cell(text, TOKEN_WIDTH))
+def token_cell(text: str, width: int | None = None) -> Text:
+    return Text(tokentext.cell(text, width))
 
 
 class TopKTable(Static):
@@ -24,12 +25,20 @@ class TopKTable(Static):
     def watch_record(self) -> None:
         self.show(self.record)
 
+    def on_resize(self) -> None:
+        self.show(self.record)
+
+    def token_width(self) -> int:
+        """Each token column's share of the panel: tokens show in full where the panel is wide enough."""
+        return max(MIN_TOKEN_WIDTH, (self.content_size.width - FIXED_WIDTH) // 2)
+
     def show(self, record: dict | None) -> None:
-        table = Table(box=None, padding=(0, 1), show_edge=False, collapse_padding=True)
+        table = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False, collapse_padding=True)
         table.add_column("#", style="dim", no_wrap=True, min_width=1)
-        table.add_column("dense", no_wrap=True, min_width=5, max_width=TOKEN_WIDTH)
+        width = self.token_width()
+        table.add_column("dense", no_wrap=True, min_width=5, max_width=width)
         table.add_column("p", justify="right", no_wrap=True, min_width=5)
-        table.add_column("pert.", no_wrap=True, min_width=5, max_width=TOKEN_WIDTH)
+        table.add_column("pert.", no_wrap=True, min_width=5, max_width=width)
         table.add_column("p", justify="right", no_wrap=True, min_width=5)
         table.add_column("Δr", justify="right", no_wrap=True, min_width=2)
         self.rows: list[tuple] = []
@@ -50,9 +59,9 @@ class TopKTable(Static):
                         shift = Text(f"{where - i:+d}", style="yellow")
                 row = (
                     str(i + 1),
-                    token_cell(d[1]) if d else "",
+                    token_cell(d[1], width) if d else "",
                     prob(d[2]) if d else "",
-                    token_cell(p[1]) if p else "",
+                    token_cell(p[1], width) if p else "",
                     prob(p[2]) if p else "",
                     shift,
                 )
