@@ -109,21 +109,21 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _swap_in(tmp: Path, target: Path, attempts: int = 5) -> None:
-    for _ in range(attempts):
-        try:
-            os.rename(tmp, target)  # fails when target is a non-empty folder
-            return
-        except OSError:
-            if not target.exists():
-                raise
-        aside = _temp_name(target, ".partial")
-        try:
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Put the folder `tmp` in `target`'s place. A folder cannot be renamed over a non-empty one, so the
+    old target is moved aside first; the two renames run under an exclusive lock on the parent folder, so
+    writers in other threads or processes never interleave them."""
+    import fcntl
+
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        aside = None
+        if target.exists():
+            aside = _temp_name(target, ".partial")
             os.rename(target, aside)
-        except FileNotFoundError:
-            continue  # another writer moved it first: try again
-        if aside.is_dir():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            aside.unlink(missing_ok=True)
-    os.rename(tmp, target)
+        os.rename(tmp, target)
+    finally:
+        os.close(fd)  # releases the lock
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
