@@ -29,14 +29,14 @@ class ChoiceItem:
 
 def answer_index(answer, choices: list[str], where: str = "") -> int:
     """The answer as an index into `choices`: an int, or one of the choice strings."""
-    if isinstance(answer, bool):
-        answer = None
-    if isinstance(answer, int) and 0 <= answer < len(choices):
+    from engine.validate import shown
+
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
         return answer
     if isinstance(answer, str) and answer in choices:
         return choices.index(answer)
-    raise HieruiError(
-        f'{where}"answer" must be an index into "choices" (0..{len(choices) - 1}) or one of them, got {answer!r}'
+    raise HieruiError(  # the value as the file wrote it (JSON): true, "E", 7
+        f'{where}"answer" must be an index into "choices" (0..{len(choices) - 1}) or one of them, got {shown(answer)}'
     )
 
 

@@ -145,27 +145,109 @@ def resolve(name: str) -> ModelRef:
     )
 
 
+# ---------------------------------------------------------------- configs, read without loading
+
+# tiny-random's config.json values that the early checks read (tests pin them to engine.tiny.tiny_config())
+TINY_CONFIG = {
+    "num_hidden_layers": 4,
+    "max_position_embeddings": 1024,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
+def read_config(name: str) -> dict | None:
+    """A model's config.json as a dict, without torch or a download: tiny-random, a local checkpoint, the
+    embedded default once converted, a converted GGUF, a hub model in the local hub cache. None where it
+    cannot be known yet (not fetched or converted): the checks that need it then happen after loading."""
+    import json
+
+    ref = resolve(name)
+    if ref.kind == "tiny":
+        return dict(TINY_CONFIG)
+    if ref.kind == "local":
+        path = Path(ref.source) / "config.json"
+    elif ref.kind == "embedded":
+        path = embedded_dir() / "config.json"
+    elif ref.kind == "gguf":
+        src = Path(ref.source)
+        path = models_dir() / f"gguf-{src.stem}-{hashlib.sha1(ref.cache_key().encode()).hexdigest()[:10]}"
+        path = path / "config.json"
+    else:
+        found = _hub_cache_dir(ref.source)
+        path = Path(found) / "config.json" if found else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(config.get("text_config"), dict):  # a multimodal wrapper: the language model's part
+        config = {**config, **config["text_config"]}
+    return config if isinstance(config, dict) else None
+
+
+def config_int(config: dict | None, key: str) -> int | None:
+    value = (config or {}).get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def smallest_linear(config: dict | None) -> tuple[int, int] | None:
+    """(the fewest input features of a decoder linear, the fewest weights of one) from a Llama-style config,
+    or None where the config does not say. Attention q/k/v/o and MLP gate/up/down."""
+    hidden = config_int(config, "hidden_size")
+    inter = config_int(config, "intermediate_size")
+    heads = config_int(config, "num_attention_heads")
+    if not (hidden and inter and heads):
+        return None
+    kv = config_int(config, "num_key_value_heads") or heads
+    head_dim = config_int(config, "head_dim") or hidden // heads
+    ins = min(hidden, heads * head_dim, inter)
+    numel = min(hidden * kv * head_dim, hidden * heads * head_dim, hidden * inter)
+    return ins, numel
+
+
+def check_device(device: str) -> str:
+    """Check a --device string before anything slow: auto, cpu, cuda, cuda:N or mps, and that the GPU it
+    names is there. Returns it lower-cased. torch is imported only for cuda/mps (to ask whether they exist)."""
+    import re
+
+    text = (device or "auto").strip().lower()
+    if text in ("auto", "cpu"):
+        return text
+    match = re.fullmatch(r"cuda(?::([0-9]+))?", text)
+    if match:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise HieruiError(f"device '{device}' asked for, but no CUDA GPU is available here; use --device cpu")
+        if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+            raise HieruiError(f"device '{device}' does not exist: {torch.cuda.device_count()} GPU(s) here")
+        return text
+    if text == "mps":
+        import torch
+
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise HieruiError(
+                f"device '{device}' asked for, but no Apple GPU (MPS) is available here; use --device cpu"
+            )
+        return text
+    raise HieruiError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps")
+
+
 # ---------------------------------------------------------------- devices and dtypes
 
 
 def pick_device(device: str = "auto"):
     import torch
 
-    device = (device or "auto").lower()
+    device = check_device(device)  # the one check of a device string (also called before anything slow)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise HieruiError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise HieruiError(f"device '{device}' asked for, but no CUDA GPU is available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise HieruiError(f"device '{device}' does not exist: {torch.cuda.device_count()} GPU(s) here")
-    elif dev.type not in ("cpu", "mps"):
-        raise HieruiError(f"unsupported device '{device}': use auto, cpu, cuda or cuda:N")
-    return dev
+    return torch.device(device)
 
 
 DTYPES = {

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import HieruiError
+from engine.validate import shown
 
 
 @dataclass
@@ -25,6 +26,19 @@ class PromptItem:
         return self.answer is not None
 
 
+MAX_ID = 80  # characters of a prompt id: it names files (ID-SPEC-MODE.jsonl), which allow 255 bytes
+
+
+def short_id(pid: str, original: str) -> str:
+    """`pid`, or where it is longer than MAX_ID its start and a hash of the whole original id (still unique)."""
+    if len(pid) <= MAX_ID:
+        return pid
+    import hashlib
+
+    digest = hashlib.sha1(original.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{pid[: MAX_ID - 13].rstrip('._')}-{digest}"
+
+
 def read_prompts(path: str | Path) -> list[PromptItem]:
     """Prompts from a text file (one per line; blank lines skipped) or, for .jsonl/.ndjson, JSON Lines
     (`prompt`, optional `choices`, `answer`, `topic`, `id`). Items without an id get p000, p001, …"""
@@ -39,17 +53,30 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
     raw = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
     width = max(3, len(str(len(raw) - 1)))
     items: list[PromptItem] = []
-    seen: set[str] = set()
+    seen: dict[str, tuple[int, bool]] = {}  # id → (its line, whether the line gave it)
     for index, (number, line) in enumerate(raw):
         item = jsonl_item(path, number, line) if jsonl else PromptItem("", line)
+        explicit = bool(item.id)
         item.id = item.id or f"p{index:0{width}d}"
         if item.id in seen:
-            raise HieruiError(f"{path} line {number}: prompt id '{item.id}' is used twice")
-        seen.add(item.id)
+            raise _id_clash(path, item.id, seen[item.id], (number, explicit))
+        seen[item.id] = (number, explicit)
         items.append(item)
     if not items:
         raise HieruiError(f"prompts file {path} holds no prompts")
     return items
+
+
+def _id_clash(path: Path, pid: str, first: tuple[int, bool], second: tuple[int, bool]) -> HieruiError:
+    """Two items with one id: blame the line that wrote it, not one that was numbered automatically."""
+    (n1, explicit1), (n2, explicit2) = first, second
+    if explicit1 and explicit2:
+        return HieruiError(f"{path} line {n2}: prompt id '{pid}' is used twice (also on line {n1})")
+    blamed, numbered = (n2, n1) if explicit2 else (n1, n2)
+    return HieruiError(
+        f"{path} line {blamed}: prompt id '{pid}' is also the id line {numbered} gets automatically "
+        f"(items without an id are numbered p000, p001, …): choose another id"
+    )
 
 
 def jsonl_item(path: Path, number: int, line: str) -> PromptItem:
@@ -65,12 +92,13 @@ def jsonl_item(path: Path, number: int, line: str) -> PromptItem:
     if choices is not None and (
         not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices)
     ):
-        raise HieruiError(f'{where}: "choices" must be a list of at least two non-empty strings')
+        raise HieruiError(f'{where}: "choices" must be a list of at least two non-empty strings, got {shown(choices)}')
     pid = ""
     if obj.get("id") is not None:
         pid = re.sub(r"[^A-Za-z0-9._]+", "_", str(obj["id"])).strip("._")
         if not pid:
-            raise HieruiError(f'{where}: "id" {obj["id"]!r} has no letters or digits')
+            raise HieruiError(f'{where}: "id" {shown(obj["id"])} has no letters or digits')
+        pid = short_id(pid, str(obj["id"]))
     answer = None
     if "answer" in obj:
         from engine.choice import answer_index

@@ -1,8 +1,12 @@
 """Recompute a recorded session with its models and measure how far the recomputation is from the recording.
 
-`rerun(session)` loads the model named in the header, rebuilds the perturbation (same spec, same
-calibration samples/length/seed/source) and the step settings, and records exactly as many steps as were
-recorded, through the same SessionRecorder as every other run (into `save`, or a temporary file).
+`plan_rerun(session)` decides what a rerun loads: a session file is untrusted input, so the header's model
+is used only when it is the embedded model, tiny-random or a known alias, and a local path, hub id,
+checkpoint:PATH spec or calibration file it names only when the user passes it again (--model, --prune,
+--calib); anything else is refused before anything is read. `rerun(session)` loads that model, rebuilds
+the perturbation (same spec, same calibration samples/length/seed/source) and the step settings, and
+records exactly as many steps as were recorded, through the same SessionRecorder as every other run (into
+`save`, or a temporary file).
 `deviations(recorded, new)` is the largest absolute difference of every metric: scalars, per-layer and
 per-choice lists elementwise, and the probabilities of the top-k lists. `compare` adds whether every token
 matched. Nothing here prints; `hierui replay --rerun` renders the result.
@@ -40,6 +44,7 @@ def settings_from_header(header: dict, steps: int) -> StepSettings:
         choices=list(header["choices"]) if header.get("choices") else None,
         raw=bool(header.get("raw", defaults.raw)),
         topk=int(header.get("topk") or defaults.topk),
+        truncate=bool(header.get("truncated_from")),
     ).validate()
 
 
@@ -55,6 +60,100 @@ def calib_options_from_header(header: dict) -> dict | None:
     return opts
 
 
+# ------------------------------------------------------------------ what a header may steer
+
+# a session file is untrusted input: its header may name a model, a checkpoint or a calibration file anywhere.
+# Only the names below are used as they stand; a local path or a hub id is used only when the user passes it
+# on the command line (--model, --prune, --calib), and nothing named by the header alone is read or fetched.
+
+
+def trusted_model(name: str) -> bool:
+    """Whether a model named by a file may be loaded without the user naming it: the embedded model,
+    tiny-random or a known alias (engine.models.ALIASES). Never a local path or a free hub id."""
+    from engine.models import ALIASES, DEFAULT_MODEL
+    from engine.tiny import TINY_RANDOM
+
+    low = (name or "").strip().lower()
+    return low in (DEFAULT_MODEL, "default", "smollm2", "embedded", TINY_RANDOM) or low in ALIASES
+
+
+def header_calibration_file(header: dict) -> str | None:
+    """The calibration text file a header names (None: self-generated, or no calibration)."""
+    calib = header.get("calibration")
+    source = calib.get("source") if isinstance(calib, dict) else None
+    return None if source in (None, "self") else str(source)
+
+
+@dataclass
+class RerunPlan:
+    """What a rerun loads: every value either an allowed header value or one the user passed."""
+
+    model: str | None  # None: the caller passes an already loaded model
+    spec: str
+    calib_options: dict | None
+
+    def describe(self) -> str:
+        """'model X, perturbation S, calibration C' (escape it before printing: it comes from a file)."""
+        calib = self.calib_options
+        if calib is None:
+            what = "none"
+        else:
+            origin = calib.get("source") or "self-generated"
+            sizes = "×".join(str(calib[k]) for k in ("samples", "length") if calib.get(k) is not None)
+            what = f"{origin}" + (f" ({sizes} tokens)" if sizes else "")
+        return f"model {self.model or '(loaded)'}, perturbation {self.spec}, calibration {what}"
+
+
+def plan_rerun(
+    session: Session, model: str | None = None, calib: str | Path | None = None, spec: str | None = None, loaded=None
+) -> RerunPlan:
+    """The values a rerun of `session` uses. `model`, `calib`, `spec`: the user's --model, --calib, --prune,
+    which replace the header's and confirm a path or hub id. A header value that is not allowed on its own
+    (a local model or a hub id, a checkpoint:PATH spec, a calibration file) is one HieruiError naming the
+    flag to pass; nothing it names is read."""
+    from engine.perturb.spec import parse_spec
+    from engine.validate import escape, require
+
+    header = session.header
+    where = escape(str(session.path))
+    if not session.steps:
+        raise HieruiError(f"{where} has no recorded steps to rerun")
+    require(header, session.path, ("prompt",), "cannot rerun")
+    if model is None and loaded is None:
+        require(header, session.path, ("model",), "cannot rerun (or pass --model)")
+        named = header["model"]
+        if not trusted_model(named) and not any(c in named for c in "/\\.~"):
+            from engine.models import resolve
+
+            resolve(named)  # neither an alias nor a path or hub id: "unknown model", nothing touched
+        if not trusted_model(named):
+            raise HieruiError(
+                f"{where} names the model '{escape(named)}', a local path or hub id: it is loaded only when you "
+                f"confirm it with --model {escape(named)}"
+            )
+        model = named
+    if spec is None:
+        spec = (header.get("perturbation") or {}).get("spec")
+        if not spec:
+            raise HieruiError(f"{where}: the header names no perturbation spec; cannot rerun (or pass --prune)")
+        if parse_spec(spec).method == "checkpoint":
+            raise HieruiError(
+                f"{where} names the perturbation '{escape(spec)}', a local checkpoint: it is loaded only when you "
+                f"confirm it with --prune {escape(spec)}"
+            )
+    parse_spec(spec)
+    options = calib_options_from_header(header)
+    if calib is not None:
+        options = {**(options or {}), "source": str(calib)}
+    elif header_calibration_file(header) is not None:
+        named = header_calibration_file(header)
+        raise HieruiError(
+            f"{where} names the calibration file '{escape(named)}': it is read only when you confirm it with "
+            f"--calib {escape(named)}"
+        )
+    return RerunPlan(model=None if loaded is not None and model is None else model, spec=spec, calib_options=options)
+
+
 def rerun(
     session: Session,
     device: str = "auto",
@@ -64,40 +163,31 @@ def rerun(
     use_cache: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
     save: str | Path | None = None,
+    plan: RerunPlan | None = None,
 ) -> list[dict]:
     """Recompute `session` with its models; the new step records as its session file holds them.
 
     `dtype` None takes the recorded one (header "dtype"), else auto. `loaded`: an already loaded dense
-    model (engine.models.LoadedModel) to use instead of loading header["model"]. `save`: where the
-    recomputed session is written (default: a temporary file, removed afterwards).
+    model (engine.models.LoadedModel) to use instead of loading one. `plan`: what to load (plan_rerun;
+    default: plan_rerun(session), which refuses a header naming a path). `save`: where the recomputed
+    session is written (default: a temporary file, removed afterwards).
     """
     from engine.models import load
     from engine.perturb import perturb
     from engine.stepper import Stepper
 
     header = session.header
-    if not session.steps:
-        raise HieruiError(f"{session.path} has no recorded steps to rerun")
-    model = header.get("model")
-    spec = (header.get("perturbation") or {}).get("spec")
-    if not model or not spec:
-        raise HieruiError(
-            f"{session.path}: the header names no {'model' if not model else 'perturbation spec'}; cannot rerun"
-        )
-    if "prompt" not in header:
-        raise HieruiError(f"{session.path}: the header has no prompt; cannot rerun")
+    plan = plan or plan_rerun(session, loaded=loaded)
     settings = settings_from_header(header, len(session.steps))
     say = progress or (lambda *_: None)
     if loaded is None:
         loaded = load(
-            model,
+            plan.model,
             device=device,
             dtype=dtype or header.get("dtype") or "auto",
             progress=lambda message, done=0, total=0: say(message, done, total),
         )
-    pair = perturb(
-        loaded, spec, use_cache=use_cache, progress=progress, calib_options=calib_options_from_header(header)
-    )
+    pair = perturb(loaded, plan.spec, use_cache=use_cache, progress=progress, calib_options=plan.calib_options)
     stepper = Stepper(pair, header["prompt"], settings)
     total, done = len(session.steps), 0
 

@@ -58,6 +58,49 @@ class RunData:
         return len({r.get("item_id") for r in self.mc})
 
 
+# the columns each table must have for the readers here (every other declared column is optional, but typed)
+REQUIRED = {
+    "summary": ("run_id", "spec", "mode", "prompt_id"),
+    "steps": STEP_COLUMNS,
+    "mc": ("spec", "item_id"),
+    "mc_summary": ("spec",),
+}
+
+
+def _check_table(file: Path, table, name: str) -> None:
+    """One HieruiError line unless `table` has the schema engine.schema declares for `name`: the required
+    columns present, every declared column of its declared type."""
+    from engine.schema import TABLES, arrow_type
+
+    declared = TABLES[name]
+    missing = [c for c in REQUIRED[name] if c not in table.column_names]
+    if missing:
+        raise HieruiError(
+            f"{file} is not a hierui {name} table (no column {', '.join(repr(c) for c in missing)}); "
+            "rerun the sweep to rewrite it"
+        )
+    for column in table.schema:
+        kind = declared.get(column.name)
+        if kind is not None and column.type != arrow_type(kind) and str(column.type) != "null":  # null: all empty
+            raise HieruiError(
+                f"{file}: column '{column.name}' is {column.type}, expected {arrow_type(kind)} "
+                "(engine/schema.py); rerun the sweep to rewrite it"
+            )
+
+
+def _check_manifest(file: Path, manifest: dict) -> None:
+    """The manifest fields read here and by the faces: `specs` a list of strings, `model` a string."""
+    from engine.validate import shown
+
+    specs = manifest.get("specs")
+    if specs is not None and not (isinstance(specs, list) and all(isinstance(s, str) for s in specs)):
+        raise HieruiError(f"{file}: specs is {shown(specs)}, expected a list of strings")
+    for name in ("model", "source"):
+        value = manifest.get(name)
+        if value is not None and not isinstance(value, str):
+            raise HieruiError(f"{file}: {name} is {shown(value)}, expected a string")
+
+
 def load_run(run_dir: str | Path) -> RunData:
     """Read a `hierui batch` output folder; a folder that is not one is a one-line HieruiError."""
     import pyarrow.parquet as pq
@@ -74,10 +117,11 @@ def load_run(run_dir: str | Path) -> RunData:
         )
     try:
         manifest = json.loads((path / "batch.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise HieruiError(f"{path / 'batch.json'} is unreadable") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "hierui-batch":
         raise HieruiError(f"{path / 'batch.json'} is not a hierui batch manifest")
+    _check_manifest(path / "batch.json", manifest)
 
     def read(name: str, columns=None) -> list[dict]:
         file = path / name
@@ -85,11 +129,12 @@ def load_run(run_dir: str | Path) -> RunData:
             return []
         try:
             table = pq.read_table(file)
-            if columns is not None:
-                table = table.select([c for c in columns if c in table.column_names])
-            return table.to_pylist()
         except Exception as e:  # pyarrow raises several types for a damaged file
             raise HieruiError(f"{file} is unreadable ({type(e).__name__}); rerun the sweep to rewrite it") from None
+        _check_table(file, table, name.removesuffix(".parquet"))
+        if columns is not None:
+            table = table.select([c for c in columns if c in table.column_names])
+        return table.to_pylist()
 
     run = RunData(
         path,

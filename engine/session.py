@@ -20,6 +20,7 @@ from pathlib import Path
 
 from engine import __version__
 from engine.errors import HieruiError
+from engine.validate import check_header, check_step, check_summary, loads, shown
 
 FORMAT = "hierui-session"
 VERSION = 1
@@ -60,7 +61,9 @@ def default_session_path(prompt: str, spec: str, directory: str | Path = "sessio
 class SessionWriter:
     """Writes the header at once, then each step as it comes (flushed), then an optional summary."""
 
-    def __init__(self, path: str | Path, header: dict):
+    def __init__(self, path: str | Path, header: dict, exclusive: bool = False):
+        """`exclusive`: create the file with O_EXCL (FileExistsError if it is there), so two writers (two
+        explorers) never share a file; otherwise an existing file is rewritten (a batch run rerun)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         full = {
@@ -71,7 +74,7 @@ class SessionWriter:
             "hierui": __version__,
         }
         self.header = full
-        self._file = open(self.path, "w", encoding="utf-8")
+        self._file = open(self.path, "x" if exclusive else "w", encoding="utf-8")
         self._file.write(_line(full))
         self._file.flush()
         self.closed = False
@@ -138,11 +141,15 @@ def load_session(path: str | Path) -> Session:
     if not lines:
         raise HieruiError(f"{path} is empty, not a hierui session")
     try:
-        header = json.loads(lines[0][1].decode("utf-8"))
+        header = loads(lines[0][1].decode("utf-8"))
     except UnicodeDecodeError:
         raise HieruiError(f"{path} is not a hierui session (not UTF-8 text)") from None
+    except RecursionError:
+        raise HieruiError(f"{path}: line {lines[0][0]} is nested too deeply to read") from None
     except json.JSONDecodeError:
         raise HieruiError(f"{path} is not a hierui session (its first line is not JSON)") from None
+    except ValueError:  # an integer of too many digits
+        raise HieruiError(f"{path}: line {lines[0][0]} holds a number too large to read") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise HieruiError(f'{path} is not a hierui session (no "format": "{FORMAT}" header)')
     version = header.get("version")
@@ -155,13 +162,18 @@ def load_session(path: str | Path) -> Session:
         )
     if version < 1:
         raise HieruiError(f"{path}: unsupported session version {version}")
+    check_header(header, path, lines[0][0])  # engine.validate: every field's type and range
 
     session = Session(path=path, header=header, steps=[])
     last = len(lines) - 1
     for index, (number, raw) in enumerate(lines[1:], start=1):
         try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            obj = loads(raw.decode("utf-8"))
+        except RecursionError:
+            raise HieruiError(f"{path}: line {number} is nested too deeply to read") from None
+        except ValueError as e:  # UnicodeDecodeError, json.JSONDecodeError, an integer of too many digits
+            if not isinstance(e, (UnicodeDecodeError, json.JSONDecodeError)):
+                raise HieruiError(f"{path}: line {number} holds a number too large to read") from None
             if index == last:  # the last line: a crash mid-write
                 session.warnings.append(
                     f"{path}: dropped a truncated last line (line {number}); the run was interrupted"
@@ -176,12 +188,16 @@ def load_session(path: str | Path) -> Session:
             summary = obj.get("summary")
             if summary is not None and not isinstance(summary, dict):
                 raise HieruiError(f"{path}: line {number}, the closing line, holds no summary object")
+            check_summary(summary or {}, path, number)
             session.summary = summary or {}
             continue
         if "step" not in obj:
             raise HieruiError(f"{path}: line {number} is neither a step nor the closing line")
         if not _is_int(obj["step"]) or obj["step"] != len(session.steps):
-            raise HieruiError(f"{path}: line {number} holds step {obj['step']!r}, expected step {len(session.steps)}")
+            raise HieruiError(
+                f"{path}: line {number} holds step {shown(obj['step'])}, expected step {len(session.steps)}"
+            )
+        check_step(obj, path, number)
         session.steps.append(obj)
     return session
 
@@ -213,6 +229,7 @@ def session_header(pair, settings, row) -> dict:
         "prompt": row.prompt,
         "prompt_tokens": len(row.ids),
         "prompt_ids": list(row.ids),
+        **({"truncated_from": row.truncated_from} if getattr(row, "truncated_from", None) else {}),
         "mode": settings.mode,
         "temperature": settings.temperature,
         "choices": list(row.choices) if row.choices else None,

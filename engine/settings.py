@@ -17,7 +17,8 @@ DEFAULT_PROMPT = "What is the capital of France?"
 DEFAULT_MAX_NEW_TOKENS = 64  # the explorer
 BATCH_MAX_NEW_TOKENS = 32  # a sweep: many runs
 TEMPERATURE_STEP = 0.1  # the explorer's +/- keys
-MIN_TEMPERATURE = 0.05
+MIN_TEMPERATURE = 0.05  # below it softmax(z / T) overflows the metrics of a 32-bit float (1e-30 did, after a sweep)
+MAX_TEMPERATURE = 100.0  # above it every distribution is near uniform and the divergences vanish (inf gave KL 0)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class StepSettings:
     choices: tuple[str, ...] | None = None
     raw: bool = False
     topk: int = 5
+    truncate: bool = False  # a prompt that does not fit the context with max_new_tokens: keep its last tokens
 
     def __post_init__(self) -> None:
         if self.choices is not None and not isinstance(self.choices, tuple):
@@ -40,10 +42,14 @@ class StepSettings:
     def validate(self) -> StepSettings:
         if self.mode not in MODES:
             raise HieruiError(f"unknown mode '{self.mode}': use shared or free")
-        if not (
-            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0
-        ):
-            raise HieruiError(f"temperature must be > 0, got {self.temperature}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise HieruiError(f"temperature must be a finite number, got {t}")
+        if not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:
+            raise HieruiError(
+                f"temperature must be between {MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g} "
+                f"(where the metrics are computable), got {t:g}"
+            )
         if self.max_new_tokens < 1:
             raise HieruiError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
         if self.topk < 1:
@@ -57,9 +63,9 @@ class StepSettings:
         return self.with_mode("free" if self.mode == "shared" else "shared")
 
     def nudged_temperature(self, direction: int) -> StepSettings:
-        """T moved by one TEMPERATURE_STEP up or down (never below MIN_TEMPERATURE)."""
+        """T moved by one TEMPERATURE_STEP up or down (never outside MIN_TEMPERATURE … MAX_TEMPERATURE)."""
         t = round(self.temperature + TEMPERATURE_STEP * direction, 2)
-        return self if t < MIN_TEMPERATURE else replace(self, temperature=t)
+        return self if not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE else replace(self, temperature=t)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -71,8 +77,35 @@ class StepSettings:
         return tuple(f.name for f in fields(cls))
 
 
+def fit_context(
+    prompt_tokens: int,
+    max_new_tokens: int,
+    context: int | None,
+    truncate: bool = False,
+    option: str = "--max-new-tokens",
+    can_truncate: bool = True,
+) -> int:
+    """How many of the prompt's tokens are stepped: all of them when the prompt and `max_new_tokens` fit the
+    model's context (its max_position_embeddings; None: unknown, no bound), else with `truncate` the last ones
+    that fit (left truncation). A prompt that does not fit without `truncate` raises one line."""
+    if not context or prompt_tokens + max_new_tokens <= context:
+        return prompt_tokens
+    if max_new_tokens >= context:
+        raise HieruiError(
+            f"{option} {max_new_tokens} does not fit the model's context of {context} tokens "
+            f"with a prompt: use at most {context - 1}"
+        )
+    if truncate:
+        return context - max_new_tokens
+    hint = f", or --truncate to keep its last {context - max_new_tokens:,} tokens" if can_truncate else ""
+    raise HieruiError(
+        f"the prompt ({prompt_tokens:,} tokens) and {option} {max_new_tokens} exceed the model's context "
+        f"of {context:,} tokens: shorten the prompt or lower {option}{hint}"
+    )
+
+
 # the fields a sweep takes for all its runs (mode and choices vary per run)
-SWEEP_FIELDS = ("temperature", "max_new_tokens", "sample", "seed", "raw", "topk")
+SWEEP_FIELDS = ("temperature", "max_new_tokens", "sample", "seed", "raw", "topk", "truncate")
 SWEEP_DEFAULTS = {
     **{k: v for k, v in StepSettings().to_dict().items() if k in SWEEP_FIELDS},
     "max_new_tokens": BATCH_MAX_NEW_TOKENS,

@@ -29,7 +29,7 @@ import torch
 
 from engine import metrics as M
 from engine.errors import HieruiError
-from engine.settings import StepSettings
+from engine.settings import StepSettings, fit_context
 from engine.tokens import choice_token_ids, eos_ids, piece, prompt_ids
 
 __all__ = ["BatchStepper", "Stepper", "StepSettings"]
@@ -52,6 +52,32 @@ class _Row:
     end_d: int | None = None  # the step at which each model emitted end-of-sequence
     end_p: int | None = None
     fed: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))  # generated tokens each model got
+    truncated_from: int | None = None  # the prompt's length in tokens before left truncation (settings.truncate)
+
+
+PREFILL_CHUNK = 512  # prompt tokens fed per forward pass in the prefill
+
+
+def model_context(model) -> int | None:
+    """The longest sequence the model takes (config.max_position_embeddings), or None when it does not say."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _last_position_modules(model):
+    """The decoder layers the forward pass runs and the final norm, or (None, None) where not found."""
+    from engine.perturb.linears import decoder_layers
+
+    try:
+        layers = decoder_layers(model)
+    except ValueError:
+        return None, None
+    owner = getattr(model, "model", None)
+    norm = getattr(owner, "norm", None)
+    if norm is None or getattr(owner, "layers", None) is not layers:
+        return None, None
+    count = getattr(model.config, "num_hidden_layers", len(layers))
+    return list(layers)[:count], norm
 
 
 class BatchStepper:
@@ -77,14 +103,20 @@ class BatchStepper:
         if len(per_row) != len(prompts):
             raise HieruiError("one list of choices per prompt, or none")
         self.rows: list[_Row] = []
+        context = model_context(pair.dense)
         for prompt, row_choices in zip(prompts, per_row):
             ids = prompt_ids(self.tokenizer, prompt, raw=self.settings.raw)
             if not ids and self.tokenizer.bos_token_id is not None:
                 ids = [self.tokenizer.bos_token_id]  # an empty prompt starts from the beginning of a text
             if not ids:
                 raise HieruiError(f"the prompt {prompt!r} is empty after tokenization")
+            keep = fit_context(len(ids), self.settings.max_new_tokens, context, self.settings.truncate)
+            truncated_from = len(ids) if keep < len(ids) else None
+            ids = ids[len(ids) - keep :]
             cids, notes = choice_token_ids(self.tokenizer, row_choices) if row_choices else ([], [])
-            self.rows.append(_Row(prompt, ids, list(row_choices) if row_choices else None, cids, notes))
+            row = _Row(prompt, ids, list(row_choices) if row_choices else None, cids, notes)
+            row.truncated_from = truncated_from
+            self.rows.append(row)
         self.eos = eos_ids(self.tokenizer, pair.dense)  # the ids that end a run (an empty set: run to the limit)
         self._map = torch.tensor(pair.hidden_map, dtype=torch.long)
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -108,9 +140,34 @@ class BatchStepper:
 
     @torch.no_grad()
     def _forward(self, model, ids: torch.Tensor, cache, **kwargs):
-        out = model(input_ids=ids.to(self.device), cache=cache, use_cache=True, output_hidden_states=True, **kwargs)
+        """The last position's logits and hidden states (ℓ = 0 the embeddings … L the final normed state).
+
+        Only the last position is kept: `logits_to_keep=1` computes the LM head there alone, and hooks copy
+        the last position of each decoder layer's input and of the final norm's output, so a long prompt's
+        prefill never holds logits or hidden states for every position (output_hidden_states would)."""
+        grabbed: list[torch.Tensor] = []
+        layers, norm = _last_position_modules(model)
+        if layers is None:  # an architecture whose layers and final norm we cannot find: every position
+            out = model(input_ids=ids.to(self.device), cache=cache, use_cache=True, output_hidden_states=True, **kwargs)
+            logits = out.logits[:, -1, :]
+            return torch.stack([h[:, -1, :].to(logits.device) for h in out.hidden_states], dim=1), logits
+
+        def layer_input(_m, args, kw):
+            h = args[0] if args else kw["hidden_states"]
+            grabbed.append(h[:, -1, :].clone())
+
+        def norm_output(_m, _args, output):
+            grabbed.append(output[:, -1, :].clone())
+
+        hooks = [layer.register_forward_pre_hook(layer_input, with_kwargs=True) for layer in layers]
+        hooks.append(norm.register_forward_hook(norm_output))
+        try:
+            out = model(input_ids=ids.to(self.device), cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
         logits = out.logits[:, -1, :]
-        hidden = torch.stack([h[:, -1, :].to(logits.device) for h in out.hidden_states], dim=1)
+        hidden = torch.stack([h.to(logits.device) for h in grabbed], dim=1)
         return hidden, logits
 
     def _both(self, ids_d: torch.Tensor, ids_p: torch.Tensor, extra: dict, run=(True, True)) -> None:
@@ -133,13 +190,21 @@ class BatchStepper:
         for b, row in enumerate(self.rows):  # left padding: every prompt ends at the last column
             ids[b, width - len(row.ids) :] = torch.tensor(row.ids)
             mask[b, width - len(row.ids) :] = 1
-        extra = {}
+        positions = None
         if len(self.rows) > 1:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0).to(self.device)
             self._mask = mask.to(self.device)
-            self._next_pos = positions[:, -1:].to(self.device) + 1
-            extra = {"attention_mask": self._mask, "position_ids": positions.to(self.device)}
-        self._both(ids, ids, extra)
+            self._next_pos = positions[:, -1:] + 1
+        # in chunks through the KV caches: attention over a chunk holds chunk × seen scores, not width², so a
+        # long prompt's prefill stays bounded; only the last chunk's outputs (the last position) are kept
+        for start in range(0, width, PREFILL_CHUNK):
+            end = min(width, start + PREFILL_CHUNK)
+            extra = (
+                {}
+                if positions is None
+                else {"attention_mask": self._mask[:, :end], "position_ids": positions[:, start:end]}
+            )
+            self._both(ids[:, start:end], ids[:, start:end], extra)
         zd = self._state[1]
         if self.settings.sample:
             self._generators = [torch.Generator(device=zd.device).manual_seed(self.settings.seed) for _ in self.rows]

@@ -10,6 +10,10 @@
     resume   a run whose session file has its closing summary is complete and is skipped; an incomplete
              one is rerun from scratch. OUT/batch.json records the sweep; rerunning into the same OUT
              with other settings is refused (use another --out).
+    lock     one writer per OUT: run_sweep holds OUT/.hierui.lock (engine.lock) while it runs; a second
+             sweep into the same OUT is refused, naming the first. batch.json is written only once the
+             sweep really starts (model and tokenizer loaded, choices checked), so a failed start leaves
+             nothing that refuses the corrected command.
 
 The step settings come from engine.settings: the sweep's `settings` (a frozen StepSettings, of which
 batch.json records the SWEEP_FIELDS), with each run's mode put in by `dataclasses.replace`; each prompt's
@@ -79,7 +83,8 @@ class Sweep:
     def settings_dict(self) -> dict:
         """The SWEEP_FIELDS of the settings, as batch.json records them."""
         values = self.settings.to_dict()
-        return {k: values[k] for k in SWEEP_FIELDS}
+        # truncate only when set: a manifest written before it existed still matches on resume
+        return {k: values[k] for k in SWEEP_FIELDS if k != "truncate" or values[k]}
 
     def manifest(self) -> dict:
         return {
@@ -155,8 +160,8 @@ def plan_sweep(
     if from_session is not None:
         if not specs:
             raise HieruiError("--from SESSION reruns a session under other perturbations: give at least one --prune")
-        header = load_session(from_session).header
-        prompts = [PromptItem("p000", header.get("prompt") or "", header.get("choices") or None)]
+        header = _from_header(from_session, model, calib_given)
+        prompts = [PromptItem("p000", header["prompt"], header.get("choices") or None)]
         base.update({k: header[k] for k in SWEEP_FIELDS if header.get(k) is not None})
         for k, v in (header.get("calibration") or {}).items():
             if k in base_calib and v is not None:
@@ -178,18 +183,85 @@ def plan_sweep(
 
     model = model or DEFAULT_MODEL
     resolve(model)  # an unknown model fails here, before anything slow
+    check_placement(device, dtype)
     parsed = _unique([parse_spec(s) for s in (specs or [DEFAULT_SPEC])])
+    from engine.models import check_device, read_config
+    from engine.perturb.spec import check_fits
+
+    check_device(device)
+    config = read_config(model)  # None: not known before loading (a hub model not in the cache)
     for spec in parsed:
         if spec.method == "checkpoint" and not Path(spec.path).expanduser().exists():
             raise HieruiError(f"checkpoint not found: {spec.path}")
+        check_fits(spec, config)
     modes = _unique([m.strip().lower() for m in (modes or ["shared"])])
     sweep = Sweep(model, prompts, parsed, modes, StepSettings(**base), calibration, device, dtype, source)
     for mode in modes:
         sweep.step_settings(mode).validate()  # the mode and every bound (engine.settings)
+    _check_context(sweep, config)
     ids = [r.run_id for r in sweep.runs()]
     if len(set(ids)) != len(ids):
         raise HieruiError("two specs give the same run name (e.g. checkpoints in folders of the same name)")
     return sweep
+
+
+def check_placement(device: str, dtype: str) -> None:
+    """An unknown or absent device and an unknown dtype fail before anything is loaded or written."""
+    from engine.models import DTYPES, pick_device
+
+    if (dtype or "auto").lower() != "auto" and dtype.lower() not in DTYPES:
+        raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    pick_device(device)
+
+
+def _from_header(from_session, model: str | None, calib_given: dict) -> dict:
+    """The header of `batch --from`'s session, checked (engine.validate: every field's type and range) and
+    refused where it would steer a read: a model named by path or hub id needs --model, a calibration file
+    --calib (engine.replay's rule for what a file may name on its own)."""
+    from engine.replay import header_calibration_file, trusted_model
+    from engine.validate import escape, require
+
+    header = load_session(from_session).header
+    where = escape(str(from_session))
+    require(header, from_session, ("prompt",), "nothing to rerun")
+    if not header["prompt"].strip():
+        raise HieruiError(f"{where}: the header's prompt is empty; nothing to rerun")
+    named = header.get("model")
+    if model is None and named is not None and not trusted_model(named) and any(c in named for c in "/\\.~"):
+        raise HieruiError(
+            f"{where} names the model '{escape(named)}', a local path or hub id: it is loaded only when you "
+            f"confirm it with --model {escape(named)}"
+        )
+    source = header_calibration_file(header)
+    if source is not None and calib_given.get("source") is None:
+        raise HieruiError(
+            f"{where} names the calibration file '{escape(source)}': it is read only when you confirm it with "
+            f"--calib {escape(source)}"
+        )
+    return header
+
+
+def _check_context(sweep: Sweep, config: dict | None) -> None:
+    """Every prompt and --max-new-tokens within the model's context, before loading: only where the config and
+    the tokenizer are known without a download (else the stepper checks it, before its first step)."""
+    from engine.models import config_int, load_tokenizer, resolve
+    from engine.settings import fit_context
+    from engine.tokens import prompt_ids
+
+    context = config_int(config, "max_position_embeddings")
+    s = sweep.settings
+    fit_context(1, s.max_new_tokens, context, truncate=True)  # --max-new-tokens alone must fit
+    if context is None or s.truncate or not any(not p.is_choice for p in sweep.prompts):
+        return
+    if resolve(sweep.model).kind == "hub":
+        return
+    tokenizer = load_tokenizer(sweep.model)
+    for item in sweep.prompts:
+        if not item.is_choice:
+            try:
+                fit_context(len(prompt_ids(tokenizer, item.prompt, raw=s.raw)), s.max_new_tokens, context)
+            except HieruiError as e:
+                raise HieruiError(f"prompt {item.id}: {e}") from None
 
 
 def _unique(items: list) -> list:
@@ -237,8 +309,9 @@ def choices_complete(sweep: Sweep, out: str | Path, spec: Spec) -> bool:
     return done == [p.id for p in sweep.choice_items]
 
 
-def prepare_out(sweep: Sweep, out: str | Path) -> None:
-    """Create OUT and write OUT/batch.json, or check that the one there describes this same sweep."""
+def check_out(sweep: Sweep, out: str | Path) -> bool:
+    """Check that OUT can take `sweep` without writing anything: True when OUT/batch.json is there and
+    describes this same sweep (a resume), False when there is none yet. Another sweep is refused."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise HieruiError(f"--out {out} is a file, not a folder")
@@ -256,12 +329,27 @@ def prepare_out(sweep: Sweep, out: str | Path) -> None:
                 f"{out} holds another sweep ({', '.join(differ)} differ): rerun it with the same "
                 f"settings to resume it, or use another --out"
             )
-        return
+        return True
     if (out / "sessions").is_dir() and any((out / "sessions").iterdir()):
         raise HieruiError(f"{out} holds sessions but no {MANIFEST}; use another --out")
+    return False
+
+
+def write_manifest(sweep: Sweep, out: str | Path) -> None:
+    """Write OUT/batch.json (once the sweep has really started: model loaded, choices checked)."""
+    out = Path(out)
+    if (out / MANIFEST).exists():
+        return
+    manifest = json.loads(json.dumps(sweep.manifest()))
     out.mkdir(parents=True, exist_ok=True)
     manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    atomic_write(target, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+
+
+def prepare_out(sweep: Sweep, out: str | Path) -> None:
+    """Create OUT and write OUT/batch.json, or check that the one there describes this same sweep."""
+    if not check_out(sweep, out):
+        write_manifest(sweep, out)
 
 
 # ------------------------------------------------------------------ running
@@ -279,24 +367,29 @@ def run_sweep(
     Ctrl-C propagates as KeyboardInterrupt; the run in progress keeps its written steps (and is rerun
     from scratch next time), the finished ones stay complete.
     """
+    from engine.lock import lock_folder
     from engine.tables import write_choice_tables, write_tables
 
     hooks = hooks or SweepHooks()
     out = Path(out)
-    prepare_out(sweep, out)
-    runs = sweep.runs()
-    done = set(complete_runs(sweep, out))
-    result = SweepResult(out, runs, skipped=[r.run_id for r in runs if r.run_id in done])
-    todo = [r for r in runs if r.run_id not in done]
-    mc_todo = [spec for spec in sweep.specs if sweep.choice_items and not choices_complete(sweep, out, spec)]
-    hooks.sweep_started(len(runs), len(done))
-    if todo or mc_todo:
-        size = batch_size or default_batch_size(sweep.device)
-        if size < 1:
-            raise HieruiError(f"--batch-size must be at least 1, got {size}")
-        _record(sweep, out, todo, use_cache, hooks, result, size, mc_todo)
-    result.summary = write_tables(sweep, out)
-    result.choice_summary = write_choice_tables(sweep, out)
+    if out.exists() and not out.is_dir():
+        raise HieruiError(f"--out {out} is a file, not a folder")
+    size = batch_size or default_batch_size(sweep.device)
+    if size < 1:
+        raise HieruiError(f"--batch-size must be at least 1, got {size}")
+    with lock_folder(out, warn=hooks.message):  # one writer per OUT (engine.lock); re-entrant for the CLI
+        check_out(sweep, out)  # nothing is written before the sweep really starts (see _record)
+        runs = sweep.runs()
+        done = set(complete_runs(sweep, out))
+        result = SweepResult(out, runs, skipped=[r.run_id for r in runs if r.run_id in done])
+        todo = [r for r in runs if r.run_id not in done]
+        mc_todo = [spec for spec in sweep.specs if sweep.choice_items and not choices_complete(sweep, out, spec)]
+        hooks.sweep_started(len(runs), len(done))
+        if todo or mc_todo:
+            _record(sweep, out, todo, use_cache, hooks, result, size, mc_todo)
+        write_manifest(sweep, out)
+        result.summary = write_tables(sweep, out)
+        result.choice_summary = write_choice_tables(sweep, out)
     return result
 
 
@@ -326,6 +419,7 @@ def _record(
                 raise HieruiError(f"prompt {item.id}: {e}") from None
             for note in notes:  # a multi-token choice is read through its first token: say so
                 hooks.message(f"prompt {item.id}: {note}")
+    write_manifest(sweep, out)  # the sweep really starts: a failed start above leaves no batch.json
     calibration = None
     for spec in sweep.specs:
         spec_runs = [r for r in todo if r.spec == spec]

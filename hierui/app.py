@@ -119,6 +119,24 @@ class HieruiApp(App):
         self._queued = ""  # what space or r asked for while loading: done when the models are ready
         self._pending_settings = settings or StepSettings()
 
+    # a crash inside the app (a widget raising): kept for the command's one error line (hierui.cli.run_app)
+    failure: BaseException | None = None
+
+    def _handle_exception(self, error: Exception) -> None:
+        if self.failure is None:
+            self.failure = error
+        super()._handle_exception(error)  # the app exits, with return_code 1
+
+    def _print_error_renderables(self) -> None:
+        """Textual prints a crash's traceback after the screen closes; hierui prints one line instead
+        (HIERUI_TRACEBACK=1 keeps the traceback)."""
+        import os
+
+        if os.environ.get("HIERUI_TRACEBACK"):
+            super()._print_error_renderables()
+        else:
+            self._exit_renderables.clear()
+
     @property
     def replay(self) -> bool:
         return self.source is not None and not self.source.live

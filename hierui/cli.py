@@ -224,6 +224,9 @@ def explore(
     raw: bool = typer.Option(False, "--raw", help="do not apply the chat template"),
     topk: int = typer.Option(5, "--topk", help="size of the top-k lists"),
     run: bool = typer.Option(False, "--run", help="start stepping as soon as the models are ready"),
+    truncate: bool = typer.Option(
+        False, "--truncate", help="a prompt longer than the context allows: keep its last tokens (default: refuse)"
+    ),
     sessions: Optional[Path] = typer.Option(
         None, "--sessions", help="folder for the session files (default: $HIERUI_HOME/sessions)", show_default=False
     ),
@@ -253,6 +256,7 @@ def explore(
         choices=list(choices or []) or None,
         raw=raw,
         topk=topk,
+        truncate=truncate,
     ).validate()
     if calib is not None and not calib.is_file():
         raise HieruiError(f"calibration file not found: {calib}")
@@ -260,6 +264,12 @@ def explore(
         raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
     if parsed.method == "checkpoint":
         resolve(parsed.path)
+    config = _check_model_args(model, parsed, device)
+    if config is not None:  # --max-new-tokens within the context, with a prompt of at least one token
+        from engine.models import config_int
+        from engine.settings import fit_context
+
+        fit_context(1, max_new_tokens, config_int(config, "max_position_embeddings"), truncate=True)
     sessions = _writable_folder(sessions, "--sessions")
     if not _interactive():
         raise HieruiError("explore needs an interactive terminal; for headless runs use hierui batch")
@@ -267,11 +277,17 @@ def explore(
 
     check_reachable(model)  # a hub model that cannot be fetched: say so here, not inside the UI
     _quiet_libraries()
-    if settings.choices:  # choices need the tokenizer: check them before the UI too
-        from engine.models import load_tokenizer
-        from engine.tokens import choice_token_ids
+    if settings.choices or config is not None:  # choices and the prompt's length need the tokenizer: before the UI
+        from engine.models import config_int, load_tokenizer
+        from engine.settings import fit_context
+        from engine.tokens import choice_token_ids, prompt_ids
 
-        choice_token_ids(load_tokenizer(model, progress=lambda m: err_console.print(f"[dim]{m}[/]")), settings.choices)
+        tokenizer = load_tokenizer(model, progress=lambda m: err_console.print(f"[dim]{m}[/]"))
+        if settings.choices:
+            choice_token_ids(tokenizer, settings.choices)
+        if config is not None:
+            n = len(prompt_ids(tokenizer, prompt, raw=raw))
+            fit_context(n, max_new_tokens, config_int(config, "max_position_embeddings"), truncate)
 
     def make_pair(progress):
         from engine.models import load
@@ -282,14 +298,45 @@ def explore(
 
     from hierui.app import HieruiApp
 
-    HieruiApp(
-        pair_factory=make_pair,
-        prompt=prompt,
-        settings=settings,
-        session_dir=sessions,
-        title_hint=f"{model} · {parsed}",
-        autorun=run,
-    ).run()
+    run_app(
+        HieruiApp(
+            pair_factory=make_pair,
+            prompt=prompt,
+            settings=settings,
+            session_dir=sessions,
+            title_hint=f"{model} · {parsed}",
+            autorun=run,
+        )
+    )
+
+
+def _check_model_args(model: str, parsed, device: str) -> dict | None:
+    """The checks that need only the arguments, the config and the file system, before anything slow: the
+    device, a checkpoint's path, the spec against the model's config.json (when it can be read without a
+    download). Returns that config (None: not known before loading)."""
+    from engine.models import check_device, read_config, resolve
+    from engine.perturb.spec import check_fits
+
+    check_device(device)
+    if parsed.method == "checkpoint":
+        try:
+            resolve(parsed.path)  # a local checkpoint that is not there fails here
+        except HieruiError as e:
+            raise HieruiError(f"--prune {parsed}: {e}") from None
+    config = read_config(model)
+    check_fits(parsed, config)
+    return config
+
+
+def run_app(app) -> None:
+    """Run the Textual app; a crash inside it (after its screen closed) is one error line and exit 1."""
+    app.run()
+    if app.return_code:
+        from engine.errors import one_line
+
+        failure = getattr(app, "failure", None)
+        why = one_line(failure) if failure is not None else f"exit code {app.return_code}"
+        raise HieruiError(f"the explorer failed: {why}", exit_code=1)
 
 
 def _writable_folder(folder: Path | None, option: str) -> Path:
@@ -312,9 +359,10 @@ def _writable_folder(folder: Path | None, option: str) -> Path:
 def show(
     session: Path = typer.Argument(..., help=SESSION_HELP, show_default=False),
     steps: bool = typer.Option(False, "--steps", help="also print one table row per step"),
+    full: bool = typer.Option(False, "--full", help="print long prompts and continuations whole (default: cut)"),
 ) -> None:
     """Print a recorded session: header, continuations, summary (and --steps: every step). Loads no model."""
-    show_path(session, steps)
+    show_path(session, steps, full)
 
 
 @app.command()
@@ -325,6 +373,7 @@ def replay(
     ),
     print_only: bool = typer.Option(False, "--print", help="print the session as text instead of opening the explorer"),
     steps: bool = typer.Option(False, "--steps", help="with --print: also print one table row per step"),
+    full: bool = typer.Option(False, "--full", help="with --print: print long prompts and continuations whole"),
     device: str = typer.Option("auto", "--device", help="--rerun: auto, cpu, cuda or cuda:N"),
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help="--rerun: auto, float32, bfloat16 or float16 (default: the recorded dtype)"
@@ -334,14 +383,26 @@ def replay(
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="--rerun: recompute calibration and pruned weights"),
     save: Optional[Path] = typer.Option(None, "--save", help="--rerun: keep the recomputed session in this file"),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="--rerun: the model to load (confirms a local path or hub id the session names)"
+    ),
+    calib: Optional[Path] = typer.Option(
+        None, "--calib", help="--rerun: the calibration text file (confirms the one the session names)"
+    ),
+    spec: Optional[str] = typer.Option(
+        None, "--prune", "-p", help="--rerun: the perturbation spec (confirms a checkpoint:PATH the session names)"
+    ),
 ) -> None:
     """Replay a recorded session in the explorer, with no model loaded (--print: as text, like `show`).
 
     With --rerun: recompute every step with the models and compare; exit 0 when all tokens match and every
-    metric is within --tol of the recording, 1 otherwise.
+    metric is within --tol of the recording, 1 otherwise. A model, checkpoint or calibration file the session
+    names by path (or hub id) is used only when you pass it again with --model, --prune or --calib.
     """
+    if not rerun and (model is not None or calib is not None or spec is not None):
+        raise HieruiError("--model, --prune and --calib apply to replay --rerun only")
     if not rerun and (print_only or not _interactive()):
-        show_path(session, steps)  # no terminal to draw on: print it instead
+        show_path(session, steps, full)  # no terminal to draw on: print it instead
         return
     if not rerun:
         if session.is_dir():
@@ -351,13 +412,16 @@ def replay(
         recorded = load_session(session)  # every problem with the file is reported here, before the UI starts
         from hierui.app import HieruiApp
 
-        HieruiApp(session=recorded).run()
+        run_app(HieruiApp(session=recorded))
         return
     if session.is_dir():
         raise HieruiError(f"{session} is a directory: replay --rerun takes one session file")
     if save is not None and (save.exists() or not save.parent.is_dir()):
         why = "exists already" if save.exists() else f"is in a folder that does not exist ({save.parent})"
         raise HieruiError(f"--save {save} {why}: name a new file")
+    from engine.models import check_device
+
+    check_device(device)  # before anything slow
     from engine.session import load_session
 
     loaded_session = load_session(session)
@@ -367,12 +431,26 @@ def replay(
 
         if dtype.lower() != "auto" and dtype.lower() not in DTYPES:
             raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
-    _quiet_libraries()
+    if calib is not None and not calib.is_file():
+        raise HieruiError(f"calibration file not found: {calib}")
+    from rich.text import Text
+
     from engine import replay as R
+    from hierui.tokentext import escape
+
+    plan = R.plan_rerun(loaded_session, model=model, calib=calib, spec=spec)  # refuses paths the file names
+    if model is not None:
+        from engine.models import resolve
+
+        resolve(model)
+    console.print(Text(f"rerunning with {escape(plan.describe())}"), highlight=False, soft_wrap=True)
+    _quiet_libraries()
     from hierui.progress import stage_progress
 
     with stage_progress(err_console) as (_say, step):
-        new = R.rerun(loaded_session, device=device, dtype=dtype, use_cache=not no_cache, progress=step, save=save)
+        new = R.rerun(
+            loaded_session, device=device, dtype=dtype, use_cache=not no_cache, progress=step, save=save, plan=plan
+        )
     result = R.compare(loaded_session.steps, new)
     print_comparison(loaded_session, result, tol)
     if not result.ok(tol):
@@ -407,6 +485,9 @@ def batch(
     seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed (default 0)"),
     raw: Optional[bool] = typer.Option(None, "--raw/--chat", help="do not apply the chat template (default: apply it)"),
     topk: Optional[int] = typer.Option(None, "--topk", help="size of the recorded top-k lists (default 5)"),
+    truncate: Optional[bool] = typer.Option(
+        None, "--truncate", help="a prompt longer than the context allows: keep its last tokens (default: refuse)"
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
     calib: Optional[Path] = typer.Option(None, "--calib", help=CALIB_HELP),
@@ -449,12 +530,15 @@ def batch(
         seed=seed,
         raw=raw,
         topk=topk,
+        truncate=truncate,
     )
     if recipe is not None:  # the recipe's prompts go to OUT/prompts.jsonl
+        from engine.lock import lock_folder
         from engine.recipe import apply_recipe
 
         out = out or default_out_dir()
-        args, batch_size = apply_recipe(recipe, out, args, batch_size)
+        with lock_folder(out, warn=lambda m: err_console.print(m, highlight=False)):  # run_sweep locks it again
+            args, batch_size = apply_recipe(recipe, out, args, batch_size)
     sweep = plan_sweep(**args)
     out = out or default_out_dir()
     _quiet_libraries()
@@ -564,6 +648,19 @@ def prune(
         raise HieruiError(f"{parsed} models are quantized on the fly and not saved; use --prune {parsed} directly")
     if save is not None and save.is_dir() and any(save.iterdir()):
         raise HieruiError(f"--save directory {save} is not empty")
+    config = _check_model_args(model, parsed, device)  # before the dense model is loaded
+    if config is not None:  # the prompt and --tokens within the context (the tokenizer is local: no download)
+        from engine.models import config_int, load_tokenizer
+        from engine.settings import fit_context
+        from engine.tokens import prompt_ids as _prompt_ids
+
+        n = len(_prompt_ids(load_tokenizer(model), prompt, raw=raw))
+        fit_context(n, tokens, config_int(config, "max_position_embeddings"), option="--tokens", can_truncate=False)
+    if dtype.lower() != "auto":
+        from engine.models import DTYPES
+
+        if dtype.lower() not in DTYPES:
+            raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
     _quiet_libraries()
 
     from engine import quality
@@ -640,15 +737,33 @@ def _describe_details(details: dict) -> str:
     return ""
 
 
+PATH_OPTIONS = ("--out", "-o", "--save", "--sessions", "--calib", "--prompts", "--from")
+
+
+def _reject_empty_paths(args: list[str]) -> None:
+    """An empty path option (`--out ""`) is an error, not the current folder (click turns "" into ".")."""
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return
+        name, eq, value = arg.partition("=")
+        if name in PATH_OPTIONS and (
+            (eq and not value.strip()) or (not eq and i + 1 < len(args) and not args[i + 1].strip())
+        ):
+            raise HieruiError(f"{name} is empty: give a path")
+
+
 def main(argv: list[str] | None = None) -> None:
     """The `hierui` command: every HieruiError is one line on stderr and its exit code; out of memory and
     Ctrl-C likewise. `argv` (default: the process's arguments) lets tests run it in-process."""
     try:
+        _reject_empty_paths(sys.argv[1:] if argv is None else argv)
         app(args=argv)
     except HieruiError as e:
         from rich.text import Text  # the message is plain text: a path like a[b] is not markup
 
-        err_console.print(Text("error: ", style="bold red") + Text(str(e)), highlight=False, soft_wrap=True)
+        from hierui.tokentext import escape  # a message may quote a file's text: no control characters
+
+        err_console.print(Text("error: ", style="bold red") + Text(escape(str(e))), highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from engine.session import SessionRecorder, default_session_path
+from engine.session import SessionRecorder, SessionWriter, default_session_path
 from engine.settings import StepSettings
 from engine.stepper import Stepper
 
@@ -21,7 +21,8 @@ class LiveRun:
 
     def __init__(self, pair, prompt: str, settings: StepSettings, session_dir: str | Path):
         self.stepper = Stepper(pair, prompt, settings)
-        self.path = default_session_path(prompt, f"{pair.spec}-{settings.mode}", session_dir)
+        self._name = (prompt, f"{pair.spec}-{settings.mode}", session_dir)
+        self.path = default_session_path(*self._name)
         self.recorder = SessionRecorder(self.stepper, [self.path])
         self.header = self.recorder.header(0)
         self._lock = threading.Lock()
@@ -59,12 +60,23 @@ class LiveRun:
                 if self._close_requested:
                     self._close_locked()
                 return None
+            self._open_session()
             record = self.recorder.step()[0]
             if self.stepper.finished or self._close_requested:
                 self._close_locked()
         if self._close_requested and not self.closed:  # asked while this step was being written
             self.close()
         return record
+
+    def _open_session(self) -> None:
+        """Create the session file at the first step, exclusively (O_EXCL): two explorers never share a file;
+        a name another one took meanwhile (same second, spec and prompt) moves on to the next free name."""
+        while self.recorder.writers[0] is None:
+            try:
+                self.recorder.writers[0] = SessionWriter(self.path, self.header, exclusive=True)
+            except FileExistsError:
+                self.path = default_session_path(*self._name)
+                self.recorder.paths[0] = self.path
 
     def close(self) -> None:
         """End the run, its session closed with a summary over the steps taken. Never blocks: with a

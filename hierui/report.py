@@ -611,5 +611,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, stamp: bool
         target = target / "report.html"
     if not target.parent.is_dir():
         raise HieruiError(f"--out {target}: folder {target.parent} does not exist")
-    page = render_html(run, time.strftime("%Y-%m-%d %H:%M") if stamp else None)
-    return atomic_write(target, page)
+    from engine.lock import lock_file
+
+    with lock_file(target):  # one writer per report file: a second one is refused, naming the first
+        page = render_html(run, time.strftime("%Y-%m-%d %H:%M") if stamp else None)
+        return atomic_write(target, page)

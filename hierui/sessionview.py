@@ -17,13 +17,23 @@ from hierui.format import MISSING, metric, pct, step_label
 from hierui.output import console, err_console
 from hierui.tokentext import cell, clip, escape, running
 
+CELL_LIMIT = 20_000  # characters of one cell (a prompt, a continuation) that `show` prints without --full
+
+
+def cut(text: str, full: bool = False, limit: int = CELL_LIMIT) -> str:
+    """`text`, or its first `limit` characters and a visible marker saying how much is left out (rich folds a
+    cell character by character: a 2 MB cell took 11 s to print)."""
+    if full or len(text) <= limit:
+        return text
+    return text[:limit] + f" … [cut: {len(text) - limit:,} more characters; --full shows all]"
+
 
 def print_warnings(warnings: list[str]) -> None:
     for warning in warnings:
-        err_console.print(Text("warning: ", style="yellow") + Text(warning), soft_wrap=True)
+        err_console.print(Text("warning: ", style="yellow") + Text(escape(warning)), soft_wrap=True)
 
 
-def _session_header_table(session) -> Table:
+def _session_header_table(session, full: bool = False) -> Table:
     h = session.header
     pert = h.get("perturbation") or {}
     table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
@@ -34,21 +44,21 @@ def _session_header_table(session) -> Table:
     if isinstance(pert.get("dense_sparsity"), (int, float)) and pert.get("dense_sparsity"):
         sparsity += f" (dense model: {pct(pert['dense_sparsity'])})"
     rows = [
-        ("model", h.get("model_display") or h.get("model") or MISSING),
-        ("perturbation", str(pert.get("spec", MISSING))),
+        ("model", escape(h.get("model_display") or h.get("model") or MISSING)),
+        ("perturbation", escape(pert.get("spec", MISSING))),
         ("measured sparsity", sparsity),
     ]
     calib = h.get("calibration")
     if isinstance(calib, dict):
-        origin = "self-generated" if calib.get("source") in (None, "self") else str(calib.get("source"))
+        origin = "self-generated" if calib.get("source") in (None, "self") else escape(calib.get("source"))
         rows.append(
             ("calibration", f"{calib.get('samples')}×{calib.get('length')} tokens, {origin}, seed {calib.get('seed')}")
         )
     decoding = f"sampled, seed {h.get('seed')}" if h.get("sample") else "greedy"
     rows += [
-        ("mode", f"{h.get('mode', MISSING)} ({decoding})"),
+        ("mode", f"{escape(h.get('mode', MISSING))} ({decoding})"),
         ("temperature", metric("temperature", h.get("temperature"))),
-        ("prompt", running(h.get("prompt")) + ("  (raw, no chat template)" if h.get("raw") else "")),
+        ("prompt", cut(running(h.get("prompt")), full) + ("  (raw, no chat template)" if h.get("raw") else "")),
         (
             "choices",
             ", ".join(repr(c) for c in h["choices"])
@@ -56,16 +66,16 @@ def _session_header_table(session) -> Table:
             else MISSING,
         ),
         *[
-            ("", f"note: {note}")
+            ("", f"note: {escape(note)}")
             for note in (h["choice_notes"] if isinstance(h.get("choice_notes"), list) else [])
             if isinstance(note, str)
         ],
         ("steps", f"{len(session.steps)}" + ("" if session.complete else " (interrupted: no closing summary)")),
-        ("created", str(h.get("created", MISSING))),
+        ("created", escape(h.get("created", MISSING))),
     ]
-    where = " ".join(str(h[k]) for k in ("device", "dtype") if h.get(k))
+    where = " ".join(escape(h[k]) for k in ("device", "dtype") if h.get(k))
     if where:
-        rows.append(("recorded on", where + (f", hierui {h['hierui']}" if h.get("hierui") else "")))
+        rows.append(("recorded on", where + (f", hierui {escape(h['hierui'])}" if h.get("hierui") else "")))
     for name, value in rows:
         table.add_row(name, Text(value))
     return table
@@ -99,7 +109,7 @@ def split_line(session) -> str | None:
     return f"the perturbed model would first have picked another token at step {step_label(first)}"
 
 
-def _continuations_table(session) -> Table:
+def _continuations_table(session, full: bool = False) -> Table:
     shared = session.header.get("mode") != "free"
     table = Table(title="continuations", title_justify="left", expand=True)
     table.add_column("dense", ratio=1, overflow="fold")
@@ -110,7 +120,7 @@ def _continuations_table(session) -> Table:
     )
     dense = "".join(running(s.get("text_d")) for s in session.steps)
     pert = "".join(running(s.get("text_p")) for s in session.steps)
-    table.add_row(Text(dense), Text(pert))
+    table.add_row(Text(cut(dense, full)), Text(cut(pert, full)))
     return table
 
 
@@ -174,15 +184,15 @@ def _show_directory(path: Path) -> None:
         try:
             s = load_session(file)
         except HieruiError as e:
-            table.add_row(Text(file.name), Text(f"unreadable: {e}", style="red"), "", "", "", "", "", "")
+            table.add_row(Text(escape(file.name)), Text(f"unreadable: {escape(str(e))}", style="red"), *[""] * 6)
             continue
         summary = s.summary if s.complete else summarize(s.steps, s.header.get("mode"))
         interrupted |= not s.complete
         table.add_row(
-            Text(file.name),
-            Text(str(s.header.get("model_display") or s.header.get("model", MISSING))),
-            Text(str((s.header.get("perturbation") or {}).get("spec", MISSING))),
-            str(s.header.get("mode", MISSING)),
+            Text(escape(file.name)),
+            Text(escape(s.header.get("model_display") or s.header.get("model", MISSING))),
+            Text(escape((s.header.get("perturbation") or {}).get("spec", MISSING))),
+            Text(escape(s.header.get("mode", MISSING))),
             Text(clip(escape(s.header.get("prompt")), 40)),
             f"{len(s.steps)}" + ("" if s.complete else "*"),
             metric("kl_mean", summary.get("kl_mean")),
@@ -198,7 +208,7 @@ def _show_directory(path: Path) -> None:
     console.print("show one of them with: hierui show SESSION.jsonl [--steps]", highlight=False)
 
 
-def show_path(path: Path, steps: bool) -> None:
+def show_path(path: Path, steps: bool, full: bool = False) -> None:
     from engine.session import load_session
     from engine.summary import summarize
 
@@ -212,10 +222,10 @@ def show_path(path: Path, steps: bool) -> None:
         return
     session = load_session(path)
     print_warnings(session.warnings)
-    console.print(Text(f"session {session.path}", style="italic"))
-    console.print(_session_header_table(session))
+    console.print(Text(f"session {escape(str(session.path))}", style="italic"))
+    console.print(_session_header_table(session, full))
     if session.steps:
-        console.print(_continuations_table(session))
+        console.print(_continuations_table(session, full))
         console.print(split_line(session), highlight=False)
     if session.complete:
         console.print(_summary_table(session.summary, "summary"))
@@ -235,8 +245,8 @@ def print_comparison(session, result, tol: float) -> None:
     h = session.header
     console.print(
         Text(
-            f"{h.get('model_display') or h.get('model')} · {(h.get('perturbation') or {}).get('spec')} · "
-            f"{h.get('mode')} · {result.recorded} recorded steps, {result.rerun} recomputed"
+            f"{escape(h.get('model_display') or h.get('model'))} · {escape((h.get('perturbation') or {}).get('spec'))}"
+            f" · {escape(h.get('mode'))} · {result.recorded} recorded steps, {result.rerun} recomputed"
         )
     )
     console.print("largest absolute deviation per metric, recording vs recomputation:", highlight=False)

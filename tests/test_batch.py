@@ -513,3 +513,143 @@ def test_bad_multiple_choice_items(tmp_path):
         path.write_text(line + "\n", encoding="utf-8")
         with pytest.raises(HieruiError, match=message):
             read_prompts(path)
+
+
+# ------------------------------------------------------------------ one writer per --out, a clean failed start
+
+
+def _batch_args(prompts, out, *extra):
+    return ["batch", "-m", "tiny-random", "--prompts", str(prompts), "-p", "none", "--max-new-tokens", "2"] + [
+        *extra,
+        "--out",
+        str(out),
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad, good, message",
+    [
+        (["--device", "cuda"], ["--device", "cpu"], "no CUDA GPU is available"),
+        (["--dtype", "float8"], ["--dtype", "float32"], "unknown dtype 'float8'"),
+        (["--device", "tpu"], ["--device", "cpu"], "device 'tpu'"),
+        ("collide", [], "do not start with distinct tokens"),
+    ],
+)
+def test_a_failed_start_leaves_nothing_and_the_corrected_command_succeeds(cli, tmp_path, bad, good, message):
+    """Checks that fail at the start (device, dtype, first tokens of the choices) leave no batch.json behind
+    that would refuse the corrected command as "another sweep"."""
+    import torch
+
+    if bad[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("a GPU is here: --device cuda does not fail")
+    prompts = tmp_path / "p.jsonl"
+    out = tmp_path / "out"
+    if bad == "collide":  # choices whose first tokens are the same on tiny-random: found after the tokenizer loads
+        write_jsonl(prompts, [{"prompt": "Pick a fruit:", "choices": ["Apple", "Apricot"]}])
+        bad = []
+    else:
+        write_jsonl(prompts, [{"prompt": "Pick a fruit:", "choices": ["Apple", "Pear"]}])
+    failed = cli(*_batch_args(prompts, out, *bad))
+    assert failed.returncode != 0 and message in failed.stderr, failed.stderr
+    assert not (out / "batch.json").exists() and not (out / ".hierui.lock").exists()
+    assert not out.exists()  # the folder the failed start made is gone again
+    write_jsonl(prompts, [{"prompt": "Pick a fruit:", "choices": ["Apple", "Pear"]}])
+    fixed = cli(*_batch_args(prompts, out, *good))
+    assert fixed.returncode == 0, fixed.stderr
+    assert "1 run (1 computed, 0 already complete)" in fixed.stdout
+    assert load_session(out / "sessions" / "p000-none-shared.jsonl").complete
+    assert not (out / ".hierui.lock").exists()  # released at the end
+
+
+SLOW_BATCH = """
+import sys, time
+import engine.session
+write_step = engine.session.SessionWriter.write_step
+def slow(self, record):  # each step takes a while: the two runs certainly overlap
+    time.sleep(float(sys.argv[1]))
+    write_step(self, record)
+engine.session.SessionWriter.write_step = slow
+from hierui.cli import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+def test_two_concurrent_sweeps_on_one_out(tmp_path):
+    """Two sweeps started together into one --out: one records every run, the other exits 2 naming the
+    first, and every session file loads whole."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello\nThe cat sat\nOnce upon a time\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = _batch_args(prompts, out, "--mode", "shared", "--mode", "free")
+    args[args.index("2")] = "8"  # --max-new-tokens 8
+    env = {**os.environ, "COLUMNS": "300"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SLOW_BATCH, "0.05", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    results = [(p, *p.communicate(timeout=300)) for p in procs]
+    codes = sorted(p.returncode for p, _, _ in results)
+    assert codes == [0, 2], [(p.returncode, err) for p, _, err in results]
+    (winner,) = [r for r in results if r[0].returncode == 0]
+    (loser,) = [r for r in results if r[0].returncode == 2]
+    lines = [line for line in loser[2].splitlines() if line.strip()]
+    assert len(lines) == 1, loser[2]
+    assert f"{out} is in use by hierui pid {winner[0].pid} on {socket.gethostname()} since " in lines[0]
+    assert "6 runs (6 computed, 0 already complete)" in winner[1]
+    files = sorted((out / "sessions").glob("*.jsonl"))
+    assert len(files) == 6
+    for path in files:
+        session = load_session(path)
+        assert session.complete and not session.warnings and len(session.steps) >= 1, path
+    assert not (out / ".hierui.lock").exists()
+
+
+def test_a_sweep_takes_over_a_stale_lock(cli, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = {"pid": dead.pid, "host": socket.gethostname(), "started": "2026-01-01T00:00:00+0000"}
+    (out / ".hierui.lock").write_text(json.dumps(stale), encoding="utf-8")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello\n", encoding="utf-8")
+    run = cli(*_batch_args(prompts, out))
+    assert run.returncode == 0, run.stderr
+    assert f"taking over a stale lock of pid {dead.pid} (not running)" in run.stderr
+    assert load_session(out / "sessions" / "p000-none-shared.jsonl").complete
+    assert not (out / ".hierui.lock").exists()
+
+
+def test_the_lock_is_released_after_an_error(sweep_files, tmp_path):
+    from engine.lock import held_locks
+
+    out = tmp_path / "out"
+    sweep = plan_sweep(prompts_file=sweep_files["jsonl"], model="tiny-random", specs=["none"], max_new_tokens=2)
+
+    class Boom(SweepHooks):
+        def step(self, run, record):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_sweep(sweep, out, hooks=Boom(), batch_size=1)
+    assert held_locks() == [] and not (out / ".hierui.lock").exists()
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, out, hooks=Recorder(stop_at=(0, 0)), batch_size=1)
+    assert held_locks() == [] and not (out / ".hierui.lock").exists()
+    assert run_sweep(sweep, out, batch_size=1).computed  # and the folder is free for the next run

@@ -24,7 +24,7 @@ import pytest
         (["explore", "--prune", "wanda:1.5"], "sparsity must be in (0, 1)"),
         (["explore", "--prune", "nope:2"], "unknown method 'nope'"),
         (["explore", "--mode", "sideways"], "unknown mode 'sideways'"),
-        (["explore", "--temperature", "0"], "temperature must be > 0"),
+        (["explore", "--temperature", "0"], "temperature must be between"),
         (["explore", "--calib", "/no/such/file.txt"], "calibration file not found"),
         (["explore", "--prune", "checkpoint:/no/such/dir"], "not found"),
         (["explore"], "needs an interactive terminal"),  # valid input, but no terminal here: still before the UI
@@ -282,6 +282,7 @@ def test_progress_callbacks_that_take_only_a_message_get_each_stage_once():
     assert both == [("fetching", 1, 2)]
 
 
+@pytest.mark.slow
 def test_prune_redirected_to_a_file_prints_stage_lines(tmp_path):
     """No terminal: a plain line per stage (start, ~10% steps, end), never a bar's control characters; the
     calibration it used is stated in its output."""

@@ -250,3 +250,13 @@ def test_show_truncated_session_warns_on_one_stderr_line(cli, recorded, tmp_path
     err = [ln for ln in run.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and "warning" in err[0] and "truncated last line" in err[0]
     assert "interrupted" in run.stdout
+
+
+def test_every_shipped_session_passes_the_schema():
+    """engine.validate checks every field of the files load_session reads: the example sessions pass it."""
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent.parent / "sessions").glob("*.jsonl"))
+    assert files
+    for path in files:
+        assert load_session(path).steps, path

@@ -64,3 +64,29 @@ def test_malformed_specs_say_why(text, why):
     message = str(info.value)
     assert why in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["wanda:０.５", "wanda:0.5_0", "wanda:5e-1", "wanda:nan", "wanda:+0.5", "wanda:0.5.", "attndrop:٤", "wanda:2:４"],
+)
+def test_only_ascii_decimals_are_numbers(text):
+    with pytest.raises(HieruiError, match="digits 0-9|decimal number"):
+        parse_spec(text)
+
+
+@pytest.mark.parametrize("text, sparsity", [("wanda:.5", 0.5), ("wanda:0.25", 0.25), ("magnitude: 0.5 ", 0.5)])
+def test_plain_decimals_are_accepted(text, sparsity):
+    assert parse_spec(text).sparsity == sparsity
+
+
+def test_check_fits_against_a_config():
+    from engine.perturb.spec import check_fits
+
+    config = {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
+    check_fits(parse_spec("blockdrop:3"), config)
+    check_fits(parse_spec("wanda:0.02"), config)  # 1 of 64 inputs per row
+    check_fits(parse_spec("wanda:0.5"), None)  # no config: nothing to check yet
+    for bad in ("blockdrop:4", "wanda:0.01", "magnitude:0.0001", "wanda:2:128"):
+        with pytest.raises(HieruiError):
+            check_fits(parse_spec(bad), config)

@@ -292,3 +292,31 @@ def test_choices_give_the_renormalised_subspace(magnitude_pair):
     for r in records:
         assert sum(r["sub_p_d"]) == pytest.approx(1.0) and len(r["sub_p_p"]) == 3
         assert r["sub_kl"] >= 0 and 0 <= r["sub_cos"] <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["shared", "free"])
+def test_chunked_prefill_equals_one_pass(magnitude_pair, monkeypatch, mode):
+    """A long prompt is prefilled in chunks through the KV caches; the records equal a one-pass prefill, for
+    one row and for left-padded batch rows."""
+    import engine.stepper as S
+
+    prompts = ["The weather today is " * 3, "Once"]
+    settings = StepSettings(mode=mode, max_new_tokens=5)
+    one_pass = [
+        S.BatchStepper(magnitude_pair, prompts, settings).run(),
+        Stepper(magnitude_pair, prompts[0], settings).run(),
+    ]
+    monkeypatch.setattr(S, "PREFILL_CHUNK", 7)
+    chunked = [
+        S.BatchStepper(magnitude_pair, prompts, settings).run(),
+        Stepper(magnitude_pair, prompts[0], settings).run(),
+    ]
+    batch_a, single_a = one_pass
+    batch_b, single_b = chunked
+    for a_rows, b_rows in ((batch_a, batch_b), ([single_a], [single_b])):
+        for a, b in zip(a_rows, b_rows):
+            assert [r["token_d"] for r in a] == [r["token_d"] for r in b]
+            assert [r["token_p"] for r in a] == [r["token_p"] for r in b]
+            for ra, rb in zip(a, b):
+                assert ra["kl"] == pytest.approx(rb["kl"], rel=1e-4, abs=1e-6)
+                assert ra["emb_cos"] == pytest.approx(rb["emb_cos"], rel=1e-4, abs=1e-6)

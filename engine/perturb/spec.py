@@ -12,6 +12,7 @@ Grammar (see shared/design.md):  METHOD[:ARG[:ARG]]
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from engine.errors import HieruiError
@@ -85,11 +86,15 @@ def _bad(text: str, why: str) -> HieruiError:
     return HieruiError(f"invalid perturbation spec '{text}': {why}")
 
 
+# ASCII decimals only: Python's int() and float() also take '０.５', '0.5_0', '1e-3', 'nan', '٤'
+_WHOLE = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[0-9]*\.?[0-9]+")
+
+
 def _int(text: str, part: str, what: str) -> int:
-    try:
-        return int(part)
-    except ValueError:
-        raise _bad(text, f"{what} must be a whole number, got '{part}'") from None
+    if not _WHOLE.fullmatch(part):
+        raise _bad(text, f"{what} must be a whole number written with the digits 0-9, got '{part}'")
+    return int(part)
 
 
 def parse_spec(text: str) -> Spec:
@@ -128,10 +133,9 @@ def parse_spec(text: str) -> Spec:
 
     # pruning: METHOD:SPARSITY or METHOD:N:M
     if len(args) == 1:
-        try:
-            sparsity = float(args[0])
-        except ValueError:
-            raise _bad(raw, f"sparsity must be a number in (0, 1), got '{args[0]}'") from None
+        if not _DECIMAL.fullmatch(args[0]):
+            raise _bad(raw, f"sparsity must be a decimal number in (0, 1) such as 0.5, got '{args[0]}'")
+        sparsity = float(args[0])
         if not 0.0 < sparsity < 1.0:
             raise _bad(raw, f"sparsity must be in (0, 1), got {args[0]}")
         return Spec(method, sparsity=sparsity)
@@ -142,3 +146,28 @@ def parse_spec(text: str) -> Spec:
             raise _bad(raw, f"N:M needs 0 < N < M (keep N of every M weights), got {n}:{m}")
         return Spec(method, n=n, m=m)
     raise _bad(raw, f"'{method}' takes a sparsity (e.g. {method}:0.5) or N:M (e.g. {method}:2:4)")
+
+
+def check_fits(spec: Spec, config: dict | None) -> None:
+    """Check a spec against the model's config.json (engine.models.read_config), before anything is loaded:
+    a drop count below the layer count, a sparsity that prunes at least one weight of every decoder linear
+    (Wanda prunes per output row: one of its fewest input features; magnitude and SparseGPT per matrix)."""
+    from engine.models import config_int, smallest_linear
+
+    if not config:
+        return
+    layers = config_int(config, "num_hidden_layers")
+    if spec.family == "drop" and layers and spec.count >= layers:
+        raise _bad(str(spec), f"the model has {layers} layers and at least one must remain; drop at most {layers - 1}")
+    smallest = smallest_linear(config)
+    if spec.sparsity is not None and smallest:
+        ins, numel = smallest
+        group, what = (ins, "weights of a row") if spec.method == "wanda" else (numel, "weights of a matrix")
+        if int(group * spec.sparsity) < 1:
+            raise _bad(
+                str(spec),
+                f"sparsity {spec.sparsity:g} prunes no weight of the smallest decoder linear ({group:,} {what}); "
+                f"use at least 1/{group} (about {1 / group:.3g})",
+            )
+    if spec.m is not None and smallest and spec.m > smallest[0]:
+        raise _bad(str(spec), f"M = {spec.m} is larger than the smallest decoder linear's {smallest[0]} inputs")

@@ -9,7 +9,7 @@ from textual.widgets import Static
 from engine.calibration import describe_calibration
 from engine.settings import StepSettings
 from hierui.format import step_label
-from hierui.tokentext import token
+from hierui.tokentext import escape, token
 from hierui.widgets.scale import kl_color
 
 
@@ -30,7 +30,7 @@ class Continuation(Static):
             self.border_title = "dense"
         else:
             spec = (self.header.get("perturbation") or {}).get("spec")
-            title = f"perturbed ({spec})" if spec else "perturbed"
+            title = f"perturbed ({escape(spec)})" if spec else "perturbed"
             note = " · own picks, dense context" if self.settings.mode == "shared" else ""
             # the whole title where it fits the border, else without the note
             fits = not self.size.width or len(title + note) + 6 <= self.size.width

@@ -13,7 +13,7 @@ from textual.widget import Widget
 from engine.calibration import describe_calibration
 from engine.settings import StepSettings
 from hierui.format import MISSING
-from hierui.tokentext import clip
+from hierui.tokentext import clip, escape
 
 STATE_LABELS = {
     "loading": "⏳ loading",
@@ -50,9 +50,10 @@ class InfoBar(Widget):
         """The line's parts at a level of detail: 0 everything, higher levels leave more out."""
         h = self.header or {}
         pert = h.get("perturbation") or {}
-        model = str(h.get("model_display") or h.get("model") or "")
+        model = escape(h.get("model_display") or h.get("model") or "")  # header text from a file: escaped
         s = self.settings
-        out = [model if level < 5 else short_model(model), str(pert["spec"])] if pert.get("spec") else [self.hint]
+        spec = escape(pert.get("spec") or "")
+        out = [model if level < 5 else short_model(model), spec] if spec else [escape(self.hint)]
         sparsity = pert.get("measured_sparsity")
         if isinstance(sparsity, (int, float)) and sparsity and level < 4:
             out.append(f"sparsity {sparsity:.1%}")
