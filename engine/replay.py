@@ -18,7 +18,7 @@ import json
 import math
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.errors import HieruiError
@@ -179,6 +179,11 @@ def rerun(
     header = session.header
     plan = plan or plan_rerun(session, loaded=loaded)
     settings = settings_from_header(header, len(session.steps))
+    stop = None
+    if header.get("truncated_from") and isinstance(header.get("max_new_tokens"), int):
+        # the prompt was cut to fit the recorded max_new_tokens: step with that limit, as many steps as recorded
+        settings = replace(settings, max_new_tokens=header["max_new_tokens"])
+        stop = lambda: len(stepper.records) >= len(session.steps)  # noqa: E731
     say = progress or (lambda *_: None)
     if loaded is None:
         loaded = load(
@@ -198,11 +203,11 @@ def rerun(
 
     say("recomputing steps", 0, total)
     if save is not None:
-        SessionRecorder(stepper, [save]).run(callback=stepped)
+        SessionRecorder(stepper, [save]).run(callback=stepped, stop=stop)
         return load_session(save).steps
     with tempfile.TemporaryDirectory(prefix="hierui-rerun-") as tmp:
         path = Path(tmp) / "rerun.jsonl"
-        SessionRecorder(stepper, [path]).run(callback=stepped)
+        SessionRecorder(stepper, [path]).run(callback=stepped, stop=stop)
         return load_session(path).steps
 
 

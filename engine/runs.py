@@ -110,7 +110,7 @@ def load_run(run_dir: str | Path) -> RunData:
         raise HieruiError(f"run folder not found: {path}")
     if not path.is_dir():
         raise HieruiError(f"{path} is not a folder: give the --out folder of a hierui batch run")
-    missing = [n for n in ("batch.json", "summary.parquet") if not (path / n).is_file()]
+    missing = [n for n in ("batch.json", "summary.parquet", "steps.parquet") if not (path / n).is_file()]
     if missing:
         raise HieruiError(
             f"{path} is not a hierui batch output (no {' or '.join(missing)}): run hierui batch --out {path} first"

@@ -304,3 +304,20 @@ def test_prune_refuses_a_prompt_beyond_the_context_before_loading(cli, no_load):
     _one_line(run, "exceed the model's context")
     run = cli("prune", "--model", "tiny-random", "--tokens", "2000")
     _one_line(run, "--tokens 2000 does not fit the model's context of 1024 tokens")
+
+
+def test_rerun_of_a_truncated_session_that_stopped_early_keeps_the_same_prompt(pair, tiny, tmp_path):
+    """The prompt was cut to fit the recorded max_new_tokens: a rerun of fewer steps must cut it the same way."""
+    from engine import replay as R
+    from engine.session import SessionRecorder, load_session
+    from engine.settings import StepSettings
+    from engine.stepper import Stepper
+
+    stepper = Stepper(pair, LONG_PROMPT, StepSettings(raw=True, max_new_tokens=6, truncate=True))
+    path = tmp_path / "cut.jsonl"
+    SessionRecorder(stepper, [path]).run(stop=lambda: len(stepper.records) >= 2)  # ended before the limit
+    session = load_session(path)
+    kept = tmp_path / "again.jsonl"
+    new = R.rerun(session, loaded=tiny, save=kept)
+    assert load_session(kept).header["prompt_ids"] == session.header["prompt_ids"]
+    assert len(new) == 2 and R.compare(session.steps, new).ok(1e-5)

@@ -284,7 +284,8 @@ EVIL = "<script>alert('spec')</script>"
 
 
 def _synthetic_run(folder, specs=(EVIL, "none")):
-    """A batch output without a model: batch.json and summary.parquet, shared mode, two specs."""
+    """A batch output without a model: batch.json, summary.parquet and an empty steps.parquet, shared mode,
+    two specs."""
     folder.mkdir(parents=True)
     manifest = {
         "format": "hierui-batch",
@@ -315,6 +316,9 @@ def _synthetic_run(folder, specs=(EVIL, "none")):
         for i, spec in enumerate(specs)
     ]
     pq.write_table(pa.Table.from_pylist(rows), folder / "summary.parquet")
+    from engine import schema
+
+    pq.write_table(schema.to_table([], schema.STEPS, "steps.parquet"), folder / "steps.parquet")  # no steps
     return folder
 
 
@@ -632,3 +636,12 @@ def test_report_says_when_a_run_contradicts_the_pattern(uneven, tmp_path):
     assert "1 − cos shrinks from logits to probabilities (prob cos 0.95000 above logit cos 0.90000)" in page
     assert HR.CLAIMS["amplification"][1] in page and "amp 0.5000" in page
     assert 'class="reading contradicted"' in page
+
+
+def test_a_run_folder_without_its_steps_table_is_one_line(cli, tmp_path):
+    folder = _synthetic_run(tmp_path / "nosteps")
+    (folder / "steps.parquet").unlink()
+    for command in ("show", "report"):
+        run = cli(command, folder)
+        assert run.returncode == 2 and "no steps.parquet" in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
