@@ -18,6 +18,7 @@ from rich.text import Text
 from engine import runs as R
 from hierui.format import MISSING, metric, step_label
 from hierui.output import console
+from hierui.tokentext import escape
 
 
 def is_batch_output(path: Path) -> bool:
@@ -100,7 +101,7 @@ def _spec_table(rows: list[dict], shown: list[tuple[str, str]]) -> Table:
     for key, heading in shown:
         table.add_column(heading, justify="left" if key == "spec" else "right", no_wrap=True)
     for r in rows:
-        table.add_row(*[Text(r["spec"]) if k == "spec" else value_text(k, r.get(k)) for k, _ in shown])
+        table.add_row(*[Text(escape(r["spec"])) if k == "spec" else value_text(k, r.get(k)) for k, _ in shown])
     return table
 
 
@@ -228,11 +229,14 @@ def show_batch(path: Path, console: Console) -> None:
     run = R.load_run(path)
     rows = R.spec_rows(run)
     name = run.recipe.get("name")
-    console.print(Text(f"batch output {path}" + (f" (recipe {name})" if name else ""), style="italic"))
+    # text from the folder's files is escaped and printed as plain text (no markup, no control characters)
+    console.print(Text(f"batch output {path}" + (f" (recipe {escape(name)})" if name else ""), style="italic"))
     n_runs, n_mc = len(run.summary), len({r.get("item_id") for r in run.mc})
     console.print(
-        f"model {run.manifest.get('model', MISSING)} · {_plural(len(run.specs), 'spec')} · "
-        f"{_plural(n_runs, 'generation run')}" + (f" · {_plural(n_mc, 'multiple-choice item')}" if n_mc else ""),
+        Text(
+            f"model {escape(run.manifest.get('model') or MISSING)} · {_plural(len(run.specs), 'spec')} · "
+            f"{_plural(n_runs, 'generation run')}" + (f" · {_plural(n_mc, 'multiple-choice item')}" if n_mc else "")
+        ),
         highlight=False,
     )
     for table in spec_tables(rows, R.basis_mode(run), console.width):
@@ -330,7 +334,7 @@ def choice_table(rows: list[dict]) -> Group:
         table.add_column(name, justify=justify, no_wrap=True)
     for r in rows:
         table.add_row(
-            Text(r["spec"]),
+            Text(escape(r["spec"])),
             *[metric(k, r.get(k)) for k in ("items", "acc_d", "acc_p", "agree_rate", "sub_kl_mean", "kl_mean")],
         )
     return titled("multiple choice (scored, no generation), per spec", table)

@@ -645,3 +645,15 @@ def test_a_run_folder_without_its_steps_table_is_one_line(cli, tmp_path):
         run = cli(command, folder)
         assert run.returncode == 2 and "no steps.parquet" in run.stderr
         assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
+
+
+def test_show_run_dir_prints_names_from_its_files_escaped(cli, tmp_path):
+    """A manifest's model and a spec name are text from a file: no markup, no terminal control characters."""
+    folder = _synthetic_run(tmp_path / "ctl", specs=("wanda:0.5\x1b[31m", "none"))
+    manifest = json.loads((folder / "batch.json").read_text(encoding="utf-8"))
+    manifest["model"] = "[bold]m\x1b]0;pwned\x07"
+    (folder / "batch.json").write_text(json.dumps(manifest), encoding="utf-8")
+    run = cli("show", folder)
+    assert run.returncode == 0, run.stderr
+    assert "\x1b" not in run.stdout and "\x07" not in run.stdout
+    assert "[bold]m\\x1b]0;pwned\\x07" in run.stdout and "wanda:0.5\\x1b[31m" in run.stdout
