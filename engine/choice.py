@@ -57,18 +57,25 @@ def _choice_logprobs(
     return torch.stack(scores), out.logits[:1, at, :], hidden
 
 
+def item_token_ids(tokenizer, item_id: str, prompt: str, choices: list[str]) -> tuple[list[int], list[list[int]]]:
+    """An item's prompt ids (plain text, the tokenizer's own special tokens) and each choice's ids; an empty
+    one is a HieruiError. A sweep calls it for every item before it starts, scoring again per item."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    if not prompt_ids:
+        raise HieruiError(f"item {item_id}: the prompt is empty after tokenization")
+    choice_ids = []
+    for choice in choices:
+        ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise HieruiError(f"item {item_id}: choice {choice!r} is empty after tokenization")
+        choice_ids.append(ids)
+    return prompt_ids, choice_ids
+
+
 def score_item(pair, item: ChoiceItem, temperature: float = 1.0) -> dict:
     """Both models' scores for one item: subspace distributions, predictions, correctness and divergences."""
     tok = pair.tokenizer
-    prompt = tok(item.prompt)["input_ids"]  # plain text, the tokenizer's own special tokens
-    if not prompt:
-        raise HieruiError(f"item {item.id}: the prompt is empty after tokenization")
-    choice_ids = []
-    for choice in item.choices:
-        ids = tok(choice, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise HieruiError(f"item {item.id}: choice {choice!r} is empty after tokenization")
-        choice_ids.append(ids)
+    prompt, choice_ids = item_token_ids(tok, item.id, item.prompt, item.choices)
     width = len(prompt) + max(len(c) for c in choice_ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rows = torch.full((len(choice_ids), width), pad, dtype=torch.long)

@@ -404,6 +404,7 @@ def _record(
     mc_todo: list[Spec],
 ) -> None:
     from engine.calibration import build_calibration
+    from engine.choice import item_token_ids
     from engine.models import load
     from engine.perturb import perturb
     from engine.session import SessionRecorder
@@ -419,6 +420,8 @@ def _record(
                 raise HieruiError(f"prompt {item.id}: {e}") from None
             for note in notes:  # a multi-token choice is read through its first token: say so
                 hooks.message(f"prompt {item.id}: {note}")
+        elif item.is_choice:  # multiple choice: every choice is scored whole, none may be empty
+            item_token_ids(loaded.tokenizer, item.id, item.prompt, item.choices)
     write_manifest(sweep, out)  # the sweep really starts: a failed start above leaves no batch.json
     calibration = None
     for spec in sweep.specs:
