@@ -8,7 +8,7 @@ life, and a change (the explorer's `m`, `+`/`-`, a new prompt) makes a new value
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 from engine.errors import HieruiError
 
@@ -71,10 +71,6 @@ class StepSettings:
         out = asdict(self)
         out["choices"] = list(self.choices) if self.choices else None
         return out
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
 
 def fit_context(

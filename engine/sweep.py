@@ -346,12 +346,6 @@ def write_manifest(sweep: Sweep, out: str | Path) -> None:
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
 
-def prepare_out(sweep: Sweep, out: str | Path) -> None:
-    """Create OUT and write OUT/batch.json, or check that the one there describes this same sweep."""
-    if not check_out(sweep, out):
-        write_manifest(sweep, out)
-
-
 # ------------------------------------------------------------------ running
 
 

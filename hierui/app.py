@@ -196,10 +196,6 @@ class HieruiApp(App):
         self.query_one("#loading").display = bool(status)
         self.query_one("#status", Static).update(status)
 
-    @property
-    def selected_record(self) -> dict | None:
-        return self.record
-
     # ------------------------------------------------------------ workers
 
     @on(Worker.StateChanged)

@@ -39,26 +39,6 @@ from hierui.tokentext import escape
 
 SECTION_IDS = ("hierarchy", "kl-theory", "amplification", "accumulation", "first-divergence", "multiple-choice")
 
-# engine.runs.spec_rows()'s fields and their short headings
-ROW_FIELDS = {
-    "spec": "spec",
-    "sparsity": "sparsity",
-    "runs": "runs",
-    "emb_cos": "hidden cos",
-    "logit_cos": "logit cos",
-    "prob_cos": "prob cos",
-    "kl": "KL",
-    "kl_est": "KL est",
-    "amp": "amp",
-    "top1": "top-1",
-    "cum_kl_shared": "cum KL shared",
-    "cum_kl_free": "cum KL free",
-    "first_div": "1st div",
-    "mc_acc_d": "MC acc dense",
-    "mc_acc_p": "MC acc pert",
-    "mc_sub_kl": "MC sub KL",
-}
-
 TEXT_FIELDS = ("spec", "len_shared", "len_free")  # printed as text (escaped by hierui.tokentext) …
 STEP_FIELDS = ("first_div", "first_divergence")  # … steps (0-based in the tables) counted from 1 …
 # … every other field by hierui.format
@@ -265,10 +245,6 @@ def choice_kl_check(row: dict) -> Check | None:
 
 def _names(specs: list[str]) -> str:
     return ", ".join(specs[:-1]) + f" and {specs[-1]}" if len(specs) > 1 else specs[0]
-
-
-def _cap(text: str) -> str:
-    return text[:1].upper() + text[1:]
 
 
 def reading(checks, pattern: str, contrary: str) -> dict | None:
