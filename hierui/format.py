@@ -130,3 +130,16 @@ def ended_note(record: dict | None) -> str | None:
         if isinstance(end, int) and not isinstance(end, bool) and end < record.get("step", -1):
             return f"{name} ended at step {step_label(end)}: nothing to compare"
     return None
+
+
+OUT_OF_RANGE = "n/a"  # a cosine's second-order estimate outside [−1, 1]: the approximation no longer holds
+
+
+def cos_estimate(value, measured) -> str:
+    """A cosine's second-order estimate as shown: OUT_OF_RANGE where it left [−1, 1] (recorded as null beside a
+    measurement, or out of range in an older session), MISSING where nothing was measured either."""
+    if value is None:
+        return OUT_OF_RANGE if measured is not None else MISSING
+    if not -1.0 <= value <= 1.0:
+        return OUT_OF_RANGE
+    return metric("cos_est", value)

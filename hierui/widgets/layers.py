@@ -12,17 +12,10 @@ from textual.binding import Binding
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from hierui.format import ended_note, metric
+from hierui.format import cos_estimate, ended_note, metric
 from hierui.widgets.scale import drift_color
 
 BAR = 8
-
-
-def estimate(value) -> str:
-    """A cosine estimate as shown: n/a when it left [−1, 1] (second order no longer holds) or is missing."""
-    if value is None or not -1.0 <= value <= 1.0:
-        return "n/a"
-    return metric("emb_cos_est", value)
 
 
 def strip(drift: list, width: int) -> Text:
@@ -66,13 +59,13 @@ class LayerPanel(Static, can_focus=True):
         text.append("1−cos emb ", style="dim")
         text.append_text(strip(drift, width - 14))
         text.append(" out\n", style="dim")
-        text.append(f"  out {metric('emb_cos', cos[-1]):>7} {estimate(est[-1]):>7}", style="bold")
+        text.append(f"  out {metric('emb_cos', cos[-1]):>7} {cos_estimate(est[-1], cos[-1]):>7}", style="bold")
         text.append(" ← final\n", style="dim")
         text.append(" layer   cos   theory  1−cos\n", style="bold")
         for layer, (c, e, d) in enumerate(zip(cos, est, drift)):
             name = "emb" if layer == 0 else ("out" if layer == last else f"{layer:>3}")
             filled = 0 if d is None else max(0, min(BAR, round(BAR * d / top)))
-            text.append(f"  {name:>3} {metric('emb_cos', c):>7} {estimate(e):>7} ")
+            text.append(f"  {name:>3} {metric('emb_cos', c):>7} {cos_estimate(e, c):>7} ")
             text.append("▇" * filled, style=drift_color(d))
             text.append(" " * (BAR - filled) + ("\n" if layer < last else ""))
         self.update(text)

@@ -7,7 +7,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from hierui.format import MISSING, ended_note, metric, step_label
+from hierui.format import MISSING, OUT_OF_RANGE, cos_estimate, ended_note, metric, step_label
 from hierui.widgets.scale import kl_color
 
 
@@ -30,7 +30,10 @@ class SpacesPanel(Static):
         est = record.get("emb_cos_est") or [None]
         kl = record.get("kl")
         amp = record.get("amp")
-        hidden_est, prob_est = estimate(est[-1], emb[-1]), estimate(record.get("prob_cos_est"), record.get("prob_cos"))
+        hidden_est, prob_est = (
+            cos_estimate(est[-1], emb[-1]),
+            cos_estimate(record.get("prob_cos_est"), record.get("prob_cos")),
+        )
         table.add_row("hidden cos", metric("emb_cos", emb[-1]), hidden_est)
         table.add_row("logit cos", metric("logit_cos", record.get("logit_cos")), "")
         table.add_row("logit rel", metric("logit_rel", record.get("logit_rel")), "")
@@ -53,16 +56,3 @@ class SpacesPanel(Static):
         out_of_range = OUT_OF_RANGE in (hidden_est, prob_est)
         self.border_subtitle = f"{OUT_OF_RANGE}: Δz too large" if out_of_range else ""
         self.update(table)
-
-
-OUT_OF_RANGE = "n/a"
-
-
-def estimate(value, measured) -> str:
-    """A cosine's second-order estimate as shown: n/a where it left [−1, 1] (recorded as null beside a
-    measurement, or out of range in an older session): the approximation no longer holds there."""
-    if value is None:
-        return OUT_OF_RANGE if measured is not None else MISSING
-    if not -1.0 <= value <= 1.0:
-        return OUT_OF_RANGE
-    return metric("prob_cos_est", value)
