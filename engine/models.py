@@ -3,6 +3,7 @@
 Names accepted by --model:
   - an alias: `smollm2-135m` (the embedded default), `llama-7b`, `llama2-7b`, `llama3-8b`, ...;
   - `tiny-random`: a seeded four-layer Llama with a byte-level tokenizer, for tests and demos;
+  - `tiny-random:FAMILY`: a seeded tiny model of another decoder family (engine.zoo: gemma2, mixtral, gpt2, ...);
   - a local directory holding a transformers checkpoint (config.json + weights);
   - a `.gguf` file (de-quantized through transformers' GGUF support, then cached as safetensors);
   - a hub id `owner/name` (where the hub is reachable, or already in the local hub cache).
@@ -35,6 +36,7 @@ from engine.embedded import (
 from engine.errors import HieruiError, is_oom, one_line
 from engine.paths import models_dir
 from engine.tiny import TINY_RANDOM, TINY_VERSION
+from engine.zoo import ZOO_VERSION, check_family, family_of
 
 Progress = Callable[[str], None]
 
@@ -61,7 +63,8 @@ ALIASES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class ModelRef:
-    """What a --model name points at. `kind` is embedded | tiny | local | gguf | hub."""
+    """What a --model name points at. `kind` is embedded | tiny | zoo | local | gguf | hub (for zoo, `source` is
+    the family)."""
 
     name: str
     kind: str
@@ -81,6 +84,8 @@ class ModelRef:
             return f"embedded:{EMBEDDED_SHA256[:16]}"
         if self.kind == "tiny":
             return f"tiny-random:{TINY_VERSION}"
+        if self.kind == "zoo":
+            return f"tiny-random:{self.source}:{ZOO_VERSION}"
         if self.kind in ("local", "gguf"):
             p = Path(self.source)
             files = (
@@ -120,6 +125,10 @@ def resolve(name: str) -> ModelRef:
         return ModelRef(DEFAULT_MODEL, "embedded", EMBEDDED_PACKAGE)
     if low == TINY_RANDOM:
         return ModelRef(TINY_RANDOM, "tiny", TINY_RANDOM)
+    family = family_of(low)
+    if family is not None:
+        check_family(family, raw)
+        return ModelRef(low, "zoo", family)
     if low in ALIASES:
         return ModelRef(low, "hub", ALIASES[low])
     path = Path(name).expanduser()
@@ -139,7 +148,7 @@ def resolve(name: str) -> ModelRef:
         return ModelRef(name, "hub", name)
     if looks_like_path:
         raise HieruiError(f"model directory not found: {raw}")
-    known = ", ".join([DEFAULT_MODEL, TINY_RANDOM, *ALIASES])
+    known = ", ".join([DEFAULT_MODEL, TINY_RANDOM, "tiny-random:FAMILY", *ALIASES])
     raise HieruiError(
         f"unknown model '{raw}': use an alias ({known}), a local directory, a .gguf file or a hub id owner/name"
     )
@@ -162,11 +171,13 @@ def read_config(name: str) -> dict | None:
     """A model's config.json as a dict, without torch or a download: tiny-random, a local checkpoint, the
     embedded default once converted, a converted GGUF, a hub model in the local hub cache. None where it
     cannot be known yet (not fetched or converted): the checks that need it then happen after loading."""
-    import json
-
     ref = resolve(name)
     if ref.kind == "tiny":
         return dict(TINY_CONFIG)
+    if ref.kind == "zoo":
+        from engine.zoo import zoo_config_dict
+
+        return zoo_config_dict(ref.source)
     if ref.kind == "local":
         path = Path(ref.source) / "config.json"
     elif ref.kind == "embedded":
@@ -178,15 +189,24 @@ def read_config(name: str) -> dict | None:
     else:
         found = _hub_cache_dir(ref.source)
         path = Path(found) / "config.json" if found else None
+    return config_from_file(path)
+
+
+def config_from_file(path: Path | None) -> dict | None:
+    """A config.json as a dict (a multimodal wrapper's language-model part merged in); None if unreadable."""
+    import json
+
     if path is None or not path.is_file():
         return None
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(config, dict):
         return None
     if isinstance(config.get("text_config"), dict):  # a multimodal wrapper: the language model's part
         config = {**config, **config["text_config"]}
-    return config if isinstance(config, dict) else None
+    return config
 
 
 def config_int(config: dict | None, key: str) -> int | None:
@@ -304,6 +324,11 @@ def load(
 
             model, tok = build_tiny_random()
             model = model.to(dtype=dt, device=dev)
+        elif ref.kind == "zoo":
+            from engine.zoo import build_member
+
+            model, tok = build_member(ref.source)
+            model = model.to(dtype=dt, device=dev)
         else:
             path = _local_path_for(ref, say)
             say(f"loading {ref.display}")
@@ -350,19 +375,50 @@ def _local_path_for(ref: ModelRef, say: Progress) -> Path:
     return _hub_snapshot(ref, say)
 
 
+# a hub model's small files: its config and tokenizer, without the weights
+LIGHT_PATTERNS = ["*.json", "*.model", "tokenizer*", "*.txt"]
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
 def _hub_snapshot(ref: ModelRef, say: Progress) -> Path:
     """Download (or find in the local hub cache) a hub model; a clear error when the hub is unreachable."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.model", "tokenizer*", "*.txt"]
+    patterns = [*LIGHT_PATTERNS, "*.safetensors"]
     try:
-        return Path(snapshot_download(ref.source, allow_patterns=patterns, local_files_only=True))
+        found = Path(snapshot_download(ref.source, allow_patterns=patterns, local_files_only=True))
+        if _has_weights(found):  # only its config and tokenizer (fetch_light) are not the model
+            return found
     except Exception:
         pass
     check_reachable(ref.name if ref.name in ALIASES else ref.source)
     say(f"downloading {ref.source} from the hub")
     try:
         return Path(snapshot_download(ref.source, allow_patterns=patterns))
+    except Exception as e:
+        raise HieruiError(f"could not download {ref.source} from the hub: {one_line(e)}", 1) from None
+
+
+def fetch_light(name: str, progress: Progress | None = None) -> Path | None:
+    """The folder holding a hub model's config and tokenizer files (downloaded, without the weights, when not
+    in the local hub cache yet), so the checks that need them run before the weights are fetched; then
+    read_config and load_tokenizer find them. None for a model that is not a hub model."""
+    ref = resolve(name)
+    if ref.kind != "hub":
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref.source, allow_patterns=LIGHT_PATTERNS, local_files_only=True))
+    except Exception:
+        pass
+    check_reachable(name)
+    (progress or (lambda _m: None))(f"fetching the config and tokenizer of {ref.source}")
+    try:
+        return Path(snapshot_download(ref.source, allow_patterns=LIGHT_PATTERNS))
     except Exception as e:
         raise HieruiError(f"could not download {ref.source} from the hub: {one_line(e)}", 1) from None
 
@@ -395,13 +451,15 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
 def load_tokenizer(name: str, progress: Progress | None = None):
     """Only the tokenizer of a --model name (fetching the model once if it has to)."""
     ref = resolve(name)
-    if ref.kind == "tiny":
+    if ref.kind in ("tiny", "zoo"):
         from engine.tiny import byte_tokenizer
 
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(_local_path_for(ref, progress or (lambda _m: None))))
+    say = progress or (lambda _m: None)
+    folder = fetch_light(name, say) if ref.kind == "hub" else _local_path_for(ref, say)
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 # ---------------------------------------------------------------- listing
@@ -418,6 +476,17 @@ def list_models() -> list[dict]:
         },
         {"alias": TINY_RANDOM, "target": "seeded 4-layer Llama, byte tokenizer", "cached": True, "where": "built in"},
     ]
+    from engine.zoo import FAMILIES, PREFIX
+
+    for family in FAMILIES.values():
+        rows.append(
+            {
+                "alias": PREFIX + family.name,
+                "target": f"seeded tiny {family.config_class.removesuffix('Config')}: {family.features}",
+                "cached": True,
+                "where": "built in",
+            }
+        )
     for alias, hub_id in ALIASES.items():
         where = _hub_cache_dir(hub_id)
         rows.append({"alias": alias, "target": hub_id, "cached": where is not None, "where": where or ""})
@@ -440,6 +509,6 @@ def _hub_cache_dir(hub_id: str) -> str | None:
 def pull(name: str, progress: Progress | None = None) -> Path | None:
     """Fetch (and convert) a model so later loads need no network; returns its directory."""
     ref = resolve(name)
-    if ref.kind == "tiny":
+    if ref.kind in ("tiny", "zoo"):
         return None
     return _local_path_for(ref, progress or (lambda _m: None))

@@ -39,14 +39,15 @@ def short_id(pid: str, original: str) -> str:
     return f"{pid[: MAX_ID - 13].rstrip('._')}-{digest}"
 
 
-def read_prompts(path: str | Path) -> list[PromptItem]:
+def read_prompts(path: str | Path, text: str | None = None) -> list[PromptItem]:
     """Prompts from a text file (one per line; blank lines skipped) or, for .jsonl/.ndjson, JSON Lines
-    (`prompt`, optional `choices`, `answer`, `topic`, `id`). Items without an id get p000, p001, …"""
+    (`prompt`, optional `choices`, `answer`, `topic`, `id`). Items without an id get p000, p001, …
+    `text`: the file's content, when it is not written yet (a recipe's prompts.jsonl before its sweep starts)."""
     path = Path(path)
-    if not path.is_file():
+    if text is None and not path.is_file():
         raise HieruiError(f"prompts file not found: {path}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = (path.read_text(encoding="utf-8") if text is None else text).splitlines()
     except UnicodeDecodeError:
         raise HieruiError(f"prompts file {path} is not UTF-8 text") from None
     jsonl = path.suffix.lower() in (".jsonl", ".ndjson")

@@ -15,7 +15,7 @@
 A prompt source is a file (text, one prompt per line, or JSONL as `hierui batch --prompts` reads it;
 relative paths are relative to the recipe file) or `suite:NAME`, a suite shipped in engine/data/suites
 (`suite:open`: open-ended prompts, `suite:mc`: multiple-choice items with `choices` and `answer`).
-`write_prompts` concatenates the sources into one JSONL file (OUT/prompts.jsonl): every item keeps its
+`recipe_prompts` concatenates the sources into one JSONL file (OUT/prompts.jsonl): every item keeps its
 fields (choices, answer, topic, …) and its id is prefixed by the source's name (`open.p003`, `mc.q12`), so
 ids stay unique across sources. A shipped recipe is engine/data/recipes/NAME.toml.
 
@@ -238,10 +238,10 @@ def read_items(recipe: Recipe) -> list[dict]:
     return items
 
 
-def write_prompts(recipe: Recipe, out: str | Path) -> Path:
-    """Concatenate the recipe's prompt sources into OUT/prompts.jsonl and return its path; also keep a copy
-    of the recipe as OUT/recipe.toml (the report shows its name and description). An OUT that already
-    holds a sweep with other prompts is refused, so its prompts.jsonl keeps describing its sessions."""
+def recipe_prompts(recipe: Recipe, out: str | Path) -> str:
+    """The recipe's prompt sources concatenated into one JSONL text, the content of OUT/prompts.jsonl. An OUT
+    that already holds a sweep with other prompts is refused, so its prompts.jsonl keeps describing its
+    sessions. Nothing is written: the sweep writes the file when it really starts (engine.sweep.write_manifest)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise HieruiError(f"--out {out} is a file, not a folder")
@@ -252,20 +252,16 @@ def write_prompts(recipe: Recipe, out: str | Path) -> Path:
             f"{out} holds a sweep with other prompts (its prompts.jsonl differs from the "
             f"recipe's): rerun the same recipe to resume it, or use another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    if not target.is_file():
-        target.write_text(text, encoding="utf-8")
-    copy = out / "recipe.toml"
-    if not copy.is_file():
-        copy.write_text(recipe.path.read_text(encoding="utf-8"), encoding="utf-8")
-    return target
+    return text
 
 
 def apply_recipe(
     name_or_path: str | Path, out: str | Path, args: dict, batch_size: int | None = None
 ) -> tuple[dict, int | None]:
     """plan_sweep's keyword arguments from a recipe, with `args` (the command line's; None = not given)
-    overriding it; writes OUT/prompts.jsonl unless args give prompts_file. Returns (args, batch_size)."""
+    overriding it. Writes nothing: the files the sweep keeps in OUT (the recipe's prompts as prompts.jsonl,
+    unless args give prompts_file, and a copy of the recipe as recipe.toml, which the report shows) are
+    handed to plan_sweep as `files` and written when the sweep really starts. Returns (args, batch_size)."""
     recipe = load_recipe(name_or_path)
     if args.get("from_session") is not None:
         raise HieruiError("--recipe gives the prompts: use it without --from")
@@ -281,6 +277,11 @@ def apply_recipe(
         if calib.get(key) is None:
             calib[key] = value
     merged["calib"] = calib
+    files = {}
     if args.get("prompts_file") is None:
-        merged["prompts_file"] = write_prompts(recipe, out)
+        files["prompts.jsonl"] = recipe_prompts(recipe, out)
+        merged["prompts_file"] = Path(out) / "prompts.jsonl"
+        merged["prompts_text"] = files["prompts.jsonl"]
+    files["recipe.toml"] = recipe.path.read_text(encoding="utf-8")
+    merged["files"] = files
     return merged, batch_size if batch_size is not None else recipe.batch_size

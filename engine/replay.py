@@ -69,12 +69,15 @@ def calib_options_from_header(header: dict) -> dict | None:
 
 def trusted_model(name: str) -> bool:
     """Whether a model named by a file may be loaded without the user naming it: the embedded model,
-    tiny-random or a known alias (engine.models.ALIASES). Never a local path or a free hub id."""
+    tiny-random (or a member of its zoo) or a known alias (engine.models.ALIASES). Never a local path or a
+    free hub id."""
     from engine.models import ALIASES, DEFAULT_MODEL
     from engine.tiny import TINY_RANDOM
+    from engine.zoo import FAMILIES, family_of
 
     low = (name or "").strip().lower()
-    return low in (DEFAULT_MODEL, "default", "smollm2", "embedded", TINY_RANDOM) or low in ALIASES
+    trusted = (DEFAULT_MODEL, "default", "smollm2", "embedded", TINY_RANDOM)
+    return low in trusted or low in ALIASES or family_of(low) in FAMILIES
 
 
 def header_calibration_file(header: dict) -> str | None:

@@ -60,6 +60,9 @@ class Sweep:
     device: str = "auto"
     dtype: str = "auto"
     source: str | None = None  # the prompts file or session it came from (for the manifest only)
+    # files written into OUT beside batch.json when the sweep really starts (a recipe's prompts.jsonl and
+    # recipe.toml), by name: a failed start leaves nothing behind
+    files: dict[str, str] = field(default_factory=dict)
 
     def runs(self) -> list[Run]:
         """Every generation run, in loop order: spec, then prompt, then mode (multiple-choice items excluded)."""
@@ -143,10 +146,13 @@ def plan_sweep(
     calib: dict | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    prompts_text: str | None = None,
+    files: dict[str, str] | None = None,
     **settings,
 ) -> Sweep:
     """Check the whole sweep before anything is loaded. `settings` (SWEEP_FIELDS) and `calib` values left
-    None take the session's (with `from_session`) or the defaults (engine.settings)."""
+    None take the session's (with `from_session`) or the defaults (engine.settings). `prompts_text`: the
+    content of `prompts_file` when it is not written yet; `files`: see Sweep.files."""
     from engine.models import resolve
 
     if (prompts_file is None) == (from_session is None):
@@ -170,7 +176,7 @@ def plan_sweep(
         modes = modes or [header.get("mode") or "shared"]
         source = str(from_session)
     else:
-        prompts = read_prompts(prompts_file)
+        prompts = read_prompts(prompts_file, text=prompts_text)
         source = str(prompts_file)
     base.update(given)
     base_calib.update(calib_given)
@@ -195,7 +201,9 @@ def plan_sweep(
             raise HieruiError(f"checkpoint not found: {spec.path}")
         check_fits(spec, config)
     modes = _unique([m.strip().lower() for m in (modes or ["shared"])])
-    sweep = Sweep(model, prompts, parsed, modes, StepSettings(**base), calibration, device, dtype, source)
+    sweep = Sweep(
+        model, prompts, parsed, modes, StepSettings(**base), calibration, device, dtype, source, dict(files or {})
+    )
     for mode in modes:
         sweep.step_settings(mode).validate()  # the mode and every bound (engine.settings)
     _check_context(sweep, config)
@@ -336,12 +344,16 @@ def check_out(sweep: Sweep, out: str | Path) -> bool:
 
 
 def write_manifest(sweep: Sweep, out: str | Path) -> None:
-    """Write OUT/batch.json (once the sweep has really started: model loaded, choices checked)."""
+    """Write OUT/batch.json and the sweep's `files` (once the sweep has really started: model loaded, choices
+    checked)."""
     out = Path(out)
     if (out / MANIFEST).exists():
         return
     manifest = json.loads(json.dumps(sweep.manifest()))
     out.mkdir(parents=True, exist_ok=True)
+    for name, text in sweep.files.items():
+        if not (out / name).is_file():
+            atomic_write(out / name, text)
     manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 

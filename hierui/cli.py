@@ -273,10 +273,16 @@ def explore(
     sessions = _writable_folder(sessions, "--sessions")
     if not _interactive():
         raise HieruiError("explore needs an interactive terminal; for headless runs use hierui batch")
-    from engine.models import check_reachable
+    from engine.models import check_reachable, config_from_file, fetch_light
 
     check_reachable(model)  # a hub model that cannot be fetched: say so here, not inside the UI
     _quiet_libraries()
+    light = fetch_light(model, progress=lambda m: err_console.print(f"[dim]{m}[/]")) if config is None else None
+    if light is not None:  # a hub model's config, fetched without its weights: the same checks now
+        from engine.perturb.spec import check_fits
+
+        config = config_from_file(light / "config.json")
+        check_fits(parsed, config)
     if settings.choices or config is not None:  # choices and the prompt's length need the tokenizer: before the UI
         from engine.models import config_int, load_tokenizer
         from engine.settings import fit_context
@@ -532,13 +538,11 @@ def batch(
         topk=topk,
         truncate=truncate,
     )
-    if recipe is not None:  # the recipe's prompts go to OUT/prompts.jsonl
-        from engine.lock import lock_folder
+    if recipe is not None:  # the recipe's prompts go to OUT/prompts.jsonl once the sweep starts
         from engine.recipe import apply_recipe
 
         out = out or default_out_dir()
-        with lock_folder(out, warn=lambda m: err_console.print(m, highlight=False)):  # run_sweep locks it again
-            args, batch_size = apply_recipe(recipe, out, args, batch_size)
+        args, batch_size = apply_recipe(recipe, out, args, batch_size)
     sweep = plan_sweep(**args)
     out = out or default_out_dir()
     _quiet_libraries()

@@ -389,3 +389,36 @@ def test_gguf_conversion_counts_tensors_instead_of_a_tqdm_bar():
         assert list(gguf_utils.tqdm(["a", "b", "c"], desc="Converting")) == ["a", "b", "c"]
     assert gguf_utils.tqdm is original
     assert calls == [("de-quantizing tensors", n, 3) for n in range(4)]
+
+
+def test_explore_checks_an_uncached_hub_models_context_before_the_ui(cli, monkeypatch, tmp_path):
+    """A hub model not in the local cache: its config and tokenizer (no weights) are fetched first, so a
+    prompt longer than its context is one line and exit 2 before the explorer starts or a weight is fetched."""
+    import huggingface_hub
+
+    import engine.models
+    import hierui.cli
+    from engine.tiny import byte_tokenizer
+
+    fake = tmp_path / "hub" / "owner--small"
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, local_files_only=False, **_):
+        calls.append((repo_id, tuple(allow_patterns or ()), local_files_only))
+        if local_files_only or any("safetensors" in p for p in allow_patterns or ()):
+            raise FileNotFoundError("not cached")  # only the light files may be fetched here
+        fake.mkdir(parents=True, exist_ok=True)
+        (fake / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 64}')
+        byte_tokenizer().save_pretrained(str(fake))
+        return str(fake)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(engine.models, "_hub_cache_dir", lambda _id: None)
+    monkeypatch.setattr(engine.models, "_reachable", lambda *_a, **_k: True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hierui.cli, "_interactive", lambda: True)
+    monkeypatch.setattr(hierui.cli, "run_app", lambda _app: pytest.fail("the explorer must not start"))
+    result = cli("explore", "--model", "owner/small", "--prompt", "x" * 80, "--max-new-tokens", "8", "-p", "none")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "context" in result.stderr and "--truncate" in result.stderr
+    assert calls and all(not any("safetensors" in p for p in patterns) for _r, patterns, _l in calls)

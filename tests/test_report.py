@@ -165,7 +165,8 @@ def test_command_line_options_override_the_recipe(tmp_path):
     assert args["specs"] == ["wanda:0.3"] and args["modes"] == ["shared", "free"] and args["model"] == "tiny-random"
     assert args["max_new_tokens"] == 7 and args["calib"]["samples"] == 8 and args["calib"]["length"] == 16
     assert batch_size == 4 and args["prompts_file"] == tmp_path / "out" / "prompts.jsonl"
-    assert (tmp_path / "out" / "recipe.toml").read_text() == path.read_text()
+    assert args["files"]["recipe.toml"] == path.read_text() and args["files"]["prompts.jsonl"] == args["prompts_text"]
+    assert not (tmp_path / "out").exists()  # nothing is written before the sweep really starts
     with pytest.raises(HieruiError, match="without --from"):
         RC.apply_recipe(path, tmp_path / "out", {**given, "from_session": "x.jsonl"})
 
@@ -207,6 +208,25 @@ def test_batch_recipe_errors_exit_2(cli, tmp_path):
     one_line_error(cli("batch", "--recipe", str(bad), "--out", str(tmp_path / "out")), str(bad), "wanda:2:2")
     assert not (tmp_path / "out").exists()
     one_line_error(cli("batch", "--recipe", "nosuch"), "recipe 'nosuch' not found")
+
+
+def test_batch_recipe_failed_start_writes_nothing(cli, tmp_path, monkeypatch):
+    """A start that fails after the checks (here: the model's loading) leaves OUT without prompts.jsonl or
+    recipe.toml, so the corrected command starts afresh in the same folder."""
+    import engine.models
+    from engine.errors import HieruiError
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "tiny-random"\nprompts = ["suite:open"]\nspecs = ["none"]\n', encoding="utf-8")
+
+    def fail(*_a, **_k):
+        raise HieruiError("out of memory loading tiny-random", 1)
+
+    monkeypatch.setattr(engine.models, "load", fail)
+    result = cli("batch", "--recipe", str(recipe), "--out", str(tmp_path / "out"), "--max-new-tokens", "2")
+    assert result.returncode == 1 and "out of memory" in result.stderr
+    left = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else []
+    assert "prompts.jsonl" not in left and "recipe.toml" not in left and "batch.json" not in left
 
 
 # ------------------------------------------------------------------ the report
