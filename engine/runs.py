@@ -99,6 +99,9 @@ def _check_manifest(file: Path, manifest: dict) -> None:
         value = manifest.get(name)
         if value is not None and not isinstance(value, str):
             raise HieruiError(f"{file}: {name} is {shown(value)}, expected a string")
+    architecture = manifest.get("architecture")
+    if architecture is not None and not isinstance(architecture, dict):
+        raise HieruiError(f"{file}: architecture is {shown(architecture)}, expected an object")
 
 
 def load_run(run_dir: str | Path) -> RunData:

@@ -210,6 +210,8 @@ def session_header(pair, settings, row) -> dict:
 
     `pair`: an engine.pair.ModelPair; `settings`: the engine.settings.StepSettings the row is stepped
     with; `row`: the stepper's row (prompt, ids, choices, choice ids, notes)."""
+    from engine.architecture import describe as describe_architecture
+
     report = pair.report
     loaded = pair.loaded
     perturbation = {"spec": str(pair.spec)}
@@ -241,6 +243,7 @@ def session_header(pair, settings, row) -> dict:
         "raw": settings.raw,
         "topk": settings.topk,
         "layers": pair.dense.config.num_hidden_layers,
+        "architecture": describe_architecture(pair.dense.config),
         "device": str(first.device),
         "dtype": str(first.dtype).removeprefix("torch."),
     }

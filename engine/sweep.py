@@ -330,7 +330,7 @@ def check_out(sweep: Sweep, out: str | Path) -> bool:
             old = json.loads(target.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise HieruiError(f"{target} is unreadable; use another --out") from None
-        ignore = {"source", "created"}
+        ignore = {"source", "created", "architecture"}
         differ = [k for k in sorted(set(old) | set(manifest)) if k not in ignore and old.get(k) != manifest.get(k)]
         if differ:
             raise HieruiError(
@@ -343,7 +343,7 @@ def check_out(sweep: Sweep, out: str | Path) -> bool:
     return False
 
 
-def write_manifest(sweep: Sweep, out: str | Path) -> None:
+def write_manifest(sweep: Sweep, out: str | Path, architecture: dict | None = None) -> None:
     """Write OUT/batch.json and the sweep's `files` (once the sweep has really started: model loaded, choices
     checked)."""
     out = Path(out)
@@ -355,6 +355,8 @@ def write_manifest(sweep: Sweep, out: str | Path) -> None:
         if not (out / name).is_file():
             atomic_write(out / name, text)
     manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if architecture:  # engine.architecture.describe of the loaded model (not compared on resume)
+        manifest["architecture"] = architecture
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
 
@@ -428,7 +430,10 @@ def _record(
                 hooks.message(f"prompt {item.id}: {note}")
         elif item.is_choice:  # multiple choice: every choice is scored whole, none may be empty
             item_token_ids(loaded.tokenizer, item.id, item.prompt, item.choices)
-    write_manifest(sweep, out)  # the sweep really starts: a failed start above leaves no batch.json
+    from engine.architecture import describe
+
+    # the sweep really starts: a failed start above leaves no batch.json
+    write_manifest(sweep, out, describe(loaded.model.config))
     calibration = None
     for spec in sweep.specs:
         spec_runs = [r for r in todo if r.spec == spec]

@@ -49,6 +49,7 @@ HEADER = {
     "raw": (BOOL, True, None),
     "topk": (INT, True, lambda v: None if v >= 1 else "expected an integer ≥ 1"),
     "layers": (INT, True, lambda v: None if v >= 0 else "expected a count ≥ 0"),
+    "architecture": (DICT, True, None),
     "device": (STRING, True, None),
     "dtype": (STRING, True, None),
     "created": (STRING, True, None),
@@ -68,7 +69,18 @@ CALIBRATION = {
     "from_cache": (BOOL, True, None),
     "seconds": (FLOAT, True, None),
 }
-NESTED = {"perturbation": PERTURBATION, "calibration": CALIBRATION}
+_COUNT = (INT, True, lambda v: None if v >= 0 else "expected a count ≥ 0")
+ARCHITECTURE = {  # engine.architecture.describe
+    "model_type": (STRING, True, None),
+    "layers": _COUNT,
+    "hidden_size": _COUNT,
+    "heads": _COUNT,
+    "kv_heads": _COUNT,
+    "attention_types": (STRS, True, None),
+    "experts": _COUNT,
+    "experts_per_token": _COUNT,
+}
+NESTED = {"perturbation": PERTURBATION, "calibration": CALIBRATION, "architecture": ARCHITECTURE}
 # every step field is nullable except `step`; top-k lists are [[token id, text, probability], …]
 STEPS = {name: ({JSON: TOPK, INTS: NINTS}.get(kind, kind), name != "step", None) for name, kind in STEP_FIELDS.items()}
 SUMMARY = {name: (kind, True, None) for name, kind in SUMMARY_FIELDS.items()}

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from engine import runs as R
+from engine.architecture import summary as architecture_summary
 from hierui.format import MISSING, metric, step_label
 from hierui.output import console
 from hierui.tokentext import escape
@@ -234,7 +235,9 @@ def show_batch(path: Path, console: Console) -> None:
     n_runs, n_mc = len(run.summary), len({r.get("item_id") for r in run.mc})
     console.print(
         Text(
-            f"model {escape(run.manifest.get('model') or MISSING)} · {_plural(len(run.specs), 'spec')} · "
+            f"model {escape(run.manifest.get('model') or MISSING)}"
+            + (f" ({escape(architecture_summary(arch))})" if (arch := run.manifest.get("architecture")) else "")
+            + f" · {_plural(len(run.specs), 'spec')} · "
             f"{_plural(n_runs, 'generation run')}" + (f" · {_plural(n_mc, 'multiple-choice item')}" if n_mc else "")
         ),
         highlight=False,

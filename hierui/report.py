@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from engine.architecture import summary as architecture_summary
 from engine.errors import HieruiError
 from engine.paths import atomic_write
 from engine.runs import (
@@ -88,6 +89,7 @@ def _meta(run: RunData) -> list[str]:
         return escape(d[key]) if d.get(key) is not None else MISSING
 
     parts = [
+        *([escape(architecture_summary(m["architecture"]))] if m.get("architecture") else []),
         _plural(run.prompt_count, "generation prompt"),
         _plural(run.item_count, "multiple-choice item"),
         _plural(len(run.specs), "spec"),

@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
+from engine.architecture import summary as architecture_summary
 from engine.errors import HieruiError
 from hierui.format import MISSING, metric, pct, step_label
 from hierui.output import console, err_console
@@ -45,6 +46,7 @@ def _session_header_table(session, full: bool = False) -> Table:
         sparsity += f" (dense model: {pct(pert['dense_sparsity'])})"
     rows = [
         ("model", escape(h.get("model_display") or h.get("model") or MISSING)),
+        *([("architecture", escape(architecture_summary(h["architecture"])))] if h.get("architecture") else []),
         ("perturbation", escape(pert.get("spec", MISSING))),
         ("measured sparsity", sparsity),
     ]

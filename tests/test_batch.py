@@ -318,6 +318,8 @@ def test_settings_are_frozen_and_the_manifest_format_is_unchanged(sweep_files, u
     assert sweep.step_settings("free").mode == "free" and sweep.settings.mode == "shared"
     manifest = json.loads((out / "batch.json").read_text(encoding="utf-8"))
     assert manifest.pop("created")
+    architecture = manifest.pop("architecture")  # added once the model is loaded; not compared on resume
+    assert architecture["model_type"] == "llama" and architecture["layers"] == 4 and architecture["kv_heads"] == 2
     assert manifest == {
         "format": "hierui-batch",
         "version": 1,

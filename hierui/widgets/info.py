@@ -10,6 +10,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
+from engine.architecture import summary as architecture_summary
 from engine.calibration import describe_calibration
 from engine.settings import StepSettings
 from hierui.format import MISSING
@@ -60,6 +61,8 @@ class InfoBar(Widget):
         calib = h.get("calibration")
         if isinstance(calib, dict) and calib and level < 1:
             out.append(describe_calibration(calib))
+        if isinstance(h.get("architecture"), dict) and level < 1:
+            out.append(escape(architecture_summary(h["architecture"])))
         out.append(s.mode)
         decoding = f"sampled, seed {s.seed}" if s.sample else "greedy"
         out.append(f"T={s.temperature:g} (probabilities; {decoding})" if level < 2 else f"T={s.temperature:g}")
