@@ -1,0 +1,58 @@
+"""The architecture a session records (engine.architecture): read from the config, written into every
+session header and batch.json, validated when read back, and printed by `hierui show`."""
+
+import json
+
+import pytest
+
+from engine.architecture import describe, summary
+from engine.zoo import FAMILIES
+
+
+@pytest.mark.parametrize(
+    "family, attention, experts",
+    [
+        ("llama", None, None),
+        ("mistral", ["sliding"] * 4, None),
+        ("qwen2", ["full", "full", "sliding", "sliding"], None),
+        ("gemma2", ["sliding", "full", "sliding", "full"], None),
+        ("mixtral", None, 4),
+        ("gpt2", None, None),
+    ],
+)
+def test_describe_reads_each_familys_config(family, attention, experts):
+    config = FAMILIES[family].config()
+    arch = describe(config)
+    assert arch["layers"] == 4 and arch["attention_types"] == attention and arch["experts"] == experts
+    assert describe(config.to_dict()) == arch  # the same from config.json's dict (torch-free checks)
+    assert summary(arch).startswith(config.model_type)
+
+
+def test_summary_names_the_mix_of_attention_layers():
+    assert summary(describe(FAMILIES["qwen2"].config())) == "qwen2 · 4 layers (2 sliding, 2 full) · 4/2 heads"
+    assert summary(describe(FAMILIES["mixtral"].config())).endswith("4 experts, top-2")
+    assert summary(None) == "" and summary({"model_type": "x"}) == "x"
+
+
+def test_a_session_records_and_shows_the_architecture(cli, tmp_path):
+    from engine.models import load
+    from engine.perturb import perturb
+    from engine.session import SessionRecorder, load_session
+    from engine.stepper import Stepper, StepSettings
+
+    loaded = load("tiny-random:qwen2", device="cpu")
+    stepper = Stepper(perturb(loaded, "none"), "Hello", StepSettings(max_new_tokens=2))
+    path = tmp_path / "s.jsonl"
+    SessionRecorder(stepper, [path]).run()
+    header = load_session(path).header
+    assert header["architecture"]["attention_types"] == ["full", "full", "sliding", "sliding"]
+    shown = cli("show", str(path))
+    assert shown.returncode == 0 and "qwen2 · 4 layers (2 sliding, 2 full)" in shown.stdout
+
+    # a file is untrusted input: a wrong-typed architecture is one line, exit 2
+    lines = path.read_text(encoding="utf-8").splitlines()
+    bad = json.loads(lines[0])
+    bad["architecture"]["layers"] = "four"
+    path.write_text("\n".join([json.dumps(bad), *lines[1:]]) + "\n", encoding="utf-8")
+    failed = cli("show", str(path))
+    assert failed.returncode == 2 and "architecture" in failed.stderr and "Traceback" not in failed.stderr
