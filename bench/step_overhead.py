@@ -36,7 +36,7 @@ def time_bare(pair, prompt_ids, fed: list[int]) -> float:
     for model, cache in zip((pair.dense, pair.perturbed), caches):
         model(input_ids=prompt_ids, cache=cache, use_cache=True)
     for token in fed[:-1]:
-        ids = torch.tensor([[token]])
+        ids = torch.tensor([[token]], device=prompt_ids.device)
         for model, cache in zip((pair.dense, pair.perturbed), caches):
             model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1].argmax(-1).item()
     return time.perf_counter() - start

@@ -16,6 +16,7 @@ import torch
 
 from engine import metrics as M
 from engine.errors import HieruiError
+from engine.pair import mapped_hidden
 
 
 @dataclass
@@ -86,7 +87,7 @@ def score_item(pair, item: ChoiceItem, temperature: float = 1.0) -> dict:
         mask[r, : len(seq)] = 1
     s_d, z_d, h_d = _choice_logprobs(pair.dense, rows, mask, len(prompt), choice_ids, temperature)
     s_p, z_p, h_p = _choice_logprobs(pair.perturbed, rows, mask, len(prompt), choice_ids, temperature)
-    h_p = h_p.index_select(1, torch.tensor(pair.hidden_map, device=h_p.device))
+    h_p = mapped_hidden(h_d, h_p, torch.tensor(pair.hidden_map, device=h_p.device))
     # the choice scores play the logits of a C-way subspace (already at temperature T)
     every = torch.arange(len(choice_ids), device=s_d.device)
     sub = M.to_host(M.subspace_metrics(s_d.unsqueeze(0), s_p.unsqueeze(0), every))[0]

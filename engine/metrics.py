@@ -90,7 +90,9 @@ def probability_metrics(
     logp_d = torch.log_softmax(z_d / temperature, dim=-1)
     logp_p = torch.log_softmax(z_p / temperature, dim=-1)
     p_d, p_p = logp_d.exp(), logp_p.exp()
-    log_m = torch.logaddexp(logp_d, logp_p) - math.log(2.0)
+    # log of the mixture m = (p_d + p_p)/2; exactly log p where the two agree, so identical distributions give a
+    # JS of exactly 0 (logaddexp(a, a) − log 2 is not always a in floating point)
+    log_m = torch.where(logp_d == logp_p, logp_d, torch.logaddexp(logp_d, logp_p) - math.log(2.0))
     dz = z_p - z_d
     r = p_d.square() / p_d.square().sum(-1, keepdim=True)
     top_d = p_d.argmax(-1, keepdim=True)

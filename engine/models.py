@@ -4,6 +4,8 @@ Names accepted by --model:
   - an alias: `smollm2-135m` (the embedded default), `llama-7b`, `llama2-7b`, `llama3-8b`, ...;
   - `tiny-random`: a seeded four-layer Llama with a byte-level tokenizer, for tests and demos;
   - `tiny-random:FAMILY`: a seeded tiny model of another decoder family (engine.zoo: gemma2, mixtral, gpt2, ...);
+  - `random:SHAPE`: random weights in the shape of a known model (`random:llama-7b`) or of a config.json, for
+    timing and memory only (engine.random_model);
   - a local directory holding a transformers checkpoint (config.json + weights);
   - a `.gguf` file (de-quantized through transformers' GGUF support, then cached as safetensors);
   - a hub id `owner/name` (where the hub is reachable, or already in the local hub cache).
@@ -35,6 +37,7 @@ from engine.embedded import (
 )
 from engine.errors import HieruiError, is_oom, one_line
 from engine.paths import models_dir
+from engine.random_model import is_random, parse_random, random_cache_key, random_display
 from engine.tiny import TINY_RANDOM, TINY_VERSION
 from engine.zoo import ZOO_VERSION, check_family, family_of
 
@@ -63,8 +66,8 @@ ALIASES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class ModelRef:
-    """What a --model name points at. `kind` is embedded | tiny | zoo | local | gguf | hub (for zoo, `source` is
-    the family)."""
+    """What a --model name points at. `kind` is embedded | tiny | zoo | random | local | gguf | hub (for zoo,
+    `source` is the family; for random, the shape: an alias or a config file's path)."""
 
     name: str
     kind: str
@@ -74,6 +77,8 @@ class ModelRef:
     def display(self) -> str:
         if self.kind == "embedded":
             return "SmolLM2-135M-Instruct (embedded)"
+        if self.kind == "random":
+            return random_display(self.name)
         if self.kind in ("local", "gguf"):
             return Path(self.source).name
         return self.source
@@ -86,6 +91,8 @@ class ModelRef:
             return f"tiny-random:{TINY_VERSION}"
         if self.kind == "zoo":
             return f"tiny-random:{self.source}:{ZOO_VERSION}"
+        if self.kind == "random":
+            return random_cache_key(self.name)
         if self.kind in ("local", "gguf"):
             p = Path(self.source)
             files = (
@@ -125,6 +132,9 @@ def resolve(name: str) -> ModelRef:
         return ModelRef(DEFAULT_MODEL, "embedded", EMBEDDED_PACKAGE)
     if low == TINY_RANDOM:
         return ModelRef(TINY_RANDOM, "tiny", TINY_RANDOM)
+    if is_random(low):
+        shape = parse_random(name)  # reads the shape's config.json: a bad one is an error here
+        return ModelRef(shape.name, "random", shape.shape)
     family = family_of(low)
     if family is not None:
         check_family(family, raw)
@@ -148,7 +158,7 @@ def resolve(name: str) -> ModelRef:
         return ModelRef(name, "hub", name)
     if looks_like_path:
         raise HieruiError(f"model directory not found: {raw}")
-    known = ", ".join([DEFAULT_MODEL, TINY_RANDOM, "tiny-random:FAMILY", *ALIASES])
+    known = ", ".join([DEFAULT_MODEL, TINY_RANDOM, "tiny-random:FAMILY", "random:SHAPE", *ALIASES])
     raise HieruiError(
         f"unknown model '{raw}': use an alias ({known}), a local directory, a .gguf file or a hub id owner/name"
     )
@@ -178,6 +188,8 @@ def read_config(name: str) -> dict | None:
         from engine.zoo import zoo_config_dict
 
         return zoo_config_dict(ref.source)
+    if ref.kind == "random":  # the shape as shipped; the vocabulary becomes the tokenizer's when it is built
+        return dict(parse_random(ref.name).config)
     if ref.kind == "local":
         path = Path(ref.source) / "config.json"
     elif ref.kind == "embedded":
@@ -329,6 +341,10 @@ def load(
 
             model, tok = build_member(ref.source)
             model = model.to(dtype=dt, device=dev)
+        elif ref.kind == "random":  # built in place, in dt on dev (never in float32 on the host first)
+            from engine.random_model import build_random
+
+            model, tok = build_random(ref.name, dev, dt, say)
         else:
             path = _local_path_for(ref, say)
             say(f"loading {ref.display}")
@@ -455,6 +471,10 @@ def load_tokenizer(name: str, progress: Progress | None = None):
         from engine.tiny import byte_tokenizer
 
         return byte_tokenizer()
+    if ref.kind == "random":
+        from engine.random_model import random_tokenizer
+
+        return random_tokenizer()
     from transformers import AutoTokenizer
 
     say = progress or (lambda _m: None)
@@ -487,6 +507,11 @@ def list_models() -> list[dict]:
                 "where": "built in",
             }
         )
+    from engine.random_model import LABEL, shape_aliases
+
+    for shape in shape_aliases():
+        target = f"{shape} shape, {LABEL}"
+        rows.append({"alias": f"random:{shape}", "target": target, "cached": True, "where": "built in"})
     for alias, hub_id in ALIASES.items():
         where = _hub_cache_dir(hub_id)
         rows.append({"alias": alias, "target": hub_id, "cached": where is not None, "where": where or ""})
@@ -509,6 +534,6 @@ def _hub_cache_dir(hub_id: str) -> str | None:
 def pull(name: str, progress: Progress | None = None) -> Path | None:
     """Fetch (and convert) a model so later loads need no network; returns its directory."""
     ref = resolve(name)
-    if ref.kind in ("tiny", "zoo"):
+    if ref.kind in ("tiny", "zoo", "random"):
         return None
     return _local_path_for(ref, progress or (lambda _m: None))

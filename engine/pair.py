@@ -48,9 +48,28 @@ class ModelPair:
     report: Any = None  # engine.perturb.PerturbReport
     loaded: Any = None  # engine.models.LoadedModel of the dense model
     # for each dense hidden-state index ℓ = 0..L, the perturbed model's index that corresponds to it: the
-    # identity, except after blockdrop (then the state after the last kept block); set by perturb()
+    # identity, except after blockdrop (then the state after the last kept block) and for a checkpoint with
+    # another number of layers or hidden size, where −1 marks a dense index without counterpart (its hidden-state
+    # metrics are null); set by perturb(), applied by `mapped_hidden`
     hidden_map: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.hidden_map:
             self.hidden_map = list(range(self.dense.config.num_hidden_layers + 1))
+
+
+def mapped_hidden(h_d, h_p, index):
+    """The perturbed hidden states at the dense model's indices ℓ = 0..L, shaped like `h_d` (B, L+1, H).
+
+    `index` (a long tensor, `ModelPair.hidden_map`) gives the perturbed index for each ℓ; where it is −1, or
+    everywhere when the two hidden sizes differ, the result is NaN, which the metrics turn into null values.
+    """
+    import torch
+
+    if h_p.shape[-1] != h_d.shape[-1]:
+        return torch.full_like(h_d, float("nan"))
+    out = h_p.index_select(1, index.clamp(min=0))
+    missing = index < 0
+    if bool(missing.any()):
+        out = out.masked_fill(missing.view(1, -1, 1), float("nan"))
+    return out

@@ -29,6 +29,7 @@ import torch
 
 from engine import metrics as M
 from engine.errors import HieruiError
+from engine.pair import mapped_hidden
 from engine.settings import StepSettings, fit_context
 from engine.tokens import choice_token_ids, eos_ids, piece, prompt_ids
 
@@ -65,19 +66,19 @@ def model_context(model) -> int | None:
 
 
 def _last_position_modules(model):
-    """The decoder layers the forward pass runs and the final norm, or (None, None) where not found."""
-    from engine.perturb.linears import decoder_layers
+    """The decoder layers the forward pass runs and the module whose output is the final hidden state (the
+    final norm: model.norm, GPT-2's transformer.ln_f, OPT's decoder.final_layer_norm, NeoX's final_layer_norm;
+    engine.anatomy), or (None, None) where not found."""
+    from engine import anatomy
 
-    try:
-        layers = decoder_layers(model)
-    except ValueError:
+    parts = anatomy.find(model)
+    final = parts.final_module(model) if parts is not None else None
+    if final is None:
         return None, None
-    owner = getattr(model, "model", None)
-    norm = getattr(owner, "norm", None)
-    if norm is None or getattr(owner, "layers", None) is not layers:
-        return None, None
-    count = getattr(model.config, "num_hidden_layers", len(layers))
-    return list(layers)[:count], norm
+    layers = parts.layer_list(model)
+    config = model.config.get_text_config(decoder=True)
+    count = getattr(config, "num_hidden_layers", None)
+    return list(layers)[: count if isinstance(count, int) else len(layers)], final
 
 
 class BatchStepper:
@@ -244,7 +245,7 @@ class BatchStepper:
         cids, cmask = self._choices if self._choices is not None else (None, None)
         values = M.step_metrics(
             hd,
-            hp.index_select(1, self._map),
+            mapped_hidden(hd, hp, self._map),  # −1 in hidden_map / another hidden size: NaN, recorded as null
             zd,
             zp,
             tok_d,

@@ -729,6 +729,64 @@ def prune(
         console.print(f"saved to {save} (load it with --prune checkpoint:{save} or from_pretrained)")
 
 
+@app.command()
+def check(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    specs: Optional[list[str]] = typer.Option(
+        None, "--prune", "-p", help=SPEC_HELP + "; repeatable (default: none and one of every kind)"
+    ),
+    steps: int = typer.Option(8, "--steps", min=1, help="tokens stepped per check"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
+    calib_samples: int = typer.Option(8, "--calib-samples", min=1, help="calibration sequences"),
+    calib_len: int = typer.Option(64, "--calib-len", min=2, help="tokens per calibration sequence"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results to this JSON file"),
+    use_cache: bool = typer.Option(
+        False, "--use-cache", help="use the caches (default: compute everything afresh and store nothing)"
+    ),
+) -> None:
+    """Self-test hierui on a model: none is exactly zero, KV-cached = full pass, batched = one at a time,
+    unchanged tensors shared, sparsity exact. Exit 1 when a check fails."""
+    from engine.models import DTYPES, resolve
+    from engine.perturb.spec import Spec, parse_spec
+    from engine.selfcheck import DEFAULT_SPECS
+
+    resolve(model)  # everything the user typed is checked before anything is loaded
+    parsed = list({str(s): s for s in map(parse_spec, specs or [])}.values())
+    if dtype.lower() != "auto" and dtype.lower() not in DTYPES:
+        raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    if json_out is not None and (json_out.is_dir() or not json_out.expanduser().parent.is_dir()):
+        raise HieruiError(f"--json {json_out}: not a file in an existing folder")
+    for spec in parsed or [Spec("none")]:  # the device, a checkpoint's path, the spec against config.json
+        _check_model_args(model, spec, device)
+    _quiet_libraries()
+    from engine.models import load
+    from engine.selfcheck import run_selfcheck
+    from hierui.checkview import print_check
+    from hierui.progress import stage_progress
+
+    with stage_progress(err_console) as (_say, step):
+        loaded = load(model, device=device, dtype=dtype, progress=step)
+        result = run_selfcheck(
+            loaded,
+            [str(s) for s in parsed] or list(DEFAULT_SPECS),
+            steps=steps,
+            calib_options={"samples": calib_samples, "length": calib_len},
+            use_cache=use_cache,
+            progress=step,
+        )
+    print_check(console, result)
+    if json_out is not None:
+        import json
+
+        from engine.paths import atomic_write
+
+        atomic_write(json_out.expanduser(), json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        console.print(f"results: {json_out}", highlight=False, soft_wrap=True)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
 def _describe_details(details: dict) -> str:
     """One line on what a drop or quantization did (empty for pruning)."""
     if "dropped" in details:
@@ -737,7 +795,22 @@ def _describe_details(details: dict) -> str:
         noun = {"attention": "attention sublayers", "mlp": "MLP sublayers", "block": "blocks"}[details["kind"]]
         return f"dropped {noun} (input/output cosine on calibration): {scored}"
     if "quantized_linears" in details:
-        return f"quantized {details['quantized_linears']} linears to {details['bits']} bits ({details['backend']})"
+        counts = details.get("quantized") or {}
+        kinds = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in counts.items() if n)
+        kept = len(details.get("full_precision") or [])
+        skipped = len(details.get("skipped") or [])
+        return (
+            f"quantized {kinds or str(details['quantized_linears']) + ' linears'} to {details['bits']} bits "
+            f"({details['backend']})"
+            + (f"; {kept} routers kept in full precision" if kept else "")
+            + (f"; {skipped} skipped (see the session's details)" if skipped else "")
+        )
+    if details.get("experts_without_tokens"):
+        missed = ", ".join(f"layer {layer} expert {expert}" for layer, expert in details["experts_without_tokens"])
+        return f"experts that no calibration token reached (pruned by magnitude instead): {missed}"
+    structure = details.get("structure")
+    if isinstance(structure, dict) and structure.get("hidden_metrics"):
+        return f"structurally different checkpoint: hidden-state metrics {structure['hidden_metrics']}"
     return ""
 
 

@@ -87,14 +87,18 @@ def test_every_entry_has_its_metadata_beside_it(tiny, fresh_home):
         assert meta_file.is_file() and json.loads(meta_file.read_text()) == e.meta
         assert e.meta["kind"] == e.kind and e.path.name.startswith(e.meta["key"])
         assert e.meta["model"] == "tiny-random" and e.meta["model_key"] == tiny.ref.cache_key()
-        assert e.meta["hierui_version"] == engine.__version__ and e.meta["algorithm_version"] == 1
+        assert e.meta["hierui_version"] == engine.__version__
+        assert e.meta["algorithm_version"] == cache.algorithm_version(e.meta["algorithm"])
         assert e.meta["size"] == e.path.stat().st_size and e.meta["created"]
         assert not e.stale
     assert found["pruned"].meta["spec"] == "wanda:0.5" and found["pruned"].meta["algorithm"] == "wanda"
     assert found["pruned"].meta["calibration"] == found["calib"].meta["key"]
     assert found["calib"].meta["calibration"] == {"source": "self", "samples": 4, "length": 16, "seed": 1}
     assert found["scores"].meta["algorithm"] == "similarity"
-    assert found["calib"].spec == "self 4×16 s1" and found["pruned"].versions == f"v1 · {engine.__version__}"
+    wanda_version = cache.algorithm_version("wanda")
+    assert (
+        found["calib"].spec == "self 4×16 s1" and found["pruned"].versions == f"v{wanda_version} · {engine.__version__}"
+    )
 
 
 def test_entries_and_clear(tiny, fresh_home, monkeypatch):
@@ -102,6 +106,7 @@ def test_entries_and_clear(tiny, fresh_home, monkeypatch):
     from engine import cache
 
     perturb(tiny, "magnitude:0.5")
+    before = magnitude.ALGORITHM_VERSION
     _bump(monkeypatch, magnitude)
     perturb(tiny, "magnitude:0.5")
     perturb(tiny, "magnitude:0.3")
@@ -119,7 +124,7 @@ def test_entries_and_clear(tiny, fresh_home, monkeypatch):
     legacy = next(e for e in listed if e.meta is None)
     assert legacy.stale and "no metadata" in legacy.why and legacy.model == "?"
     old = next(e for e in listed if e.meta and e.stale)
-    assert "magnitude v1, now v2" in old.why
+    assert f"magnitude v{before}, now v{before + 1}" in old.why
     assert cache.entries("calib") == []
 
     removed = cache.clear(stale_only=True)
@@ -175,8 +180,10 @@ def test_cli_lists_and_clears_the_cache(cli, tmp_path):
     assert all(len(line) <= 80 for line in listed.stdout.splitlines())
     rows = [line for line in listed.stdout.splitlines() if "pruned" in line or "calib " in line]
     assert len(rows) == 3
-    assert "magnitude:0.5" in listed.stdout and f"v1 · {engine.__version__}" in listed.stdout
-    assert "v1 · 0.0.1" in listed.stdout and "2.0 kB" in listed.stdout
+    from engine.perturb.magnitude import ALGORITHM_VERSION
+
+    assert "magnitude:0.5" in listed.stdout and f"v{ALGORITHM_VERSION} · {engine.__version__}" in listed.stdout
+    assert f"v{ALGORITHM_VERSION} · 0.0.1" in listed.stdout and "2.0 kB" in listed.stdout
     assert "3 entries" in listed.stdout and "2 stale" in listed.stdout
     only_calib = cli("cache", "--kind", "calib", env={"HIERUI_HOME": home, "COLUMNS": "80"})
     assert "1 entry," in only_calib.stdout and "magnitude" not in only_calib.stdout

@@ -199,3 +199,20 @@ def test_summary_counts_the_estimates_out_of_range():
     assert out["prob_cos_est_oor_rate"] == pytest.approx(1 / 3) and out["emb_cos_est_oor_rate"] == pytest.approx(1 / 3)
     old = summarize([{"step": 0, "prob_cos_est": 0.5}], "shared")  # a session recorded before the flags
     assert old["prob_cos_est_oor_rate"] is None and old["emb_cos_est_oor_rate"] is None
+
+
+def test_js_of_identical_distributions_is_exactly_zero():
+    """logaddexp(a, a) − log 2 is not always a in floating point: the mixture's log is taken as log p where the
+    two distributions agree, so `none` gives a JS of exactly 0 (a vocabulary where the naive form does not)."""
+    import math
+
+    import torch
+
+    from engine.metrics import probability_metrics
+
+    z = torch.randn(4, 49152, generator=torch.Generator().manual_seed(3)) * 3
+    logp = torch.log_softmax(z, dim=-1)
+    naive_m = torch.logaddexp(logp, logp) - math.log(2.0)
+    assert bool((naive_m != logp).any())  # the case the fix is for
+    out = probability_metrics(z, z.clone())
+    assert out["js"].eq(0).all() and out["kl"].eq(0).all() and out["tv"].eq(0).all()

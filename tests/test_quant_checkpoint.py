@@ -168,10 +168,9 @@ def test_checkpoint_missing_path(loaded, tmp_path):
         perturb(loaded, f"checkpoint:{missing}")
 
 
-@pytest.mark.parametrize(
-    "change, message",
-    [({"hidden_size": 32}, "hidden size 32 vs 64"), ({"vocab_size": 300}, "output vocabulary 300 vs 260")],
-)
+# another hidden size is no longer refused: it loads with hidden-state metrics null
+# (tests/test_family_quant_checkpoint.py::test_another_hidden_size_compares_logits_only)
+@pytest.mark.parametrize("change, message", [({"vocab_size": 300}, "output vocabulary 300 vs 260")])
 def test_checkpoint_incompatible(loaded, tmp_path, change, message):
     from transformers import LlamaForCausalLM
 

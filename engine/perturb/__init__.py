@@ -28,11 +28,14 @@ class PerturbReport:
     spec: str
     seconds: float = 0.0
     from_cache: bool = False
-    measured_sparsity: float | None = None  # zero fraction over the decoder linears of the perturbed model
+    # zero fraction over the decoder weight matrices of the perturbed model: every WeightView (linears, GPT-2
+    # Conv1Ds, each expert's matrices; not routers), engine.perturb.linears
+    measured_sparsity: float | None = None
     dense_sparsity: float | None = None  # the same for the dense model (GGUF de-quantization leaves zeros)
     by_type: dict = field(default_factory=dict)  # {q_proj: {dense, perturbed, total}, ...}
     calibration: dict | None = None
-    details: dict = field(default_factory=dict)  # method-specific: dropped indices, scores, ...
+    # method-specific: dropped indices, scores, ...; MoE pruning: by_expert, expert_tokens, experts_without_tokens
+    details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,10 +82,13 @@ def perturb(
             1,
         ) from None
     report.seconds = time.perf_counter() - start
-    _measure_sparsity(dense, perturbed, report)
+    if spec.family != "quant":  # quantized weights are not pruned: zeros of de-quantized experts mean nothing
+        _measure_sparsity(dense, perturbed, report)
     pair = ModelPair(
         dense=dense, perturbed=perturbed, tokenizer=loaded.tokenizer, spec=spec, report=report, loaded=loaded
     )
+    if spec.method == "checkpoint" and "hidden_map" in report.details.get("structure", {}):
+        pair.hidden_map = list(report.details["structure"]["hidden_map"])  # -1: no counterpart (engine.pair)
     if spec.method == "blockdrop":
         from engine.perturb.drop import hidden_map_after_block_drop
 
@@ -99,7 +105,7 @@ def _build(loaded, spec: Spec, calibration, use_cache: bool, say: Progress, repo
     if spec.method == "checkpoint":
         from engine.perturb.checkpoint import load_checkpoint
 
-        return load_checkpoint(loaded, spec, progress=lambda m: say(m, 0, 0))
+        return load_checkpoint(loaded, spec, progress=lambda m: say(m, 0, 0), report=report)
     if spec.family == "quant":
         from engine.perturb.quant import quantize
 
@@ -119,12 +125,16 @@ def _build(loaded, spec: Spec, calibration, use_cache: bool, say: Progress, repo
         return clone
 
     # pruning: magnitude / wanda / sparsegpt
+    # every WeightView (engine.perturb.linears) is pruned: linears, GPT-2 Conv1Ds, each expert of a 3-D expert
+    # tensor; never routers. The details (expert token counts) travel with the cached weights.
     entry = _prune_key(loaded, spec, calibration)
     if use_cache:
         cached = _load_pruned(dense, entry)
         if cached is not None:
+            clone, details = cached
             report.from_cache = True
-            return cached
+            report.details.update(details)
+            return clone
     clone = clone_sharing(dense)
     step = lambda d, t: say("pruning", d, t)  # noqa: E731
     from engine.perturb.linears import decoder_layers
@@ -133,20 +143,21 @@ def _build(loaded, spec: Spec, calibration, use_cache: bool, say: Progress, repo
     if spec.method == "magnitude":
         from engine.perturb.magnitude import prune_magnitude
 
-        prune_magnitude(clone, spec, progress=step)
+        details = prune_magnitude(clone, spec, progress=step)
     elif spec.method == "wanda":
         from engine.perturb.wanda import prune_wanda
 
-        prune_wanda(clone, spec, calibration.ids, progress=step)
+        details = prune_wanda(clone, spec, calibration.ids, progress=step)
     elif spec.method == "sparsegpt":
         from engine.perturb.sparsegpt import prune_sparsegpt
 
-        prune_sparsegpt(clone, spec, calibration.ids, progress=step)
+        details = prune_sparsegpt(clone, spec, calibration.ids, progress=step)
     else:  # pragma: no cover - parse_spec rejects anything else
         raise HieruiError(f"unsupported method {spec.method}")
+    report.details.update(details or {})
     if use_cache:
         say("storing the pruned weights in the cache", 0, 0)
-        _store_pruned(dense, clone, entry)
+        _store_pruned(dense, clone, entry, details or {})
     return clone
 
 
@@ -154,7 +165,9 @@ def _build(loaded, spec: Spec, calibration, use_cache: bool, say: Progress, repo
 
 
 def _measure_sparsity(dense, perturbed, report: PerturbReport) -> None:
-    from engine.perturb.linears import sparsity_by_type
+    """Zeros over every WeightView (linears, Conv1Ds, expert slices; not routers), per type and in all; on
+    MoE models also per expert in details['by_expert'] ([{layer, expert, dense, perturbed, total}])."""
+    from engine.perturb.linears import sparsity_by_expert, sparsity_by_type
 
     d = sparsity_by_type(dense)
     p = sparsity_by_type(perturbed)
@@ -166,6 +179,19 @@ def _measure_sparsity(dense, perturbed, report: PerturbReport) -> None:
     }
     report.measured_sparsity = p["all"]["sparsity"]
     report.dense_sparsity = d["all"]["sparsity"]
+    experts = sparsity_by_expert(perturbed)
+    if experts:
+        dense_experts = {(r["layer"], r["expert"]): r["sparsity"] for r in sparsity_by_expert(dense)}
+        report.details["by_expert"] = [
+            {
+                "layer": r["layer"],
+                "expert": r["expert"],
+                "dense": dense_experts.get((r["layer"], r["expert"])),
+                "perturbed": r["sparsity"],
+                "total": r["total"],
+            }
+            for r in experts
+        ]
 
 
 # ------------------------------------------------------------------ the pruned-weight cache
@@ -212,16 +238,21 @@ def _changed_tensors(dense, perturbed) -> dict:
     }
 
 
-def _store_pruned(dense, perturbed, entry) -> None:
-    """Store the tensors `perturbed` does not share with `dense` as the cache entry `entry` (engine.cache.Slot)."""
+def _store_pruned(dense, perturbed, entry, details: dict | None = None) -> None:
+    """Store the tensors `perturbed` does not share with `dense` as the cache entry `entry` (engine.cache.Slot),
+    whole 3-D expert parameters and GPT-2 Conv1D weights included (stored as the model holds them), with the
+    pruning's `details` (JSON) in the file's metadata."""
     from safetensors.torch import save_file
 
     tensors = {n: p.detach().cpu().contiguous() for n, p in _changed_tensors(dense, perturbed).items()}
-    entry.store(lambda tmp: save_file(tensors, str(tmp)))
+    metadata = {"details": json.dumps(details or {})}
+    entry.store(lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _load_pruned(dense, entry):
+    """(the clone with the cached tensors, the stored details), or None when there is no usable entry."""
     import torch.nn as nn
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from engine.pair import clone_sharing
@@ -231,6 +262,8 @@ def _load_pruned(dense, entry):
         return None
     try:
         tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            details = json.loads((f.metadata() or {}).get("details") or "{}")
     except Exception:
         return None  # a corrupt cache entry is recomputed
     clone = clone_sharing(dense)
@@ -241,5 +274,7 @@ def _load_pruned(dense, entry):
         old = getattr(module, attr, None) if module is not None else None
         if old is None or old.shape != tensor.shape:
             return None
-        setattr(module, attr, nn.Parameter(tensor.to(device=old.device, dtype=old.dtype), requires_grad=False))
-    return clone
+        # a copy: fresh memory, aligned as the computed weights were, so a cache hit computes bit for bit alike
+        new = tensor.to(device=old.device, dtype=old.dtype, copy=True)
+        setattr(module, attr, nn.Parameter(new, requires_grad=False))
+    return clone, details

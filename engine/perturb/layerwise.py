@@ -1,40 +1,80 @@
 """Sequential, layer-by-layer calibration, as the Wanda and SparseGPT references do it.
 
-The calibration tokens are embedded once and stopped at the first decoder layer, capturing the inputs
-that layer sees (and the keyword arguments the model passes it: rotary embeddings, the causal mask).
-Then each layer in turn: run it on the current inputs with hooks on its linears that accumulate
-input statistics, prune its linears from those statistics, and run it again so that the *pruned*
-layer's outputs become the next layer's inputs.
+The calibration tokens go through the model once with every decoder layer replaced by a recorder that
+passes its input through: this yields the first layer's inputs and, for every layer, the keyword arguments
+the model gives it (rotary embeddings, the attention mask), which differ between layers in some families:
+Gemma 2/3 and Qwen2 give sliding-window layers another mask than full-attention ones, and Gemma 3 other
+rotary embeddings too. Positional arguments (GPT-2's block takes its mask positionally) are turned into
+keywords through the layer's signature; the KV cache arguments are dropped. Nothing a model passes its layers
+depends on what the layers before returned, so recording does not need to run them.
+
+Then each layer in turn: run it on the current inputs with hooks that accumulate input statistics for each
+of its weight matrices (`engine.perturb.linears.WeightView`: linears, GPT-2 Conv1Ds, experts), prune them from
+those statistics, and run it again so that the *pruned* layer's outputs become the next layer's inputs.
+
+Experts (engine.perturb.experts): the statistics of expert e come only from the calibration tokens the
+router sends to e, recorded by a pre-hook on the experts module; an expert no calibration token reaches is
+pruned by magnitude instead, with a warning, and listed in the details.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
 
-from engine.perturb.linears import decoder_layers, layer_linears
+from engine.perturb.linears import WeightView, decoder_layers, is_experts, weight_views
+
+# arguments of a decoder layer that are not recorded: calibration runs without a KV cache
+CACHE_ARGUMENTS = frozenset({"cache", "past_key_values", "past_key_value", "layer_past", "use_cache"})
 
 
 class _Stop(Exception):
     pass
 
 
+def _recorder(layer, on_call: Callable[[torch.Tensor, dict], None], last: bool):
+    """A stand-in for `layer.forward`: turns the call into (hidden_states, keyword arguments) through the
+    real forward's signature, reports it, and returns the hidden states unchanged (raising _Stop if `last`)."""
+    signature = inspect.signature(layer.forward)
+    params = list(signature.parameters.values())
+    first = params[0].name
+    var_kw = next((p.name for p in params if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+
+    def forward(*args, **kwargs):
+        arguments = dict(signature.bind(*args, **kwargs).arguments)
+        if var_kw is not None:
+            arguments.update(arguments.pop(var_kw, {}))
+        hidden = arguments.pop(first)
+        on_call(hidden, {k: v for k, v in arguments.items() if k not in CACHE_ARGUMENTS})
+        if last:
+            raise _Stop
+        return hidden
+
+    return forward
+
+
 @torch.no_grad()
-def capture_layer_inputs(model, calib_ids: torch.Tensor, batch_size: int = 8):
-    """Run the embedding stage on each calibration chunk, returning [(hidden_states, kwargs)] per chunk."""
-    layers = decoder_layers(model)
-    first = layers[0]
-    device = next(first.parameters()).device
-    captured: list = []
+def capture_calibration(model, calib_ids: torch.Tensor, batch_size: int = 8):
+    """Run the calibration chunks through `model` with its decoder layers recording instead of computing.
 
-    def grab(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache", "hidden_states")}
-        captured.append((hidden.detach(), kw))
-        raise _Stop
+    Returns (hidden, layer_kwargs): the first layer's input per chunk (on that layer's device), and
+    layer_kwargs[i][c] the keyword arguments the model passes layer i for chunk c.
+    """
+    layers = list(decoder_layers(model))
+    hidden: list[torch.Tensor] = []
+    layer_kwargs: list[list[dict]] = [[] for _ in layers]
+    saved = []
+    for i, layer in enumerate(layers):
 
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+        def on_call(h, kw, i=i):
+            if i == 0:
+                hidden.append(h.detach())
+            layer_kwargs[i].append(kw)
+
+        saved.append(layer.__dict__.get("forward"))  # accelerate's device hooks live there
+        layer.forward = _recorder(layer, on_call, last=i == len(layers) - 1)
     try:
         embed_device = model.get_input_embeddings().weight.device
         for start in range(0, calib_ids.shape[0], batch_size):
@@ -44,8 +84,22 @@ def capture_layer_inputs(model, calib_ids: torch.Tensor, batch_size: int = 8):
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    return [(h.to(device), kw) for h, kw in captured]
+        for layer, old in zip(layers, saved):
+            if old is None:
+                del layer.forward
+            else:
+                layer.forward = old
+    for i, per_chunk in enumerate(layer_kwargs):
+        if len(per_chunk) != len(hidden):
+            raise ValueError(f"decoder layer {i} was not called once per calibration chunk ({len(per_chunk)} calls)")
+    device = next(layers[0].parameters()).device
+    return [h.to(device) for h in hidden], layer_kwargs
+
+
+def capture_layer_inputs(model, calib_ids: torch.Tensor, batch_size: int = 8):
+    """The first decoder layer's inputs per calibration chunk: [(hidden_states, kwargs)]."""
+    hidden, layer_kwargs = capture_calibration(model, calib_ids, batch_size)
+    return list(zip(hidden, layer_kwargs[0]))
 
 
 def _layer_out(output):
@@ -63,6 +117,7 @@ class InputStats:
 
     `sq`: per input feature, the sum of squares over all tokens (Wanda's ‖X_j‖₂²).
     `xtx`: the input Gram matrix Σ x xᵀ (SparseGPT's Hessian, up to a factor), when `gram=True`.
+    `tokens`: how many tokens were added.
     """
 
     def __init__(self, in_features: int, device, gram: bool):
@@ -71,7 +126,7 @@ class InputStats:
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if gram else None
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1]).float().to(self.sq.device)
         self.tokens += x.shape[0]
         self.sq += (x * x).sum(0)
         if self.xtx is not None:
@@ -83,46 +138,58 @@ class InputStats:
         return self.sq.sqrt()
 
 
-PruneLinear = Callable[[str, object, InputStats], torch.Tensor]
+# the new [out, in] weight of one matrix from its input statistics
+PruneMatrix = Callable[[WeightView, InputStats], torch.Tensor]
 
 
 @torch.no_grad()
 def prune_layers_sequentially(
     model,
     calib_ids: torch.Tensor,
-    prune_linear: PruneLinear,
+    prune_matrix: PruneMatrix,
     gram: bool,
+    spec=None,
     progress: Callable[[int, int], None] | None = None,
     batch_size: int = 8,
-) -> None:
-    """Prune every decoder layer of `model` in place (by replacing weights), layer after layer.
+) -> dict:
+    """Prune every decoder layer of `model` (by replacing weights), layer after layer.
 
-    `prune_linear(name, linear, stats)` returns the new weight for one linear from its input stats.
+    `prune_matrix(view, stats)` returns the new [out, in] weight of one WeightView from its input stats.
+    `spec` (the pruning Spec) is what an expert without calibration tokens is pruned with by magnitude.
+    Returns the details for the report: for MoE models `expert_tokens` ([{layer, tokens: [per expert]}]) and
+    `experts_without_tokens` ([[layer, expert]]).
     """
-    from engine.perturb.linears import set_weight
+    from engine.perturb.experts import ExpertInputs, prune_experts
 
     layers = decoder_layers(model)
-    chunks = capture_layer_inputs(model, calib_ids, batch_size)
+    hidden, layer_kwargs = capture_calibration(model, calib_ids, batch_size)
+    details: dict = {}
     for index, layer in enumerate(layers):
         device = next(layer.parameters()).device
-        chunks = [(h.to(device), {k: _to(v, device) for k, v in kw.items()}) for h, kw in chunks]
-        linears = layer_linears(layer)
-        stats = {name: InputStats(lin.in_features, device, gram) for name, lin in linears.items()}
-        hooks = [
-            lin.register_forward_hook(lambda _m, args, _out, s=stats[name]: s.add(args[0]))
-            for name, lin in linears.items()
-        ]
+        kwargs = layer_kwargs[index]
+        chunks = [(h.to(device), {k: _to(v, device) for k, v in kw.items()}) for h, kw in zip(hidden, kwargs)]
+        views = weight_views(layer, index)
+        plain = [v for v in views if v.expert is None]
+        stats = {id(v): InputStats(v.in_features, v.parameter.device, gram) for v in plain}
+        hooks = [v.module.register_forward_hook(lambda _m, args, _out, s=stats[id(v)]: s.add(args[0])) for v in plain]
+        experts = [ExpertInputs(module) for module in layer.modules() if is_experts(module)]
+        hooks += [e.attach() for e in experts]
         try:
             run_layer(layer, chunks)
         finally:
             for h in hooks:
                 h.remove()
-        for name, lin in linears.items():
-            set_weight(lin, prune_linear(name, lin, stats[name]))
+        for v in plain:
+            v.assign(prune_matrix(v, stats[id(v)]))
         del stats
-        chunks = run_layer(layer, chunks)
+        for inputs in experts:
+            expert_views = [v for v in views if v.expert is not None and v.module is inputs.module]
+            prune_experts(index, inputs, expert_views, prune_matrix, gram, spec, details)
+        del experts
+        hidden = [h for h, _ in run_layer(layer, chunks)]
         if progress:
             progress(index + 1, len(layers))
+    return details
 
 
 def _to(value, device):
@@ -130,4 +197,6 @@ def _to(value, device):
         return value.to(device)
     if isinstance(value, tuple):
         return tuple(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
     return value

@@ -1,19 +1,30 @@
-"""Magnitude pruning: zero the smallest |W| of each decoder linear (no calibration data)."""
+"""Magnitude pruning: zero the smallest |W| of each decoder weight matrix (no calibration data).
+
+One threshold per matrix as the model stores it, as in the Wanda repository's magnitude baseline (which
+thresholds each linear module it finds): a fused projection (Phi-3 `qkv_proj` / `gate_up_proj`, GPT-NeoX
+`query_key_value`, GPT-2 `c_attn`) is one matrix with one threshold, not one per logical q/k/v or gate/up
+part; an expert's slice of a 3-D expert tensor is a matrix of its own. Why per stored matrix: it needs no
+knowledge of each family's fused layout (GPT-NeoX interleaves q, k, v per head), it is what any linear-module
+based implementation does, and the sparsity of every stored matrix is then exactly the request. The price:
+inside a fused matrix the parts may end up with unequal sparsities (their total is exact), so a fused model
+is not pruned exactly like its unfused equivalent. N:M groups run along the input dimension, per row.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from engine.perturb.linears import decoder_layers, layer_linears, set_weight
+from engine.perturb.linears import decoder_layers, weight_views
 from engine.perturb.masks import lowest_per_matrix, n_of_m
 from engine.perturb.spec import Spec
 
 # bump when the output changes: cached pruned weights made by another version are then not reused (engine.cache)
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2  # 2: every family (Conv1D, MoE experts, per-layer calibration inputs)
 
 
 def magnitude_mask(weight: torch.Tensor, spec: Spec) -> torch.Tensor:
-    """True where pruned: one threshold per matrix (unstructured), or per group of M (N:M)."""
+    """True where pruned: one threshold per matrix (unstructured), or per group of M inputs (N:M).
+    `weight` is [out, in] (a WeightView's matrix)."""
     score = weight.detach().abs().float()
     if spec.n is not None:
         return n_of_m(score, spec.n, spec.m)
@@ -21,11 +32,12 @@ def magnitude_mask(weight: torch.Tensor, spec: Spec) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prune_magnitude(model, spec: Spec, progress=None) -> None:
+def prune_magnitude(model, spec: Spec, progress=None) -> dict:
     layers = decoder_layers(model)
     for index, layer in enumerate(layers):
-        for lin in layer_linears(layer).values():
-            w = lin.weight
-            set_weight(lin, w.masked_fill(magnitude_mask(w, spec), 0))
+        for view in weight_views(layer, index):
+            w = view.matrix()
+            view.assign(w.masked_fill(magnitude_mask(w, spec), 0))
         if progress:
             progress(index + 1, len(layers))
+    return {}

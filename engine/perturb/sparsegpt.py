@@ -4,7 +4,9 @@ For one linear with calibration inputs X, the layer-wise loss ‖WX − ŴX‖²
 are processed left to right in blocks; inside a block the mask is chosen by the OBS saliency
 w² / [H⁻¹]_jj² (over the whole block for unstructured sparsity, per group of M for N:M), and every
 pruned weight's error is spread over the not-yet-processed columns through the upper Cholesky factor
-of H⁻¹, so the kept weights compensate for the pruned ones.
+of H⁻¹, so the kept weights compensate for the pruned ones. Every WeightView is pruned: GPT-2's Conv1D
+through its transpose, a fused projection as one matrix (its Hessian is that of its one input, so this is
+exact), an expert from the Hessian of only the tokens the router sent to it (engine.perturb.experts).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from engine.perturb.masks import lowest_k, n_of_m
 from engine.perturb.spec import Spec
 
 # bump when the output changes: cached pruned weights made by another version are then not reused (engine.cache)
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2  # 2: every family (Conv1D, MoE experts, per-layer calibration inputs)
 
 BLOCK_SIZE = 128
 PERCENT_DAMP = 0.01
@@ -43,9 +45,21 @@ def inverse_hessian_factor(xtx: torch.Tensor, percdamp: float = PERCENT_DAMP) ->
 
 @torch.no_grad()
 def sparsegpt_weight(
-    weight: torch.Tensor, xtx: torch.Tensor, spec: Spec, blocksize: int = BLOCK_SIZE, percdamp: float = PERCENT_DAMP
+    weight: torch.Tensor,
+    xtx: torch.Tensor,
+    spec: Spec,
+    blocksize: int = BLOCK_SIZE,
+    percdamp: float = PERCENT_DAMP,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The pruned and updated weight matrix (same dtype as `weight`)."""
+    """The pruned and updated weight matrix (same dtype as `weight`).
+
+    `mask` (True where pruned, [out, in]) fixes the pruned set instead of choosing it, for tests and analysis.
+    With a mask P the sweep's result has a closed form: Ŵ = W − W_P U_PP⁻¹ U_P,: per row, U the upper
+    Cholesky factor of the damped H⁻¹. It is the OBS optimum of ‖(W − Ŵ)X‖² with Ŵ_P = 0 when P is a prefix
+    of the columns; otherwise kept columns left of a pruned one are not updated for it (SparseGPT's
+    approximation, which makes one sweep enough).
+    """
     W = weight.detach().float().clone()
     rows, cols = W.shape
     Hinv, dead = inverse_hessian_factor(xtx.to(W.device), percdamp)
@@ -61,14 +75,16 @@ def sparsegpt_weight(
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
-        if nm:
+        if mask is not None:
+            mask1 = mask[:, i1:i2].to(device=W.device, dtype=torch.bool)
+        elif nm:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
             # exactly int(numel · sparsity) pruned over the whole matrix: each block takes its share
             k = int(rows * i2 * spec.sparsity) - int(rows * i1 * spec.sparsity)
             mask1 = lowest_k(W1**2 / d.reshape(1, -1) ** 2, k)
         for i in range(i2 - i1):
-            if nm and i % spec.m == 0:
+            if nm and mask is None and i % spec.m == 0:
                 group = W1[:, i : i + spec.m] ** 2 / d[i : i + spec.m].reshape(1, -1) ** 2
                 mask1[:, i : i + spec.m] = n_of_m(group, spec.n, spec.m)
             w = W1[:, i]
@@ -82,8 +98,10 @@ def sparsegpt_weight(
     return W.to(weight.dtype)
 
 
-def prune_sparsegpt(model, spec: Spec, calib_ids: torch.Tensor, progress=None) -> None:
-    def prune_linear(_name, lin, stats: InputStats):
-        return sparsegpt_weight(lin.weight, stats.xtx, spec)
+def prune_sparsegpt(model, spec: Spec, calib_ids: torch.Tensor, progress=None) -> dict:
+    """Prune `model` in place (new weight tensors); returns the details (expert token counts on MoE models)."""
 
-    prune_layers_sequentially(model, calib_ids, prune_linear, gram=True, progress=progress)
+    def prune_matrix(view, stats: InputStats):
+        return sparsegpt_weight(view.matrix(), stats.xtx, spec)
+
+    return prune_layers_sequentially(model, calib_ids, prune_matrix, gram=True, spec=spec, progress=progress)

@@ -2,7 +2,9 @@
 
 ‖X_j‖₂ is the norm of input feature j over all calibration tokens, taken from the (already pruned)
 previous layers' outputs. Unstructured: the lowest `sparsity` fraction of each row. N:M: in every group of
-M consecutive inputs of a row keep the N highest scores.
+M consecutive inputs of a row keep the N highest scores. Every WeightView is pruned (GPT-2's Conv1D through
+its transpose; fused projections as one matrix, which is exact for a per-row rule: each output row belongs to
+one logical part); an expert's ‖X_j‖ comes only from the tokens the router sent to it (engine.perturb.experts).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from engine.perturb.masks import lowest_per_row, n_of_m
 from engine.perturb.spec import Spec
 
 # bump when the output changes: cached pruned weights made by another version are then not reused (engine.cache)
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2  # 2: every family (Conv1D, MoE experts, per-layer calibration inputs)
 
 
 def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
@@ -29,9 +31,11 @@ def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, spec: Spec) -> to
     return lowest_per_row(score, spec.sparsity)
 
 
-def prune_wanda(model, spec: Spec, calib_ids: torch.Tensor, progress=None) -> None:
-    def prune_linear(_name, lin, stats: InputStats):
-        w = lin.weight
+def prune_wanda(model, spec: Spec, calib_ids: torch.Tensor, progress=None) -> dict:
+    """Prune `model` in place (new weight tensors); returns the details (expert token counts on MoE models)."""
+
+    def prune_matrix(view, stats: InputStats):
+        w = view.matrix()
         return w.masked_fill(wanda_mask(w, stats.norm.to(w.device), spec), 0)
 
-    prune_layers_sequentially(model, calib_ids, prune_linear, gram=False, progress=progress)
+    return prune_layers_sequentially(model, calib_ids, prune_matrix, gram=False, spec=spec, progress=progress)
