@@ -81,6 +81,8 @@ class ModelRef:
             return random_display(self.name)
         if self.kind in ("local", "gguf"):
             return Path(self.source).name
+        if self.kind == "zoo":
+            return self.name  # tiny-random:FAMILY
         return self.source
 
     def cache_key(self) -> str:

@@ -56,7 +56,6 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -206,7 +205,7 @@ def _incremental_pass(
         for ids in [prompt] + [[t] for t in fed]:
             out = model(
                 input_ids=torch.tensor([ids] * rows, device=device),
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 output_hidden_states=True,
             )
@@ -218,11 +217,11 @@ def _incremental_pass(
 def batch_floor(pair, steps: int, runs: dict | None = None) -> float:
     """int8/nf4 only (0 otherwise): how far the quantized kernels alone move the perturbed model's outputs
     when the same tokens are computed in calls with another number of rows, with no hierui code: transformers'
-    own incremental decoding of a prompt in a batch of two identical rows against alone, and a full pass over
-    the prompt against passes over its first k tokens (the same numbers in exact arithmetic). bitsandbytes'
-    CPU nf4 kernel, for one, computes a call of a few rows otherwise than one of many, so batched rows (padded
-    to the longest prompt) and single ones differ by that much before hierui does anything; the batch check's
-    tolerance for the perturbed model is FLOOR_FACTOR times it."""
+    own incremental decoding of a prompt in a batch of as many identical rows as the check steps against alone,
+    and a full pass over the prompt against passes over its first k tokens (the same numbers in exact
+    arithmetic). bitsandbytes' CPU nf4 kernel, for one, computes a call of a few rows otherwise than one of
+    many, so batched rows (padded to the longest prompt) and single ones differ by that much before hierui does
+    anything; the batch check's tolerance for the perturbed model is FLOOR_FACTOR times it."""
     if pair.spec.family != "quant":
         return 0.0
     runs = {} if runs is None else runs
@@ -231,7 +230,7 @@ def batch_floor(pair, steps: int, runs: dict | None = None) -> float:
         prompt, fed = list(stepper.prompt_ids), [r["fed"][1] for r in records[:-1]]
         device = stepper.batch.device
         _h, one = _incremental_pass(pair.perturbed, prompt, fed, device)
-        _h, two = _incremental_pass(pair.perturbed, prompt, fed, device, rows=2)
+        _h, two = _incremental_pass(pair.perturbed, prompt, fed, device, rows=len(PROMPTS))
         scale = float(one.float().abs().max())
         floor = _rel(two, one, scale)
         _h, whole = _full_pass(pair.perturbed, prompt, device)
@@ -242,10 +241,35 @@ def batch_floor(pair, steps: int, runs: dict | None = None) -> float:
     return runs["batch floor"]
 
 
+def kernel_dtype(pair) -> str:
+    """The precision the perturbed model's quantized kernels really return, measured: a quantized linear's
+    outputs for random inputs that are all exactly bfloat16 (or float16) values mean the kernel rounds to that
+    precision whatever the model's dtype (bitsandbytes' CPU nf4 kernel does, for a float32 model); else the
+    model's own dtype."""
+    own = dtype_name(pair.dense.get_input_embeddings().weight.dtype)
+    if pair.spec.family != "quant":
+        return own
+    module = next((m for m in pair.perturbed.modules() if type(m).__module__.startswith("bitsandbytes")), None)
+    if module is None or not hasattr(module, "in_features"):
+        return own
+    weight = pair.dense.get_input_embeddings().weight
+    x = torch.randn(4, module.in_features, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        out = module(x)
+    if out.dtype == torch.float32:
+        for name, narrow in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+            if bool((out == out.to(narrow).float()).all()):
+                return name
+    return own
+
+
 def side_tolerance(pair, side: str, floor: float = 0.0) -> float:
-    """ε of one model of a pair: the dtype's, and for the perturbed model of int8 at least INT8_TOLERANCE (it
-    quantizes its activations per token, so a last-bit difference can move an activation by one int8 step)."""
+    """ε of one model of a pair: the dtype's (for the perturbed model, the precision its quantized kernels
+    really return: kernel_dtype), and for the perturbed model of int8 at least INT8_TOLERANCE (it quantizes its
+    activations per token, so a last-bit difference can move an activation by one int8 step)."""
     eps = rel_tolerance(pair.dense.get_input_embeddings().weight.dtype)
+    if side == "perturbed" and pair.spec.family == "quant":
+        eps = max(eps, rel_tolerance(kernel_dtype(pair)))
     if side == "perturbed" and pair.spec.method == "int8":
         eps = max(eps, INT8_TOLERANCE)
     if side == "perturbed" and floor:
@@ -273,20 +297,18 @@ def tolerance_rule(dtype) -> str:
         f"{dtype_name(dtype)}: ε = {eps:g}; logits within ε·max|z|, hidden states within ε·‖h‖, each metric within "
         f"ε·max(1, 4·max|z|/T)·(1 + |value|) (int8's perturbed model: ε ≥ 4/127); zero and sharing exact; "
         f"sparsity exact per comparison group; int8/nf4: the perturbed model's cache reference is transformers' own "
-        f"incremental decoding, its batch tolerance {FLOOR_FACTOR:g}× the kernels' own noise (batch_floor)"
+        f"incremental decoding, its ε that of the precision its kernels return (bitsandbytes' CPU nf4: bfloat16) and "
+        f"at least {FLOOR_FACTOR:g}× the kernels' own noise (batch_floor)"
     )
 
 
 def architecture(model) -> dict:
-    """model_type, layer count, the attention layer types when the config has them, class, parameters."""
-    cfg = model.config
-    text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-    types = getattr(text, "layer_types", None)
+    """engine.architecture.describe of the model's config, with its class and parameter count."""
+    from engine.architecture import describe
+
     return {
-        "model_type": getattr(text, "model_type", None) or getattr(cfg, "model_type", None),
+        **describe(model.config),
         "class": type(model).__name__,
-        "layers": getattr(text, "num_hidden_layers", None),
-        "layer_types": dict(Counter(types)) if types else None,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
 

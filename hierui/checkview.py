@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
+from engine.architecture import summary as architecture_summary
 from hierui.format import num
 from hierui.progress import duration
 
@@ -15,17 +16,9 @@ STYLE = {"pass": "green", "fail": "bold red", "n/a": "dim"}
 
 def summary_line(report) -> str:
     arch = report.architecture or {}
-    parts = [report.display, f"{report.device} {report.dtype}"]
-    kind = arch.get("model_type") or "?"
-    if arch.get("class"):
-        kind += f" ({arch['class']})"
-    if arch.get("layers") is not None:
-        kind += f", {arch['layers']} layers"
-    if arch.get("parameters"):
-        kind += f", {arch['parameters'] / 1e6:.1f}M parameters"
-    parts.append(kind)
-    if arch.get("layer_types"):
-        parts.append("layer types: " + ", ".join(f"{name}×{n}" for name, n in arch["layer_types"].items()))
+    parts = [report.display, f"{report.device} {report.dtype}", architecture_summary(arch)]
+    if arch.get("class") or arch.get("parameters"):
+        parts.append(f"{arch.get('class') or '?'}, {(arch.get('parameters') or 0) / 1e6:.1f}M parameters")
     calib = report.calibration or {}
     parts.append(f"{report.steps} steps, calibration {calib.get('samples')}×{calib.get('length')}")
     return " · ".join(parts)

@@ -56,3 +56,17 @@ def test_a_session_records_and_shows_the_architecture(cli, tmp_path):
     path.write_text("\n".join([json.dumps(bad), *lines[1:]]) + "\n", encoding="utf-8")
     failed = cli("show", str(path))
     assert failed.returncode == 2 and "architecture" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_a_zoo_member_is_shown_by_its_full_name():
+    from engine.models import resolve
+
+    ref = resolve("tiny-random:Gemma2")
+    assert ref.kind == "zoo" and ref.display == "tiny-random:gemma2"
+    assert ref.cache_key().startswith("tiny-random:gemma2")
+
+
+def test_an_unknown_zoo_family_is_one_line(cli):
+    result = cli("check", "--model", "tiny-random:nosuch")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown tiny-random family 'tiny-random:nosuch'" in result.stderr and "gemma2" in result.stderr

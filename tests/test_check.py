@@ -237,3 +237,16 @@ def test_tolerance_rule_scales_with_the_dtype():
     assert S.metric_tolerance(eps, scale=0.1, magnitude=0.0) == eps  # never below ε
     assert S.metric_tolerance(eps, scale=10.0, magnitude=1.0) == pytest.approx(eps * 40 * 2)
     assert "float32" in S.tolerance_rule(torch.float32)
+
+
+def test_the_precision_quantized_kernels_return_is_measured(tiny):
+    """bitsandbytes' CPU nf4 kernel rounds its outputs to bfloat16 even in a float32 model: the check measures
+    that and gives the perturbed model bfloat16's tolerance; int8 returns float32 values; none is the model's."""
+    from engine.perturb import perturb
+    from engine.selfcheck import kernel_dtype, rel_tolerance, side_tolerance
+
+    nf4 = perturb(tiny, "nf4", use_cache=False)
+    assert kernel_dtype(nf4) == "bfloat16"
+    assert side_tolerance(nf4, "perturbed") == rel_tolerance("bfloat16") and side_tolerance(nf4, "dense") == 1e-4
+    assert kernel_dtype(perturb(tiny, "int8", use_cache=False)) == "float32"
+    assert kernel_dtype(perturb(tiny, "none")) == "float32"

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from zoo_grid import grid
 
 from engine.calibration import Calibration
 from engine.errors import HieruiError
@@ -100,8 +101,7 @@ def _hooked_dense_logits(dense, family, kind, indices, ids):
 # ------------------------------------------------------------------ every family × every drop
 
 
-@pytest.mark.parametrize("spec", list(SPECS))
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family, spec", grid(FAMILIES, SPECS))
 def test_drop_equals_hooked_reference(family, spec, calibration):
     loaded = _loaded(family)
     dense = loaded.model
@@ -321,8 +321,7 @@ def test_last_position_hooks_equal_output_hidden_states(family):
 # ------------------------------------------------------------------ prune --save
 
 
-@pytest.mark.parametrize("kind", ["attention", "mlp", "block"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family, kind", grid(FAMILIES, ["attention", "mlp", "block"]))
 def test_standard_equivalent_reloads_with_the_same_outputs(family, kind, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from zoo_grid import grid
 
 from engine.pair import clone_sharing
 from engine.perturb import perturb
@@ -126,8 +127,7 @@ def test_every_weight_matrix_but_the_routers_is_a_view(family):
 # ------------------------------------------------------------------ exact sparsity
 
 
-@pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family, spec", grid(FAMILIES, SPECS))
 def test_every_matrix_has_the_requested_sparsity(family, spec):
     loaded, calib, snapshot = _member(family)
     with warnings.catch_warnings():

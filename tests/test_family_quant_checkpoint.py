@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+from zoo_grid import grid
 
 from engine.errors import HieruiError
 from engine.models import load
@@ -80,8 +81,7 @@ def expected_targets(model) -> dict:
 # ------------------------------------------------------------------ int8 / nf4 on every family
 
 
-@pytest.mark.parametrize("method", ["int8", "nf4"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family, method", grid(FAMILIES, ["int8", "nf4"]))
 def test_quantizes_every_projection_of_every_family(family, method):
     loaded, snapshot = zoo(family)
     dense = loaded.model
