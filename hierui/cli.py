@@ -703,6 +703,9 @@ def prune(
             style = "bold" if name == "all" else None
             table.add_row(name, f"{row['total']:,}", f"{row['dense']:.2%}", f"{row['perturbed']:.2%}", style=style)
         console.print(table)
+    experts = _expert_table(report.details)
+    if experts is not None:
+        console.print(experts)
     console.print(_describe_details(report.details))
     how = "loaded from cache" if report.from_cache else f"{report.seconds:.2f} s"
     calib_note = ""
@@ -787,6 +790,31 @@ def check(
         raise typer.Exit(1)
 
 
+def _expert_table(details: dict):
+    """Per MoE layer and expert: the sparsity of its matrices and the calibration tokens routed to it."""
+    rows = details.get("by_expert") or []
+    if not rows:
+        return None
+    tokens = {(e["layer"], i): n for e in details.get("expert_tokens") or [] for i, n in enumerate(e["tokens"])}
+    experts = sorted({r["expert"] for r in rows})
+    table = Table(title="experts: zero weights (calibration tokens routed to each)", title_justify="left")
+    table.add_column("layer", justify="right")
+    for e in experts:
+        table.add_column(f"expert {e}", justify="right")
+    for layer in sorted({r["layer"] for r in rows}):
+        cells = {r["expert"]: r for r in rows if r["layer"] == layer}
+        table.add_row(
+            str(layer),
+            *[
+                f"{cells[e]['perturbed']:.1%}" + (f" ({tokens[layer, e]:,})" if (layer, e) in tokens else "")
+                if e in cells
+                else "—"
+                for e in experts
+            ],
+        )
+    return table
+
+
 def _describe_details(details: dict) -> str:
     """One line on what a drop or quantization did (empty for pruning)."""
     if "dropped" in details:
@@ -797,12 +825,12 @@ def _describe_details(details: dict) -> str:
     if "quantized_linears" in details:
         counts = details.get("quantized") or {}
         kinds = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in counts.items() if n)
-        kept = len(details.get("full_precision") or [])
+        kept = ", ".join(details.get("full_precision") or [])
         skipped = len(details.get("skipped") or [])
         return (
             f"quantized {kinds or str(details['quantized_linears']) + ' linears'} to {details['bits']} bits "
             f"({details['backend']})"
-            + (f"; {kept} routers kept in full precision" if kept else "")
+            + (f"; routers kept in full precision ({kept})" if kept else "")
             + (f"; {skipped} skipped (see the session's details)" if skipped else "")
         )
     if details.get("experts_without_tokens"):

@@ -70,3 +70,11 @@ def test_an_unknown_zoo_family_is_one_line(cli):
     result = cli("check", "--model", "tiny-random:nosuch")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unknown tiny-random family 'tiny-random:nosuch'" in result.stderr and "gemma2" in result.stderr
+
+
+def test_prune_reports_each_experts_sparsity_and_routed_tokens(cli):
+    result = cli("prune", "--model", "tiny-random:mixtral", "--prune", "wanda:0.5", "--calib-samples", "4")
+    assert result.returncode == 0, result.stderr
+    assert "experts: zero weights (calibration tokens routed to each)" in result.stdout
+    lines = [line for line in result.stdout.splitlines() if line.strip().startswith("│     ")]
+    assert len(lines) == 4 and all(line.count("50.0%") == 4 for line in lines)  # 4 layers × 4 experts
