@@ -239,7 +239,7 @@ def _topk_probs(value) -> list[float | None] | None:
         return None
 
 
-def _max_abs(a: list | None, b: list | None) -> float:
+def max_abs(a: list | None, b: list | None) -> float:
     """Largest |a_i − b_i|; null against null is 0, null against a number (or a length change) is inf."""
     if a is None or b is None or len(a) != len(b):
         return math.inf
@@ -275,7 +275,7 @@ def deviations(recorded_steps: list[dict], new_steps: list[dict]) -> dict[str, f
             if name not in old or name not in new:
                 worst = math.inf
                 break
-            worst = max(worst, _max_abs(convert(old[name]), convert(new[name])))
+            worst = max(worst, max_abs(convert(old[name]), convert(new[name])))
         out[name] = worst
     return out
 

@@ -495,21 +495,9 @@ def _numbers(value) -> list[float | None] | None:
 
 def _dev(a, b) -> float:
     """Largest |a_i − b_i| of two fields; null against null is 0, null against a number or a shape change inf."""
-    a, b = _numbers(a), _numbers(b)
-    if a is None or b is None or len(a) != len(b):
-        return math.inf
-    worst = 0.0
-    for x, y in zip(a, b):
-        if x is None and y is None:
-            continue
-        if x is None or y is None:
-            return math.inf
-        if not (math.isfinite(x) and math.isfinite(y)):
-            if x != y:
-                return math.inf
-            continue
-        worst = max(worst, abs(x - y))
-    return worst
+    from engine.replay import max_abs
+
+    return max_abs(_numbers(a), _numbers(b))
 
 
 def _magnitude(*values) -> float:

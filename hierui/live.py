@@ -43,7 +43,11 @@ class LiveRun:
 
     @property
     def notes(self) -> list[str]:
-        return self.stepper.notes
+        from engine.perturb.checkpoint import structure_note
+
+        report = getattr(self.stepper.pair, "report", None)
+        note = structure_note(getattr(report, "details", None))
+        return list(self.stepper.notes) + ([note] if note else [])
 
     @property
     def finished(self) -> bool:

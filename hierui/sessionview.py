@@ -14,6 +14,7 @@ from rich.text import Text
 
 from engine.architecture import summary as architecture_summary
 from engine.errors import HieruiError
+from engine.perturb.checkpoint import structure_note
 from hierui.format import MISSING, metric, pct, step_label
 from hierui.output import console, err_console
 from hierui.tokentext import cell, clip, escape, running
@@ -48,6 +49,7 @@ def _session_header_table(session, full: bool = False) -> Table:
         ("model", escape(h.get("model_display") or h.get("model") or MISSING)),
         *([("architecture", escape(architecture_summary(h["architecture"])))] if h.get("architecture") else []),
         ("perturbation", escape(pert.get("spec", MISSING))),
+        *([("", escape(note))] if (note := structure_note(pert.get("details"))) else []),
         ("measured sparsity", sparsity),
     ]
     calib = h.get("calibration")

@@ -58,7 +58,10 @@ class RecordedRun:
 
     @property
     def notes(self) -> list[str]:
-        return list(self.session.warnings) + list(self.header.get("choice_notes") or [])
+        from engine.perturb.checkpoint import structure_note
+
+        note = structure_note((self.header.get("perturbation") or {}).get("details"))
+        return list(self.session.warnings) + list(self.header.get("choice_notes") or []) + ([note] if note else [])
 
     @property
     def finished(self) -> bool:

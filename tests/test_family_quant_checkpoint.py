@@ -380,6 +380,20 @@ def test_another_hidden_size_compares_logits_only(tmp_path):
         assert r["emb_cos"] == [None] * 5 and r["emb_rel"] == [None] * 5
         assert r["kl"] is not None and r["kl"] > 0 and r["logit_cos"] is not None
 
+    # the explorer (a note when the run starts) and `hierui show` say what is not compared
+    from engine.perturb.checkpoint import structure_note
+    from engine.session import SessionRecorder, load_session
+    from hierui.live import LiveRun
+    from hierui.sources import RecordedRun
+
+    note = structure_note(pair.report.details)
+    assert note and "none: hidden sizes differ" in note
+    live = LiveRun(pair, "Hello", StepSettings(max_new_tokens=2), tmp_path / "sessions")
+    assert note in live.notes
+    session_path = tmp_path / "s.jsonl"
+    SessionRecorder(Stepper(pair, "Hello", StepSettings(max_new_tokens=2)), [session_path]).run()
+    assert note in RecordedRun(load_session(session_path)).notes
+
 
 def test_per_layer_shapes_refused_outside_llama_style(tmp_path):
     loaded, _ = zoo("gpt2")

@@ -42,6 +42,19 @@ def test_the_readme_matrix_is_what_the_checks_give():
     written = _rows(script.readme_block())
     for name, line in generated.items():
         assert written.get(name) == line, f"README row of {name} is out of date: run scripts/support_matrix.py"
+    # and hierui check passes on every family for every spec (none is skipped as not applicable either)
+    failed = [(r.spec, r.check, r.reason) for _label, rep in reports for r in rep.results if r.status == "fail"]
+    assert not failed and not notes
+
+
+@pytest.mark.slow
+def test_check_passes_on_the_embedded_model_for_every_spec(cli, tmp_path):
+    import json
+
+    result = cli("check", "--model", "smollm2-135m", "--json", str(tmp_path / "check.json"))
+    data = json.loads((tmp_path / "check.json").read_text())
+    assert result.returncode == 0, [r for r in data["results"] if r["status"] == "fail"]
+    assert [s for s in DEFAULT_SPECS] == list(dict.fromkeys(r["spec"] for r in data["results"]))
 
 
 def test_one_zoo_member_checks_like_its_readme_row():

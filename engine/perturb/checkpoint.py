@@ -395,6 +395,18 @@ def _blockdrop_hint(directory: Path | None, n_dense: int, n_ckpt: int) -> list[i
     return sorted(dropped) if n_dense - len(dropped) == n_ckpt else None
 
 
+def structure_note(details: dict | None) -> str | None:
+    """One line for the explorer and `hierui show` when a checkpoint's hidden states are compared only in part
+    (details["structure"] of a checkpoint spec), else None."""
+    structure = (details or {}).get("structure") if isinstance(details, dict) else None
+    if not isinstance(structure, dict):
+        return None
+    compared = structure.get("hidden_metrics")
+    if not isinstance(compared, str) or compared == "all layers":
+        return None
+    return f"structurally different checkpoint: hidden-state metrics {compared} (the others are not computed)"
+
+
 def describe_structure(dense, ckpt, directory: Path | None, per_layer: bool = False) -> dict:
     """report.details["structure"]: what differs between the two models and what the pair compares."""
     hidden_map, compared = hidden_map_for(dense, ckpt, directory)
