@@ -69,15 +69,28 @@ def calib_options_from_header(header: dict) -> dict | None:
 
 def trusted_model(name: str) -> bool:
     """Whether a model named by a file may be loaded without the user naming it: the embedded model,
-    tiny-random (or a member of its zoo) or a known alias (engine.models.ALIASES). Never a local path or a
-    free hub id."""
+    tiny-random (or a member of its zoo), a shipped random:SHAPE or a known alias (engine.models.ALIASES). Never
+    a local path (random:PATH included) or a free hub id."""
     from engine.models import ALIASES, DEFAULT_MODEL
     from engine.tiny import TINY_RANDOM
     from engine.zoo import FAMILIES, family_of
 
     low = (name or "").strip().lower()
     trusted = (DEFAULT_MODEL, "default", "smollm2", "embedded", TINY_RANDOM)
-    return low in trusted or low in ALIASES or family_of(low) in FAMILIES
+    return low in trusted or low in ALIASES or family_of(low) in FAMILIES or _shipped_random_shape(low)
+
+
+def _shipped_random_shape(name: str) -> bool:
+    """random:ALIAS[@SEED] of a shape hierui ships (never random:PATH, a file the header would point at)."""
+    from engine.errors import HieruiError
+    from engine.random_model import is_random, parse_random
+
+    if not is_random(name):
+        return False
+    try:
+        return parse_random(name).alias
+    except HieruiError:
+        return False
 
 
 def header_calibration_file(header: dict) -> str | None:

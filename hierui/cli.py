@@ -58,7 +58,9 @@ cache_app = typer.Typer(
 app.add_typer(cache_app, name="cache")
 
 
-MODEL_HELP = "alias (smollm2-135m, llama-7b, …), tiny-random, local directory, .gguf file or hub id"
+MODEL_HELP = (
+    "alias (smollm2-135m, llama-7b, …), tiny-random[:FAMILY], random:SHAPE, local directory, .gguf file or hub id"
+)
 CALIB_HELP = "plain-text calibration file (default: sequences sampled from the dense model)"
 CALIB_LEN_HELP = f"tokens per calibration sequence (default {CALIB_LENGTH})"
 SPEC_HELP = (

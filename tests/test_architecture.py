@@ -78,3 +78,20 @@ def test_prune_reports_each_experts_sparsity_and_routed_tokens(cli):
     assert "experts: zero weights (calibration tokens routed to each)" in result.stdout
     lines = [line for line in result.stdout.splitlines() if line.strip().startswith("│     ")]
     assert len(lines) == 4 and all(line.count("50.0%") == 4 for line in lines)  # 4 layers × 4 experts
+
+
+@pytest.mark.parametrize(
+    "name, trusted",
+    [
+        ("tiny-random:gemma2", True),
+        ("random:llama-7b", True),
+        ("random:qwen2.5-0.5b@3", True),
+        ("random:/tmp/elsewhere/config.json", False),  # a path a header would point at: confirmed on the command line
+        ("tiny-random:nosuch", False),
+        ("/tmp/model", False),
+    ],
+)
+def test_a_header_may_name_the_zoo_and_shipped_shapes_but_no_path(name, trusted):
+    from engine.replay import trusted_model
+
+    assert trusted_model(name) is trusted
