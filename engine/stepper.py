@@ -120,6 +120,7 @@ class BatchStepper:
             self.rows.append(row)
         self.eos = eos_ids(self.tokenizer, pair.dense)  # the ids that end a run (an empty set: run to the limit)
         self._map = torch.tensor(pair.hidden_map, dtype=torch.long)
+        self._taps: dict = {}  # model → (its decoder layers, its final norm): where _forward hooks it
         self._pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._state = None  # (hidden_d, logits_d, hidden_p, logits_p) for the next step
         self._caches = None
@@ -147,7 +148,9 @@ class BatchStepper:
         the last position of each decoder layer's input and of the final norm's output, so a long prompt's
         prefill never holds logits or hidden states for every position (output_hidden_states would)."""
         grabbed: list[torch.Tensor] = []
-        layers, norm = _last_position_modules(model)
+        if model not in self._taps:  # found once per model, not at every forward pass
+            self._taps[model] = _last_position_modules(model)
+        layers, norm = self._taps[model]
         if layers is None:  # an architecture whose layers and final norm we cannot find: every position
             out = model(input_ids=ids.to(self.device), cache=cache, use_cache=True, output_hidden_states=True, **kwargs)
             logits = out.logits[:, -1, :]
