@@ -38,7 +38,7 @@ from engine.embedded import (
 from engine.errors import HieruiError, is_oom, one_line
 from engine.paths import models_dir
 from engine.random_model import is_random, parse_random, random_cache_key, random_display
-from engine.tiny import TINY_RANDOM, TINY_VERSION
+from engine.tiny import TINY_RANDOM, TINY_SHAPE, TINY_TOKENS, TINY_VERSION
 from engine.zoo import ZOO_VERSION, check_family, family_of
 
 Progress = Callable[[str], None]
@@ -168,15 +168,8 @@ def resolve(name: str) -> ModelRef:
 
 # ---------------------------------------------------------------- configs, read without loading
 
-# tiny-random's config.json values that the early checks read (tests pin them to engine.tiny.tiny_config())
-TINY_CONFIG = {
-    "num_hidden_layers": 4,
-    "max_position_embeddings": 1024,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
+# tiny-random's config.json values that the early checks read, without torch (engine.tiny)
+TINY_CONFIG = {**TINY_TOKENS, **TINY_SHAPE}
 
 
 def read_config(name: str) -> dict | None:

@@ -10,24 +10,24 @@ TINY_VERSION = 1  # part of its cache key: bump when the weights built below cha
 TINY_SEED = 0
 
 
+# the tiny shape and the byte tokenizer's ids: tiny-random's config, shared with the zoo (engine.zoo) and read
+# without torch by engine.models.read_config
+TINY_TOKENS = {"vocab_size": 260, "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
+TINY_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "initializer_range": 0.1,
+}
+
+
 def tiny_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(
-        vocab_size=260,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.1,
-        tie_word_embeddings=True,
-        bos_token_id=256,
-        eos_token_id=257,
-        pad_token_id=258,
-        rms_norm_eps=1e-6,
-    )
+    return LlamaConfig(**TINY_TOKENS, **TINY_SHAPE, tie_word_embeddings=True, rms_norm_eps=1e-6)
 
 
 def byte_tokenizer():

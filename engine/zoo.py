@@ -14,23 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.tiny import TINY_RANDOM
+from engine.tiny import TINY_RANDOM, TINY_SHAPE, TINY_TOKENS
 
 PREFIX = f"{TINY_RANDOM}:"
 ZOO_VERSION = 1  # part of each member's cache key: bump when the weights built below change
 ZOO_SEED = 0
 
-# shared by every member: the byte tokenizer's vocabulary and special ids, and the tiny shape
-_TOKENS = {"vocab_size": 260, "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
-_SHAPE = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
-    "initializer_range": 0.1,
-}
+# shared by every member: the byte tokenizer's vocabulary and special ids, and tiny-random's shape
+_TOKENS = TINY_TOKENS
+_SHAPE = TINY_SHAPE
 SLIDING_WINDOW = 16  # small, so that a short test steps past it
 
 
