@@ -191,6 +191,15 @@ def step_metrics(
     return out
 
 
+def margin(z_d: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """margin_d: the dense top-1 minus top-2 probability at T, (B,) (1 for a one-token vocabulary)."""
+    p = torch.softmax(_f(z_d) / temperature, dim=-1)
+    if p.shape[-1] < 2:
+        return torch.ones(p.shape[0], dtype=p.dtype, device=p.device)
+    top = torch.topk(p, 2, dim=-1).values
+    return top[:, 0] - top[:, 1]
+
+
 def to_host(metrics: dict[str, torch.Tensor]) -> list[dict[str, object]]:
     """One device→host transfer for all of a step's metrics; a dict of Python values per batch row.
 

@@ -5,6 +5,8 @@
         calib/      calibration token batches              <key>.pt            + <key>.meta.json
         pruned/     pruned weights                         <key>.safetensors   + <key>.meta.json
                     drop (similarity) scores               <key>-similarity.json + <key>-similarity.meta.json
+        noise/      numerical noise floors (`hierui noise`) <model key>-<device type>.json (engine.noise)
+        sessions/   the explorer's session files (the default of explore --sessions)
 
 Every module takes these folders from here. The cache entries and their metadata are managed by
 engine.cache.

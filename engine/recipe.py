@@ -39,7 +39,7 @@ RECIPES = DATA / "recipes"
 SUITES = DATA / "suites"
 # the keys a recipe may set, with the TOML type of each: the step settings a sweep takes and the
 # calibration's (engine.settings), typed like their defaults (the calibration source: a path)
-SETTINGS = {k: type(SWEEP_DEFAULTS[k]) for k in SWEEP_FIELDS}
+SETTINGS = {k: float if k == "tie_margin" else type(SWEEP_DEFAULTS[k]) for k in SWEEP_FIELDS}
 CALIBRATION = {k: str if k == "source" else type(v) for k, v in CALIB_DEFAULTS.items()}
 KEYS = {
     "name": str,

@@ -9,7 +9,9 @@ records exactly as many steps as were recorded, through the same SessionRecorder
 `save`, or a temporary file).
 `deviations(recorded, new)` is the largest absolute difference of every metric: scalars, per-layer and
 per-choice lists elementwise, and the probabilities of the top-k lists. `compare` adds whether every token
-matched. Nothing here prints; `hierui replay --rerun` renders the result.
+matched; `compare_branch` does the same for a counterfactual branch (engine.branch). A branch of another run
+(header `prefix_ids`, `start_step`) is rerun from its prefix and start step. Nothing here prints; `hierui replay
+--rerun` renders the result.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def settings_from_header(header: dict, steps: int) -> StepSettings:
         raw=bool(header.get("raw", defaults.raw)),
         topk=int(header.get("topk") or defaults.topk),
         truncate=bool(header.get("truncated_from")),
+        lens=bool(header.get("lens", False)),  # a session from before the lens has none
+        tie_margin=header.get("tie_margin"),
+        counterfactual=bool(header.get("counterfactual", False)),
     ).validate()
 
 
@@ -181,7 +186,29 @@ def rerun(
     save: str | Path | None = None,
     plan: RerunPlan | None = None,
 ) -> list[dict]:
-    """Recompute `session` with its models; the new step records as its session file holds them.
+    """Recompute `session` with its models; the new step records as its session file holds them
+    (rerun_session: the whole new session, its counterfactual branch included)."""
+    return rerun_session(
+        session, device, dtype, loaded=loaded, use_cache=use_cache, progress=progress, save=save, plan=plan
+    ).steps
+
+
+def rerun_session(
+    session: Session,
+    device: str = "auto",
+    dtype: str | None = None,
+    *,
+    loaded=None,
+    use_cache: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+    save: str | Path | None = None,
+    plan: RerunPlan | None = None,
+) -> Session:
+    """Recompute `session` with its models; the new session as its file holds it.
+
+    A branch (header `prefix_ids`, `start_step`, `parent`) is rerun from the same prefix and start step. A
+    session recorded with the counterfactual on is rerun with it when its closing line has the branch fields
+    (the branch, stepped to the recorded max_new_tokens, is compared by compare_branch), else without it.
 
     `dtype` None takes the recorded one (header "dtype"), else auto. `loaded`: an already loaded dense
     model (engine.models.LoadedModel) to use instead of loading one. `plan`: what to load (plan_rerun;
@@ -195,6 +222,14 @@ def rerun(
     header = session.header
     plan = plan or plan_rerun(session, loaded=loaded)
     settings = settings_from_header(header, len(session.steps))
+    if settings.counterfactual:  # the branch's length follows the run's max_new_tokens: take the recorded one
+        # only a run that ended and was closed with its branch fields (not one ended early in the explorer)
+        complete = "recovered" in (session.summary or {}) and isinstance(header.get("max_new_tokens"), int)
+        settings = replace(
+            settings,
+            counterfactual=complete,
+            max_new_tokens=header["max_new_tokens"] if complete else settings.max_new_tokens,
+        )
     stop = None
     if header.get("truncated_from") and isinstance(header.get("max_new_tokens"), int):
         # the prompt was cut to fit the recorded max_new_tokens: step with that limit, as many steps as recorded
@@ -209,7 +244,14 @@ def rerun(
             progress=lambda message, done=0, total=0: say(message, done, total),
         )
     pair = perturb(loaded, plan.spec, use_cache=use_cache, progress=progress, calib_options=plan.calib_options)
-    stepper = Stepper(pair, header["prompt"], settings)
+    stepper = Stepper(
+        pair,
+        header["prompt"],
+        settings,
+        prefix=header.get("prefix_ids"),
+        start_step=header.get("start_step") or 0,
+        parent=header.get("parent"),
+    )
     total, done = len(session.steps), 0
 
     def stepped(_row, _record) -> None:
@@ -220,11 +262,11 @@ def rerun(
     say("recomputing steps", 0, total)
     if save is not None:
         SessionRecorder(stepper, [save]).run(callback=stepped, stop=stop)
-        return load_session(save).steps
+        return load_session(save)
     with tempfile.TemporaryDirectory(prefix="hierui-rerun-") as tmp:
         path = Path(tmp) / "rerun.jsonl"
         SessionRecorder(stepper, [path]).run(callback=stepped, stop=stop)
-        return load_session(path).steps
+        return load_session(path)
 
 
 # ------------------------------------------------------------------ comparing
@@ -244,6 +286,8 @@ def _numbers(value) -> list[float | None] | None:
 
 
 def _topk_probs(value) -> list[float | None] | None:
+    if value is None:  # no list: that model had ended (free mode); equal to another null, not to a list
+        return []
     if not isinstance(value, list):
         return None
     try:
@@ -252,8 +296,9 @@ def _topk_probs(value) -> list[float | None] | None:
         return None
 
 
-def max_abs(a: list | None, b: list | None) -> float:
-    """Largest |a_i − b_i|; null against null is 0, null against a number (or a length change) is inf."""
+def max_abs(a: list | None, b: list | None, relative: bool = False) -> float:
+    """Largest |a_i − b_i| (with `relative`, |a_i − b_i| / max(1, |a_i|): absolute below 1, relative above);
+    null against null is 0, null against a number (or a length change) is inf."""
     if a is None or b is None or len(a) != len(b):
         return math.inf
     worst = 0.0
@@ -264,17 +309,20 @@ def max_abs(a: list | None, b: list | None) -> float:
             if x != y:
                 return math.inf
             continue
-        worst = max(worst, abs(x - y))
+        worst = max(worst, abs(x - y) / (max(1.0, abs(x)) if relative else 1.0))
     return worst
 
 
 def deviations(recorded_steps: list[dict], new_steps: list[dict]) -> dict[str, float]:
-    """Per metric name, the largest absolute deviation over the steps both runs have.
+    """Per metric name, the largest deviation over the steps both runs have: |new − recorded|, divided by
+    |recorded| where that is above 1 (KL of several nats, a cum_kl summed over a long run: float noise there
+    scales with the value, so an absolute bound would fail on rounding alone).
 
-    A metric present in one run only, or null in one and a number in the other, deviates by inf.
+    A recorded metric the new run lacks, or null in one and a number in the other, deviates by inf; a metric
+    the recording lacks (written by an older hierui, before that metric existed) is not compared.
     """
     names: list[str] = []
-    for step in [*recorded_steps, *new_steps]:
+    for step in recorded_steps:
         for name in step:
             if name not in SKIP_FIELDS and name not in names:
                 names.append(name)
@@ -283,12 +331,12 @@ def deviations(recorded_steps: list[dict], new_steps: list[dict]) -> dict[str, f
         worst = 0.0
         convert = _topk_probs if name in TOPK_FIELDS else _numbers
         for old, new in zip(recorded_steps, new_steps):
-            if name not in old and name not in new:
+            if name not in old:
                 continue
             if name not in old or name not in new:
                 worst = math.inf
                 break
-            worst = max(worst, max_abs(convert(old[name]), convert(new[name])))
+            worst = max(worst, max_abs(convert(old[name]), convert(new[name]), relative=True))
         out[name] = worst
     return out
 
@@ -340,4 +388,22 @@ def compare(recorded_steps: list[dict], new_steps: list[dict]) -> Comparison:
     )
     if len(recorded_steps) != len(new_steps):
         result.notes.append(f"the rerun took {len(new_steps)} steps, the recording {len(recorded_steps)}")
+    return result
+
+
+def compare_branch(recorded, new) -> Comparison | None:
+    """How a rerun's counterfactual branch (engine.branch.Branch, or None) compares with the recorded one; None
+    when the recording has none. A branch at another step or token, or none, is a token mismatch at step 0."""
+    if recorded is None:
+        return None
+    result = compare(recorded.steps, new.steps if new is not None else [])
+    if new is None:
+        result.notes.append("the rerun has no counterfactual branch")
+        result.first_token_mismatch = 0
+    elif (new.at, new.token) != (recorded.at, recorded.token):
+        result.notes.append(
+            f"the rerun branches at step {new.at} with token {new.token}, the recording at {recorded.at} "
+            f"with {recorded.token}"
+        )
+        result.first_token_mismatch = 0
     return result

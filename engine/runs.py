@@ -26,6 +26,8 @@ from engine.errors import HieruiError
 from engine.summary import mean, percentile
 
 STEP_COLUMNS = ("run_id", "spec", "mode", "prompt_id", "step", "kl", "cum_kl")
+# read where the table has them (a sweep recorded before them, or with --no-lens, has none): engine.localization
+LOCALIZATION_COLUMNS = ("lens_kl", "top1_agree", "near_tie")
 
 
 def median(values) -> float | None:
@@ -41,6 +43,7 @@ class RunData:
     mc: list[dict] = field(default_factory=list)
     mc_summary: list[dict] = field(default_factory=list)
     recipe: dict = field(default_factory=dict)  # name, description (OUT/recipe.toml from --recipe)
+    attribution: list[dict] = field(default_factory=list)  # OUT/attribution.parquet (batch --attribute flips)
     specs: list[str] = field(default_factory=list)  # in sweep order
 
     @property
@@ -64,6 +67,7 @@ REQUIRED = {
     "steps": STEP_COLUMNS,
     "mc": ("spec", "item_id"),
     "mc_summary": ("spec",),
+    "attribution": ("run_id", "spec", "step", "unit"),
 }
 
 
@@ -102,6 +106,17 @@ def _check_manifest(file: Path, manifest: dict) -> None:
     architecture = manifest.get("architecture")
     if architecture is not None and not isinstance(architecture, dict):
         raise HieruiError(f"{file}: architecture is {shown(architecture)}, expected an object")
+    floor = manifest.get("noise_floor")
+    if floor is not None:
+        if not isinstance(floor, dict):
+            raise HieruiError(f"{file}: noise_floor is {shown(floor)}, expected an object")
+        for name in ("tie_margin", "flip_rate", "kl_mean", "kl_p99"):
+            value = floor.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise HieruiError(f"{file}: noise_floor.{name} is {shown(value)}, expected a number")
+        cast = floor.get("cast")
+        if cast is not None and not isinstance(cast, dict):
+            raise HieruiError(f"{file}: noise_floor.cast is {shown(cast)}, expected an object")
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -143,10 +158,14 @@ def load_run(run_dir: str | Path) -> RunData:
         path,
         manifest,
         read("summary.parquet"),
-        read("steps.parquet", STEP_COLUMNS),
+        read("steps.parquet", STEP_COLUMNS + LOCALIZATION_COLUMNS),
         read("mc.parquet"),
         read("mc_summary.parquet"),
     )
+    from engine.schema import TABLES
+
+    if "attribution" in TABLES:
+        run.attribution = read("attribution.parquet")
     recipe = path / "recipe.toml"
     if recipe.is_file():
         import tomllib

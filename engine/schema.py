@@ -59,6 +59,8 @@ STEP_FIELDS = {
     "topk_overlap": FLOAT,
     "dp": FLOAT,
     "rank_shift": INT,
+    "margin_d": FLOAT,  # the dense top-1 minus top-2 probability
+    "near_tie": BOOL,  # a flip (top-1 differs) at a margin_d below the noise threshold (header: tie_margin)
     "amp": FLOAT,
     "nll_d": FLOAT,
     "nll_p": FLOAT,
@@ -77,6 +79,10 @@ STEP_FIELDS = {
     "sub_kl": FLOAT,
     "sub_cos": FLOAT,
     "sub_agree": BOOL,
+    # the logit lens, per layer ℓ = 1..L (engine.lens); null with the lens off
+    "lens_kl": FLOATS,
+    "lens_top1_agree": BOOLS,
+    "lens_dense_final_kl": FLOATS,
     # top-k lists [[token id, text, probability], …]
     "topk_d": JSON,
     "topk_p": JSON,
@@ -88,6 +94,9 @@ SUMMARY_FIELDS = {
     **{f"{name}_{stat}": FLOAT for name in ("kl", "tv") for stat in ("mean", *(f"p{q}" for q in PERCENTILES))},
     "kl_est_mean": FLOAT,
     "same_top1_rate": FLOAT,
+    "compared_steps": INT,  # steps that compare both models (in free mode, not those after one model ended)
+    "flips": INT,  # compared steps whose top-1 tokens differ
+    "near_tie_flips": INT,  # … of which near ties (margin_d below the noise threshold)
     "emb_cos_final_mean": FLOAT,
     **{f"{name}_mean": FLOAT for name in ("logit_cos", "prob_cos", "prob_cos_est", "js", "amp")},
     "prob_cos_est_oor_rate": FLOAT,  # fraction of the compared steps whose estimate left [−1, 1]
@@ -102,6 +111,11 @@ SUMMARY_FIELDS = {
     "end_p": INT,
     "sub_kl_mean": FLOAT,
     "sub_agree_rate": FLOAT,  # prompts with choices only
+    # free mode with counterfactual on (engine.branch): the branch at the first divergence, null without one
+    "recovered": BOOL,
+    "recovery_steps": INT,
+    "branch_divergence": INT,
+    "branch_kl_mean": FLOAT,
 }
 
 # engine.choice.score_item's keys: one multiple-choice item scored under one spec
@@ -140,6 +154,22 @@ CHOICE_SUMMARY_FIELDS = {
     "tv_mean": FLOAT,
 }
 
+# engine.attribution.Attribution.rows()'s keys: one unit patched at one step (shared/design.md, "Where it breaks")
+ATTRIBUTION_FIELDS = {
+    "unit": STRING,  # block.ℓ, attn.ℓ, mlp.ℓ
+    "kind": STRING,  # block, attn, mlp
+    "layer": INT,
+    "kl": FLOAT,  # the step's KL(P_d ‖ P_p) at T, unpatched
+    "kl_patched": FLOAT,
+    "restored_kl": FLOAT,  # (kl − kl_patched) / kl; null where kl is 0
+    "restores_top1": BOOL,
+    "rank": INT,  # 1 = removes the most KL, among the sublayers (attn and mlp together) or among the blocks
+    "in_minimal_set": BOOL,  # in the step's greedy smallest set of units restoring the dense top-1
+    "top1_d": INT,
+    "top1_p": INT,
+    "minimal_restores": BOOL,  # whether that set restores it
+}
+
 # the tables: OUT/steps.parquet, OUT/summary.parquet (and .csv), OUT/mc.parquet, OUT/mc_summary.parquet (and .csv)
 STEPS = {**RUN_COLUMNS, **STEP_FIELDS}
 SUMMARY = {
@@ -152,7 +182,9 @@ SUMMARY = {
 }
 CHOICES = {"spec": STRING, **CHOICE_FIELDS}
 CHOICE_SUMMARY = {"spec": STRING, **CHOICE_SUMMARY_FIELDS}
-TABLES = {"steps": STEPS, "summary": SUMMARY, "mc": CHOICES, "mc_summary": CHOICE_SUMMARY}
+# OUT/attribution.parquet (hierui batch --attribute flips): a row per run × attributed step × unit
+ATTRIBUTION = {**RUN_COLUMNS, "step": INT, **ATTRIBUTION_FIELDS}
+TABLES = {"steps": STEPS, "summary": SUMMARY, "mc": CHOICES, "mc_summary": CHOICE_SUMMARY, "attribution": ATTRIBUTION}
 
 
 class SchemaError(HieruiError):

@@ -2,7 +2,8 @@
 
     line 1     header: {"format": "hierui-session", "version": 1, "model": …, "perturbation": {…}, …}
     lines 2…   one step record each, appended and flushed as the step completes
-    last line  optionally {"end": true, "summary": {…}}
+    last line  optionally {"end": true, "summary": {…}}, with "branch": {…} for a free-mode run with counterfactual
+               on (engine.branch.Branch.to_dict; older readers ignore it)
 
 A crash loses nothing that was written: the loader drops a truncated last line with a warning. A wrong
 format, a newer version, a missing file or a file that is not JSON Lines is one clear HieruiError.
@@ -17,10 +18,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine import __version__
 from engine.errors import HieruiError
-from engine.validate import check_header, check_step, check_summary, loads, shown
+from engine.validate import check_branch, check_header, check_step, check_summary, loads, shown
+
+if TYPE_CHECKING:
+    from engine.branch import Branch
 
 FORMAT = "hierui-session"
 VERSION = 1
@@ -84,11 +89,12 @@ class SessionWriter:
         self._file.write(_line(record))
         self._file.flush()
 
-    def close(self, summary: dict | None = None) -> None:
+    def close(self, summary: dict | None = None, branch: dict | None = None) -> None:
+        """End the file, with the closing line when there is a `summary` (and the counterfactual `branch`)."""
         if self.closed:
             return
         if summary is not None:
-            self._file.write(_line({"end": True, "summary": summary}))
+            self._file.write(_line({"end": True, "summary": summary, **({"branch": branch} if branch else {})}))
             self.summary = summary
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -104,13 +110,15 @@ class SessionWriter:
 
 @dataclass
 class Session:
-    """A loaded session: header, step records, the closing summary if there is one."""
+    """A loaded session: header, step records, the closing summary if there is one, and the counterfactual
+    branch (an engine.branch.Branch) if the closing line holds one."""
 
     path: Path
     header: dict
     steps: list[dict]
     summary: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    branch: Branch | None = None
 
     @property
     def complete(self) -> bool:
@@ -190,6 +198,11 @@ def load_session(path: str | Path) -> Session:
                 raise HieruiError(f"{path}: line {number}, the closing line, holds no summary object")
             check_summary(summary or {}, path, number)
             session.summary = summary or {}
+            if obj.get("branch") is not None:
+                from engine.branch import Branch
+
+                check_branch(obj["branch"], path, number)
+                session.branch = Branch.from_dict(obj["branch"])
             continue
         if "step" not in obj:
             raise HieruiError(f"{path}: line {number} is neither a step nor the closing line")
@@ -205,11 +218,12 @@ def load_session(path: str | Path) -> Session:
 # ------------------------------------------------------------------ recording
 
 
-def session_header(pair, settings, row) -> dict:
+def session_header(pair, settings, row, tie_margin: tuple[float, str] | None = None) -> dict:
     """The header of one row's session (the writer adds format, version, created and hierui).
 
     `pair`: an engine.pair.ModelPair; `settings`: the engine.settings.StepSettings the row is stepped
-    with; `row`: the stepper's row (prompt, ids, choices, choice ids, notes)."""
+    with; `row`: the stepper's row (prompt, ids, choices, choice ids, notes); `tie_margin`: the near-tie
+    threshold the stepper used and where it came from (BatchStepper.tie_margin, .tie_margin_source)."""
     from engine.architecture import describe as describe_architecture
 
     report = pair.report
@@ -242,6 +256,12 @@ def session_header(pair, settings, row) -> dict:
         "max_new_tokens": settings.max_new_tokens,
         "raw": settings.raw,
         "topk": settings.topk,
+        "lens": settings.lens,
+        **({"tie_margin": tie_margin[0], "tie_margin_source": tie_margin[1]} if tie_margin else {}),
+        **({"prefix_ids": list(row.prefix_ids)} if getattr(row, "prefix_ids", None) else {}),
+        **({"start_step": row.start_step} if getattr(row, "start_step", 0) else {}),
+        **({"parent": dict(row.parent)} if getattr(row, "parent", None) else {}),
+        **({"counterfactual": True} if getattr(settings, "counterfactual", False) and settings.mode == "free" else {}),
         "layers": pair.dense.config.num_hidden_layers,
         "architecture": describe_architecture(pair.dense.config),
         "device": str(first.device),
@@ -258,6 +278,10 @@ class SessionRecorder:
     closing summary as soon as the row finishes. `close(summary=False)` ends the others without one (an
     interrupted run, rerun later); `close(summary=True)` ends them with a summary of the steps taken (the
     explorer's restart or quit: the user ended the run there).
+
+    With `counterfactual` on in free mode, the rows' files stay open until every row has finished; then the
+    counterfactual branches are stepped (engine.branch.counterfactuals, all rows at once) and each file is closed
+    with its summary, the branch's fields and the branch. A run ended before it finished gets no branch.
     """
 
     def __init__(self, stepper, paths: list):
@@ -267,6 +291,9 @@ class SessionRecorder:
             raise ValueError("one session path per row")
         self.writers: list[SessionWriter | None] = [None] * len(self.paths)
         self._written = [0] * len(self.paths)
+        settings = self.stepper.settings
+        self.counterfactual = bool(getattr(settings, "counterfactual", False)) and settings.mode == "free"
+        self.branches: list = [None] * len(self.paths)  # engine.branch.Branch per row, once computed
 
     @property
     def finished(self) -> bool:
@@ -277,7 +304,8 @@ class SessionRecorder:
         return any(w is not None for w in self.writers)
 
     def header(self, b: int) -> dict:
-        return session_header(self.stepper.pair, self.stepper.settings, self.stepper.rows[b])
+        s = self.stepper
+        return session_header(s.pair, s.settings, s.rows[b], (s.tie_margin, s.tie_margin_source))
 
     def step(self) -> list[dict | None]:
         """One step of every unfinished row, written before it is returned."""
@@ -285,7 +313,23 @@ class SessionRecorder:
         for b, record in enumerate(records):
             if record is not None:
                 self._flush(b)
+        if self.counterfactual and self.stepper.finished:
+            self._close_with_branches()
         return records
+
+    def _close_with_branches(self) -> None:
+        """Step every row's counterfactual branch, then close each file with its summary and branch."""
+        from engine.branch import branch_summary, counterfactuals
+        from engine.summary import summarize
+
+        if all(w is None or w.closed for w in self.writers):
+            return
+        self.branches = counterfactuals(self.stepper.pair, self.stepper)
+        for writer, row, branch in zip(self.writers, self.stepper.rows, self.branches):
+            if writer is None or writer.closed:
+                continue
+            summary = {**summarize(row.records, self.stepper.settings.mode), **branch_summary(branch)}
+            writer.close(summary, branch.to_dict() if branch is not None else None)
 
     def _flush(self, b: int) -> None:
         """Write row b's records not yet in its file (opening it first), and its summary once it finished."""
@@ -298,7 +342,7 @@ class SessionRecorder:
         for record in row.records[self._written[b] :]:
             writer.write_step(record)
         self._written[b] = len(row.records)
-        if row.finished:
+        if row.finished and not self.counterfactual:  # counterfactual: closed with the branches (step)
             writer.close(summarize(row.records, self.stepper.settings.mode))
 
     def run(self, callback=None, stop=None) -> list[Session]:
@@ -337,6 +381,7 @@ class SessionRecorder:
                     header=writer.header if writer else self.header(b),
                     steps=list(row.records),
                     summary=writer.summary if writer else None,
+                    branch=self.branches[b] if writer and writer.summary is not None else None,
                 )
             )
         return out

@@ -34,6 +34,13 @@ class StepSettings:
     raw: bool = False
     topk: int = 5
     truncate: bool = False  # a prompt that does not fit the context with max_new_tokens: keep its last tokens
+    lens: bool = True  # the logit lens per layer (engine.lens): lens_kl, lens_top1_agree, lens_dense_final_kl
+    # a flip whose dense top-1/top-2 probability margin is below this is a near tie (`near_tie`); None: the
+    # model's measured noise floor (`hierui noise`, engine.noise.tie_margin) or the default for its dtype
+    tie_margin: float | None = None
+    # free mode: at the first divergence, branch, feeding the perturbed model the dense token, and record whether
+    # the texts agree again (engine.branch); shared mode has no divergence to branch from: it does nothing there
+    counterfactual: bool = False
 
     def __post_init__(self) -> None:
         if self.choices is not None and not isinstance(self.choices, tuple):
@@ -54,6 +61,9 @@ class StepSettings:
             raise HieruiError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
         if self.topk < 1:
             raise HieruiError(f"top-k must be at least 1, got {self.topk}")
+        m = self.tie_margin
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1):
+            raise HieruiError(f"the tie margin is a probability difference between 0 and 1, got {m}")
         return self
 
     def with_mode(self, mode: str) -> StepSettings:
@@ -101,7 +111,18 @@ def fit_context(
 
 
 # the fields a sweep takes for all its runs (mode and choices vary per run)
-SWEEP_FIELDS = ("temperature", "max_new_tokens", "sample", "seed", "raw", "topk", "truncate")
+SWEEP_FIELDS = (
+    "temperature",
+    "max_new_tokens",
+    "sample",
+    "seed",
+    "raw",
+    "topk",
+    "truncate",
+    "lens",
+    "tie_margin",
+    "counterfactual",
+)
 SWEEP_DEFAULTS = {
     **{k: v for k, v in StepSettings().to_dict().items() if k in SWEEP_FIELDS},
     "max_new_tokens": BATCH_MAX_NEW_TOKENS,

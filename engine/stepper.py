@@ -54,6 +54,9 @@ class _Row:
     end_p: int | None = None
     fed: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))  # generated tokens each model got
     truncated_from: int | None = None  # the prompt's length in tokens before left truncation (settings.truncate)
+    prefix_ids: list[int] = field(default_factory=list)  # tokens fed after the prompt before step 0 (a branch)
+    start_step: int = 0  # the step of the parent run this row's step 0 is (a branch): the sampling noise stream
+    parent: dict | None = None  # a branch's parent run: {"session": path, "step": s, "token": id, …} (its header)
 
 
 PREFILL_CHUNK = 512  # prompt tokens fed per forward pass in the prefill
@@ -93,7 +96,18 @@ class BatchStepper:
     settings are frozen: a stepper keeps the ones it was made with.
     """
 
-    def __init__(self, pair, prompts: list[str], settings: StepSettings | None = None, choices: list | None = None):
+    def __init__(
+        self,
+        pair,
+        prompts: list[str],
+        settings: StepSettings | None = None,
+        choices: list | None = None,
+        prefixes: list[list[int]] | None = None,
+        start_steps: list[int] | None = None,
+    ):
+        """`prefixes`: per row, token ids fed after the prompt before step 0 (a branch continues a run from a
+        step: the prompt plus the tokens generated before it); `start_steps`: per row, the step of the parent
+        run that this row's step 0 is, so a sampled branch draws the parent's noise from there on."""
         if not prompts:
             raise HieruiError("no prompts to step")
         self.pair = pair
@@ -104,9 +118,13 @@ class BatchStepper:
         if len(per_row) != len(prompts):
             raise HieruiError("one list of choices per prompt, or none")
         self.rows: list[_Row] = []
+        prefixes = prefixes if prefixes is not None else [[] for _ in prompts]
+        start_steps = start_steps if start_steps is not None else [0] * len(prompts)
+        if len(prefixes) != len(prompts) or len(start_steps) != len(prompts):
+            raise HieruiError("one prefix and one start step per prompt, or none")
         context = model_context(pair.dense)
-        for prompt, row_choices in zip(prompts, per_row):
-            ids = prompt_ids(self.tokenizer, prompt, raw=self.settings.raw)
+        for prompt, row_choices, prefix in zip(prompts, per_row, prefixes):
+            ids = prompt_ids(self.tokenizer, prompt, raw=self.settings.raw) + [int(t) for t in prefix]
             if not ids and self.tokenizer.bos_token_id is not None:
                 ids = [self.tokenizer.bos_token_id]  # an empty prompt starts from the beginning of a text
             if not ids:
@@ -117,7 +135,10 @@ class BatchStepper:
             cids, notes = choice_token_ids(self.tokenizer, row_choices) if row_choices else ([], [])
             row = _Row(prompt, ids, list(row_choices) if row_choices else None, cids, notes)
             row.truncated_from = truncated_from
+            row.prefix_ids = [int(t) for t in prefix]
             self.rows.append(row)
+        for row, start in zip(self.rows, start_steps):
+            row.start_step = int(start)
         self.eos = eos_ids(self.tokenizer, pair.dense)  # the ids that end a run (an empty set: run to the limit)
         self._map = torch.tensor(pair.hidden_map, dtype=torch.long)
         self._taps: dict = {}  # model → (its decoder layers, its final norm): where _forward hooks it
@@ -128,10 +149,45 @@ class BatchStepper:
         self._next_pos = None
         self._generators: list[torch.Generator] = []
         self._choices = None  # (ids (B, C), mask (B, C)) on the device
+        self._lens = None  # (dense head, perturbed head or None) once found: engine.lens
+        self.tie_margin, self.tie_margin_source = self._tie_margin()
 
     @property
     def finished(self) -> bool:
         return all(row.finished for row in self.rows)
+
+    def _tie_margin(self) -> tuple[float, str]:
+        """The near-tie threshold: the settings' own, else the dense model's noise floor (engine.noise)."""
+        if self.settings.tie_margin is not None:
+            return float(self.settings.tie_margin), "given"
+        from engine.noise import tie_margin
+
+        loaded = getattr(self.pair, "loaded", None)
+        name = loaded.ref.name if loaded is not None else getattr(self.pair.dense.config, "name_or_path", "")
+        weight = self.pair.dense.get_input_embeddings().weight
+        return tie_margin(name, weight.device.type, str(weight.dtype).removeprefix("torch."))
+
+    def _lens_heads(self):
+        """The lens heads of both models (engine.lens), found once; None where the lens is off or impossible."""
+        if not self.settings.lens:
+            return None
+        if self._lens is None:
+            from engine.lens import lens_head
+
+            dense, pert = lens_head(self.pair.dense), lens_head(self.pair.perturbed)
+            if dense is None or pert is None:
+                self._lens = (None, None)
+            else:
+                # the perturbed head only where it is not the dense one's tensors (a checkpoint)
+                same = all(
+                    a is b
+                    for a, b in zip(
+                        [p for m in (*dense.norms, dense.head) for p in m.parameters()],
+                        [p for m in (*pert.norms, pert.head) for p in m.parameters()],
+                    )
+                ) and len(pert.norms) == len(dense.norms)
+                self._lens = (dense, None if same else pert)
+        return self._lens if self._lens[0] is not None else None
 
     # ------------------------------------------------------------ forward passes
 
@@ -212,6 +268,9 @@ class BatchStepper:
         zd = self._state[1]
         if self.settings.sample:
             self._generators = [torch.Generator(device=zd.device).manual_seed(self.settings.seed) for _ in self.rows]
+            for row, gen in zip(self.rows, self._generators):  # a branch: the parent's noise from its step on
+                for _ in range(row.start_step):
+                    torch.empty(zd.shape[-1], device=zd.device).exponential_(generator=gen)
         width_c = max(len(r.choice_ids) for r in self.rows)
         if width_c:
             cids = torch.zeros((len(self.rows), width_c), dtype=torch.long)
@@ -246,9 +305,10 @@ class BatchStepper:
         tok_d, tok_p = self._choose(zd, zp)
         fed_p = tok_d if s.mode == "shared" else tok_p
         cids, cmask = self._choices if self._choices is not None else (None, None)
+        hp_mapped = mapped_hidden(hd, hp, self._map)  # −1 in hidden_map / another hidden size: NaN, recorded as null
         values = M.step_metrics(
             hd,
-            mapped_hidden(hd, hp, self._map),  # −1 in hidden_map / another hidden size: NaN, recorded as null
+            hp_mapped,
             zd,
             zp,
             tok_d,
@@ -258,6 +318,17 @@ class BatchStepper:
             choice_ids=cids,
             choice_mask=cmask,
         )
+        values["margin_d"] = M.margin(zd, s.temperature)
+        heads = self._lens_heads()
+        if heads is not None:
+            from engine.lens import lens_metrics
+
+            lens = lens_metrics(heads[0], hd, hp_mapped, zd, zp, s.temperature, head_p=heads[1])
+            # ℓ = L is the models' own output: exactly the step's kl and top-1 agreement
+            lens["lens_kl"][:, -1] = values["kl"]
+            lens["lens_dense_final_kl"][:, -1] = values["kl"]
+            lens["lens_top1_agree"][:, -1] = values["top1_agree"]
+            values.update(lens)
         values["token_d"] = tok_d.float()
         values["token_p"] = tok_p.float()
         out: list[dict | None] = []
@@ -321,8 +392,15 @@ class BatchStepper:
         if not n_choices:
             for key in ("sub_p_d", "sub_p_p", "sub_kl", "sub_cos", "sub_agree"):
                 host.pop(key, None)
+        if "lens_top1_agree" in host:
+            host["lens_top1_agree"] = [None if v is None else bool(v) for v in host["lens_top1_agree"]]
+        # a flip (the two top-1 tokens differ) at a dense margin below the noise threshold: a near tie
+        flip = host["top1_agree"] is not None and not host["top1_agree"]
+        margin = host["margin_d"]
+        host["near_tie"] = bool(flip and margin is not None and margin < self.tie_margin)
         if not both:  # one model has ended: only the running one's own fields are values
             own = {f"{kind}_{name}" for name in ("d", "p") if live[name] for kind in ("nll", "sub_p")}
+            own |= {"margin_d"} if live["d"] else set()
             host = {key: (value if key in own else None) for key, value in host.items()}
         record.update(host)
         record["cum_kl"] = row.cum_kl
@@ -351,8 +429,19 @@ class Stepper:
     """Steps a pair in lockstep from one prompt: a BatchStepper of one row. `step()` returns one record,
     or None when the run is over."""
 
-    def __init__(self, pair, prompt: str, settings: StepSettings | None = None):
-        self.batch = BatchStepper(pair, [prompt], settings)
+    def __init__(
+        self,
+        pair,
+        prompt: str,
+        settings: StepSettings | None = None,
+        prefix: list[int] | None = None,
+        start_step: int = 0,
+        parent: dict | None = None,
+    ):
+        """`prefix`, `start_step`: a branch of another run (BatchStepper); `parent`: what the session header
+        records of the run it branches from."""
+        self.batch = BatchStepper(pair, [prompt], settings, prefixes=[list(prefix or [])], start_steps=[start_step])
+        self.batch.rows[0].parent = dict(parent) if parent else None
 
     @property
     def pair(self):

@@ -56,6 +56,11 @@ def summarize(steps: list[dict], mode: str | None = None) -> dict:
             out[f"{name}_p{q}"] = percentile(vals, q)
     out["kl_est_mean"] = mean(s.get("kl_est") for s in steps)
     out["same_top1_rate"] = mean(s.get("top1_agree") for s in steps)
+    compared = [s for s in steps if s.get("top1_agree") is not None]
+    out["compared_steps"] = len(compared)  # steps comparing both models (free mode: not after one ended)
+    out["flips"] = sum(1 for s in compared if not s["top1_agree"])  # steps whose top-1 tokens differ
+    if any("near_tie" in s for s in compared):  # … of which at a dense margin within the noise (near ties)
+        out["near_tie_flips"] = sum(1 for s in compared if s.get("near_tie"))
     out["emb_cos_final_mean"] = mean((s.get("emb_cos") or [None])[-1] for s in steps)
     for name in ("logit_cos", "prob_cos", "prob_cos_est", "js", "amp"):
         out[f"{name}_mean"] = mean(s.get(name) for s in steps)

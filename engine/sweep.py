@@ -6,7 +6,9 @@
              spec once and records each run (spec → prompt → mode) as OUT/sessions/<run_id>.jsonl, with
              run_id = <prompt id>-<spec slug>-<mode>, e.g. p003-wanda-0.5-shared; runs of one mode are
              stepped together, `batch_size` at a time. Multiple-choice items are scored once per spec
-             (OUT/mc/<spec slug>.jsonl). Then it writes the tables (engine.tables).
+             (OUT/mc/<spec slug>.jsonl). With attribute="flips" (batch --attribute flips) each recorded run's
+             flip steps are attributed (engine.attribution) into OUT/attribution/<run_id>.jsonl, written whole;
+             a complete run without that file gets it on resume. Then it writes the tables (engine.tables).
     resume   a run whose session file has its closing summary is complete and is skipped; an incomplete
              one is rerun from scratch. OUT/batch.json records the sweep; rerunning into the same OUT
              with other settings is refused (use another --out).
@@ -37,6 +39,7 @@ from engine.settings import SWEEP_DEFAULTS, SWEEP_FIELDS, CalibSettings, StepSet
 MANIFEST = "batch.json"
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_SPEC = "wanda:0.5"
+ATTRIBUTE_CHOICES = ("none", "flips")  # batch --attribute
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class Sweep:
     # files written into OUT beside batch.json when the sweep really starts (a recipe's prompts.jsonl and
     # recipe.toml), by name: a failed start leaves nothing behind
     files: dict[str, str] = field(default_factory=dict)
+    # "flips": attribute every flip step of each run once it is recorded (engine.attribution); "none"
+    attribute: str = "none"
 
     def runs(self) -> list[Run]:
         """Every generation run, in loop order: spec, then prompt, then mode (multiple-choice items excluded)."""
@@ -80,14 +85,22 @@ class Sweep:
         return [p for p in self.prompts if p.is_choice]
 
     def step_settings(self, mode: str) -> StepSettings:
-        """The settings the runs of `mode` are stepped with (each prompt's choices go to the stepper per row)."""
-        return replace(self.settings, mode=mode)
+        """The settings the runs of `mode` are stepped with (each prompt's choices go to the stepper per row).
+        `counterfactual` applies to the free runs only (shared mode has no divergence to branch from)."""
+        return replace(self.settings, mode=mode, counterfactual=self.settings.counterfactual and mode == "free")
 
     def settings_dict(self) -> dict:
         """The SWEEP_FIELDS of the settings, as batch.json records them."""
         values = self.settings.to_dict()
-        # truncate only when set: a manifest written before it existed still matches on resume
-        return {k: values[k] for k in SWEEP_FIELDS if k != "truncate" or values[k]}
+        # truncate and counterfactual only when set, lens only when off, tie_margin only when given: a manifest
+        # written before they existed still matches on resume
+        optional = {
+            "truncate": bool(values["truncate"]),
+            "counterfactual": bool(values["counterfactual"]),
+            "lens": not values["lens"],
+            "tie_margin": values["tie_margin"] is not None,
+        }
+        return {k: values[k] for k in SWEEP_FIELDS if optional.get(k, True)}
 
     def manifest(self) -> dict:
         return {
@@ -105,6 +118,8 @@ class Sweep:
             "device": self.device,
             "dtype": self.dtype,
             "source": self.source,
+            # only when on: a manifest written before the option existed still matches on resume
+            **({"attribute": self.attribute} if self.attribute != "none" else {}),
         }
 
 
@@ -148,6 +163,7 @@ def plan_sweep(
     dtype: str = "auto",
     prompts_text: str | None = None,
     files: dict[str, str] | None = None,
+    attribute: str = "none",
     **settings,
 ) -> Sweep:
     """Check the whole sweep before anything is loaded. `settings` (SWEEP_FIELDS) and `calib` values left
@@ -201,9 +217,15 @@ def plan_sweep(
             raise HieruiError(f"checkpoint not found: {spec.path}")
         check_fits(spec, config)
     modes = _unique([m.strip().lower() for m in (modes or ["shared"])])
+    if base.get("counterfactual") and "free" not in modes:
+        raise HieruiError("--counterfactual branches free-mode runs at their first divergence: add --mode free")
+    attribute = (attribute or "none").strip().lower()
+    if attribute not in ATTRIBUTE_CHOICES:
+        raise HieruiError(f"unknown --attribute '{attribute}': use {' or '.join(ATTRIBUTE_CHOICES)}")
     sweep = Sweep(
         model, prompts, parsed, modes, StepSettings(**base), calibration, device, dtype, source, dict(files or {})
     )
+    sweep.attribute = attribute
     for mode in modes:
         sweep.step_settings(mode).validate()  # the mode and every bound (engine.settings)
     _check_context(sweep, config)
@@ -234,6 +256,11 @@ def _from_header(from_session, model: str | None, calib_given: dict) -> dict:
     require(header, from_session, ("prompt",), "nothing to rerun")
     if not header["prompt"].strip():
         raise HieruiError(f"{where}: the header's prompt is empty; nothing to rerun")
+    if header.get("prefix_ids") or header.get("start_step"):
+        raise HieruiError(
+            f"{where} is a branch of another run (it continues it from a step): --from reruns a prompt from its "
+            "start; use the parent session, or replay --rerun this one"
+        )
     named = header.get("model")
     if model is None and named is not None and not trusted_model(named) and any(c in named for c in "/\\.~"):
         raise HieruiError(
@@ -330,8 +357,15 @@ def check_out(sweep: Sweep, out: str | Path) -> bool:
             old = json.loads(target.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise HieruiError(f"{target} is unreadable; use another --out") from None
-        ignore = {"source", "created", "architecture"}
+        ignore = {"source", "created", "architecture", "attribute", "noise_floor"}
         differ = [k for k in sorted(set(old) | set(manifest)) if k not in ignore and old.get(k) != manifest.get(k)]
+        if not differ and old.get("attribute", "none") != sweep.attribute and sweep.attribute == "none":
+            # turning attribution on over a sweep recorded without it adds it to every run; turning it off would
+            # leave attribution.parquet describing some runs only
+            raise HieruiError(
+                f"{out} was recorded with --attribute {old.get('attribute')}: rerun it with the same option to "
+                f"resume it, or use another --out"
+            )
         if differ:
             raise HieruiError(
                 f"{out} holds another sweep ({', '.join(differ)} differ): rerun it with the same "
@@ -343,7 +377,28 @@ def check_out(sweep: Sweep, out: str | Path) -> bool:
     return False
 
 
-def write_manifest(sweep: Sweep, out: str | Path, architecture: dict | None = None) -> None:
+def noise_floor(model_name: str, model) -> dict | None:
+    """What `hierui noise` measured for the dense model on its device in its dtype (engine.noise.floor_summary,
+    and the cast to another dtype as a reference: `cast`), or None where it was not run."""
+    from engine.noise import floor_summary, load_floor
+
+    weight = model.get_input_embeddings().weight
+    dtype = str(weight.dtype).removeprefix("torch.")
+    try:
+        floor = load_floor(model_name, weight.device.type)
+    except HieruiError:
+        return None
+    if floor is None:
+        return None
+    out = floor_summary(floor, dtype)
+    cast = [c for c in floor.get("comparisons", []) if c.get("kind") == "dtype"]
+    if cast:
+        out["cast"] = {k: cast[0].get(k) for k in ("name", "kl_mean", "flip_rate")}
+    out["dtype"] = dtype
+    return out
+
+
+def write_manifest(sweep: Sweep, out: str | Path, architecture: dict | None = None, floor: dict | None = None) -> None:
     """Write OUT/batch.json and the sweep's `files` (once the sweep has really started: model loaded, choices
     checked)."""
     out = Path(out)
@@ -357,7 +412,20 @@ def write_manifest(sweep: Sweep, out: str | Path, architecture: dict | None = No
     manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     if architecture:  # engine.architecture.describe of the loaded model (not compared on resume)
         manifest["architecture"] = architecture
+    if floor:  # the dense model's noise floor (`hierui noise`) when measured: the report shows it (not compared)
+        manifest["noise_floor"] = floor
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+
+
+def _record_attribute_option(sweep: Sweep, out: Path) -> None:
+    """Attribution turned on over a sweep recorded without it: batch.json says so from now on."""
+    target = out / MANIFEST
+    if sweep.attribute == "none" or not target.is_file():
+        return
+    manifest = json.loads(target.read_text(encoding="utf-8"))
+    if manifest.get("attribute") != sweep.attribute:
+        manifest["attribute"] = sweep.attribute
+        atomic_write(target, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
 
 # ------------------------------------------------------------------ running
@@ -375,8 +443,9 @@ def run_sweep(
     Ctrl-C propagates as KeyboardInterrupt; the run in progress keeps its written steps (and is rerun
     from scratch next time), the finished ones stay complete.
     """
+    from engine.attribution import attribution_complete
     from engine.lock import lock_folder
-    from engine.tables import write_choice_tables, write_tables
+    from engine.tables import write_attribution_table, write_choice_tables, write_tables
 
     hooks = hooks or SweepHooks()
     out = Path(out)
@@ -392,12 +461,16 @@ def run_sweep(
         result = SweepResult(out, runs, skipped=[r.run_id for r in runs if r.run_id in done])
         todo = [r for r in runs if r.run_id not in done]
         mc_todo = [spec for spec in sweep.specs if sweep.choice_items and not choices_complete(sweep, out, spec)]
+        # runs complete but not attributed (attribution turned on, or interrupted while attributing)
+        att_todo = [r for r in runs if sweep.attribute == "flips" and not (r in todo or attribution_complete(out, r))]
         hooks.sweep_started(len(runs), len(done))
-        if todo or mc_todo:
-            _record(sweep, out, todo, use_cache, hooks, result, size, mc_todo)
+        if todo or mc_todo or att_todo:
+            _record(sweep, out, todo, use_cache, hooks, result, size, mc_todo, att_todo)
         write_manifest(sweep, out)
         result.summary = write_tables(sweep, out)
         result.choice_summary = write_choice_tables(sweep, out)
+        _record_attribute_option(sweep, out)
+        write_attribution_table(sweep, out)
     return result
 
 
@@ -410,6 +483,7 @@ def _record(
     result: SweepResult,
     batch_size: int,
     mc_todo: list[Spec],
+    att_todo: list[Run] = (),
 ) -> None:
     from engine.calibration import build_calibration
     from engine.choice import item_token_ids
@@ -433,11 +507,12 @@ def _record(
     from engine.architecture import describe
 
     # the sweep really starts: a failed start above leaves no batch.json
-    write_manifest(sweep, out, describe(loaded.model.config))
+    write_manifest(sweep, out, describe(loaded.model.config), noise_floor(sweep.model, loaded.model))
     calibration = None
     for spec in sweep.specs:
         spec_runs = [r for r in todo if r.spec == spec]
-        if not spec_runs and spec not in mc_todo:
+        spec_att = [r for r in att_todo if r.spec == spec]
+        if not spec_runs and spec not in mc_todo and not spec_att:
             continue
         if spec.needs_calibration and calibration is None:
             started = time.perf_counter()
@@ -470,7 +545,22 @@ def _record(
                     hooks.run_finished(chunk[b])
 
             SessionRecorder(stepper, [session_path(out, r) for r in chunk]).run(callback=on_record)
+            if sweep.attribute == "flips":
+                _attribute(sweep, out, chunk, pair, hooks)
+        if spec_att:
+            _attribute(sweep, out, spec_att, pair, hooks)
         del pair
+
+
+def _attribute(sweep: Sweep, out: Path, runs: list[Run], pair, hooks: SweepHooks) -> None:
+    """Attribute the flip steps of each complete run: OUT/attribution/<run_id>.jsonl (engine.attribution)."""
+    from engine.attribution import attribute_run
+
+    for run in runs:
+        session = load_complete(session_path(out, run))
+        if session is not None:
+            hooks.message(f"attributing run {run.run_id}")
+            attribute_run(pair, session, run, out, sweep.settings.temperature, hooks)
 
 
 def _score_choices(sweep: Sweep, out: Path, spec: Spec, pair, hooks: SweepHooks) -> None:

@@ -3,9 +3,11 @@
     steps        OUT/steps.parquet: a row per step per run (per-layer metrics as list columns, top-k lists as
                  JSON text), sorted by run_id, step.
     summary      OUT/summary.parquet and OUT/summary.csv: a row per run, engine.summary.summarize of its
-                 steps, sorted by run_id.
+                 steps (and the counterfactual branch's fields of its closing line), sorted by run_id.
     mc           OUT/mc.parquet (an item per spec per row) and OUT/mc_summary.parquet/.csv (a row per spec),
                  when the sweep has multiple-choice items.
+    attribution  OUT/attribution.parquet: a row per run × flip step × unit (engine.attribution), when the sweep
+                 attributes its flips (batch --attribute flips), sorted by run_id, step.
 
 Every table has the columns and types of engine.schema, whatever the sweep held. The tables are built from
 the files, never from memory, so a resumed and an uninterrupted sweep give equal tables. group_summary()
@@ -18,6 +20,7 @@ import json
 from pathlib import Path
 
 from engine import schema
+from engine.branch import BRANCH_SUMMARY
 from engine.errors import HieruiError
 from engine.paths import atomic_write
 from engine.session import Session
@@ -67,6 +70,8 @@ def build_tables(sweep: Sweep, out: str | Path):
                 "model": sweep.model,
                 "measured_sparsity": perturbation.get("measured_sparsity"),
                 **summarize(session.steps, run.mode),
+                # the counterfactual branch's fields, from the closing line (engine.branch)
+                **{k: v for k, v in (session.summary or {}).items() if k in BRANCH_SUMMARY},
             }
         )
     return (
@@ -120,6 +125,34 @@ def write_choice_tables(sweep: Sweep, out: str | Path) -> list[dict]:
     items, summary = build_choice_tables(sweep, out)
     _write_whole(out, "mc", items, "mc_summary", summary)
     return summary.to_pylist()
+
+
+def build_attribution_table(sweep: Sweep, out: str | Path):
+    """OUT/attribution.parquet's table, read back from OUT/attribution/<run_id>.jsonl of every run of `sweep`:
+    sorted by run_id, step, then the order each step's units were written in."""
+    from engine.attribution import attribution_complete, read_run
+
+    out = Path(out)
+    rows = []
+    for run in sorted(sweep.runs(), key=lambda r: r.run_id):
+        if not attribution_complete(out, run):
+            raise HieruiError(f"the attribution of run {run.run_id} is not complete in {out}; rerun the sweep")
+        found = read_run(out, run)
+        rows += sorted(found, key=lambda r: r["step"])  # stable: each step's units stay in order
+    return schema.to_table(rows, schema.ATTRIBUTION, "attribution.parquet")
+
+
+def write_attribution_table(sweep: Sweep, out: str | Path) -> int | None:
+    """OUT/attribution.parquet when the sweep attributes its flips (batch --attribute flips); returns its number
+    of rows (None: not attributed)."""
+    import pyarrow.parquet as pq
+
+    if getattr(sweep, "attribute", "none") != "flips":
+        return None
+    out = Path(out)
+    table = build_attribution_table(sweep, out)
+    atomic_write(out / "attribution.parquet", lambda path: pq.write_table(table, str(path)))
+    return table.num_rows
 
 
 def group_summary(sweep: Sweep, rows: list[dict]) -> list[dict]:

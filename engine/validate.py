@@ -48,6 +48,13 @@ HEADER = {
     "sample": (BOOL, True, None),
     "raw": (BOOL, True, None),
     "topk": (INT, True, lambda v: None if v >= 1 else "expected an integer ≥ 1"),
+    "lens": (BOOL, True, None),
+    "tie_margin": (FLOAT, True, lambda v: None if 0 <= v <= 1 else "expected a number between 0 and 1"),
+    "tie_margin_source": (STRING, True, None),
+    "prefix_ids": (INTS, True, None),  # a branch: tokens fed after the prompt before step 0 (in prompt_ids)
+    "start_step": (INT, True, lambda v: None if v >= 0 else "expected a step ≥ 0"),  # a branch: its parent's step
+    "parent": (DICT, True, None),  # a branch: the run it branches from
+    "counterfactual": (BOOL, True, None),  # free mode: the closing line holds the branch at the first divergence
     "layers": (INT, True, lambda v: None if v >= 0 else "expected a count ≥ 0"),
     "architecture": (DICT, True, None),
     "device": (STRING, True, None),
@@ -84,6 +91,16 @@ NESTED = {"perturbation": PERTURBATION, "calibration": CALIBRATION, "architectur
 # every step field is nullable except `step`; top-k lists are [[token id, text, probability], …]
 STEPS = {name: ({JSON: TOPK, INTS: NINTS}.get(kind, kind), name != "step", None) for name, kind in STEP_FIELDS.items()}
 SUMMARY = {name: (kind, True, None) for name, kind in SUMMARY_FIELDS.items()}
+_STEP = (INT, False, lambda v: None if v >= 0 else "expected a step ≥ 0")
+# the closing line's counterfactual branch (engine.branch.Branch.to_dict); its `steps` are step records (STEPS)
+BRANCH = {
+    "at": _STEP,
+    "token": (INT, False, None),
+    "text": (STRING, True, None),
+    "start_step": _STEP,
+    "recovered": (BOOL, True, None),
+    "recovery_steps": (INT, True, lambda v: None if v >= 0 else "expected a count ≥ 0"),
+}
 
 EXPECTED = {
     STRING: "a string",
@@ -264,6 +281,29 @@ def check_summary(summary: dict, path, number: int) -> None:
     """HieruiError (one line) on the first closing-summary field of the wrong type."""
     try:
         _check_fields(summary, SUMMARY, prefix="summary.")
+    except _Bad as bad:
+        raise _error(path, number, bad) from None
+
+
+def check_branch(branch, path, number: int) -> None:
+    """HieruiError (one line) unless the closing line's `branch` is an object of BRANCH's fields whose `steps` are
+    step records numbered from 0, each checked as a step line is."""
+    try:
+        if not isinstance(branch, dict):
+            raise _Bad("branch", branch, EXPECTED[DICT])
+        for name in ("at", "token", "start_step", "steps"):
+            if name not in branch:
+                raise _Bad(f"branch.{name}", None, "a value (it is missing)")
+        _check_fields(branch, BRANCH, prefix="branch.")
+        steps = branch["steps"]
+        if not isinstance(steps, list):
+            raise _Bad("branch.steps", steps, "a list of step records")
+        for i, step in enumerate(steps):
+            if not isinstance(step, dict):
+                raise _Bad(f"branch.steps[{i}]", step, "a step record (an object)")
+            if not _is_int(step.get("step")) or step["step"] != i:
+                raise _Bad(f"branch.steps[{i}].step", step.get("step"), f"step {i}")
+            _check_fields(step, STEPS, prefix=f"branch.steps[{i}].")
     except _Bad as bad:
         raise _error(path, number, bad) from None
 

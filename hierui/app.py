@@ -5,6 +5,12 @@ each panel is data-bound to what it shows and renders it. All model work (loadin
 thread workers that post messages (hierui.messages); one `Worker.StateChanged` handler reports any worker
 failure. A restart (mode, temperature, prompt) never waits: the old run is closed without blocking and
 finishes its step in flight on its own thread.
+
+Where it breaks (shared/design.md): the layer × step map of the logit lens (`v` switches lens KL ⇄ dense
+final KL); `a` attributes the selected step by patching, in a worker, the result replacing the chart until
+`a` again; `b` branches from a top-k alternative of the selected step into a new run and session linked to
+its parent (`u` goes back to the parent, which was kept open); with `--counterfactual` a finished free run
+shows its counterfactual branch under the texts.
 """
 
 from __future__ import annotations
@@ -21,14 +27,19 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Container, Horizontal, Vertical, VerticalScroll
 from textual.reactive import reactive
-from textual.widgets import Footer, Input, ProgressBar, Static
+from textual.widgets import ContentSwitcher, Footer, Input, ProgressBar, Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
 from engine.settings import StepSettings
-from hierui.messages import LoadProgress, PairReady, StepDone
+from hierui.format import step_label
+from hierui.messages import AttributionDone, CounterfactualDone, LoadProgress, PairReady, StepDone
 from hierui.sources import RecordedRun, StepSource
+from hierui.tokentext import cell
+from hierui.widgets.attribution import AttributionPanel
+from hierui.widgets.branch import BranchChooser
 from hierui.widgets.chart import SeriesChart
 from hierui.widgets.continuation import Continuation
+from hierui.widgets.heatmap import HeatmapPanel
 from hierui.widgets.info import InfoBar
 from hierui.widgets.layers import LayerPanel
 from hierui.widgets.scale import kl_legend
@@ -38,6 +49,75 @@ from hierui.widgets.topk import TopKTable
 
 PairFactory = Callable[[Callable[[str, int, int], None]], object]
 COMPACT_WIDTH, COMPACT_HEIGHT = 110, 34  # below either, the panels stack (hierui.tcss: -narrow, -short)
+
+
+def fed_text(records: list[dict]) -> str:
+    """The text the perturbed model was fed over `records` (its own picks in free mode, the dense ones in shared)."""
+    out = []
+    for r in records:
+        fed = (r.get("fed") or [None, None])[1]
+        out.append(r.get("text_d", "") if fed == r.get("token_d") else r.get("text_p", ""))
+    return "".join(out)
+
+
+def branch_prefix(header: dict, records: list[dict], step: int, token: int) -> tuple[list[int], int]:
+    """The tokens a branch of `step` feeds after the prompt, and the parent step its step 0 is
+    (engine.branch.branch_prefix where it exists)."""
+    try:
+        from engine.branch import branch_prefix as engine_prefix
+    except ImportError:
+        engine_prefix = None
+    if engine_prefix is not None:
+        prefix, start = engine_prefix(header, records, step, token)
+        return [int(t) for t in prefix], int(start)
+    fed = [int(r["fed"][1]) for r in records[:step]]
+    return [int(t) for t in header.get("prefix_ids") or []] + fed + [int(token)], int(
+        header.get("start_step") or 0
+    ) + step + 1
+
+
+def branch_lead(header: dict, depth: int = 0) -> tuple:
+    """A branch session's (context text before the chosen token, the chosen token's text), read from its parent
+    session's file where that is still there (a branch of a branch: its parents' too); () for no branch."""
+    parent = header.get("parent")
+    if not isinstance(parent, dict):
+        return ()
+    chosen = str(parent.get("text") or "")
+    before = "… "
+    if depth < 8 and isinstance(parent.get("session"), str) and isinstance(parent.get("step"), int):
+        from engine.errors import HieruiError
+        from engine.session import load_session
+
+        try:
+            session = load_session(parent["session"])
+        except (HieruiError, OSError):
+            session = None
+        if session is not None:
+            lead = branch_lead(session.header, depth + 1)
+            before = (lead[0] + lead[1] if lead else "") + fed_text(session.steps[: parent["step"]])
+    return before, chosen
+
+
+def counterfactual_line(branch) -> str:
+    """A counterfactual branch (engine.branch.Branch) as the line under the texts: the dense token fed where the
+    texts split, the perturbed model's text from there on, and whether it came back to the dense text."""
+    from hierui.tokentext import clip, escape
+
+    if branch is None:
+        return "⑂ counterfactual: the two texts never split, nothing to branch"
+    steps = branch.steps or []
+    if branch.recovered is None:
+        verdict = "nothing left to compare"
+    elif branch.recovered:
+        k = branch.recovery_steps or 0
+        verdict = "recovered at once" if k == 0 else f"recovered after {k} step{'s' if k != 1 else ''}"
+    else:
+        verdict = f"did not recover in {len(steps)} steps"
+    text = clip(escape("".join(s.get("text_p") or "" for s in steps)), 160)
+    return (
+        f"⑂ counterfactual: fed the dense token {cell(branch.text)} at step {step_label(branch.at)}, the perturbed "
+        f"model went on “{text}” — {verdict}"
+    )
 
 
 class AppState(str, Enum):
@@ -57,19 +137,41 @@ class HieruiApp(App):
     AUTO_FOCUS = None  # keys drive the explorer; the prompt takes focus only with `e`
     BINDINGS = [
         Binding("space", "step", "Step", tooltip="advance one token (replay: one recorded step)"),
-        Binding("r", "toggle_run", "Run/Pause", tooltip="step continuously, or pause"),
+        Binding("r", "toggle_run", "Run", tooltip="step continuously, or pause"),
         Binding("left", "scrub(-1)", "◀", tooltip="select the step before"),
         Binding("right", "scrub(1)", "▶", tooltip="select the step after"),
+        Binding(
+            "a",
+            "attribute",
+            "Attribute",
+            tooltip="attribute the selected step: patch each sublayer's dense output into the perturbed model "
+            "and rank the units by the KL they remove (a again: back to the chart)",
+        ),
+        Binding(
+            "b",
+            "branch",
+            "Branch",
+            tooltip="pick a top-k alternative at the selected step and continue from it: a new run and session",
+        ),
+        Binding("u", "parent", "Parent", tooltip="leave this branch: back to the run it branched from"),
+        Binding(
+            "v",
+            "heat_view",
+            "Map: lens ⇄ final",
+            show=False,
+            tooltip="the layer × step map: KL between the two lenses per layer ⇄ KL from the dense final output",
+        ),
         Binding("home", "scrub_to(0)", "First", show=False, tooltip="select step 1"),
         Binding("end", "scrub_to(-1)", "Last", show=False, tooltip="select the newest step"),
         Binding("m", "switch_mode", "Mode", tooltip="switch shared ⇄ free, restarting from the prompt"),
-        Binding("e", "edit_prompt", "Prompt", tooltip="edit the prompt; enter restarts"),
+        Binding("e", "edit_prompt", "Prompt", show=False, tooltip="edit the prompt; enter restarts"),
         Binding("plus,equals_sign", "temperature(1)", "T+", show=False, tooltip="raise T by 0.1, restarting"),
         Binding("minus", "temperature(-1)", "T−", show=False, tooltip="lower T by 0.1, restarting"),
         Binding(
             "s",
             "where",
             "Session file",
+            show=False,
             tooltip="say where this run's session file is (every step is written as it is taken)",
         ),
         Binding("pagedown", "scroll_panels(1)", "Panels ↓", show=False, tooltip="scroll the panels below the texts"),
@@ -90,6 +192,7 @@ class HieruiApp(App):
     header: reactive[dict] = reactive(dict)
     total: reactive[int] = reactive(0)
     status: reactive[str] = reactive("")
+    lead: reactive[tuple] = reactive(tuple)  # a branch: (the context's text before it, the chosen token's text)
 
     def __init__(
         self,
@@ -118,6 +221,8 @@ class HieruiApp(App):
         self._stage = ""  # the loading stage in progress
         self._queued = ""  # what space or r asked for while loading: done when the models are ready
         self._pending_settings = settings or StepSettings()
+        self._parents: list[tuple[StepSource, int | None, tuple]] = []  # the runs branched from: (run, step, lead)
+        self._attributions: dict[tuple[int, int], object] = {}  # (run id, step) → its attribution
 
     # a crash inside the app (a widget raising): kept for the command's one error line (hierui.cli.run_app)
     failure: BaseException | None = None
@@ -162,8 +267,11 @@ class HieruiApp(App):
             )
             yield Static(kl_legend(), id="legend")
         with Horizontal(id="texts"):
-            yield Continuation("d", id="dense").data_bind(cls.records, cls.selected, cls.settings, cls.header)
-            yield Continuation("p", id="perturbed").data_bind(cls.records, cls.selected, cls.settings, cls.header)
+            yield Continuation("d", id="dense").data_bind(cls.records, cls.selected, cls.settings, cls.header, cls.lead)
+            yield Continuation("p", id="perturbed").data_bind(
+                cls.records, cls.selected, cls.settings, cls.header, cls.lead
+            )
+        yield Static("", id="counterfactual")
         with VerticalScroll(id="panels", can_focus=False):
             with Container(id="row"):
                 yield SpacesPanel(id="spaces").data_bind(cls.record)
@@ -171,7 +279,11 @@ class HieruiApp(App):
                     yield TopKTable(id="topk").data_bind(cls.record)
                     yield SubspacePanel(id="subspace").data_bind(cls.record, cls.settings)
                 yield LayerPanel(id="layers").data_bind(cls.record)
-            yield SeriesChart(id="chart").data_bind(cls.records, cls.selected)
+            with Container(id="lower"):
+                yield HeatmapPanel(id="heatmap").data_bind(cls.records, cls.selected, cls.header)
+                with ContentSwitcher(initial="chart", id="switch"):
+                    yield SeriesChart(id="chart").data_bind(cls.records, cls.selected)
+                    yield AttributionPanel(id="attribution")
             yield Static(kl_legend(), id="legend-below")  # the compact layout's legend, at the end of the panels
         yield Footer(compact=True)
 
@@ -206,10 +318,19 @@ class HieruiApp(App):
         from engine.errors import one_line
 
         text = one_line(event.worker.error)
+        group = event.worker.group
+        if group == "attribute":  # the run itself is fine: say so in the panel, and once as a notice
+            self.query_one("#attribution", AttributionPanel).note(f"attribution failed: {text}", title="attribution")
+            self.notify(text, title="attribution failed", severity="error", timeout=30)
+            return
+        if group == "counterfactual":
+            self._show_counterfactual(f"counterfactual branch failed: {text}")
+            self.notify(text, title="counterfactual branch failed", severity="error", timeout=30)
+            return
         self._go.clear()
         self.state = AppState.FAILED
-        title = "loading failed" if event.worker.group == "load" else "stepping failed"
-        if event.worker.group == "load":
+        title = "loading failed" if group == "load" else "stepping failed"
+        if group == "load":
             self.status = f"error: {text}"
         self.notify(text, title=title, severity="error", timeout=30)
 
@@ -267,22 +388,30 @@ class HieruiApp(App):
         if message.finished:
             self._go.clear()
             self.state = AppState.REPLAY if self.replay else AppState.DONE
+            if self.live is not None and getattr(self.settings, "counterfactual", False):
+                self._show_counterfactual("⑂ counterfactual: feeding the dense token where the texts split…")
+                self._counterfactual(self.live, self.run_id)
         elif not self._go.is_set():
             self.state = AppState.REPLAY if self.replay else AppState.PAUSED
 
     # ------------------------------------------------------------ runs
 
-    def _adopt(self, source: StepSource) -> None:
-        """Show `source` from now on: its header, settings, records and notes."""
+    def _adopt(self, source: StepSource, notes: bool = True, lead: tuple = ()) -> None:
+        """Show `source` from now on: its header, settings, records and notes (a branch: the text it continues)."""
         self.run_id += 1
         self.source = source
         self.header = dict(source.header)
         self.settings = source.settings
         self.total = source.total
+        self.lead = lead or branch_lead(self.header)
         self.records = list(source.records)
         self.selected = len(self.records) - 1 if self.records else None
         self.follow = True
-        for note in source.notes:
+        self.query_one("#switch", ContentSwitcher).current = "chart"
+        self.query_one("#attribution", AttributionPanel).note("")
+        self._show_counterfactual(self._recorded_counterfactual(source))
+        self.refresh_bindings()
+        for note in source.notes if notes else []:
             self.notify(note, severity="warning", timeout=10)
 
     def _new_run(self, settings: StepSettings) -> None:
@@ -291,6 +420,7 @@ class HieruiApp(App):
         from hierui.live import LiveRun
 
         self._go.clear()
+        self._close_parents()
         if self.source is not None:
             self.source.close()
         try:
@@ -407,9 +537,198 @@ class HieruiApp(App):
 
     async def action_quit(self) -> None:
         self._go.clear()
+        self._close_parents()
         if self.source is not None:
             self.source.close()  # a step in flight finishes and closes the session on its own thread
         self.exit()
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        if action == "parent":
+            return bool(self._parents)  # shown (and active) in a branch only
+        return True
+
+    # ------------------------------------------------------------ where it breaks: map, attribution
+
+    def action_heat_view(self) -> None:
+        heatmap = self.query_one("#heatmap", HeatmapPanel)
+        heatmap.toggle()
+        heatmap.scroll_visible()
+
+    def _selected_record(self, what: str) -> dict | None:
+        """The selected step's record, or None after saying why there is none."""
+        if self.selected is None or not self.records:
+            self.notify(f"no step selected: step first, then {what}", severity="warning")
+            return None
+        return self.records[min(self.selected, len(self.records) - 1)]
+
+    def _needs_models(self, what: str) -> bool:
+        """Refuse (one line) where the models are not there: a replay, or while they load."""
+        if self.replay:
+            h = self.header
+            spec = (h.get("perturbation") or {}).get("spec") or "SPEC"
+            self.notify(
+                f"{what} needs the models, and a replay loads none: explore this prompt live "
+                f"(hierui explore --model {h.get('model') or 'MODEL'} --prune {spec}) and press the key there",
+                severity="warning",
+                timeout=12,
+            )
+            return True
+        if self.pair is None or self.live is None:
+            self.notify(f"{what} needs the models: they are not ready yet", severity="warning")
+            return True
+        return False
+
+    def _pause(self, why: str) -> None:
+        if self._go.is_set():
+            self._go.clear()
+            self.state = AppState.PAUSED
+            self.notify(f"paused to {why}")
+
+    def action_attribute(self) -> None:
+        panel = self.query_one("#attribution", AttributionPanel)
+        switch = self.query_one("#switch", ContentSwitcher)
+        step = self.selected
+        if switch.current == "attribution" and panel.step == step and step is not None:
+            switch.current = "chart"  # a again on the step shown: back to the chart
+            return
+        if self._needs_models("attribution") or self._selected_record("attribute it") is None:
+            return
+        from engine.attribution import same_context
+
+        record = self.records[step]
+        switch.current = "attribution"
+        cached = self._attributions.get((self.run_id, step))
+        if cached is not None:
+            panel.show_result(step, cached, record)
+        else:
+            if record.get("kl") is None:
+                panel.note(f"step {step_label(step)} compares nothing (a model had ended): nothing to attribute", step)
+                return
+            if not same_context(self.records, step):
+                self.notify(
+                    "the texts split before this step: both models are given the perturbed model's context",
+                    severity="warning",
+                )
+            self._pause("attribute")
+            self.follow = False  # a step in flight lands without moving the selection off the attributed one
+            panel.running(step)
+            self._attribute(self.live, self.run_id, step)
+        panel.scroll_visible()
+
+    @work(thread=True, group="attribute", exit_on_error=False)
+    def _attribute(self, source, run_id: int, step: int) -> None:
+        from engine.attribution import attribute, context_at
+        from hierui.live import MODEL_LOCK
+
+        context = context_at(source.header, source.records, step)
+        with MODEL_LOCK:  # never while a step runs: both hook the same modules
+            result = attribute(self.pair, context, source.settings.temperature)
+        self.post_message(AttributionDone(run_id, step, result))
+
+    @on(AttributionDone)
+    def _on_attribution(self, message: AttributionDone) -> None:
+        if message.run != self.run_id:
+            return
+        self._attributions[(message.run, message.step)] = message.result
+        panel = self.query_one("#attribution", AttributionPanel)
+        if panel.step == message.step:
+            panel.show_result(message.step, message.result, self.records[message.step])
+
+    # ------------------------------------------------------------ branches
+
+    def action_branch(self) -> None:
+        if self._needs_models("branching") or (record := self._selected_record("branch from it")) is None:
+            return
+        if not record.get("topk_p") and not record.get("topk_d"):
+            self.notify("no top-k alternatives at this step (a model had ended)", severity="warning")
+            return
+        fed = (record.get("fed") or [None, None])[1]
+        self.push_screen(BranchChooser(record, fed), callback=partial(self._branch_from, record["step"]))
+
+    def _branch_from(self, step: int, choice: tuple[int, str] | None) -> None:
+        """Continue the perturbed model's context before `step` with the chosen token: a new run, its session
+        linked to this one; this run stays open to come back to (u)."""
+        if choice is None:
+            return
+        from engine.errors import HieruiError
+        from hierui.live import LiveRun
+
+        token, text = choice
+        parent = self.live
+        prefix, start = branch_prefix(parent.header, parent.records, step, token)
+        self._pause("branch")
+        link = {"session": str(parent.path), "step": step, "token": int(token), "text": text}
+        try:
+            run = LiveRun(
+                self.pair,
+                parent.stepper.prompt,
+                parent.settings,
+                self.session_dir,
+                prefix=prefix,
+                start_step=start,
+                parent=link,
+            )
+        except HieruiError as e:
+            self.notify(str(e), title="cannot branch", severity="error", timeout=30)
+            return
+        lead = (self.lead[0] + self.lead[1] if self.lead else "") + fed_text(parent.records[:step]), text
+        self._parents.append((parent, self.selected, self.lead))
+        self._adopt(run, notes=False, lead=lead)
+        self.state = AppState.READY
+        self.notify(f"branch of step {step_label(step)} with {cell(text)}: a new session (u: back to the parent)")
+        self.action_toggle_run()
+
+    def action_parent(self) -> None:
+        if not self._parents:
+            self.notify("this run is not a branch", severity="warning")
+            return
+        branch = self.source
+        self._go.clear()
+        branch.close()
+        parent, selected, lead = self._parents.pop()
+        self._adopt(parent, notes=False, lead=lead)
+        if selected is not None and self.records:
+            self.selected = min(selected, len(self.records) - 1)
+            self.follow = self.selected == len(self.records) - 1
+        self.state = AppState.DONE if parent.finished else (AppState.PAUSED if self.records else AppState.READY)
+        self.notify(f"back to the parent run; the branch is in {branch.path}")
+
+    def _close_parents(self) -> None:
+        while self._parents:
+            self._parents.pop()[0].close()
+
+    # ------------------------------------------------------------ counterfactual branch (--counterfactual)
+
+    @work(thread=True, exclusive=True, group="counterfactual", exit_on_error=False)
+    def _counterfactual(self, source, run_id: int) -> None:
+        """The finished run's counterfactual branch: the recorder steps it as the run's last step is written
+        (engine.session.SessionRecorder, which closes the session with it); else it is stepped here."""
+        recorder = getattr(source, "recorder", None)
+        if recorder is not None and getattr(recorder, "counterfactual", False):
+            branches = recorder.branches
+        else:
+            from engine.branch import counterfactuals
+            from hierui.live import MODEL_LOCK
+
+            with MODEL_LOCK:
+                branches = counterfactuals(self.pair, source.stepper)
+        self.post_message(CounterfactualDone(run_id, branches[0] if branches else None))
+
+    @on(CounterfactualDone)
+    def _on_counterfactual(self, message: CounterfactualDone) -> None:
+        if message.run == self.run_id:
+            self._show_counterfactual(counterfactual_line(message.branch))
+
+    def _recorded_counterfactual(self, source) -> str:
+        """A replayed session's counterfactual branch (Session.branch), as its line; '' when it has none."""
+        session = getattr(source, "session", None)
+        branch = getattr(session, "branch", None)
+        return counterfactual_line(branch) if branch is not None else ""
+
+    def _show_counterfactual(self, line: str) -> None:
+        widget = self.query_one("#counterfactual", Static)
+        widget.display = bool(line)
+        widget.update(line)
 
     def _refuse_in_replay(self, what: str) -> bool:
         if self.replay:

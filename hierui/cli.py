@@ -12,7 +12,7 @@ from rich.table import Table
 from engine.errors import HieruiError, is_oom
 from engine.settings import CALIB_LENGTH, DEFAULT_PROMPT, calib_samples_help
 from hierui.output import console, err_console
-from hierui.sessionview import print_comparison, print_warnings, show_path
+from hierui.sessionview import print_branch_comparison, print_comparison, print_warnings, show_path
 
 
 def _help_without_type_artefacts() -> None:
@@ -210,6 +210,17 @@ def _interactive() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
 
 
+NO_LENS_HELP = "do not compute the logit lens per layer (lens_kl …; it costs about a third of a step on a CPU)"
+COUNTERFACTUAL_HELP = (
+    "free mode: at the first divergence, branch, feeding the perturbed model the dense token, and record whether "
+    "the texts agree again (recovered, recovery_steps)"
+)
+TIE_MARGIN_HELP = (
+    "a flip whose dense top-1/top-2 probability margin is below this is a near tie "
+    "(default: the model's noise floor from hierui noise, else a default for its dtype)"
+)
+
+
 @app.command()
 def explore(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
@@ -229,6 +240,9 @@ def explore(
     truncate: bool = typer.Option(
         False, "--truncate", help="a prompt longer than the context allows: keep its last tokens (default: refuse)"
     ),
+    no_lens: bool = typer.Option(False, "--no-lens", help=NO_LENS_HELP),
+    tie_margin: Optional[float] = typer.Option(None, "--tie-margin", help=TIE_MARGIN_HELP, show_default=False),
+    counterfactual: bool = typer.Option(False, "--counterfactual", help=COUNTERFACTUAL_HELP),
     sessions: Optional[Path] = typer.Option(
         None, "--sessions", help="folder for the session files (default: $HIERUI_HOME/sessions)", show_default=False
     ),
@@ -259,7 +273,12 @@ def explore(
         raw=raw,
         topk=topk,
         truncate=truncate,
+        lens=not no_lens,
+        tie_margin=tie_margin,
+        counterfactual=counterfactual,
     ).validate()
+    if counterfactual and settings.mode != "free":
+        raise HieruiError("--counterfactual branches a free-mode run at its first divergence: add --mode free")
     if calib is not None and not calib.is_file():
         raise HieruiError(f"calibration file not found: {calib}")
     if dtype.lower() != "auto" and dtype.lower() not in DTYPES:
@@ -387,7 +406,10 @@ def replay(
         None, "--dtype", help="--rerun: auto, float32, bfloat16 or float16 (default: the recorded dtype)"
     ),
     tol: float = typer.Option(
-        1e-4, "--tol", min=0.0, help="--rerun: exit 1 when a metric deviates by this much or more"
+        1e-4,
+        "--tol",
+        min=0.0,
+        help="--rerun: exit 1 when a metric deviates by this much or more (relative to values above 1)",
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="--rerun: recompute calibration and pruned weights"),
     save: Optional[Path] = typer.Option(None, "--save", help="--rerun: keep the recomputed session in this file"),
@@ -456,13 +478,184 @@ def replay(
     from hierui.progress import stage_progress
 
     with stage_progress(err_console) as (_say, step):
-        new = R.rerun(
+        new = R.rerun_session(
             loaded_session, device=device, dtype=dtype, use_cache=not no_cache, progress=step, save=save, plan=plan
         )
-    result = R.compare(loaded_session.steps, new)
+    result = R.compare(loaded_session.steps, new.steps)
     print_comparison(loaded_session, result, tol)
-    if not result.ok(tol):
+    branch = R.compare_branch(loaded_session.branch, new.branch)  # None: the session has no counterfactual branch
+    if branch is not None:
+        print_branch_comparison(branch, tol)
+    if not result.ok(tol) or (branch is not None and not branch.ok(tol)):
         raise typer.Exit(1)
+
+
+@app.command()
+def attribute(
+    session: Path = typer.Argument(..., help="a session file (.jsonl)", show_default=False),
+    steps: Optional[list[int]] = typer.Option(
+        None, "--step", help="the step to attribute (0-based, as `show --steps`); repeatable (default: every flip)"
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="write every unit's row here: Parquet if it ends in .parquet, else JSON Lines"
+    ),
+    top: int = typer.Option(10, "--top", min=0, help="units shown per list (sublayers, blocks); 0: all"),
+    greedy: bool = typer.Option(True, "--greedy/--no-greedy", help="search the smallest set restoring the top-1"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="auto, float32, bfloat16 or float16 (default: the recorded dtype)"
+    ),
+    no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration and pruned weights"),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="the model to load (confirms a local path or hub id the session names)"
+    ),
+    calib: Optional[Path] = typer.Option(
+        None, "--calib", help="the calibration text file (confirms the one the session names)"
+    ),
+    spec: Optional[str] = typer.Option(
+        None, "--prune", "-p", help="the perturbation spec (confirms a checkpoint:PATH the session names)"
+    ),
+) -> None:
+    """Which units' damage flips the token: at each step, patch the dense output of every block, attention and
+    MLP into the perturbed forward and rank them by the KL their restoration removes (loads the session's
+    models)."""
+    from engine.models import check_device
+
+    if session.is_dir():
+        raise HieruiError(f"{session} is a directory: attribute takes one session file")
+    if out is not None and (out.is_dir() or not out.expanduser().parent.is_dir()):
+        raise HieruiError(f"--out {out}: not a file in an existing folder")
+    if dtype is not None:
+        from engine.models import DTYPES
+
+        if dtype.lower() != "auto" and dtype.lower() not in DTYPES:
+            raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    if calib is not None and not calib.is_file():
+        raise HieruiError(f"calibration file not found: {calib}")
+    check_device(device)
+    from engine import attribution as A
+    from engine import replay as R
+    from engine.session import load_session
+
+    recorded = load_session(session)
+    print_warnings(recorded.warnings)
+    header, records = recorded.header, recorded.steps
+    if not records:
+        raise HieruiError(f"{session} has no recorded steps to attribute")
+    mode = header.get("mode") or "shared"
+    wanted = list(dict.fromkeys(steps)) if steps else A.flip_steps(records, mode)
+    for step in wanted:
+        if not 0 <= step < len(records):
+            raise HieruiError(f"no step {step} in {session}: it has steps 0..{len(records) - 1}")
+        A.context_at(header, records, step)  # a step after the perturbed model's end: one line now
+    plan = R.plan_rerun(recorded, model=model, calib=calib, spec=spec)  # refuses paths the file names
+    if model is not None:
+        from engine.models import resolve
+
+        resolve(model)
+    if not wanted:
+        console.print(f"no flip step to attribute in {session}: the two models' top-1 agree at every compared step")
+        return
+    from rich.text import Text
+
+    from hierui.tokentext import escape
+
+    console.print(Text(f"attributing with {escape(plan.describe())}"), highlight=False, soft_wrap=True)
+    _quiet_libraries()
+    from engine.models import load
+    from engine.perturb import perturb
+    from hierui.progress import stage_progress
+
+    temperature = float(header.get("temperature") or 1.0)
+    rows, results = [], []
+    with stage_progress(err_console) as (_say, step_progress):
+        loaded = load(plan.model, device=device, dtype=dtype or header.get("dtype") or "auto", progress=step_progress)
+        pair = perturb(
+            loaded, plan.spec, use_cache=not no_cache, progress=step_progress, calib_options=plan.calib_options
+        )
+        for n, step in enumerate(wanted):
+            step_progress("attributing", n, len(wanted))
+            result = A.attribute(pair, A.context_at(header, records, step), temperature, greedy=greedy)
+            results.append((step, result))
+            rows += result.rows(step)
+        step_progress("attributing", len(wanted), len(wanted))
+    for step, result in results:
+        _print_attribution(step, result, records[step], loaded.tokenizer, top, same=A.same_context(records, step))
+    if out is not None:
+        _write_rows(out.expanduser(), rows)
+        console.print(f"{len(rows)} rows: {out}", highlight=False, soft_wrap=True)
+
+
+def _print_attribution(step: int, result, record: dict, tokenizer, top: int, same: bool) -> None:
+    """One step's attribution: the headline, the units ranked (sublayers, then blocks), the minimal set."""
+    from rich.text import Text
+
+    from hierui.tokentext import escape
+
+    def token(t: int) -> str:
+        return repr(escape(tokenizer.decode([t])))
+
+    recorded = record.get("kl")
+    head = f"step {step}: dense {token(result.top1_d)} · perturbed {token(result.top1_p)} · KL {result.kl:.4g}"
+    if recorded is not None:
+        head += f" (recorded {recorded:.4g})"
+    head += f" · {result.seconds:.1f} s"
+    console.print(Text(head, style="bold"), highlight=False, soft_wrap=True)
+    if not same:
+        console.print(
+            "  the texts split before this step: both models were given the perturbed model's context",
+            style="yellow",
+            highlight=False,
+        )
+    table = Table(box=None, pad_edge=False, show_edge=False)
+    for name, justify in (("rank", "right"), ("unit", "left"), ("KL removed", "right"), ("KL patched", "right")):
+        table.add_column(name, justify=justify)
+    table.add_column("restores top-1")
+    table.add_column("in set")
+    chosen = set(result.minimal_set or [])
+    for group in ("sublayer", "block"):
+        units = result.ranked(group)
+        shown = units[:top] if top else units
+        for u in shown:
+            table.add_row(
+                str(u.rank),
+                u.unit,
+                "—" if u.restored_kl is None else f"{u.restored_kl:.1%}",
+                f"{u.kl_patched:.4g}",
+                "yes" if u.restores_top1 else "",
+                "●" if u.unit in chosen else "",
+            )
+        if len(shown) < len(units):
+            table.add_row("", f"… {len(units) - len(shown)} more", "", "", "", "", style="dim")
+        if group == "sublayer" and units:
+            table.add_section()
+    console.print(table)
+    if result.minimal_set is not None:
+        if result.top1_d == result.top1_p:
+            what = "the top-1 already agrees: nothing to restore"
+        else:
+            names = ", ".join(result.minimal_set)
+            what = f"{names} ({'restores' if result.minimal_restores else 'does not restore'} the dense top-1)"
+        console.print(f"  smallest set (greedy): {what}", highlight=False, soft_wrap=True)
+    if result.skipped:
+        console.print(f"  not in the perturbed model: {', '.join(result.skipped)}", style="dim", highlight=False)
+    console.print()
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    """`hierui attribute --out`: Parquet (engine.schema's types) for a .parquet suffix, else JSON Lines."""
+    import json
+
+    from engine import schema
+    from engine.paths import atomic_write
+
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = schema.to_table(rows, {"step": schema.INT, **schema.ATTRIBUTION_FIELDS}, str(path))
+        atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
+    else:
+        atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 @app.command()
@@ -496,6 +689,13 @@ def batch(
     truncate: Optional[bool] = typer.Option(
         None, "--truncate", help="a prompt longer than the context allows: keep its last tokens (default: refuse)"
     ),
+    lens: Optional[bool] = typer.Option(
+        None, "--lens/--no-lens", help="record the logit lens per layer (default: on)", show_default=False
+    ),
+    tie_margin: Optional[float] = typer.Option(None, "--tie-margin", help=TIE_MARGIN_HELP, show_default=False),
+    counterfactual: Optional[bool] = typer.Option(
+        None, "--counterfactual", help=COUNTERFACTUAL_HELP + "; the free runs only", show_default=False
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
     calib: Optional[Path] = typer.Option(None, "--calib", help=CALIB_HELP),
@@ -512,6 +712,12 @@ def batch(
         None,
         "--recipe",
         help="a sweep described in a TOML file, or a shipped recipe's name (hierarchy); the other options override it",
+    ),
+    attribute: str = typer.Option(
+        "none",
+        "--attribute",
+        help="flips: attribute every flip step of each run by patching the dense units into the perturbed model "
+        "(attribution.parquet); none",
     ),
 ) -> None:
     """Sweep prompts × --prune specs × --mode headless: a session per run, steps.parquet, summary.parquet/.csv."""
@@ -539,6 +745,10 @@ def batch(
         raw=raw,
         topk=topk,
         truncate=truncate,
+        lens=lens,
+        tie_margin=tie_margin,
+        counterfactual=counterfactual,
+        attribute=attribute,
     )
     if recipe is not None:  # the recipe's prompts go to OUT/prompts.jsonl once the sweep starts
         from engine.recipe import apply_recipe
@@ -580,6 +790,13 @@ def batch(
         console.print(
             f"{len(sweep.choice_items)} multiple-choice items × {len(sweep.specs)} specs in {out}: "
             f"mc/, mc.parquet, mc_summary.parquet, mc_summary.csv",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if sweep.attribute == "flips" and n:
+        console.print(
+            f"attribution of the flip steps in {out}: attribution/, attribution.parquet (hierui attribute SESSION "
+            f"prints one session's)",
             highlight=False,
             soft_wrap=True,
         )
@@ -790,6 +1007,50 @@ def check(
         console.print(f"results: {json_out}", highlight=False, soft_wrap=True)
     if not result.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def noise(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    prompts: Optional[Path] = typer.Option(
+        None, "--prompts", help='a text file, one prompt per line, or .jsonl with "prompt" (default: --suite open)'
+    ),
+    suite: Optional[str] = typer.Option(None, "--suite", help="a shipped prompt suite (default open)"),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", min=1, help="steps per prompt (default 8)", show_default=False
+    ),
+    dtypes: str = typer.Option("float32,bfloat16", "--dtypes", help="dtypes to measure, comma-separated"),
+) -> None:
+    """Measure the numerical noise floor of the dense model (another dtype, batch shape, KV cache vs full pass)
+    and store the near-tie threshold that tells a real flip from noise."""
+    from engine.models import check_device, resolve
+    from engine.noise import DEFAULT_STEPS, measure_floor, parse_dtypes, save_floor
+    from engine.prompts import read_prompts
+    from engine.recipe import SUITES, shipped_suites
+
+    resolve(model)  # everything the user typed is checked before anything is loaded
+    wanted = parse_dtypes(dtypes)
+    check_device(device)
+    if prompts is not None and suite is not None:
+        raise HieruiError("give --prompts or --suite, not both")
+    if prompts is None:
+        name = (suite or "open").strip()
+        if name not in shipped_suites():
+            raise HieruiError(f"unknown suite '{name}' (shipped: {', '.join(shipped_suites()) or 'none'})")
+        prompts = SUITES / f"{name}.jsonl"
+    items = read_prompts(prompts)
+    _quiet_libraries()
+    from engine.models import load
+    from hierui.noiseview import print_noise
+    from hierui.progress import stage_progress
+
+    reference = "float32" if "float32" in wanted else wanted[0]
+    with stage_progress(err_console) as (_say, step):
+        loaded = load(model, device=device, dtype=reference, progress=step)
+        floor = measure_floor(loaded, items, max_new_tokens or DEFAULT_STEPS, wanted, progress=step)
+    path = save_floor(floor)
+    print_noise(console, floor, path)
 
 
 def _expert_table(details: dict):

@@ -3,6 +3,11 @@
 `step()` runs in a worker thread; `close()` comes from the UI thread (quit, restart) and never waits: a
 lock keeps a closing from interleaving with a half-written step, and when a step is in flight the
 stepping thread closes the session itself as soon as that step is written.
+
+The models are used by one thread at a time: a step, an attribution (patching hooks on the perturbed model)
+or a counterfactual branch holds MODEL_LOCK while it runs the pair, always in a worker thread, never the UI's.
+A branch (`prefix`, `start_step`, `parent`) is a run that continues another run's context from one of its
+steps with a chosen token (engine.stepper.Stepper); its session header names the parent.
 """
 
 from __future__ import annotations
@@ -14,14 +19,26 @@ from engine.session import SessionRecorder, SessionWriter, default_session_path
 from engine.settings import StepSettings
 from engine.stepper import Stepper
 
+MODEL_LOCK = threading.Lock()  # held while a worker runs the pair (a step, an attribution, a counterfactual)
+
 
 class LiveRun:
     live = True
     pace = 0.0  # seconds between steps when running: as fast as the models go
 
-    def __init__(self, pair, prompt: str, settings: StepSettings, session_dir: str | Path):
-        self.stepper = Stepper(pair, prompt, settings)
-        self._name = (prompt, f"{pair.spec}-{settings.mode}", session_dir)
+    def __init__(
+        self,
+        pair,
+        prompt: str,
+        settings: StepSettings,
+        session_dir: str | Path,
+        prefix: list[int] | None = None,
+        start_step: int = 0,
+        parent: dict | None = None,
+    ):
+        self.stepper = Stepper(pair, prompt, settings, prefix=prefix, start_step=start_step, parent=parent)
+        name = f"branch {parent['step'] + 1} {prompt}" if parent else prompt  # a branch's file says so
+        self._name = (name, f"{pair.spec}-{settings.mode}", session_dir)
         self.path = default_session_path(*self._name)
         self.recorder = SessionRecorder(self.stepper, [self.path])
         self.header = self.recorder.header(0)
@@ -65,7 +82,8 @@ class LiveRun:
                     self._close_locked()
                 return None
             self._open_session()
-            record = self.recorder.step()[0]
+            with MODEL_LOCK:
+                record = self.recorder.step()[0]
             if self.stepper.finished or self._close_requested:
                 self._close_locked()
         if self._close_requested and not self.closed:  # asked while this step was being written

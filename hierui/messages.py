@@ -1,5 +1,5 @@
-"""Messages the workers post to the app (models loading, steps arriving). Failures reach the app as
-Textual's own `Worker.StateChanged`, handled in one place."""
+"""Messages the workers post to the app (models loading, steps arriving, attributions, counterfactual branches).
+Failures reach the app as Textual's own `Worker.StateChanged`, handled in one place."""
 
 from __future__ import annotations
 
@@ -28,3 +28,19 @@ class StepDone(Message):
     def __init__(self, run: int, record: dict, finished: bool) -> None:
         super().__init__()
         self.run, self.record, self.finished = run, record, finished
+
+
+class AttributionDone(Message):
+    """The attribution (engine.attribution.Attribution) of step `step` of run number `run`."""
+
+    def __init__(self, run: int, step: int, result) -> None:
+        super().__init__()
+        self.run, self.step, self.result = run, step, result
+
+
+class CounterfactualDone(Message):
+    """The counterfactual branch of a finished free run number `run` (engine.branch.Branch, or None: no split)."""
+
+    def __init__(self, run: int, branch) -> None:
+        super().__init__()
+        self.run, self.branch = run, branch

@@ -38,7 +38,15 @@ from engine.runs import (
 from hierui.format import MISSING, metric, step_label
 from hierui.tokentext import escape
 
-SECTION_IDS = ("hierarchy", "kl-theory", "amplification", "accumulation", "first-divergence", "multiple-choice")
+SECTION_IDS = (
+    "hierarchy",
+    "kl-theory",
+    "amplification",
+    "accumulation",
+    "first-divergence",
+    "multiple-choice",
+    "where-it-breaks",
+)
 
 TEXT_FIELDS = ("spec", "len_shared", "len_free")  # printed as text (escaped by hierui.tokentext) …
 STEP_FIELDS = ("first_div", "first_divergence")  # … steps (0-based in the tables) counted from 1 …
@@ -543,6 +551,8 @@ def _sections(run: RunData) -> tuple[list[dict], list[dict]]:
         )
     sections.append(s)
 
+    sections.append(_where_it_breaks(run, svg))
+
     assert tuple(s["id"] for s in sections) == SECTION_IDS
     labels = {
         "hierarchy": "The hierarchy",
@@ -555,7 +565,163 @@ def _sections(run: RunData) -> tuple[list[dict], list[dict]]:
     summary = [{"label": labels[k], **r} for k, r in said.items() if r is not None]
     for s in sections:
         s["readings"] = [r for r in s["readings"] if r is not None]
-    return [{"note": None, "table": None, "chart": None, "nodata": None, **s} for s in sections], summary
+    return [
+        {"note": None, "table": None, "tables": [], "chart": None, "chart2": None, "nodata": None, **s}
+        for s in sections
+    ], summary
+
+
+def _half_layer(grid) -> int | None:
+    """The first layer (1-based) whose mean lens KL over steps reaches half of the last layer's."""
+    from engine.summary import mean
+
+    by_layer = [mean(row) for row in grid.values]
+    last = by_layer[-1] if by_layer else None
+    if not last:
+        return None
+    return next((i + 1 for i, v in enumerate(by_layer) if v is not None and v >= last / 2), None)
+
+
+def _where_it_breaks(run: RunData, svg) -> dict:
+    """Section 7: the logit lens per layer, the units that flip tokens, recovery after a split, the noise floor."""
+    from engine import localization as W
+    from hierui import report_charts as C
+
+    s = {
+        "id": "where-it-breaks",
+        "title": "7. Where it breaks: layers, units, recovery, noise",
+        "guide": "Top: the logit lens, each layer's hidden state read out through the model's own final norm and "
+        "head, as the mean KL(dense lens ℓ ‖ perturbed lens ℓ) per layer and step (the last layer is the "
+        "step's KL). Then, for the steps whose top-1 token flipped (hierui batch --attribute flips), the "
+        "sublayers whose dense output, patched into the perturbed forward, removes the most KL (“ranks "
+        "first”) or belongs to the smallest set that brings the top-1 back; how often a free-mode split "
+        "recovers once the perturbed model is fed the dense token (--counterfactual); and flips beside the "
+        "rate numerical noise alone gives (hierui noise).",
+        "readings": [],
+    }
+    grids = W.lens_grids(run)
+    said = []
+    for grid in grids:
+        half = _half_layer(grid)
+        if half is not None:
+            said.append(f"{grid.spec}: half of the final KL is reached by layer {half} of {grid.layers}")
+    if said:
+        s["readings"].append({"verdict": "Lens: " + "; ".join(said) + ".", "details": "", "holds": None})
+    units = W.flip_units(run)
+    tables = []
+    if units:
+        leaders = {}
+        for row in units:
+            leaders.setdefault(row["spec"], row)
+        s["readings"].append(
+            {
+                "verdict": "Flips: "
+                + "; ".join(
+                    f"{r['spec']}: {r['unit']} ranks first for {r['first']} of {r['flips']} attributed flips"
+                    for r in leaders.values()
+                )
+                + ".",
+                "details": "",
+                "holds": None,
+            }
+        )
+        for r in units:
+            r["first_pct"] = None if r["first_share"] is None else f"{100 * r['first_share']:.0f}%"
+            r["set_pct"] = None if r["in_set_share"] is None else f"{100 * r['in_set_share']:.0f}%"
+        tables.append(
+            table(
+                [
+                    ("spec", "spec"),
+                    ("flips", "attributed flips"),
+                    ("unit", "unit"),
+                    ("first_pct", "ranks first"),
+                    ("set_pct", "in the minimal set"),
+                    ("restored", "KL removed (mean fraction)"),
+                ],
+                units,
+            )
+        )
+    recovery = W.recovery_rows(run)
+    if any(r["branched"] for r in recovery):
+        s["readings"].append(
+            {
+                "verdict": "Recovery: "
+                + "; ".join(
+                    f"{r['spec']}: {r['recovered']} of {r['branched']} splits recovered"
+                    for r in recovery
+                    if r["branched"]
+                )
+                + ".",
+                "details": "",
+                "holds": None,
+            }
+        )
+    if recovery:
+        tables.append(
+            table(
+                [
+                    ("spec", "spec"),
+                    ("runs", "free runs"),
+                    ("split", "texts split"),
+                    ("branched", "with a counterfactual branch"),
+                    ("recovered", "recovered"),
+                    ("rate", "recovery rate"),
+                    ("steps", "median steps to recover"),
+                ],
+                recovery,
+            )
+        )
+    flips = W.flip_rows(run)
+    if flips:
+        tables.append(
+            table(
+                [
+                    ("spec", "spec"),
+                    ("flips", "top-1 flips"),
+                    ("compared", "compared steps"),
+                    ("flip_rate", "flip rate"),
+                    ("near_ties", "near ties"),
+                    ("floor_flip_rate", "noise floor flip rate"),
+                    ("kl", "KL"),
+                    ("floor_kl", "noise floor KL"),
+                ],
+                flips,
+            )
+        )
+        floor = run.manifest.get("noise_floor")
+        if floor:
+            cast = floor.get("cast") or {}
+            s["note"] = (
+                f"Noise floor of the dense model ({floor.get('source') or 'hierui noise'}, {floor.get('dtype') or ''}):"
+                f" the same model in another batch shape or without its KV cache flips "
+                f"{metric('top1', floor.get('flip_rate'))} of its top-1 tokens at a mean KL of "
+                f"{metric('kl', floor.get('kl_mean'))}; a flip at a dense top-1/top-2 margin below "
+                f"{metric('kl', floor.get('tie_margin'))} is counted as a near tie."
+                + (
+                    f" For reference, {cast.get('name')} gives a mean KL of {metric('kl', cast.get('kl_mean'))} and a "
+                    f"flip rate of {metric('top1', cast.get('flip_rate'))}."
+                    if cast.get("name")
+                    else ""
+                )
+            )
+        else:
+            s["note"] = (
+                "No noise floor recorded for this model: run hierui noise --model MODEL before the sweep to see "
+                "the flip rate numerical noise alone produces beside each spec's."
+            )
+    s["tables"] = tables
+    s["chart"] = svg(C.chart_lens_heatmaps(grids))
+    s["chart2"] = svg(C.chart_flip_layers(W.flip_layers(run)))
+    if not grids and not units and not recovery and not flips:
+        s["nodata"] = (
+            "Nothing recorded to localize: this sweep has no logit lens (--no-lens), no attributed flips "
+            "(--attribute flips) and no free-mode runs."
+        )
+    elif not grids:
+        s["readings"].append(
+            {"verdict": "No logit lens in this sweep (recorded with --no-lens).", "details": "", "holds": None}
+        )
+    return s
 
 
 def render_html(run: RunData, stamp: str | None = None) -> str:

@@ -258,3 +258,71 @@ def chart_choices(rows: list[dict]) -> str | None:
     right.legend(fontsize=7, frameon=False)
     _style(right)
     return _svg(fig, "multiple-choice")
+
+
+def chart_lens_heatmaps(grids) -> str | None:
+    """One layer × step heatmap per spec of the mean lens_kl (log colour scale, shared by all specs): where in
+    depth, and when in the generation, the perturbed model's read-out departs from the dense one's."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
+
+    grids = [g for g in grids if g.layers and g.steps]
+    if not grids:
+        return None
+    arrays = [np.array([[np.nan if v is None else v for v in row] for row in g.values], dtype=float) for g in grids]
+    positive = np.concatenate([a[np.isfinite(a) & (a > 0)] for a in arrays])
+    if positive.size == 0:
+        return None
+    low, high = max(float(positive.min()), float(positive.max()) * 1e-6), float(positive.max())
+    columns = min(len(grids), 3)
+    rows = (len(grids) + columns - 1) // columns
+    fig = _figure(3.4 * columns + 0.8, 2.9 * rows)
+    image = None
+    for i, (grid, values) in enumerate(zip(grids, arrays)):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        shown = np.where(np.isfinite(values) & (values > 0), np.clip(values, low, high), np.nan)
+        image = ax.imshow(
+            shown,
+            origin="lower",
+            aspect="auto",
+            interpolation="nearest",
+            norm=LogNorm(vmin=low, vmax=high),
+            cmap="magma",
+            extent=(0.5, grid.steps + 0.5, 0.5, grid.layers + 0.5),
+        )
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{grid.spec} ({grid.runs} run{'s' * (grid.runs != 1)})", fontsize=8)
+        ax.set_xlabel("step", fontsize=8)
+        if i % columns == 0:
+            ax.set_ylabel("layer ℓ", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.colorbar(image, ax=fig.axes, shrink=0.85, label="mean lens KL (nats)")
+    return _svg(fig, "lens-heatmap")
+
+
+def chart_flip_layers(counts: dict) -> str | None:
+    """Per spec, how many attributed flips each layer's attention or MLP ranks first for (stacked bars)."""
+    import numpy as np
+
+    specs = [s for s, c in counts.items() if sum(c["attn"].values()) + sum(c["mlp"].values())]
+    if not specs:
+        return None
+    layers = 1 + max(max(list(c["attn"]) + list(c["mlp"]) or [0]) for c in counts.values())
+    fig = _figure(max(5.0, min(11.0, 0.18 * layers * len(specs) + 3)), 2.4 * len(specs))
+    x = np.arange(layers)
+    for i, spec in enumerate(specs):
+        ax = fig.add_subplot(len(specs), 1, i + 1)
+        attn = [counts[spec]["attn"].get(layer, 0) for layer in range(layers)]
+        mlp = [counts[spec]["mlp"].get(layer, 0) for layer in range(layers)]
+        ax.bar(x, attn, 0.8, label="attention", color=COLORS["emb"])
+        ax.bar(x, mlp, 0.8, bottom=attn, label="MLP", color=COLORS["logit"])
+        ax.set_title(spec, fontsize=8, loc="left")
+        ax.set_ylabel("flips", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if i == 0:
+            ax.legend(fontsize=7, frameon=False)
+        _style(ax)
+    fig.axes[-1].set_xlabel("layer (0-based, as in the unit names)", fontsize=8)
+    return _svg(fig, "flip-layers")

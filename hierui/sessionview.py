@@ -85,7 +85,8 @@ def _session_header_table(session, full: bool = False) -> Table:
     return table
 
 
-SUMMARY_STEPS = ("first_divergence", "end_d", "end_p")  # summary fields that are steps: shown counted from 1
+# summary fields that are steps: shown counted from 1 (branch_divergence: a step of the counterfactual branch)
+SUMMARY_STEPS = ("first_divergence", "end_d", "end_p", "branch_divergence")
 
 
 def _summary_table(summary: dict, title: str) -> Table:
@@ -111,6 +112,44 @@ def split_line(session) -> str | None:
     if first is None:
         return f"the perturbed model picks the dense model's token at all {len(steps)} steps"
     return f"the perturbed model would first have picked another token at step {step_label(first)}"
+
+
+def branch_line(branch) -> str:
+    """The counterfactual branch (engine.branch.Branch) as a sentence, steps counted from 1 as the parent's."""
+    token = cell(branch.text)
+    where = f"counterfactual: the perturbed model fed the dense token “{token}” at step {step_label(branch.at)}, "
+    if branch.recovered is None:
+        return where + "the branch has no step to compare (the run ends there)"
+    if branch.recovered:
+        n = branch.recovery_steps or 0
+        if n == 0:
+            return where + "the perturbed model follows the dense text at once (recovered after 0 steps)"
+        return (
+            where + f"the perturbed model follows the dense text again after {n} step{'s' * (n != 1)} "
+            f"(from step {step_label(branch.start_step + n)} on): recovered"
+        )
+    split = branch.steps[-1].get("first_divergence") if branch.steps else None
+    again = (
+        f"; they split again at step {step_label(branch.start_step + split)} (branch step {step_label(split)})"
+        if split is not None
+        else ""
+    )
+    return where + f"the texts do not agree again by the end of the run{again}: not recovered"
+
+
+def _branch_table(branch, full: bool = False) -> Table:
+    """The two continuations of the counterfactual branch, after the dense token it feeds."""
+    table = Table(
+        title=f"counterfactual branch: from step {step_label(branch.start_step)}, both fed the dense text",
+        title_justify="left",
+        expand=True,
+    )
+    table.add_column("dense", ratio=1, overflow="fold")
+    table.add_column("perturbed", ratio=1, overflow="fold")
+    dense = "".join(running(s.get("text_d")) for s in branch.steps)
+    pert = "".join(running(s.get("text_p")) for s in branch.steps)
+    table.add_row(Text(cut(dense, full)), Text(cut(pert, full)))
+    return table
 
 
 def _continuations_table(session, full: bool = False) -> Table:
@@ -231,6 +270,12 @@ def show_path(path: Path, steps: bool, full: bool = False) -> None:
     if session.steps:
         console.print(_continuations_table(session, full))
         console.print(split_line(session), highlight=False)
+    if session.branch is not None:
+        if session.branch.steps:
+            console.print(_branch_table(session.branch, full))
+        console.print(Text(branch_line(session.branch)), highlight=False)
+    elif session.complete and "recovered" in session.summary:  # counterfactual on, but nothing split
+        console.print("counterfactual: no divergence, so no branch", highlight=False)
     if session.complete:
         console.print(_summary_table(session.summary, "summary"))
     else:
@@ -279,5 +324,23 @@ def print_comparison(session, result, tol: float) -> None:
     console.print(
         "rerun matches the recording" if result.ok(tol) else "rerun does NOT match the recording",
         style="green" if result.ok(tol) else "bold red",
+        highlight=False,
+    )
+
+
+def print_branch_comparison(result, tol: float) -> None:
+    """How the rerun's counterfactual branch compares with the recorded one (engine.replay.compare_branch)."""
+    for note in result.notes:
+        console.print(note, highlight=False)
+    if result.tokens_match:
+        tokens = f"all {result.recorded} steps match"
+    else:
+        tokens = f"differ, first at branch step {step_label(result.first_token_mismatch)}"
+    worst = max(result.deviations, key=result.deviations.get, default=None)
+    deviation = f", max deviation {result.max_deviation:.3e} ({worst})" if worst is not None else ""
+    console.print(
+        f"counterfactual branch: tokens {tokens}{deviation}: "
+        + ("matches the recording" if result.ok(tol) else "does NOT match the recording"),
+        style=None if result.ok(tol) else "bold red",
         highlight=False,
     )

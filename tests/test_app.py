@@ -647,3 +647,213 @@ def test_free_mode_marks_where_a_model_ended_and_the_other_goes_on(tiny_pair, tm
             assert f"dense ended at step {end + 1}: nothing to compare" in _rendered(app, "#spaces")
 
     run(scenario())
+
+
+# ------------------------------------------------------------------ where it breaks: map, attribution, branches
+
+
+def _heatmap_rows(app) -> list[str]:
+    return text_of(app, "#heatmap").splitlines()
+
+
+def test_the_layer_map_fills_live_and_toggles_to_dense_final(tiny_pair, tmp_path):
+    """The layer × step map shows a column per step and a row per layer (tiny-random: 4); `v` switches it from
+    lens KL to the dense-final KL and back, its title saying which; the selected step is marked on the axis."""
+    app = live_app(tiny_pair, tmp_path, choices=None)
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(app, pilot)
+            for _ in range(3):
+                await pilot.press("space")
+                await settle(app, pilot)
+            heatmap = app.query_one("#heatmap")
+            assert heatmap.view == "lens" and heatmap.border_title.startswith("lens KL")
+            assert heatmap.shown["steps"] == (0, 3) and heatmap.shown["layers"] == 4
+            rows = _heatmap_rows(app)
+            assert [r.split()[0] for r in rows[1:5]] == ["1", "2", "3", "4"] and "▲3" in rows[-1]
+            lens_cells = rows[1:5]
+            await pilot.press("v")
+            await pilot.pause()
+            assert heatmap.view == "final" and heatmap.border_title.startswith("dense final KL")
+            assert _heatmap_rows(app)[1:5] == lens_cells  # the same glyphs; the colours are the other field's
+            await pilot.press("left")
+            await pilot.pause()
+            assert "▲2" in _heatmap_rows(app)[-1]
+            await pilot.press("v")
+            await pilot.pause()
+            assert heatmap.view == "lens"
+
+    run(scenario())
+
+
+def test_the_layer_map_bins_many_layers_and_follows_the_selected_step():
+    """Eighty layers in a short panel share rows (the largest value of each bin; the title says so); of many
+    steps the newest that fit are shown, and selecting an older one moves the window just enough."""
+    from hierui.widgets.heatmap import aggregate, bins, color
+
+    assert bins(80, 12)[0] == (0, 6) and bins(80, 12)[-1] == (73, 80) and len(bins(3, 12)) == 3
+    assert aggregate([0.1, None, 0.3, 0.2], [(0, 2), (2, 4)]) == [0.1, 0.3]
+    assert color(None) is None and color(0.0) == color(1e-9) != color(1e-3) != color(50.0)
+    records = [
+        {"step": i, "kl": 0.1, "top1_agree": i % 7 != 3, "near_tie": i == 24, "lens_kl": [0.01 * k for k in range(80)]}
+        for i in range(200)
+    ]
+    from hierui.app import HieruiApp
+
+    session = load_session(_lens_session_path())
+    app = HieruiApp(session=session)
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            app.records = records
+            app.selected = 199
+            await pilot.pause()
+            heatmap = app.query_one("#heatmap")
+            first, stop = heatmap.shown["steps"]
+            assert stop == 200 and 40 < stop - first < 60
+            assert "80 layers →" in heatmap.border_title and "(max)" in heatmap.border_title
+            app.selected = 20
+            await pilot.pause()
+            assert heatmap.shown["steps"][0] == 20 and "▲21" in _heatmap_rows(app)[-1]
+            top = _heatmap_rows(app)[0]
+            # the selected step 21 (▼), a near tie at step 25 (≈), a flip at step 32 (✗), step 33 agrees
+            assert [top[LABEL_COLUMNS + i] for i in (0, 4, 11, 12)] == ["▼", "≈", "✗", " "]
+
+    run(scenario())
+
+
+LABEL_COLUMNS = 5  # hierui.widgets.heatmap.LABEL
+
+
+def _lens_session_path():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent / "data" / "lens-wanda-0.5-shared.jsonl"
+
+
+def test_a_replay_without_the_lens_says_so_and_attribution_needs_the_models(tiny_pair, tmp_path):
+    path = tmp_path / "nolens.jsonl"
+    SessionRecorder(Stepper(tiny_pair, "No lens", StepSettings(max_new_tokens=4, lens=False)), [path]).run()
+    session = load_session(path)
+    assert session.header["lens"] is False and "lens_kl" not in session.steps[0]
+    app = HieruiApp(session=session)
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            assert "the logit lens was off for this run (--no-lens)" in text_of(app, "#heatmap")
+            for key, what in (("a", "attribution"), ("b", "branching")):
+                await pilot.press(key)
+                await pilot.pause()
+                assert any(n.startswith(f"{what} needs the models, and a replay loads none") for n in notes_of(app))
+            assert app.query_one("#switch").current == "chart"
+
+    run(scenario())
+
+
+def test_attribution_ranks_the_dropped_attention_first(tiny, tiny_calib, tmp_path):
+    """attndrop:1 removes one attention sublayer; attributing a step ranks restoring it first (all of the KL)."""
+    from engine.perturb import perturb
+
+    pair = perturb(tiny, "attndrop:1", calibration=tiny_calib, use_cache=False)
+    dropped = pair.report.details["dropped"][0]
+    app = live_app(pair, tmp_path, choices=None)
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(app, pilot)
+            for _ in range(3):
+                await pilot.press("space")
+                await settle(app, pilot)
+            await pilot.press("left", "a")
+            await settle(app, pilot)
+            panel = app.query_one("#attribution")
+            assert app.query_one("#switch").current == "attribution" and panel.step == 1
+            assert panel.lines[0] == f"attn.{dropped}" and panel.result.ranked("sublayer")[0].restored_kl > 0.99
+            shown = text_of(app, "#attribution")
+            assert f"attn.{dropped}" in shown.splitlines()[1] and "100%" in shown.splitlines()[1]
+            assert "minimal set" in shown and "step 2" in panel.border_title
+            await pilot.press("a")  # again on the same step: back to the chart
+            await pilot.pause()
+            assert app.query_one("#switch").current == "chart"
+            await pilot.press("a")  # and again: the result is kept, no second run
+            await pilot.pause()
+            assert app.query_one("#switch").current == "attribution" and panel.lines[0] == f"attn.{dropped}"
+
+    run(scenario())
+
+
+def test_branching_from_an_alternative_records_a_linked_session(tiny_pair, tmp_path):
+    """b at a step, then an alternative: a new run continues the perturbed context before that step with the
+    chosen token (the last token of the header's prefix_ids), its header naming the parent session and step;
+    u goes back to the parent, which kept its steps and can go on stepping."""
+    app = live_app(tiny_pair, tmp_path, choices=None, max_new_tokens=6)
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(app, pilot)
+            app.live.stepper.batch.eos = set()  # tiny-random may say </s> early: keep it going
+            for _ in range(4):
+                await pilot.press("space")
+                await settle(app, pilot)
+            parent, parent_records = app.live, list(app.records)
+            await pilot.press("left", "b")
+            await pilot.pause()
+            chooser = app.screen
+            entry = chooser.entries[1]
+            await pilot.press("2")
+            await settle(app, pilot)
+            branch = app.live
+            assert branch is not parent and not parent.closed
+            link = branch.header["parent"]
+            assert link["session"] == str(parent.path) and link["step"] == 2 and link["token"] == entry["token"]
+            fed = [r["fed"][1] for r in parent_records[:2]]
+            assert branch.header["prefix_ids"] == [*fed, entry["token"]] and branch.header["start_step"] == 3
+            assert "⑂ branch of step 3" in text_of(app, "#info") and app.records  # it ran
+            assert "⑂" in text_of(app, "#dense")
+            await pilot.press("u")
+            await settle(app, pilot)
+            assert app.live is parent and app.records == parent_records and app.selected == 2
+            assert "branch" not in text_of(app, "#info") and branch.closed
+            await pilot.press("space")
+            await settle(app, pilot)
+            assert len(app.records) == 5
+            return branch.path, parent.path
+
+    branch_path, parent_path = run(scenario())
+    session = load_session(branch_path)
+    assert session.header["parent"]["session"] == str(parent_path) and session.complete
+    assert session.header["prefix_ids"][-1] == session.header["parent"]["token"]
+
+
+def test_the_counterfactual_branch_shows_under_the_texts_live_and_in_replay(tiny_pair, tmp_path):
+    """--counterfactual (free mode): when the run has finished, the line under the texts says which dense token was
+    fed where the texts split, what the perturbed model wrote from there, and whether it recovered; a replay of
+    the session shows the same line from the file."""
+    app = live_app(tiny_pair, tmp_path, mode="free", counterfactual=True, choices=None, max_new_tokens=6)
+
+    async def scenario():
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(app, pilot)
+            app.live.stepper.batch.eos = set()
+            await pilot.press("r")
+            await settle(app, pilot)
+            assert app.state == "done"
+            return text_of(app, "#counterfactual"), app.live.path
+
+    line, path = run(scenario())
+    session = load_session(path)
+    first = session.steps[-1]["first_divergence"]
+    assert session.branch is not None and session.branch.at == first
+    assert line.startswith("⑂ counterfactual: fed the dense token") and f"at step {first + 1}," in line
+    assert ("recover" in line) or ("nothing left" in line)
+    replay = HieruiApp(session=session)
+
+    async def replayed():
+        async with replay.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            assert replay.query_one("#counterfactual").display and text_of(replay, "#counterfactual") == line
+
+    run(replayed())

@@ -286,7 +286,9 @@ def test_schema_refuses_undeclared_fields_and_wrong_kinds():
 
 
 def test_summary_columns_cover_summarize():
-    """Every key summarize() can give (free mode, choices) is a declared summary column."""
+    """Every key summarize() can give (free mode, choices), then the counterfactual branch's (engine.branch), is a
+    declared summary column."""
+    from engine.branch import branch_summary
     from engine.summary import summarize
 
     record = {
@@ -294,6 +296,7 @@ def test_summary_columns_cover_summarize():
         "kl_est": 0.1,
         "tv": 0.1,
         "top1_agree": 1.0,
+        "near_tie": False,
         "emb_cos": [1.0],
         "logit_cos": 1.0,
         "prob_cos": 1.0,
@@ -309,7 +312,7 @@ def test_summary_columns_cover_summarize():
         "sub_kl": 0.0,
         "sub_agree": 1.0,
     }
-    assert list(summarize([record], "free")) == list(schema.SUMMARY_FIELDS)
+    assert [*summarize([record], "free"), *branch_summary(None)] == list(schema.SUMMARY_FIELDS)
 
 
 def test_settings_are_frozen_and_the_manifest_format_is_unchanged(sweep_files, uninterrupted):

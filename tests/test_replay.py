@@ -72,6 +72,9 @@ def test_deviations_are_elementwise_maxima():
     result = R.compare(old, new)
     assert result.tokens_match and result.max_deviation == pytest.approx(5e-3)
     assert result.ok(1e-2) and not result.ok(1e-3)
+    # above 1 a deviation is relative: float noise on a KL of several nats or a long run's cum_kl
+    big = R.deviations([_step(0, kl=5.0, cum_kl=200.0)], [_step(0, kl=5.0 + 5e-4, cum_kl=200.0 - 0.02)])
+    assert big["kl"] == pytest.approx(1e-4) and big["cum_kl"] == pytest.approx(1e-4)
 
 
 def test_null_against_a_number_or_a_missing_metric_is_infinite():

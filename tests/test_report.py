@@ -251,7 +251,7 @@ def test_report_contains_every_section(recipe_run, tmp_path):
     for sid in HR.SECTION_IDS:
         assert f'<section id="{sid}">' in page, sid
     assert "The claim." in page and "softmax" in page
-    assert page.count("<svg") == 6  # one chart per section
+    assert page.count("<svg") == 7  # one chart per section (the lens heatmap in "where it breaks")
     ids = re.findall(r'\bid="([^"]+)"', page)
     assert len(ids) == len(set(ids))  # the charts' clip paths and markers do not collide
     assert not re.search(r"<script|<link|<img|\bsrc=|url\((?!#)", page)  # self-contained: nothing fetched
@@ -367,7 +367,7 @@ def test_report_says_when_parts_have_no_data(recipe_run, tmp_path):
     for sid in HR.SECTION_IDS:
         assert f'<section id="{sid}">' in page
     assert "No free-mode runs" in page and "No multiple-choice items" in page
-    assert page.count("<svg") == 4
+    assert page.count("<svg") == 5  # 4 of the argument's sections, and the lens heatmap (shared runs have it)
 
 
 def test_report_rejects_a_folder_that_is_not_a_batch_output(cli, tmp_path):
@@ -649,7 +649,8 @@ def test_report_says_when_a_run_contradicts_the_pattern(uneven, tmp_path):
     pq.write_table(pa.Table.from_pylist(table), folder / "summary.parquet")
     page = HR.render_html(R.load_run(folder))
     said = re.findall(r'<(?:p class="reading|li class=")[^>]*>(.*?)</(?:p|li)>', page)  # the page's findings
-    assert len(said) == 2 * 4  # four claims with data, in the summary and in their sections
+    # four claims with data, in the summary and in their sections, and the lens's reading in "where it breaks"
+    assert len(said) == 2 * 4 + 1
     assert not any(HR.CLAIMS["hierarchy"][0] in text for text in said)  # the pattern is not claimed …
     assert "Expected: 1 − cos grows" in page  # … only named as what is expected
     assert "Contrary to the claim" in page and HR.CLAIMS["hierarchy"][1] in page

@@ -6,6 +6,7 @@ scripted live source. Update after an intended change with
 `pytest tests/test_snapshots.py --snapshot-update`, and look at every SVG before accepting it.
 """
 
+import json
 import threading
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from engine.session import load_session
 from hierui.app import HieruiApp
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "sessions" / "factual-wanda-0.5-shared.jsonl"
+# the same prompt recorded with the logit lens (and a tie margin of 0.1, so that three flips are near ties), and
+# the attribution of its step 26 by the real engine; tests/data/README.md says how they were made
+LENS = Path(__file__).resolve().parent / "data" / "lens-wanda-0.5-shared.jsonl"
+ATTRIBUTION = Path(__file__).resolve().parent / "data" / "attribution-wanda-0.5-shared.json"
 
 
 class ScriptedRun:
@@ -54,8 +59,8 @@ class ScriptedRun:
         self.release.set()
 
 
-def live_app(monkeypatch, hold_after=None):
-    session = load_session(EXAMPLE)
+def live_app(monkeypatch, hold_after=None, example=EXAMPLE):
+    session = load_session(example)
     runs = []
 
     def scripted(pair, prompt, settings, session_dir):
@@ -133,3 +138,59 @@ def test_live_compact_screen(snap_compare, monkeypatch):
             await settle(pilot)
 
     assert snap_compare(app, terminal_size=(100, 30), run_before=step_eight)
+
+
+def recorded_attribution():
+    """The attribution of the LENS session's step 26 as the engine computed it (engine.attribution.Attribution)."""
+    from engine.attribution import Attribution, UnitResult
+
+    data = json.loads(ATTRIBUTION.read_text())
+    units = [UnitResult(**unit) for unit in data.pop("units")]
+    step = data.pop("step")
+    return step, Attribution(units=units, **data)
+
+
+@pytest.mark.parametrize("size", [(120, 40), (80, 24)])
+def test_layer_map_screen(snap_compare, size):
+    """Replay of the lens session (the embedded model under wanda:0.5, 48 steps) with step 26 selected: the map
+    titled `lens KL · layer × step · 30 layers → 12 rows (max)` (120×40; at 80×24, 16 rows, scrolled into
+    view below the top-k), rows labelled by their first layer, one column per step (all 48 at 120×40), coloured
+    on the log scale of the legend in its bottom border (`nats █1e-4██…10█ · v: dense final`); ✗ over the flip
+    steps and ≈ over the three near ties (steps 18, 20, 32); step 26's column marked ▼ (reversed ✗: it is a
+    flip) above and `▲26` on the step axis below; the header says `step 26/48`."""
+
+    async def select_step_26(pilot):
+        await pilot.pause()
+        pilot.app.action_scrub_to(25)
+        await pilot.pause()
+        pilot.app.query_one("#heatmap").scroll_visible(animate=False)
+        await pilot.pause()
+
+    assert snap_compare(HieruiApp(session=load_session(LENS)), terminal_size=size, run_before=select_step_26)
+
+
+@pytest.mark.parametrize("size", [(120, 40), (80, 24)])
+def test_attribution_screen(snap_compare, monkeypatch, size):
+    """Live explorer (scripted from the lens session) after all 48 steps, step 26 selected and `a` pressed: the
+    attribution panel in the chart's place, titled `attribution · step 26 · a: back to the chart`; its first line
+    `KL 1.…` with the dense and perturbed top-1 tokens; the sublayers ranked by the share of the step's KL their
+    dense output removes (bars, percentages, ✓ where one alone restores the dense top-1, ● on attn.19, the
+    minimal set), the blocks ranked beside them (120×40) or on one line below (80×24, scrolled into view);
+    the last line `minimal set: attn.19 restores the dense top-1`."""
+    step, result = recorded_attribution()
+    monkeypatch.setattr("engine.attribution.attribute", lambda pair, context, temperature=1.0, greedy=True: result)
+    app, _ = live_app(monkeypatch, example=LENS)
+
+    async def attribute_step_26(pilot):
+        await settle(pilot)
+        await pilot.press("r")
+        for _ in range(200):
+            await pilot.pause()
+            if len(pilot.app.records) >= 48:
+                break
+        await settle(pilot)
+        pilot.app.action_scrub_to(step)
+        await pilot.press("a")
+        await settle(pilot)
+
+    assert snap_compare(app, terminal_size=size, run_before=attribute_step_26)

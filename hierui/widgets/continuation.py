@@ -1,4 +1,6 @@
-"""The dense and perturbed continuations, each token coloured by the KL of its step."""
+"""The dense and perturbed continuations, each token coloured by the KL of its step.
+
+In a branch, each text starts with the end of the context it continues (dim) and the chosen token (marked ⑂)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from textual.widgets import Static
 from engine.calibration import describe_calibration
 from engine.settings import StepSettings
 from hierui.format import step_label
-from hierui.tokentext import escape, token
+from hierui.tokentext import escape, running, token
 from hierui.widgets.scale import kl_color
+
+LEAD_CHARS = 60  # a branch shows this much of the text it continues
 
 
 class Continuation(Static):
@@ -24,6 +28,7 @@ class Continuation(Static):
     selected: reactive[int | None] = reactive(None)
     settings: reactive[StepSettings] = reactive(StepSettings)
     header: reactive[dict] = reactive(dict)
+    lead: reactive[tuple] = reactive(tuple)  # a branch: (the context's text before it, the chosen token's text)
 
     def _redraw(self) -> None:
         if self.side == "d":
@@ -39,7 +44,7 @@ class Continuation(Static):
             self.border_subtitle = describe_calibration(calib) if isinstance(calib, dict) and calib else ""
         self.show(self.records, self.selected)
 
-    watch_records = watch_selected = watch_settings = watch_header = _redraw
+    watch_records = watch_selected = watch_settings = watch_header = watch_lead = _redraw
 
     def on_resize(self) -> None:
         self._redraw()
@@ -48,6 +53,12 @@ class Continuation(Static):
         """Each token on its step's KL colour (grey where nothing was compared: the other side had ended);
         the perturbed model's picks that differ from the dense one in italics; this side's end marked."""
         text = Text()
+        if self.lead:  # a branch: the end of the context it continues, dim, and the chosen token marked
+            before, chosen = self.lead
+            tail = before[-LEAD_CHARS:]
+            text.append(("…" if len(before) > LEAD_CHARS else "") + running(tail), style="dim")
+            text.append(token(chosen), style="bold magenta underline")
+            text.append("⑂", style="bold magenta")
         key, end_key = f"text_{self.side}", f"end_{self.side}"
         for r in records:
             style = f"on {kl_color(r.get('kl'))}"

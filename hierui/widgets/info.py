@@ -1,7 +1,8 @@
 """The header line: model, spec, sparsity, calibration, mode, T, the selected step and the app's state.
 
-It always fits one line: the least useful parts go first (calibration, what T changes, the step limit,
-sparsity), then the model's name is shortened; the state (ready, running, done, replay …) always shows.
+A branch says so (⑂ branch of step N). It always fits one line: the least useful parts go first (calibration,
+what T changes, the step limit, sparsity), then the model's name is shortened; the state (ready, running, done,
+replay …) always shows.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class InfoBar(Widget):
         s = self.settings
         spec = escape(pert.get("spec") or "")
         out = [model if level < 5 else short_model(model), spec] if spec else [escape(self.hint)]
+        parent = h.get("parent")
+        if isinstance(parent, dict) and isinstance(parent.get("step"), int):  # a branch: of which step
+            out.append(f"⑂ branch of step {parent['step'] + 1}")
         sparsity = pert.get("measured_sparsity")
         if isinstance(sparsity, (int, float)) and sparsity and level < 4:
             out.append(f"sparsity {sparsity:.1%}")
