@@ -197,12 +197,15 @@ def spec_rows(run: RunData) -> list[dict]:
     """
     basis = basis_mode(run)
     mc = {r["spec"]: r for r in run.mc_summary}
+    floor = run.manifest.get("noise_floor") or {}
     rows = []
     for spec in run.specs:
         mine = [r for r in run.summary if r.get("spec") == spec]
         base = [r for r in mine if r.get("mode") == basis]
         free = [r for r in mine if r.get("mode") == "free"]
         m = mc.get(spec, {})
+        compared = sum(r.get("compared_steps") or 0 for r in base if r.get("flips") is not None)
+        branched = [r for r in free if r.get("recovered") is not None]
         rows.append(
             {
                 "spec": spec,
@@ -223,6 +226,14 @@ def spec_rows(run: RunData) -> list[dict]:
                 "first_div": median(r.get("first_divergence") for r in free),
                 "diverged": sum(r.get("first_divergence") is not None for r in free) if free else None,
                 "free_runs": len(free),
+                # flips (top-1 differs) per compared step, near ties among them, the noise floor's flip rate
+                "flip_rate": sum(r["flips"] for r in base if r.get("flips") is not None) / compared
+                if compared
+                else None,
+                "near_ties": sum(r.get("near_tie_flips") or 0 for r in base) if compared else None,
+                "floor_flip_rate": floor.get("flip_rate") if compared else None,
+                # free runs with a counterfactual branch: the share that recovered
+                "recovery_rate": sum(bool(r["recovered"]) for r in branched) / len(branched) if branched else None,
                 "mc_items": m.get("items"),
                 "mc_acc_d": m.get("acc_d"),
                 "mc_acc_p": m.get("acc_p"),

@@ -323,7 +323,9 @@ class BatchStepper:
         if heads is not None:
             from engine.lens import lens_metrics
 
-            lens = lens_metrics(heads[0], hd, hp_mapped, zd, zp, s.temperature, head_p=heads[1])
+            # another hidden size (a checkpoint): no mapped states (NaN), read them through the dense head → null
+            head_p = heads[1] if hp.shape[-1] == hd.shape[-1] else None
+            lens = lens_metrics(heads[0], hd, hp_mapped, zd, zp, s.temperature, head_p=head_p)
             # ℓ = L is the models' own output: exactly the step's kl and top-1 agreement
             lens["lens_kl"][:, -1] = values["kl"]
             lens["lens_dense_final_kl"][:, -1] = values["kl"]

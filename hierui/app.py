@@ -222,7 +222,8 @@ class HieruiApp(App):
         self._queued = ""  # what space or r asked for while loading: done when the models are ready
         self._pending_settings = settings or StepSettings()
         self._parents: list[tuple[StepSource, int | None, tuple]] = []  # the runs branched from: (run, step, lead)
-        self._attributions: dict[tuple[int, int], object] = {}  # (run id, step) → its attribution
+        # (id of the run, step) → (the run, its attribution): kept while the run is open, a parent's too
+        self._attributions: dict[tuple[int, int], tuple[object, object]] = {}
 
     # a crash inside the app (a widget raising): kept for the command's one error line (hierui.cli.run_app)
     failure: BaseException | None = None
@@ -388,7 +389,7 @@ class HieruiApp(App):
         if message.finished:
             self._go.clear()
             self.state = AppState.REPLAY if self.replay else AppState.DONE
-            if self.live is not None and getattr(self.settings, "counterfactual", False):
+            if self.live is not None and self.settings.counterfactual and self.settings.mode == "free":
                 self._show_counterfactual("⑂ counterfactual: feeding the dense token where the texts split…")
                 self._counterfactual(self.live, self.run_id)
         elif not self._go.is_set():
@@ -421,6 +422,7 @@ class HieruiApp(App):
 
         self._go.clear()
         self._close_parents()
+        self._attributions.clear()
         if self.source is not None:
             self.source.close()
         try:
@@ -552,7 +554,7 @@ class HieruiApp(App):
     def action_heat_view(self) -> None:
         heatmap = self.query_one("#heatmap", HeatmapPanel)
         heatmap.toggle()
-        heatmap.scroll_visible()
+        self.call_after_refresh(heatmap.scroll_visible, top=True, animate=False)
 
     def _selected_record(self, what: str) -> dict | None:
         """The selected step's record, or None after saying why there is none."""
@@ -597,9 +599,9 @@ class HieruiApp(App):
 
         record = self.records[step]
         switch.current = "attribution"
-        cached = self._attributions.get((self.run_id, step))
-        if cached is not None:
-            panel.show_result(step, cached, record)
+        cached = self._attributions.get((id(self.source), step))
+        if cached is not None and cached[0] is self.source:
+            panel.show_result(step, cached[1], record)
         else:
             if record.get("kl") is None:
                 panel.note(f"step {step_label(step)} compares nothing (a model had ended): nothing to attribute", step)
@@ -613,7 +615,7 @@ class HieruiApp(App):
             self.follow = False  # a step in flight lands without moving the selection off the attributed one
             panel.running(step)
             self._attribute(self.live, self.run_id, step)
-        panel.scroll_visible()
+        self.call_after_refresh(switch.scroll_visible, top=True, animate=False)  # the compact layout scrolls
 
     @work(thread=True, group="attribute", exit_on_error=False)
     def _attribute(self, source, run_id: int, step: int) -> None:
@@ -623,13 +625,13 @@ class HieruiApp(App):
         context = context_at(source.header, source.records, step)
         with MODEL_LOCK:  # never while a step runs: both hook the same modules
             result = attribute(self.pair, context, source.settings.temperature)
-        self.post_message(AttributionDone(run_id, step, result))
+        self.post_message(AttributionDone(run_id, step, result, source))
 
     @on(AttributionDone)
     def _on_attribution(self, message: AttributionDone) -> None:
+        self._attributions[(id(message.source), message.step)] = (message.source, message.result)
         if message.run != self.run_id:
             return
-        self._attributions[(message.run, message.step)] = message.result
         panel = self.query_one("#attribution", AttributionPanel)
         if panel.step == message.step:
             panel.show_result(message.step, message.result, self.records[message.step])
@@ -723,7 +725,9 @@ class HieruiApp(App):
         """A replayed session's counterfactual branch (Session.branch), as its line; '' when it has none."""
         session = getattr(source, "session", None)
         branch = getattr(session, "branch", None)
-        return counterfactual_line(branch) if branch is not None else ""
+        if branch is None and not (session is not None and session.complete and self.header.get("counterfactual")):
+            return ""
+        return counterfactual_line(branch)
 
     def _show_counterfactual(self, line: str) -> None:
         widget = self.query_one("#counterfactual", Static)

@@ -82,6 +82,28 @@ TABLES = (
             ("mc_sub_kl", "MC KL\nchoices"),
         ],
     ),
+    (
+        "flips, noise and recovery, per spec",
+        (
+            (
+                ("flip_rate", "near_ties", "floor_flip_rate"),
+                "flip rate: top-1 flips per compared step ({basis} mode); near ties: flips at a dense top-1/top-2 "
+                "margin within the noise; noise: the flip rate of the dense model against itself (hierui noise)",
+            ),
+            (
+                ("recovery_rate",),
+                "recovered: free runs whose texts split and that follow the dense text to the end once fed the dense "
+                "token at the split (--counterfactual)",
+            ),
+        ),
+        [
+            ("spec", "spec"),
+            ("flip_rate", "flip\nrate"),
+            ("near_ties", "near\nties"),
+            ("floor_flip_rate", "noise\nflip rate"),
+            ("recovery_rate", "recovered"),
+        ],
+    ),
 )
 
 
@@ -129,7 +151,7 @@ def spec_tables(rows: list[dict], basis: str | None = "shared", width: int | Non
         parts = _split(rows, shown, width)
         for i, part in enumerate(parts):
             keys = {k for k, _ in part}
-            kept = [note for about, note in notes if keys.intersection(about)]
+            kept = [note.format(basis=basis or "shared") for about, note in notes if keys.intersection(about)]
             heading = title.format(basis=basis or "shared") + (f" ({i + 1}/{len(parts)})" if len(parts) > 1 else "")
             tables.append(titled(heading, _spec_table(rows, part), *kept))
     return tables

@@ -494,7 +494,9 @@ def replay(
 def attribute(
     session: Path = typer.Argument(..., help="a session file (.jsonl)", show_default=False),
     steps: Optional[list[int]] = typer.Option(
-        None, "--step", help="the step to attribute (0-based, as `show --steps`); repeatable (default: every flip)"
+        None,
+        "--step",
+        help="the step to attribute, counted from 1 as on screen and in `show --steps`; repeatable (default: flips)",
     ),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="write every unit's row here: Parquet if it ends in .parquet, else JSON Lines"
@@ -543,10 +545,12 @@ def attribute(
     if not records:
         raise HieruiError(f"{session} has no recorded steps to attribute")
     mode = header.get("mode") or "shared"
-    wanted = list(dict.fromkeys(steps)) if steps else A.flip_steps(records, mode)
+    # --step counts from 1 (the screen's, `show`'s); records and tables count from 0
+    for n in steps or []:
+        if not 1 <= n <= len(records):
+            raise HieruiError(f"no step {n} in {session}: it has steps 1..{len(records)} (counted from 1)")
+    wanted = [n - 1 for n in dict.fromkeys(steps)] if steps else A.flip_steps(records, mode)
     for step in wanted:
-        if not 0 <= step < len(records):
-            raise HieruiError(f"no step {step} in {session}: it has steps 0..{len(records) - 1}")
         A.context_at(header, records, step)  # a step after the perturbed model's end: one line now
     plan = R.plan_rerun(recorded, model=model, calib=calib, spec=spec)  # refuses paths the file names
     if model is not None:
@@ -596,7 +600,10 @@ def _print_attribution(step: int, result, record: dict, tokenizer, top: int, sam
         return repr(escape(tokenizer.decode([t])))
 
     recorded = record.get("kl")
-    head = f"step {step}: dense {token(result.top1_d)} · perturbed {token(result.top1_p)} · KL {result.kl:.4g}"
+    from hierui.format import step_label
+
+    tokens = f"dense {token(result.top1_d)} · perturbed {token(result.top1_p)}"
+    head = f"step {step_label(step)}: {tokens} · KL {result.kl:.4g}"
     if recorded is not None:
         head += f" (recorded {recorded:.4g})"
     head += f" · {result.seconds:.1f} s"

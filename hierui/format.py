@@ -28,7 +28,9 @@ PCT, COUNT = "pct", "count"
 KINDS: tuple[tuple[frozenset[str], int | str], ...] = (
     (frozenset({"sparsity"}), PCT),
     (
-        frozenset({"runs", "steps", "step", "items", "diverged", "div", "divergence", "median", "min", "max", "shift"}),
+        frozenset(
+            {"runs", "steps", "step", "items", "diverged", "div", "divergence", "median", "min", "max", "shift", "ties"}
+        ),
         COUNT,
     ),
     (frozenset({"cos"}), 5),

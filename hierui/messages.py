@@ -31,11 +31,12 @@ class StepDone(Message):
 
 
 class AttributionDone(Message):
-    """The attribution (engine.attribution.Attribution) of step `step` of run number `run`."""
+    """The attribution (engine.attribution.Attribution) of step `step` of run number `run` (the step source
+    `source`, kept with the result so that going back to a parent run finds it)."""
 
-    def __init__(self, run: int, step: int, result) -> None:
+    def __init__(self, run: int, step: int, result, source=None) -> None:
         super().__init__()
-        self.run, self.step, self.result = run, step, result
+        self.run, self.step, self.result, self.source = run, step, result, source
 
 
 class CounterfactualDone(Message):

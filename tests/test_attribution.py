@@ -224,16 +224,17 @@ def test_attribute_prints_a_session(cli, tmp_path):
     assert _batch(cli, tmp_path, out).returncode == 0
     session = out / "sessions" / "p000-magnitude-0.6-shared.jsonl"
     rows = tmp_path / "rows.parquet"
-    result = cli("attribute", session, "--step", 0, "--step", 1, "--out", rows)
+    result = cli("attribute", session, "--step", 1, "--step", 2, "--out", rows)  # counted from 1, as on screen
     assert result.returncode == 0, result.stderr
-    for text in ("step 0:", "step 1:", "KL removed", "restores top-1", "smallest set", "block.", "attn.", "mlp."):
+    for text in ("step 1:", "step 2:", "KL removed", "restores top-1", "smallest set", "block.", "attn.", "mlp."):
         assert text in result.stdout
     import pyarrow.parquet as pq
 
     table = pq.read_table(rows).to_pylist()
-    assert sorted({r["step"] for r in table}) == [0, 1] and len(table) == 2 * 12
-    bad = cli("attribute", session, "--step", 99)
-    assert bad.returncode == 2 and "no step 99" in bad.stderr and "Traceback" not in bad.stderr
+    assert sorted({r["step"] for r in table}) == [0, 1] and len(table) == 2 * 12  # the tables count from 0
+    for step in (99, 0):
+        bad = cli("attribute", session, "--step", step)
+        assert bad.returncode == 2 and f"no step {step}" in bad.stderr and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
     missing = cli("attribute", tmp_path / "nope.jsonl")
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1

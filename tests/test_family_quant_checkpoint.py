@@ -392,6 +392,8 @@ def test_another_hidden_size_compares_logits_only(tmp_path):
     for r in steps(pair):
         assert r["emb_cos"] == [None] * 5 and r["emb_rel"] == [None] * 5
         assert r["kl"] is not None and r["kl"] > 0 and r["logit_cos"] is not None
+        # the lens: nothing to compare in the middle layers, the last layer is the models' own output
+        assert r["lens_kl"][:-1] == [None] * 3 and r["lens_kl"][-1] == r["kl"]
 
     # the explorer (a note when the run starts) and `hierui show` say what is not compared
     from engine.perturb.checkpoint import structure_note

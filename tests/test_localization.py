@@ -93,3 +93,22 @@ def test_the_report_shows_the_lens_heatmap_of_a_real_sweep(cli, tmp_path):
     assert "lens-heatmap" in section  # the heatmap's SVG
     assert "compared steps" in section  # flips beside the (missing) noise floor
     assert "No noise floor recorded" in section
+
+
+def test_a_sweep_records_the_measured_noise_floor_and_the_report_shows_it(cli, tmp_path, fresh_home):
+    import json
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one prompt\nanother prompt\n")
+    r = cli("noise", "--model", "tiny-random", "--prompts", prompts, "--dtypes", "float32", "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    r = cli("batch", "--model", "tiny-random", "--prompts", prompts, "--out", out, "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr
+    floor = json.loads((out / "batch.json").read_text())["noise_floor"]
+    assert floor["dtype"] == "float32" and floor["source"].startswith("hierui noise")
+    session = json.loads(next((out / "sessions").glob("*.jsonl")).read_text().splitlines()[0])
+    assert session["tie_margin"] == floor["tie_margin"]  # the runs used the measured threshold
+    assert cli("report", out).returncode == 0
+    page = (out / "report.html").read_text()
+    assert "Noise floor of the dense model" in page and "No noise floor recorded" not in page

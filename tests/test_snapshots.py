@@ -84,8 +84,10 @@ async def settle(pilot):
 def test_replay_screen(snap_compare, size):
     """Replay of the shipped session with step 38 of 48 selected (ten steps back from the last): the header
     says `↺ replay` and `step 38/48`; the selected token is highlighted in both texts; every panel shows
-    step 38's values (hierarchy, top-k, layers); the chart marks step 38. At 80×24 the compact layout: the
-    state still visible in the header, the panels stacked below the texts."""
+    step 38's values (hierarchy, top-k, layers); the chart marks step 38; the layer × step map beside it says
+    the session has no logit-lens data (it was recorded before the lens). At 80×24 the compact layout: the
+    state still visible in the header, the panels stacked below the texts. The footer: space Step, r Run, ← ◀,
+    → ▶, a Attribute, b Branch, m Mode, q Quit, ^p palette."""
 
     async def select_a_middle_step(pilot):
         await pilot.pause()
@@ -98,7 +100,8 @@ def test_replay_screen(snap_compare, size):
 
 def test_live_ready_screen(snap_compare, monkeypatch):
     """Live explorer once the pair is ready, before any step: header `● ready` and `step –/0 (max 48)`, the
-    prompt in its box, both texts saying how to start (space / r), the panels empty ("no step selected")."""
+    prompt in its box, both texts saying how to start (space / r), the panels empty ("no step selected", the
+    map "layer × step: no step yet")."""
     app, _ = live_app(monkeypatch)
     assert snap_compare(app, terminal_size=(120, 40), run_before=settle)
 

@@ -152,9 +152,10 @@ class HeatmapPanel(Static):
         rows = max(size.height - 2, 1)  # the flip row above, the step axis below
         groups = bins(layers, 2 * rows) if layers > rows else bins(layers, rows)
         half = layers > rows  # two layer bins per text row
-        title = f"{name} · layer × step"
-        if layers and len(groups) < layers:
-            title += f" · {layers} layers → {len(groups)} rows (max)"
+        binned = f" · {layers} layers → {len(groups)} rows (max)" if layers and len(groups) < layers else ""
+        title = f"{name} · layer × step{binned}"
+        if self.size.width and len(title) + 6 > self.size.width:  # too long for the border: the binning first
+            title = f"{name}{binned}"
         self.border_title = title
         subtitle = legend()
         subtitle.append(f" · v: {other}", style="dim")
@@ -222,8 +223,11 @@ class HeatmapPanel(Static):
         if selected is not None:
             where = next((i for i, r in enumerate(steps) if r["step"] == selected), None)
             if where is not None:
-                label = "▲" + step_label(selected)
-                marks.append((where * wide, label, True))
+                label, at = "▲" + step_label(selected), where * wide
+                if at + len(label) > width:  # at the right edge: the number before the mark
+                    label = step_label(selected) + "▲"
+                    at -= len(label) - 1
+                marks.append((at, label, True))
         every = 5 if wide == 2 else 10
         for i, r in enumerate(steps):
             number = r["step"] + 1
