@@ -10,7 +10,9 @@ its dense side reproduces the parent's dense text.
 Recovery. A branch step agrees when the two models choose the same token there (`same_token`); steps after one
 model has ended compare nothing and are left out. `recovery_steps` is the number of branch steps before the two
 texts agree to the end of the run (0: the perturbed model follows the dense text at once after the correction);
-`recovered` is True when the branch ends in agreement, False when its last compared step disagrees; both are None
+`recovered` is True when the branch agrees at every compared step, or when, after its last disagreement, it agrees
+for at least RESYNC (4) compared steps to the end; False otherwise (a shorter agreeing tail is a coincidence: on
+the embedded model a branch that had disagreed for 29 steps "recovered" on a final newline); both are None
 when the branch has no compared step (no steps left, or the dense token at `at` ends the text). A run without a
 divergence (spec `none`) has no branch: its summary's `recovered` is None, nothing to recover from. The summary
 also gets the branch's own first divergence (`branch_divergence`, a branch step: where the texts split again) and
@@ -29,6 +31,9 @@ from engine.errors import HieruiError
 from engine.summary import mean
 
 BRANCH_SUMMARY = ("recovered", "recovery_steps", "branch_divergence", "branch_kl_mean")  # the summary's fields
+# a branch that disagreed again recovers only when it then agrees for at least this many compared steps to the end:
+# two free texts meeting on one token at the end ('\n' after unrelated sentences) is a coincidence, not a recovery
+RESYNC = 4
 
 
 @dataclass
@@ -86,16 +91,19 @@ def branch_summary(branch: Branch | None) -> dict:
 
 
 def recovery(steps: list[dict]) -> tuple[bool | None, int | None]:
-    """(recovered, recovery_steps) of a branch's step records (the module docstring): the steps from the last
-    disagreeing compared step on agree to the end, or the last compared step disagrees; (None, None) without a
-    compared step."""
+    """(recovered, recovery_steps) of a branch's step records (the module docstring): the compared steps after
+    the last disagreeing one all agree and are at least RESYNC of them (or every compared step agrees); (None,
+    None) without a compared step."""
     compared = [(i, s["same_token"]) for i, s in enumerate(steps) if s.get("same_token") is not None]
     if not compared:
         return None, None
-    if not compared[-1][1]:
+    disagree = [k for k, (_, same) in enumerate(compared) if not same]
+    if not disagree:
+        return True, 0
+    tail = len(compared) - 1 - disagree[-1]  # compared steps agreeing to the end, after the last disagreement
+    if tail < RESYNC:  # none, or a coincidence (two free texts meeting on one token, a newline, at the end)
         return False, None
-    last_disagreement = max((i for i, same in compared if not same), default=-1)
-    return True, last_disagreement + 1
+    return True, compared[disagree[-1]][0] + 1
 
 
 def branch_prefix(header: dict, steps: list[dict], step: int, token: int) -> tuple[list[int], int]:

@@ -79,8 +79,8 @@ def _sublayer(row: dict) -> bool:
 
 def flip_units(run, top: int = 5) -> list[dict]:
     """Per spec, its `top` sublayer units by how often they rank first for a flip, with how often they are in
-    the minimal set and their mean fraction of the KL removed. Rows: spec, flips, unit, first, first_share,
-    in_set, in_set_share, restored (mean restored_kl)."""
+    the minimal set and the median fraction of the KL its patch removes. Rows: spec, flips, unit, first,
+    first_share, in_set, in_set_share, restored (median restored_kl over the flips)."""
     rows = []
     for spec, flips in _flips(run).items():
         first: Counter = Counter()
@@ -107,7 +107,10 @@ def flip_units(run, top: int = 5) -> list[dict]:
                     "first_share": first[unit] / n if n else None,
                     "in_set": in_set[unit],
                     "in_set_share": in_set[unit] / n if n else None,
-                    "restored": mean(restored[unit]),
+                    # the median: a unit's patch can also make a flip worse (a negative share, e.g. the last MLP
+                    # written into a residual stream the earlier layers left wrong), and a few such outliers
+                    # dragged the mean of the embedded model's most frequent first unit to −41%
+                    "restored": percentile(restored[unit], 50),
                 }
             )
     order = {s: i for i, s in enumerate(run.specs)}

@@ -197,18 +197,23 @@ def _calibration(where: str, path: Path, table: dict) -> dict:
     return out
 
 
+def suite_file(text: str, where: str = "--prompts") -> Path:
+    """The file of a shipped suite named `suite:NAME`, or one HieruiError naming the shipped ones."""
+    name = text.removeprefix("suite:").strip()
+    file = SUITES / f"{name}.jsonl"
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not file.is_file():
+        shipped = ", ".join("suite:" + s for s in shipped_suites()) or "none"
+        raise HieruiError(f"{where}: unknown suite '{text}' (shipped: {shipped})")
+    return file
+
+
 def _sources(where: str, path: Path, prompts: list[str]) -> list[tuple[str, Path]]:
     sources: list[tuple[str, Path]] = []
     used: set[str] = set()
     for text in prompts:
         if text.startswith("suite:"):
             name = text.removeprefix("suite:").strip()
-            file = SUITES / f"{name}.jsonl"
-            if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or not file.is_file():
-                raise HieruiError(
-                    f"{where}: unknown suite '{text}' (shipped: "
-                    f"{', '.join('suite:' + s for s in shipped_suites()) or 'none'})"
-                )
+            file = suite_file(text, where)
         else:
             file = (path.parent / Path(text).expanduser()).resolve()
             if not file.is_file():

@@ -192,6 +192,10 @@ def plan_sweep(
         modes = modes or [header.get("mode") or "shared"]
         source = str(from_session)
     else:
+        if prompts_text is None and str(prompts_file).startswith("suite:"):  # a shipped suite: --prompts suite:open
+            from engine.recipe import suite_file
+
+            prompts_file = suite_file(str(prompts_file))
         prompts = read_prompts(prompts_file, text=prompts_text)
         source = str(prompts_file)
     base.update(given)

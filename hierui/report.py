@@ -628,6 +628,7 @@ def _where_it_breaks(run: RunData, svg) -> dict:
         for r in units:
             r["first_pct"] = None if r["first_share"] is None else f"{100 * r['first_share']:.0f}%"
             r["set_pct"] = None if r["in_set_share"] is None else f"{100 * r['in_set_share']:.0f}%"
+            r["restored_pct"] = None if r["restored"] is None else f"{100 * r['restored']:.0f}%"
         tables.append(
             table(
                 [
@@ -636,7 +637,7 @@ def _where_it_breaks(run: RunData, svg) -> dict:
                     ("unit", "unit"),
                     ("first_pct", "ranks first"),
                     ("set_pct", "in the minimal set"),
-                    ("restored", "KL removed (mean fraction)"),
+                    ("restored_pct", "KL removed (median)"),
                 ],
                 units,
             )

@@ -658,3 +658,18 @@ def test_the_lock_is_released_after_an_error(sweep_files, tmp_path):
         run_sweep(sweep, out, hooks=Recorder(stop_at=(0, 0)), batch_size=1)
     assert held_locks() == [] and not (out / ".hierui.lock").exists()
     assert run_sweep(sweep, out, batch_size=1).computed  # and the folder is free for the next run
+
+
+def test_prompts_can_name_a_shipped_suite(cli, tmp_path):
+    import pyarrow.parquet as pq
+
+    from engine.prompts import read_prompts
+    from engine.recipe import SUITES
+
+    out = tmp_path / "out"
+    r = cli("batch", "--model", "tiny-random", "--prompts", "suite:open", "--max-new-tokens", "1", "--out", out)
+    assert r.returncode == 0, r.stderr
+    ids = {row["prompt_id"] for row in pq.read_table(out / "summary.parquet").to_pylist()}
+    assert ids == {item.id for item in read_prompts(SUITES / "open.jsonl")}
+    bad = cli("batch", "--model", "tiny-random", "--prompts", "suite:nope", "--out", tmp_path / "x")
+    assert bad.returncode == 2 and "unknown suite 'suite:nope'" in bad.stderr and "suite:open" in bad.stderr

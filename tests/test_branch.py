@@ -39,10 +39,12 @@ def assert_dense_reproduced(branch, parent_steps):
     "same, expected",
     [
         ((True, True, True), (True, 0)),  # follows the dense text at once
-        ((False, False, True, True), (True, 2)),  # disagrees, then agrees to the end
-        ((True, False, True), (True, 2)),  # agreement counts from the last disagreement
+        ((False, False, True, True, True, True), (True, 2)),  # disagrees, then agrees to the end (RESYNC = 4 steps)
+        ((True, False, True, True, True, True), (True, 2)),  # agreement counts from the last disagreement
+        ((False, False, True, True), (False, None)),  # agrees for fewer than RESYNC steps at the end: a coincidence
         ((True, True, False), (False, None)),  # ends disagreeing
-        ((False, True, None, None), (True, 1)),  # steps after a model ended compare nothing
+        ((False, True, True, True, True, None, None), (True, 1)),  # steps after a model ended compare nothing
+        ((False, True, True, None, None), (False, None)),  # … and do not count towards RESYNC
         ((None,), (None, None)),
         ((), (None, None)),  # no steps (a branch at the last step)
     ],

@@ -30,7 +30,9 @@ def bar(fraction: float | None, width: int) -> Text:
 
 
 def percent(fraction: float | None) -> str:
-    return "—" if fraction is None else f"{fraction * 100:.0f}%"
+    if fraction is None:
+        return "—"
+    return f"{round(fraction * 100)}%"  # an int: a tiny negative share is "0%", not "-0%"
 
 
 def token_text(record: dict | None, token: int) -> str:
