@@ -9,7 +9,7 @@ from engine.session import SessionRecorder, load_session
 from engine.settings import StepSettings
 from engine.stepper import Stepper
 from hierui.app import HieruiApp
-from hierui.format import metric
+from hierui.format import ended_note, metric
 from hierui.tokentext import running
 
 SIZE = (120, 40)
@@ -247,8 +247,10 @@ def test_shipped_example_sessions_replay():
     async def scenario():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.pause()
-            assert text_of(app, "#dense") == "".join(running(s["text_d"]) for s in session.steps)
-            last = session.steps[-1]
+            shown, last = text_of(app, "#dense"), session.steps[-1]
+            assert shown.startswith("".join(running(s["text_d"]) for s in session.steps))
+            if last.get("end_d") is not None:  # the dense model ended its text: the panel says where
+                assert f"end (step {last['end_d'] + 1})" in shown
             assert metric("kl", last["kl"]) in _rendered(app, "#spaces")
             assert metric("sub_kl", last["sub_kl"]) in _rendered(app, "#subspace")
             assert "wanda:0.5" in text_of(app, "#info") and "SmolLM2" in text_of(app, "#info")
@@ -556,13 +558,19 @@ def test_the_hierarchy_and_top_k_cut_nothing_at_120x40(name):
                 shown = _rendered_at_width(app, "#spaces")
                 assert "…" not in shown, (index, shown)
                 step = session.steps[index]
-                if step.get("first_divergence") is not None:
+                if ended_note(step):  # a model had ended: the panel says so instead of comparing
+                    assert "nothing to compare" in shown, shown
+                elif step.get("first_divergence") is not None:
                     assert re.search(rf"texts split\s+step {step['first_divergence'] + 1}\b", shown), shown
+            # the layer panel at the last step that compares both models (after a model ended there is nothing)
+            compared = max(i for i, step in enumerate(session.steps) if not ended_note(step))
+            app.selected = compared
+            await pilot.pause()
             layers = app.query_one("#layers")
             assert layers.scroll_y == 0
             top = text_of(app, "#layers").splitlines()[: layers.content_size.height]
             assert any(line.strip().startswith("out") and "← final" in line for line in top)
-            last_layer = f"{len(session.steps[-1]['emb_cos']) - 2:>5} "
+            last_layer = f"{len(session.steps[compared]['emb_cos']) - 2:>5} "
             assert any(line.startswith(last_layer) for line in text_of(app, "#layers").splitlines())
 
     run(scenario())
