@@ -10,6 +10,9 @@
                          finished run carrying its final value forward (its end is the mean final cum_kl)
     first_divergences()  the first-divergence steps of the free-mode runs, per spec
     choice_rows()        multiple choice per spec beside the generation KL of the same spec
+    choice_paired_rows() multiple choice per spec: flips, McNemar's p, bootstrap intervals (engine.paired, from
+                         mc.parquet's rows: the same as OUT/mc_paired.parquet, for a run written before it too)
+    choice_pair_rows()   multiple choice per pair of specs (OUT/mc_pairs.parquet's rows, likewise)
 
 Numbers and rows only: the headings, formatting and charts are the face's (hierui.report, hierui.batchview).
 Steps are the tables' own 0-based indices (`step`, `first_divergence`); a face shows them counted from 1
@@ -67,6 +70,8 @@ REQUIRED = {
     "steps": STEP_COLUMNS,
     "mc": ("spec", "item_id"),
     "mc_summary": ("spec",),
+    "mc_paired": ("spec",),
+    "mc_pairs": ("spec_a", "spec_b"),
     "attribution": ("run_id", "spec", "step", "unit"),
 }
 
@@ -193,8 +198,11 @@ def spec_rows(run: RunData) -> list[dict]:
     Similarities, KL, its estimate, amplification and top-1 agreement come from the basis mode's runs
     (shared when recorded); cum_kl_* are the mean final accumulated KL over runs per mode (Curve.final, the end
     of the carried curve); first_div is the median first-divergence step (0-based, as in the tables) of the
-    free runs that diverged; mc_* come from mc_summary.
+    free runs that diverged; mc_* come from mc_summary. kl_lo/kl_hi and top1_lo/top1_hi: the 95% bootstrap
+    interval of the mean per-run KL and same-top-1 rate (engine.paired, prompts resampled, seed 0).
     """
+    from engine.paired import bootstrap_ci
+
     basis = basis_mode(run)
     mc = {r["spec"]: r for r in run.mc_summary}
     floor = run.manifest.get("noise_floor") or {}
@@ -206,6 +214,11 @@ def spec_rows(run: RunData) -> list[dict]:
         m = mc.get(spec, {})
         compared = sum(r.get("compared_steps") or 0 for r in base if r.get("flips") is not None)
         branched = [r for r in free if r.get("recovered") is not None]
+        interval = {}
+        for name, key in (("kl", "kl_mean"), ("top1", "same_top1_rate")):
+            kept = [r for r in base if r.get(key) is not None]
+            _, low, high = bootstrap_ci([r[key] for r in kept], groups=[r.get("prompt_id") for r in kept])
+            interval[f"{name}_lo"], interval[f"{name}_hi"] = (low, high) if kept else (None, None)
         rows.append(
             {
                 "spec": spec,
@@ -240,6 +253,7 @@ def spec_rows(run: RunData) -> list[dict]:
                 "mc_agree": m.get("agree_rate"),
                 "mc_sub_kl": m.get("sub_kl_mean"),
                 "mc_kl": m.get("kl_mean"),
+                **interval,
             }
         )
     return rows
@@ -360,3 +374,17 @@ def choice_rows(run: RunData) -> list[dict]:
         )
     order = {spec: i for i, spec in enumerate(run.specs)}
     return sorted(rows, key=lambda r: order.get(r["spec"], len(order)))
+
+
+def choice_paired_rows(run: RunData) -> list[dict]:
+    """Per spec with multiple-choice items, in sweep order: engine.paired.choice_spec_rows of mc.parquet."""
+    from engine.paired import choice_spec_rows
+
+    return choice_spec_rows(run.mc, run.specs) if run.mc else []
+
+
+def choice_pair_rows(run: RunData) -> list[dict]:
+    """Per pair of specs with multiple-choice items: engine.paired.choice_pair_rows of mc.parquet."""
+    from engine.paired import choice_pair_rows as pairs
+
+    return pairs(run.mc, run.specs) if run.mc else []

@@ -182,9 +182,92 @@ SUMMARY = {
 }
 CHOICES = {"spec": STRING, **CHOICE_FIELDS}
 CHOICE_SUMMARY = {"spec": STRING, **CHOICE_SUMMARY_FIELDS}
+# engine.paired.choice_spec_rows's keys: OUT/mc_paired.parquet (and .csv), a row per spec. *_lo/*_hi: the 95%
+# percentile bootstrap interval (items resampled, seed 0); acc_diff = acc_p − acc_d, acc_diff_p its bootstrap p
+MC_PAIRED = {
+    "spec": STRING,
+    "items": INT,
+    "right_to_wrong": INT,  # dense right, perturbed wrong
+    "wrong_to_right": INT,
+    "both_right": INT,
+    "both_wrong": INT,
+    "mcnemar_p": FLOAT,  # McNemar's exact two-sided p on right_to_wrong vs wrong_to_right
+    **{f"{name}{end}": FLOAT for name in ("acc_d", "acc_p", "acc_diff") for end in ("", "_lo", "_hi")},
+    "acc_diff_p": FLOAT,
+    **{f"{name}{end}": FLOAT for name in ("kl", "sub_kl", "agree") for end in ("", "_lo", "_hi")},
+}
+# engine.paired.choice_pair_rows's keys: OUT/mc_pairs.parquet (and .csv), a row per pair of specs (a before b in
+# sweep order) on their common items: perturbed accuracy and full KL at the answer, differences a − b
+MC_PAIRS = {
+    "spec_a": STRING,
+    "spec_b": STRING,
+    "items": INT,
+    "acc_a": FLOAT,
+    "acc_b": FLOAT,
+    "a_only": INT,  # items a gets right and b wrong
+    "b_only": INT,
+    "mcnemar_p": FLOAT,  # McNemar's exact two-sided p on a_only vs b_only
+    **{f"acc_diff{end}": FLOAT for end in ("", "_lo", "_hi", "_p")},
+    "kl_a": FLOAT,
+    "kl_b": FLOAT,
+    **{f"kl_diff{end}": FLOAT for end in ("", "_lo", "_hi", "_p")},
+}
 # OUT/attribution.parquet (hierui batch --attribute flips): a row per run × attributed step × unit
 ATTRIBUTION = {**RUN_COLUMNS, "step": INT, **ATTRIBUTION_FIELDS}
-TABLES = {"steps": STEPS, "summary": SUMMARY, "mc": CHOICES, "mc_summary": CHOICE_SUMMARY, "attribution": ATTRIBUTION}
+TABLES = {
+    "steps": STEPS,
+    "summary": SUMMARY,
+    "mc": CHOICES,
+    "mc_summary": CHOICE_SUMMARY,
+    "mc_paired": MC_PAIRED,
+    "mc_pairs": MC_PAIRS,
+    "attribution": ATTRIBUTION,
+}
+
+# hierui kld (engine.kld): OUT/kld_tokens.parquet, a row per scored token per spec, in corpus order
+KLD_TOKENS = {
+    "spec": STRING,
+    "window": INT,
+    "pos": INT,  # the token's index in the tokenized corpus
+    "token": INT,  # the actual next token
+    "kl": FLOAT,  # KL(P_d ‖ P_p); with a base file a lower bound (engine.kld_base)
+    "kl_rev": FLOAT,  # KL(P_p ‖ P_d); likewise
+    "same_top": BOOL,
+    "dp": FLOAT,  # P_p(token) − P_d(token)
+    "nll_d": FLOAT,
+    "nll_p": FLOAT,
+    "conf_d": FLOAT,  # the dense top-1 probability
+    "top_d": INT,
+    "top_p": INT,
+}
+# OUT/kld_summary.parquet (and .csv, without the list columns): a row per spec, llama.cpp's statistics
+_KLD_PCT = ("max", "p99_9", "p99", "p95", "p90", "median", "p10", "p5", "p1", "p0_1", "min")
+_DP_PCT = ("max", "p99_9", "p99", "p95", "p90", "p75", "median", "p25", "p10", "p5", "p1", "p0_1", "min")
+KLD_SUMMARY = {
+    "spec": STRING,
+    "model": STRING,
+    "corpus": STRING,
+    "corpus_sha256": STRING,
+    "ctx": INT,
+    "stride": INT,
+    "windows": INT,
+    "base": STRING,  # the base file compared against (null: the dense model ran)
+    "base_k": INT,
+    "measured_sparsity": FLOAT,
+    "tokens": INT,
+    **{name: FLOAT for name in ("ppl_d", "ppl_d_unc", "ppl_p", "ppl_p_unc", "ln_ppl_ratio", "ln_ppl_ratio_unc")},
+    **{name: FLOAT for name in ("ppl_ratio", "ppl_ratio_unc", "ln_ppl_cor")},
+    **{f"{d}_{s}": FLOAT for d in ("kl", "kl_rev") for s in ("mean", "mean_unc", *_KLD_PCT)},
+    "kl_mean_lo": FLOAT,  # engine.paired's bootstrap interval of kl_mean, windows resampled
+    "kl_mean_hi": FLOAT,
+    **{f"dp_{s}": FLOAT for s in ("mean", "mean_unc", *_DP_PCT, "rms", "rms_unc")},
+    "same_top": FLOAT,
+    "same_top_unc": FLOAT,
+    "conf_count": INTS,  # tokens per decile of the dense top-1 probability [0, 0.1) … [0.9, 1]
+    "conf_kl_mean": FLOATS,  # mean KL per decile (null: none there)
+    "hidden_cos": FLOATS,  # mean hidden-state cosine per layer 0 … L (null with a base file)
+}
+TABLES.update({"kld_tokens": KLD_TOKENS, "kld_summary": KLD_SUMMARY})
 
 
 class SchemaError(HieruiError):

@@ -5,7 +5,9 @@
     summary      OUT/summary.parquet and OUT/summary.csv: a row per run, engine.summary.summarize of its
                  steps (and the counterfactual branch's fields of its closing line), sorted by run_id.
     mc           OUT/mc.parquet (an item per spec per row) and OUT/mc_summary.parquet/.csv (a row per spec),
-                 when the sweep has multiple-choice items.
+                 when the sweep has multiple-choice items; from mc.parquet's rows (engine.paired, seed 0),
+                 OUT/mc_paired.parquet/.csv (per spec: flips, McNemar's p, bootstrap intervals) and
+                 OUT/mc_pairs.parquet/.csv (per pair of specs: accuracy and KL differences).
     attribution  OUT/attribution.parquet: a row per run × flip step × unit (engine.attribution), when the sweep
                  attributes its flips (batch --attribute flips), sorted by run_id, step.
 
@@ -117,13 +119,23 @@ def build_choice_tables(sweep: Sweep, out: str | Path):
 
 
 def write_choice_tables(sweep: Sweep, out: str | Path) -> list[dict]:
-    """OUT/mc.parquet and OUT/mc_summary.parquet/.csv when the sweep has multiple-choice items; returns
-    mc_summary's rows (none without items)."""
+    """OUT/mc.parquet, OUT/mc_summary, OUT/mc_paired and OUT/mc_pairs (.parquet/.csv) when the sweep has
+    multiple-choice items; returns mc_summary's rows (none without items)."""
     if not sweep.choice_items:
         return []
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    from engine.paired import choice_pair_rows, choice_spec_rows
+
     out = Path(out)
     items, summary = build_choice_tables(sweep, out)
     _write_whole(out, "mc", items, "mc_summary", summary)
+    rows, specs = items.to_pylist(), [str(s) for s in sweep.specs]
+    for name, found in (("mc_paired", choice_spec_rows(rows, specs)), ("mc_pairs", choice_pair_rows(rows, specs))):
+        table = schema.to_table(found, schema.TABLES[name], f"{name}.parquet")
+        atomic_write(out / f"{name}.parquet", lambda path, t=table: pq.write_table(t, str(path)))
+        atomic_write(out / f"{name}.csv", lambda path, t=table: pcsv.write_csv(t, str(path)))
     return summary.to_pylist()
 
 

@@ -276,6 +276,10 @@ def show_batch(path: Path, console: Console) -> None:
         console.print()
         console.print(Text(title, style="italic"))
         console.print(chart, soft_wrap=True)
+    paired = R.choice_paired_rows(run)
+    for table in flip_tables(paired):
+        console.print()
+        console.print(table)
     if run.mc_summary:
         console.print(f"multiple choice per item: {path / 'mc.parquet'}", highlight=False)
     console.print(
@@ -363,6 +367,45 @@ def choice_table(rows: list[dict]) -> Group:
             *[metric(k, r.get(k)) for k in ("items", "acc_d", "acc_p", "agree_rate", "sub_kl_mean", "kl_mean")],
         )
     return titled("multiple choice (scored, no generation), per spec", table)
+
+
+def _ci(name: str, row: dict, key: str) -> str:
+    """row[key] over its 95% interval, on two lines: "0.500" then "[0.250, 0.750]"."""
+    low, high = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    text = metric(name, row.get(key))
+    return text if low is None or high is None else f"{text}\n[{metric(name, low)}, {metric(name, high)}]"
+
+
+def flip_tables(rows: list[dict]) -> list[Group]:
+    """Multiple choice per spec (engine.runs.choice_paired_rows) as two narrow tables: the flips of correctness
+    with McNemar's exact p; the perturbed accuracy, its change and the KL at the answer over their 95%
+    bootstrap intervals."""
+    flips = _table(collapse_padding=True)
+    for name in ("spec", "items", "right→\nwrong", "wrong→\nright", "both\nright", "both\nwrong", "McNemar\np"):
+        flips.add_column(name, justify="left" if name == "spec" else "right", no_wrap=True)
+    keys = ("items", "right_to_wrong", "wrong_to_right", "both_right", "both_wrong", "mcnemar_p")
+    for r in rows:
+        flips.add_row(Text(escape(r["spec"])), *[metric(k, r.get(k)) for k in keys])
+    intervals = _table(collapse_padding=True)
+    for name in ("spec", "acc perturbed", "Δ acc (p − d)", "KL at answer"):
+        intervals.add_column(name, justify="left" if name == "spec" else "right", no_wrap=True)
+    for r in rows:
+        intervals.add_row(
+            Text(escape(r["spec"])), _ci("acc", r, "acc_p"), _ci("acc", r, "acc_diff"), _ci("kl", r, "kl")
+        )
+    return [
+        titled(
+            "multiple choice: flips of correctness and McNemar's exact test, per spec",
+            flips,
+            "right→wrong: items the dense model gets right and the perturbed one wrong (wrong→right the reverse); "
+            "McNemar p: the exact test that both directions are equally likely",
+        ),
+        titled(
+            "multiple choice: means with their 95% intervals, per spec",
+            intervals,
+            "[low, high]: percentile bootstrap over the items (2000 resamples, seed 0); Δ acc: perturbed − dense",
+        ),
+    ]
 
 
 def batch_table(groups: list[dict], fields: dict, width: int) -> Group:

@@ -252,12 +252,24 @@ def explore(
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help=calib_samples_help("explore")),
     calib_len: Optional[int] = typer.Option(None, "--calib-len", min=2, help=CALIB_LEN_HELP),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration and pruned weights"),
+    from_kld: Optional[Path] = typer.Option(
+        None,
+        "--from-kld",
+        help="a hierui kld output folder: its model and spec (--prune if the run has it), the prompt the raw text "
+        "before its --worst N-th token",
+    ),
+    worst: int = typer.Option(1, "--worst", min=1, help="with --from-kld: the token's rank (1 = the highest KLD)"),
 ) -> None:
     """Open the explorer: step the dense and the perturbed model token by token and watch them drift apart."""
     from engine.models import DTYPES, resolve
     from engine.perturb.spec import parse_spec
     from engine.settings import StepSettings, calibration_for
 
+    if from_kld is not None:  # the context of a high-KLD token of a corpus run, as a raw prompt
+        from engine.kld import worst_prompt
+
+        found = worst_prompt(from_kld, worst, spec)
+        model, spec, prompt, raw = found["model"], found["spec"], found["prompt"], True
     resolve(model)  # everything the user typed is checked before the UI starts
     parsed = parse_spec(spec)
     calibration = calibration_for(  # engine.settings: the one rule for the default calibration
@@ -959,6 +971,102 @@ def prune(
 
 
 @app.command()
+def kld(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    specs: Optional[list[str]] = typer.Option(None, "--prune", "-p", help=SPEC_HELP + "; repeatable"),
+    text: Optional[Path] = typer.Option(None, "--text", help="a UTF-8 text file to score"),
+    suite: Optional[str] = typer.Option(None, "--suite", help="a shipped corpus: heldout (the default)"),
+    ctx: int = typer.Option(512, "--ctx", help="tokens per window; the second half of each is scored"),
+    stride: Optional[int] = typer.Option(None, "--stride", help="tokens between window starts (default --ctx)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default runs/kld-<time>)"),
+    save_base: Optional[Path] = typer.Option(
+        None, "--save-base", help="write the dense model's top-K log-probabilities here (a safetensors file)"
+    ),
+    base: Optional[Path] = typer.Option(
+        None, "--base", help="compare against this base file instead of running the dense model"
+    ),
+    base_k: int = typer.Option(64, "--base-k", min=1, help="K of --save-base"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration and pruned weights"),
+) -> None:
+    """Teacher-forced KL divergence of a corpus, dense vs each --prune spec, in llama.cpp's report."""
+    import time
+
+    from engine import kld as kldmod
+    from engine.models import resolve
+    from engine.perturb.spec import parse_spec
+    from engine.settings import calibration_for
+
+    resolve(model)
+    parsed = [parse_spec(s) for s in specs or []]
+    if text is not None and suite is not None:
+        raise HieruiError("give --text or --suite, not both")
+    if base is not None and save_base is not None:
+        raise HieruiError("--base and --save-base do not go together: a base file is written from the dense model")
+    if not parsed and save_base is None:
+        raise HieruiError("nothing to do: give --prune SPEC (repeatable) and/or --save-base FILE")
+    if base is not None and not parsed:
+        raise HieruiError("--base needs at least one --prune SPEC to score against it")
+    corpus = str(text) if text is not None else (suite or "heldout")
+    body = kldmod.read_text(text) if text is not None else kldmod.suite_text(suite or "heldout")
+    base_file = None
+    if base is not None:
+        from engine.kld_base import BaseFile
+
+        base_file = BaseFile(base)  # a truncated or foreign file fails here, before any model loads
+    for p in parsed:
+        _check_model_args(model, p, device)
+    from engine.models import check_device, config_int, load_tokenizer, read_config
+
+    check_device(device)
+    config = read_config(model)
+    if config is not None:  # the corpus against the windows before the model loads
+        tok = load_tokenizer(model)
+        _ids, lay, _bos = kldmod.prepare(tok, body, ctx, stride, config_int(config, "max_position_embeddings"))
+        if base_file is not None:
+            base_file.check(tok, body, lay)
+        if save_base is not None and base_k > len(tok):
+            raise HieruiError(f"--base-k {base_k} is beyond the vocabulary ({len(tok)} tokens)")
+    if out is None:
+        out = Path("runs") / time.strftime("kld-%Y%m%d-%H%M%S")
+    _quiet_libraries()
+
+    from engine.models import load
+    from engine.perturb import perturb
+    from hierui.kldview import print_report
+    from hierui.progress import stage_progress
+
+    writer = None
+    if save_base is not None:
+        from engine.kld_base import BaseWriter
+
+        writer = BaseWriter(save_base, base_k)
+    with stage_progress(err_console) as (say, step):
+        loaded = load(model, device=device, dtype=dtype, progress=step)
+        if writer is not None and base_k > len(loaded.tokenizer):
+            raise HieruiError(f"--base-k {base_k} is beyond the vocabulary ({len(loaded.tokenizer)} tokens)")
+        pairs = []
+        for p in parsed:
+            calibration = calibration_for(p.method, "prune")
+            pairs.append(perturb(loaded, p, use_cache=not no_cache, progress=step, calib_options=calibration.to_dict()))
+        run = kldmod.score(loaded, pairs, body, corpus, ctx, stride, base=base_file, save_base=writer, progress=step)
+        if writer is not None:
+            lay = kldmod.layout(len(run.ids), ctx, stride)
+            writer.write(loaded.tokenizer, body, lay, loaded.ref.name)
+        rows = kldmod.write_tables(run, out, loaded.tokenizer) if pairs else []
+    if rows:
+        worst = run.worst(loaded.tokenizer)
+        print_report(console, run, rows, worst, out)
+    if writer is not None:
+        console.print(
+            f"base file {save_base}: top-{base_k} log-probabilities of {len(run.positions)} tokens "
+            f"(ctx {ctx}, stride {run.stride})",
+            highlight=False,
+        )
+
+
+@app.command()
 def check(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     specs: Optional[list[str]] = typer.Option(
@@ -1113,6 +1221,7 @@ def _describe_details(details: dict) -> str:
 
 
 PATH_OPTIONS = ("--out", "-o", "--save", "--sessions", "--calib", "--prompts", "--from")
+PATH_OPTIONS += ("--text", "--base", "--save-base")  # hierui kld
 
 
 def _reject_empty_paths(args: list[str]) -> None:

@@ -29,6 +29,8 @@ from engine.runs import (
     Curve,
     RunData,
     basis_mode,
+    choice_pair_rows,
+    choice_paired_rows,
     choice_rows,
     cum_kl_curves,
     first_divergences,
@@ -48,7 +50,7 @@ SECTION_IDS = (
     "where-it-breaks",
 )
 
-TEXT_FIELDS = ("spec", "len_shared", "len_free")  # printed as text (escaped by hierui.tokentext) …
+TEXT_FIELDS = ("spec", "pair", "len_shared", "len_free")  # printed as text (escaped by hierui.tokentext) …
 STEP_FIELDS = ("first_div", "first_divergence")  # … steps (0-based in the tables) counted from 1 …
 # … every other field by hierui.format
 
@@ -81,6 +83,61 @@ def table(columns: list[tuple[str, str]], rows: list[dict], steps: tuple[str, ..
     return {
         "head": [title for _, title in columns],
         "rows": [[cell(key, row.get(key), steps) for key, _ in columns] for row in rows],
+    }
+
+
+def interval(name: str, low, high) -> str | None:
+    """A 95% interval as printed beside its mean: "[1.050, 1.370]" in the digits of the metric `name`."""
+    if low is None or high is None:
+        return None
+    return f"[{metric(name, low)}, {metric(name, high)}]"
+
+
+def with_interval(name: str, row: dict, key: str) -> str | None:
+    """row[key] and its interval row[key_lo]..row[key_hi] as one text: "1.200 [1.050, 1.370]"."""
+    if row.get(key) is None:
+        return None
+    ci = interval(name, row.get(f"{key}_lo"), row.get(f"{key}_hi"))
+    return metric(name, row[key]) + (f" {ci}" if ci else "")
+
+
+SILENT_KL = 0.01  # nats: a mean KL at the answer below this (or below the noise floor's) reads as "no change"
+SIGNIFICANT = 0.05  # McNemar's p below this: the flips are not chance
+
+
+def silent_failures(paired: list[dict], floor_kl=None) -> dict | None:
+    """The "silent" failures: specs whose mean KL at the answer is below the noise floor's KL (or SILENT_KL)
+    while their flips of correctness are significant (McNemar's p < SIGNIFICANT). Rows:
+    engine.runs.choice_paired_rows. A reading (holds False when one is found), None without rows."""
+    if not paired:
+        return None
+    limit = max(SILENT_KL, floor_kl or 0.0)
+    found = [
+        r
+        for r in paired
+        if r.get("kl") is not None
+        and r["kl"] < limit
+        and r.get("mcnemar_p") is not None
+        and r["mcnemar_p"] < SIGNIFICANT
+    ]
+    source = "the noise floor's" if floor_kl is not None and floor_kl >= SILENT_KL else "a threshold of"
+    if not found:
+        return {
+            "verdict": f"Silent failures: none found (no spec with a mean KL at the answer below {source} "
+            f"{metric('kl', limit)} nats whose flips are significant, McNemar p < {SIGNIFICANT}).",
+            "details": "",
+            "holds": None,
+        }
+    return {
+        "verdict": f"Silent failures: {_names([r['spec'] for r in found])} — a mean KL at the answer below {source} "
+        f"{metric('kl', limit)} nats, yet significant flips of correctness (McNemar p < {SIGNIFICANT}).",
+        "details": "; ".join(
+            f"{r['spec']}: KL {metric('kl', r['kl'])}, {r['right_to_wrong']} right → wrong and "
+            f"{r['wrong_to_right']} wrong → right, p = {metric('mcnemar_p', r['mcnemar_p'])}"
+            for r in found
+        )
+        + ".",
+        "holds": False,
     }
 
 
@@ -391,10 +448,22 @@ def _sections(run: RunData) -> tuple[list[dict], list[dict]]:
                 ("logit_cos", "logit cos"),
                 ("prob_cos", "prob cos"),
                 ("kl", "KL"),
+                ("kl_ci", "KL 95% CI"),
                 ("tv", "TV"),
                 ("top1", "top-1 agree"),
+                ("top1_ci", "top-1 95% CI"),
             ],
-            rows,
+            [
+                {
+                    **r,
+                    "kl_ci": interval("kl", r.get("kl_lo"), r.get("kl_hi")),
+                    "top1_ci": interval("top1", r.get("top1_lo"), r.get("top1_hi")),
+                }
+                for r in rows
+            ],
+        )
+        s["note"] = (s.get("note") + " " if s.get("note") else "") + (
+            "95% CI: the percentile bootstrap interval of the mean over prompts (2000 resamples, seed 0)."
         )
         s["chart"] = svg(C.chart_hierarchy(rows))
     else:
@@ -544,6 +613,67 @@ def _sections(run: RunData) -> tuple[list[dict], list[dict]]:
             mc,
         )
         s["chart"] = svg(C.chart_choices(mc))
+        paired = choice_paired_rows(run)
+        floor = run.manifest.get("noise_floor") or {}
+        s["readings"].append(silent_failures(paired, floor.get("kl_mean")))
+        for r in paired:
+            for key, name in (
+                ("acc_d", "acc"),
+                ("acc_p", "acc"),
+                ("acc_diff", "acc"),
+                ("kl", "kl"),
+                ("sub_kl", "kl"),
+                ("agree", "agree"),
+            ):
+                r[f"{key}_ci"] = with_interval(name, r, key)
+        s["note"] = (
+            "Flips: items the dense model gets right and the perturbed one wrong (right → wrong), and the reverse; "
+            "McNemar p: the exact two-sided test that both directions are equally likely (a small p: the accuracy "
+            "changed beyond chance). Brackets: 95% percentile bootstrap intervals, items resampled (2000 times, seed "
+            "0); pairs of specs are compared on the same items, resampled jointly (OUT/mc_paired, OUT/mc_pairs)."
+        )
+        s["tables"] = [
+            table(
+                [
+                    ("spec", "spec"),
+                    ("items", "items"),
+                    ("right_to_wrong", "right → wrong"),
+                    ("wrong_to_right", "wrong → right"),
+                    ("mcnemar_p", "McNemar p"),
+                    ("acc_d_ci", "acc dense [95% CI]"),
+                    ("acc_p_ci", "acc perturbed [95% CI]"),
+                    ("acc_diff_ci", "Δ acc perturbed − dense [95% CI]"),
+                    ("kl_ci", "full KL at answer [95% CI]"),
+                    ("sub_kl_ci", "KL over choices [95% CI]"),
+                    ("agree_ci", "same choice [95% CI]"),
+                ],
+                paired,
+            )
+        ]
+        pairs = choice_pair_rows(run)
+        for r in pairs:
+            r["pair"] = f"{r['spec_a']} vs {r['spec_b']}"
+            r["acc_diff_ci"] = with_interval("acc", r, "acc_diff")
+            r["kl_diff_ci"] = with_interval("kl", r, "kl_diff")
+        if pairs:
+            s["tables"].append(
+                table(
+                    [
+                        ("pair", "spec a vs spec b"),
+                        ("items", "items"),
+                        ("acc_a", "acc a"),
+                        ("acc_b", "acc b"),
+                        ("a_only", "a right, b wrong"),
+                        ("b_only", "a wrong, b right"),
+                        ("mcnemar_p", "McNemar p"),
+                        ("acc_diff_ci", "Δ acc a − b [95% CI]"),
+                        ("kl_a", "KL a"),
+                        ("kl_b", "KL b"),
+                        ("kl_diff_ci", "Δ KL a − b [95% CI]"),
+                    ],
+                    pairs,
+                )
+            )
     else:
         s["nodata"] = (
             'No multiple-choice items in this sweep (JSONL items with "choices" and "answer", e.g. '
