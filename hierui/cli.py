@@ -530,9 +530,10 @@ def attribute(
         None, "--prune", "-p", help="the perturbation spec (confirms a checkpoint:PATH the session names)"
     ),
 ) -> None:
-    """Which units' damage flips the token: at each step, patch the dense output of every block, attention and
-    MLP into the perturbed forward and rank them by the KL their restoration removes (loads the session's
-    models)."""
+    """Which units' damage flips the token at a recorded step (loads the session's models).
+
+    At each step, patch the dense output of every block, attention and MLP into the perturbed forward and rank
+    them by the KL their restoration removes."""
     from engine.models import check_device
 
     if session.is_dir():
@@ -836,8 +837,10 @@ def report(
         help="say in the footer when the page was made (by default the page is the same for the same run)",
     ),
 ) -> None:
-    """One self-contained HTML page from a batch output: the hierarchy, KL vs theory, amplification,
-    accumulation, first divergence, multiple choice."""
+    """One self-contained HTML page from a batch output.
+
+    The hierarchy, KL vs theory, amplification, accumulation, first divergence, multiple choice, and where it
+    breaks (the lens per layer, the units that flip tokens, recovery, the noise floor)."""
     from hierui.report import write_report
 
     path = write_report(run_dir, out, stamp=stamp)
@@ -1082,8 +1085,10 @@ def check(
         False, "--use-cache", help="use the caches (default: compute everything afresh and store nothing)"
     ),
 ) -> None:
-    """Self-test hierui on a model: none is exactly zero, KV-cached = full pass, batched = one at a time,
-    unchanged tensors shared, sparsity exact. Exit 1 when a check fails."""
+    """Self-test hierui on a model; exit 1 when a check fails.
+
+    none is exactly zero, KV-cached = full pass, batched = one at a time, unchanged tensors shared, sparsity
+    exact."""
     from engine.models import DTYPES, resolve
     from engine.perturb.spec import Spec, parse_spec
     from engine.selfcheck import DEFAULT_SPECS
@@ -1137,8 +1142,10 @@ def noise(
     ),
     dtypes: str = typer.Option("float32,bfloat16", "--dtypes", help="dtypes to measure, comma-separated"),
 ) -> None:
-    """Measure the numerical noise floor of the dense model (another dtype, batch shape, KV cache vs full pass)
-    and store the near-tie threshold that tells a real flip from noise."""
+    """Measure the dense model's numerical noise floor and store its near-tie threshold.
+
+    The dense model against itself in another dtype, another batch shape, and without its KV cache: the KL and
+    flips numerical noise alone gives, and the top-1/top-2 margin below which a flip could be noise."""
     from engine.models import check_device, resolve
     from engine.noise import DEFAULT_STEPS, measure_floor, parse_dtypes, save_floor
     from engine.prompts import read_prompts
@@ -1234,6 +1241,23 @@ def _reject_empty_paths(args: list[str]) -> None:
             (eq and not value.strip()) or (not eq and i + 1 < len(args) and not args[i + 1].strip())
         ):
             raise HieruiError(f"{name} is empty: give a path")
+
+
+def _unwrap_help() -> None:
+    """The commands' docstrings are wrapped for the source; typer keeps those line breaks, so a terminal of
+    another width showed ragged lines ("where it" / "breaks"). Each paragraph becomes one line, which rich
+    then wraps at the terminal's width."""
+    import inspect
+
+    for typer_app in (app, models_app, cache_app):
+        for info in typer_app.registered_commands:
+            doc = info.help or (info.callback.__doc__ if info.callback else None)
+            if doc:
+                paragraphs = inspect.cleandoc(doc).split("\n\n")
+                info.help = "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
+_unwrap_help()
 
 
 def main(argv: list[str] | None = None) -> None:
