@@ -26,8 +26,11 @@ over tokens whose base log-probability exceeds −16 (its 16-bit log-prob files)
 
 Beyond llama.cpp: the mean KL per decile of the dense top-1 probability, the per-layer hidden-state cosine
 (mean over scored positions, layers 0 … L, needs the dense model's states: null with a base file), and the
-tokens with the highest KL with their context. `--base` mode (engine.kld_base) replaces the dense model's
-forward pass with a stored top-K; there `kl` and `kl_rev` are lower bounds (see that module).
+tokens with the highest KL with their context, the flips of top-1 correctness (argmax == the actual next
+token) dense → perturbed with McNemar's exact p, and per pair of specs (`pair_rows`) the paired differences of
+mean KL and same-top rate with bootstrap intervals resampling whole windows (engine.paired). `--base` mode
+(engine.kld_base) replaces the dense model's forward pass with a stored top-K; there `kl` and `kl_rev` are
+lower bounds (see that module).
 
 This module holds no UI: hierui.kldview prints the report, hierui.cli declares the command.
 """
@@ -298,6 +301,55 @@ def confidence_buckets(conf, kl) -> tuple[list[int], list[float | None]]:
     return [int(c) for c in counts], [float(s / c) if c else None for s, c in zip(sums, counts)]
 
 
+def correctness(tokens: dict, targets) -> tuple[np.ndarray, np.ndarray]:
+    """Per token, whether the dense and the perturbed top-1 is the actual next token (bool arrays)."""
+    targets = np.asarray(targets)
+    return np.asarray(tokens["top_d"]) == targets, np.asarray(tokens["top_p"]) == targets
+
+
+def token_flips(tokens: dict, targets) -> dict:
+    """The summary's flip columns: top-1 correctness dense → perturbed and McNemar's exact p (engine.paired)."""
+    from engine.paired import flips
+
+    f = flips(*correctness(tokens, targets))
+    return {k: f[k] for k in ("right_to_wrong", "wrong_to_right", "mcnemar_p")}
+
+
+def _nan_none(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def pair_rows(run: KldRun, seed: int = 0) -> list[dict]:
+    """OUT/kld_pairs's rows (engine.schema.KLD_PAIRS): per pair of specs (a before b in the run's order) on the
+    same tokens, the mean KL and same-top rate of each, their differences a − b with engine.paired's paired
+    bootstrap interval and p (whole windows resampled, `seed`), and McNemar's exact p on the tokens where
+    exactly one of the two perturbed models' top-1 is the actual next token. No rows with fewer than 2 specs."""
+    from itertools import combinations
+
+    from engine.paired import flips, paired_bootstrap_diff
+
+    groups = np.asarray(run.window_of)
+    rows = []
+    for a, b in combinations(run.results, 2):
+        kl_a = np.asarray(a.tokens["kl"], dtype=np.float64)
+        kl_b = np.asarray(b.tokens["kl"], dtype=np.float64)
+        top_a = np.asarray(a.tokens["same_top"], dtype=np.float64)
+        top_b = np.asarray(b.tokens["same_top"], dtype=np.float64)
+        kl = paired_bootstrap_diff(kl_a, kl_b, groups=groups, seed=seed)
+        top = paired_bootstrap_diff(top_a, top_b, groups=groups, seed=seed)
+        f = flips(correctness(a.tokens, run.targets)[1], correctness(b.tokens, run.targets)[1])
+        row = {"spec_a": a.spec, "spec_b": b.spec, "tokens": int(kl_a.size), "windows": run.windows}
+        row.update(kl_a=float(kl_a.mean()), kl_b=float(kl_b.mean()))
+        row.update(zip(("kl_diff", "kl_diff_lo", "kl_diff_hi", "kl_diff_p"), map(_nan_none, kl)))
+        row.update(same_top_a=float(top_a.mean()), same_top_b=float(top_b.mean()))
+        row.update(
+            zip(("same_top_diff", "same_top_diff_lo", "same_top_diff_hi", "same_top_diff_p"), map(_nan_none, top))
+        )
+        row.update(a_only=f["right_to_wrong"], b_only=f["wrong_to_right"], mcnemar_p=f["mcnemar_p"])
+        rows.append(row)
+    return rows
+
+
 def kl_mean_interval(kl, window_of) -> dict:
     """engine.paired's percentile bootstrap interval of the mean KL, resampling whole windows (the tokens of a
     window share their context, so they are not independent)."""
@@ -340,6 +392,7 @@ class KldRun:
     base: str | None = None  # the base file compared against (kl and kl_rev are then lower bounds)
     base_k: int | None = None
     seconds: float = 0.0
+    pairs: list | None = None  # pair_rows(self), kept by write_tables for the report
 
     def summaries(self) -> list[dict]:
         rows = []
@@ -357,6 +410,7 @@ class KldRun:
                 "measured_sparsity": r.measured_sparsity,
                 **summarize(r.tokens),
                 **kl_mean_interval(r.tokens["kl"], self.window_of),
+                **token_flips(r.tokens, self.targets),
                 "hidden_cos": r.hidden_cos,
             }
             rows.append(row)
@@ -504,8 +558,8 @@ def score(
 
 
 def write_tables(run: KldRun, out: str | Path, tokenizer) -> list[dict]:
-    """OUT/kld_tokens.parquet, OUT/kld_summary.parquet and .csv (engine.schema) and OUT/kld_worst.json;
-    returns the summary rows."""
+    """OUT/kld_tokens.parquet, OUT/kld_summary.parquet and .csv, OUT/kld_pairs.parquet and .csv (engine.schema;
+    an empty table with one spec) and OUT/kld_worst.json; returns the summary rows."""
     import json
 
     import pyarrow.csv as pcsv
@@ -522,6 +576,10 @@ def write_tables(run: KldRun, out: str | Path, tokenizer) -> list[dict]:
     atomic_write(out / "kld_summary.parquet", lambda path: pq.write_table(table, str(path)))
     flat = table.drop_columns(["conf_count", "conf_kl_mean", "hidden_cos"])
     atomic_write(out / "kld_summary.csv", lambda path: pcsv.write_csv(flat, str(path)))
+    run.pairs = pair_rows(run)
+    pairs = schema.to_table(run.pairs, schema.KLD_PAIRS, "kld_pairs.parquet")
+    atomic_write(out / "kld_pairs.parquet", lambda path: pq.write_table(pairs, str(path)))
+    atomic_write(out / "kld_pairs.csv", lambda path: pcsv.write_csv(pairs, str(path)))
     worst = {"model": run.model, "corpus": run.corpus, "ctx": run.ctx, "worst": run.worst(tokenizer)}
     atomic_write(out / "kld_worst.json", json.dumps(worst, ensure_ascii=False, indent=1))
     return summary

@@ -263,11 +263,32 @@ KLD_SUMMARY = {
     **{f"dp_{s}": FLOAT for s in ("mean", "mean_unc", *_DP_PCT, "rms", "rms_unc")},
     "same_top": FLOAT,
     "same_top_unc": FLOAT,
+    # top-1 correctness (argmax == the actual next token) dense → perturbed, engine.paired.flips
+    "right_to_wrong": INT,  # dense right, perturbed wrong
+    "wrong_to_right": INT,
+    "mcnemar_p": FLOAT,  # McNemar's exact two-sided p on right_to_wrong vs wrong_to_right
     "conf_count": INTS,  # tokens per decile of the dense top-1 probability [0, 0.1) … [0.9, 1]
     "conf_kl_mean": FLOATS,  # mean KL per decile (null: none there)
     "hidden_cos": FLOATS,  # mean hidden-state cosine per layer 0 … L (null with a base file)
 }
-TABLES.update({"kld_tokens": KLD_TOKENS, "kld_summary": KLD_SUMMARY})
+# OUT/kld_pairs.parquet (and .csv): a row per pair of specs (a before b in the order given; empty with one spec),
+# on the same tokens; differences a − b with the 95% paired bootstrap interval (windows resampled, seed 0) and p
+KLD_PAIRS = {
+    "spec_a": STRING,
+    "spec_b": STRING,
+    "tokens": INT,
+    "windows": INT,
+    "kl_a": FLOAT,  # mean KL of each spec
+    "kl_b": FLOAT,
+    **{f"kl_diff{end}": FLOAT for end in ("", "_lo", "_hi", "_p")},
+    "same_top_a": FLOAT,
+    "same_top_b": FLOAT,
+    **{f"same_top_diff{end}": FLOAT for end in ("", "_lo", "_hi", "_p")},
+    "a_only": INT,  # tokens a's perturbed top-1 gets right and b's wrong
+    "b_only": INT,
+    "mcnemar_p": FLOAT,  # McNemar's exact two-sided p on a_only vs b_only
+}
+TABLES.update({"kld_tokens": KLD_TOKENS, "kld_summary": KLD_SUMMARY, "kld_pairs": KLD_PAIRS})
 
 
 class SchemaError(HieruiError):

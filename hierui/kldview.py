@@ -53,6 +53,54 @@ def spec_lines(row: dict, bound: bool = False) -> list[str]:
     lines.append(f"RMS Δp    : {100 * row['dp_rms']:6.3f} ± {100 * row['dp_rms_unc']:5.3f} %")
     lines.append(f"Same top p: {100 * row['same_top']:6.3f} ± {100 * row['same_top_unc']:5.3f} %")
     lines.append("")
+    if row.get("right_to_wrong") is not None:
+        lines.append("====== Flips (dense → Q) ======")
+        lines.append(f"top-1 right → wrong: {row['right_to_wrong']:8d}")
+        lines.append(f"top-1 wrong → right: {row['wrong_to_right']:8d}")
+        lines.append(f"McNemar exact p    : {_f(row['mcnemar_p'], '.4g')}")
+        lines.append("")
+    return lines
+
+
+def _p(value) -> str:
+    """A bootstrap p (2000 resamples, engine.paired): 0 means below its resolution."""
+    return "< 0.001" if value == 0 else _f(value, ".4g")
+
+
+def _verdict(lo, hi) -> str:
+    if lo is None or hi is None:
+        return "n/a"
+    return "differs" if lo > 0 or hi < 0 else "no significant difference"
+
+
+def pair_lines(pairs: list[dict]) -> list[str]:
+    """Per pair of specs (a before b): mean KLD and same-top differences a − b with the paired bootstrap
+    interval (windows resampled) and McNemar's p on the tokens where exactly one top-1 is right."""
+    if not pairs:
+        return []
+    lines = ["====== Pairwise comparison ======"]
+    for r in pairs:
+        lines.append(f"{r['spec_a']}  vs  {r['spec_b']}  ({r['tokens']} tokens, {r['windows']} windows resampled)")
+        lines.append(
+            f"  Mean KLD a − b   : {_f(r['kl_diff'], '10.6f')}  95% [{_f(r['kl_diff_lo'], '.6f')} … "
+            f"{_f(r['kl_diff_hi'], '.6f')}]  p {_p(r['kl_diff_p'])}  → "
+            f"{_verdict(r['kl_diff_lo'], r['kl_diff_hi'])}"
+        )
+        pct = {
+            k: None if r[k] is None else 100 * r[k] for k in ("same_top_diff", "same_top_diff_lo", "same_top_diff_hi")
+        }
+        lines.append(
+            f"  Same top a − b   : {_f(pct['same_top_diff'], '7.3f')} %  95% [{_f(pct['same_top_diff_lo'], '.3f')} … "
+            f"{_f(pct['same_top_diff_hi'], '.3f')}] %  p {_p(r['same_top_diff_p'])}  → "
+            f"{_verdict(r['same_top_diff_lo'], r['same_top_diff_hi'])}"
+        )
+        mc = r["mcnemar_p"]
+        verdict = "n/a" if mc is None else ("differs" if mc < 0.05 else "no significant difference")
+        lines.append(
+            f"  top-1 right only : a {r['a_only']}, b {r['b_only']}  McNemar exact p {_f(mc, '.4g')}  → {verdict}"
+        )
+    lines.append("(differs: the 95% interval excludes 0, or McNemar p < 0.05)")
+    lines.append("")
     return lines
 
 
@@ -93,5 +141,14 @@ def print_report(console, run, rows: list[dict], worst: list[dict], out=None) ->
         spec_worst = [w for w in worst if w["spec"] == row["spec"]]
         for line in spec_lines(row, bound) + extra_lines(row, spec_worst):
             console.print(escape(line), highlight=False, markup=False, soft_wrap=True)
+    if len(run.results) > 1:
+        if run.pairs is None:
+            from engine.kld import pair_rows
+
+            run.pairs = pair_rows(run)
+        for line in pair_lines(run.pairs):
+            console.print(escape(line), highlight=False, markup=False, soft_wrap=True)
     if out is not None:
-        console.print(f"tables in {out} (kld_tokens.parquet, kld_summary.parquet/.csv, kld_worst.json)")
+        console.print(
+            f"tables in {out} (kld_tokens.parquet, kld_summary.parquet/.csv, kld_pairs.parquet/.csv, kld_worst.json)"
+        )

@@ -333,3 +333,76 @@ def _cli_any(args, capsys):
 def test_kl_mean_interval_resamples_windows(run):
     s = run.summaries()[0]
     assert s["kl_mean_lo"] <= s["kl_mean"] <= s["kl_mean_hi"]
+
+
+@pytest.fixture(scope="module")
+def run2(tiny, pair):
+    from engine.perturb import perturb
+
+    other = perturb(tiny, "magnitude:0.8", use_cache=False)
+    return kld.score(tiny, [pair, other], TEXT, "test", ctx=CTX)
+
+
+def test_flips_and_pairs_against_numpy(tiny, run2, tmp_path):
+    import pyarrow.parquet as pq
+
+    from engine import schema
+    from engine.paired import mcnemar_exact
+
+    summary = kld.write_tables(run2, tmp_path, tiny.tokenizer)
+    tokens = {k: np.asarray(v) for k, v in pq.read_table(tmp_path / "kld_tokens.parquet").to_pydict().items()}
+    right_p = {}
+    for row in summary:
+        mine = tokens["spec"] == row["spec"]
+        rd = tokens["top_d"][mine] == tokens["token"][mine]
+        rp = tokens["top_p"][mine] == tokens["token"][mine]
+        assert rd.size == row["tokens"]
+        right_p[row["spec"]] = rp
+        assert row["right_to_wrong"] == int(np.sum(rd & ~rp))
+        assert row["wrong_to_right"] == int(np.sum(~rd & rp))
+        assert row["mcnemar_p"] == mcnemar_exact(row["right_to_wrong"], row["wrong_to_right"])
+    table = pq.read_table(tmp_path / "kld_pairs.parquet")
+    assert table.column_names == list(schema.KLD_PAIRS) and table.num_rows == 1
+    assert (tmp_path / "kld_pairs.csv").is_file()
+    p = table.to_pylist()[0]
+    a, b = summary
+    assert (p["spec_a"], p["spec_b"]) == (a["spec"], b["spec"]) and p["tokens"] == a["tokens"]
+    assert p["kl_diff"] == pytest.approx(a["kl_mean"] - b["kl_mean"], rel=1e-9, abs=1e-12)
+    assert p["kl_a"] == pytest.approx(a["kl_mean"]) and p["kl_b"] == pytest.approx(b["kl_mean"])
+    assert p["kl_diff_lo"] <= p["kl_diff"] <= p["kl_diff_hi"] and 0 <= p["kl_diff_p"] <= 1
+    assert p["same_top_diff"] == pytest.approx(a["same_top"] - b["same_top"])
+    ra, rb = right_p[a["spec"]], right_p[b["spec"]]
+    assert (p["a_only"], p["b_only"]) == (int(np.sum(ra & ~rb)), int(np.sum(~ra & rb)))
+    assert p["mcnemar_p"] == mcnemar_exact(p["a_only"], p["b_only"])
+    # the same seed (0): the same interval
+    again = kld.pair_rows(run2)[0]
+    assert (again["kl_diff_lo"], again["kl_diff_hi"]) == (p["kl_diff_lo"], p["kl_diff_hi"])
+
+
+def test_report_prints_flips_and_pairs(tiny, run, run2):
+    import io
+
+    from rich.console import Console
+
+    from hierui.kldview import print_report
+
+    def report(r):
+        console = Console(file=io.StringIO(), width=200)
+        print_report(console, r, r.summaries(), r.worst(tiny.tokenizer))
+        return console.file.getvalue()
+
+    text = report(run2)
+    assert text.count("====== Flips (dense → Q) ======") == 2 and "McNemar exact p" in text
+    assert "====== Pairwise comparison ======" in text and "Mean KLD a − b" in text
+    assert "Pairwise comparison" not in report(run)
+
+
+def test_one_spec_writes_an_empty_pairs_table(tiny, run, tmp_path):
+    import pyarrow.parquet as pq
+
+    from engine import schema
+
+    kld.write_tables(run, tmp_path, tiny.tokenizer)
+    table = pq.read_table(tmp_path / "kld_pairs.parquet")
+    assert table.num_rows == 0 and table.column_names == list(schema.KLD_PAIRS)
+    assert kld.pair_rows(run) == []
