@@ -130,6 +130,38 @@ def flip_layers(run) -> dict[str, dict[str, Counter]]:
     return out
 
 
+def flip_counts(rows: list[dict]) -> dict | None:
+    """Over per-run summaries: flips, compared (steps), flip_rate, near_ties (None where no run recorded them);
+    None when no run recorded its flips (a sweep from before them)."""
+    counted = [r for r in rows if r.get("flips") is not None]
+    if not counted:
+        return None
+    flips = sum(r["flips"] for r in counted)
+    compared = sum(r.get("compared_steps") or 0 for r in counted)
+    ties = [r["near_tie_flips"] for r in rows if r.get("near_tie_flips") is not None]
+    return {
+        "flips": flips,
+        "compared": compared,
+        "flip_rate": flips / compared if compared else None,
+        "near_ties": sum(ties) if ties else None,
+    }
+
+
+def recovery_counts(free: list[dict]) -> dict:
+    """Over free-mode summaries: split (a first divergence), branched (a counterfactual branch with a compared
+    step), recovered, rate (recovered / branched), steps (median recovery_steps of those that recovered)."""
+    split = [r for r in free if r.get("first_divergence") is not None]
+    branched = [r for r in split if r.get("recovered") is not None]
+    recovered = [r for r in branched if r.get("recovered")]
+    return {
+        "split": len(split),
+        "branched": len(branched),
+        "recovered": len(recovered),
+        "rate": len(recovered) / len(branched) if branched else None,
+        "steps": percentile([r.get("recovery_steps") for r in recovered], 50) if recovered else None,
+    }
+
+
 def recovery_rows(run) -> list[dict]:
     """Per spec with free-mode runs: runs, split (a first divergence), branched (a counterfactual branch with a
     compared step), recovered, rate (recovered / branched), median recovery_steps of those that recovered."""
@@ -138,20 +170,7 @@ def recovery_rows(run) -> list[dict]:
         free = [r for r in run.summary if r.get("spec") == spec and r.get("mode") == "free"]
         if not free:
             continue
-        split = [r for r in free if r.get("first_divergence") is not None]
-        branched = [r for r in split if r.get("recovered") is not None]
-        recovered = [r for r in branched if r.get("recovered")]
-        rows.append(
-            {
-                "spec": spec,
-                "runs": len(free),
-                "split": len(split),
-                "branched": len(branched),
-                "recovered": len(recovered),
-                "rate": len(recovered) / len(branched) if branched else None,
-                "steps": percentile([r.get("recovery_steps") for r in recovered], 50) if recovered else None,
-            }
-        )
+        rows.append({"spec": spec, "runs": len(free), **recovery_counts(free)})
     return rows
 
 
@@ -164,18 +183,13 @@ def flip_rows(run) -> list[dict]:
     rows = []
     for spec in run.specs:
         mine = [r for r in run.summary if r.get("spec") == spec and r.get("mode") == basis]
-        flips = [r.get("flips") for r in mine if r.get("flips") is not None]
-        if not flips:
+        counts = flip_counts(mine)
+        if counts is None:
             continue
-        compared = sum(r.get("compared_steps") or 0 for r in mine if r.get("flips") is not None)
-        ties = [r.get("near_tie_flips") for r in mine if r.get("near_tie_flips") is not None]
         rows.append(
             {
                 "spec": spec,
-                "flips": sum(flips),
-                "compared": compared,
-                "flip_rate": sum(flips) / compared if compared else None,
-                "near_ties": sum(ties) if ties else None,
+                **counts,
                 "floor_flip_rate": floor.get("flip_rate"),
                 "floor_kl": floor.get("kl_mean"),
                 "kl": mean(r.get("kl_mean") for r in mine),

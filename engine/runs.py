@@ -201,6 +201,7 @@ def spec_rows(run: RunData) -> list[dict]:
     free runs that diverged; mc_* come from mc_summary. kl_lo/kl_hi and top1_lo/top1_hi: the 95% bootstrap
     interval of the mean per-run KL and same-top-1 rate (engine.paired, prompts resampled, seed 0).
     """
+    from engine.localization import flip_counts, recovery_counts
     from engine.paired import bootstrap_ci
 
     basis = basis_mode(run)
@@ -212,8 +213,7 @@ def spec_rows(run: RunData) -> list[dict]:
         base = [r for r in mine if r.get("mode") == basis]
         free = [r for r in mine if r.get("mode") == "free"]
         m = mc.get(spec, {})
-        compared = sum(r.get("compared_steps") or 0 for r in base if r.get("flips") is not None)
-        branched = [r for r in free if r.get("recovered") is not None]
+        flips = flip_counts(base) or {}
         interval = {}
         for name, key in (("kl", "kl_mean"), ("top1", "same_top1_rate")):
             kept = [r for r in base if r.get(key) is not None]
@@ -240,13 +240,11 @@ def spec_rows(run: RunData) -> list[dict]:
                 "diverged": sum(r.get("first_divergence") is not None for r in free) if free else None,
                 "free_runs": len(free),
                 # flips (top-1 differs) per compared step, near ties among them, the noise floor's flip rate
-                "flip_rate": sum(r["flips"] for r in base if r.get("flips") is not None) / compared
-                if compared
-                else None,
-                "near_ties": sum(r.get("near_tie_flips") or 0 for r in base) if compared else None,
-                "floor_flip_rate": floor.get("flip_rate") if compared else None,
+                "flip_rate": flips.get("flip_rate"),
+                "near_ties": flips.get("near_ties"),
+                "floor_flip_rate": floor.get("flip_rate") if flips.get("compared") else None,
                 # free runs with a counterfactual branch: the share that recovered
-                "recovery_rate": sum(bool(r["recovered"]) for r in branched) / len(branched) if branched else None,
+                "recovery_rate": recovery_counts(free)["rate"],
                 "mc_items": m.get("items"),
                 "mc_acc_d": m.get("acc_d"),
                 "mc_acc_p": m.get("acc_p"),

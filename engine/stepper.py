@@ -160,12 +160,12 @@ class BatchStepper:
         """The near-tie threshold: the settings' own, else the dense model's noise floor (engine.noise)."""
         if self.settings.tie_margin is not None:
             return float(self.settings.tie_margin), "given"
-        from engine.noise import tie_margin
+        from engine.noise import dtype_name, tie_margin
 
         loaded = getattr(self.pair, "loaded", None)
         name = loaded.ref.name if loaded is not None else getattr(self.pair.dense.config, "name_or_path", "")
         weight = self.pair.dense.get_input_embeddings().weight
-        return tie_margin(name, weight.device.type, str(weight.dtype).removeprefix("torch."))
+        return tie_margin(name, weight.device.type, dtype_name(weight.dtype))
 
     def _lens_heads(self):
         """The lens heads of both models (engine.lens), found once; None where the lens is off or impossible."""

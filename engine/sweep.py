@@ -384,10 +384,10 @@ def check_out(sweep: Sweep, out: str | Path) -> bool:
 def noise_floor(model_name: str, model) -> dict | None:
     """What `hierui noise` measured for the dense model on its device in its dtype (engine.noise.floor_summary,
     and the cast to another dtype as a reference: `cast`), or None where it was not run."""
-    from engine.noise import floor_summary, load_floor
+    from engine.noise import dtype_name, floor_summary, load_floor
 
     weight = model.get_input_embeddings().weight
-    dtype = str(weight.dtype).removeprefix("torch.")
+    dtype = dtype_name(weight.dtype)
     try:
         floor = load_floor(model_name, weight.device.type)
     except HieruiError:
