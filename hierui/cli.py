@@ -221,6 +221,18 @@ TIE_MARGIN_HELP = (
 )
 
 
+def _output_file(path: Path | None, option: str) -> None:
+    """One clear line, before anything is loaded, when `path` cannot be a new file: a folder, or a file in a
+    folder that does not exist or cannot be written."""
+    import os
+
+    if path is None:
+        return
+    folder = path.expanduser().parent
+    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise HieruiError(f"{option} {path}: not a file in an existing, writable folder")
+
+
 @app.command()
 def explore(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
@@ -538,8 +550,7 @@ def attribute(
 
     if session.is_dir():
         raise HieruiError(f"{session} is a directory: attribute takes one session file")
-    if out is not None and (out.is_dir() or not out.expanduser().parent.is_dir()):
-        raise HieruiError(f"--out {out}: not a file in an existing folder")
+    _output_file(out, "--out")
     if dtype is not None:
         from engine.models import DTYPES
 
@@ -1009,6 +1020,7 @@ def kld(
         raise HieruiError("--base and --save-base do not go together: a base file is written from the dense model")
     if not parsed and save_base is None:
         raise HieruiError("nothing to do: give --prune SPEC (repeatable) and/or --save-base FILE")
+    _output_file(save_base, "--save-base")
     if base is not None and not parsed:
         raise HieruiError("--base needs at least one --prune SPEC to score against it")
     corpus = str(text) if text is not None else (suite or "heldout")
@@ -1031,8 +1043,7 @@ def kld(
             base_file.check(tok, body, lay)
         if save_base is not None and base_k > len(tok):
             raise HieruiError(f"--base-k {base_k} is beyond the vocabulary ({len(tok)} tokens)")
-    if out is None:
-        out = Path("runs") / time.strftime("kld-%Y%m%d-%H%M%S")
+    out = _writable_folder(out or Path("runs") / time.strftime("kld-%Y%m%d-%H%M%S"), "--out")
     _quiet_libraries()
 
     from engine.models import load
@@ -1097,8 +1108,7 @@ def check(
     parsed = list({str(s): s for s in map(parse_spec, specs or [])}.values())
     if dtype.lower() != "auto" and dtype.lower() not in DTYPES:
         raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
-    if json_out is not None and (json_out.is_dir() or not json_out.expanduser().parent.is_dir()):
-        raise HieruiError(f"--json {json_out}: not a file in an existing folder")
+    _output_file(json_out, "--json")
     for spec in parsed or [Spec("none")]:  # the device, a checkpoint's path, the spec against config.json
         _check_model_args(model, spec, device)
     _quiet_libraries()

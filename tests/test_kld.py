@@ -406,3 +406,23 @@ def test_one_spec_writes_an_empty_pairs_table(tiny, run, tmp_path):
     table = pq.read_table(tmp_path / "kld_pairs.parquet")
     assert table.num_rows == 0 and table.column_names == list(schema.KLD_PAIRS)
     assert kld.pair_rows(run) == []
+
+
+def test_unwritable_outputs_fail_before_the_scoring(cli, tmp_path, monkeypatch):
+    """--out and --save-base that cannot be written: one line, exit 2, checked before anything is perturbed or
+    scored (they used to fail with a traceback when the tables were written, after the whole run)."""
+    import engine.perturb
+
+    def no_work(*_args, **_kwargs):
+        raise AssertionError("perturbed before the outputs were checked")
+
+    monkeypatch.setattr(engine.perturb, "perturb", no_work)
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    for args, option in (
+        (("--prune", "magnitude:0.5", "--out", afile), "--out"),
+        (("--prune", "magnitude:0.5", "--out", afile / "x"), "--out"),  # a folder inside a file
+        (("--save-base", tmp_path / "missing" / "base.st"), "--save-base"),
+    ):
+        r = cli("kld", "--model", "tiny-random", *args)
+        assert r.returncode == 2 and option in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
