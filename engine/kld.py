@@ -29,8 +29,8 @@ Beyond llama.cpp: the mean KL per decile of the dense top-1 probability, the per
 tokens with the highest KL with their context, the flips of top-1 correctness (argmax == the actual next
 token) dense → perturbed with McNemar's exact p, and per pair of specs (`pair_rows`) the paired differences of
 mean KL and same-top rate with bootstrap intervals resampling whole windows (engine.paired). `--base` mode
-(engine.kld_base) replaces the dense model's forward pass with a stored top-K; there `kl` and `kl_rev` are
-lower bounds (see that module).
+(engine.kld_base) replaces the dense model's forward pass with a stored file: the dense head's inputs (exact,
+the default) or a top-K (`kl` and `kl_rev` are then lower bounds; see that module).
 
 This module holds no UI: hierui.kldview prints the report, hierui.cli declares the command.
 """
@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -47,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import HieruiError
+from engine.paired import is_silent
 
 SUITES = {"heldout": "data/corpus/heldout.txt"}
 DEFAULT_CTX = 512
@@ -389,10 +391,17 @@ class KldRun:
     starts: list
     bos: int | None
     results: list[SpecResult] = field(default_factory=list)
-    base: str | None = None  # the base file compared against (kl and kl_rev are then lower bounds)
-    base_k: int | None = None
+    base: str | None = None  # the base file compared against
+    base_k: int | None = None  # its K for a top-K file (kl and kl_rev are then lower bounds); None: exact
+    noise_floor: dict | None = None  # engine.sweep.noise_floor of the dense model (None: not measured)
     seconds: float = 0.0
     pairs: list | None = None  # pair_rows(self), kept by write_tables for the report
+
+    def merged(self, other: KldRun) -> KldRun:
+        """This run with `other`'s specs after its own (the same corpus and windows, scored separately)."""
+        self.results.extend(other.results)
+        self.seconds += other.seconds
+        return self
 
     def summaries(self) -> list[dict]:
         rows = []
@@ -413,6 +422,8 @@ class KldRun:
                 **token_flips(r.tokens, self.targets),
                 "hidden_cos": r.hidden_cos,
             }
+            row["noise_floor_kl"] = (self.noise_floor or {}).get("kl_mean")
+            row["silent"] = is_silent(row["kl_mean"], row["mcnemar_p"], row["noise_floor_kl"])
             rows.append(row)
         return rows
 
@@ -480,7 +491,7 @@ def score(
     """Score `text` with the dense model of `loaded` and each pair's perturbed model (engine.pair.ModelPair).
 
     `base`: an engine.kld_base.BaseFile to compare against instead of running the dense model; `save_base`:
-    an engine.kld_base.BaseWriter filled with the dense model's top-K on the way (needs the dense model)."""
+    an engine.kld_base.BaseWriter filled on the way (needs the dense model)."""
     import time
 
     import torch
@@ -493,6 +504,8 @@ def score(
     ids, lay, bos = prepare(loaded.tokenizer, text, ctx, stride, max_ctx)
     if base is not None:
         base.check(loaded.tokenizer, text, lay)
+    if save_base is not None and save_base.exact:
+        save_base.bind(loaded.model)
     m = lay.scored
     positions = np.concatenate([np.arange(s + ctx - m, s + ctx) for s in lay.starts])
     window_of = np.repeat(np.arange(len(lay.starts)), m)
@@ -510,10 +523,11 @@ def score(
         tgt = torch.tensor(window[ctx - m :], dtype=torch.long, device=device)
         logits_d = h_d = None
         if base is None:
-            logits_d, h_d = window_logits(loaded.model, x, m + 1, hidden=bool(pairs))
+            with save_base.capture(loaded.model) if save_base is not None else nullcontext([]) as head_in:
+                logits_d, h_d = window_logits(loaded.model, x, m + 1, hidden=bool(pairs))
             logits_d = logits_d[0, :-1]
             if save_base is not None:
-                save_base.add(logits_d, tgt)
+                save_base.add(logits_d, tgt, head_in[-1][0, -(m + 1) : -1] if head_in else None)
         for j, pair in enumerate(pairs):
             logits_p, h_p = window_logits(pair.perturbed, x, m + 1, hidden=base is None)
             logits_p = logits_p[0, :-1]
@@ -541,7 +555,7 @@ def score(
         starts=lay.starts,
         bos=bos,
         base=str(base.path) if base is not None else None,
-        base_k=base.k if base is not None else None,
+        base_k=base.k if base is not None and not base.exact else None,
     )
     for j, pair in enumerate(pairs):
         tokens = {name: torch.cat(parts).numpy() for name, parts in collected[j].items()}

@@ -21,6 +21,23 @@ from itertools import combinations
 
 import numpy as np
 
+SILENT_KL = 0.01  # nats: a mean KL below this (or below the noise floor's) reads as "no change"
+SIGNIFICANT = 0.05  # McNemar's p below this: the flips are not chance
+
+
+def silent_limit(floor_kl=None) -> float:
+    """The mean KL under which a spec "looks unchanged": the noise floor's mean KL where `hierui noise` measured
+    one above SILENT_KL, else SILENT_KL."""
+    return max(SILENT_KL, floor_kl or 0.0)
+
+
+def is_silent(kl_mean, mcnemar_p, floor_kl=None) -> bool:
+    """A "silent" failure: a mean KL below `silent_limit` while the flips of correctness are significant."""
+    if kl_mean is None or mcnemar_p is None:
+        return False
+    return kl_mean < silent_limit(floor_kl) and mcnemar_p < SIGNIFICANT
+
+
 N_BOOT = 2000
 SEED = 0
 LEVEL = 0.95

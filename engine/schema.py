@@ -267,6 +267,8 @@ KLD_SUMMARY = {
     "right_to_wrong": INT,  # dense right, perturbed wrong
     "wrong_to_right": INT,
     "mcnemar_p": FLOAT,  # McNemar's exact two-sided p on right_to_wrong vs wrong_to_right
+    "noise_floor_kl": FLOAT,  # the dense model's noise floor (hierui noise, its device and dtype); null: unmeasured
+    "silent": BOOL,  # mean KL below max(noise floor, 0.01) yet the flips significant (engine.paired.is_silent)
     "conf_count": INTS,  # tokens per decile of the dense top-1 probability [0, 0.1) … [0.9, 1]
     "conf_kl_mean": FLOATS,  # mean KL per decile (null: none there)
     "hidden_cos": FLOATS,  # mean hidden-state cosine per layer 0 … L (null with a base file)

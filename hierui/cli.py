@@ -836,7 +836,7 @@ def batch(
 
 @app.command()
 def report(
-    run_dir: Path = typer.Argument(..., help="the --out folder of a hierui batch run", show_default=False),
+    run_dir: Path = typer.Argument(..., help="the --out folder of hierui batch or hierui kld", show_default=False),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="the HTML file to write (default RUN_DIR/report.html)"
     ),
@@ -848,19 +848,20 @@ def report(
         help="say in the footer when the page was made (by default the page is the same for the same run)",
     ),
 ) -> None:
-    """One self-contained HTML page from a batch output.
+    """One self-contained HTML page from a batch output (or a hierui kld output).
 
     The hierarchy, KL vs theory, amplification, accumulation, first divergence, multiple choice, and where it
-    breaks (the lens per layer, the units that flip tokens, recovery, the noise floor)."""
+    breaks (the lens per layer, the units that flip tokens, recovery, the noise floor); then the corpus KLD
+    where hierui kld --out wrote into the folder (a kld folder alone: that section only)."""
     from hierui.report import write_report
 
     path = write_report(run_dir, out, stamp=stamp)
     if print_path:
         print(path.resolve())
     else:
-        console.print(
-            f"report: {path} (hierui show {run_dir} prints its table in the terminal)", highlight=False, soft_wrap=True
-        )
+        batch = (Path(run_dir) / "batch.json").is_file()  # hierui show reads a batch output, not a kld one
+        hint = f" (hierui show {run_dir} prints its table in the terminal)" if batch else ""
+        console.print(f"report: {path}{hint}", highlight=False, soft_wrap=True)
     if open_:
         try:
             failed = typer.launch(str(path.resolve()))
@@ -994,17 +995,25 @@ def kld(
     stride: Optional[int] = typer.Option(None, "--stride", help="tokens between window starts (default --ctx)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default runs/kld-<time>)"),
     save_base: Optional[Path] = typer.Option(
-        None, "--save-base", help="write the dense model's top-K log-probabilities here (a safetensors file)"
+        None,
+        "--save-base",
+        help="write a dense base file here (safetensors): the dense head's inputs, exact; with --base-k K, the "
+        "top-K log-probabilities (smaller, KL lower bounds)",
     ),
     base: Optional[Path] = typer.Option(
         None, "--base", help="compare against this base file instead of running the dense model"
     ),
-    base_k: int = typer.Option(64, "--base-k", min=1, help="K of --save-base"),
+    base_k: Optional[int] = typer.Option(None, "--base-k", min=1, help="write a top-K base file (e.g. 64)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration and pruned weights"),
 ) -> None:
-    """Teacher-forced KL divergence of a corpus, dense vs each --prune spec, in llama.cpp's report."""
+    """Teacher-forced KL divergence of a corpus, dense vs each --prune spec, in llama.cpp's report.
+
+    --save-base FILE stores the dense model's side of the comparison (exact by default; --base-k K writes a
+    small top-K file whose KL is a lower bound), and --base FILE scores against it without running the dense
+    model. Without --prune, --base scores --model itself: `hierui prune --save DIR`, then
+    `hierui kld --model DIR --base FILE`, holds only the pruned model in memory."""
     import time
 
     from engine import kld as kldmod
@@ -1016,13 +1025,15 @@ def kld(
     parsed = [parse_spec(s) for s in specs or []]
     if text is not None and suite is not None:
         raise HieruiError("give --text or --suite, not both")
+    if base_k is not None and save_base is None:
+        raise HieruiError("--base-k is the K of --save-base FILE; give both")
     if base is not None and save_base is not None:
         raise HieruiError("--base and --save-base do not go together: a base file is written from the dense model")
+    if base is not None and not parsed:  # the model itself against the base file (a saved pruned checkpoint, say)
+        parsed = [parse_spec("none")]
     if not parsed and save_base is None:
         raise HieruiError("nothing to do: give --prune SPEC (repeatable) and/or --save-base FILE")
     _output_file(save_base, "--save-base")
-    if base is not None and not parsed:
-        raise HieruiError("--base needs at least one --prune SPEC to score against it")
     corpus = str(text) if text is not None else (suite or "heldout")
     body = kldmod.read_text(text) if text is not None else kldmod.suite_text(suite or "heldout")
     base_file = None
@@ -1041,7 +1052,7 @@ def kld(
         _ids, lay, _bos = kldmod.prepare(tok, body, ctx, stride, config_int(config, "max_position_embeddings"))
         if base_file is not None:
             base_file.check(tok, body, lay)
-        if save_base is not None and base_k > len(tok):
+        if save_base is not None and base_k is not None and base_k > len(tok):
             raise HieruiError(f"--base-k {base_k} is beyond the vocabulary ({len(tok)} tokens)")
     out = _writable_folder(out or Path("runs") / time.strftime("kld-%Y%m%d-%H%M%S"), "--out")
     _quiet_libraries()
@@ -1058,24 +1069,40 @@ def kld(
         writer = BaseWriter(save_base, base_k)
     with stage_progress(err_console) as (say, step):
         loaded = load(model, device=device, dtype=dtype, progress=step)
-        if writer is not None and base_k > len(loaded.tokenizer):
+        if writer is not None and base_k is not None and base_k > len(loaded.tokenizer):
             raise HieruiError(f"--base-k {base_k} is beyond the vocabulary ({len(loaded.tokenizer)} tokens)")
-        pairs = []
-        for p in parsed:
+
+        def perturbed(p):
             calibration = calibration_for(p.method, "prune")
-            pairs.append(perturb(loaded, p, use_cache=not no_cache, progress=step, calib_options=calibration.to_dict()))
-        run = kldmod.score(loaded, pairs, body, corpus, ctx, stride, base=base_file, save_base=writer, progress=step)
+            return perturb(loaded, p, use_cache=not no_cache, progress=step, calib_options=calibration.to_dict())
+
+        if base_file is None:  # every spec beside the dense model: one dense forward per window serves them all
+            pairs = [perturbed(p) for p in parsed]
+            run = kldmod.score(loaded, pairs, body, corpus, ctx, stride, save_base=writer, progress=step)
+        else:  # no dense forward to share: one perturbed copy at a time, so only one is ever in memory
+            import gc
+
+            run = None
+            for p in parsed:
+                pair = perturbed(p)
+                part = kldmod.score(loaded, [pair], body, corpus, ctx, stride, base=base_file, progress=step)
+                run = part if run is None else run.merged(part)
+                del pair, part
+                gc.collect()
+        from engine.sweep import noise_floor
+
+        run.noise_floor = noise_floor(loaded.ref.name, loaded.model)
         if writer is not None:
             lay = kldmod.layout(len(run.ids), ctx, stride)
             writer.write(loaded.tokenizer, body, lay, loaded.ref.name)
-        rows = kldmod.write_tables(run, out, loaded.tokenizer) if pairs else []
+        rows = kldmod.write_tables(run, out, loaded.tokenizer) if parsed else []
     if rows:
         worst = run.worst(loaded.tokenizer)
         print_report(console, run, rows, worst, out)
     if writer is not None:
         console.print(
-            f"base file {save_base}: top-{base_k} log-probabilities of {len(run.positions)} tokens "
-            f"(ctx {ctx}, stride {run.stride})",
+            f"base file {save_base}: {writer.describe(len(run.positions))} (ctx {ctx}, stride {run.stride}), "
+            f"{save_base.stat().st_size / 2**20:.1f} MiB",
             highlight=False,
         )
 

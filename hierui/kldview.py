@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from engine.kld import DP_PERCENTILES, KL_PERCENTILES
+from engine.paired import SIGNIFICANT, SILENT_KL, silent_limit
 
 _LABELS = {"p99_9": "99.9%", "p99": "99.0%", "p95": "95.0%", "p90": "90.0%", "p75": "75.0%", "median": "Median"}
 _LABELS.update({"p25": "25.0%", "p10": "10.0%", "p5": " 5.0%", "p1": " 1.0%", "p0_1": " 0.1%"})
@@ -58,8 +59,23 @@ def spec_lines(row: dict, bound: bool = False) -> list[str]:
         lines.append(f"top-1 right → wrong: {row['right_to_wrong']:8d}")
         lines.append(f"top-1 wrong → right: {row['wrong_to_right']:8d}")
         lines.append(f"McNemar exact p    : {_f(row['mcnemar_p'], '.4g')}")
+        lines.append(silent_line(row))
         lines.append("")
     return lines
+
+
+def silent_line(row: dict) -> str:
+    """Whether the spec is a "silent" failure: a mean KLD under the noise floor (or 0.01) with significant flips."""
+    floor = row.get("noise_floor_kl")
+    limit = silent_limit(floor)
+    source = f"noise floor {limit:.6f}" if floor is not None and floor >= SILENT_KL else f"threshold {limit:.2f}"
+    if row.get("silent"):
+        return (
+            f"Silent failure     : YES — mean KLD below the {source} yet the flips are significant (p < {SIGNIFICANT})"
+        )
+    below = row.get("kl_mean") is not None and row["kl_mean"] < limit
+    why = "flips not significant" if below else f"mean KLD above the {source}"
+    return f"Silent failure     : no ({why})"
 
 
 def _p(value) -> str:
@@ -131,10 +147,11 @@ def extra_lines(row: dict, worst: list[dict]) -> list[str]:
 def print_report(console, run, rows: list[dict], worst: list[dict], out=None) -> None:
     from hierui.tokentext import escape
 
-    bound = run.base is not None
+    bound = run.base is not None and run.base_k is not None
     head = f"{run.model} · {run.corpus} · ctx {run.ctx} stride {run.stride} · {run.windows} windows"
-    if bound:
-        head += f" · against base file {run.base} (K = {run.base_k})"
+    if run.base is not None:
+        kind = f"top-{run.base_k}, KL lower bounds" if bound else "exact"
+        head += f" · against base file {run.base} ({kind})"
     console.print(head, highlight=False, markup=False)
     console.print("")
     for row in rows:

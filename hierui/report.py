@@ -24,6 +24,7 @@ from pathlib import Path
 
 from engine.architecture import summary as architecture_summary
 from engine.errors import HieruiError
+from engine.paired import SIGNIFICANT, SILENT_KL, is_silent, silent_limit
 from engine.paths import atomic_write
 from engine.runs import (
     Curve,
@@ -101,25 +102,14 @@ def with_interval(name: str, row: dict, key: str) -> str | None:
     return metric(name, row[key]) + (f" {ci}" if ci else "")
 
 
-SILENT_KL = 0.01  # nats: a mean KL at the answer below this (or below the noise floor's) reads as "no change"
-SIGNIFICANT = 0.05  # McNemar's p below this: the flips are not chance
-
-
 def silent_failures(paired: list[dict], floor_kl=None) -> dict | None:
     """The "silent" failures: specs whose mean KL at the answer is below the noise floor's KL (or SILENT_KL)
     while their flips of correctness are significant (McNemar's p < SIGNIFICANT). Rows:
     engine.runs.choice_paired_rows. A reading (holds False when one is found), None without rows."""
     if not paired:
         return None
-    limit = max(SILENT_KL, floor_kl or 0.0)
-    found = [
-        r
-        for r in paired
-        if r.get("kl") is not None
-        and r["kl"] < limit
-        and r.get("mcnemar_p") is not None
-        and r["mcnemar_p"] < SIGNIFICANT
-    ]
+    limit = silent_limit(floor_kl)
+    found = [r for r in paired if is_silent(r.get("kl"), r.get("mcnemar_p"), floor_kl)]
     source = "the noise floor's" if floor_kl is not None and floor_kl >= SILENT_KL else "a threshold of"
     if not found:
         return {
@@ -860,6 +850,12 @@ def render_html(run: RunData, stamp: str | None = None) -> str:
     title = f"hierui report — {run.recipe.get('name') or run.path.name}"
     files = ["batch.json", "summary.parquet", "steps.parquet"] + (["mc_summary.parquet"] if run.mc_summary else [])
     sections, summary = _sections(run)
+    from hierui import report_kld
+
+    if report_kld.has_kld(run.path):  # `hierui kld --out` into the same folder: section 8, after the argument's
+        kld = report_kld.load_kld(run.path)
+        sections.append(report_kld.section(kld, len(sections) + 1))
+        files += kld.files
     return (
         environment()
         .get_template("report.html.j2")
@@ -868,6 +864,7 @@ def render_html(run: RunData, stamp: str | None = None) -> str:
             model=escape(run.manifest.get("model") or MISSING),
             meta=_meta(run),
             description=run.recipe.get("description"),
+            claim=True,
             sections=sections,
             summary=summary,
             source=str(run.path),
@@ -879,8 +876,20 @@ def render_html(run: RunData, stamp: str | None = None) -> str:
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, stamp: bool = False) -> Path:
     """Read RUN_DIR and write its report (default RUN_DIR/report.html), whole or not at all; return its path.
-    With `stamp`, the footer says when the page was made (and the page then differs from run to run)."""
-    run = load_run(run_dir)
+    RUN_DIR: a batch output (and a `hierui kld --out` into it: section 8), or a kld output alone (a page of
+    that section, hierui.report_kld). With `stamp`, the footer says when the page was made (and the page then
+    differs from run to run)."""
+    from hierui import report_kld
+
+    folder = Path(run_dir)
+    kld_only = folder.is_dir() and not (folder / "batch.json").is_file()
+    if kld_only and not report_kld.has_kld(folder):
+        raise HieruiError(
+            f"{folder} is not a hierui batch output (no batch.json), nor a hierui kld output (no "
+            f"{report_kld.SUMMARY}): run hierui batch --out {folder} or hierui kld --out {folder} first"
+        )
+    run = report_kld.load_kld(folder) if kld_only else load_run(run_dir)
+    render = report_kld.render_html if kld_only else render_html
     target = Path(out) if out is not None else run.path / "report.html"
     if target.is_dir():
         target = target / "report.html"
@@ -889,5 +898,5 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, stamp: bool
     from engine.lock import lock_file
 
     with lock_file(target):  # one writer per report file: a second one is refused, naming the first
-        page = render_html(run, time.strftime("%Y-%m-%d %H:%M") if stamp else None)
+        page = render(run, time.strftime("%Y-%m-%d %H:%M") if stamp else None)
         return atomic_write(target, page)

@@ -326,3 +326,89 @@ def chart_flip_layers(counts: dict) -> str | None:
         _style(ax)
     fig.axes[-1].set_xlabel("layer (0-based, as in the unit names)", fontsize=8)
     return _svg(fig, "flip-layers")
+
+
+COS_NOISE = 1e-6  # a 1 − cos below this is float noise: the two states are the same
+
+
+def _log_y(ax) -> None:
+    """A log y axis (set after plotting) labelled as numbers (0.3, 0.001, 1e-05); its minor ticks labelled too
+    when it spans less than a decade, where there may be no major tick at all."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _pos: f"{value:.3g}")
+    ax.yaxis.set_major_formatter(plain)
+    low, high = ax.get_ylim()
+    ax.yaxis.set_minor_formatter(plain if high < 10 * low else NullFormatter())
+
+
+def _spec_colors(specs: list[str]) -> dict:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab20" if len(specs) > 10 else "tab10"]
+    return {spec: cmap(i % cmap.N) for i, spec in enumerate(specs)}
+
+
+def chart_kld_confidence(rows: list[dict]) -> str | None:
+    """Corpus KLD (engine.schema.KLD_SUMMARY rows): the mean KLD per decile of the dense top-1 probability, one
+    line per spec (log scale), over grey bars of how many tokens fall in each decile (the dense model's, the same
+    for every spec)."""
+    import numpy as np
+
+    color = _spec_colors([r["spec"] for r in rows])  # a spec's colour is the same in both charts
+    rows = [r for r in rows if r.get("conf_kl_mean") and any(v is not None and v > 0 for v in r["conf_kl_mean"])]
+    if not rows:
+        return None
+    buckets = len(rows[0]["conf_kl_mean"])
+    x = np.arange(buckets)
+    fig = _figure(8.5, 3.8)
+    ax = fig.add_subplot()
+    counts = ax.twinx()
+    counts.bar(x, rows[0].get("conf_count") or [0] * buckets, 0.8, color="#000", alpha=0.08, zorder=0)
+    counts.set_ylabel("scored tokens (bars)", fontsize=8, color="#777")
+    counts.tick_params(labelsize=7, colors="#777")
+    counts.spines[["top"]].set_visible(False)
+    ax.set_zorder(counts.get_zorder() + 1)  # the lines above the bars
+    ax.patch.set_visible(False)
+    for r in rows:
+        ys = [v if v is not None and v > 0 else np.nan for v in r["conf_kl_mean"]]
+        ax.plot(x, ys, marker="o", markersize=3.5, linewidth=1.4, color=color[r["spec"]], label=r["spec"])
+    _log_y(ax)
+    ax.set_xticks(x, [f"{i / buckets:.1f}–{(i + 1) / buckets:.1f}" for i in x], fontsize=7)
+    ax.set_xlabel("dense top-1 probability")
+    ax.set_ylabel("mean KLD per token, nats")
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.08, 1.0))
+    _style(ax)
+    return _svg(fig, "kld-confidence")
+
+
+def chart_kld_hidden(rows: list[dict]) -> str | None:
+    """Corpus KLD: the hidden-state 1 − cos per layer (0 = the token embeddings), mean over the scored tokens, one
+    line per spec (log scale); None when no spec has them (a base file) or none deviates."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    def gaps(row: dict) -> list[float]:
+        return [np.nan if c is None or 1 - c <= COS_NOISE else 1 - c for c in row["hidden_cos"]]
+
+    color = _spec_colors([r["spec"] for r in rows])
+    rows = [r for r in rows if r.get("hidden_cos") and np.isfinite(gaps(r)).any()]
+    if not rows:
+        return None
+    fig = _figure(8.5, 3.6)
+    ax = fig.add_subplot()
+    for r in rows:
+        values = gaps(r)
+        ax.plot(
+            range(len(values)), values, marker="o", markersize=3, linewidth=1.4, color=color[r["spec"]], label=r["spec"]
+        )
+    _log_y(ax)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(
+        f"layer ℓ (0 = token embeddings; a layer whose 1 − cos is below {COS_NOISE:g}, float noise, is not drawn)"
+    )
+    ax.set_ylabel("1 − cos(h_d, h_p)")
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _style(ax)
+    return _svg(fig, "kld-hidden")

@@ -161,6 +161,45 @@ def test_base_file_is_exact_on_top_k_and_a_lower_bound(tiny, pair, run, tmp_path
                 np.testing.assert_allclose(bound[name], full[name], atol=1e-5)
 
 
+@pytest.mark.parametrize("member", ["tiny-random", "tiny-random:gemma2", "tiny-random:gpt2"])
+def test_exact_base_file_equals_the_two_model_run(member, tmp_path):
+    """The default base file (the dense head's inputs and head) reproduces every statistic of the two-model run:
+    on Llama, on Gemma 2 (final soft-capping) and on GPT-2 (tied head of another layout)."""
+    from engine.kld_base import BaseFile, BaseWriter
+    from engine.models import load
+    from engine.perturb import perturb
+
+    loaded = load(member, device="cpu")
+    pair = perturb(loaded, "magnitude:0.5", use_cache=False)
+    writer = BaseWriter(tmp_path / "exact.st")
+    full = kld.score(loaded, [pair], TEXT, "test", ctx=CTX, save_base=writer)
+    writer.write(loaded.tokenizer, TEXT, kld.layout(len(full.ids), CTX, None), member)
+    base = BaseFile(writer.path)
+    assert base.exact and base.meta["kind"] == "exact"
+    assert (base.softcap is not None) == (member == "tiny-random:gemma2")
+    based = kld.score(loaded, [pair], TEXT, "test", ctx=CTX, base=base)
+    a, b = full.results[0].tokens, based.results[0].tokens
+    for name in ("kl", "kl_rev", "nll_d", "nll_p", "dp", "conf_d"):
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert (b["same_top"] == a["same_top"]).all() and (b["top_d"] == a["top_d"]).all()
+    assert based.base_k is None and based.summaries()[0]["hidden_cos"] is None
+
+
+def test_exact_base_refuses_a_model_whose_logits_are_rescaled(tiny, tmp_path):
+    """A model whose logits are not head(h) (here: a logit scale) cannot be written as an exact file."""
+    import torch
+
+    from engine.kld_base import BaseWriter
+
+    writer = BaseWriter(tmp_path / "x.st")
+    writer.bind(tiny.model)
+    h = torch.randn(3, tiny.model.config.hidden_size)
+    logits = tiny.model.get_output_embeddings()(h).float()
+    with pytest.raises(HieruiError, match="--base-k"):
+        writer.add(logits * 1.5, torch.zeros(3, dtype=torch.long), h)
+    writer.add(logits, torch.zeros(3, dtype=torch.long), h)  # the model's own logits pass
+
+
 def _cli(args, capsys):
     from hierui.cli import main
 
@@ -194,6 +233,20 @@ def test_cli_writes_tables_and_base(tmp_path, capsys):
         + ["--out", str(tmp_path / "o2"), "--base", str(base)]
     )
     assert "lower bounds" in capsys.readouterr().out
+    exact = tmp_path / "exact.st"
+    _ok(
+        ["kld", "-m", "tiny-random", "--device", "cpu", "--text", str(text), "--ctx", str(CTX)]
+        + ["--save-base", str(exact)]
+    )
+    assert "base file" in (said := capsys.readouterr().out) and "exact" in said
+    _ok(
+        ["kld", "-m", "tiny-random", "--device", "cpu", "-p", "none", "--text", str(text), "--ctx", str(CTX)]
+        + ["--out", str(tmp_path / "o3"), "--base", str(exact)]
+    )
+    said = capsys.readouterr().out
+    assert "(exact)" in said and "lower bounds" not in said and "Mean    KLD:   0.000000" in said
+    code, err = _cli(["-p", "none", "--text", str(text), "--base-k", "8"], capsys)
+    assert code == 2 and "--save-base" in err and len(err.splitlines()) == 1
     # mismatches and a truncated file: one line, exit 2
     other = tmp_path / "other.txt"
     other.write_text(TEXT + " more")
@@ -259,35 +312,46 @@ def test_suite_heldout_is_a_few_thousand_tokens():
 
 @pytest.mark.slow
 def test_base_error_on_the_embedded_model(embedded, tmp_path):
-    """SmolLM2-135M, magnitude:0.3, the first 3 windows of the heldout suite: the base file's KL is a lower bound
-    of the full-vocabulary KL that tightens with K. Measured (see the module engine.kld_base): the one-bucket tail
-    is 12.5% under the full mean KL at K = 64 for wanda:0.5 and under 1% only from K ≈ 2048."""
+    """SmolLM2-135M, magnitude:0.3, the heldout suite: a top-K file's KL is a lower bound of the full-vocabulary
+    KL that tightens with K (first 3 windows; measured, see engine.kld_base: the one-bucket tail is 12.5% under the
+    full mean KL at K = 64 for wanda:0.5 and under 1% only from K ≈ 2048); the exact (default) file gives the
+    two-model KL on every window."""
     import torch
 
-    from engine.kld_base import BaseFile
+    from engine.kld_base import BaseFile, BaseWriter
     from engine.perturb import perturb
 
     pair = perturb(embedded, "magnitude:0.3", use_cache=False)
     text = kld.suite_text("heldout")
     ids, lay, _bos = kld.prepare(embedded.tokenizer, text, 512, None, None)
     m = lay.scored
-    full, bounds = [], {64: [], 4096: []}
+    exact = BaseWriter(tmp_path / "exact.st")
+    exact.bind(embedded.model)
+    full, bounds, exact_kl = [], {64: [], 4096: []}, []
     for start in lay.starts[:3]:
         x = torch.tensor([ids[start : start + 512]])
         tgt = x[0, 512 - m :]
-        ld, _ = kld.window_logits(embedded.model, x, m + 1, hidden=False)
+        with exact.capture(embedded.model) as head_in:
+            ld, _ = kld.window_logits(embedded.model, x, m + 1, hidden=False)
         lp, _ = kld.window_logits(pair.perturbed, x, m + 1, hidden=False)
         ld, lp = ld[0, :-1], lp[0, :-1]
         full.append(kld.token_metrics(ld, lp, tgt)["kl"])
+        one = kld.Layout(512, 512, 512)
         for k in bounds:
-            from engine.kld_base import BaseWriter
-
             writer = BaseWriter(tmp_path / f"{k}.st", k)
             writer.add(ld, tgt)
-            writer.write(embedded.tokenizer, text, kld.Layout(512, 512, 512), "smollm2-135m")
+            writer.write(embedded.tokenizer, text, one, "smollm2-135m")
             base = BaseFile(writer.path)
             base.scored = m
             bounds[k].append(base.token_metrics(0, lp, tgt)["kl"])
+        # the default (exact) kind on the same window: the full-vocabulary KL itself
+        writer = BaseWriter(tmp_path / "exact1.st")
+        writer.bind(embedded.model)
+        writer.add(ld, tgt, head_in[-1][0, -(m + 1) : -1])
+        writer.write(embedded.tokenizer, text, one, "smollm2-135m")
+        base = BaseFile(writer.path)
+        base.scored = m
+        exact_kl.append(base.token_metrics(0, lp, tgt)["kl"])
     f = torch.cat(full)
     errors = {}
     for k, parts in bounds.items():
@@ -296,6 +360,9 @@ def test_base_error_on_the_embedded_model(embedded, tmp_path):
         errors[k] = float(1 - b.mean() / f.mean())
     assert 0 <= errors[4096] < errors[64]
     assert errors[4096] < 0.01
+    e = torch.cat(exact_kl)
+    assert abs(float(e.mean() / f.mean()) - 1) < 1e-5
+    torch.testing.assert_close(e, f, rtol=1e-4, atol=1e-6)
 
 
 def test_explore_from_kld_opens_on_the_worst_context(tiny, run, tmp_path, monkeypatch, capsys):
@@ -426,3 +493,18 @@ def test_unwritable_outputs_fail_before_the_scoring(cli, tmp_path, monkeypatch):
     ):
         r = cli("kld", "--model", "tiny-random", *args)
         assert r.returncode == 2 and option in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_summary_carries_the_noise_floor_and_the_silent_flag(run):
+    from engine.paired import is_silent
+
+    row = run.summaries()[0]
+    assert row["noise_floor_kl"] is None
+    assert row["silent"] == is_silent(row["kl_mean"], row["mcnemar_p"])
+    run.noise_floor = {"kl_mean": row["kl_mean"] * 2}
+    try:
+        row = run.summaries()[0]
+        assert row["noise_floor_kl"] == run.noise_floor["kl_mean"]
+        assert row["silent"] == (row["mcnemar_p"] < 0.05)  # the KL is now under the floor: only the flips decide
+    finally:
+        run.noise_floor = None

@@ -267,3 +267,19 @@ def test_show_prints_the_flip_table(cli, sweep):
     assert "means with their 95% intervals" in run.stdout
     drawn = [line.rstrip() for line in run.stdout.splitlines() if str(sweep) not in line]
     assert all(len(line) <= 80 for line in drawn), max(drawn, key=len)
+
+
+def test_silent_failure_rule_and_its_report_line():
+    """Silent: a mean KL under max(noise floor, 0.01) with significant flips; the floor raises the limit."""
+    from engine.paired import SILENT_KL, is_silent, silent_limit
+    from hierui.kldview import silent_line
+
+    assert silent_limit(None) == SILENT_KL and silent_limit(0.002) == SILENT_KL and silent_limit(0.05) == 0.05
+    assert is_silent(0.005, 0.01) and not is_silent(0.005, 0.2) and not is_silent(0.02, 0.01)
+    assert is_silent(0.02, 0.01, floor_kl=0.05) and not is_silent(None, 0.01)
+    row = {"kl_mean": 0.02, "mcnemar_p": 0.01, "noise_floor_kl": 0.05, "silent": True}
+    assert silent_line(row).startswith("Silent failure     : YES") and "noise floor 0.050000" in silent_line(row)
+    row = {"kl_mean": 0.5, "mcnemar_p": 0.01, "noise_floor_kl": None, "silent": False}
+    assert "above the threshold 0.01" in silent_line(row)
+    row = {"kl_mean": 0.001, "mcnemar_p": 0.9, "noise_floor_kl": None, "silent": False}
+    assert "flips not significant" in silent_line(row)
