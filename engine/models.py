@@ -319,8 +319,13 @@ def load(
     dtype: str = "auto",
     device_map: str | None = None,
     progress: Progress | None = None,
+    streamed: bool = False,
 ) -> LoadedModel:
-    """Load the model a --model name points at, in eval mode, with a tokenizer that has a pad token."""
+    """Load the model a --model name points at, in eval mode, with a tokenizer that has a pad token.
+
+    `streamed`: the decoder layers' weights stay on disk and are brought to the device layer by layer
+    (engine.streaming; the placement `hierui plan` calls streamed); a checkpoint's layers are read from its
+    own safetensors files, never loaded whole."""
     ref = resolve(name)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -342,8 +347,13 @@ def load(
             model, tok = build_random(ref.name, dev, dt, say)
         else:
             path = _local_path_for(ref, say)
-            say(f"loading {ref.display}")
-            model, tok = _from_pretrained(path, dev, dt, device_map)
+            say(f"loading {ref.display}" + (" (layers streamed from disk)" if streamed else ""))
+            loaded = _from_pretrained_streamed(path, dev, dt) if streamed else None
+            model, tok = loaded or _from_pretrained(path, dev, dt, device_map)
+        if streamed and getattr(model, "hierui_stream", None) is None:
+            from engine.streaming import stream
+
+            stream(model, dev)
     except HieruiError:
         raise
     except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError is a RuntimeError
@@ -369,6 +379,60 @@ def _from_pretrained(path: Path, dev, dt, device_map):
         model = model.to(dev)
     tok = AutoTokenizer.from_pretrained(str(path))
     return model, tok
+
+
+def _from_pretrained_streamed(path: Path, dev, dt):
+    """(model, tokenizer) with the decoder layers streamed from the checkpoint's own safetensors files (cast to
+    `dt` as each layer is brought in, as from_pretrained casts) and the rest loaded onto `dev`; None where the
+    checkpoint's names do not map one to one onto the model's tensors (then it is loaded whole and its layers
+    written out once: engine.streaming.stream)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from engine.perturb.linears import decoder_layers
+    from engine.streaming import stream
+
+    index: dict[str, tuple[str, str]] = {}  # name → (file, key)
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                index[key] = (str(file), key)
+    if not index:
+        return None
+    config = AutoConfig.from_pretrained(str(path))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dt)
+    layers = decoder_layers(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers) + "."
+    sources: dict[int, dict] = {}
+    for name, _tensor in model.named_parameters(remove_duplicate=False):
+        if not name.startswith(prefix):
+            continue
+        if name not in index:
+            return None
+        number, _, inner = name[len(prefix) :].partition(".")
+        sources.setdefault(int(number), {})[inner] = index[name]
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.startswith(prefix) or tensor.device.type != "meta" or name not in index:
+            continue  # a tied head is tied below
+        file, key = index[name]
+        with safe_open(file, framework="pt") as f:
+            set_module_tensor_to_device(model, name, dev, value=f.get_tensor(key).to(dt))
+    model.tie_weights()
+    if any(t.device.type == "meta" for n, t in model.state_dict(keep_vars=True).items() if not n.startswith(prefix)):
+        return None
+    for name, tensor in model.named_buffers():
+        if not name.startswith(prefix) and tensor.device != dev:
+            set_module_tensor_to_device(model, name, dev)
+    stream(model, dev, sources)
+    model.config.name_or_path = str(path)  # as from_pretrained sets it, with the checkpoint's generation config
+    if (Path(path) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    return model, AutoTokenizer.from_pretrained(str(path))
 
 
 def _local_path_for(ref: ModelRef, say: Progress) -> Path:

@@ -8,6 +8,8 @@
     modes = ["shared", "free"]
     max_new_tokens = 32                         # optional, like temperature, sample, seed, raw, topk
     batch_size = 8                              # optional
+    ray = "auto"                                # optional: run on Ray (engine.distributed), like batch --ray;
+    ray_cpus = 1                                #   also ray_gpus, ray_collect (the command line overrides them)
     [calibration]                               # optional: samples, length, seed, source
     samples = 64
     length = 128
@@ -51,7 +53,13 @@ KEYS = {
     "batch_size": int,
     "calibration": dict,
     **SETTINGS,
+    # batch --ray and its options (engine.distributed.RayOptions), as ray, ray_cpus, ray_gpus, ray_collect
+    "ray": str,
+    "ray_cpus": int,
+    "ray_gpus": int,
+    "ray_collect": str,
 }
+RAY_KEYS = {"ray": "address", "ray_cpus": "cpus", "ray_gpus": "gpus", "ray_collect": "collect"}
 REQUIRED = ("prompts", "specs")
 
 
@@ -68,6 +76,7 @@ class Recipe:
     batch_size: int | None = None
     calibration: dict = field(default_factory=dict)  # CALIBRATION given in the recipe (source resolved)
     sources: list[tuple[str, Path]] = field(default_factory=list)  # (id prefix, file) per prompt source
+    ray: dict = field(default_factory=dict)  # the RAY_KEYS given, by RayOptions' names (address, cpus, ...)
 
 
 def shipped_recipes() -> list[str]:
@@ -173,6 +182,14 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
             raise HieruiError(f"{where}: 'batch_size' must be at least 1, got {data['batch_size']}")
         recipe.batch_size = data["batch_size"]
     recipe.calibration = _calibration(where, path, data.get("calibration", {}))
+    recipe.ray = {RAY_KEYS[k]: v for k, v in data.items() if k in RAY_KEYS}
+    if recipe.ray:
+        from engine.distributed import RayOptions
+
+        try:
+            RayOptions(**{"address": "auto", **recipe.ray}).validate()
+        except HieruiError as e:
+            raise HieruiError(f"{where}: {e}") from None
     recipe.prompts = _string_list(where, "prompts", data["prompts"])
     recipe.sources = _sources(where, path, recipe.prompts)
     return recipe

@@ -266,6 +266,8 @@ def session_header(pair, settings, row, tie_margin: tuple[float, str] | None = N
         "architecture": describe_architecture(pair.dense.config),
         "device": str(first.device),
         "dtype": str(first.dtype).removeprefix("torch."),
+        # engine.plan's estimate made before loading: {peak_bytes, peak_stage, placement, fits, …}
+        **({"plan": dict(pair.plan)} if getattr(pair, "plan", None) else {}),
     }
 
 

@@ -361,7 +361,7 @@ def check_out(sweep: Sweep, out: str | Path) -> bool:
             old = json.loads(target.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise HieruiError(f"{target} is unreadable; use another --out") from None
-        ignore = {"source", "created", "architecture", "attribute", "noise_floor"}
+        ignore = {"source", "created", "architecture", "attribute", "noise_floor", "plan"}
         differ = [k for k in sorted(set(old) | set(manifest)) if k not in ignore and old.get(k) != manifest.get(k)]
         if not differ and old.get("attribute", "none") != sweep.attribute and sweep.attribute == "none":
             # turning attribution on over a sweep recorded without it adds it to every run; turning it off would
@@ -418,6 +418,8 @@ def write_manifest(sweep: Sweep, out: str | Path, architecture: dict | None = No
         manifest["architecture"] = architecture
     if floor:  # the dense model's noise floor (`hierui noise`) when measured: the report shows it (not compared)
         manifest["noise_floor"] = floor
+    if getattr(sweep, "plan", None):  # engine.plan's estimate, made before loading (not compared)
+        manifest["plan"] = sweep.plan
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
 
 
@@ -490,24 +492,15 @@ def _record(
     att_todo: list[Run] = (),
 ) -> None:
     from engine.calibration import build_calibration
-    from engine.choice import item_token_ids
     from engine.models import load
     from engine.perturb import perturb
     from engine.session import SessionRecorder
     from engine.stepper import BatchStepper
-    from engine.tokens import choice_token_ids
 
-    loaded = load(sweep.model, device=sweep.device, dtype=sweep.dtype, progress=hooks.message)
-    for item in sweep.prompts:  # bad choices fail now, not in the middle of the sweep
-        if item.choices and not item.is_choice:  # generation: the subspace reads each choice's first token
-            try:
-                _ids, notes = choice_token_ids(loaded.tokenizer, item.choices)
-            except HieruiError as e:
-                raise HieruiError(f"prompt {item.id}: {e}") from None
-            for note in notes:  # a multi-token choice is read through its first token: say so
-                hooks.message(f"prompt {item.id}: {note}")
-        elif item.is_choice:  # multiple choice: every choice is scored whole, none may be empty
-            item_token_ids(loaded.tokenizer, item.id, item.prompt, item.choices)
+    streamed = (getattr(sweep, "plan", None) or {}).get("placement") == "streamed"  # engine.plan, engine.streaming
+    loaded = load(sweep.model, device=sweep.device, dtype=sweep.dtype, progress=hooks.message, streamed=streamed)
+    for note in check_choices(sweep, loaded.tokenizer):  # bad choices fail now, not in the middle of the sweep
+        hooks.message(note)
     from engine.architecture import describe
 
     # the sweep really starts: a failed start above leaves no batch.json
@@ -533,6 +526,7 @@ def _record(
             calibration.seconds = time.perf_counter() - started
         hooks.message(f"perturbing: {spec}")
         pair = perturb(loaded, spec, calibration=calibration, use_cache=use_cache, progress=hooks.stage)
+        pair.plan = getattr(sweep, "plan", None)  # engine.plan's estimate: each session header records it
         if spec in mc_todo:
             _score_choices(sweep, out, spec, pair, hooks)
         for chunk in batches(spec_runs, batch_size):
@@ -553,7 +547,28 @@ def _record(
                 _attribute(sweep, out, chunk, pair, hooks)
         if spec_att:
             _attribute(sweep, out, spec_att, pair, hooks)
-        del pair
+        # the last stepper (and its callback) hold the pair: drop them too, or the next spec is pruned with this
+        # perturbed copy still in memory (engine.plan counts one pair at a time)
+        pair = stepper = on_record = None
+
+
+def check_choices(sweep: Sweep, tokenizer) -> list[str]:
+    """Check every prompt's choices against the tokenizer (a HieruiError naming the prompt); returns the notes
+    to show (a multi-token choice of a generation prompt is read through its first token)."""
+    from engine.choice import item_token_ids
+    from engine.tokens import choice_token_ids
+
+    notes = []
+    for item in sweep.prompts:
+        if item.choices and not item.is_choice:  # generation: the subspace reads each choice's first token
+            try:
+                _ids, said = choice_token_ids(tokenizer, item.choices)
+            except HieruiError as e:
+                raise HieruiError(f"prompt {item.id}: {e}") from None
+            notes += [f"prompt {item.id}: {note}" for note in said]
+        elif item.is_choice:  # multiple choice: every choice is scored whole, none may be empty
+            item_token_ids(tokenizer, item.id, item.prompt, item.choices)
+    return notes
 
 
 def _attribute(sweep: Sweep, out: Path, runs: list[Run], pair, hooks: SweepHooks) -> None:

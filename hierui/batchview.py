@@ -282,6 +282,9 @@ def show_batch(path: Path, console: Console) -> None:
         console.print(table)
     if run.mc_summary:
         console.print(f"multiple choice per item: {path / 'mc.parquet'}", highlight=False)
+    for table in worker_tables(path):
+        console.print()
+        console.print(table)
     console.print(
         f"per run: {path / 'summary.csv'} · sessions: hierui show {path / 'sessions'} · HTML: hierui report {path}",
         highlight=False,
@@ -346,6 +349,103 @@ class BatchBars:
         import sys
 
         self.reporter.close(sys.exc_info()[1] is not None if failed is None else failed)
+
+
+# ------------------------------------------------------------------ a sweep run on Ray (hierui batch --ray)
+
+RUNS_LISTED = 24  # `show` lists each run's worker and time up to this many runs
+
+
+def worker_tables(path: Path) -> list[Group]:
+    """Who ran what, from OUT/workers.jsonl (engine.distributed; none for a local sweep): a row per worker (its
+    runs, specs, mean time per run, pruning time), whether every worker pruned each spec identically (the mask
+    hashes), and, for a small sweep, a row per run."""
+    from engine.distributed import mask_agreement, read_workers
+
+    lines = read_workers(path)
+    if not lines:
+        return []
+    workers: dict[str, dict] = {}
+    for line in lines:
+        w = workers.setdefault(str(line.get("worker")), {"runs": [], "specs": [], "prune": 0.0, "cached": 0})
+        if line.get("kind") == "run":
+            w["runs"].append(line)
+        elif line.get("kind") == "prune":
+            w["specs"].append(str(line.get("spec")))
+            w["prune"] += float(line.get("seconds") or 0)
+            w["cached"] += bool(line.get("from_cache"))
+    table = _table(collapse_padding=True)
+    for name, justify in (("worker", "left"), ("runs", "right"), ("specs held", "left"), ("s/run", "right")):
+        table.add_column(name, justify=justify, no_wrap=name != "specs held")
+    table.add_column("perturbing", justify="right", no_wrap=True)
+    for name, w in workers.items():
+        timed = [float(r["seconds"]) for r in w["runs"] if r.get("seconds") is not None]
+        shown = "finished by a worker that died" if name == "None" else name
+        table.add_row(
+            Text(escape(shown)),
+            str(len(w["runs"])),
+            Text(escape(", ".join(dict.fromkeys(w["specs"])) or MISSING)),
+            f"{sum(timed) / len(timed):.2f}" if timed else MISSING,
+            f"{w['prune']:.1f} s" + (f" ({w['cached']} from cache)" if w["cached"] else "") if w["specs"] else MISSING,
+        )
+    hashes = mask_agreement(lines)
+    differ = [spec for spec, found in hashes.items() if len(found) > 1]
+    agreement = (
+        f"pruned differently on different workers (mask hashes differ): {', '.join(differ)}"
+        if differ
+        else "every worker that perturbed a spec found the same mask (hash)"
+        if hashes
+        else ""
+    )
+    retried = [r for w in workers.values() for r in w["runs"] if (r.get("attempt") or 1) > 1]
+    notes = [
+        "s/run: a run's time from the start of its batch (runs are stepped together) to its end",
+        agreement,
+        f"{len(retried)} run(s) recorded on a later attempt, after a worker died" if retried else "",
+    ]
+    groups = [titled(f"Ray: {len(workers)} workers ({path / 'workers.jsonl'})", table, *notes)]
+    runs = [r for w in workers.values() for r in w["runs"]]
+    if 0 < len(runs) <= RUNS_LISTED:
+        per_run = _table(collapse_padding=True)
+        for name, justify in (("run", "left"), ("worker", "left"), ("seconds", "right"), ("attempt", "right")):
+            per_run.add_column(name, justify=justify, no_wrap=True)
+        for r in sorted(runs, key=lambda r: str(r.get("run_id"))):
+            seconds = r.get("seconds")
+            per_run.add_row(
+                Text(escape(str(r.get("run_id")))),
+                Text(escape(str(r.get("worker") or MISSING))),
+                MISSING if seconds is None else f"{float(seconds):.2f}",
+                str(r.get("attempt") or MISSING),
+            )
+        groups.append(titled("Ray: who ran each run", per_run))
+    return groups
+
+
+class RayBars(BatchBars):
+    """BatchBars for a sweep on Ray (engine.distributed.RayHooks): the runs of the sweep with the time left, and
+    a line per worker with its state (perturbing, stepping, idle, restarting, dead), its spec and its runs done.
+    Without a terminal, a line when a worker starts perturbing a spec, is restarted or given up."""
+
+    def __init__(self, target: Console, clock=None, terminal: bool | None = None):
+        super().__init__(target, clock, terminal)
+        self.workers: dict[str, tuple] = {}
+
+    def worker_state(self, worker: str, state: str, spec: str | None, runs_done: int) -> None:
+        key = (state, spec, runs_done)
+        if self.workers.get(worker) == key:
+            return
+        before = self.workers.get(worker)
+        self.workers[worker] = key
+        about = f"{state}" + (f" {spec}" if spec else "")
+        if self.reporter.terminal:
+            self.reporter.bar(f"worker {worker}", f"{worker}: {about}", runs_done, self.runs_total)
+        elif (state in ("perturbing", "restarting", "dead") or state.startswith("restarted")) and (
+            before is None or before[:2] != key[:2]
+        ):
+            self.reporter.message(f"{worker}: {about} ({runs_done} runs done)")
+
+    def tick(self) -> None:
+        self.reporter.tick()
 
 
 def choice_table(rows: list[dict]) -> Group:

@@ -63,6 +63,11 @@ MODEL_HELP = (
 )
 CALIB_HELP = "plain-text calibration file (default: sequences sampled from the dense model)"
 CALIB_LEN_HELP = f"tokens per calibration sequence (default {CALIB_LENGTH})"
+GPU_MEM_HELP = (
+    "the device's memory budget, e.g. 24GiB, 512MiB (default: the GPU's free memory): a pair whose predicted peak "
+    "is above it runs with its decoder layers streamed from disk one at a time; on a CPU it simulates a smaller "
+    "device (the layers are streamed the same way)"
+)
 SPEC_HELP = (
     "perturbation: wanda:0.5, sparsegpt:0.5, magnitude:2:4, attndrop:4, mlpdrop:4, blockdrop:4, int8, nf4, "
     "checkpoint:DIR, none"
@@ -260,6 +265,7 @@ def explore(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help=GPU_MEM_HELP, show_default=False),
     calib: Optional[Path] = typer.Option(None, "--calib", help=CALIB_HELP),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help=calib_samples_help("explore")),
     calib_len: Optional[int] = typer.Option(None, "--calib-len", min=2, help=CALIB_LEN_HELP),
@@ -340,12 +346,19 @@ def explore(
             n = len(prompt_ids(tokenizer, prompt, raw=raw))
             fit_context(n, max_new_tokens, config_int(config, "max_position_embeddings"), truncate)
 
+    calib_options = calibration.to_dict()
+    plan = _print_plan(
+        model, [parsed], device, dtype, calib_options, max_new_tokens=max_new_tokens, lens=not no_lens, gpu_mem=gpu_mem
+    )
+
     def make_pair(progress):
         from engine.models import load
         from engine.perturb import perturb
 
-        loaded = load(model, device=device, dtype=dtype, progress=progress)
-        return perturb(loaded, parsed, use_cache=not no_cache, progress=progress, calib_options=calibration.to_dict())
+        loaded = load(model, device=device, dtype=dtype, progress=progress, streamed=_streamed(plan))
+        pair = perturb(loaded, parsed, use_cache=not no_cache, progress=progress, calib_options=calibration.to_dict())
+        pair.plan = plan.summary() if plan is not None else None  # the session header records it
+        return pair
 
     from hierui.app import HieruiApp
 
@@ -729,6 +742,7 @@ def batch(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help=GPU_MEM_HELP, show_default=False),
     calib: Optional[Path] = typer.Option(None, "--calib", help=CALIB_HELP),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help=calib_samples_help("batch")),
     calib_len: Optional[int] = typer.Option(None, "--calib-len", help=CALIB_LEN_HELP),
@@ -749,6 +763,29 @@ def batch(
         "--attribute",
         help="flips: attribute every flip step of each run by patching the dense units into the perturbed model "
         "(attribution.parquet); none",
+    ),
+    ray: Optional[str] = typer.Option(
+        None,
+        "--ray",
+        help="run the sweep on a Ray cluster: auto (the one started here with `ray start --head`, else a local "
+        "one) or the cluster's ADDRESS; needs pip install 'hierui[ray]'",
+        show_default=False,
+    ),
+    ray_cpus: Optional[int] = typer.Option(
+        None,
+        "--ray-cpus",
+        help="with --ray: CPUs per pair worker on nodes without GPUs (default 1)",
+        show_default=False,
+    ),
+    ray_gpus: Optional[int] = typer.Option(
+        None, "--ray-gpus", help="with --ray: GPUs per pair worker, reserved together (default 1)", show_default=False
+    ),
+    ray_collect: Optional[str] = typer.Option(
+        None,
+        "--ray-collect",
+        help="with --ray: who writes the sessions: auto (each worker that sees --out, else the driver), shared "
+        "(the workers; --out must be shared) or driver",
+        show_default=False,
     ),
 ) -> None:
     """Sweep prompts × --prune specs × --mode headless: a session per run, steps.parquet, summary.parquet/.csv."""
@@ -786,14 +823,36 @@ def batch(
 
         out = out or default_out_dir()
         args, batch_size = apply_recipe(recipe, out, args, batch_size)
+    ray_options = _ray_options(recipe, ray, ray_cpus, ray_gpus, ray_collect)  # Ray missing: one line, exit 2
     sweep = plan_sweep(**args)
+    from engine.sweep import default_batch_size
+
+    plan = _print_plan(
+        sweep.model,
+        sweep.specs,
+        sweep.device,
+        sweep.dtype,
+        sweep.calib.to_dict(),
+        batch_size=batch_size or default_batch_size(sweep.device),
+        max_new_tokens=sweep.settings.max_new_tokens,
+        lens=sweep.settings.lens,
+        gpu_mem=gpu_mem,
+    )
+    if _streamed(plan) and ray_options is not None:
+        raise HieruiError("--ray with streamed layers (--gpu-mem below the pair's peak) is not supported yet")
+    sweep.plan = plan.summary() if plan is not None else None  # batch.json and every session header record it
     out = out or default_out_dir()
     _quiet_libraries()
-    from hierui.batchview import BatchBars, batch_table, choice_table
+    from hierui.batchview import BatchBars, RayBars, batch_table, choice_table
 
-    bars = BatchBars(err_console)
+    bars = BatchBars(err_console) if ray_options is None else RayBars(err_console)
     try:
-        result = run_sweep(sweep, out, use_cache=not no_cache, hooks=bars, batch_size=batch_size)
+        if ray_options is None:
+            result = run_sweep(sweep, out, use_cache=not no_cache, hooks=bars, batch_size=batch_size)
+        else:
+            from engine.distributed import run_ray_sweep
+
+            result = run_ray_sweep(sweep, out, ray_options, use_cache=not no_cache, hooks=bars, batch_size=batch_size)
     except KeyboardInterrupt:
         bars.close()
         done = complete_runs(sweep, out)
@@ -832,6 +891,30 @@ def batch(
             soft_wrap=True,
         )
     console.print(f"the report: hierui report {out}", highlight=False, soft_wrap=True)
+
+
+def _ray_options(recipe: str | None, address: str | None, cpus: int | None, gpus: int | None, collect: str | None):
+    """batch --ray's engine.distributed.RayOptions (the command line over the recipe's), or None without --ray;
+    checks that Ray is installed."""
+    from engine.distributed import RayOptions, check_address, import_ray
+
+    given = {"address": address, "cpus": cpus, "gpus": gpus, "collect": collect}
+    if recipe is not None:
+        from engine.recipe import load_recipe
+
+        given = {**load_recipe(recipe).ray, **{k: v for k, v in given.items() if v is not None}}
+    given = {k: v for k, v in given.items() if v is not None}
+    if "address" not in given:
+        if given:
+            raise HieruiError(f"--ray-{next(iter(given))} is an option of --ray: add --ray auto or --ray ADDRESS")
+        return None
+    options = RayOptions(
+        **{**given, "address": given["address"].strip(), "collect": given.get("collect", "auto").lower()}
+    )
+    options.validate()
+    import_ray()
+    check_address(options.address)
+    return options
 
 
 @app.command()
@@ -885,6 +968,7 @@ def prune(
     raw: bool = typer.Option(False, "--raw", help="do not apply the chat template to the prompt"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
+    gpu_mem: Optional[str] = typer.Option(None, "--gpu-mem", help=GPU_MEM_HELP, show_default=False),
     calib: Optional[Path] = typer.Option(None, "--calib", help=CALIB_HELP),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help=calib_samples_help("prune")),
     calib_len: Optional[int] = typer.Option(None, "--calib-len", min=2, help=CALIB_LEN_HELP),
@@ -918,6 +1002,11 @@ def prune(
 
         if dtype.lower() not in DTYPES:
             raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    calib_options = calibration.to_dict()
+    options = dict(max_new_tokens=tokens, lens=False, perplexity=512, gpu_mem=gpu_mem)
+    plan = _print_plan(model, [parsed], device, dtype, calib_options, **options)
+    if save is not None and _streamed(plan):
+        raise HieruiError("--save of a pair with streamed layers (--gpu-mem below its peak) is not supported yet")
     _quiet_libraries()
 
     from engine import quality
@@ -927,7 +1016,7 @@ def prune(
     from hierui.progress import stage_progress
 
     with stage_progress(err_console) as (say, step):
-        loaded = load(model, device=device, dtype=dtype, progress=step)
+        loaded = load(model, device=device, dtype=dtype, progress=step, streamed=_streamed(plan))
         pair = perturb(loaded, parsed, use_cache=not no_cache, progress=step, calib_options=calibration.to_dict())
         measuring = "measuring perplexity and greedy text"
         step(measuring, 0, 4)
@@ -983,6 +1072,118 @@ def prune(
 
         save_checkpoint(pair, save)
         console.print(f"saved to {save} (load it with --prune checkpoint:{save} or from_pretrained)")
+
+
+def _print_plan(model: str, specs: list, device: str, dtype: str, calib: dict, gpu_mem=None, **options):
+    """engine.plan's estimate as one line on stdout before anything is loaded (stderr keeps its one line per
+    error), kept for an out-of-memory message; nothing where the config is not known before loading. A pair that
+    cannot fit even streamed, or a streamed one with a spec that cannot stream: exit 2 here. `gpu_mem`: the
+    --gpu-mem text."""
+    from engine.plan import parse_size, plan_for_run, remember
+
+    _quiet_libraries()
+    size = parse_size(gpu_mem) if gpu_mem is not None else None
+    plan = plan_for_run(model, specs, device, dtype, calib, gpu_mem=size, **options)
+    if _streamed(plan):
+        from engine.streaming import check_streamable
+
+        check_streamable(specs)
+    remember(plan)
+    if plan is not None:
+        console.print(plan.line(), style="dim", markup=False, highlight=False, soft_wrap=True)
+    return plan
+
+
+def _streamed(plan) -> bool:
+    """The plan (engine.plan.Plan, its summary dict, or None) streams the decoder layers (engine.streaming)."""
+    placement = plan.get("placement") if isinstance(plan, dict) else getattr(plan, "placement", None)
+    return placement == "streamed"
+
+
+@app.command()
+def plan(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    specs: Optional[list[str]] = typer.Option(
+        None, "--prune", "-p", help=SPEC_HELP + "; repeatable, one pair at a time (default wanda:0.5)"
+    ),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
+    gpus: int = typer.Option(1, "--gpus", help="GPUs to spread the pair over (one device_map for both models)"),
+    gpu_mem: Optional[str] = typer.Option(
+        None,
+        "--gpu-mem",
+        help="memory per GPU, e.g. 80GiB, 24GB, 512MiB (default: the GPU's free memory); on a CPU, a simulated "
+        "device of that size (above it the layers are streamed)",
+    ),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="prompts stepped at once"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="tokens per run"),
+    prompt_tokens: Optional[int] = typer.Option(
+        None, "--prompt-tokens", min=1, help="prompt length in tokens (default 64)", show_default=False
+    ),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help=calib_samples_help("batch")),
+    calib_len: Optional[int] = typer.Option(None, "--calib-len", min=2, help=CALIB_LEN_HELP),
+    calib: Optional[Path] = typer.Option(None, "--calib", help=CALIB_HELP),
+    no_lens: bool = typer.Option(False, "--no-lens", help="without the logit lens per layer"),
+) -> None:
+    """Predict the peak memory of the dense + perturbed pair, and where it would go, before loading anything.
+
+    From the model's config alone: the dense weights, the tensors the perturbation replaces, calibration
+    activations, the pruning workspace of the layer in flight, both KV caches for --batch-size × (prompt +
+    --max-new-tokens), logits and the lens; whether it fits the device, and the placement: one device, several
+    GPUs with one device_map for both models, or streamed offload."""
+    from engine.models import resolve
+    from engine.perturb.spec import parse_spec
+    from engine.plan import PROMPT_TOKENS, estimate, gib, parse_size
+    from engine.settings import calibration_for
+
+    resolve(model)
+    parsed = [parse_spec(s) for s in (specs or ["wanda:0.5"])]
+    size = parse_size(gpu_mem) if gpu_mem is not None else None
+    if calib is not None and not calib.is_file():
+        raise HieruiError(f"calibration file not found: {calib}")
+    for p in parsed:
+        _check_model_args(model, p, device)
+    calibrating = [p for p in parsed if p.needs_calibration]
+    source = str(calib) if calib else None
+    settings = [
+        calibration_for(p.method, "batch", source=source, samples=calib_samples, length=calib_len) for p in calibrating
+    ]
+    largest = max(settings, key=lambda c: c.samples * c.length) if settings else None
+    _quiet_libraries()
+    result = estimate(
+        model,
+        parsed,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        prompt_tokens=prompt_tokens or PROMPT_TOKENS,
+        calib=(largest.samples, largest.length) if largest else None,
+        self_calibration=calib is None,
+        lens=not no_lens,
+        gpus=gpus,
+        gpu_mem=size,
+        fetch=True,
+    )
+    if result is None:
+        raise HieruiError(f"the config of {model} is not known before it is fetched: hierui models pull {model}")
+    title = f"{result.display} · {result.dtype} on {result.device} · {', '.join(result.specs)}"
+    table = Table(title=title, title_justify="left")
+    table.add_column("item")
+    table.add_column("memory", justify="right")
+    table.add_column("resident during")
+    table.add_column("counted as", overflow="fold")
+    for item in result.items:
+        where = ", ".join(item.stages) if len(item.stages) < 4 else "all"
+        host = " (host)" if not item.on_device and result.device != "cpu" else ""
+        table.add_row(item.name, gib(item.nbytes), where + host, item.note)
+    console.print(table)
+    stages = " · ".join(f"{s} {gib(n)}" for s, n in result.stages.items())
+    console.print(f"by stage: {stages}", highlight=False, soft_wrap=True)
+    if result.calibration:
+        samples, length = result.calibration
+        console.print(f"calibration {samples}×{length}; prompt {result.prompt_tokens} tokens", highlight=False)
+    console.print(result.line(), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -1300,15 +1501,20 @@ _unwrap_help()
 def main(argv: list[str] | None = None) -> None:
     """The `hierui` command: every HieruiError is one line on stderr and its exit code; out of memory and
     Ctrl-C likewise. `argv` (default: the process's arguments) lets tests run it in-process."""
+    from engine.plan import forget
+
+    forget()  # an out-of-memory message names this command's own plan only
     try:
         _reject_empty_paths(sys.argv[1:] if argv is None else argv)
         app(args=argv)
     except HieruiError as e:
         from rich.text import Text  # the message is plain text: a path like a[b] is not markup
 
+        from engine.plan import last_figure
         from hierui.tokentext import escape  # a message may quote a file's text: no control characters
 
-        err_console.print(Text("error: ", style="bold red") + Text(escape(str(e))), highlight=False, soft_wrap=True)
+        message = str(e) + (last_figure() if e.exit_code == 1 and str(e).startswith("out of memory") else "")
+        err_console.print(Text("error: ", style="bold red") + Text(escape(message)), highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -1316,17 +1522,20 @@ def main(argv: list[str] | None = None) -> None:
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError (CUDA) derives from RuntimeError
         if not is_oom(e):
             raise
+        from engine.plan import last_figure
+
+        figure = last_figure()  # the estimate this run printed at its start, if any
         if isinstance(e, MemoryError):
             err_console.print(
                 "error: out of memory: use a smaller model, --dtype bfloat16, a smaller --batch-size "
-                "or fewer --calib-samples",
+                f"or fewer --calib-samples{figure}",
                 highlight=False,
                 soft_wrap=True,
             )
         else:
             err_console.print(
                 "error: CUDA out of memory: use --dtype bfloat16, a smaller --batch-size, fewer "
-                "--calib-samples, a smaller model or --device cpu",
+                f"--calib-samples, a smaller model or --device cpu{figure}",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -59,6 +59,10 @@ def perturb(
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     say = progress or (lambda *_: None)
     dense = loaded.model
+    if getattr(dense, "hierui_stream", None) is not None:  # streamed layers (engine.streaming): some methods only
+        from engine.streaming import check_streamable
+
+        check_streamable([spec])
     if calibration is None and spec.needs_calibration:
         from engine.calibration import build_calibration
 
@@ -230,6 +234,10 @@ def _cached_json(entry, compute: Callable[[], dict], use_cache: bool) -> dict:
 
 def _changed_tensors(dense, perturbed) -> dict:
     """Parameters of `perturbed` that are not the dense model's own tensors, by state-dict name."""
+    if getattr(perturbed, "hierui_stream", None) is not None:  # streamed layers: its own store (engine.streaming)
+        from engine.streaming import own_tensors
+
+        return own_tensors(perturbed)
     dense_params = dict(dense.named_parameters())
     return {
         name: p
@@ -268,13 +276,20 @@ def _load_pruned(dense, entry):
         return None  # a corrupt cache entry is recomputed
     clone = clone_sharing(dense)
     modules = dict(clone.named_modules())
+    streamed = getattr(clone, "hierui_stream", None) is not None
     for name, tensor in tensors.items():
         owner, _, attr = name.rpartition(".")
         module = modules.get(owner)
         old = getattr(module, attr, None) if module is not None else None
         if old is None or old.shape != tensor.shape:
             return None
+        if streamed:  # written to the clone's own store below (engine.streaming)
+            continue
         # a copy: fresh memory, aligned as the computed weights were, so a cache hit computes bit for bit alike
         new = tensor.to(device=old.device, dtype=old.dtype, copy=True)
         setattr(module, attr, nn.Parameter(new, requires_grad=False))
+    if streamed:
+        from engine.streaming import adopt
+
+        adopt(clone, tensors)
     return clone, details

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from engine.perturb.linears import WeightView, decoder_layers, is_experts, weight_views
+from engine.streaming import each_resident, layer_device
 
 # arguments of a decoder layer that are not recorded: calibration runs without a KV cache
 CACHE_ARGUMENTS = frozenset({"cache", "past_key_values", "past_key_value", "layer_past", "use_cache"})
@@ -92,7 +93,7 @@ def capture_calibration(model, calib_ids: torch.Tensor, batch_size: int = 8):
     for i, per_chunk in enumerate(layer_kwargs):
         if len(per_chunk) != len(hidden):
             raise ValueError(f"decoder layer {i} was not called once per calibration chunk ({len(per_chunk)} calls)")
-    device = next(layers[0].parameters()).device
+    device = layer_device(layers[0])
     return [h.to(device) for h in hidden], layer_kwargs
 
 
@@ -164,7 +165,8 @@ def prune_layers_sequentially(
     layers = decoder_layers(model)
     hidden, layer_kwargs = capture_calibration(model, calib_ids, batch_size)
     details: dict = {}
-    for index, layer in enumerate(layers):
+    # a streamed layer (engine.streaming) has its weights in for its turn, its pruned ones written after
+    for index, layer in each_resident(layers):
         device = next(layer.parameters()).device
         kwargs = layer_kwargs[index]
         chunks = [(h.to(device), {k: _to(v, device) for k, v in kw.items()}) for h, kw in zip(hidden, kwargs)]

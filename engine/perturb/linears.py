@@ -252,6 +252,14 @@ def model_weight_views(model) -> list[WeightView]:
     return views
 
 
+def _resident_views(model):
+    """Each WeightView of `model`, its layer's weights in while it is read (a streamed layer, engine.streaming)."""
+    from engine.streaming import each_resident
+
+    for index, layer in each_resident(decoder_layers(model)):
+        yield from weight_views(layer, index)
+
+
 def sparsity_by_type(model) -> OrderedDict[str, dict]:
     """Zeros per linear type over all decoder layers: {type: {'zeros': z, 'total': n, 'sparsity': z/n}}.
 
@@ -259,7 +267,7 @@ def sparsity_by_type(model) -> OrderedDict[str, dict]:
     Quantized linears (no float weight) are not views, so a quantized model has 'all' with total 0.
     """
     table: OrderedDict[str, dict] = OrderedDict()
-    for view in model_weight_views(model):
+    for view in _resident_views(model):
         w = view.matrix()
         row = table.setdefault(view.type, {"zeros": 0, "total": 0})
         row["zeros"] += int((w == 0).sum())
@@ -275,7 +283,7 @@ def sparsity_by_expert(model) -> list[dict]:
     """Per expert of every MoE layer, the zeros over its matrices (its slices of gate_up_proj and down_proj):
     [{'layer', 'expert', 'zeros', 'total', 'sparsity'}]; empty for a model without expert tensors."""
     rows: OrderedDict[tuple, dict] = OrderedDict()
-    for view in model_weight_views(model):
+    for view in _resident_views(model):
         if view.expert is None:
             continue
         w = view.matrix()

@@ -33,8 +33,10 @@ def magnitude_mask(weight: torch.Tensor, spec: Spec) -> torch.Tensor:
 
 @torch.no_grad()
 def prune_magnitude(model, spec: Spec, progress=None) -> dict:
+    from engine.streaming import each_resident
+
     layers = decoder_layers(model)
-    for index, layer in enumerate(layers):
+    for index, layer in each_resident(layers):  # a streamed layer: its weights in for its turn (engine.streaming)
         for view in weight_views(layer, index):
             w = view.matrix()
             view.assign(w.masked_fill(magnitude_mask(w, spec), 0))
