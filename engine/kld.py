@@ -394,6 +394,7 @@ class KldRun:
     base: str | None = None  # the base file compared against
     base_k: int | None = None  # its K for a top-K file (kl and kl_rev are then lower bounds); None: exact
     noise_floor: dict | None = None  # engine.sweep.noise_floor of the dense model (None: not measured)
+    workers: list | None = None  # with --ray (engine.kld_ray): per spec the worker that scored it, seconds, attempts
     seconds: float = 0.0
     pairs: list | None = None  # pair_rows(self), kept by write_tables for the report
 
@@ -596,6 +597,8 @@ def write_tables(run: KldRun, out: str | Path, tokenizer) -> list[dict]:
     atomic_write(out / "kld_pairs.csv", lambda path: pcsv.write_csv(pairs, str(path)))
     worst = {"model": run.model, "corpus": run.corpus, "ctx": run.ctx, "worst": run.worst(tokenizer)}
     atomic_write(out / "kld_worst.json", json.dumps(worst, ensure_ascii=False, indent=1))
+    if run.workers:  # --ray: who scored each spec, how long it took
+        atomic_write(out / "kld_workers.json", json.dumps(run.workers, ensure_ascii=False, indent=1))
     return summary
 
 

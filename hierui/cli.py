@@ -1205,6 +1205,11 @@ def kld(
         None, "--base", help="compare against this base file instead of running the dense model"
     ),
     base_k: Optional[int] = typer.Option(None, "--base-k", min=1, help="write a top-K base file (e.g. 64)"),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", help="score the specs on a Ray cluster: auto or its address (pip install 'hierui[ray]')"
+    ),
+    ray_cpus: Optional[int] = typer.Option(None, "--ray-cpus", help="with --ray: CPUs per worker (default 1)"),
+    ray_gpus: Optional[int] = typer.Option(None, "--ray-gpus", help="with --ray: GPUs per worker (default 1)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute calibration and pruned weights"),
@@ -1230,6 +1235,9 @@ def kld(
         raise HieruiError("--base-k is the K of --save-base FILE; give both")
     if base is not None and save_base is not None:
         raise HieruiError("--base and --save-base do not go together: a base file is written from the dense model")
+    ray_options = _ray_options(None, ray, ray_cpus, ray_gpus, None)  # Ray missing: one line, exit 2
+    if ray_options is not None and save_base is not None:
+        raise HieruiError("--save-base runs the dense model here: write the base file without --ray")
     if base is not None and not parsed:  # the model itself against the base file (a saved pruned checkpoint, say)
         parsed = [parse_spec("none")]
     if not parsed and save_base is None:
@@ -1263,6 +1271,9 @@ def kld(
     from hierui.kldview import print_report
     from hierui.progress import stage_progress
 
+    if ray_options is not None:
+        _kld_on_ray(model, parsed, body, corpus, ctx, stride, out, ray_options, device, dtype, no_cache, base_file)
+        return
     writer = None
     if save_base is not None:
         from engine.kld_base import BaseWriter
@@ -1306,6 +1317,35 @@ def kld(
             f"{save_base.stat().st_size / 2**20:.1f} MiB",
             highlight=False,
         )
+
+
+def _kld_on_ray(model, parsed, body, corpus, ctx, stride, out, ray_options, device, dtype, no_cache, base_file):
+    """hierui kld --ray: the specs scored on the cluster (engine.kld_ray), the tables and report as locally."""
+    from engine import kld as kldmod
+    from engine.kld_ray import score_on_ray
+    from engine.models import load_tokenizer
+    from hierui.kldview import print_report
+
+    def say(text: str) -> None:
+        err_console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    run = score_on_ray(
+        model,
+        [str(p) for p in parsed],
+        body,
+        corpus,
+        ctx,
+        stride,
+        ray_options,
+        device=device,
+        dtype=dtype,
+        use_cache=not no_cache,
+        base=str(base_file.path.resolve()) if base_file is not None else None,  # the workers' cwd differs
+        say=say,
+    )
+    tokenizer = load_tokenizer(model)
+    rows = kldmod.write_tables(run, out, tokenizer)
+    print_report(console, run, rows, run.worst(tokenizer), out)
 
 
 @app.command()

@@ -263,3 +263,46 @@ def test_recipe_takes_the_ray_options(tmp_path, prompts):
     path.write_text(base + 'ray = "auto"\nray_collect = "nfs"\n', encoding="utf-8")
     with pytest.raises(HieruiError, match="unknown --ray-collect 'nfs'"):
         load_recipe(path)
+
+
+def test_kld_on_ray_equals_the_local_kld(cluster, tmp_path, capsys):
+    """hierui kld --ray: each spec scored by a worker; the same per-token values, tables and report as locally,
+    and kld_workers.json says who scored what."""
+    import numpy as np
+
+    from engine import kld
+    from engine.distributed import RayOptions
+    from engine.kld_ray import score_on_ray
+    from engine.models import load
+    from engine.perturb import perturb
+    from hierui.cli import main
+
+    text = " ".join(f"Sentence number {i} tells of a {w} that walked to the river." for i, w in enumerate("abcde"))
+    specs = ["magnitude:0.5", "wanda:0.5"]
+    loaded = load("tiny-random", device="cpu")
+    from engine.settings import calibration_for
+
+    pairs = [
+        perturb(loaded, s, use_cache=False, calib_options=calibration_for(s.split(":")[0], "prune").to_dict())
+        for s in specs
+    ]
+    local = kld.score(loaded, pairs, text, "test", ctx=32)
+    remote = score_on_ray("tiny-random", specs, text, "test", 32, None, RayOptions(address=cluster.address), "cpu")
+    assert [r.spec for r in remote.results] == specs and [w["spec"] for w in remote.workers] == specs
+    for a, b in zip(local.results, remote.results):
+        for name in ("kl", "kl_rev", "nll_p", "dp"):
+            np.testing.assert_allclose(b.tokens[name], a.tokens[name], rtol=1e-4, atol=1e-6, err_msg=name)
+        assert (a.tokens["same_top"] == b.tokens["same_top"]).all()
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        main(
+            ["kld", "-m", "tiny-random", "--device", "cpu", "-p", "magnitude:0.5", "--text", str(corpus)]
+            + ["--ctx", "32", "--out", str(tmp_path / "o"), "--ray", cluster.address]
+        )
+    assert e.value.code in (0, None)
+    said = capsys.readouterr()
+    assert "Mean    KLD:" in said.out and "scored by" in said.err
+    workers = json.loads((tmp_path / "o" / "kld_workers.json").read_text())
+    assert [w["spec"] for w in workers] == ["magnitude:0.5"] and workers[0]["attempts"] == 1
+    assert (tmp_path / "o" / "kld_summary.parquet").is_file()
