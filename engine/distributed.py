@@ -488,6 +488,25 @@ def _actor_options(ray, each: dict, use_gpu: bool, opts: RayOptions, groups: lis
     return options
 
 
+def release(ray, actors: list, groups: list, started_here: bool) -> None:
+    """The end of a Ray job, whatever happened: its actors killed (no restart), its placement groups removed, and
+    the Ray instance stopped where this process started it."""
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:
+            pass
+    for group in groups:
+        try:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(group)
+        except Exception:
+            pass
+    if started_here:
+        ray.shutdown()
+
+
 def _append(out: Path, lines: list[dict]) -> None:
     """Append lines to OUT/workers.jsonl, flushed to the disk (a driver killed later loses none of them)."""
     if not lines:
@@ -643,21 +662,8 @@ def _drive(ray, sweep, out: Path, options: RayOptions, use_cache, hooks, result,
             raise HieruiError(f"a Ray worker failed: {_error_text(e)}", 1) from None
         raise
     finally:
-        for slot in slots:
-            try:
-                ray.kill(slot.actor, no_restart=True)
-            except Exception:
-                pass
-        for group in groups:
-            try:
-                from ray.util.placement_group import remove_placement_group
-
-                remove_placement_group(group)
-            except Exception:
-                pass
+        release(ray, [slot.actor for slot in slots], groups, started_here)
         (out / PROBE).unlink(missing_ok=True)
-        if started_here:
-            ray.shutdown()
 
 
 def _pick(slot: _Slot, queues: dict[str, deque], slots: list[_Slot], ready: set[str]) -> Item | None:

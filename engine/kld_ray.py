@@ -77,7 +77,15 @@ def score_on_ray(
 ):
     """engine.kld.score of every spec on the Ray cluster of `options` (engine.distributed.RayOptions): a KldRun
     of the specs in the order given, its noise floor the workers' (they read the same HIERUI_HOME)."""
-    from engine.distributed import MAX_ATTEMPTS, _actor_options, _error_text, connect, import_ray, plan_workers
+    from engine.distributed import (
+        MAX_ATTEMPTS,
+        _actor_options,
+        _error_text,
+        connect,
+        import_ray,
+        plan_workers,
+        release,
+    )
 
     say = say or (lambda _text: None)
     options = options.validate()
@@ -125,20 +133,7 @@ def score_on_ray(
             say(f"Ray: {spec} scored by {answer['worker']} in {answer['seconds']:.1f} s")
             idle.append(actor)
     finally:
-        for actor in actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:
-                pass
-        for group in groups:
-            try:
-                from ray.util.placement_group import remove_placement_group
-
-                remove_placement_group(group)
-            except Exception:
-                pass
-        if started_here:
-            ray.shutdown()
+        release(ray, actors, groups, started_here)
     run = results[specs[0]]["run"]
     for spec in specs[1:]:
         run = run.merged(results[spec]["run"])
