@@ -497,10 +497,12 @@ def _place(plan: Plan, g: Geometry, dev, gpu_mem: int | None) -> None:
         plan.capacity, plan.capacity_source = available, "RAM available"
         plan.placement = f"one device ({plan.device})"
         if plan.peak > available:
+            smaller = "a smaller model" if plan.dtype != "float32" else "--dtype bfloat16, a smaller model"
             raise HieruiError(
                 f"{plan.display} in {plan.dtype} with {', '.join(plan.specs)} cannot fit: predicted peak "
-                f"{gib(plan.peak)} ({plan.peak_stage}) > {gib(available)} of RAM available ({gib(total)} total), "
-                f"and nothing streams on a CPU: use --dtype bfloat16, a smaller model or a GPU"
+                f"{gib(plan.peak)} ({plan.peak_stage}) > {gib(available)} of RAM available ({gib(total)} total): "
+                f"stream the layers from disk with --gpu-mem SIZE (magnitude, wanda, sparsegpt), or use {smaller} "
+                "or a GPU"
             )
         return
     index = dev.index or 0
