@@ -560,17 +560,8 @@ def run_ray_sweep(
     batch_size: int | None = None,
 ) -> SweepResult:
     """engine.sweep.run_sweep on a Ray cluster: the same runs, files and tables (see the module docstring)."""
-    from engine.attribution import attribution_complete
     from engine.lock import lock_folder
-    from engine.sweep import (
-        _record_attribute_option,
-        batches,
-        check_out,
-        choices_complete,
-        complete_runs,
-        write_manifest,
-    )
-    from engine.tables import write_attribution_table, write_choice_tables, write_tables
+    from engine.sweep import batches, check_out, finish, pending
 
     options = (options or RayOptions()).validate()
     ray = import_ray()
@@ -582,12 +573,7 @@ def run_ray_sweep(
         raise HieruiError(f"--batch-size must be at least 1, got {batch_size}")
     with lock_folder(out, warn=hooks.message):
         check_out(sweep, out)
-        runs = sweep.runs()
-        done = set(complete_runs(sweep, out))
-        result = SweepResult(out, runs, skipped=[r.run_id for r in runs if r.run_id in done])
-        todo = [r for r in runs if r.run_id not in done]
-        mc_todo = [s for s in sweep.specs if sweep.choice_items and not choices_complete(sweep, out, s)]
-        att_todo = [r for r in runs if sweep.attribute == "flips" and not (r in todo or attribution_complete(out, r))]
+        result, todo, mc_todo, att_todo = pending(sweep, out)
 
         def make_items(size: int) -> list[Item]:
             """The work, grouped by spec, each spec's items in the local sweep's order."""
@@ -602,14 +588,10 @@ def run_ray_sweep(
                     items.append(Item("attribute", str(spec), spec_att))
             return items
 
-        hooks.sweep_started(len(runs), len(done))
+        hooks.sweep_started(len(result.runs), len(result.skipped))
         if todo or mc_todo or att_todo:
             _drive(ray, sweep, out, options, use_cache, hooks, result, make_items, batch_size)
-        write_manifest(sweep, out)
-        result.summary = write_tables(sweep, out)
-        result.choice_summary = write_choice_tables(sweep, out)
-        _record_attribute_option(sweep, out)
-        write_attribution_table(sweep, out)
+        finish(sweep, out, result)
     return result
 
 

@@ -449,9 +449,7 @@ def run_sweep(
     Ctrl-C propagates as KeyboardInterrupt; the run in progress keeps its written steps (and is rerun
     from scratch next time), the finished ones stay complete.
     """
-    from engine.attribution import attribution_complete
     from engine.lock import lock_folder
-    from engine.tables import write_attribution_table, write_choice_tables, write_tables
 
     hooks = hooks or SweepHooks()
     out = Path(out)
@@ -462,22 +460,38 @@ def run_sweep(
         raise HieruiError(f"--batch-size must be at least 1, got {size}")
     with lock_folder(out, warn=hooks.message):  # one writer per OUT (engine.lock); re-entrant for the CLI
         check_out(sweep, out)  # nothing is written before the sweep really starts (see _record)
-        runs = sweep.runs()
-        done = set(complete_runs(sweep, out))
-        result = SweepResult(out, runs, skipped=[r.run_id for r in runs if r.run_id in done])
-        todo = [r for r in runs if r.run_id not in done]
-        mc_todo = [spec for spec in sweep.specs if sweep.choice_items and not choices_complete(sweep, out, spec)]
-        # runs complete but not attributed (attribution turned on, or interrupted while attributing)
-        att_todo = [r for r in runs if sweep.attribute == "flips" and not (r in todo or attribution_complete(out, r))]
-        hooks.sweep_started(len(runs), len(done))
+        result, todo, mc_todo, att_todo = pending(sweep, out)
+        hooks.sweep_started(len(result.runs), len(result.skipped))
         if todo or mc_todo or att_todo:
             _record(sweep, out, todo, use_cache, hooks, result, size, mc_todo, att_todo)
-        write_manifest(sweep, out)
-        result.summary = write_tables(sweep, out)
-        result.choice_summary = write_choice_tables(sweep, out)
-        _record_attribute_option(sweep, out)
-        write_attribution_table(sweep, out)
+        finish(sweep, out, result)
     return result
+
+
+def pending(sweep: Sweep, out: Path) -> tuple[SweepResult, list[Run], list, list[Run]]:
+    """What is left of `sweep` in `out` (the resume, for the local and the Ray sweep): the result with the complete
+    runs as skipped, the runs to record, the specs whose choices are to score, and the runs complete but not
+    attributed (attribution turned on, or interrupted while attributing)."""
+    from engine.attribution import attribution_complete
+
+    runs = sweep.runs()
+    done = set(complete_runs(sweep, out))
+    result = SweepResult(out, runs, skipped=[r.run_id for r in runs if r.run_id in done])
+    todo = [r for r in runs if r.run_id not in done]
+    mc_todo = [spec for spec in sweep.specs if sweep.choice_items and not choices_complete(sweep, out, spec)]
+    att_todo = [r for r in runs if sweep.attribute == "flips" and not (r in todo or attribution_complete(out, r))]
+    return result, todo, mc_todo, att_todo
+
+
+def finish(sweep: Sweep, out: Path, result: SweepResult) -> None:
+    """The end of a sweep, local or on Ray: batch.json and every table, from the sessions in `out`."""
+    from engine.tables import write_attribution_table, write_choice_tables, write_tables
+
+    write_manifest(sweep, out)
+    result.summary = write_tables(sweep, out)
+    result.choice_summary = write_choice_tables(sweep, out)
+    _record_attribute_option(sweep, out)
+    write_attribution_table(sweep, out)
 
 
 def _record(
