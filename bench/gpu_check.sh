@@ -6,6 +6,7 @@
 # batch throughput ratios; then scale (bench/scale_check.py): random:llama-7b (random weights, bfloat16) pruned
 # with wanda:0.5 and stepped 64 tokens × 16 prompts in shared and free mode against the bandwidth floor, peak
 # CUDA memory, int8/nf4 of the same model. On cpu the scale part uses random:smollm2-135m with fewer steps.
+# Last, the pair over several devices against one (bench/multi_device_check.py).
 # Prints figures only; never part of the tests.
 #
 # Environment: PYTHON (default .venv/bin/python), HIERUI (default .venv/bin/hierui where it exists, else
@@ -97,3 +98,17 @@ fi
 fi
 
 "$PY" bench/scale_check.py --device "$DEVICE" "${SCALE_DEFAULTS[@]}"
+
+# several devices (bench/multi_device_check.py): every GPU when there are two or more, one GPU and the CPU when
+# there is one, the hooked path alone on a CPU; against the same pair on one device. MULTI_MODEL, MULTI_STEPS
+# change it; SKIP_MULTI=1 leaves it out.
+if [ -z "${SKIP_MULTI:-}" ]; then
+    if [ "$DEVICE" = cpu ]; then
+        MULTI_DEFAULTS=(--model "${MULTI_MODEL:-${SCALE_MODEL:-random:smollm2-135m}}" --steps "${MULTI_STEPS:-2}"
+            --batch 2 --calib "${SCALE_CALIB:-8x32}" --devices cpu)
+    else
+        MULTI_DEFAULTS=(--model "${MULTI_MODEL:-random:qwen2.5-0.5b}" --steps "${MULTI_STEPS:-8}" --batch 4
+            --calib 16x64)
+    fi
+    "$PY" bench/multi_device_check.py "${MULTI_DEFAULTS[@]}"
+fi

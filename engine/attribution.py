@@ -307,8 +307,9 @@ class _Patcher:
                 h.remove()
         self.logits_d = out.logits[:, -1, :]
         # per unit what is put in: a sublayer's output, a block's increment out_d − in_d
+        # a block's input as the model passed it is still on the previous layer's device (several GPUs)
         self.values = [
-            got[("out", u)] - got[("in", u)] if unit.kind == "block" else got[("out", u)]
+            got[("out", u)] - got[("in", u)].to(got[("out", u)].device) if unit.kind == "block" else got[("out", u)]
             for u, unit in enumerate(self.units)
         ]
         self.logp_d = self._logp(self.logits_d)
@@ -353,14 +354,19 @@ class _Patcher:
                 dropped_before.append(u)
             else:
                 dropped_after.setdefault(last_kept, []).append(u)
-        values = [v.to(self.device) for v in self.values]
+        # each value stays where its unit ran; every hook brings what it uses to the tensor it patches (on
+        # several GPUs a layer's, which the dense and perturbed models hold on the same device)
+        values = self.values
 
-        def sel(u):
-            return mask[:, u].view(rows, 1)
+        def sel(u, like):
+            return mask[:, u].view(rows, 1).to(like.device)
+
+        def value(u, like):
+            return values[u].to(device=like.device, dtype=like.dtype)
 
         def add_dropped(h_last, units):
             for u in units:
-                h_last = h_last + sel(u).to(h_last.dtype) * values[u].to(h_last.dtype)
+                h_last = h_last + sel(u, h_last).to(h_last.dtype) * value(u, h_last)
             return h_last
 
         for u, unit in enumerate(self.units):
@@ -369,7 +375,7 @@ class _Patcher:
 
             def patch(_m, _args, output, u=u):
                 x = _first(output)
-                new = torch.where(sel(u), values[u].to(x.dtype), _last(x, rows))
+                new = torch.where(sel(u, x), value(u, x), _last(x, rows))
                 return _with_first(output, _replace_last(x, rows, new))
 
             handles.append(self.modules[u][1].register_forward_hook(patch))
@@ -397,7 +403,7 @@ class _Patcher:
                 x = _first(output)
                 last = _last(x, rows)
                 if own is not None:
-                    last = torch.where(sel(own), inputs[k] + values[own].to(x.dtype), last)
+                    last = torch.where(sel(own, x), inputs[k].to(x.device) + value(own, x), last)
                 last = add_dropped(last, after)
                 return _with_first(output, _replace_last(x, rows, last))
 

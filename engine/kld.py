@@ -218,9 +218,12 @@ def hidden_cosines(h_d, h_p, hidden_map, keep: int):
     import torch
 
     from engine.pair import mapped_hidden
+    from engine.placement import gather
 
-    d = torch.stack([h[0, -keep:] for h in h_d], dim=0).float()[None]  # (1, L+1, keep, H)
-    p = torch.stack([h[0, -keep:] for h in h_p], dim=0).float()[None]
+    # on several GPUs the layers' states are where the layers are: one copy per device to the last one's
+    where = h_d[-1].device
+    d = gather([h[0, -keep:] for h in h_d], where, dim=0).float()[None]  # (1, L+1, keep, H)
+    p = gather([h[0, -keep:] for h in h_p], where, dim=0).float()[None]
     index = torch.tensor(hidden_map, dtype=torch.long, device=p.device)
     b, n, k, hdim = d.shape
     pm = mapped_hidden(d.reshape(1, n, k * hdim), p.reshape(1, p.shape[1], k * hdim), index).reshape(1, n, k, hdim)

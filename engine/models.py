@@ -299,8 +299,9 @@ def pick_dtype(dtype: str, device):
     return getattr(torch, DTYPES[dtype])
 
 
-def _placement(device, device_map: str | None) -> dict:
-    """from_pretrained kwargs: accelerate's device_map='auto' when asked or when several GPUs are present."""
+def _placement(device, device_map: str | dict | None) -> dict:
+    """from_pretrained kwargs: the device_map given (engine.plan's, {module name: GPU index}), else accelerate's
+    device_map='auto' when several GPUs are present (a model whose config was not known before loading)."""
     import torch
 
     if device_map:
@@ -317,12 +318,14 @@ def load(
     name: str,
     device: str = "auto",
     dtype: str = "auto",
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
     progress: Progress | None = None,
     streamed: bool = False,
 ) -> LoadedModel:
     """Load the model a --model name points at, in eval mode, with a tokenizer that has a pad token.
 
+    `device_map`: {module name: device} (engine.plan's for several GPUs, engine.placement) or 'auto'; the model
+    is placed by it with accelerate's hooks, which move each module's inputs onto its device.
     `streamed`: the decoder layers' weights stay on disk and are brought to the device layer by layer
     (engine.streaming; the placement `hierui plan` calls streamed); a checkpoint's layers are read from its
     own safetensors files, never loaded whole."""
@@ -331,20 +334,23 @@ def load(
     dt = pick_dtype(dtype, dev)
     say = progress or (lambda _msg: None)
     try:
+        mapped = isinstance(device_map, dict) and not streamed
         if ref.kind == "tiny":
             from engine.tiny import build_tiny_random
 
             model, tok = build_tiny_random()
-            model = model.to(dtype=dt, device=dev)
+            model = _dispatched(model.to(dtype=dt), device_map) if mapped else model.to(dtype=dt, device=dev)
         elif ref.kind == "zoo":
             from engine.zoo import build_member
 
             model, tok = build_member(ref.source)
-            model = model.to(dtype=dt, device=dev)
+            model = _dispatched(model.to(dtype=dt), device_map) if mapped else model.to(dtype=dt, device=dev)
         elif ref.kind == "random":  # built in place, in dt on dev (never in float32 on the host first)
             from engine.random_model import build_random
 
-            model, tok = build_random(ref.name, dev, dt, say)
+            model, tok = build_random(ref.name, dev, dt, say, device_map=device_map if mapped else None)
+            if mapped:
+                model = _dispatched(model, device_map)
         else:
             path = _local_path_for(ref, say)
             say(f"loading {ref.display}" + (" (layers streamed from disk)" if streamed else ""))
@@ -368,6 +374,18 @@ def load(
         tok.pad_token = tok.eos_token
     first = model.get_input_embeddings().weight
     return LoadedModel(ref, model, tok, first.device, first.dtype)
+
+
+def _dispatched(model, device_map: dict):
+    """`model` placed by `device_map` with accelerate's hooks (engine.placement.dispatch)."""
+    from engine.placement import dispatch
+
+    return dispatch(model, device_map, main_device=_main_device(device_map))
+
+
+def _main_device(device_map: dict):
+    """Where modules mapped to "cpu" run: on the CPU itself (a GPU + CPU map runs on both, not offloaded)."""
+    return "cpu" if "cpu" in set(device_map.values()) else None
 
 
 def _from_pretrained(path: Path, dev, dt, device_map):

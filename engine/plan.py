@@ -32,13 +32,14 @@ What the estimate counts, read from the code that allocates it (bytes; b = the d
 The peak is the largest of the stages (load, calibrate, prune, step). On CUDA the figures are device memory as
 torch allocates it (torch.cuda.max_memory_allocated: the CUDA context and the host process are not in it); on a
 CPU, the process's resident memory. The placement: one device when the peak fits it; on CUDA with --gpus N > 1,
-one device_map shared by both models (layer ℓ of both on one GPU), weights and caches split N ways; else
-streamed layers (engine.streaming): the embeddings, norms and head resident, every decoder layer's weights on
-disk (memory-mapped safetensors) and brought in one layer at a time, so the device holds the resident parts,
-the layer in flight and its pruned copy (STREAMED_LAYERS), and the activations, caches and workspace. Multi-GPU
-stepping is not implemented yet (issue 15 item 4): the plan says so. On a CPU, --gpu-mem simulates a smaller
-device (the RAM budget of the run): a pair above it is streamed the same way; without it a peak above the
-available RAM cannot fit.
+one device_map shared by both models (layer ℓ of both on one GPU; engine.placement.pair_device_map on the meta
+build, each GPU's budget less what may peak on any of them, divided by what each byte of dense weights brings
+along: the perturbed copy's layers and the KV caches), which explore / batch / prune load by; else streamed
+layers (engine.streaming): the embeddings, norms and head resident, every decoder layer's weights on disk
+(memory-mapped safetensors) and brought in one layer at a time, so the device holds the resident parts, the
+layer in flight and its pruned copy (STREAMED_LAYERS), and the activations, caches and workspace. On a CPU,
+--gpu-mem simulates a smaller device (the RAM budget of the run): a pair above it is streamed the same way;
+without it a peak above the available RAM cannot fit.
 """
 
 from __future__ import annotations
@@ -152,22 +153,29 @@ def _config_object(name: str, fetch: bool = False):
 _NOT_CONFIG = ("auto_map", "quantization_config", "dtype", "torch_dtype", "transformers_version", "text_config")
 
 
+def meta_model(name: str, config, dtype):
+    """The model of `config` built on torch's meta device: every tensor's shape, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:  # a value the model class refuses
+        raise HieruiError(f"cannot build the shape of {name}: {one_line(e)}") from None
+
+
 def geometry(name: str, dtype, fetch: bool = False) -> Geometry | None:
     """The Geometry of `name` in `dtype` (a torch dtype), built on the meta device; None when the config is
     not known before loading (`fetch`: see _config_object)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from engine.perturb.linears import decoder_layers, weight_views
 
     config = _config_object(name, fetch)
     if config is None:
         return None
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except Exception as e:  # a value the model class refuses
-        raise HieruiError(f"cannot build the shape of {name}: {one_line(e)}") from None
+    model = meta_model(name, config, dtype)
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     weight_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -262,6 +270,7 @@ class Plan:
     implemented: bool = True
     streamed_device: int = 0  # what streaming keeps on the device
     per_gpu: int = 0  # what several GPUs each hold
+    device_map: dict | None = None  # several GPUs: {module name: GPU index}, the load's (engine.placement)
 
     def summary(self) -> dict:
         """What a session header and batch.json record (key `plan`)."""
@@ -273,6 +282,7 @@ class Plan:
             "device": self.device,
             "dtype": self.dtype,
             "capacity_bytes": None if self.capacity is None else int(self.capacity),
+            **({"device_map": dict(self.device_map)} if self.device_map else {}),
         }
 
     def line(self) -> str:
@@ -468,7 +478,7 @@ def estimate(
         peak=stages[peak_stage],
         peak_stage=peak_stage,
     )
-    _place(plan, g, dev, gpu_mem)
+    _place(plan, g, dev, dt, gpu_mem, fetch)
     return plan
 
 
@@ -488,7 +498,7 @@ def host_memory() -> tuple[int, int]:
         return info.get("MemAvailable", info.get("MemFree", 0)), info.get("MemTotal", 0)
 
 
-def _place(plan: Plan, g: Geometry, dev, gpu_mem: int | None) -> None:
+def _place(plan: Plan, g: Geometry, dev, dt, gpu_mem: int | None, fetch: bool = False) -> None:
     """Where the pair goes, and whether it fits; HieruiError (exit 2) when it cannot fit even streamed."""
     available, total = host_memory()
     plan.host_available = available
@@ -517,22 +527,11 @@ def _place(plan: Plan, g: Geometry, dev, gpu_mem: int | None) -> None:
     plan.capacity = min(caps)
     if max(stage_total(items, s, device_only=True) for s in STAGES) <= caps[0]:
         plan.placement = f"one device ({plan.device})"
+        if plan.gpus > 1:  # the load keeps to that GPU rather than spreading over every one present
+            plan.device_map = {"": index}
         return
-    split = {"dense weights", "KV caches (both models)"} | {i.name for i in items if i.name.startswith("perturbed")}
-    if plan.gpus > 1:
-        per_gpu = max(
-            sum(i.nbytes // plan.gpus if i.name in split else i.nbytes for i in items if s in i.stages and i.on_device)
-            for s in STAGES
-        )
-        plan.per_gpu = per_gpu
-        if per_gpu <= plan.capacity:
-            plan.placement = f"{plan.gpus} GPUs, one device_map for both models"
-            plan.placement_note = (
-                f"{gib(per_gpu)} per GPU; layer ℓ of dense and perturbed on one GPU; multi-GPU stepping is not "
-                f"implemented yet (issue 15 item 4)"
-            )
-            plan.fits, plan.implemented = True, False
-            return
+    if plan.gpus > 1 and _place_on_gpus(plan, g, dt, caps, index, fetch):
+        return
     # streamed: the embeddings/head and STREAMED_LAYERS layers' weights on the device, the layers on disk
     resident = g.outside_bytes + STREAMED_LAYERS * g.layer_bytes
     weights = {"dense weights"} | {i.name for i in items if i.name.startswith("perturbed")}
@@ -563,6 +562,62 @@ def _place(plan: Plan, g: Geometry, dev, gpu_mem: int | None) -> None:
     )
 
 
+# what is split over the GPUs in proportion to the dense weights, beside the dense layers: the perturbed copy's
+# layers and the KV caches (stepping's, and the calibration sampler's, which is mostly its KV cache)
+SPLIT_WITH_LAYERS = ("KV caches (both models)", "calibration sampling")
+
+
+def _place_on_gpus(plan: Plan, g: Geometry, dt, caps: list[int], first: int, fetch: bool) -> bool:
+    """Several GPUs: one device_map (engine.placement.pair_device_map) for both models, made here from the meta
+    build so that the load follows it; False when the pair does not fit them even so (then it is streamed)."""
+    from engine.placement import describe, layers_prefix, pair_device_map
+
+    items = plan.items
+    layered = {"dense weights", *SPLIT_WITH_LAYERS} | {i.name for i in items if i.name.startswith("perturbed")}
+    # the rest (activations, workspace, logits, lens) may peak on whichever GPU holds the layer in flight
+    reserve = max(
+        sum(i.nbytes for i in items if s in i.stages and i.on_device and i.name not in layered) for s in STAGES
+    )
+    overhead = max(sum(i.nbytes for i in items if s in i.stages and i.name in layered) for s in STAGES)
+    overhead /= max(1, g.weight_bytes)
+    budgets = {first + k: cap - reserve for k, cap in enumerate(caps)}
+    if min(budgets.values()) <= 0:
+        return False
+    config = _config_object(plan.model, fetch)
+    model = meta_model(plan.model, config, dt)
+    try:
+        device_map = pair_device_map(model, dt, budgets, max(1.0, overhead))
+    except HieruiError:
+        return False
+    used = sorted(set(device_map.values()))
+    per_gpu = {k: 0 for k in used}
+    sizes = _bytes_by_entry(model, device_map)
+    for name, gpu in device_map.items():
+        per_gpu[gpu] += int(sizes.get(name, 0) * overhead)
+    plan.per_gpu = reserve + max(per_gpu.values())
+    plan.device_map = device_map
+    many = len(used) > 1
+    plan.placement = f"{len(used)} GPUs, one device_map for both models" if many else f"one device (cuda:{used[0]})"
+    plan.placement_note = (
+        f"{describe(device_map, layers_prefix(model))}; up to {gib(plan.per_gpu)} per GPU; layer ℓ of dense and "
+        "perturbed on one GPU"
+    )
+    plan.fits, plan.implemented = True, True
+    return True
+
+
+def _bytes_by_entry(model, names) -> dict[str, int]:
+    """Bytes of the tensors under each module of `names` (a device_map's keys; tied tensors counted once)."""
+    seen: set[int] = set()
+    sizes: dict[str, int] = {}
+    for name in names:
+        module = model.get_submodule(name) if name else model
+        tensors = [t for t in list(module.parameters()) + list(module.buffers()) if id(t) not in seen]
+        seen |= {id(t) for t in tensors}
+        sizes[name] = sum(t.numel() * t.element_size() for t in tensors)
+    return sizes
+
+
 def _disk_free() -> int:
     """Free bytes where streamed models write their layers (engine.streaming: the temporary folder)."""
     import shutil
@@ -572,6 +627,16 @@ def _disk_free() -> int:
         return int(shutil.disk_usage(tempfile.gettempdir()).free)
     except OSError:  # pragma: no cover
         return 2**62
+
+
+def visible_gpus(device: str | None) -> int:
+    """The GPUs a run on `device` spreads the pair over: every visible one for auto and cuda (choose them with
+    CUDA_VISIBLE_DEVICES), one for cuda:N, cpu or mps."""
+    if (device or "auto").strip().lower() not in ("auto", "cuda"):
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
 def plan_for_run(
@@ -591,11 +656,7 @@ def plan_for_run(
     (nothing is refused then); HieruiError when the pair cannot fit even streamed. `gpu_mem`: the device's
     budget (--gpu-mem; on a CPU a simulated one), below the pair's peak the layers are streamed."""
     calib = calib or {}
-    gpus = 1
-    if (device or "auto").strip().lower() in ("auto", "cuda"):  # loading spreads over every GPU (device_map auto)
-        import torch
-
-        gpus = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+    gpus = visible_gpus(device)
     return estimate(
         model,
         specs,

@@ -203,8 +203,12 @@ def transformers_config(shape: RandomShape, tokenizer):
         raise HieruiError(f"cannot build the shape of {shape.path}: {one_line(e)}") from None
 
 
-def build_random(name: str, device, dtype, progress=None):
-    """The random model of `name` in `dtype` on `device` (torch objects), and its tokenizer."""
+def build_random(name: str, device, dtype, progress=None, device_map: dict | None = None):
+    """The random model of `name` in `dtype` on `device` (torch objects), and its tokenizer.
+
+    `device_map` ({module name: device}, several GPUs): each tensor is made on its own device (drawn on the
+    first device of the map, in the same order as on one device, so the weights are the same either way);
+    engine.models then attaches accelerate's hooks."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -218,15 +222,25 @@ def build_random(name: str, device, dtype, progress=None):
     tok = random_tokenizer()
     config = transformers_config(shape, tok)
     say(f"building {shape.label} shape with {LABEL} ({str(dtype).removeprefix('torch.')} on {device})")
+    std = float(getattr(config, "initializer_range", None) or 0.02)
     try:
-        with torch.device(device), no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if device_map:  # parameters on the meta device first, buffers (rotary frequencies) on the host
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False), no_init_weights():
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            with torch.device(device), no_init_weights():
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except (HieruiError, MemoryError, RuntimeError):
         raise
     except Exception as e:  # the config class took the values, the model class does not
         raise HieruiError(f"cannot build the shape of {shape.path}: {one_line(e)}") from None
     model.tie_weights()  # no_init_weights skips the tying that init_weights does
-    init_random(model, shape.seed, float(getattr(config, "initializer_range", None) or 0.02))
+    if device_map:
+        init_random_mapped(model, shape.seed, std, device_map)
+    else:
+        init_random(model, shape.seed, std)
     model.generation_config.bos_token_id = config.bos_token_id
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
@@ -249,3 +263,37 @@ def init_random(model, seed: int, std: float) -> None:
                 p.zero_()
             else:
                 p.fill_(1.0)
+
+
+def init_random_mapped(model, seed: int, std: float, device_map: dict) -> None:
+    """init_random for a model built on the meta device: each parameter drawn on the map's first device, from
+    one generator there, in init_random's order and with its rule, then set on the device its module is mapped
+    to; tied parameters are tied again once set."""
+    import torch
+    from accelerate.utils import set_module_tensor_to_device
+
+    first = torch.device(_device(next(iter(device_map.values()))))
+    gen = torch.Generator(device=first).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            value = torch.empty(p.shape, dtype=p.dtype, device=first)
+            if p.dim() >= 2:
+                value.normal_(0.0, std, generator=gen)
+            elif name.endswith("bias"):
+                value.zero_()
+            else:
+                value.fill_(1.0)
+            set_module_tensor_to_device(model, name, _device(mapped_device(device_map, name)), value=value)
+    model.tie_weights()
+
+
+def mapped_device(device_map: dict, name: str):
+    """The device `device_map` gives the tensor `name`: that of the longest module name it is under."""
+    best = max((key for key in device_map if key == "" or name == key or name.startswith(key + ".")), key=len)
+    return device_map[best]
+
+
+def _device(device):
+    import torch
+
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)

@@ -30,6 +30,7 @@ import torch
 from engine import metrics as M
 from engine.errors import HieruiError
 from engine.pair import mapped_hidden
+from engine.placement import gather
 from engine.settings import StepSettings, fit_context
 from engine.tokens import choice_token_ids, eos_ids, piece, prompt_ids
 
@@ -210,7 +211,7 @@ class BatchStepper:
         if layers is None:  # an architecture whose layers and final norm we cannot find: every position
             out = model(input_ids=ids.to(self.device), cache=cache, use_cache=True, output_hidden_states=True, **kwargs)
             logits = out.logits[:, -1, :]
-            return torch.stack([h[:, -1, :].to(logits.device) for h in out.hidden_states], dim=1), logits
+            return gather([h[:, -1, :] for h in out.hidden_states], logits.device, dim=1), logits
 
         def layer_input(_m, args, kw):
             h = args[0] if args else kw["hidden_states"]
@@ -227,7 +228,8 @@ class BatchStepper:
             for hook in hooks:
                 hook.remove()
         logits = out.logits[:, -1, :]
-        hidden = torch.stack([h.to(logits.device) for h in grabbed], dim=1)
+        # several GPUs: one copy per device to the head's, not one per layer (engine.placement)
+        hidden = gather(grabbed, logits.device, dim=1)
         return hidden, logits
 
     def _both(self, ids_d: torch.Tensor, ids_p: torch.Tensor, extra: dict, run=(True, True)) -> None:

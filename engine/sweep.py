@@ -512,7 +512,15 @@ def _record(
     from engine.stepper import BatchStepper
 
     streamed = (getattr(sweep, "plan", None) or {}).get("placement") == "streamed"  # engine.plan, engine.streaming
-    loaded = load(sweep.model, device=sweep.device, dtype=sweep.dtype, progress=hooks.message, streamed=streamed)
+    device_map = (getattr(sweep, "plan", None) or {}).get("device_map")  # several GPUs: engine.placement
+    loaded = load(
+        sweep.model,
+        device=sweep.device,
+        dtype=sweep.dtype,
+        progress=hooks.message,
+        streamed=streamed,
+        device_map=device_map,
+    )
     for note in check_choices(sweep, loaded.tokenizer):  # bad choices fail now, not in the middle of the sweep
         hooks.message(note)
     from engine.architecture import describe

@@ -355,7 +355,9 @@ def explore(
         from engine.models import load
         from engine.perturb import perturb
 
-        loaded = load(model, device=device, dtype=dtype, progress=progress, streamed=_streamed(plan))
+        loaded = load(
+            model, device=device, dtype=dtype, progress=progress, streamed=_streamed(plan), device_map=_device_map(plan)
+        )
         pair = perturb(loaded, parsed, use_cache=not no_cache, progress=progress, calib_options=calibration.to_dict())
         pair.plan = plan.summary() if plan is not None else None  # the session header records it
         return pair
@@ -1016,7 +1018,9 @@ def prune(
     from hierui.progress import stage_progress
 
     with stage_progress(err_console) as (say, step):
-        loaded = load(model, device=device, dtype=dtype, progress=step, streamed=_streamed(plan))
+        loaded = load(
+            model, device=device, dtype=dtype, progress=step, streamed=_streamed(plan), device_map=_device_map(plan)
+        )
         pair = perturb(loaded, parsed, use_cache=not no_cache, progress=step, calib_options=calibration.to_dict())
         measuring = "measuring perplexity and greedy text"
         step(measuring, 0, 4)
@@ -1094,6 +1098,12 @@ def _print_plan(model: str, specs: list, device: str, dtype: str, calib: dict, g
     return plan
 
 
+def _device_map(plan) -> dict | None:
+    """The plan's device_map for several GPUs ({module name: GPU index}, engine.placement), else None."""
+    found = plan.get("device_map") if isinstance(plan, dict) else getattr(plan, "device_map", None)
+    return dict(found) if found else None
+
+
 def _streamed(plan) -> bool:
     """The plan (engine.plan.Plan, its summary dict, or None) streams the decoder layers (engine.streaming)."""
     placement = plan.get("placement") if isinstance(plan, dict) else getattr(plan, "placement", None)
@@ -1108,7 +1118,13 @@ def plan(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16"),
-    gpus: int = typer.Option(1, "--gpus", help="GPUs to spread the pair over (one device_map for both models)"),
+    gpus: Optional[int] = typer.Option(
+        None,
+        "--gpus",
+        help="GPUs to spread the pair over, one device_map for both models (default: every visible one, as "
+        "explore, batch and prune do)",
+        show_default=False,
+    ),
     gpu_mem: Optional[str] = typer.Option(
         None,
         "--gpu-mem",
@@ -1133,7 +1149,7 @@ def plan(
     GPUs with one device_map for both models, or streamed offload."""
     from engine.models import resolve
     from engine.perturb.spec import parse_spec
-    from engine.plan import PROMPT_TOKENS, estimate, gib, parse_size
+    from engine.plan import PROMPT_TOKENS, estimate, gib, parse_size, visible_gpus
     from engine.settings import calibration_for
 
     resolve(model)
@@ -1161,7 +1177,7 @@ def plan(
         calib=(largest.samples, largest.length) if largest else None,
         self_calibration=calib is None,
         lens=not no_lens,
-        gpus=gpus,
+        gpus=gpus if gpus is not None else visible_gpus(device),
         gpu_mem=size,
         fetch=True,
     )

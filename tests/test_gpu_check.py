@@ -58,4 +58,12 @@ def test_gpu_check_runs_on_cpu_with_a_small_shape(tmp_path):
     for prefix in ("scale load:", "scale wanda:0.5 pruning:", "scale wanda:0.5 shared:", "scale wanda:0.5 free:"):
         assert any(line.startswith(prefix) for line in lines), (prefix, lines)
     assert any(line.startswith(("scale int8 shared:", "scale int8/nf4: skipped")) for line in lines), lines
+    # the multi-device part, here the hooked path on one CPU: exactly the one-device pair's masks and steps
+    multi = {line.split(": ")[0]: line for line in lines if line.startswith("multi-device")}
+    for spec in ("wanda:0.5", "sparsegpt:0.5"):
+        assert "masks agree 100.0000%" in multi[f"multi-device {spec} pruning"], multi
+        assert "layer ℓ of both on one device: yes" in multi[f"multi-device {spec} pruning"]
+        assert "max relative KL difference 0.00e+00" in multi[f"multi-device {spec} stepping"], multi
+    assert "FAILED" not in "\n".join(multi.values()), multi
+    assert "max |Δ KL patched| 0.00e+00" in multi["multi-device attribution"]
     assert "FAILED" not in run.stdout

@@ -136,7 +136,11 @@ def test_streamed_and_multi_gpu_placements(monkeypatch):
     assert whole.placement == "one device (cuda:0)" and whole.fits and whole.implemented
     need = whole.peak
     split = place(4, int(need * 0.6))
-    assert split.placement.startswith("4 GPUs") and "not implemented yet" in split.placement_note
+    assert split.placement.endswith("GPUs, one device_map for both models") and split.fits and split.implemented
+    gpus = sorted(set(split.device_map.values()))
+    assert len(gpus) >= 2 and gpus == list(range(len(gpus)))  # filled in order: as few boundaries as fit
+    assert split.summary()["device_map"] == split.device_map  # recorded, and what the load follows
+    assert "layer ℓ of dense and perturbed on one GPU" in split.placement_note
     streamed = place(1, int(need * 0.8))
     assert streamed.placement == "streamed" and not streamed.fits and streamed.implemented
     assert "streamed from disk" in streamed.placement_note

@@ -88,6 +88,10 @@ def perturb(
     report.seconds = time.perf_counter() - start
     if spec.family != "quant":  # quantized weights are not pruned: zeros of de-quantized experts mean nothing
         _measure_sparsity(dense, perturbed, report)
+    if spec.family != "drop":  # layer ℓ of both on one device (engine.placement); a drop renumbers the layers
+        from engine.placement import check_same_placement
+
+        check_same_placement(dense, perturbed)
     pair = ModelPair(
         dense=dense, perturbed=perturbed, tokenizer=loaded.tokenizer, spec=spec, report=report, loaded=loaded
     )

@@ -68,8 +68,14 @@ def load_checkpoint(loaded, spec, progress=None, report=None):
             raise HieruiError(f"checkpoint not found: {path}") from None
         raise
     dense = loaded.model
-    devices = set((getattr(dense, "hf_device_map", None) or {}).values())
-    device_map = "auto" if len(devices) > 1 else None
+    dense_map = getattr(dense, "hf_device_map", None) or {}
+    device_map = None
+    if len(set(dense_map.values())) > 1:  # several devices: layer ℓ of both where the dense model has it
+        from engine.models import config_int, read_config
+        from engine.perturb.linears import decoder_layers
+
+        depth = config_int(read_config(path), "num_hidden_layers")
+        device_map = dict(dense_map) if depth == len(decoder_layers(dense)) else "auto"  # another depth: accelerate's
     directory = Path(ref.source) if ref.kind == "local" else None
     differing = _shapes_off_config(directory) if directory is not None else {}
     say(f"loading checkpoint {path}")

@@ -168,7 +168,9 @@ def similarity_scores(
 
         def grab_output(_m, _args, output, i=i):
             states = seen.pop(i)
-            h_in, h_out = states["in"], _out(output)
+            # the input as the model passed it: on several GPUs, still on the previous layer's device
+            h_out = _out(output)
+            h_in = states["in"].to(h_out.device)
             a, m = states["a"].view_as(h_in), states["m"].view_as(h_in)  # OPT's fc2: [tokens, hidden]
             if i not in checked:
                 _check_decomposition(parts, i, h_in, a, m, h_out)

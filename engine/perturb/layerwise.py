@@ -23,6 +23,7 @@ import inspect
 from collections.abc import Callable
 
 import torch
+from accelerate.utils import send_to_device
 
 from engine.perturb.linears import WeightView, decoder_layers, is_experts, weight_views
 from engine.streaming import each_resident, layer_device
@@ -167,9 +168,12 @@ def prune_layers_sequentially(
     details: dict = {}
     # a streamed layer (engine.streaming) has its weights in for its turn, its pruned ones written after
     for index, layer in each_resident(layers):
-        device = next(layer.parameters()).device
+        # on several GPUs, the layer's own device: its inputs and every keyword argument (masks, rotary
+        # embeddings, whatever a family passes) go there, moved whatever their structure (nested tuples, dicts,
+        # objects with .to), so a new layer signature needs nothing here
+        device = layer_device(layer)
         kwargs = layer_kwargs[index]
-        chunks = [(h.to(device), {k: _to(v, device) for k, v in kw.items()}) for h, kw in zip(hidden, kwargs)]
+        chunks = [(h.to(device), send_to_device(kw, device)) for h, kw in zip(hidden, kwargs)]
         views = weight_views(layer, index)
         plain = [v for v in views if v.expert is None]
         stats = {id(v): InputStats(v.in_features, v.parameter.device, gram) for v in plain}
@@ -192,13 +196,3 @@ def prune_layers_sequentially(
         if progress:
             progress(index + 1, len(layers))
     return details
-
-
-def _to(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
