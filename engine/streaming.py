@@ -9,17 +9,29 @@ before the layer's forward and drops them after, so stepping holds one layer's w
 The perturbed copy of a streamed model (`clone_streamed`, called by engine.pair.clone_sharing) has the same
 placement: its layers read the dense model's files, overlaid by a store of its own (`Overlay`) where pruning
 writes the new weights of the layer in flight (`resident`), so the dense model's files are never written.
+
+Nothing here gathers all layers' weights in memory (a streamed model is one that does not fit): the pruned-weight
+cache entry is written one tensor at a time (`write_own`, `write_safetensors`) and a cached entry becomes the
+clone's own store by pointing into (a hard link of) the file (`adopt_file`); `hierui prune --save` writes one
+shard per layer (engine.perturb.export).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import json
+import math
+import os
 import shutil
+import struct
+import sys
 import tempfile
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
@@ -238,32 +250,168 @@ def _layers_prefix(model) -> str:
     return next(name for name, module in model.named_modules() if module is layers) + "."
 
 
-def own_tensors(model) -> dict[str, torch.Tensor]:
-    """Every tensor a streamed perturbed model holds in its own store (what pruning changed), by its name in
-    the model's state dict ('model.layers.3.self_attn.q_proj.weight')."""
+def own_entries(model) -> dict[str, tuple[str, str]]:
+    """Where each tensor of a streamed perturbed model's own store (what pruning changed) lives, by its name in
+    the model's state dict ('model.layers.3.self_attn.q_proj.weight') → (file, key); layer by layer, nothing read."""
     prefix = _layers_prefix(model)
     out = {}
     for index, layer in enumerate(decoder_layers(model)):
         hook = layer_hook(layer)
         if hook is not None and isinstance(hook.weights_map, Overlay):
-            for name in hook.weights_map.own.entries:
-                out[f"{prefix}{index}.{name}"] = hook.weights_map.own[name]
+            for name, where in hook.weights_map.own.entries.items():
+                out[f"{prefix}{index}.{name}"] = where
     return out
 
 
-def adopt(model, tensors: dict[str, torch.Tensor]) -> None:
-    """Write `tensors` (state-dict names inside the decoder layers, as `own_tensors` gives them) into the
-    streamed perturbed `model`'s own store: a cached pruning result."""
+def own_tensors(model) -> FileStore:
+    """Every tensor a streamed perturbed model holds in its own store, by its state-dict name: a FileStore, so
+    each tensor is read from disk only when it is asked for (a 70B model's pruned layers never all at once)."""
+    return FileStore(own_entries(model))
+
+
+class Pending(NamedTuple):
+    """One tensor to be written by `write_safetensors`: its name, dtype and shape, and `read()` giving it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+
+
+SAFETENSORS_DTYPES = {  # the dtype codes of the safetensors header
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def write_safetensors(path, tensors: list[Pending], metadata: dict[str, str] | None = None) -> None:
+    """A standard safetensors file at `path` holding `tensors`, read (`Pending.read`) and written one at a time.
+
+    safetensors' own writers take every tensor in memory at once; this one writes the documented format itself
+    (8-byte little-endian header length, the JSON header {name: {dtype, shape, data_offsets}} padded with spaces
+    to 8 bytes, then the raw little-endian bytes), the header first from the names, dtypes and shapes alone.
+    The widest dtypes come first (as safetensors orders them) so every tensor is aligned in a memory map."""
+    if sys.byteorder != "little":  # the format is little-endian; torch's bytes are the machine's
+        raise RuntimeError("writing safetensors files one tensor at a time needs a little-endian machine")
+    ordered = sorted(tensors, key=lambda t: -t.dtype.itemsize)  # stable: a layer's tensors stay together
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for t in ordered:
+        size = math.prod(t.shape) * t.dtype.itemsize
+        header[t.name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for t in ordered:
+            tensor = t.read()
+            if tensor.dtype != t.dtype or tuple(tensor.shape) != tuple(t.shape):
+                raise RuntimeError(
+                    f"{t.name}: read {tensor.dtype} {tuple(tensor.shape)}, announced {t.dtype} {t.shape}"
+                )
+            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            del tensor  # before the next read: one tensor in memory at a time
+
+
+def in_memory(tensors: dict[str, torch.Tensor]) -> list[Pending]:
+    """`tensors` (already in memory) as `write_safetensors` takes them."""
+    return [Pending(name, t.dtype, tuple(t.shape), functools.partial(_same, t)) for name, t in tensors.items()]
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def write_own(model, path, metadata: dict[str, str] | None = None) -> None:
+    """A streamed perturbed model's own tensors (as `own_tensors` names them) written to one safetensors file at
+    `path`, one tensor in memory at a time: the pruned-weight cache entry (engine.perturb._store_pruned)."""
+    store = own_tensors(model)
+    params = dict(model.named_parameters(remove_duplicate=False))  # meta in the layers: dtypes and shapes only
+    pending = [
+        Pending(name, params[name].dtype, tuple(params[name].shape), functools.partial(store.__getitem__, name))
+        for name in store
+    ]
+    write_safetensors(path, pending, metadata)
+
+
+def adopt_file(model, path) -> dict[str, str] | None:
+    """Make the tensors of the safetensors file `path` (state-dict names inside the decoder layers, as
+    `write_own` writes them) the streamed perturbed `model`'s own store, without reading them: the file is
+    hard-linked (copied where it cannot be) into the model's own folder, so removing `path` (`hierui cache
+    clear`) cannot take it away, and each layer's store points into it. Returns the file's metadata, or None
+    (nothing adopted) where a name is not a parameter of a decoder layer or its dtype or shape differ."""
+    from safetensors import safe_open
+
     prefix = _layers_prefix(model)
-    by_layer: dict[int, dict] = {}
-    for name, tensor in tensors.items():
-        if not name.startswith(prefix):
-            raise ValueError(f"{name} is not inside a decoder layer")
-        index, _, inner = name[len(prefix) :].partition(".")
-        by_layer.setdefault(int(index), {})[inner] = tensor
+    params = dict(model.named_parameters(remove_duplicate=False))
+    folder = getattr(model, STREAM_ATTR).folder
+    own = folder / f"cached-{len(list(folder.glob('cached-*')))}.safetensors"
+    _link_or_copy(Path(path), own)
+    by_layer: dict[int, dict[str, tuple[str, str]]] = {}
+    with safe_open(str(own), framework="pt") as f:
+        metadata = f.metadata() or {}
+        for name in f.keys():
+            view = f.get_slice(name)
+            param = params.get(name)
+            if (
+                not name.startswith(prefix)
+                or param is None
+                or tuple(view.get_shape()) != tuple(param.shape)
+                or view.get_dtype() != SAFETENSORS_DTYPES.get(param.dtype)
+            ):
+                own.unlink()
+                return None
+            index, _, inner = name[len(prefix) :].partition(".")
+            by_layer.setdefault(int(index), {})[inner] = (str(own), name)
     layers = decoder_layers(model)
-    for index, found in by_layer.items():
-        _write_own(layers[index], layer_hook(layers[index]), found)
+    for index, entries in by_layer.items():
+        layer_hook(layers[index]).weights_map.own.entries.update(entries)
+    return metadata
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`target` the same file as `source`: a hard link where the file system allows one, else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def resident_state(model) -> dict[str, torch.Tensor]:
+    """The state dict of what a streamed model holds outside its decoder layers (embeddings, final norm, head)."""
+    prefix = _layers_prefix(model)
+    return {name: t for name, t in model.state_dict().items() if not name.startswith(prefix)}
+
+
+def layer_state(model, index: int) -> dict[str, torch.Tensor]:
+    """Decoder layer `index`'s state dict under the model's names, on the CPU: its parameters read from its store
+    (a perturbed model's own tensors where pruned, else the dense files'), cast to the model's dtype as they are
+    when the layer runs; its buffers as the module holds them."""
+    prefix = f"{_layers_prefix(model)}{index}."
+    layer = decoder_layers(model)[index]
+    hook = layer_hook(layer)
+    stored = set(hook.weights_map) if hook is not None else set()  # names only: nothing read yet
+    out = {}
+    for name, tensor in layer.state_dict(keep_vars=True).items():
+        value = hook.weights_map[name].to(tensor.dtype) if name in stored else tensor
+        out[prefix + name] = value.detach().cpu()
+    return out
 
 
 STREAMABLE = ("magnitude", "wanda", "sparsegpt", "none")  # the methods that run on streamed layers

@@ -237,8 +237,9 @@ def _cached_json(entry, compute: Callable[[], dict], use_cache: bool) -> dict:
 
 
 def _changed_tensors(dense, perturbed) -> dict:
-    """Parameters of `perturbed` that are not the dense model's own tensors, by state-dict name."""
-    if getattr(perturbed, "hierui_stream", None) is not None:  # streamed layers: its own store (engine.streaming)
+    """Parameters of `perturbed` that are not the dense model's own tensors, by state-dict name. Streamed layers:
+    its own store (engine.streaming), a mapping that reads each tensor from disk only when it is asked for."""
+    if getattr(perturbed, "hierui_stream", None) is not None:
         from engine.streaming import own_tensors
 
         return own_tensors(perturbed)
@@ -253,16 +254,23 @@ def _changed_tensors(dense, perturbed) -> dict:
 def _store_pruned(dense, perturbed, entry, details: dict | None = None) -> None:
     """Store the tensors `perturbed` does not share with `dense` as the cache entry `entry` (engine.cache.Slot),
     whole 3-D expert parameters and GPT-2 Conv1D weights included (stored as the model holds them), with the
-    pruning's `details` (JSON) in the file's metadata."""
+    pruning's `details` (JSON) in the file's metadata. Streamed layers: the same file, written one tensor at a
+    time (engine.streaming.write_own), never all the pruned layers in memory."""
     from safetensors.torch import save_file
 
-    tensors = {n: p.detach().cpu().contiguous() for n, p in _changed_tensors(dense, perturbed).items()}
     metadata = {"details": json.dumps(details or {})}
+    if getattr(perturbed, "hierui_stream", None) is not None:
+        from engine.streaming import write_own
+
+        entry.store(lambda tmp: write_own(perturbed, tmp, metadata))
+        return
+    tensors = {n: p.detach().cpu().contiguous() for n, p in _changed_tensors(dense, perturbed).items()}
     entry.store(lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _load_pruned(dense, entry):
-    """(the clone with the cached tensors, the stored details), or None when there is no usable entry."""
+    """(the clone with the cached tensors, the stored details), or None when there is no usable entry. Streamed
+    layers: nothing is read, the clone's own store points into (a hard link of) the file (engine.streaming)."""
     import torch.nn as nn
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -272,6 +280,16 @@ def _load_pruned(dense, entry):
     path = entry.path
     if not path.is_file():
         return None
+    if getattr(dense, "hierui_stream", None) is not None:
+        from engine.streaming import adopt_file
+
+        clone = clone_sharing(dense)
+        try:
+            metadata = adopt_file(clone, path)
+            details = json.loads((metadata or {}).get("details") or "{}")
+        except Exception:
+            return None  # a corrupt cache entry is recomputed
+        return None if metadata is None else (clone, details)
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
@@ -280,20 +298,13 @@ def _load_pruned(dense, entry):
         return None  # a corrupt cache entry is recomputed
     clone = clone_sharing(dense)
     modules = dict(clone.named_modules())
-    streamed = getattr(clone, "hierui_stream", None) is not None
     for name, tensor in tensors.items():
         owner, _, attr = name.rpartition(".")
         module = modules.get(owner)
         old = getattr(module, attr, None) if module is not None else None
         if old is None or old.shape != tensor.shape:
             return None
-        if streamed:  # written to the clone's own store below (engine.streaming)
-            continue
         # a copy: fresh memory, aligned as the computed weights were, so a cache hit computes bit for bit alike
         new = tensor.to(device=old.device, dtype=old.dtype, copy=True)
         setattr(module, attr, nn.Parameter(new, requires_grad=False))
-    if streamed:
-        from engine.streaming import adopt
-
-        adopt(clone, tensors)
     return clone, details
