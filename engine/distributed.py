@@ -102,8 +102,9 @@ def mask_hash(pair) -> str:
     from engine.perturb import _changed_tensors
 
     h = hashlib.sha256()
-    for name, tensor in sorted(_changed_tensors(pair.dense, pair.perturbed).items()):
-        zero = (tensor.detach() == 0).cpu().numpy()
+    changed = _changed_tensors(pair.dense, pair.perturbed)  # streamed layers: read from disk one at a time
+    for name in sorted(changed):
+        zero = (changed[name].detach() == 0).cpu().numpy()
         h.update(f"{name}{tuple(zero.shape)}".encode())
         h.update(np.packbits(zero.reshape(-1)).tobytes())
     details = (pair.report.details if pair.report is not None else None) or {}
@@ -187,8 +188,29 @@ class PairWorker:
         if self.loaded is None:
             from engine.models import load
 
-            self.loaded = load(self.sweep.model, device=self.sweep.device, dtype=self.sweep.dtype)
+            s = self.sweep
+            # the driver's plan (engine.plan): above the device's budget each worker streams its layers from disk
+            streamed = (getattr(s, "plan", None) or {}).get("placement") == "streamed"
+            device_map = None if streamed else self._device_map()
+            self.loaded = load(s.model, device=s.device, dtype=s.dtype, device_map=device_map, streamed=streamed)
         return self.loaded
+
+    def _device_map(self) -> dict | None:
+        """A worker given several GPUs (--ray-gpus) spreads its pair over them as a local run does: one device_map
+        for both models, planned here, where the GPUs are (engine.placement); None on one device."""
+        from engine.errors import HieruiError
+        from engine.plan import plan_for_run, visible_gpus
+
+        if visible_gpus(self.sweep.device) < 2:
+            return None
+        s = self.sweep
+        try:
+            plan = plan_for_run(
+                s.model, s.specs, s.device, s.dtype, s.calib.to_dict(), max_new_tokens=s.settings.max_new_tokens
+            )
+        except HieruiError:  # it does not fit even so: accelerate's own placement, and its error if any
+            return None
+        return plan.device_map if plan is not None else None
 
     def hello(self) -> dict:
         """Load the model and check the prompts' choices; who this worker is, what it loaded, the notes."""

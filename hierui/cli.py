@@ -840,8 +840,6 @@ def batch(
         lens=sweep.settings.lens,
         gpu_mem=gpu_mem,
     )
-    if _streamed(plan) and ray_options is not None:
-        raise HieruiError("--ray with streamed layers (--gpu-mem below the pair's peak) is not supported yet")
     sweep.plan = plan.summary() if plan is not None else None  # batch.json and every session header record it
     out = out or default_out_dir()
     _quiet_libraries()
@@ -1007,8 +1005,6 @@ def prune(
     calib_options = calibration.to_dict()
     options = dict(max_new_tokens=tokens, lens=False, perplexity=512, gpu_mem=gpu_mem)
     plan = _print_plan(model, [parsed], device, dtype, calib_options, **options)
-    if save is not None and _streamed(plan):
-        raise HieruiError("--save of a pair with streamed layers (--gpu-mem below its peak) is not supported yet")
     _quiet_libraries()
 
     from engine import quality

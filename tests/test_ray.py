@@ -159,6 +159,22 @@ def test_ray_sweep_equals_local_sweep(cluster, prompts, tmp_path):
     assert run_ray_sweep(sweep, tmp_path / "ray", RayOptions(address=cluster.address)).computed == []
 
 
+def test_ray_workers_stream_their_layers_when_the_plan_says_so(cluster, prompts, tmp_path):
+    """A pair above the device's budget (hierui plan: streamed; here the plan's verdict is given) runs on Ray with
+    every worker's decoder layers streamed from disk (engine.streaming), with the in-memory local sweep's output."""
+    sweep = plan(prompts, specs=["wanda:0.5"])
+    local = run_sweep(sweep, tmp_path / "local", batch_size=2)
+    sweep.plan = {"placement": "streamed", "fits": False}
+    result = run_ray_sweep(sweep, tmp_path / "ray", RayOptions(address=cluster.address), batch_size=2)
+    assert sorted(result.computed) == sorted(local.computed)
+    assert_same_output(tmp_path / "local", tmp_path / "ray")
+    header = load_session(next((tmp_path / "ray" / "sessions").glob("*.jsonl"))).header
+    assert header["plan"]["placement"] == "streamed"
+    prunes = [line for line in read_workers(tmp_path / "ray") if line["kind"] == "prune"]
+    local_hash = {line["mask_hash"] for line in prunes}
+    assert len(local_hash) == 1  # every streamed worker found the same mask
+
+
 class KillFirstWorker(RayHooks):
     """Kills the first worker's process (SIGKILL, by its pid) as soon as it is handed its first runs."""
 
