@@ -271,6 +271,7 @@ class Plan:
     streamed_device: int = 0  # what streaming keeps on the device
     per_gpu: int = 0  # what several GPUs each hold
     device_map: dict | None = None  # several GPUs: {module name: GPU index}, the load's (engine.placement)
+    device_peak: int | None = None  # the peak less what is not on the device (a CPU's process baseline)
 
     def summary(self) -> dict:
         """What a session header and batch.json record (key `plan`)."""
@@ -289,7 +290,11 @@ class Plan:
         """One line for the start of explore / batch / prune."""
         where = f"{self.capacity_source} {gib(self.capacity)}" if self.capacity is not None else "capacity unknown"
         verdict = "fits" if self.fits else "does not fit"
-        out = f"plan: predicted peak {gib(self.peak)} ({self.peak_stage}) on {self.device}, {where}: {verdict}"
+        peak = f"{gib(self.peak)} ({self.peak_stage})"
+        if self.device_peak is not None and self.device_peak < self.peak:  # --gpu-mem simulated on a CPU
+            part = gib(self.device_peak) if self.device_peak >= GiB else f"{self.device_peak / MiB:.1f} MiB"
+            peak = f"{gib(self.peak)} ({self.peak_stage}; {part} of it in the device's budget)"
+        out = f"plan: predicted peak {peak} on {self.device}, {where}: {verdict}"
         out += f" · placement: {self.placement}"
         if self.placement_note:
             out += f" ({self.placement_note})"
@@ -525,7 +530,8 @@ def _place(plan: Plan, g: Geometry, dev, dt, gpu_mem: int | None, fetch: bool = 
         caps = [int(torch.cuda.mem_get_info(index + i)[0]) for i in range(plan.gpus)]
         plan.capacity_source = "free CUDA memory"
     plan.capacity = min(caps)
-    if max(stage_total(items, s, device_only=True) for s in STAGES) <= caps[0]:
+    plan.device_peak = max(stage_total(items, s, device_only=True) for s in STAGES)
+    if plan.device_peak <= caps[0]:
         plan.placement = f"one device ({plan.device})"
         if plan.gpus > 1:  # the load keeps to that GPU rather than spreading over every one present
             plan.device_map = {"": index}
