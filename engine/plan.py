@@ -272,6 +272,7 @@ class Plan:
     per_gpu: int = 0  # what several GPUs each hold
     device_map: dict | None = None  # several GPUs: {module name: GPU index}, the load's (engine.placement)
     device_peak: int | None = None  # the peak less what is not on the device (a CPU's process baseline)
+    gpu_loads: dict = field(default_factory=dict)  # several GPUs: index → (dense weight bytes, predicted peak)
 
     def summary(self) -> dict:
         """What a session header and batch.json record (key `plan`)."""
@@ -294,7 +295,9 @@ class Plan:
         if self.device_peak is not None and self.device_peak < self.peak:  # --gpu-mem simulated on a CPU
             part = gib(self.device_peak) if self.device_peak >= GiB else f"{self.device_peak / MiB:.1f} MiB"
             peak = f"{gib(self.peak)} ({self.peak_stage}; {part} of it in the device's budget)"
-        out = f"plan: predicted peak {peak} on {self.device}, {where}: {verdict}"
+        on = f"{len(self.gpu_loads)} GPUs in all" if len(self.gpu_loads) > 1 else self.device
+        where = where.replace("--gpu-mem", "--gpu-mem per GPU") if len(self.gpu_loads) > 1 else where
+        out = f"plan: predicted peak {peak} on {on}, {where}: {verdict}"
         out += f" · placement: {self.placement}"
         if self.placement_note:
             out += f" ({self.placement_note})"
@@ -599,8 +602,10 @@ def _place_on_gpus(plan: Plan, g: Geometry, dt, caps: list[int], first: int, fet
     per_gpu = {k: 0 for k in used}
     sizes = _bytes_by_entry(model, device_map)
     for name, gpu in device_map.items():
-        per_gpu[gpu] += int(sizes.get(name, 0) * overhead)
-    plan.per_gpu = reserve + max(per_gpu.values())
+        per_gpu[gpu] += sizes.get(name, 0)
+    # per GPU: (its dense weights, what the pair may peak at there: those × overhead + the reserve)
+    plan.gpu_loads = {gpu: (dense, reserve + int(dense * overhead)) for gpu, dense in per_gpu.items()}
+    plan.per_gpu = max(peak for _dense, peak in plan.gpu_loads.values())
     plan.device_map = device_map
     many = len(used) > 1
     plan.placement = f"{len(used)} GPUs, one device_map for both models" if many else f"one device (cuda:{used[0]})"

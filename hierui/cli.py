@@ -1195,7 +1195,27 @@ def plan(
     if result.calibration:
         samples, length = result.calibration
         console.print(f"calibration {samples}×{length}; prompt {result.prompt_tokens} tokens", highlight=False)
+    if result.gpu_loads:
+        from engine.placement import describe, layers_prefix
+        from engine.plan import _config_object, meta_model
+
+        meta = meta_model(result.model, _config_object(result.model, True), pick_dtype_name(result.dtype))
+        prefix = layers_prefix(meta)
+        spread = Table(title="one device_map for both models", title_justify="left")
+        for column in ("GPU", "modules (dense and perturbed alike)", "dense weights", "pair, at most"):
+            spread.add_column(column, justify="right" if column != "modules (dense and perturbed alike)" else "left")
+        for gpu, (dense, peak) in sorted(result.gpu_loads.items()):
+            mine = {name: d for name, d in result.device_map.items() if d == gpu}
+            spread.add_row(f"cuda:{gpu}", describe(mine, prefix).split(": ", 1)[1], gib(dense), gib(peak))
+        console.print(spread)
     console.print(result.line(), highlight=False, soft_wrap=True)
+
+
+def pick_dtype_name(name: str):
+    """The torch dtype of a plan's dtype name ('bfloat16')."""
+    import torch
+
+    return getattr(torch, name)
 
 
 @app.command()

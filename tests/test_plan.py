@@ -148,6 +148,27 @@ def test_streamed_and_multi_gpu_placements(monkeypatch):
         place(1, 1024)
 
 
+def test_plan_on_pretended_gpus_prints_the_device_map(cli, monkeypatch):
+    """`hierui plan` for a 7B pair on 2 × 20 GiB: a table of what each GPU holds (dense and perturbed alike) and
+    its predicted peak within the budget, the layers split in order, nothing on a third GPU it does not need."""
+    import torch
+
+    import engine.models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(engine.models, "check_device", lambda d: d)
+    args = ("plan", "--model", "random:llama-7b", "--device", "cuda", "--dtype", "bfloat16", "--gpu-mem", "20GiB")
+    run = cli(*args, "--batch-size", "16", "--calib-samples", "64", "--calib-len", "512")
+    assert run.returncode == 0, run.stderr
+    assert "one device_map for both models" in run.stdout and "2 GPUs" in run.stdout
+    rows = [line for line in run.stdout.splitlines() if "│" in line and "cuda:" in line.split("│")[1]]
+    assert [line.split("│")[1].strip() for line in rows] == ["cuda:0", "cuda:1"]
+    assert "embed_tokens, layers 0–" in rows[0] and "lm_head" in rows[1] and "–31" in rows[1]
+    peaks = [float(line.split("│")[4].split()[0]) for line in rows]
+    assert all(0 < p <= 20.0 for p in peaks)
+
+
 def test_batch_prints_and_records_the_plan(cli, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hello there\n")
