@@ -519,8 +519,8 @@ def _place(plan: Plan, g: Geometry, dev, dt, gpu_mem: int | None, fetch: bool = 
             raise HieruiError(
                 f"{plan.display} in {plan.dtype} with {', '.join(plan.specs)} cannot fit: predicted peak "
                 f"{gib(plan.peak)} ({plan.peak_stage}) > {gib(available)} of RAM available ({gib(total)} total): "
-                f"stream the layers from disk with --gpu-mem SIZE (magnitude, wanda, sparsegpt), or use {smaller} "
-                "or a GPU"
+                f"stream the layers from disk with --gpu-mem SIZE (pruning, drops, checkpoints; not quantization), "
+                f"or use {smaller} or a GPU"
             )
         return
     index = dev.index or 0

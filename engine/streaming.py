@@ -240,7 +240,10 @@ def _write_own(layer, hook: StreamHook, tensors: dict) -> None:
     if hook.folder is None or not isinstance(hook.weights_map, Overlay):
         raise RuntimeError(f"decoder layer {hook.index} of the dense model was changed; its store stays dense")
     own = hook.weights_map.own
-    path = hook.folder / f"layer-{hook.index}-{len({p for p, _ in own.entries.values()})}.safetensors"
+    # a name no other write took, whatever the numbering (blockdrop renumbers the layers, refit_layers)
+    handle, name = tempfile.mkstemp(prefix=f"layer-{hook.index}-", suffix=".safetensors", dir=hook.folder)
+    os.close(handle)
+    path = Path(name)
     save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(path))
     own.entries.update({n: (str(path), n) for n in tensors})
 
@@ -414,7 +417,9 @@ def layer_state(model, index: int) -> dict[str, torch.Tensor]:
     return out
 
 
-STREAMABLE = ("magnitude", "wanda", "sparsegpt", "none")  # the methods that run on streamed layers
+# the methods that run on streamed layers: pruning writes each layer's new weights to the clone's own store, a drop
+# replaces modules of the clone (engine.perturb.drop), a checkpoint streams its own files (engine.perturb.checkpoint)
+STREAMABLE = ("magnitude", "wanda", "sparsegpt", "none", "checkpoint", "attndrop", "mlpdrop", "blockdrop")
 
 
 def check_streamable(specs) -> None:
@@ -427,5 +432,36 @@ def check_streamable(specs) -> None:
         if spec.method not in STREAMABLE:
             raise HieruiError(
                 f"{spec} cannot run with streamed layers (the pair is above the device's budget): streaming "
-                f"supports {', '.join(STREAMABLE)}; raise --gpu-mem, use a smaller model or --dtype bfloat16"
+                f"supports {', '.join(STREAMABLE)} (not quantization); raise --gpu-mem, use a smaller model or "
+                "--dtype bfloat16"
             )
+
+
+def refit_layers(model) -> None:
+    """After modules of a streamed perturbed `model` were replaced or removed (engine.perturb.drop): each decoder
+    layer's hook numbered by its place in the layer list (blockdrop renumbers the layers) and its store narrowed
+    to the parameters the layer still has. A dropped sublayer's tensors stay in the dense model's files, but the
+    layer must not name them: `resident` and `layer_state` bring in every name of the store. New stores are made;
+    the dense model's is never changed."""
+    for index, layer in enumerate(decoder_layers(model)):
+        hook = layer_hook(layer)
+        if hook is None:
+            continue
+        hook.index = index
+        store = hook.weights_map
+        if not isinstance(store, Overlay) or not isinstance(store.base, FileStore):
+            raise RuntimeError(f"decoder layer {index} is not a streamed perturbed layer: its store cannot be narrowed")
+        names = {name for name, _ in layer.named_parameters()}
+        own = {n: where for n, where in store.own.entries.items() if n in names}
+        base = {n: where for n, where in store.base.entries.items() if n in names}
+        hook.weights_map = Overlay(FileStore(own), FileStore(base))
+
+
+def release_layers(model) -> None:
+    """Every streamed decoder layer's parameters back to meta tensors (their store keeps them): after a pass over
+    the layers that may have stopped inside a layer's forward, before its hook released the weights."""
+    for layer in decoder_layers(model):
+        if layer_hook(layer) is not None:
+            for name, tensor in _layer_tensors(layer).items():
+                if tensor.device.type != "meta":
+                    set_module_tensor_to_device(layer, name, "meta")

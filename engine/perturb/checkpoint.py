@@ -30,6 +30,13 @@ hidden states are compared at every layer when the layer counts and hidden sizes
 of layers, through the mapping of a `hierui-perturbation.json` written by `hierui prune --save` of a blockdrop
 when the checkpoint has one, else at the embeddings (ℓ = 0) and the final normed state (ℓ = L) only; with
 another hidden size, not at all (hidden-state metrics null; logits and probabilities are still compared).
+
+With a streamed dense model (engine.streaming: `--gpu-mem` below the pair's peak) the checkpoint is streamed too:
+its decoder layers are read from its own safetensors files, one layer at a time where the pair runs, and it is
+never loaded whole. Only its resident tensors (embeddings, final norm, head) are compared with the dense model's
+and shared; comparing the layers' would read both models from disk (report.details["streamed_layers"] says so).
+The compatibility checks and the structure read shapes and configs only; the measured sparsity reads the layers
+one at a time. Per-layer-shape checkpoints are refused when streamed (one line).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ def load_checkpoint(loaded, spec, progress=None, report=None):
     With `report` (a PerturbReport), `report.details["structure"]` says what the pair compares.
     """
     from engine.models import load, resolve
+    from engine.streaming import is_streamed
 
     say = progress or (lambda _msg: None)
     path = spec.path
@@ -78,9 +86,17 @@ def load_checkpoint(loaded, spec, progress=None, report=None):
         device_map = dict(dense_map) if depth == len(decoder_layers(dense)) else "auto"  # another depth: accelerate's
     directory = Path(ref.source) if ref.kind == "local" else None
     differing = _shapes_off_config(directory) if directory is not None else {}
-    say(f"loading checkpoint {path}")
+    streamed = is_streamed(dense)
+    if streamed and differing:
+        raise HieruiError(
+            f"checkpoint {path}: its layers have shapes of their own (pruned heads or MLP neurons), which hierui "
+            "cannot stream from disk; raise --gpu-mem so that the pair is held in memory, or use a smaller model"
+        )
+    say(f"loading checkpoint {path}" + (" (layers streamed from its files)" if streamed else ""))
     try:
-        if differing:
+        if streamed:
+            ckpt = _load_streamed(path, ref, loaded, say)
+        elif differing:
             ckpt = _load_per_layer_shapes(directory, differing, loaded, device_map, path)
         else:
             ckpt = load(
@@ -98,13 +114,44 @@ def load_checkpoint(loaded, spec, progress=None, report=None):
             hint = " (it has no tokenizer files: save the tokenizer there too)"
         raise HieruiError(f"could not load checkpoint {path}{hint}: {one_line(e)}") from None
     _check_compatible(dense, ckpt, path)
-    shared = share_identical(dense, ckpt)
+    shared = share_identical(dense, ckpt)  # streamed: the resident tensors only (the layers' are on disk)
     ckpt.eval()
     ckpt.requires_grad_(False)
     if report is not None:
         report.details["structure"] = describe_structure(dense, ckpt, directory, per_layer=bool(differing))
         report.details["shared_tensors"] = shared
+        if streamed:
+            report.details["streamed_layers"] = STREAMED_NOTE
     return ckpt
+
+
+# report.details["streamed_layers"] of a checkpoint compared with a streamed dense model
+STREAMED_NOTE = (
+    "the decoder layers are streamed from the checkpoint's own files, not shared with the dense model: "
+    "shared_tensors counts the resident tensors (embeddings, final norm, head) only"
+)
+
+
+def _load_streamed(path: str, ref, loaded, say):
+    """The checkpoint with its decoder layers streamed from its own safetensors files, running where the dense
+    model's run (engine.streaming): only what stays resident (embeddings, final norm, head) is read now. A local
+    directory whose tensor names do not map one to one onto its layers is refused rather than loaded whole (the
+    point of streaming is a model that does not fit); a hub name or GGUF file is brought to a local directory
+    first, as `--model` would be (engine.models.load)."""
+    from engine.models import _from_pretrained_streamed, load
+    from engine.streaming import STREAM_ATTR
+
+    device = getattr(loaded.model, STREAM_ATTR).execution_device
+    if ref.kind != "local":
+        dtype = str(loaded.dtype).removeprefix("torch.")
+        return load(path, device=str(device), dtype=dtype, progress=say, streamed=True).model
+    found = _from_pretrained_streamed(Path(ref.source), device, loaded.dtype)
+    if found is None:
+        raise HieruiError(
+            f"checkpoint {ref.source}: its safetensors tensors do not match the layers of its config name by name, "
+            "so its layers cannot be streamed from its files; raise --gpu-mem so that the pair is held in memory"
+        )
+    return found[0]
 
 
 def _dims(model) -> dict:
@@ -131,6 +178,8 @@ def share_identical(dense, ckpt) -> int:
     for name, p in ckpt.named_parameters(remove_duplicate=False):
         d = dense_params.get(name)
         if id(p) in swap or d is None or d is p:
+            continue
+        if p.device.type == "meta" or d.device.type == "meta":  # a streamed layer's: comparing would read the files
             continue
         if d.shape == p.shape and d.dtype == p.dtype and d.device == p.device and torch.equal(d.detach(), p.detach()):
             swap[id(p)] = d

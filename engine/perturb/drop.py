@@ -36,6 +36,12 @@ model), so a drop costs no weight memory:
   are "reuse", and the dropped attention claims its slot as a DummyLayer in a cache that was made without
   a config (lazily, one slot per layer index): otherwise that slot stays an empty DynamicLayer, and when it
   is slot 0 the cache counts 0 tokens seen, which restarts the positions and sizes the masks wrongly.
+
+Streamed layers (engine.streaming): scoring runs the dense model's layers as they stream (each layer's weights in
+for its forward only; after the pass, even one stopped by an error, none is left resident). A drop replaces or
+removes the clone's modules as above; then each clone layer's store is narrowed to the tensors the layer still
+has and its hook renumbered (engine.streaming.refit_layers), so reading a layer never asks for a dropped
+sublayer's tensors. `prune --save` writes the zeroed output projections to the clone's own store, layer by layer.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import torch.nn as nn
 from engine.anatomy import Anatomy, anatomy, get
 from engine.errors import HieruiError
 from engine.perturb.linears import decoder_layers
+from engine.streaming import is_streamed, refit_layers, release_layers, resident
 
 # bump when the output changes: cached similarity scores made by another version are then not reused (engine.cache)
 ALGORITHM_VERSION = 2
@@ -201,6 +208,8 @@ def similarity_scores(
     finally:
         for h in handles:
             h.remove()
+        if is_streamed(model):  # a pass stopped inside a layer's forward (an error) would leave its weights in
+            release_layers(model)
     return {kind: [s / tokens for s in row] for kind, row in sums.items()}
 
 
@@ -352,6 +361,8 @@ def apply_drop(
     dropped = most_redundant(scores, spec.count)
     _own_config(dense, clone)
     DROPPERS[kind](clone, dropped)
+    if is_streamed(clone):  # the layers' stores must name only the tensors the layers still have
+        refit_layers(clone)
     return {"dropped": dropped, "kind": kind, "similarity": scores}
 
 
@@ -392,9 +403,11 @@ def standard_equivalent(dense, clone, details: dict):
         if not paths:
             raise HieruiError(f"hierui does not know the {kind} output projection of {parts.model_type}")
         bias = parts.norm_bias(layer, kind)
-        for path in paths + ([bias] if bias else []):
-            owner_path, _, name = path.rpartition(".")
-            owner = get(layer, owner_path)
-            old = getattr(owner, name)
-            setattr(owner, name, nn.Parameter(torch.zeros_like(old), requires_grad=False))
+        # streamed: the layer's weights in while they are replaced, the zeros then written to the copy's own store
+        with resident(layer):
+            for path in paths + ([bias] if bias else []):
+                owner_path, _, name = path.rpartition(".")
+                owner = get(layer, owner_path)
+                old = getattr(owner, name)
+                setattr(owner, name, nn.Parameter(torch.zeros_like(old), requires_grad=False))
     return model
