@@ -2,6 +2,7 @@
 before loading anything (exit 2), and runs on every member of the tiny-random zoo."""
 
 import copy
+import gc
 import json
 
 import pytest
@@ -51,6 +52,7 @@ def test_check_passes_on_tiny_random(cli, tmp_path):
 
 def test_every_spec_gets_every_check_and_no_spec_is_dropped_silently(tiny):
     report = S.run_selfcheck(tiny, ["none", "int8"], steps=2, calib_options={"samples": 2, "length": 16})
+    assert gc.get_freeze_count() == 0  # the objects it froze while it ran (gc.freeze) are unfrozen
     assert report.specs == ["none", "int8"]
     for spec in report.specs:  # every check of every spec has a row, n/a ones with their reason
         rows = [r for r in report.results if r.spec == spec]
@@ -137,6 +139,25 @@ def test_sparsity_check_catches_one_matrix_less_sparse(cli, tmp_path, monkeypatc
     assert row["status"] == "fail" and "layer 2" in row["reason"] and "down_proj" in row["reason"]
     assert row["value"] > 0
     assert rows["magnitude:0.5", "sharing"]["status"] == "pass"
+
+
+def test_the_dense_fingerprint_sees_one_last_bit_and_a_sign_flip(tiny):
+    """What the sharing check compares before and after (the dense model changed in place) is exact: one weight
+    moved by one unit in the last place, or negated, changes it; put back, it is the same again."""
+    weight = tiny.model.model.layers[1].mlp.up_proj.weight
+    flat = weight.data.view(-1)
+    keep = flat[:2].clone()
+    before = S._fingerprint(tiny.model)
+    try:
+        flat[0] = torch.nextafter(keep[0], torch.tensor(float("inf")))
+        assert S._fingerprint(tiny.model) != before
+        flat[0] = keep[0]
+        assert S._fingerprint(tiny.model) == before
+        flat[1] = -keep[1]
+        assert S._fingerprint(tiny.model) != before
+    finally:
+        flat[:2] = keep
+    assert S._fingerprint(tiny.model) == before
 
 
 def test_sparsity_check_catches_a_broken_n_of_m_group(tiny):

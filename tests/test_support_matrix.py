@@ -19,6 +19,17 @@ def _script():
     return module
 
 
+_REPORTS: dict[str, object] = {}
+
+
+def _check(script, name: str):
+    """script.check_model(name), run once per test session: the slow matrix test and the fast gpt2 row check
+    the same model with the same default specs, so the second reads the first's report instead of rerunning it."""
+    if name not in _REPORTS:
+        _REPORTS[name] = script.check_model(name)
+    return _REPORTS[name]
+
+
 def _rows(block: str) -> dict[str, str]:
     return {line.split("|")[1].strip(): line for line in block.splitlines() if line.startswith("| `")}
 
@@ -36,7 +47,7 @@ def test_the_readme_matrix_is_what_the_checks_give():
     """Run `hierui check` on every zoo member with every default spec; the README's rows must match (else run
     scripts/support_matrix.py)."""
     script = _script()
-    reports = [(script.label(name), script.check_model(name)) for name in member_names()]
+    reports = [(script.label(name), _check(script, name)) for name in member_names()]
     _head, body, notes = script.rows(reports)
     generated = {line.split("|")[1].strip(): line for line in body}
     written = _rows(script.readme_block())
@@ -60,7 +71,7 @@ def test_check_passes_on_the_embedded_model_for_every_spec(cli, tmp_path):
 def test_one_zoo_member_checks_like_its_readme_row():
     """The fast representative: one family's row (gpt2: Conv1D, fused c_attn) regenerated and compared."""
     script = _script()
-    report = script.check_model("tiny-random:gpt2")
+    report = _check(script, "tiny-random:gpt2")
     notes: dict = {}
     line = "| `tiny-random:gpt2` | " + " | ".join(script.cell(report, s, notes) for s in report.specs) + " |"
     written = _rows(script.readme_block())["`tiny-random:gpt2`"]
