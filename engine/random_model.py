@@ -257,12 +257,18 @@ def init_random(model, seed: int, std: float) -> None:
     gen = torch.Generator(device=first.device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, std, generator=gen)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.fill_(1.0)
+            _fill(p, name, std, gen)
+
+
+def _fill(t, name: str, std: float, gen) -> None:
+    """The rule of init_random for the parameter `name`, in place on `t`: a matrix N(0, std²) from `gen`, a
+    bias 0, another vector (a norm's scale) 1."""
+    if t.dim() >= 2:
+        t.normal_(0.0, std, generator=gen)
+    elif name.endswith("bias"):
+        t.zero_()
+    else:
+        t.fill_(1.0)
 
 
 def init_random_mapped(model, seed: int, std: float, device_map: dict) -> None:
@@ -277,12 +283,7 @@ def init_random_mapped(model, seed: int, std: float, device_map: dict) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             value = torch.empty(p.shape, dtype=p.dtype, device=first)
-            if p.dim() >= 2:
-                value.normal_(0.0, std, generator=gen)
-            elif name.endswith("bias"):
-                value.zero_()
-            else:
-                value.fill_(1.0)
+            _fill(value, name, std, gen)
             set_module_tensor_to_device(model, name, _device(mapped_device(device_map, name)), value=value)
     model.tie_weights()
 

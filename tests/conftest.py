@@ -42,6 +42,26 @@ def tiny_calib(tiny):
     return build_calibration(tiny, samples=8, length=32, seed=0, use_cache=False)
 
 
+@pytest.fixture(scope="module")
+def keep_the_allocator():
+    """Streaming sets glibc's mmap threshold for the whole process (engine.streaming._return_freed_memory): not
+    in the test process, whose other tests would then run with it. Modules of streaming tests use it for all
+    their tests (pytestmark = pytest.mark.usefixtures("keep_the_allocator"))."""
+    from engine import streaming
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(streaming, "_return_freed_memory", lambda: None)
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny_streamed(keep_the_allocator):
+    """tiny-random with its decoder layers streamed from disk (engine.streaming), one per test module."""
+    from engine.models import load
+
+    return load("tiny-random", device="cpu", streamed=True)
+
+
 @pytest.fixture()
 def fresh_home(monkeypatch):
     """An empty HIERUI_HOME for tests of the caches."""

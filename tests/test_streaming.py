@@ -48,18 +48,7 @@ def _same_records(ra: list[dict], rb: list[dict]) -> None:
         assert a["emb_cos"] == pytest.approx(b["emb_cos"], rel=1e-5, abs=1e-6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _keep_the_allocator():
-    """Streaming sets glibc's mmap threshold for the whole process (engine.streaming._return_freed_memory): not
-    in the test process, whose other tests would then run with it."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(streaming, "_return_freed_memory", lambda: None)
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny_streamed():
-    return load("tiny-random", device="cpu", streamed=True)
+pytestmark = pytest.mark.usefixtures("keep_the_allocator")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import torch
 from test_streaming import _same_records, _same_weights
 
 from engine import streaming
-from engine.models import load
 from engine.perturb import perturb
 from engine.perturb.export import save_checkpoint
 from engine.perturb.linears import decoder_layers
@@ -23,17 +22,7 @@ SAVED = ("magnitude:0.5", "blockdrop:1")
 CHECKPOINTS = tuple(f"checkpoint of {spec}" for spec in SAVED)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_process_wide_malloc_setting():
-    """engine.streaming sets glibc's mmap threshold for the process; the other tests of this run must not inherit it."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(streaming, "_return_freed_memory", lambda: None)
-        yield
-
-
-@pytest.fixture(scope="module")
-def streamed_tiny():
-    return load("tiny-random", device="cpu", streamed=True)
+pytestmark = pytest.mark.usefixtures("keep_the_allocator")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +55,10 @@ def _dense_store_untouched(tiny, pair) -> None:
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS + DROPS)
-def test_streamed_pair_steps_and_reports_as_in_memory(tiny, streamed_tiny, tiny_calib, saved, name):
+def test_streamed_pair_steps_and_reports_as_in_memory(tiny, tiny_streamed, tiny_calib, saved, name):
     spec = _spec(name, saved)
     memory = perturb(tiny, spec, calibration=tiny_calib, use_cache=False)
-    pair = perturb(streamed_tiny, spec, calibration=tiny_calib, use_cache=False)
+    pair = perturb(tiny_streamed, spec, calibration=tiny_calib, use_cache=False)
     assert streaming.is_streamed(pair.perturbed)
     assert pair.report.measured_sparsity == memory.report.measured_sparsity
     assert pair.report.dense_sparsity == memory.report.dense_sparsity
@@ -90,14 +79,14 @@ def test_streamed_pair_steps_and_reports_as_in_memory(tiny, streamed_tiny, tiny_
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
-def test_streamed_checkpoint_is_never_loaded_whole(streamed_tiny, saved, monkeypatch, name):
+def test_streamed_checkpoint_is_never_loaded_whole(tiny_streamed, saved, monkeypatch, name):
     import transformers
 
     def whole(*_args, **_kwargs):
         raise AssertionError("the checkpoint was loaded whole")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", whole)
-    pair = perturb(streamed_tiny, _spec(name, saved), use_cache=False)
+    pair = perturb(tiny_streamed, _spec(name, saved), use_cache=False)
     ckpt = pair.perturbed
     assert _all_meta(ckpt)
     for layer in decoder_layers(ckpt):
@@ -113,8 +102,8 @@ def test_streamed_checkpoint_is_never_loaded_whole(streamed_tiny, saved, monkeyp
 
 
 @pytest.mark.parametrize("name", DROPS)
-def test_streamed_drop_names_only_what_its_layers_have(streamed_tiny, tiny_calib, name):
-    pair = perturb(streamed_tiny, name, calibration=tiny_calib, use_cache=False)
+def test_streamed_drop_names_only_what_its_layers_have(tiny_streamed, tiny_calib, name):
+    pair = perturb(tiny_streamed, name, calibration=tiny_calib, use_cache=False)
     for index, layer in enumerate(decoder_layers(pair.perturbed)):
         hook = streaming.layer_hook(layer)
         assert hook.index == index  # blockdrop renumbers the kept layers
@@ -124,36 +113,36 @@ def test_streamed_drop_names_only_what_its_layers_have(streamed_tiny, tiny_calib
     assert _all_meta(pair.perturbed)
 
 
-def test_similarity_pass_leaves_no_weights_resident(streamed_tiny, tiny_calib, monkeypatch):
+def test_similarity_pass_leaves_no_weights_resident(tiny_streamed, tiny_calib, monkeypatch):
     from engine.perturb import drop
 
-    scores = drop.similarity_scores(streamed_tiny.model, tiny_calib.ids)
-    assert len(scores["block"]) == len(decoder_layers(streamed_tiny.model))
-    assert _all_meta(streamed_tiny.model)
+    scores = drop.similarity_scores(tiny_streamed.model, tiny_calib.ids)
+    assert len(scores["block"]) == len(decoder_layers(tiny_streamed.model))
+    assert _all_meta(tiny_streamed.model)
 
     def broken(_output):  # an error inside a layer's forward, before its hook releases the weights
         raise RuntimeError("stop")
 
     monkeypatch.setattr(drop, "_out", broken)
     with pytest.raises(RuntimeError, match="stop"):
-        drop.similarity_scores(streamed_tiny.model, tiny_calib.ids)
-    assert _all_meta(streamed_tiny.model)
+        drop.similarity_scores(tiny_streamed.model, tiny_calib.ids)
+    assert _all_meta(tiny_streamed.model)
 
 
-def test_drop_scores_cached_by_either_path(tiny, streamed_tiny, tiny_calib, fresh_home, monkeypatch):
+def test_drop_scores_cached_by_either_path(tiny, tiny_streamed, tiny_calib, fresh_home, monkeypatch):
     from engine.perturb import drop
 
     calls = []
     score = drop.similarity_scores
     monkeypatch.setattr(drop, "similarity_scores", lambda *a, **k: calls.append(1) or score(*a, **k))
-    streamed = perturb(streamed_tiny, "blockdrop:1", calibration=tiny_calib)
+    streamed = perturb(tiny_streamed, "blockdrop:1", calibration=tiny_calib)
     memory = perturb(tiny, "blockdrop:1", calibration=tiny_calib)
     assert len(calls) == 1  # the streamed pass stored the scores; the in-memory path read them
     assert streamed.report.details == memory.report.details
 
 
 @pytest.mark.parametrize("name", ["attndrop:1", "blockdrop:1"])
-def test_streamed_drop_saves_the_in_memory_checkpoint(tiny, streamed_tiny, tiny_calib, tmp_path, name):
+def test_streamed_drop_saves_the_in_memory_checkpoint(tiny, tiny_streamed, tiny_calib, tmp_path, name):
     """`prune --save` of a streamed drop (its zeroed output projections written to the copy's own store, one
     layer at a time) is the checkpoint the in-memory path saves, tensor for tensor."""
     from safetensors import safe_open
@@ -165,7 +154,7 @@ def test_streamed_drop_saves_the_in_memory_checkpoint(tiny, streamed_tiny, tiny_
                 out.update({k: f.get_tensor(k) for k in f.keys()})
         return out
 
-    for model, folder in ((tiny, "memory"), (streamed_tiny, "streamed")):
+    for model, folder in ((tiny, "memory"), (tiny_streamed, "streamed")):
         save_checkpoint(perturb(model, name, calibration=tiny_calib, use_cache=False), tmp_path / folder)
     memory, streamed = tensors(tmp_path / "memory"), tensors(tmp_path / "streamed")
     assert set(memory) == set(streamed)
@@ -199,7 +188,7 @@ def test_cli_runs_drops_and_checkpoints_streamed_and_refuses_quantization(cli, s
     assert "cannot run with streamed layers" in refused.stderr and "blockdrop" in refused.stderr
 
 
-def test_streamed_per_layer_shape_checkpoint_is_one_line(tiny, streamed_tiny, tmp_path):
+def test_streamed_per_layer_shape_checkpoint_is_one_line(tiny, tiny_streamed, tmp_path):
     """A checkpoint whose layer 1 has half the MLP neurons its config says (LLM-Pruner style) is refused when
     streamed, before anything of it is loaded."""
     from safetensors.torch import save_file
@@ -215,5 +204,5 @@ def test_streamed_per_layer_shape_checkpoint_is_one_line(tiny, streamed_tiny, tm
     tiny.model.config.save_pretrained(tmp_path)
     tiny.tokenizer.save_pretrained(tmp_path)
     with pytest.raises(HieruiError, match="cannot stream") as caught:
-        perturb(streamed_tiny, f"checkpoint:{tmp_path}", use_cache=False)
+        perturb(tiny_streamed, f"checkpoint:{tmp_path}", use_cache=False)
     assert "\n" not in str(caught.value)
