@@ -187,3 +187,16 @@ def test_a_random_shape_built_by_a_map_has_the_same_weights(tmp_path):
     a, b = one.state_dict(), mapped.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert mapped.lm_head.weight is mapped.model.embed_tokens.weight  # tied again once set
+
+
+def test_hierui_check_passes_on_a_mapped_model(hooked):
+    """hierui's own self-test through accelerate's hooks on every module: zero divergence for none, KV-cached
+    stepping equal to a full forward, batched equal to one at a time, sharing and sparsity, for a pruning, a block
+    drop (the layers renumbered under their hooks) and a quantization (modules replaced inside hooked layers)."""
+    import engine.selfcheck as S
+
+    specs = ["none", "sparsegpt:0.5", "blockdrop:1", "int8"]
+    report = S.run_selfcheck(hooked, specs, steps=4, calib_options={"samples": 4, "length": 16})
+    assert report.specs == specs
+    assert [(r.spec, r.check, r.reason) for r in report.results if r.status == "fail"] == []
+    assert sum(r.status == "pass" for r in report.results) >= 3 * len(specs)
