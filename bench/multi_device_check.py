@@ -30,7 +30,7 @@ from scale_check import random_calibration, sync
 import engine.placement as placement
 from engine.models import load
 from engine.perturb import perturb
-from engine.perturb.linears import decoder_layers, weight_views
+from engine.perturb.linears import decoder_layers, decoder_layers_prefix, weight_views
 from engine.plan import _config_object, meta_model
 from engine.stepper import BatchStepper, StepSettings
 
@@ -48,7 +48,7 @@ def device_map(model_name: str, dtype, devices: list[str]) -> dict:
     """Layers split evenly over `devices` in order, the embeddings with the first layers and the final norm and
     head with the last (a tied head stays with the embeddings: accelerate ties it across devices otherwise)."""
     meta = meta_model(model_name, _config_object(model_name), dtype)
-    prefix = placement.layers_prefix(meta)
+    prefix = decoder_layers_prefix(meta)
     count = len(decoder_layers(meta))
     out: dict[str, str] = {}
     for name, _ in meta.named_children():
@@ -123,7 +123,7 @@ def main() -> None:
     reference = load(args.model, device=devices[0], dtype=args.dtype)
     mapped_map = device_map(args.model, dtype, devices)
     mapped = load(args.model, device=devices[0], dtype=args.dtype, device_map=mapped_map)
-    prefix = placement.layers_prefix(mapped.model)
+    prefix = decoder_layers_prefix(mapped.model)
     print(f"multi-device model: {mapped.ref.display} · {args.dtype} · {placement.describe(mapped_map, prefix)}")
     calib = random_calibration(reference.model.config.vocab_size, samples, length)
     for spec in [s.strip() for s in args.specs.split(",") if s.strip()]:

@@ -187,10 +187,11 @@ class PairWorker:
     def _load(self):
         if self.loaded is None:
             from engine.models import load
+            from engine.plan import plans_streaming
 
             s = self.sweep
             # the driver's plan (engine.plan): above the device's budget each worker streams its layers from disk
-            streamed = (getattr(s, "plan", None) or {}).get("placement") == "streamed"
+            streamed = plans_streaming(getattr(s, "plan", None))
             device_map = None if streamed else self._device_map()
             self.loaded = load(s.model, device=s.device, dtype=s.dtype, device_map=device_map, streamed=streamed)
         return self.loaded

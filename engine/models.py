@@ -356,9 +356,9 @@ def load(
             say(f"loading {ref.display}" + (" (layers streamed from disk)" if streamed else ""))
             loaded = _from_pretrained_streamed(path, dev, dt) if streamed else None
             model, tok = loaded or _from_pretrained(path, dev, dt, device_map)
-        if streamed and getattr(model, "hierui_stream", None) is None:
-            from engine.streaming import stream
+        from engine.streaming import is_streamed, stream
 
+        if streamed and not is_streamed(model):
             stream(model, dev)
     except HieruiError:
         raise
@@ -409,7 +409,7 @@ def _from_pretrained_streamed(path: Path, dev, dt):
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from engine.perturb.linears import decoder_layers
+    from engine.perturb.linears import decoder_layers_prefix
     from engine.streaming import stream
 
     index: dict[str, tuple[str, str]] = {}  # name → (file, key)
@@ -422,8 +422,7 @@ def _from_pretrained_streamed(path: Path, dev, dt):
     config = AutoConfig.from_pretrained(str(path))
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dt)
-    layers = decoder_layers(model)
-    prefix = next(name for name, module in model.named_modules() if module is layers) + "."
+    prefix = decoder_layers_prefix(model)
     sources: dict[int, dict] = {}
     for name, _tensor in model.named_parameters(remove_duplicate=False):
         if not name.startswith(prefix):

@@ -14,9 +14,9 @@ from typing import Any
 
 def clone_sharing(model):
     """A structural copy of `model` whose parameters and buffers are the dense model's own tensors."""
-    if getattr(model, "hierui_stream", None) is not None:  # streamed layers: the copy streams them too
-        from engine.streaming import clone_streamed
+    from engine.streaming import clone_streamed, is_streamed
 
+    if is_streamed(model):  # streamed layers: the copy streams them too
         return clone_streamed(model)
     memo: dict[int, Any] = {}
     for tensor in list(model.parameters()) + list(model.buffers()):

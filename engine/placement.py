@@ -124,27 +124,23 @@ def pair_device_map(model, dtype, budgets: dict[int, int], overhead: float) -> d
 
 def describe(device_map: dict, layers_prefix: str) -> str:
     """'cuda:0: embed_tokens, layers 0–13 · cuda:1: layers 14–31, norm, lm_head' for a map of module names."""
+    return " · ".join(f"{_device_name(d)}: {text}" for d, text in modules_by_device(device_map, layers_prefix).items())
+
+
+def modules_by_device(device_map: dict, layers_prefix: str) -> dict:
+    """{device: 'embed_tokens, layers 0–13'}: what a map of module names puts on each device, in map order."""
     by_device: dict[object, list[str]] = {}
     for name, device in device_map.items():
         by_device.setdefault(device, []).append(name)
-    parts = []
+    out = {}
     for device, names in by_device.items():
         layers = sorted(int(n[len(layers_prefix) :].split(".")[0]) for n in names if n.startswith(layers_prefix))
-        other = [n.rsplit(".", 1)[-1] or n for n in names if not n.startswith(layers_prefix)]
-        words = []
+        words = [n.rsplit(".", 1)[-1] or n for n in names if not n.startswith(layers_prefix)]
         if layers:
             words.append(f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}–{layers[-1]}")
-        parts.append(f"{_device_name(device)}: {', '.join(other + words)}")
-    return " · ".join(parts)
+        out[device] = ", ".join(words)
+    return out
 
 
 def _device_name(device) -> str:
     return f"cuda:{device}" if isinstance(device, int) else str(device)
-
-
-def layers_prefix(model) -> str:
-    """The module-name prefix of `model`'s decoder layers ('model.layers.')."""
-    from engine.perturb.linears import decoder_layers
-
-    layers = decoder_layers(model)
-    return next(name for name, module in model.named_modules() if module is layers) + "."

@@ -272,7 +272,8 @@ class Plan:
     per_gpu: int = 0  # what several GPUs each hold
     device_map: dict | None = None  # several GPUs: {module name: GPU index}, the load's (engine.placement)
     device_peak: int | None = None  # the peak less what is not on the device (a CPU's process baseline)
-    gpu_loads: dict = field(default_factory=dict)  # several GPUs: index → (dense weight bytes, predicted peak)
+    # several GPUs: index → (its modules, e.g. 'embed_tokens, layers 0–12'; dense weight bytes; predicted peak)
+    gpu_loads: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         """What a session header and batch.json record (key `plan`)."""
@@ -579,7 +580,8 @@ SPLIT_WITH_LAYERS = ("KV caches (both models)", "calibration sampling")
 def _place_on_gpus(plan: Plan, g: Geometry, dt, caps: list[int], first: int, fetch: bool) -> bool:
     """Several GPUs: one device_map (engine.placement.pair_device_map) for both models, made here from the meta
     build so that the load follows it; False when the pair does not fit them even so (then it is streamed)."""
-    from engine.placement import describe, layers_prefix, pair_device_map
+    from engine.perturb.linears import decoder_layers_prefix
+    from engine.placement import describe, modules_by_device, pair_device_map
 
     items = plan.items
     layered = {"dense weights", *SPLIT_WITH_LAYERS} | {i.name for i in items if i.name.startswith("perturbed")}
@@ -603,15 +605,16 @@ def _place_on_gpus(plan: Plan, g: Geometry, dt, caps: list[int], first: int, fet
     sizes = _bytes_by_entry(model, device_map)
     for name, gpu in device_map.items():
         per_gpu[gpu] += sizes.get(name, 0)
-    # per GPU: (its dense weights, what the pair may peak at there: those × overhead + the reserve)
-    plan.gpu_loads = {gpu: (dense, reserve + int(dense * overhead)) for gpu, dense in per_gpu.items()}
-    plan.per_gpu = max(peak for _dense, peak in plan.gpu_loads.values())
+    prefix = decoder_layers_prefix(model)
+    modules = modules_by_device(device_map, prefix)
+    # per GPU: (its modules, its dense weights, what the pair may peak at there: those × overhead + the reserve)
+    plan.gpu_loads = {gpu: (modules[gpu], dense, reserve + int(dense * overhead)) for gpu, dense in per_gpu.items()}
+    plan.per_gpu = max(peak for _modules, _dense, peak in plan.gpu_loads.values())
     plan.device_map = device_map
     many = len(used) > 1
     plan.placement = f"{len(used)} GPUs, one device_map for both models" if many else f"one device (cuda:{used[0]})"
     plan.placement_note = (
-        f"{describe(device_map, layers_prefix(model))}; up to {gib(plan.per_gpu)} per GPU; layer ℓ of dense and "
-        "perturbed on one GPU"
+        f"{describe(device_map, prefix)}; up to {gib(plan.per_gpu)} per GPU; layer ℓ of dense and perturbed on one GPU"
     )
     plan.fits, plan.implemented = True, True
     return True
@@ -638,6 +641,22 @@ def _disk_free() -> int:
         return int(shutil.disk_usage(tempfile.gettempdir()).free)
     except OSError:  # pragma: no cover
         return 2**62
+
+
+def _field(plan, key: str):
+    """`key` of a plan: an engine.plan.Plan, its summary dict (batch.json, a session header, a sweep), or None."""
+    return plan.get(key) if isinstance(plan, dict) else getattr(plan, key, None)
+
+
+def plans_streaming(plan) -> bool:
+    """The plan streams the decoder layers (engine.streaming)."""
+    return _field(plan, "placement") == "streamed"
+
+
+def planned_device_map(plan) -> dict | None:
+    """The plan's device_map for several GPUs ({module name: GPU index}, engine.placement), else None."""
+    found = _field(plan, "device_map")
+    return dict(found) if found else None
 
 
 def visible_gpus(device: str | None) -> int:

@@ -37,6 +37,8 @@ import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.utils import set_module_tensor_to_device
 
+from engine.perturb.linears import decoder_layers, decoder_layers_prefix
+
 STREAM_ATTR = "hierui_stream"  # set on a streamed model: its StreamInfo
 
 
@@ -118,12 +120,6 @@ class StreamHook(AlignDevicesHook):
         super().__init__(execution_device, offload=True, weights_map=store, place_submodules=True)
         self.index = index
         self.folder = folder
-
-
-def decoder_layers(model):
-    from engine.perturb.linears import decoder_layers as find
-
-    return find(model)
 
 
 def is_streamed(model) -> bool:
@@ -248,15 +244,10 @@ def _write_own(layer, hook: StreamHook, tensors: dict) -> None:
     own.entries.update({n: (str(path), n) for n in tensors})
 
 
-def _layers_prefix(model) -> str:
-    layers = decoder_layers(model)
-    return next(name for name, module in model.named_modules() if module is layers) + "."
-
-
 def own_entries(model) -> dict[str, tuple[str, str]]:
     """Where each tensor of a streamed perturbed model's own store (what pruning changed) lives, by its name in
     the model's state dict ('model.layers.3.self_attn.q_proj.weight') → (file, key); layer by layer, nothing read."""
-    prefix = _layers_prefix(model)
+    prefix = decoder_layers_prefix(model)
     out = {}
     for index, layer in enumerate(decoder_layers(model)):
         hook = layer_hook(layer)
@@ -361,7 +352,7 @@ def adopt_file(model, path) -> dict[str, str] | None:
     (nothing adopted) where a name is not a parameter of a decoder layer or its dtype or shape differ."""
     from safetensors import safe_open
 
-    prefix = _layers_prefix(model)
+    prefix = decoder_layers_prefix(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     folder = getattr(model, STREAM_ATTR).folder
     own = folder / f"cached-{len(list(folder.glob('cached-*')))}.safetensors"
@@ -398,7 +389,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def resident_state(model) -> dict[str, torch.Tensor]:
     """The state dict of what a streamed model holds outside its decoder layers (embeddings, final norm, head)."""
-    prefix = _layers_prefix(model)
+    prefix = decoder_layers_prefix(model)
     return {name: t for name, t in model.state_dict().items() if not name.startswith(prefix)}
 
 
@@ -406,7 +397,7 @@ def layer_state(model, index: int) -> dict[str, torch.Tensor]:
     """Decoder layer `index`'s state dict under the model's names, on the CPU: its parameters read from its store
     (a perturbed model's own tensors where pruned, else the dense files'), cast to the model's dtype as they are
     when the layer runs; its buffers as the module holds them."""
-    prefix = f"{_layers_prefix(model)}{index}."
+    prefix = f"{decoder_layers_prefix(model)}{index}."
     layer = decoder_layers(model)[index]
     hook = layer_hook(layer)
     stored = set(hook.weights_map) if hook is not None else set()  # names only: nothing read yet

@@ -508,11 +508,12 @@ def _record(
     from engine.calibration import build_calibration
     from engine.models import load
     from engine.perturb import perturb
+    from engine.plan import planned_device_map, plans_streaming
     from engine.session import SessionRecorder
     from engine.stepper import BatchStepper
 
-    streamed = (getattr(sweep, "plan", None) or {}).get("placement") == "streamed"  # engine.plan, engine.streaming
-    device_map = (getattr(sweep, "plan", None) or {}).get("device_map")  # several GPUs: engine.placement
+    plan = getattr(sweep, "plan", None)  # engine.plan's summary: streamed layers, or a device_map for several GPUs
+    streamed, device_map = plans_streaming(plan), planned_device_map(plan)
     loaded = load(
         sweep.model,
         device=sweep.device,

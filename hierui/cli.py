@@ -354,9 +354,15 @@ def explore(
     def make_pair(progress):
         from engine.models import load
         from engine.perturb import perturb
+        from engine.plan import planned_device_map, plans_streaming
 
         loaded = load(
-            model, device=device, dtype=dtype, progress=progress, streamed=_streamed(plan), device_map=_device_map(plan)
+            model,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+            streamed=plans_streaming(plan),
+            device_map=planned_device_map(plan),
         )
         pair = perturb(loaded, parsed, use_cache=not no_cache, progress=progress, calib_options=calibration.to_dict())
         pair.plan = plan.summary() if plan is not None else None  # the session header records it
@@ -1010,12 +1016,18 @@ def prune(
     from engine import quality
     from engine.models import load
     from engine.perturb import perturb
+    from engine.plan import planned_device_map, plans_streaming
     from engine.tokens import prompt_ids
     from hierui.progress import stage_progress
 
     with stage_progress(err_console) as (say, step):
         loaded = load(
-            model, device=device, dtype=dtype, progress=step, streamed=_streamed(plan), device_map=_device_map(plan)
+            model,
+            device=device,
+            dtype=dtype,
+            progress=step,
+            streamed=plans_streaming(plan),
+            device_map=planned_device_map(plan),
         )
         pair = perturb(loaded, parsed, use_cache=not no_cache, progress=step, calib_options=calibration.to_dict())
         measuring = "measuring perplexity and greedy text"
@@ -1079,12 +1091,12 @@ def _print_plan(model: str, specs: list, device: str, dtype: str, calib: dict, g
     error), kept for an out-of-memory message; nothing where the config is not known before loading. A pair that
     cannot fit even streamed, or a streamed one with a spec that cannot stream: exit 2 here. `gpu_mem`: the
     --gpu-mem text."""
-    from engine.plan import parse_size, plan_for_run, remember
+    from engine.plan import parse_size, plan_for_run, plans_streaming, remember
 
     _quiet_libraries()
     size = parse_size(gpu_mem) if gpu_mem is not None else None
     plan = plan_for_run(model, specs, device, dtype, calib, gpu_mem=size, **options)
-    if _streamed(plan):
+    if plans_streaming(plan):
         from engine.streaming import check_streamable
 
         check_streamable(specs)
@@ -1092,18 +1104,6 @@ def _print_plan(model: str, specs: list, device: str, dtype: str, calib: dict, g
     if plan is not None:
         console.print(plan.line(), style="dim", markup=False, highlight=False, soft_wrap=True)
     return plan
-
-
-def _device_map(plan) -> dict | None:
-    """The plan's device_map for several GPUs ({module name: GPU index}, engine.placement), else None."""
-    found = plan.get("device_map") if isinstance(plan, dict) else getattr(plan, "device_map", None)
-    return dict(found) if found else None
-
-
-def _streamed(plan) -> bool:
-    """The plan (engine.plan.Plan, its summary dict, or None) streams the decoder layers (engine.streaming)."""
-    placement = plan.get("placement") if isinstance(plan, dict) else getattr(plan, "placement", None)
-    return placement == "streamed"
 
 
 @app.command()
@@ -1196,26 +1196,13 @@ def plan(
         samples, length = result.calibration
         console.print(f"calibration {samples}×{length}; prompt {result.prompt_tokens} tokens", highlight=False)
     if result.gpu_loads:
-        from engine.placement import describe, layers_prefix
-        from engine.plan import _config_object, meta_model
-
-        meta = meta_model(result.model, _config_object(result.model, True), pick_dtype_name(result.dtype))
-        prefix = layers_prefix(meta)
         spread = Table(title="one device_map for both models", title_justify="left")
         for column in ("GPU", "modules (dense and perturbed alike)", "dense weights", "pair, at most"):
             spread.add_column(column, justify="right" if column != "modules (dense and perturbed alike)" else "left")
-        for gpu, (dense, peak) in sorted(result.gpu_loads.items()):
-            mine = {name: d for name, d in result.device_map.items() if d == gpu}
-            spread.add_row(f"cuda:{gpu}", describe(mine, prefix).split(": ", 1)[1], gib(dense), gib(peak))
+        for gpu, (modules, dense, peak) in sorted(result.gpu_loads.items()):
+            spread.add_row(f"cuda:{gpu}", modules, gib(dense), gib(peak))
         console.print(spread)
     console.print(result.line(), highlight=False, soft_wrap=True)
-
-
-def pick_dtype_name(name: str):
-    """The torch dtype of a plan's dtype name ('bfloat16')."""
-    import torch
-
-    return getattr(torch, name)
 
 
 @app.command()

@@ -14,14 +14,13 @@ import torch
 from engine.errors import HieruiError
 from engine.models import load
 from engine.perturb import perturb
-from engine.perturb.linears import decoder_layers, weight_views
+from engine.perturb.linears import decoder_layers, decoder_layers_prefix, weight_views
 from engine.placement import (
     check_same_placement,
     describe,
     device_runs,
     gather,
     layer_devices,
-    layers_prefix,
     mismatched_layers,
     pair_device_map,
 )
@@ -45,7 +44,7 @@ def _layer_of(name: str, prefix: str) -> int | None:
 
 def test_a_7b_map_keeps_layers_whole_in_order_and_within_each_budget():
     model = _meta("random:llama-7b")
-    prefix = layers_prefix(model)
+    prefix = decoder_layers_prefix(model)
     budgets = {0: 10 * GiB, 1: 10 * GiB, 2: 10 * GiB}
     overhead = 1.6
     device_map = pair_device_map(model, torch.bfloat16, budgets, overhead)
@@ -110,7 +109,7 @@ def test_gather_is_stack_and_moves_each_run_once(monkeypatch):
 def _tiny_map() -> dict:
     """tiny-random's modules one by one, all on the CPU: the shape of a multi-GPU map, on this machine."""
     model = _meta("tiny-random", torch.float32)
-    prefix = layers_prefix(model)
+    prefix = decoder_layers_prefix(model)
     names = [n for n, _ in model.named_children()]
     inner = [f"{prefix.split('.')[0]}.{n}" for n, _ in model.get_submodule(prefix.split(".")[0]).named_children()]
     layers = [f"{prefix}{i}" for i in range(len(decoder_layers(model)))]
@@ -180,7 +179,7 @@ def test_a_random_shape_built_by_a_map_has_the_same_weights(tmp_path):
     path.write_text(json.dumps(config))
     name = f"random:{path}"
     one = load(name, device="cpu", dtype="float32").model
-    prefix = layers_prefix(one)
+    prefix = decoder_layers_prefix(one)
     device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
     device_map |= {f"{prefix}{i}": "cpu" for i in range(3)}
     mapped = load(name, device="cpu", dtype="float32", device_map=device_map).model

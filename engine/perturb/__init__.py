@@ -59,9 +59,9 @@ def perturb(
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     say = progress or (lambda *_: None)
     dense = loaded.model
-    if getattr(dense, "hierui_stream", None) is not None:  # streamed layers (engine.streaming): some methods only
-        from engine.streaming import check_streamable
+    from engine.streaming import check_streamable, is_streamed
 
+    if is_streamed(dense):  # streamed layers (engine.streaming): some methods only
         check_streamable([spec])
     if calibration is None and spec.needs_calibration:
         from engine.calibration import build_calibration
@@ -239,9 +239,9 @@ def _cached_json(entry, compute: Callable[[], dict], use_cache: bool) -> dict:
 def _changed_tensors(dense, perturbed) -> dict:
     """Parameters of `perturbed` that are not the dense model's own tensors, by state-dict name. Streamed layers:
     its own store (engine.streaming), a mapping that reads each tensor from disk only when it is asked for."""
-    if getattr(perturbed, "hierui_stream", None) is not None:
-        from engine.streaming import own_tensors
+    from engine.streaming import is_streamed, own_tensors
 
+    if is_streamed(perturbed):
         return own_tensors(perturbed)
     dense_params = dict(dense.named_parameters())
     return {
@@ -259,9 +259,9 @@ def _store_pruned(dense, perturbed, entry, details: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     metadata = {"details": json.dumps(details or {})}
-    if getattr(perturbed, "hierui_stream", None) is not None:
-        from engine.streaming import write_own
+    from engine.streaming import is_streamed, write_own
 
+    if is_streamed(perturbed):
         entry.store(lambda tmp: write_own(perturbed, tmp, metadata))
         return
     tensors = {n: p.detach().cpu().contiguous() for n, p in _changed_tensors(dense, perturbed).items()}
@@ -280,9 +280,9 @@ def _load_pruned(dense, entry):
     path = entry.path
     if not path.is_file():
         return None
-    if getattr(dense, "hierui_stream", None) is not None:
-        from engine.streaming import adopt_file
+    from engine.streaming import adopt_file, is_streamed
 
+    if is_streamed(dense):
         clone = clone_sharing(dense)
         try:
             metadata = adopt_file(clone, path)

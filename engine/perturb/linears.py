@@ -34,6 +34,13 @@ def decoder_layers(model):
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
+def decoder_layers_prefix(model) -> str:
+    """The module-name prefix of `model`'s decoder layers ('model.layers.'), as state dicts and device maps
+    name them."""
+    layers = decoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers) + "."
+
+
 def is_linear(module) -> bool:
     """nn.Linear or anything shaped like one (weight [out, in] with in/out_features): bitsandbytes'
     Linear8bitLt / Linear4bit subclass nn.Linear. GPT-2's Conv1D is not one (see `is_conv1d`)."""
