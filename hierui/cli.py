@@ -995,6 +995,8 @@ def prune(
         raise HieruiError(f"{parsed} models are quantized on the fly and not saved; use --prune {parsed} directly")
     if save is not None and save.is_dir() and any(save.iterdir()):
         raise HieruiError(f"--save directory {save} is not empty")
+    if save is not None:  # an unwritable place fails here, not after the pruning
+        save = _writable_folder(save, "--save")
     config = _check_model_args(model, parsed, device)  # before the dense model is loaded
     if config is not None:  # the prompt and --tokens within the context (the tokenizer is local: no download)
         from engine.models import config_int, load_tokenizer

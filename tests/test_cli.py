@@ -422,3 +422,26 @@ def test_explore_checks_an_uncached_hub_models_context_before_the_ui(cli, monkey
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "context" in result.stderr and "--truncate" in result.stderr
     assert calls and all(not any("safetensors" in p for p in patterns) for _r, patterns, _l in calls)
+
+
+def test_prune_save_where_nothing_can_be_written_fails_before_loading(cli, tmp_path, monkeypatch):
+    """--save under a file, or into a folder that is not empty: one line, exit 2, before the model is loaded (it
+    used to prune first and then end in a traceback)."""
+    import engine.models
+
+    def no_load(*_args, **_kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine.models, "load", no_load)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    run = cli("prune", "--model", "tiny-random", "--prune", "magnitude:0.5", "--save", blocker / "saved")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"error: --save {blocker / 'saved'}: cannot create the folder (Not a directory)"
+    ]
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    run = cli("prune", "--model", "tiny-random", "--prune", "magnitude:0.5", "--save", full)
+    assert run.returncode == 2 and run.stderr.strip() == f"error: --save directory {full} is not empty"
