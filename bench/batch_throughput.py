@@ -9,9 +9,9 @@ end of sequence disabled so every row makes --tokens steps. Prints the ratio of 
 import argparse
 import time
 
-from engine.models import load
+from engine.models.loading import load
 from engine.perturb import perturb
-from engine.stepper import BatchStepper, StepSettings
+from engine.run.stepper import BatchStepper, StepSettings
 
 PROMPTS = [
     "What is the capital of France?",

@@ -7,7 +7,7 @@ seconds per stage on a fresh HIERUI_HOME, and the total after the model is loade
 The converted models are shared ($HIERUI_MODELS, else the models folder of your $HIERUI_HOME), so the model
 is neither fetched nor converted; everything else (calibration, pruned weights) starts empty in a temporary
 HIERUI_HOME, as on a first `make run`. The stages are the explorer's: load → calibrate (the calibration
-engine.settings.default_calibration gives the command and method) → prune (including storing the pruned
+engine.record.settings.default_calibration gives the command and method) → prune (including storing the pruned
 weights in the cache) → first step. `--generation-batches` also times sampling the same calibration set
 in batches of those sizes (tokens per second). The load average before and after says whether the machine
 was busy.
@@ -42,12 +42,12 @@ def load_average() -> str:
 
 def first_start(args) -> dict:
     """One first start in a fresh HIERUI_HOME: seconds per stage."""
-    from engine.calibration import build_calibration
-    from engine.models import load
+    from engine.models.loading import load
     from engine.perturb import perturb
+    from engine.perturb.calibration import build_calibration
     from engine.perturb.spec import parse_spec
-    from engine.settings import DEFAULT_PROMPT, StepSettings, calibration_for
-    from engine.stepper import Stepper
+    from engine.record.settings import DEFAULT_PROMPT, StepSettings, calibration_for
+    from engine.run.stepper import Stepper
 
     spec = parse_spec(args.prune)
     stages = {}
@@ -78,10 +78,10 @@ def first_start(args) -> dict:
 
 
 def generation_batches(args, sizes: list[int]) -> None:
-    import engine.calibration as C
-    from engine.models import load
+    import engine.perturb.calibration as C
+    from engine.models.loading import load
     from engine.perturb.spec import parse_spec
-    from engine.settings import calibration_for
+    from engine.record.settings import calibration_for
 
     settings = calibration_for(parse_spec(args.prune).method, args.command, samples=args.calib_samples)
     loaded = load(args.model, device=args.device)
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--generation-batches", type=int, nargs="*", default=[])
     args = parser.parse_args()
 
-    from engine.paths import models_dir
+    from engine.record.paths import models_dir
 
     os.environ["HIERUI_MODELS"] = str(models_dir())  # shared by the fresh homes: no fetching, no converting
     if not (models_dir() / "smollm2-135m" / "model.safetensors").is_file() and args.model == "smollm2-135m":

@@ -28,8 +28,8 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 # so that no cache of an earlier run is reused and nothing is left behind
 HIERUI_MODELS="$("$PY" -c "
 from pathlib import Path
-from engine.embedded import embedded_dir
-from engine.paths import models_dir
+from engine.models.embedded import embedded_dir
+from engine.record.paths import models_dir
 spare = Path('.gpu/models').resolve()
 use_spare = not (embedded_dir() / 'tokenizer.json').is_file() and (spare / 'smollm2-135m' / 'tokenizer.json').is_file()
 print(spare if use_spare else models_dir())")"
@@ -45,10 +45,10 @@ fi
 if [ -z "${SKIP_BASIC:-}" ]; then
 "$PY" - "$DEVICE" <<'PY'
 import sys, time, torch
-from engine.embedded import embedded_dir
-from engine.models import load
+from engine.models.embedded import embedded_dir
+from engine.models.loading import load
 from engine.perturb import perturb
-from engine.stepper import Stepper, StepSettings
+from engine.run.stepper import Stepper, StepSettings
 
 device = sys.argv[1]
 print(f"torch {torch.__version__} · cuda available: {torch.cuda.is_available()}"
@@ -90,7 +90,7 @@ else
 fi
 
 BENCH_MODEL=tiny-random
-if "$PY" -c "from engine.embedded import embedded_dir; import sys; sys.exit(0 if (embedded_dir() / 'model.safetensors').is_file() else 1)"; then
+if "$PY" -c "from engine.models.embedded import embedded_dir; import sys; sys.exit(0 if (embedded_dir() / 'model.safetensors').is_file() else 1)"; then
     BENCH_MODEL=smollm2-135m
 fi
 "$PY" bench/step_overhead.py --model "$BENCH_MODEL" --device "$DEVICE" --steps 32 --repeats 3 | tail -n 1

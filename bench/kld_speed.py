@@ -4,8 +4,8 @@
 
 On the shipped heldout suite, timed in this process (interleaved, median of --repeats):
   dense      one dense forward per window (logits of the scored half only): the unit
-  pair       engine.kld.score with the dense model and one spec (two forwards, the hidden-state cosines)
-  base       engine.kld.score against an exact base file (the perturbed forward and the dense head)
+  pair       engine.kld.corpus.score with the dense model and one spec (two forwards, the hidden-state cosines)
+  base       engine.kld.corpus.score against an exact base file (the perturbed forward and the dense head)
   base-k64   the same against a top-64 base file
 and the goals of issue 14: pair ≤ 2.2 × dense, base ≤ 1.2 × dense. Then peak memory (VmHWM of a fresh process
 each; ru_maxrss would also count this process, which it forks from): dense + spec scored together, and the
@@ -27,9 +27,9 @@ from pathlib import Path
 
 MEMORY = r"""
 import json, sys
-from engine import kld
-from engine.kld_base import BaseFile
-from engine.models import load
+from engine.kld import corpus as kld
+from engine.kld.base import BaseFile
+from engine.models.loading import load
 from engine.perturb import perturb
 model, spec, ctx, base = sys.argv[1:5]
 loaded = load(model, device="cpu", dtype="float32")
@@ -59,9 +59,9 @@ def main() -> None:
 
     import torch
 
-    from engine import kld
-    from engine.kld_base import BaseFile, BaseWriter
-    from engine.models import load
+    from engine.kld import corpus as kld
+    from engine.kld.base import BaseFile, BaseWriter
+    from engine.models.loading import load
     from engine.perturb import perturb
 
     loaded = load(args.model, device=args.device, dtype=args.dtype)

@@ -14,12 +14,12 @@ import sys
 
 CASE = """
 import json, resource, sys
-from engine.models import load
-from engine.stepper import Stepper, StepSettings
+from engine.models.loading import load
+from engine.run.stepper import Stepper, StepSettings
 model, spec, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 loaded = load(model, device="cpu")
 if spec == "dense":
-    from engine.pair import ModelPair
+    from engine.perturb.pair import ModelPair
     from engine.perturb.spec import parse_spec
     pair = ModelPair(loaded.model, loaded.model, loaded.tokenizer, parse_spec("none"), loaded=loaded)
     # the dense model alone: step it against itself (one model's weights, two KV caches)

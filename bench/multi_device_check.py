@@ -4,7 +4,7 @@
 
 --devices auto: every CUDA GPU (up to 4) when there are two or more; with one GPU, that GPU and the CPU (modules
 mapped to the CPU run there: a real two-device pair on a one-GPU machine); without a GPU, the CPU alone with
-accelerate's hooks on every module (the hooked path, no device boundary). The map comes from engine.placement,
+accelerate's hooks on every module (the hooked path, no device boundary). The map comes from engine.place.placement,
 the same device_map for both models, layers filled in order. The reference is the same model, built with the
 same seed, on the first device alone.
 
@@ -12,7 +12,7 @@ For each spec (--specs; default wanda:0.5, sparsegpt:0.5, attndrop:1) on random 
 agreement with the reference's and the largest weight difference, whether layer ℓ of dense and perturbed share a
 device, then --steps of both pairs over --batch prompts (shared mode): the tokens that agree, the largest
 difference of the per-step KL, ms/step of each and the number of device-to-device hidden-state copies per
-forward that hierui adds (engine.placement.gather: one per device run). Then attribution at one step and the
+forward that hierui adds (engine.place.placement.gather: one per device run). Then attribution at one step and the
 hidden-state cosines of a `hierui kld` window on both. The same numbers everywhere on several identical GPUs
 (same kernels); a GPU against the CPU differs by rounding, so there the masks agree to ~99.9% and the KL to
 a few per cent. Prints labelled lines; never part of the tests (tests/test_gpu_check.py runs it on a CPU).
@@ -27,12 +27,12 @@ import torch
 from batch_throughput import PROMPTS  # bench/ is on the path when a bench script runs
 from scale_check import random_calibration, sync
 
-import engine.placement as placement
-from engine.models import load
+import engine.place.placement as placement
+from engine.anatomy.linears import decoder_layers, decoder_layers_prefix, weight_views
+from engine.models.loading import load
 from engine.perturb import perturb
-from engine.perturb.linears import decoder_layers, decoder_layers_prefix, weight_views
-from engine.plan import _config_object, meta_model
-from engine.stepper import BatchStepper, StepSettings
+from engine.run.plan import _config_object, meta_model
+from engine.run.stepper import BatchStepper, StepSettings
 
 
 def pick_devices(text: str) -> list[str]:
@@ -168,8 +168,8 @@ def main() -> None:
         )
     pair = perturb(mapped, "wanda:0.5", calibration=calib, use_cache=False)
     ref_pair = perturb(reference, "wanda:0.5", calibration=calib, use_cache=False)
-    from engine.attribution import attribute
-    from engine.kld import hidden_cosines, window_logits
+    from engine.kld.corpus import hidden_cosines, window_logits
+    from engine.run.attribution import attribute
 
     ids = reference.tokenizer("The quick brown fox jumps over the lazy dog")["input_ids"]
     try:

@@ -6,9 +6,9 @@
 
 Each case runs in a fresh process: load the model, build the pair as `hierui prune` / `explore` do
 (engine.perturb.perturb with a self-generated calibration of --calib, nothing cached), step it --steps tokens
-(engine.stepper.Stepper, the logit lens on), then report its peak: on a CPU the peak resident set size
+(engine.run.stepper.Stepper, the logit lens on), then report its peak: on a CPU the peak resident set size
 (VmHWM of /proc/self/status: every page the process ever had resident at once, file-backed ones included), on a
-GPU torch.cuda.max_memory_allocated. The prediction is engine.plan.estimate with the same model, spec, dtype,
+GPU torch.cuda.max_memory_allocated. The prediction is engine.run.plan.estimate with the same model, spec, dtype,
 device, calibration, batch size 1 and token count, made before anything is loaded. Aim: within ±15%.
 """
 
@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 CASE = """
 import json, sys, time
 import torch
-from engine.models import load
+from engine.models.loading import load
 from engine.perturb import perturb
-from engine.stepper import Stepper, StepSettings
+from engine.run.stepper import Stepper, StepSettings
 
 model, spec, device, dtype, samples, length, steps = sys.argv[1:8]
 started = time.perf_counter()
@@ -73,7 +73,7 @@ def main() -> None:
     samples, length = (int(x) for x in args.calib.lower().split("x"))
     os.environ.setdefault("HIERUI_HOME", tempfile.mkdtemp(prefix="hierui-plan-bench-"))
 
-    from engine.plan import GiB, estimate
+    from engine.run.plan import GiB, estimate
 
     print(
         f"plan accuracy: {args.device}, dtype {args.dtype}, calibration {samples}×{length} self-generated, "

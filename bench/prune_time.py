@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from engine.calibration import build_calibration
-from engine.models import load
+from engine.models.loading import load
 from engine.perturb import perturb
+from engine.perturb.calibration import build_calibration
 
 
 def dense_forward_seconds(model, ids, batch_size=8) -> float:

@@ -1,10 +1,10 @@
-"""Scale: a 7B-shaped model with random weights (engine.random_model) pruned and stepped on one device.
+"""Scale: a 7B-shaped model with random weights (engine.models.random_shapes) pruned and stepped on one device.
 
     python bench/scale_check.py [--model random:llama-7b] [--device cuda] [--steps 64] [--batch 16]
 
 Loads the model (bfloat16 on CUDA, float32 on CPU unless --dtype), prunes it with wanda on random calibration
 token ids (random weights make any text as good as any other; --calib NxL), steps the pair --steps tokens in
-shared and in free mode over --batch prompts with end of sequence disabled (engine.stepper.BatchStepper), then
+shared and in free mode over --batch prompts with end of sequence disabled (engine.run.stepper.BatchStepper), then
 does the same for int8 and nf4 (bitsandbytes; --quant-steps tokens, shared mode). Prints, one labelled line each:
 load, pruning and quantization times, the per-step time of the pair against the memory-bandwidth floor (a
 decode step reads each model's weights once: (bytes read by the dense model + by the perturbed one) ÷
@@ -23,10 +23,10 @@ import time
 import torch
 from batch_throughput import PROMPTS  # bench/ is on the path when a bench script runs
 
-from engine.calibration import Calibration
-from engine.models import load
+from engine.models.loading import load
 from engine.perturb import perturb
-from engine.stepper import BatchStepper, StepSettings
+from engine.perturb.calibration import Calibration
+from engine.run.stepper import BatchStepper, StepSettings
 
 
 def sync(device) -> None:

@@ -7,17 +7,18 @@
 
 Each case (model × spec) runs in a fresh process (this script with --case), as bench/plan_accuracy.py does:
 
-1. load the model (engine.models.load; a `random:` shape is built in place, engine.random_model) and time it;
+1. load the model (engine.models.loading.load; a `random:` shape is built in place, engine.models.random_shapes)
+   and time it;
 2. the dense model alone, as bench/memory.py measures it: stepped --steps tokens against itself (one model's
    weights), then its peak (on a CPU VmHWM of /proc/self/status, on a GPU torch.cuda.max_memory_allocated);
 3. prune (engine.perturb.perturb, nothing cached) with --calib random token ids (bench/scale_check.py's
    random_calibration: random weights make any text as good as any other) and time it; seconds per million
-   parameters of the pruned matrices (every decoder WeightView, engine.plan's Geometry.changed);
-4. step the pair --steps tokens, batch 1, shared mode, end of sequence off (engine.stepper.Stepper, after a
+   parameters of the pruned matrices (every decoder WeightView, engine.run.plan's Geometry.changed);
+4. step the pair --steps tokens, batch 1, shared mode, end of sequence off (engine.run.stepper.Stepper, after a
    4-step warm-up) with the logit lens on and off, and two bare KV-cached forwards (dense and perturbed) over
    the same tokens (bench/step_overhead.py's time_stepper and time_bare): ms per step and the ratios;
 5. the pair's peak (the whole process: load, prune and step), against the dense peak and against
-   `hierui plan`'s prediction (engine.plan.estimate with the same model, spec, dtype, device, calibration
+   `hierui plan`'s prediction (engine.run.plan.estimate with the same model, spec, dtype, device, calibration
    (random tokens: no self-generation), batch 1 and --steps tokens).
 
 Then, for each shape, the expected step time of the pair on a GPU from the memory-bandwidth limit: a decode step
@@ -74,9 +75,9 @@ def run_case(case: dict) -> dict:
     from scale_check import random_calibration, sync
     from step_overhead import time_bare, time_stepper
 
-    from engine.models import load
-    from engine.pair import ModelPair
+    from engine.models.loading import load
     from engine.perturb import perturb
+    from engine.perturb.pair import ModelPair
     from engine.perturb.spec import parse_spec
 
     steps = int(case["steps"])
@@ -161,7 +162,7 @@ def bytes_read_per_step(name: str, dtype) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from engine.plan import _config_object
+    from engine.run.plan import _config_object
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(_config_object(name), dtype=dtype)
@@ -236,8 +237,8 @@ def main() -> None:
 
     import torch
 
-    from engine.models import pick_device, pick_dtype
-    from engine.plan import estimate, geometry
+    from engine.models.loading import pick_device, pick_dtype
+    from engine.run.plan import estimate, geometry
 
     samples, length = (int(x) for x in args.calib.lower().split("x"))
     dev = pick_device(args.device)

@@ -1,6 +1,6 @@
 """Step overhead: the stepper with every metric vs two bare KV-cached forward passes of the same tokens.
 
-Measured twice: with the logit lens on (the default: every layer read out through the head, engine.lens) and
+Measured twice: with the logit lens on (the default: every layer read out through the head, engine.run.lens) and
 with it off (`--no-lens`); the issue's goal for the lens on is ≤ 1.35× on the embedded model.
 
     .venv/bin/python bench/step_overhead.py [--model smollm2-135m] [--prune wanda:0.5] [--steps 48] [--repeats 3]
@@ -17,9 +17,9 @@ import time
 import torch
 from transformers import DynamicCache
 
-from engine.models import load
+from engine.models.loading import load
 from engine.perturb import perturb
-from engine.stepper import Stepper, StepSettings
+from engine.run.stepper import Stepper, StepSettings
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 

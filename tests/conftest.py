@@ -30,24 +30,24 @@ def test_store() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny():
-    from engine.models import load
+    from engine.models.loading import load
 
     return load("tiny-random", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_calib(tiny):
-    from engine.calibration import build_calibration
+    from engine.perturb.calibration import build_calibration
 
     return build_calibration(tiny, samples=8, length=32, seed=0, use_cache=False)
 
 
 @pytest.fixture(scope="module")
 def keep_the_allocator():
-    """Streaming sets glibc's mmap threshold for the whole process (engine.streaming._return_freed_memory): not
+    """Streaming sets glibc's mmap threshold for the whole process (engine.place.streaming._return_freed_memory): not
     in the test process, whose other tests would then run with it. Modules of streaming tests use it for all
     their tests (pytestmark = pytest.mark.usefixtures("keep_the_allocator"))."""
-    from engine import streaming
+    from engine.place import streaming
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(streaming, "_return_freed_memory", lambda: None)
@@ -56,8 +56,8 @@ def keep_the_allocator():
 
 @pytest.fixture(scope="module")
 def tiny_streamed(keep_the_allocator):
-    """tiny-random with its decoder layers streamed from disk (engine.streaming), one per test module."""
-    from engine.models import load
+    """tiny-random with its decoder layers streamed from disk (engine.place.streaming), one per test module."""
+    from engine.models.loading import load
 
     return load("tiny-random", device="cpu", streamed=True)
 
@@ -72,7 +72,7 @@ def fresh_home(monkeypatch):
 
 @pytest.fixture(scope="session")
 def embedded():
-    from engine.models import load
+    from engine.models.loading import load
 
     return load("smollm2-135m", device="cpu")
 
@@ -98,7 +98,7 @@ def hierui():
 
 @pytest.fixture(scope="session")
 def cli():
-    """Run `hierui ARGS` in-process through hierui.cli.main (its one-line error handling and exit codes),
+    """Run `hierui ARGS` in-process through hierui.cli.commands.main (its one-line error handling and exit codes),
     with Typer's CliRunner isolating stdin, stdout and stderr: the fast way to test a command's contract.
     Returns an object with `returncode`, `stdout` and `stderr`, like a CompletedProcess."""
     import sys

@@ -5,10 +5,11 @@ import re
 
 import pytest
 
-from engine.session import SessionRecorder, load_session
-from engine.settings import StepSettings
-from engine.stepper import Stepper
-from hierui.app import HieruiApp
+from engine.record.session import load_session
+from engine.record.settings import StepSettings
+from engine.run.recorder import SessionRecorder
+from engine.run.stepper import Stepper
+from hierui.explorer.app import HieruiApp
 from hierui.format import ended_note, metric
 from hierui.tokentext import running
 
@@ -138,7 +139,7 @@ def test_run_then_pause_stops(tiny_pair, tmp_path):
 def test_save_writes_a_session_that_show_reads(tiny_pair, tmp_path):
     from typer.testing import CliRunner
 
-    from hierui.cli import app as cli_app
+    from hierui.cli.commands import app as cli_app
 
     app = live_app(tiny_pair, tmp_path)
 
@@ -307,7 +308,7 @@ def test_quit_does_not_wait_for_a_step_in_flight(tiny_pair, tmp_path):
     import threading
     import time
 
-    from hierui.live import LiveRun
+    from hierui.explorer.live import LiveRun
 
     live = LiveRun(tiny_pair, "Hello", StepSettings(max_new_tokens=5), tmp_path)
     live.step()
@@ -462,8 +463,8 @@ def test_replay_in_the_ui_and_a_bad_model_on_explore_import_no_torch(tmp_path):
     example = Path(__file__).resolve().parent.parent / "sessions" / "factual-wanda-0.5-shared.jsonl"
     script = (
         "import asyncio\n"
-        "from engine.session import load_session\n"
-        "from hierui.app import HieruiApp\n"
+        "from engine.record.session import load_session\n"
+        "from hierui.explorer.app import HieruiApp\n"
         f"app = HieruiApp(session=load_session({str(example)!r}))\n"
         "async def go():\n"
         "    async with app.run_test(size=(120, 40)) as pilot:\n"
@@ -579,7 +580,7 @@ def test_the_hierarchy_and_top_k_cut_nothing_at_120x40(name):
 def test_the_header_keeps_the_state_at_80_columns(tiny_pair, tmp_path):
     """At 80×24 the header drops detail (calibration, what T changes, the step limit) and shortens the
     model's name before it would lose the state."""
-    from hierui.widgets.info import InfoBar
+    from hierui.explorer.widgets.info import InfoBar
 
     app = live_app(tiny_pair, tmp_path)
 
@@ -607,8 +608,8 @@ def test_the_header_keeps_the_state_at_80_columns(tiny_pair, tmp_path):
 def test_chart_legend_space_tokens_and_whole_top_k_tokens(tiny_pair, tmp_path):
     """The chart names its five series in its border at every size; a token of spaces shows as ␣; a top-k
     token longer than the old 10-character cut shows whole when the panel has room."""
+    from hierui.explorer.widgets.chart import SERIES
     from hierui.tokentext import token
-    from hierui.widgets.chart import SERIES
 
     assert token(" ") == "␣" and token("  ") == "␣␣" and token(" a") == " a" and token("\n") == "⏎\n"
     record = {"step": 0, "topk_d": [[1, " wonderful,", 0.5]], "topk_p": [[2, " internationally", 0.4]], "kl": 0.1}
@@ -698,7 +699,7 @@ def test_the_layer_map_fills_live_and_toggles_to_dense_final(tiny_pair, tmp_path
 def test_the_layer_map_bins_many_layers_and_follows_the_selected_step():
     """Eighty layers in a short panel share rows (the largest value of each bin; the title says so); of many
     steps the newest that fit are shown, and selecting an older one moves the window just enough."""
-    from hierui.widgets.heatmap import aggregate, bins, color
+    from hierui.explorer.widgets.heatmap import aggregate, bins, color
 
     assert bins(80, 12)[0] == (0, 6) and bins(80, 12)[-1] == (73, 80) and len(bins(3, 12)) == 3
     assert aggregate([0.1, None, 0.3, 0.2], [(0, 2), (2, 4)]) == [0.1, 0.3]
@@ -707,7 +708,7 @@ def test_the_layer_map_bins_many_layers_and_follows_the_selected_step():
         {"step": i, "kl": 0.1, "top1_agree": i % 7 != 3, "near_tie": i == 24, "lens_kl": [0.01 * k for k in range(80)]}
         for i in range(200)
     ]
-    from hierui.app import HieruiApp
+    from hierui.explorer.app import HieruiApp
 
     session = load_session(_lens_session_path())
     app = HieruiApp(session=session)
@@ -732,7 +733,7 @@ def test_the_layer_map_bins_many_layers_and_follows_the_selected_step():
     run(scenario())
 
 
-LABEL_COLUMNS = 5  # hierui.widgets.heatmap.LABEL
+LABEL_COLUMNS = 5  # hierui.explorer.widgets.heatmap.LABEL
 
 
 def _lens_session_path():

@@ -1,12 +1,12 @@
-"""The architecture a session records (engine.architecture): read from the config, written into every
+"""The architecture a session records (engine.record.architecture): read from the config, written into every
 session header and batch.json, validated when read back, and printed by `hierui show`."""
 
 import json
 
 import pytest
 
-from engine.architecture import describe, summary
-from engine.zoo import FAMILIES
+from engine.models.zoo import FAMILIES
+from engine.record.architecture import describe, summary
 
 
 @pytest.mark.parametrize(
@@ -35,10 +35,11 @@ def test_summary_names_the_mix_of_attention_layers():
 
 
 def test_a_session_records_and_shows_the_architecture(cli, tmp_path):
-    from engine.models import load
+    from engine.models.loading import load
     from engine.perturb import perturb
-    from engine.session import SessionRecorder, load_session
-    from engine.stepper import Stepper, StepSettings
+    from engine.record.session import load_session
+    from engine.run.recorder import SessionRecorder
+    from engine.run.stepper import Stepper, StepSettings
 
     loaded = load("tiny-random:qwen2", device="cpu")
     stepper = Stepper(perturb(loaded, "none"), "Hello", StepSettings(max_new_tokens=2))
@@ -59,7 +60,7 @@ def test_a_session_records_and_shows_the_architecture(cli, tmp_path):
 
 
 def test_a_zoo_member_is_shown_by_its_full_name():
-    from engine.models import resolve
+    from engine.models.loading import resolve
 
     ref = resolve("tiny-random:Gemma2")
     assert ref.kind == "zoo" and ref.display == "tiny-random:gemma2"
@@ -92,6 +93,6 @@ def test_prune_reports_each_experts_sparsity_and_routed_tokens(cli):
     ],
 )
 def test_a_header_may_name_the_zoo_and_shipped_shapes_but_no_path(name, trusted):
-    from engine.replay import trusted_model
+    from engine.run.rerun import trusted_model
 
     assert trusted_model(name) is trusted

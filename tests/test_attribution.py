@@ -1,4 +1,4 @@
-"""engine.attribution: patching dense units into the perturbed forward, and its faces (`hierui attribute`,
+"""engine.run.attribution: patching dense units into the perturbed forward, and its faces (`hierui attribute`,
 `hierui batch --attribute flips`)."""
 
 import json
@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from engine import attribution as A
+from engine.run import attribution as A
 
 CONTEXT = list(range(5, 25))  # 20 tokens: past the zoo's sliding window (16)
 TIGHT = dict(rtol=0, atol=2e-5)
 
 
 def _pair(name: str, spec: str = "magnitude:0.5", **options):
-    from engine.models import load
+    from engine.models.loading import load
     from engine.perturb import perturb
 
     return perturb(load(name, device="cpu"), spec, use_cache=False, **options)
@@ -68,9 +68,9 @@ def test_one_token_context_and_chunked_rows(monkeypatch):
 
 def test_dropped_blocks_are_patched_where_they_were(tiny):
     """blockdrop removes layers: their attn/mlp units are skipped, their block units add the dense increment."""
-    from engine.pair import ModelPair, clone_sharing
     from engine.perturb import PerturbReport
     from engine.perturb.drop import _own_config, drop_blocks
+    from engine.perturb.pair import ModelPair, clone_sharing
 
     clone = clone_sharing(tiny.model)
     _own_config(tiny.model, clone)
@@ -102,7 +102,7 @@ def test_the_dropped_sublayer_ranks_first_on_tiny_random(tiny, tiny_calib, spec)
 @pytest.mark.parametrize("spec", ["attndrop:1", "mlpdrop:1"])
 def test_the_dropped_sublayer_ranks_first_on_the_embedded_model(embedded, spec):
     from engine.perturb import perturb
-    from engine.stepper import Stepper, StepSettings
+    from engine.run.stepper import Stepper, StepSettings
 
     pair = perturb(embedded, spec, use_cache=False, calib_options={"samples": 4, "length": 32})
     (layer,) = pair.report.details["dropped"]
@@ -115,7 +115,7 @@ def test_the_dropped_sublayer_ranks_first_on_the_embedded_model(embedded, spec):
 
 def test_the_unpatched_kl_is_the_recorded_kl(tiny):
     from engine.perturb import perturb
-    from engine.stepper import Stepper, StepSettings
+    from engine.run.stepper import Stepper, StepSettings
 
     pair = perturb(tiny, "magnitude:0.5", use_cache=False)
     stepper = Stepper(pair, "Once upon a time", StepSettings(mode="shared", max_new_tokens=6, temperature=1.5))
@@ -183,8 +183,8 @@ def _batch(cli, tmp_path, out, *extra):
 def test_batch_attributes_the_flip_steps_and_resumes(cli, tmp_path):
     import pyarrow.parquet as pq
 
-    from engine import schema
-    from engine.session import load_session
+    from engine.record import schema
+    from engine.record.session import load_session
 
     out = tmp_path / "out"
     first = _batch(cli, tmp_path, out)  # recorded without attribution …

@@ -7,13 +7,15 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from engine import schema
 from engine.errors import HieruiError
-from engine.prompts import read_prompts
-from engine.session import load_session
-from engine.settings import StepSettings
-from engine.sweep import SweepHooks, choices_path, complete_runs, plan_sweep, run_sweep
-from engine.tables import group_summary
+from engine.record import schema
+from engine.record.prompts import read_prompts
+from engine.record.session import load_session
+from engine.record.settings import StepSettings
+from engine.sweep.folder import choices_path, complete_runs
+from engine.sweep.runner import run_sweep
+from engine.sweep.sweeps import SweepHooks, plan_sweep
+from engine.sweep.tables import group_summary
 
 TINY = {"model": "tiny-random", "max_new_tokens": 5, "calib": {"samples": 4, "length": 16, "seed": 0}}
 PROMPTS = [{"prompt": "Answer A or B:", "choices": ["A", "B"]}, {"prompt": "Hello there", "id": "hi"}]
@@ -237,7 +239,7 @@ def test_tables_none_is_exactly_zero_and_choices_give_sub_columns(uninterrupted)
 
 
 def test_step_and_summary_tables_have_the_declared_schema(uninterrupted, tmp_path):
-    """Every column always present, typed from engine.schema: with choices and free mode (the whole sweep)
+    """Every column always present, typed from engine.record.schema: with choices and free mode (the whole sweep)
     and without either (a shared-only sweep of a prompt without choices: sub_* and first_divergence null)."""
     _, out = uninterrupted
     prompts = tmp_path / "p.txt"
@@ -278,7 +280,7 @@ def test_schema_refuses_undeclared_fields_and_wrong_kinds():
     assert (
         schema.to_table([{**row, "rank_shift": 3.0, "top1_agree": 1.0}], schema.STEPS).to_pylist()[0]["rank_shift"] == 3
     )
-    with pytest.raises(schema.SchemaError, match="'new_metric'.*engine/schema.py"):
+    with pytest.raises(schema.SchemaError, match="'new_metric'.*engine/record/schema.py"):
         schema.to_table([{**row, "new_metric": 1.0}], schema.STEPS, "steps.parquet")
     for name, value in (("step", 1.5), ("top1_agree", 0.5), ("kl", "high"), ("emb_cos", 1.0), ("fed", [1.5])):
         with pytest.raises(schema.SchemaError, match=f"column '{name}'"):
@@ -286,10 +288,10 @@ def test_schema_refuses_undeclared_fields_and_wrong_kinds():
 
 
 def test_summary_columns_cover_summarize():
-    """Every key summarize() can give (free mode, choices), then the counterfactual branch's (engine.branch), is a
+    """Every key summarize() can give (free mode, choices), then the counterfactual branch's (engine.run.branch), is a
     declared summary column."""
-    from engine.branch import branch_summary
-    from engine.summary import summarize
+    from engine.record.branches import branch_summary
+    from engine.record.summary import summarize
 
     record = {
         "kl": 0.1,
@@ -345,7 +347,7 @@ def test_settings_are_frozen_and_the_manifest_format_is_unchanged(sweep_files, u
 
 
 def cli(*args):
-    from hierui.cli import app
+    from hierui.cli.commands import app
 
     return CliRunner().invoke(app, ["batch", *args])
 
@@ -379,13 +381,13 @@ def test_cli_sweep_rerun_interrupt_and_from_session(tmp_path, monkeypatch):
     again = cli(*args)
     assert again.exit_code == 0 and "4 runs (0 computed, 4 already complete)" in again.stdout
 
-    import hierui.batchview  # Ctrl-C in the second run: exit 130, and it says which runs are complete
+    import hierui.views.batch  # Ctrl-C in the second run: exit 130, and it says which runs are complete
 
     def ctrl_c(self, run, record):
         if run.run_id.endswith("free"):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(hierui.batchview.BatchBars, "step", ctrl_c)
+    monkeypatch.setattr(hierui.views.batch.BatchBars, "step", ctrl_c)
     cut = cli(*args[:-1], str(tmp_path / "cut2"))
     assert cut.exit_code == 130
     # the two shared runs are stepped together (one batch) and complete before the free ones start
@@ -568,12 +570,12 @@ def test_a_failed_start_leaves_nothing_and_the_corrected_command_succeeds(cli, t
 
 SLOW_BATCH = """
 import sys, time
-import engine.session
-write_step = engine.session.SessionWriter.write_step
+import engine.record.session
+write_step = engine.record.session.SessionWriter.write_step
 def slow(self, record):  # each step takes a while: the two runs certainly overlap
     time.sleep(float(sys.argv[1]))
     write_step(self, record)
-engine.session.SessionWriter.write_step = slow
+engine.record.session.SessionWriter.write_step = slow
 from hierui.cli import main
 main(sys.argv[2:])
 """
@@ -642,7 +644,7 @@ def test_a_sweep_takes_over_a_stale_lock(cli, tmp_path):
 
 
 def test_the_lock_is_released_after_an_error(sweep_files, tmp_path):
-    from engine.lock import held_locks
+    from engine.record.lock import held_locks
 
     out = tmp_path / "out"
     sweep = plan_sweep(prompts_file=sweep_files["jsonl"], model="tiny-random", specs=["none"], max_new_tokens=2)
@@ -663,8 +665,8 @@ def test_the_lock_is_released_after_an_error(sweep_files, tmp_path):
 def test_prompts_can_name_a_shipped_suite(cli, tmp_path):
     import pyarrow.parquet as pq
 
-    from engine.prompts import read_prompts
-    from engine.recipe import SUITES
+    from engine.record.prompts import read_prompts
+    from engine.sweep.recipe import SUITES
 
     out = tmp_path / "out"
     r = cli("batch", "--model", "tiny-random", "--prompts", "suite:open", "--max-new-tokens", "1", "--out", out)

@@ -4,7 +4,7 @@ mode a row where one model has ended while the other goes on)."""
 import pytest
 
 from engine.perturb import perturb
-from engine.stepper import BatchStepper, Stepper, StepSettings
+from engine.run.stepper import BatchStepper, Stepper, StepSettings
 
 PROMPTS = ["Hi", "A much longer prompt than the first one, to force padding", "Third: medium length"]
 CHOICES = [["A", "B"], None, ["x", "y", "z"]]
@@ -109,7 +109,7 @@ def test_batched_equals_alone_per_row(pair, mode, sample):
 
 
 def test_batch_headers_are_per_row(pair, tmp_path):
-    from engine.session import SessionRecorder
+    from engine.run.recorder import SessionRecorder
 
     batch = BatchStepper(pair, PROMPTS, StepSettings(max_new_tokens=2), choices=CHOICES)
     recorder = SessionRecorder(batch, [tmp_path / f"{b}.jsonl" for b in range(3)])

@@ -1,4 +1,4 @@
-"""Branches (engine.branch): the free-mode counterfactual at the first divergence, recorded in the session's closing
+"""Branches (engine.run.branch): the free-mode counterfactual at the first divergence, recorded in the session's closing
 line, summarized as recovered/recovery_steps, shown, rerun and swept; and a branch from an alternative token."""
 
 import json
@@ -6,11 +6,13 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from engine import replay as R
-from engine.branch import Branch, branch_prefix, branch_summary, branches_at, counterfactuals, recovery
 from engine.errors import HieruiError
-from engine.session import SessionRecorder, load_session
-from engine.settings import StepSettings
+from engine.record.branches import Branch, branch_prefix, branch_summary, recovery
+from engine.record.session import load_session
+from engine.record.settings import StepSettings
+from engine.run import rerun as R
+from engine.run.branch import branches_at, counterfactuals
+from engine.run.recorder import SessionRecorder
 
 PROMPTS = ["Hello there", "The capital of France is", "one two three"]
 MAX = 8
@@ -89,7 +91,7 @@ def pruned(tiny):
 @pytest.fixture(scope="module")
 def recorded(pruned, tmp_path_factory):
     """Three free-mode runs of a pair that splits, stepped together with the counterfactual on."""
-    from engine.stepper import BatchStepper
+    from engine.run.stepper import BatchStepper
 
     folder = tmp_path_factory.mktemp("branch")
     stepper = BatchStepper(pruned, PROMPTS, StepSettings(mode="free", max_new_tokens=MAX, counterfactual=True))
@@ -136,7 +138,7 @@ def test_the_branch_is_stored_in_the_closing_line_and_read_back(recorded):
 def test_a_sampled_branch_keeps_the_parents_noise_stream(pruned):
     """Sampled: the branch draws the parent's noise from its start step on, so its dense side still reproduces
     the parent's dense text."""
-    from engine.stepper import BatchStepper
+    from engine.run.stepper import BatchStepper
 
     settings = StepSettings(mode="free", max_new_tokens=MAX, sample=True, seed=5, temperature=1.5)
     stepper = BatchStepper(pruned, PROMPTS, settings)
@@ -197,7 +199,7 @@ def test_show_prints_the_branch(cli, recorded):
 
 def test_a_pair_that_never_splits_has_no_branch_and_recovers_at_once_when_branched(tiny, tmp_path):
     from engine.perturb import perturb
-    from engine.stepper import BatchStepper
+    from engine.run.stepper import BatchStepper
 
     pair = perturb(tiny, "none")
     settings = StepSettings(mode="free", max_new_tokens=6, counterfactual=True)
@@ -232,7 +234,7 @@ def test_counterfactual_needs_free_mode():
 
 
 def test_a_branch_from_an_alternative_links_its_parent_and_reruns(cli, pruned, recorded, tmp_path):
-    from engine.stepper import Stepper
+    from engine.run.stepper import Stepper
 
     _, _, folder = recorded
     parent_path = folder / "p0.jsonl"
@@ -269,13 +271,13 @@ def test_batch_counterfactual_tables_and_resume(cli, tmp_path, monkeypatch):
     out = tmp_path / "out"
     args = ["batch", "-m", "tiny-random", "--prompts", prompts, "-p", "magnitude:0.5", "--mode", "shared"]
     args += ["--mode", "free", "--max-new-tokens", "5", "--counterfactual", "-b", "1", "--out", out]
-    import hierui.batchview  # Ctrl-C in the last free run: its session has no closing line, rerun on resume
+    import hierui.views.batch  # Ctrl-C in the last free run: its session has no closing line, rerun on resume
 
     def ctrl_c(self, run, record):
         if run.run_id == "p001-magnitude-0.5-free" and record["step"] == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(hierui.batchview.BatchBars, "step", ctrl_c)
+    monkeypatch.setattr(hierui.views.batch.BatchBars, "step", ctrl_c)
     cut = cli(*args)
     assert cut.returncode == 130, cut.stderr
     assert load_session(out / "sessions" / "p001-magnitude-0.5-free.jsonl").summary is None
@@ -310,7 +312,7 @@ def test_batch_counterfactual_tables_and_resume(cli, tmp_path, monkeypatch):
 def test_the_embedded_model_under_wanda_recovers_or_not(embedded, tmp_path):
     """Wanda 0.5, free mode, greedy: where the texts split, is it a single bad step or compounding damage?"""
     from engine.perturb import perturb
-    from engine.stepper import BatchStepper
+    from engine.run.stepper import BatchStepper
 
     pair = perturb(embedded, "wanda:0.5", calib_options={"samples": 16, "length": 64, "seed": 0})
     prompts = ["What is the capital of France?", "Write a short poem about the sea.", "Explain how a bicycle works."]

@@ -34,7 +34,7 @@ def test_pruned_weights_are_not_reused_after_the_algorithm_changes(tiny, fresh_h
 
 
 def test_wanda_weights_are_not_reused_after_wanda_or_calibration_changes(tiny, fresh_home, monkeypatch):
-    import engine.calibration as calibration
+    import engine.perturb.calibration as calibration
     import engine.perturb.wanda as wanda
 
     opts = {"samples": 4, "length": 16}
@@ -66,7 +66,7 @@ def test_drop_scores_are_not_reused_after_the_algorithm_changes(tiny, tiny_calib
 
 
 def test_a_new_hierui_version_reuses_nothing(tiny, tiny_calib, fresh_home, monkeypatch):
-    from engine import cache
+    from engine.perturb import cache
 
     perturb(tiny, "magnitude:0.5")
     perturb(tiny, "attndrop:1", calibration=tiny_calib)
@@ -76,7 +76,7 @@ def test_a_new_hierui_version_reuses_nothing(tiny, tiny_calib, fresh_home, monke
 
 
 def test_every_entry_has_its_metadata_beside_it(tiny, fresh_home):
-    from engine import cache
+    from engine.perturb import cache
 
     perturb(tiny, "wanda:0.5", calib_options={"samples": 4, "length": 16, "seed": 1})
     perturb(tiny, "blockdrop:1", calib_options={"samples": 4, "length": 16, "seed": 1})
@@ -103,7 +103,7 @@ def test_every_entry_has_its_metadata_beside_it(tiny, fresh_home):
 
 def test_entries_and_clear(tiny, fresh_home, monkeypatch):
     import engine.perturb.magnitude as magnitude
-    from engine import cache
+    from engine.perturb import cache
 
     perturb(tiny, "magnitude:0.5")
     before = magnitude.ALGORITHM_VERSION
@@ -138,7 +138,7 @@ def test_entries_and_clear(tiny, fresh_home, monkeypatch):
 
 
 def test_unknown_kind_is_one_clear_line():
-    from engine import cache
+    from engine.perturb import cache
 
     with pytest.raises(HieruiError) as info:
         cache.entries("weights")
@@ -208,20 +208,20 @@ def test_cli_bad_kind_is_one_line_and_exit_2(cli, tmp_path, args):
 
 
 def test_current_versions_are_read_without_importing_the_algorithm():
-    from engine import cache
+    from engine.perturb import cache
 
     code = (
-        "import sys; from engine import cache; "
+        "import sys; from engine.perturb import cache; "
         "print(cache.algorithm_version('wanda', load=False), cache.algorithm_version('calibration', load=False), "
         "'torch' in sys.modules)"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    import engine.calibration
+    import engine.perturb.calibration
     import engine.perturb.wanda
 
     assert run.stdout.split() == [
         str(engine.perturb.wanda.ALGORITHM_VERSION),
-        str(engine.calibration.ALGORITHM_VERSION),
+        str(engine.perturb.calibration.ALGORITHM_VERSION),
         "False",
     ]
     assert cache.algorithm_version("nope") is None

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from engine.calibration import build_calibration
 from engine.errors import HieruiError
+from engine.perturb.calibration import build_calibration
 
 
 def test_self_generated_is_seeded_full_length_and_free_of_eos(tiny):
@@ -49,7 +49,7 @@ def test_calibration_is_cached(tiny, fresh_home):
 
 def test_calibration_is_rebuilt_when_its_algorithm_or_hierui_changes(tiny, fresh_home, monkeypatch):
     import engine
-    import engine.calibration as calibration
+    import engine.perturb.calibration as calibration
 
     first = build_calibration(tiny, samples=3, length=8)
     assert build_calibration(tiny, samples=3, length=8).from_cache
@@ -82,9 +82,9 @@ def test_calibration_cache_keeps_its_metadata_beside_it(tiny, fresh_home, tmp_pa
 
 
 def test_the_default_calibration_rule():
-    """engine.settings.default_calibration: Wanda in the interactive commands takes QUICK_CALIB_SAMPLES (a
+    """engine.record.settings.default_calibration: Wanda in the interactive commands takes QUICK_CALIB_SAMPLES (a
     quick first start); SparseGPT, the drop methods and every sweep take CALIB_SAMPLES; all 128 tokens long."""
-    from engine.settings import (
+    from engine.record.settings import (
         CALIB_LENGTH,
         CALIB_SAMPLES,
         QUICK_CALIB_SAMPLES,
@@ -108,8 +108,8 @@ def test_the_default_calibration_rule():
 
 
 def test_a_sweep_takes_the_sweep_default_calibration(tmp_path):
-    from engine.settings import CALIB_SAMPLES
-    from engine.sweep import plan_sweep
+    from engine.record.settings import CALIB_SAMPLES
+    from engine.sweep.sweeps import plan_sweep
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello\n")
@@ -118,7 +118,7 @@ def test_a_sweep_takes_the_sweep_default_calibration(tmp_path):
 
 
 def test_describe_calibration():
-    from engine.calibration import describe_calibration
+    from engine.perturb.calibration import describe_calibration
 
     assert describe_calibration({"source": "self", "samples": 32, "length": 128, "seed": 0}) == (
         "calibration: 32×128 self-generated"
@@ -136,7 +136,7 @@ def test_the_calibration_module_imports_no_torch():
     import subprocess
     import sys
 
-    probe = "import sys, engine.calibration, engine.settings; print('torch' in sys.modules)"
+    probe = "import sys, engine.perturb.calibration, engine.record.settings; print('torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert run.stdout.strip() == "False", run.stderr
 
@@ -151,7 +151,7 @@ def test_a_run_records_samples_length_and_source(tiny):
 
 def test_the_first_sequences_do_not_depend_on_how_many_are_asked_for(tiny, monkeypatch):
     """The explorer's 32 sequences are the first 32 of a sweep's 64 (one batch of GENERATION_BATCH)."""
-    import engine.calibration as calibration
+    import engine.perturb.calibration as calibration
 
     monkeypatch.setattr(calibration, "GENERATION_BATCH", 4)
     few = build_calibration(tiny, samples=4, length=10, seed=1, use_cache=False)

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from engine import selfcheck as S
-from engine.zoo import FAMILIES
+from engine.check import selfcheck as S
+from engine.models.zoo import FAMILIES
 
 FAST = ["--steps", "4", "--calib-samples", "4", "--calib-len", "32"]
 
@@ -65,9 +65,9 @@ def test_every_spec_gets_every_check_and_no_spec_is_dropped_silently(tiny):
 
 
 def test_sharing_check_catches_a_copying_clone(cli, tmp_path, monkeypatch):
-    import engine.pair
+    import engine.perturb.pair
 
-    monkeypatch.setattr(engine.pair, "clone_sharing", copy.deepcopy)
+    monkeypatch.setattr(engine.perturb.pair, "clone_sharing", copy.deepcopy)
     result, rows = _check(cli, tmp_path, "-p", "none", "-p", "magnitude:0.5")
     assert result.returncode == 1
     for spec in ("none", "magnitude:0.5"):
@@ -79,7 +79,7 @@ def test_sharing_check_catches_a_copying_clone(cli, tmp_path, monkeypatch):
 
 def test_sharing_check_catches_pruning_the_dense_model_in_place(cli, tmp_path, monkeypatch):
     import engine.perturb.magnitude as magnitude
-    from engine.perturb.linears import decoder_layers, layer_linears
+    from engine.anatomy.linears import decoder_layers, layer_linears
 
     def in_place(model, spec, progress=None):  # zeroes the smallest half of each weight, in the shared tensor
         for layer in decoder_layers(model):
@@ -95,7 +95,7 @@ def test_sharing_check_catches_pruning_the_dense_model_in_place(cli, tmp_path, m
 
 
 def test_cache_check_catches_a_broken_kv_cache(cli, tmp_path, monkeypatch):
-    from engine.stepper import BatchStepper
+    from engine.run.stepper import BatchStepper
 
     monkeypatch.setattr(BatchStepper, "_new_cache", lambda self, model: None)  # every pass starts afresh
     result, rows = _check(cli, tmp_path, "-p", "none")
@@ -105,7 +105,7 @@ def test_cache_check_catches_a_broken_kv_cache(cli, tmp_path, monkeypatch):
 
 
 def test_batch_check_catches_a_batch_attending_to_its_padding(cli, tmp_path, monkeypatch):
-    from engine.stepper import BatchStepper
+    from engine.run.stepper import BatchStepper
 
     original = BatchStepper._both
 
@@ -123,7 +123,7 @@ def test_batch_check_catches_a_batch_attending_to_its_padding(cli, tmp_path, mon
 
 def test_sparsity_check_catches_one_matrix_less_sparse(cli, tmp_path, monkeypatch):
     import engine.perturb.magnitude as magnitude
-    from engine.perturb.linears import decoder_layers
+    from engine.anatomy.linears import decoder_layers
 
     original = magnitude.prune_magnitude
 
@@ -173,9 +173,9 @@ def test_sparsity_check_catches_a_broken_n_of_m_group(tiny):
 
 
 def test_zero_check_catches_noise_in_none(cli, tmp_path, monkeypatch):
-    import engine.pair
+    import engine.perturb.pair
 
-    real = engine.pair.clone_sharing
+    real = engine.perturb.pair.clone_sharing
 
     def noisy(model):
         clone = real(model)
@@ -184,7 +184,7 @@ def test_zero_check_catches_noise_in_none(cli, tmp_path, monkeypatch):
         lin.weight = torch.nn.Parameter(lin.weight + noise, requires_grad=False)
         return clone
 
-    monkeypatch.setattr(engine.pair, "clone_sharing", noisy)
+    monkeypatch.setattr(engine.perturb.pair, "clone_sharing", noisy)
     result, rows = _check(cli, tmp_path, "-p", "none")
     assert result.returncode == 1
     row = rows["none", "zero"]
@@ -225,12 +225,12 @@ def test_a_perturbation_that_raises_fails_its_checks_and_the_others_run(cli, tmp
     ],
 )
 def test_bad_input_is_one_line_before_loading(cli, monkeypatch, args, words):
-    import engine.models
+    import engine.models.loading
 
     def must_not_load(*_a, **_k):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(engine.models, "load", must_not_load)
+    monkeypatch.setattr(engine.models.loading, "load", must_not_load)
     result = cli("check", *args)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
@@ -263,8 +263,8 @@ def test_tolerance_rule_scales_with_the_dtype():
 def test_the_precision_quantized_kernels_return_is_measured(tiny):
     """bitsandbytes' CPU nf4 kernel rounds its outputs to bfloat16 even in a float32 model: the check measures
     that and gives the perturbed model bfloat16's tolerance; int8 returns float32 values; none is the model's."""
+    from engine.check.selfcheck import kernel_dtype, rel_tolerance, side_tolerance
     from engine.perturb import perturb
-    from engine.selfcheck import kernel_dtype, rel_tolerance, side_tolerance
 
     nf4 = perturb(tiny, "nf4", use_cache=False)
     assert kernel_dtype(nf4) == "bfloat16"

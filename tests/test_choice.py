@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from engine.choice import ChoiceItem, answer_index, score_item, summarize_items
 from engine.errors import HieruiError
 from engine.perturb import perturb
+from engine.record.prompts import answer_index
+from engine.run.choice import ChoiceItem, score_item, summarize_items
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_multi_token_choices_are_scored_by_the_sum_of_their_log_probs(pair):
 
 
 def test_single_token_choice_scores_the_same_as_the_stepper_subspace(pair):
-    from engine.stepper import Stepper, StepSettings
+    from engine.run.stepper import Stepper, StepSettings
 
     item = ChoiceItem("q", "Hello", ["A", "B", "C"], 0)
     row = score_item(pair, item)

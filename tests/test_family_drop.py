@@ -1,7 +1,7 @@
 """attndrop / mlpdrop / blockdrop, their scores, KV caches, `prune --save` and the stepper's last-position hooks
-on every family of the tiny-random zoo (engine.zoo).
+on every family of the tiny-random zoo (engine.models.zoo).
 
-The references here do not use engine.anatomy: each family's residual contributions are named below by hand.
+The references here do not use engine.anatomy.sublayers: each family's residual contributions are named below by hand.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from zoo_grid import grid
 
-from engine.calibration import Calibration
 from engine.errors import HieruiError
-from engine.models import load
-from engine.pair import ModelPair, clone_sharing, shared_fraction
+from engine.models.loading import load
+from engine.models.zoo import FAMILIES, SLIDING_WINDOW
 from engine.perturb import perturb
+from engine.perturb.calibration import Calibration
 from engine.perturb.drop import (
     _own_config,
     drop_attention,
@@ -28,10 +28,10 @@ from engine.perturb.drop import (
     similarity_scores,
     standard_equivalent,
 )
+from engine.perturb.pair import ModelPair, clone_sharing, shared_fraction
 from engine.perturb.spec import parse_spec
-from engine.settings import StepSettings
-from engine.stepper import BatchStepper, Stepper, _last_position_modules
-from engine.zoo import FAMILIES, SLIDING_WINDOW
+from engine.record.settings import StepSettings
+from engine.run.stepper import BatchStepper, Stepper, _last_position_modules
 
 DROP = {"attention": drop_attention, "mlp": drop_mlp, "block": drop_blocks}
 SPECS = {"attndrop:1": "attention", "mlpdrop:1": "mlp", "blockdrop:1": "block"}

@@ -1,4 +1,4 @@
-"""Pruning every zoo family (engine.zoo): every weight matrix found and pruned exactly as asked, masks and
+"""Pruning every zoo family (engine.models.zoo): every weight matrix found and pruned exactly as asked, masks and
 SparseGPT updates checked against computations made here from scratch, MoE experts calibrated on exactly
 the tokens their router sends them, and the pruned-weight cache round trip for 3-D experts and Conv1D."""
 
@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from zoo_grid import grid
 
-from engine.pair import clone_sharing
+from engine.anatomy.linears import decoder_layers, model_weight_views, weight_views
+from engine.models.zoo import FAMILIES
 from engine.perturb import perturb
 from engine.perturb.layerwise import capture_calibration, run_layer
-from engine.perturb.linears import decoder_layers, model_weight_views, weight_views
 from engine.perturb.magnitude import magnitude_mask
+from engine.perturb.pair import clone_sharing
 from engine.perturb.sparsegpt import sparsegpt_weight
 from engine.perturb.spec import parse_spec
-from engine.zoo import FAMILIES
 
 MOE = ("mixtral", "qwen2_moe")
 SPECS = ("magnitude:0.5", "wanda:0.5", "sparsegpt:0.5", "wanda:2:4", "sparsegpt:2:4")
@@ -32,8 +32,8 @@ _DENSE: dict = {}
 def _member(family):
     """(loaded model, calibration, snapshot of the dense parameters), built once per family."""
     if family not in _LOADED:
-        from engine.calibration import build_calibration
-        from engine.models import load
+        from engine.models.loading import load
+        from engine.perturb.calibration import build_calibration
 
         loaded = load(f"tiny-random:{family}", device="cpu")
         _LOADED[family] = loaded

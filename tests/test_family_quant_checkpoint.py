@@ -13,13 +13,13 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from zoo_grid import grid
 
+from engine.anatomy.linears import decoder_layers
 from engine.errors import HieruiError
-from engine.models import load
-from engine.pair import clone_sharing
+from engine.models.loading import load
+from engine.models.zoo import FAMILIES
 from engine.perturb import perturb
-from engine.perturb.linears import decoder_layers
-from engine.stepper import Stepper, StepSettings
-from engine.zoo import FAMILIES
+from engine.perturb.pair import clone_sharing
+from engine.run.stepper import Stepper, StepSettings
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -397,9 +397,10 @@ def test_another_hidden_size_compares_logits_only(tmp_path):
 
     # the explorer (a note when the run starts) and `hierui show` say what is not compared
     from engine.perturb.checkpoint import structure_note
-    from engine.session import SessionRecorder, load_session
-    from hierui.live import LiveRun
-    from hierui.sources import RecordedRun
+    from engine.record.session import load_session
+    from engine.run.recorder import SessionRecorder
+    from hierui.explorer.live import LiveRun
+    from hierui.explorer.sources import RecordedRun
 
     note = structure_note(pair.report.details)
     assert note and "none: hidden sizes differ" in note

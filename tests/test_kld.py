@@ -1,4 +1,4 @@
-"""hierui kld (engine.kld, engine.kld_base): every statistic against a direct numpy computation, the base file's
+"""hierui kld (engine.kld.corpus, engine.kld.base): every statistic against a direct numpy computation, the base file's
 bound, and the command's one-line errors."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from engine import kld
 from engine.errors import HieruiError
+from engine.kld import corpus as kld
 
 CTX = 32
 TEXT = " ".join(f"Sentence number {i} tells of a {w} that walked to the river." for i, w in enumerate("abcde"))
@@ -130,7 +130,7 @@ def test_none_gives_zero_kl(tiny):
 def test_tables_have_their_schema(tiny, run, tmp_path):
     import pyarrow.parquet as pq
 
-    from engine import schema
+    from engine.record import schema
 
     kld.write_tables(run, tmp_path, tiny.tokenizer)
     tokens = pq.read_table(tmp_path / "kld_tokens.parquet")
@@ -142,7 +142,7 @@ def test_tables_have_their_schema(tiny, run, tmp_path):
 
 
 def test_base_file_is_exact_on_top_k_and_a_lower_bound(tiny, pair, run, tmp_path):
-    from engine.kld_base import BaseFile, BaseWriter
+    from engine.kld.base import BaseFile, BaseWriter
 
     vocab = len(tiny.tokenizer)
     for k, exact in ((16, False), (vocab, True)):
@@ -165,8 +165,8 @@ def test_base_file_is_exact_on_top_k_and_a_lower_bound(tiny, pair, run, tmp_path
 def test_exact_base_file_equals_the_two_model_run(member, tmp_path):
     """The default base file (the dense head's inputs and head) reproduces every statistic of the two-model run:
     on Llama, on Gemma 2 (final soft-capping) and on GPT-2 (tied head of another layout)."""
-    from engine.kld_base import BaseFile, BaseWriter
-    from engine.models import load
+    from engine.kld.base import BaseFile, BaseWriter
+    from engine.models.loading import load
     from engine.perturb import perturb
 
     loaded = load(member, device="cpu")
@@ -189,7 +189,7 @@ def test_exact_base_refuses_a_model_whose_logits_are_rescaled(tiny, tmp_path):
     """A model whose logits are not head(h) (here: a logit scale) cannot be written as an exact file."""
     import torch
 
-    from engine.kld_base import BaseWriter
+    from engine.kld.base import BaseWriter
 
     writer = BaseWriter(tmp_path / "x.st")
     writer.bind(tiny.model)
@@ -261,7 +261,7 @@ def test_cli_writes_tables_and_base(tmp_path, capsys):
 
 
 def test_tokenizer_mismatch(tiny, tmp_path):
-    from engine.kld_base import BaseFile, BaseWriter
+    from engine.kld.base import BaseFile, BaseWriter
 
     writer = BaseWriter(tmp_path / "b.st", 4)
     kld.score(tiny, [], TEXT, "test", ctx=CTX, save_base=writer)
@@ -304,7 +304,7 @@ def test_bad_input_is_one_line(args, what, tmp_path, capsys):
 
 
 def test_suite_heldout_is_a_few_thousand_tokens():
-    from engine.models import load_tokenizer
+    from engine.models.loading import load_tokenizer
 
     text = kld.suite_text("heldout")
     assert len(kld.tokenize(load_tokenizer("smollm2-135m"), text)) > 3000
@@ -313,12 +313,12 @@ def test_suite_heldout_is_a_few_thousand_tokens():
 @pytest.mark.slow
 def test_base_error_on_the_embedded_model(embedded, tmp_path):
     """SmolLM2-135M, magnitude:0.3, the heldout suite: a top-K file's KL is a lower bound of the full-vocabulary
-    KL that tightens with K (first 3 windows; measured, see engine.kld_base: the one-bucket tail is 12.5% under the
+    KL that tightens with K (first 3 windows; measured, see engine.kld.base: the one-bucket tail is 12.5% under the
     full mean KL at K = 64 for wanda:0.5 and under 1% only from K ≈ 2048); the exact (default) file gives the
     two-model KL on every window."""
     import torch
 
-    from engine.kld_base import BaseFile, BaseWriter
+    from engine.kld.base import BaseFile, BaseWriter
     from engine.perturb import perturb
 
     pair = perturb(embedded, "magnitude:0.3", use_cache=False)
@@ -366,8 +366,8 @@ def test_base_error_on_the_embedded_model(embedded, tmp_path):
 
 
 def test_explore_from_kld_opens_on_the_worst_context(tiny, run, tmp_path, monkeypatch, capsys):
-    import hierui.app
-    import hierui.cli
+    import hierui.cli.commands
+    import hierui.explorer.app
 
     kld.write_tables(run, tmp_path, tiny.tokenizer)
     seen = {}
@@ -376,9 +376,9 @@ def test_explore_from_kld_opens_on_the_worst_context(tiny, run, tmp_path, monkey
         def __init__(self, **kwargs):
             seen.update(kwargs)
 
-    monkeypatch.setattr(hierui.app, "HieruiApp", FakeApp)
-    monkeypatch.setattr(hierui.cli, "_interactive", lambda: True)
-    monkeypatch.setattr(hierui.cli, "run_app", lambda app: None)
+    monkeypatch.setattr(hierui.explorer.app, "HieruiApp", FakeApp)
+    monkeypatch.setattr(hierui.cli.commands, "_interactive", lambda: True)
+    monkeypatch.setattr(hierui.cli.commands, "run_app", lambda app: None)
     _ok(["explore", "--from-kld", str(tmp_path), "--worst", "2", "--device", "cpu"])
     second = run.worst(tiny.tokenizer)[1]
     assert seen["prompt"] == second["context"] and seen["settings"].raw
@@ -413,8 +413,8 @@ def run2(tiny, pair):
 def test_flips_and_pairs_against_numpy(tiny, run2, tmp_path):
     import pyarrow.parquet as pq
 
-    from engine import schema
-    from engine.paired import mcnemar_exact
+    from engine.record import schema
+    from engine.results.paired import mcnemar_exact
 
     summary = kld.write_tables(run2, tmp_path, tiny.tokenizer)
     tokens = {k: np.asarray(v) for k, v in pq.read_table(tmp_path / "kld_tokens.parquet").to_pydict().items()}
@@ -451,7 +451,7 @@ def test_report_prints_flips_and_pairs(tiny, run, run2):
 
     from rich.console import Console
 
-    from hierui.kldview import print_report
+    from hierui.views.kld import print_report
 
     def report(r):
         console = Console(file=io.StringIO(), width=200)
@@ -467,7 +467,7 @@ def test_report_prints_flips_and_pairs(tiny, run, run2):
 def test_one_spec_writes_an_empty_pairs_table(tiny, run, tmp_path):
     import pyarrow.parquet as pq
 
-    from engine import schema
+    from engine.record import schema
 
     kld.write_tables(run, tmp_path, tiny.tokenizer)
     table = pq.read_table(tmp_path / "kld_pairs.parquet")
@@ -496,7 +496,7 @@ def test_unwritable_outputs_fail_before_the_scoring(cli, tmp_path, monkeypatch):
 
 
 def test_summary_carries_the_noise_floor_and_the_silent_flag(run):
-    from engine.paired import is_silent
+    from engine.results.paired import is_silent
 
     row = run.summaries()[0]
     assert row["noise_floor_kl"] is None

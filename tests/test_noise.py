@@ -1,4 +1,4 @@
-"""The numerical noise floor (engine.noise, `hierui noise`): the dense model against itself under another dtype,
+"""The numerical noise floor (engine.run.noise, `hierui noise`): the dense model against itself under another dtype,
 another batch shape and cached vs full passes; the tie margin it stores and `tie_margin()` reads back; the
 margin/flip bookkeeping by hand; one-line errors."""
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import noise as N
+from engine.run import floor as F
+from engine.run import noise as N
 
 PROMPTS = [
     "The capital of France is",
@@ -58,23 +59,23 @@ def test_tie_margin_is_the_largest_noise_move_or_flip_margin_of_the_same_dtype(f
 
 
 def test_the_floor_is_stored_and_read_back(floor, fresh_home):
-    path = N.save_floor(floor)
-    assert path == N.floor_path("tiny-random", "cpu") and path.parent == Path(fresh_home) / "noise"
+    path = F.save_floor(floor)
+    assert path == F.floor_path("tiny-random", "cpu") and path.parent == Path(fresh_home) / "noise"
     data = json.loads(path.read_text())
     for key in ("model", "device", "dtypes", "prompts_hash", "hierui", "created", "tie_margin", "comparisons"):
         assert key in data
     assert data["model"] == "tiny-random" and data["device"] == "cpu" and data["prompts"] == len(PROMPTS)
-    assert N.load_floor("tiny-random", "cpu") == data
-    value, source = N.tie_margin("tiny-random", "cpu", "bfloat16")
+    assert F.load_floor("tiny-random", "cpu") == data
+    value, source = F.tie_margin("tiny-random", "cpu", "bfloat16")
     assert value == floor["tie_margin"]["bfloat16"] and source.startswith("hierui noise")
-    assert N.tie_margin("tiny-random", "cpu", "torch.float32")[0] == floor["tie_margin"]["float32"]
+    assert F.tie_margin("tiny-random", "cpu", "torch.float32")[0] == floor["tie_margin"]["float32"]
     # float16 was not measured; another device type has no floor
-    assert N.tie_margin("tiny-random", "cpu", "float16") == (
-        N.DEFAULT_TIE_MARGIN["float16"],
+    assert F.tie_margin("tiny-random", "cpu", "float16") == (
+        F.DEFAULT_TIE_MARGIN["float16"],
         "default (hierui noise did not measure float16 for this model)",
     )
-    assert N.tie_margin("tiny-random", "mps", "float32") == (N.DEFAULT_TIE_MARGIN["float32"], N.DEFAULT_SOURCE)
-    summary = N.floor_summary(data, "bfloat16")
+    assert F.tie_margin("tiny-random", "mps", "float32") == (F.DEFAULT_TIE_MARGIN["float32"], F.DEFAULT_SOURCE)
+    summary = F.floor_summary(data, "bfloat16")
     assert set(summary) == {"tie_margin", "flip_rate", "kl_mean", "kl_p99", "source"}
     same = [c for c in data["comparisons"] if c["dtype"] == "bfloat16" and c["kind"] != "dtype"]
     assert summary["tie_margin"] == floor["tie_margin"]["bfloat16"]
@@ -84,22 +85,22 @@ def test_the_floor_is_stored_and_read_back(floor, fresh_home):
 
 def test_without_a_floor_the_default_and_its_source(fresh_home):
     for dtype in ("float32", "bfloat16", "float16", "torch.bfloat16", "bf16"):
-        want = N.DEFAULT_TIE_MARGIN[N.dtype_name(dtype)]
-        assert N.tie_margin("tiny-random", "cpu", dtype) == (want, N.DEFAULT_SOURCE)
-    assert N.tie_margin("", "cpu", "float32") == (N.DEFAULT_TIE_MARGIN["float32"], N.DEFAULT_SOURCE)
-    assert N.load_floor("tiny-random", "cpu") is None
-    assert N.floor_summary(None, "float32") == {
-        "tie_margin": N.DEFAULT_TIE_MARGIN["float32"],
+        want = F.DEFAULT_TIE_MARGIN[F.dtype_name(dtype)]
+        assert F.tie_margin("tiny-random", "cpu", dtype) == (want, F.DEFAULT_SOURCE)
+    assert F.tie_margin("", "cpu", "float32") == (F.DEFAULT_TIE_MARGIN["float32"], F.DEFAULT_SOURCE)
+    assert F.load_floor("tiny-random", "cpu") is None
+    assert F.floor_summary(None, "float32") == {
+        "tie_margin": F.DEFAULT_TIE_MARGIN["float32"],
         "flip_rate": None,
         "kl_mean": None,
         "kl_p99": None,
-        "source": N.DEFAULT_SOURCE,
+        "source": F.DEFAULT_SOURCE,
     }
     # a corrupt or foreign file is no floor
-    path = N.floor_path("tiny-random", "cpu")
+    path = F.floor_path("tiny-random", "cpu")
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
-    assert N.tie_margin("tiny-random", "cpu", "float32")[1] == N.DEFAULT_SOURCE
+    assert F.tie_margin("tiny-random", "cpu", "float32")[1] == F.DEFAULT_SOURCE
 
 
 def test_margin_and_flip_bookkeeping_by_hand():
@@ -139,16 +140,16 @@ def test_identical_logits_are_exactly_no_noise():
 
 
 def test_a_dtype_that_cannot_be_loaded_is_said_and_the_rest_measured(tiny, monkeypatch):
-    import engine.models
+    import engine.models.loading
 
-    real = engine.models.load
+    real = engine.models.loading.load
 
     def load(name, device="auto", dtype="auto", **kw):
         if dtype == "bfloat16":
             raise RuntimeError("bfloat16 is not supported here\nsecond line")
         return real(name, device=device, dtype=dtype, **kw)
 
-    monkeypatch.setattr(engine.models, "load", load)
+    monkeypatch.setattr(engine.models.loading, "load", load)
     floor = N.measure_floor(tiny, PROMPTS[:2], 2, "float32,bf16")
     assert floor["dtypes"] == ["float32"] and list(floor["tie_margin"]) == ["float32"]
     assert {c["kind"] for c in floor["comparisons"]} == {"batch", "cache"}
@@ -156,11 +157,11 @@ def test_a_dtype_that_cannot_be_loaded_is_said_and_the_rest_measured(tiny, monke
 
 
 def test_parse_dtypes():
-    assert N.parse_dtypes("fp32, bf16,float32") == ["float32", "bfloat16"]
-    assert N.parse_dtypes(["half"]) == ["float16"]
+    assert F.parse_dtypes("fp32, bf16,float32") == ["float32", "bfloat16"]
+    assert F.parse_dtypes(["half"]) == ["float16"]
     for bad in ("float8", "", "float32,,int4"):
-        with pytest.raises(N.HieruiError):
-            N.parse_dtypes(bad)
+        with pytest.raises(F.HieruiError):
+            F.parse_dtypes(bad)
 
 
 # ------------------------------------------------------------------ the command
@@ -173,9 +174,9 @@ def _command_output(result, prompts: int) -> dict:
     for name in ("float32 vs bfloat16", "batch (float32)", "batch (bfloat16)", "cache (float32)", "cache (bfloat16)"):
         assert name in out
     assert out.strip().splitlines()[-1].startswith("tie margins: float32 ")
-    floor = N.load_floor("tiny-random", "cpu")
+    floor = F.load_floor("tiny-random", "cpu")
     assert floor is not None and floor["max_new_tokens"] == 4 and floor["prompts"] == prompts
-    assert N.tie_margin("tiny-random", "cpu", "bfloat16")[0] == floor["tie_margin"]["bfloat16"]
+    assert F.tie_margin("tiny-random", "cpu", "bfloat16")[0] == floor["tie_margin"]["bfloat16"]
     return floor
 
 
@@ -217,8 +218,8 @@ def test_a_missing_gpu_is_one_line(cli):
 
 @pytest.mark.slow
 def test_noise_floor_of_the_embedded_model(embedded, fresh_home):
-    from engine.prompts import read_prompts
-    from engine.recipe import SUITES
+    from engine.record.prompts import read_prompts
+    from engine.sweep.recipe import SUITES
 
     items = read_prompts(SUITES / "open.jsonl")[:4]
     floor = N.measure_floor(embedded, items, 4, ["float32", "bfloat16"])
@@ -228,6 +229,6 @@ def test_noise_floor_of_the_embedded_model(embedded, fresh_home):
         assert rows[kind, "float32"]["kl_mean"] < rows[kind, "bfloat16"]["kl_mean"]
     assert rows["dtype", "bfloat16"]["kl_mean"] > rows["cache", "float32"]["kl_mean"]
     assert floor["tie_margin"]["float32"] < floor["tie_margin"]["bfloat16"]
-    N.save_floor(floor)
-    value, source = N.tie_margin("smollm2-135m", "cpu", "float32")
+    F.save_floor(floor)
+    value, source = F.tie_margin("smollm2-135m", "cpu", "float32")
     assert value == floor["tie_margin"]["float32"] and source.startswith("hierui noise")

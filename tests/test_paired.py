@@ -1,4 +1,4 @@
-"""Paired statistics (engine.paired): McNemar's exact test, seeded bootstrap intervals, flips; and the
+"""Paired statistics (engine.results.paired): McNemar's exact test, seeded bootstrap intervals, flips; and the
 multiple-choice tables, report and show that use them on a real tiny sweep."""
 
 import json
@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from engine import paired as P
-from engine import runs as R
-from hierui import report as HR
-from hierui.cli import app
+from engine.results import paired as P
+from engine.results import runs as R
+from hierui.cli.commands import app
+from hierui.report import page as HR
 
 # ------------------------------------------------------------------ McNemar
 
@@ -271,8 +271,8 @@ def test_show_prints_the_flip_table(cli, sweep):
 
 def test_silent_failure_rule_and_its_report_line():
     """Silent: a mean KL under max(noise floor, 0.01) with significant flips; the floor raises the limit."""
-    from engine.paired import SILENT_KL, is_silent, silent_limit
-    from hierui.kldview import silent_line
+    from engine.results.paired import SILENT_KL, is_silent, silent_limit
+    from hierui.views.kld import silent_line
 
     assert silent_limit(None) == SILENT_KL and silent_limit(0.002) == SILENT_KL and silent_limit(0.05) == 0.05
     assert is_silent(0.005, 0.01) and not is_silent(0.005, 0.2) and not is_silent(0.02, 0.01)

@@ -1,4 +1,4 @@
-"""engine.paths: the cache layout, and writes that are whole or nothing, also with two writers at once."""
+"""engine.record.paths: the cache layout, and writes that are whole or nothing, also with two writers at once."""
 
 import os
 import subprocess
@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.paths import atomic_dir, atomic_path, atomic_write, calib_dir, hierui_home, models_dir, pruned_dir
+from engine.record.paths import atomic_dir, atomic_path, atomic_write, calib_dir, hierui_home, models_dir, pruned_dir
 
 SIZE = 200_000  # big enough that a write is not one system call
 ROOT = Path(__file__).resolve().parents[1]
 
 WRITER = """
 import sys
-from engine.paths import atomic_write
+from engine.record.paths import atomic_write
 target, name, times, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 for i in range(times):
     atomic_write(target, f"{name}:{i}:" + name * size + "\\nEND")

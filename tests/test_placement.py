@@ -1,4 +1,4 @@
-"""A pair on several devices (engine.placement): one device_map for both models, made before loading.
+"""A pair on several devices (engine.place.placement): one device_map for both models, made before loading.
 
 This machine has one CPU and no GPU, so what runs here is (a) the map itself, made on the meta device for
 pretended GPUs, (b) the whole hooked path (accelerate's hooks on every module, as several GPUs get them) on one
@@ -11,11 +11,11 @@ import json
 import pytest
 import torch
 
+from engine.anatomy.linears import decoder_layers, decoder_layers_prefix, weight_views
 from engine.errors import HieruiError
-from engine.models import load
+from engine.models.loading import load
 from engine.perturb import perturb
-from engine.perturb.linears import decoder_layers, decoder_layers_prefix, weight_views
-from engine.placement import (
+from engine.place.placement import (
     check_same_placement,
     describe,
     device_runs,
@@ -24,8 +24,8 @@ from engine.placement import (
     mismatched_layers,
     pair_device_map,
 )
-from engine.plan import GiB, _bytes_by_entry, _config_object, meta_model
-from engine.stepper import Stepper, StepSettings
+from engine.run.plan import GiB, _bytes_by_entry, _config_object, meta_model
+from engine.run.stepper import Stepper, StepSettings
 
 METRICS = ("kl", "js", "tv", "logit_cos", "prob_cos", "dp", "nll_d", "nll_p", "emb_cos")
 EXACT = ("token_d", "token_p", "top1_agree", "rank_shift", "same_token", "first_divergence")
@@ -161,7 +161,7 @@ def test_a_perturbed_layer_on_another_device_is_caught(pairs):
     _plain, mapped = pairs
     assert [str(d) for d in layer_devices(mapped.perturbed)] == ["cpu"] * len(decoder_layers(mapped.dense))
     check_same_placement(mapped.dense, mapped.perturbed)
-    from engine.pair import clone_sharing
+    from engine.perturb.pair import clone_sharing
 
     stray = clone_sharing(mapped.dense)
     decoder_layers(stray)[1].to("meta")
@@ -192,7 +192,7 @@ def test_hierui_check_passes_on_a_mapped_model(hooked):
     """hierui's own self-test through accelerate's hooks on every module: zero divergence for none, KV-cached
     stepping equal to a full forward, batched equal to one at a time, sharing and sparsity, for a pruning, a block
     drop (the layers renumbered under their hooks) and a quantization (modules replaced inside hooked layers)."""
-    import engine.selfcheck as S
+    import engine.check.selfcheck as S
 
     specs = ["none", "sparsegpt:0.5", "blockdrop:1", "int8"]
     report = S.run_selfcheck(hooked, specs, steps=4, calib_options={"samples": 4, "length": 16})

@@ -1,4 +1,4 @@
-"""engine.plan (`hierui plan`): the estimate's items against hand-computed numbers for tiny-random, the
+"""engine.run.plan (`hierui plan`): the estimate's items against hand-computed numbers for tiny-random, the
 command's table and its one-line errors, and the plan recorded by a sweep."""
 
 import json
@@ -6,9 +6,9 @@ import json
 import pytest
 
 from engine.errors import HieruiError
-from engine.plan import GiB, MiB, estimate, parse_size
+from engine.run.plan import GiB, MiB, estimate, parse_size
 
-# tiny-random (engine.tiny): hidden 64, MLP 128, 4 layers, 4 heads of 16, 2 KV heads, vocabulary 260, tied head.
+# tiny-random (engine.models.tiny): hidden 64, MLP 128, 4 layers, 4 heads of 16, 2 KV heads, vocabulary 260, tied head.
 # One layer: q 64×64, k 32×64, v 32×64, o 64×64, gate/up 128×64, down 64×128 = 36,864 weights; 2 norms of 64.
 LAYER_WEIGHTS = 64 * 64 + 2 * 32 * 64 + 64 * 64 + 2 * 128 * 64 + 64 * 128
 PARAMS = 260 * 64 + 4 * (LAYER_WEIGHTS + 2 * 64) + 64  # embeddings (tied head), 4 layers, the final norm
@@ -107,9 +107,9 @@ def test_plan_refuses_more_gpus_than_present(cli):
 def test_plan_refuses_a_pair_that_cannot_fit(cli, monkeypatch):
     """mixtral-8x7b in float32 on a CPU: ~350 GiB for the pair, more than this host has (made certain by
     pretending the host has 16 GiB)."""
-    import engine.plan
+    import engine.run.plan
 
-    monkeypatch.setattr(engine.plan, "host_memory", lambda: (16 * GiB, 16 * GiB))
+    monkeypatch.setattr(engine.run.plan, "host_memory", lambda: (16 * GiB, 16 * GiB))
     run = cli("plan", "--model", "random:mixtral-8x7b", "--prune", "wanda:0.5", "--device", "cpu", "--dtype", "float32")
     _one_line_error(run, "cannot fit", "predicted peak", "16.00 GiB of RAM available")
 
@@ -119,13 +119,13 @@ def test_streamed_and_multi_gpu_placements(monkeypatch):
     streamed when only layers fit, refused when not even that fits; the unbuilt ones say so."""
     import torch
 
-    import engine.models
-    import engine.plan
+    import engine.models.loading
+    import engine.run.plan
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(engine.models, "check_device", lambda d: d)
-    geom = engine.plan.geometry("tiny-random", torch.bfloat16)
+    monkeypatch.setattr(engine.models.loading, "check_device", lambda d: d)
+    geom = engine.run.plan.geometry("tiny-random", torch.bfloat16)
 
     def place(gpus, mem):
         return estimate(
@@ -153,11 +153,11 @@ def test_plan_on_pretended_gpus_prints_the_device_map(cli, monkeypatch):
     its predicted peak within the budget, the layers split in order, nothing on a third GPU it does not need."""
     import torch
 
-    import engine.models
+    import engine.models.loading
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(engine.models, "check_device", lambda d: d)
+    monkeypatch.setattr(engine.models.loading, "check_device", lambda d: d)
     args = ("plan", "--model", "random:llama-7b", "--device", "cuda", "--dtype", "bfloat16", "--gpu-mem", "20GiB")
     run = cli(*args, "--batch-size", "16", "--calib-samples", "64", "--calib-len", "512")
     assert run.returncode == 0, run.stderr
@@ -190,12 +190,12 @@ def test_batch_prints_and_records_the_plan(cli, tmp_path):
 
 def test_out_of_memory_names_the_plan_figure(cli, monkeypatch):
     """Running out of memory anyway: one line, exit 1, naming the stage and what hierui plan predicted."""
-    import engine.models
+    import engine.models.loading
 
     def boom(*_args, **_kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr(engine.models, "load", boom)
+    monkeypatch.setattr(engine.models.loading, "load", boom)
     run = cli("prune", "--model", "tiny-random", "--prune", "magnitude:0.5", "--device", "cpu")
     assert run.returncode == 1 and "Traceback" not in run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]

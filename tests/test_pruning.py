@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from engine.anatomy.linears import decoder_layers, layer_linears
 from engine.perturb import perturb
-from engine.perturb.layerwise import InputStats
-from engine.perturb.linears import decoder_layers, layer_linears
+from engine.perturb.inputs import InputStats
 from engine.perturb.magnitude import magnitude_mask
 from engine.perturb.sparsegpt import sparsegpt_weight
 from engine.perturb.spec import parse_spec

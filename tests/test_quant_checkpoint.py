@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
+from engine.anatomy.linears import decoder_layers, layer_linears
 from engine.errors import HieruiError
-from engine.models import load
-from engine.pair import clone_sharing
+from engine.models.loading import load
 from engine.perturb import perturb
-from engine.perturb.linears import decoder_layers, layer_linears
+from engine.perturb.pair import clone_sharing
 from engine.perturb.spec import parse_spec
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -174,7 +174,7 @@ def test_checkpoint_missing_path(loaded, tmp_path):
 def test_checkpoint_incompatible(loaded, tmp_path, change, message):
     from transformers import LlamaForCausalLM
 
-    from engine.tiny import tiny_config
+    from engine.models.tiny import tiny_config
 
     config = tiny_config()
     config.num_hidden_layers = 1

@@ -1,4 +1,5 @@
-"""`--model random:SHAPE`: random weights in the shape of a known model or a config.json (engine.random_model)."""
+"""`--model random:SHAPE`: random weights in the shape of a known model or a config.json
+(engine.models.random_shapes)."""
 
 import json
 import subprocess
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 from engine.errors import HieruiError
-from engine.models import list_models, load, read_config, resolve
-from engine.random_model import SHAPES_DIR, shape_aliases
+from engine.models.loading import list_models, load, read_config, resolve
+from engine.models.random_shapes import SHAPES_DIR, shape_aliases
 
 SMALL = {  # a tiny Llama shape: builds in a blink
     "model_type": "llama",
@@ -156,9 +157,9 @@ def test_the_cli_refuses_a_bad_shape_with_exit_2(cli):
 
 def test_the_session_header_and_the_explorers_header_say_random_weights(small_config):
     from engine.perturb import perturb
-    from engine.session import session_header
-    from engine.stepper import Stepper, StepSettings
-    from hierui.widgets.info import short_model
+    from engine.run.recorder import session_header
+    from engine.run.stepper import Stepper, StepSettings
+    from hierui.explorer.widgets.info import short_model
 
     loaded = load(f"random:{small_config}@2", device="cpu")
     pair = perturb(loaded, "none", use_cache=False)
@@ -172,8 +173,8 @@ def test_the_session_header_and_the_explorers_header_say_random_weights(small_co
 BF16_PROBE = textwrap.dedent(
     """
     import json, sys, torch
-    from engine.random_model import random_tokenizer
-    from engine.models import load
+    from engine.models.random_shapes import random_tokenizer
+    from engine.models.loading import load
 
     def hwm():
         for line in open("/proc/self/status"):

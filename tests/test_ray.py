@@ -1,5 +1,5 @@
-"""hierui batch --ray (engine.distributed): on a local Ray instance of 2 CPUs started by this module, a sweep gives
-the tables of the same sweep run locally, survives a worker killed mid-sweep and a driver killed mid-sweep, and
+"""hierui batch --ray (engine.sweep.distributed): on a local Ray instance of 2 CPUs started by this module, a sweep
+gives the tables of the same sweep run locally, survives a worker killed mid-sweep and a driver killed mid-sweep, and
 --ray without Ray installed is one line, exit 2. No Ray process is left behind."""
 
 import json
@@ -15,9 +15,12 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 
-from engine.distributed import WORKERS_FILE, RayHooks, RayOptions, read_workers, run_ray_sweep
-from engine.session import load_session
-from engine.sweep import complete_runs, plan_sweep, run_sweep
+from engine.record.session import load_session
+from engine.sweep.distributed import WORKERS_FILE, RayHooks, read_workers, run_ray_sweep
+from engine.sweep.folder import complete_runs
+from engine.sweep.ray_options import RayOptions
+from engine.sweep.runner import run_sweep
+from engine.sweep.sweeps import plan_sweep
 
 TINY = {"model": "tiny-random", "max_new_tokens": 5, "calib": {"samples": 4, "length": 16, "seed": 0}}
 PROMPTS = [
@@ -161,7 +164,8 @@ def test_ray_sweep_equals_local_sweep(cluster, prompts, tmp_path):
 
 def test_ray_workers_stream_their_layers_when_the_plan_says_so(cluster, prompts, tmp_path):
     """A pair above the device's budget (hierui plan: streamed; here the plan's verdict is given) runs on Ray with
-    every worker's decoder layers streamed from disk (engine.streaming), with the in-memory local sweep's output."""
+    every worker's decoder layers streamed from disk (engine.place.streaming), with the in-memory local sweep's
+    output."""
     sweep = plan(prompts, specs=["wanda:0.5"])
     local = run_sweep(sweep, tmp_path / "local", batch_size=2)
     sweep.plan = {"placement": "streamed", "fits": False}
@@ -270,7 +274,7 @@ def test_ray_sweep_equals_local_sweep_on_the_embedded_model(cluster, prompts, tm
 
 def test_recipe_takes_the_ray_options(tmp_path, prompts):
     from engine.errors import HieruiError
-    from engine.recipe import load_recipe
+    from engine.sweep.recipe import load_recipe
 
     path = tmp_path / "r.toml"
     base = f'prompts = ["{prompts}"]\nspecs = ["none"]\n'
@@ -286,17 +290,17 @@ def test_kld_on_ray_equals_the_local_kld(cluster, tmp_path, capsys):
     and kld_workers.json says who scored what."""
     import numpy as np
 
-    from engine import kld
-    from engine.distributed import RayOptions
-    from engine.kld_ray import score_on_ray
-    from engine.models import load
+    from engine.kld import corpus as kld
+    from engine.kld.distributed import score_on_ray
+    from engine.models.loading import load
     from engine.perturb import perturb
+    from engine.sweep.ray_options import RayOptions
     from hierui.cli import main
 
     text = " ".join(f"Sentence number {i} tells of a {w} that walked to the river." for i, w in enumerate("abcde"))
     specs = ["magnitude:0.5", "wanda:0.5"]
     loaded = load("tiny-random", device="cpu")
-    from engine.settings import calibration_for
+    from engine.record.settings import calibration_for
 
     pairs = [
         perturb(loaded, s, use_cache=False, calib_options=calibration_for(s.split(":")[0], "prune").to_dict())

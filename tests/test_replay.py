@@ -12,13 +12,14 @@ import sys
 
 import pytest
 
-from engine import replay as R
-from engine.session import SessionRecorder, SessionWriter, load_session
+from engine.record.session import SessionWriter, load_session
+from engine.run import rerun as R
+from engine.run.recorder import SessionRecorder
 
 
 def _record(tiny, path, spec="magnitude:0.5", prompt="Hello", calib=None, **settings):
     from engine.perturb import perturb
-    from engine.stepper import Stepper, StepSettings
+    from engine.run.stepper import Stepper, StepSettings
 
     pair = perturb(tiny, spec, calib_options=calib)
     stepper = Stepper(pair, prompt, StepSettings(**{"max_new_tokens": 5, **settings}))
@@ -159,7 +160,7 @@ def test_rerun_reproduces_the_recording(tiny, tmp_path, spec, settings):
 
 def test_rerun_of_an_interrupted_session_steps_as_many_steps_as_recorded(tiny, tmp_path):
     from engine.perturb import perturb
-    from engine.stepper import Stepper, StepSettings
+    from engine.run.stepper import Stepper, StepSettings
 
     stepper = Stepper(perturb(tiny, "magnitude:0.5"), "Hi", StepSettings(max_new_tokens=20))
     SessionRecorder(stepper, [tmp_path / "stop.jsonl"]).run(stop=lambda: len(stepper.records) >= 3)
@@ -171,7 +172,7 @@ def test_rerun_of_an_interrupted_session_steps_as_many_steps_as_recorded(tiny, t
 def test_rerun_of_a_session_without_steps_is_an_error(tiny, tmp_path):
     from engine.errors import HieruiError
     from engine.perturb import perturb
-    from engine.stepper import Stepper, StepSettings
+    from engine.run.stepper import Stepper, StepSettings
 
     stepper = Stepper(perturb(tiny, "none"), "Hi", StepSettings(max_new_tokens=3))
     path = tmp_path / "empty.jsonl"  # a run that ended before its first step: a header alone
@@ -308,7 +309,7 @@ def test_show_numbers_steps_from_1(cli, tiny, tmp_path):
 
 def test_show_of_an_interrupted_session_computes_the_summary(cli, tiny, tmp_path):
     from engine.perturb import perturb
-    from engine.stepper import Stepper, StepSettings
+    from engine.run.stepper import Stepper, StepSettings
 
     stepper = Stepper(perturb(tiny, "magnitude:0.5"), "Hi", StepSettings(max_new_tokens=8))
     SessionRecorder(stepper, [tmp_path / "stop.jsonl"]).run(stop=lambda: len(stepper.records) >= 3)
@@ -321,7 +322,7 @@ def test_show_of_an_interrupted_session_computes_the_summary(cli, tiny, tmp_path
 def test_show_imports_neither_torch_nor_transformers(session_file):
     code = (
         "import sys\n"
-        "from hierui.cli import app\n"
+        "from hierui.cli.commands import app\n"
         "for args in (['show', sys.argv[1], '--steps'], ['replay', sys.argv[1]]):\n"
         "    try:\n"
         "        app(args)\n"

@@ -11,13 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from engine import recipe as RC
-from engine import runs as R
 from engine.errors import HieruiError
 from engine.perturb.spec import parse_spec
-from hierui import report as HR
-from hierui.cli import app
+from engine.results import runs as R
+from engine.sweep import recipe as RC
+from hierui.cli.commands import app
 from hierui.format import metric
+from hierui.report import page as HR
 
 TINY_RECIPE = """\
 name = "tiny"
@@ -213,7 +213,7 @@ def test_batch_recipe_errors_exit_2(cli, tmp_path):
 def test_batch_recipe_failed_start_writes_nothing(cli, tmp_path, monkeypatch):
     """A start that fails after the checks (here: the model's loading) leaves OUT without prompts.jsonl or
     recipe.toml, so the corrected command starts afresh in the same folder."""
-    import engine.models
+    import engine.models.loading
     from engine.errors import HieruiError
 
     recipe = tmp_path / "r.toml"
@@ -222,7 +222,7 @@ def test_batch_recipe_failed_start_writes_nothing(cli, tmp_path, monkeypatch):
     def fail(*_a, **_k):
         raise HieruiError("out of memory loading tiny-random", 1)
 
-    monkeypatch.setattr(engine.models, "load", fail)
+    monkeypatch.setattr(engine.models.loading, "load", fail)
     result = cli("batch", "--recipe", str(recipe), "--out", str(tmp_path / "out"), "--max-new-tokens", "2")
     assert result.returncode == 1 and "out of memory" in result.stderr
     left = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else []
@@ -336,7 +336,7 @@ def _synthetic_run(folder, specs=(EVIL, "none")):
         for i, spec in enumerate(specs)
     ]
     pq.write_table(pa.Table.from_pylist(rows), folder / "summary.parquet")
-    from engine import schema
+    from engine.record import schema
 
     pq.write_table(schema.to_table([], schema.STEPS, "steps.parquet"), folder / "steps.parquet")  # no steps
     return folder
@@ -395,7 +395,7 @@ def test_show_prints_the_per_spec_table_and_charts(recipe_run):
 
 def test_show_batch_output_loads_no_model_library(recipe_run):
     code = (
-        "import sys\nfrom hierui.cli import app\nfrom typer.testing import CliRunner\n"
+        "import sys\nfrom hierui.cli.commands import app\nfrom typer.testing import CliRunner\n"
         "r = CliRunner().invoke(app, ['show', sys.argv[1]])\nassert r.exit_code == 0, r.output\n"
         "print('HEAVY', [m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules])\n"
     )
@@ -545,8 +545,8 @@ def test_steps_are_counted_from_1_in_the_report(uneven):
 
 
 def test_show_batch_counts_steps_from_1():
-    from hierui.batchview import value_text
     from hierui.format import step_label
+    from hierui.views.batch import value_text
 
     assert step_label(0) == "1" and step_label(None) == "—" and step_label(3.0) == "4" and step_label(3.5) == "4.5"
     assert value_text("first_div", 2.0) == "3" and value_text("first_divergence", 1.5) == "2.5"

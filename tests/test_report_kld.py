@@ -1,4 +1,4 @@
-"""The "Corpus KLD" section of hierui report (hierui.report_kld): a hierui kld output alone, or beside a batch."""
+"""The "Corpus KLD" section of hierui report (hierui.report.kld): a hierui kld output alone, or beside a batch."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from engine import kld, schema
-from hierui import report as HR
-from hierui import report_kld as K
+from engine.kld import corpus as kld
+from engine.record import schema
 from hierui.format import count, metric, pct
+from hierui.report import kld as K
+from hierui.report import page as HR
 
 CTX = 32
 TEXT = " ".join(f"Sentence number {i} tells of a {w} that walked to the river." for i, w in enumerate("abcde"))

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from engine.errors import HieruiError
-from engine.session import FORMAT, VERSION, SessionRecorder, SessionWriter, _clean, load_session
+from engine.record.session import FORMAT, VERSION, SessionWriter, _clean, load_session
+from engine.run.recorder import SessionRecorder
 
 HEADER_FIELDS = (
     "format",
@@ -26,7 +27,7 @@ HEADER_FIELDS = (
 
 def _stepper(tiny, spec="magnitude:0.5", steps=5, **settings):
     from engine.perturb import perturb
-    from engine.stepper import Stepper, StepSettings
+    from engine.run.stepper import Stepper, StepSettings
 
     pair = perturb(tiny, spec)
     return Stepper(pair, "Hello", StepSettings(max_new_tokens=steps, **settings))
@@ -253,7 +254,7 @@ def test_show_truncated_session_warns_on_one_stderr_line(cli, recorded, tmp_path
 
 
 def test_every_shipped_session_passes_the_schema():
-    """engine.validate checks every field of the files load_session reads: the example sessions pass it."""
+    """engine.record.validate checks every field of the files load_session reads: the example sessions pass it."""
     from pathlib import Path
 
     files = sorted((Path(__file__).parent.parent / "sessions").glob("*.jsonl"))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.session import load_session
-from hierui.app import HieruiApp
+from engine.record.session import load_session
+from hierui.explorer.app import HieruiApp
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "sessions" / "factual-wanda-0.5-shared.jsonl"
 # the same prompt recorded with the logit lens (and a tie margin of 0.1, so that three flips are near ties), and
@@ -23,7 +23,7 @@ ATTRIBUTION = Path(__file__).resolve().parent / "data" / "attribution-wanda-0.5-
 
 
 class ScriptedRun:
-    """A live step source whose steps are a recorded session's: it behaves like hierui.live.LiveRun (live,
+    """A live step source whose steps are a recorded session's: it behaves like hierui.explorer.live.LiveRun (live,
     restartable) but its numbers are fixed. With `hold_after`, the step after that many waits (up to a few
     seconds) so a snapshot can catch the app while it is running."""
 
@@ -31,7 +31,7 @@ class ScriptedRun:
     pace = 0.0
 
     def __init__(self, session, hold_after: int | None = None):
-        from engine.replay import settings_from_header
+        from engine.run.rerun import settings_from_header
 
         self.session, self.path, self.header = session, session.path, dict(session.header)
         self.settings = settings_from_header(self.header, len(session.steps))
@@ -67,7 +67,7 @@ def live_app(monkeypatch, hold_after=None, example=EXAMPLE):
         runs.append(ScriptedRun(session, hold_after))
         return runs[-1]
 
-    monkeypatch.setattr("hierui.live.LiveRun", scripted)
+    monkeypatch.setattr("hierui.explorer.live.LiveRun", scripted)
     app = HieruiApp(
         pair_factory=lambda progress: object(), prompt=session.header["prompt"], title_hint="smollm2-135m · wanda:0.5"
     )
@@ -144,8 +144,8 @@ def test_live_compact_screen(snap_compare, monkeypatch):
 
 
 def recorded_attribution():
-    """The attribution of the LENS session's step 26 as the engine computed it (engine.attribution.Attribution)."""
-    from engine.attribution import Attribution, UnitResult
+    """The attribution of the LENS session's step 26 as the engine computed it (engine.run.attribution.Attribution)."""
+    from engine.run.attribution import Attribution, UnitResult
 
     data = json.loads(ATTRIBUTION.read_text())
     units = [UnitResult(**unit) for unit in data.pop("units")]
@@ -181,7 +181,7 @@ def test_attribution_screen(snap_compare, monkeypatch, size):
     minimal set), the blocks ranked beside them (120×40) or on one line below (80×24, scrolled into view);
     the last line `minimal set: attn.19 restores the dense top-1`."""
     step, result = recorded_attribution()
-    monkeypatch.setattr("engine.attribution.attribute", lambda pair, context, temperature=1.0, greedy=True: result)
+    monkeypatch.setattr("engine.run.attribution.attribute", lambda pair, context, temperature=1.0, greedy=True: result)
     app, _ = live_app(monkeypatch, example=LENS)
 
     async def attribute_step_26(pilot):

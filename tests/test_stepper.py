@@ -4,11 +4,11 @@ free mode goes on after one model's end-of-sequence."""
 import pytest
 import torch
 
-from engine import metrics as M
-from engine import schema
 from engine.perturb import perturb
-from engine.stepper import Stepper, StepSettings
-from engine.summary import mean, summarize
+from engine.record import schema
+from engine.record.summary import mean, summarize
+from engine.run import metrics as M
+from engine.run.stepper import Stepper, StepSettings
 
 # the fields comparing the two models: null in the steps after one of them ended
 PAIR_FIELDS = (
@@ -253,7 +253,8 @@ def test_free_mode_goes_on_after_one_model_ends(magnitude_pair, side, tmp_path):
     assert schema.to_table([summary], schema.SUMMARY_FIELDS).to_pylist()[0][f"end_{side}"] == stop
 
     # a session file holds them too, and its closing summary the end markers
-    from engine.session import SessionRecorder, load_session
+    from engine.record.session import load_session
+    from engine.run.recorder import SessionRecorder
 
     stepper = Stepper(magnitude_pair, "hello", settings)
     stepper.batch.eos = {target}
@@ -298,7 +299,7 @@ def test_choices_give_the_renormalised_subspace(magnitude_pair):
 def test_chunked_prefill_equals_one_pass(magnitude_pair, monkeypatch, mode):
     """A long prompt is prefilled in chunks through the KV caches; the records equal a one-pass prefill, for
     one row and for left-padded batch rows."""
-    import engine.stepper as S
+    import engine.run.stepper as S
 
     prompts = ["The weather today is " * 3, "Once"]
     settings = StepSettings(mode=mode, max_new_tokens=5)

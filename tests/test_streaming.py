@@ -1,4 +1,4 @@
-"""Streamed layers (engine.streaming): the decoder layers' weights on disk, each brought in for its turn.
+"""Streamed layers (engine.place.streaming): the decoder layers' weights on disk, each brought in for its turn.
 
 Pruning a streamed model and stepping the streamed pair must give exactly what the in-memory path gives: the
 same masks and weights, the same step metrics; the dense model's files stay dense; `--gpu-mem` below the
@@ -10,11 +10,11 @@ import weakref
 import pytest
 import torch
 
-from engine import streaming
-from engine.models import load
+from engine.anatomy.linears import decoder_layers, weight_views
+from engine.models.loading import load
 from engine.perturb import perturb
-from engine.perturb.linears import decoder_layers, weight_views
-from engine.stepper import Stepper, StepSettings
+from engine.place import streaming
+from engine.run.stepper import Stepper, StepSettings
 
 PROMPT = "The quick brown fox"
 METRICS = ("kl", "js", "tv", "logit_cos", "prob_cos", "dp", "nll_d", "nll_p", "cum_kl", "cum_nll_gap")
@@ -59,7 +59,7 @@ def wanda_pairs(tiny, tiny_streamed, tiny_calib):
 
 def _fixed_calibration(samples: int, length: int):
     """Seeded random token ids as the calibration: no sampling from the model (that takes a while)."""
-    from engine.calibration import Calibration
+    from engine.perturb.calibration import Calibration
 
     ids = torch.randint(0, 1000, (samples, length), generator=torch.Generator().manual_seed(0))
     return Calibration(ids, "test", samples, length, 0, f"test-{samples}x{length}")
@@ -117,7 +117,7 @@ def test_streamed_spec_that_cannot_stream_is_refused(tiny_streamed):
 
 def _budgets(model: str, calib: tuple[int, int], **options) -> tuple[int, int]:
     """(the in-memory peak on the device, the streamed need): a --gpu-mem between them streams the pair."""
-    from engine.plan import STAGES, estimate, stage_total
+    from engine.run.plan import STAGES, estimate, stage_total
 
     plan = estimate(model, ["wanda:0.5"], device="cpu", calib=calib, **options)
     memory = max(stage_total(plan.items, s, device_only=True) for s in STAGES)
@@ -315,9 +315,9 @@ def test_cli_save_of_a_streamed_pair_is_the_in_memory_save(cli, tmp_path):
 PEAK_SCRIPT = """
 import gc, json, sys, tempfile
 import torch
-from engine import streaming
-from engine.calibration import Calibration
-from engine.models import load
+from engine.place import streaming
+from engine.perturb.calibration import Calibration
+from engine.models.loading import load
 from engine.perturb import _load_pruned, _prune_key, _store_pruned, perturb
 from engine.perturb.export import save_checkpoint
 from engine.perturb.spec import parse_spec

@@ -1,4 +1,4 @@
-"""Streamed layers (engine.streaming) for checkpoints and drops: checkpoint:DIR, attndrop, mlpdrop, blockdrop.
+"""Streamed layers (engine.place.streaming) for checkpoints and drops: checkpoint:DIR, attndrop, mlpdrop, blockdrop.
 
 Each must give with streamed layers what it gives in memory: the same step records and report figures (sparsity,
 dropped units, structure), the dense model's store left dense and no layer's weights left resident. A checkpoint
@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_streaming import _same_records, _same_weights
 
-from engine import streaming
+from engine.anatomy.linears import decoder_layers
 from engine.perturb import perturb
 from engine.perturb.export import save_checkpoint
-from engine.perturb.linears import decoder_layers
-from engine.stepper import Stepper, StepSettings
+from engine.place import streaming
+from engine.run.stepper import Stepper, StepSettings
 
 PROMPT = "The quick brown fox"
 DROPS = ("attndrop:1", "mlpdrop:1", "blockdrop:1")
@@ -163,7 +163,7 @@ def test_streamed_drop_saves_the_in_memory_checkpoint(tiny, tiny_streamed, tiny_
 
 def _streaming_budget(spec: str) -> int:
     """A --gpu-mem (bytes) between the streamed need of tiny-random with `spec` and its in-memory peak."""
-    from engine.plan import STAGES, estimate, stage_total
+    from engine.run.plan import STAGES, estimate, stage_total
 
     options = {"device": "cpu", "calib": (8, 32), "max_new_tokens": 4, "lens": False, "perplexity": 512}
     plan = estimate("tiny-random", [spec], **options)

@@ -1,11 +1,11 @@
-"""engine.summary against numpy: percentiles, means, the perplexity ratio and the per-run summary."""
+"""engine.record.summary against numpy: percentiles, means, the perplexity ratio and the per-run summary."""
 
 import math
 
 import numpy as np
 import pytest
 
-from engine.summary import mean, percentile, summarize
+from engine.record.summary import mean, percentile, summarize
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 100])

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.selfcheck import DEFAULT_SPECS
-from engine.zoo import member_names
+from engine.check.selfcheck import DEFAULT_SPECS
+from engine.models.zoo import member_names
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""engine.tokens: prompts follow the tokenizer's own BOS convention (as lm-eval and llama.cpp do); the
+"""engine.models.tokens: prompts follow the tokenizer's own BOS convention (as lm-eval and llama.cpp do); the
 one-prompt Stepper hands its callback records; sessions record the prompt's ids."""
 
 import math
@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from engine.settings import StepSettings
-from engine.tokens import choice_token_ids, piece, prompt_ids, text_ids
+from engine.models.tokens import choice_token_ids, piece, prompt_ids, text_ids
+from engine.record.settings import StepSettings
 
 
 def _without_bos(tokenizer):
@@ -31,7 +31,7 @@ def test_raw_prompt_follows_the_tokenizer_convention(tiny):
 
 
 def test_perplexity_scores_the_tokenizers_own_ids(tiny):
-    from engine.quality import perplexity
+    from engine.run.quality import perplexity
 
     no_bos = _without_bos(tiny.tokenizer)
     text = "hello there"
@@ -45,8 +45,9 @@ def test_perplexity_scores_the_tokenizers_own_ids(tiny):
 
 def test_session_header_records_the_prompt_ids(tiny, tmp_path):
     from engine.perturb import perturb
-    from engine.session import SessionRecorder, load_session
-    from engine.stepper import Stepper
+    from engine.record.session import load_session
+    from engine.run.recorder import SessionRecorder
+    from engine.run.stepper import Stepper
 
     stepper = Stepper(perturb(tiny, "none"), "Hey", StepSettings(max_new_tokens=2, raw=True))
     SessionRecorder(stepper, [tmp_path / "s.jsonl"]).run()
@@ -57,7 +58,7 @@ def test_session_header_records_the_prompt_ids(tiny, tmp_path):
 
 def test_one_prompt_stepper_hands_its_callback_records(tiny):
     from engine.perturb import perturb
-    from engine.stepper import Stepper
+    from engine.run.stepper import Stepper
 
     seen = []
     records = Stepper(perturb(tiny, "none"), "Hey", StepSettings(max_new_tokens=3)).run(seen.append)

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from engine import replay as R
 from engine.errors import HieruiError
-from engine.session import SessionRecorder, load_session
+from engine.record.session import load_session
+from engine.run import rerun as R
+from engine.run.recorder import SessionRecorder
 
 
 def _record(tiny, path, spec="magnitude:0.5", calib=None, **settings):
     from engine.perturb import perturb
-    from engine.stepper import Stepper, StepSettings
+    from engine.run.stepper import Stepper, StepSettings
 
     pair = perturb(tiny, spec, calib_options=calib)
     stepper = Stepper(pair, "Hello", StepSettings(**{"max_new_tokens": 3, **settings}))
@@ -215,13 +216,13 @@ def test_rerun_reads_the_calibration_file_the_user_confirms(cli, secret_session)
 
 
 def test_rerun_refuses_a_model_path_or_checkpoint_named_by_the_header(cli, good, tmp_path, monkeypatch):
-    import engine.models
+    import engine.models.loading
 
     def no_loading(*args, **kwargs):
         pytest.fail("a model named by the file was touched")
 
-    monkeypatch.setattr(engine.models, "resolve", no_loading)
-    monkeypatch.setattr(engine.models, "load", no_loading)
+    monkeypatch.setattr(engine.models.loading, "resolve", no_loading)
+    monkeypatch.setattr(engine.models.loading, "load", no_loading)
     cases = {
         "local.jsonl": ({"model": str(tmp_path / "model-dir")}, "--model"),
         "hub.jsonl": ({"model": "someone/some-model"}, "--model someone/some-model"),
@@ -275,8 +276,8 @@ def test_an_error_line_quoting_a_file_is_escaped(cli, good, tmp_path):
 
 
 def _broken_replay_app(good, monkeypatch):
-    from hierui.app import HieruiApp
-    from hierui.widgets.info import InfoBar
+    from hierui.explorer.app import HieruiApp
+    from hierui.explorer.widgets.info import InfoBar
 
     def boom(self):
         raise ValueError("boom\x1b[2J in a widget")
@@ -302,7 +303,7 @@ def test_a_crash_inside_the_app_sets_a_nonzero_return_code(good, monkeypatch):
 def test_run_app_turns_a_crash_into_one_error_line_and_exit_1(good, monkeypatch, capfd):
     from textual.app import App
 
-    from hierui.cli import run_app
+    from hierui.cli.commands import run_app
 
     app = _broken_replay_app(good, monkeypatch)
     monkeypatch.setattr(app, "run", lambda: App.run(app, headless=True, size=(100, 30)))
@@ -318,11 +319,11 @@ def test_replay_checks_the_app_return_code(cli, good, monkeypatch):
     """`hierui replay` (in a terminal) runs the explorer through run_app: a crash is exit 1, one line."""
     from textual.app import App
 
-    import hierui.cli
+    import hierui.cli.commands
 
-    monkeypatch.setattr(hierui.cli, "_interactive", lambda: True)
+    monkeypatch.setattr(hierui.cli.commands, "_interactive", lambda: True)
     _broken_replay_app(good, monkeypatch)
-    monkeypatch.setattr("hierui.app.HieruiApp.run", lambda self: App.run(self, headless=True, size=(100, 30)))
+    monkeypatch.setattr("hierui.explorer.app.HieruiApp.run", lambda self: App.run(self, headless=True, size=(100, 30)))
     run = cli("replay", good)
     assert run.returncode == 1, run.stdout + run.stderr
     lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
@@ -337,7 +338,7 @@ def _copy_run(tmp_path, good):
     """A tiny real `hierui batch` output (tiny-random, none, 2 steps)."""
     from typer.testing import CliRunner
 
-    from hierui.cli import app
+    from hierui.cli.commands import app
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello\n")
@@ -379,7 +380,7 @@ def test_a_run_folder_with_a_wrong_schema_table_is_one_line(cli, good, tmp_path,
     "answer, shown", [("true", "got true"), ('"E"', 'got "E"'), ("7", "got 7"), ("1.0", "got 1.0")]
 )
 def test_a_bad_answer_is_named_as_written(tmp_path, answer, shown):
-    from engine.prompts import read_prompts
+    from engine.record.prompts import read_prompts
 
     path = tmp_path / "q.jsonl"
     path.write_text(f'{{"prompt": "q", "choices": ["a", "b"], "answer": {answer}}}\n')
@@ -388,7 +389,7 @@ def test_a_bad_answer_is_named_as_written(tmp_path, answer, shown):
 
 
 def test_an_explicit_id_colliding_with_a_numbered_one_blames_the_line_that_wrote_it(tmp_path):
-    from engine.prompts import read_prompts
+    from engine.record.prompts import read_prompts
 
     path = tmp_path / "ids.jsonl"
     path.write_text('{"prompt": "a", "id": "p001"}\n{"prompt": "b"}\n')

@@ -3,7 +3,7 @@
 One module per family: magnitude, wanda, sparsegpt (pruning), drop (attndrop/mlpdrop/blockdrop),
 quant (int8/nf4), checkpoint. The perturbed model is a `clone_sharing` copy of the dense one, so every
 tensor a perturbation leaves alone is shared. Pruned weights and drop scores are cached on disk keyed by
-(model, dtype, spec, calibration, the algorithm's ALGORITHM_VERSION, the hierui version), see engine.cache,
+(model, dtype, spec, calibration, the algorithm's ALGORITHM_VERSION, the hierui version), see engine.perturb.cache,
 so a repeated run does not prune again and an upgraded algorithm never reuses an old result.
 """
 
@@ -29,7 +29,7 @@ class PerturbReport:
     seconds: float = 0.0
     from_cache: bool = False
     # zero fraction over the decoder weight matrices of the perturbed model: every WeightView (linears, GPT-2
-    # Conv1Ds, each expert's matrices; not routers), engine.perturb.linears
+    # Conv1Ds, each expert's matrices; not routers), engine.anatomy.linears
     measured_sparsity: float | None = None
     dense_sparsity: float | None = None  # the same for the dense model (GGUF de-quantization leaves zeros)
     by_type: dict = field(default_factory=dict)  # {q_proj: {dense, perturbed, total}, ...}
@@ -49,22 +49,23 @@ def perturb(
     progress: Progress | None = None,
     calib_options: dict | None = None,
 ):
-    """Build the ModelPair for `spec` over `loaded` (an engine.models.LoadedModel).
+    """Build the ModelPair for `spec` over `loaded` (an engine.models.loading.LoadedModel).
 
-    `calibration`: an engine.calibration.Calibration; built with `calib_options` when the spec needs
+    `calibration`: an engine.perturb.calibration.Calibration; built with `calib_options` when the spec needs
     one and none is given.
     """
-    from engine.pair import ModelPair
+    from engine.perturb.pair import ModelPair
 
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     say = progress or (lambda *_: None)
     dense = loaded.model
-    from engine.streaming import check_streamable, is_streamed
+    from engine.perturb.spec import check_streamable
+    from engine.place.streaming import is_streamed
 
-    if is_streamed(dense):  # streamed layers (engine.streaming): some methods only
+    if is_streamed(dense):  # streamed layers (engine.place.streaming): some methods only
         check_streamable([spec])
     if calibration is None and spec.needs_calibration:
-        from engine.calibration import build_calibration
+        from engine.perturb.calibration import build_calibration
 
         opts = dict(calib_options or {})
         started = time.perf_counter()
@@ -88,15 +89,15 @@ def perturb(
     report.seconds = time.perf_counter() - start
     if spec.family != "quant":  # quantized weights are not pruned: zeros of de-quantized experts mean nothing
         _measure_sparsity(dense, perturbed, report)
-    if spec.family != "drop":  # layer ℓ of both on one device (engine.placement); a drop renumbers the layers
-        from engine.placement import check_same_placement
+    if spec.family != "drop":  # layer ℓ of both on one device (engine.place.placement); a drop renumbers the layers
+        from engine.place.placement import check_same_placement
 
         check_same_placement(dense, perturbed)
     pair = ModelPair(
         dense=dense, perturbed=perturbed, tokenizer=loaded.tokenizer, spec=spec, report=report, loaded=loaded
     )
     if spec.method == "checkpoint" and "hidden_map" in report.details.get("structure", {}):
-        pair.hidden_map = list(report.details["structure"]["hidden_map"])  # -1: no counterpart (engine.pair)
+        pair.hidden_map = list(report.details["structure"]["hidden_map"])  # -1: no counterpart (engine.perturb.pair)
     if spec.method == "blockdrop":
         from engine.perturb.drop import hidden_map_after_block_drop
 
@@ -105,7 +106,7 @@ def perturb(
 
 
 def _build(loaded, spec: Spec, calibration, use_cache: bool, say: Progress, report: PerturbReport):
-    from engine.pair import clone_sharing
+    from engine.perturb.pair import clone_sharing
 
     dense = loaded.model
     if spec.method == "none":
@@ -133,7 +134,7 @@ def _build(loaded, spec: Spec, calibration, use_cache: bool, say: Progress, repo
         return clone
 
     # pruning: magnitude / wanda / sparsegpt
-    # every WeightView (engine.perturb.linears) is pruned: linears, GPT-2 Conv1Ds, each expert of a 3-D expert
+    # every WeightView (engine.anatomy.linears) is pruned: linears, GPT-2 Conv1Ds, each expert of a 3-D expert
     # tensor; never routers. The details (expert token counts) travel with the cached weights.
     entry = _prune_key(loaded, spec, calibration)
     if use_cache:
@@ -145,7 +146,7 @@ def _build(loaded, spec: Spec, calibration, use_cache: bool, say: Progress, repo
             return clone
     clone = clone_sharing(dense)
     step = lambda d, t: say("pruning", d, t)  # noqa: E731
-    from engine.perturb.linears import decoder_layers
+    from engine.anatomy.linears import decoder_layers
 
     step(0, len(decoder_layers(clone)))  # the bar (and its clock) starts before the first layer
     if spec.method == "magnitude":
@@ -175,7 +176,7 @@ def _build(loaded, spec: Spec, calibration, use_cache: bool, say: Progress, repo
 def _measure_sparsity(dense, perturbed, report: PerturbReport) -> None:
     """Zeros over every WeightView (linears, Conv1Ds, expert slices; not routers), per type and in all; on
     MoE models also per expert in details['by_expert'] ([{layer, expert, dense, perturbed, total}])."""
-    from engine.perturb.linears import sparsity_by_expert, sparsity_by_type
+    from engine.perturb.sparsity import sparsity_by_expert, sparsity_by_type
 
     d = sparsity_by_type(dense)
     p = sparsity_by_type(perturbed)
@@ -206,9 +207,9 @@ def _measure_sparsity(dense, perturbed, report: PerturbReport) -> None:
 
 
 def _prune_key(loaded, spec: Spec | str, calibration):
-    """The cache entry (engine.cache.Slot) of pruning `loaded` with `spec`, or of its drop scores when
+    """The cache entry (engine.perturb.cache.Slot) of pruning `loaded` with `spec`, or of its drop scores when
     `spec` is "similarity": keyed by model, dtype, spec, calibration and the algorithm and hierui versions."""
-    from engine import cache
+    from engine.perturb import cache
 
     scores = spec == "similarity"
     identity = {
@@ -223,7 +224,7 @@ def _prune_key(loaded, spec: Spec | str, calibration):
 
 
 def _cached_json(entry, compute: Callable[[], dict], use_cache: bool) -> dict:
-    """`compute()`, stored as the cache entry `entry` (a JSON file, engine.cache.Slot) and read back next time."""
+    """`compute()`, stored as the cache entry `entry` (a JSON file, engine.perturb.cache.Slot), read back later."""
     path = entry.path
     if use_cache and path.is_file():
         try:
@@ -236,10 +237,10 @@ def _cached_json(entry, compute: Callable[[], dict], use_cache: bool) -> dict:
     return value
 
 
-def _changed_tensors(dense, perturbed) -> dict:
+def changed_tensors(dense, perturbed) -> dict:
     """Parameters of `perturbed` that are not the dense model's own tensors, by state-dict name. Streamed layers:
-    its own store (engine.streaming), a mapping that reads each tensor from disk only when it is asked for."""
-    from engine.streaming import is_streamed, own_tensors
+    its own store (engine.place.streaming), a mapping that reads each tensor from disk only when it is asked for."""
+    from engine.place.streaming import is_streamed, own_tensors
 
     if is_streamed(perturbed):
         return own_tensors(perturbed)
@@ -252,35 +253,35 @@ def _changed_tensors(dense, perturbed) -> dict:
 
 
 def _store_pruned(dense, perturbed, entry, details: dict | None = None) -> None:
-    """Store the tensors `perturbed` does not share with `dense` as the cache entry `entry` (engine.cache.Slot),
+    """Store the tensors `perturbed` does not share with `dense` as the cache entry `entry` (engine.perturb.cache.Slot),
     whole 3-D expert parameters and GPT-2 Conv1D weights included (stored as the model holds them), with the
     pruning's `details` (JSON) in the file's metadata. Streamed layers: the same file, written one tensor at a
-    time (engine.streaming.write_own), never all the pruned layers in memory."""
+    time (engine.place.streaming.write_own), never all the pruned layers in memory."""
     from safetensors.torch import save_file
 
     metadata = {"details": json.dumps(details or {})}
-    from engine.streaming import is_streamed, write_own
+    from engine.place.streaming import is_streamed, write_own
 
     if is_streamed(perturbed):
         entry.store(lambda tmp: write_own(perturbed, tmp, metadata))
         return
-    tensors = {n: p.detach().cpu().contiguous() for n, p in _changed_tensors(dense, perturbed).items()}
+    tensors = {n: p.detach().cpu().contiguous() for n, p in changed_tensors(dense, perturbed).items()}
     entry.store(lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _load_pruned(dense, entry):
     """(the clone with the cached tensors, the stored details), or None when there is no usable entry. Streamed
-    layers: nothing is read, the clone's own store points into (a hard link of) the file (engine.streaming)."""
+    layers: nothing is read, the clone's own store points into (a hard link of) the file (engine.place.streaming)."""
     import torch.nn as nn
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from engine.pair import clone_sharing
+    from engine.perturb.pair import clone_sharing
 
     path = entry.path
     if not path.is_file():
         return None
-    from engine.streaming import adopt_file, is_streamed
+    from engine.place.streaming import adopt_file, is_streamed
 
     if is_streamed(dense):
         clone = clone_sharing(dense)

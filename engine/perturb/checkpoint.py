@@ -24,14 +24,14 @@ Structurally different checkpoints (pruned layers, heads or MLP neurons):
 
 What is compared is recorded in `report.details["structure"]`: the layer counts and hidden sizes
 (dense, checkpoint), which hidden states are compared ("hidden_metrics") and `hidden_map` (for each dense
-hidden-state index ℓ = 0..L the checkpoint's index, −1 where there is none, see engine.pair), the attention
+hidden-state index ℓ = 0..L the checkpoint's index, −1 where there is none, see engine.perturb.pair), the attention
 heads, KV heads and MLP widths where they differ (per layer), and whether per-layer shapes were loaded. The
 hidden states are compared at every layer when the layer counts and hidden sizes match; with another number
 of layers, through the mapping of a `hierui-perturbation.json` written by `hierui prune --save` of a blockdrop
 when the checkpoint has one, else at the embeddings (ℓ = 0) and the final normed state (ℓ = L) only; with
 another hidden size, not at all (hidden-state metrics null; logits and probabilities are still compared).
 
-With a streamed dense model (engine.streaming: `--gpu-mem` below the pair's peak) the checkpoint is streamed too:
+With a streamed dense model (engine.place.streaming: `--gpu-mem` below the pair's peak) the checkpoint is streamed too:
 its decoder layers are read from its own safetensors files, one layer at a time where the pair runs, and it is
 never loaded whole. Only its resident tensors (embeddings, final norm, head) are compared with the dense model's
 and shared; comparing the layers' would read both models from disk (report.details["streamed_layers"] says so).
@@ -64,8 +64,8 @@ def load_checkpoint(loaded, spec, progress=None, report=None):
 
     With `report` (a PerturbReport), `report.details["structure"]` says what the pair compares.
     """
-    from engine.models import load, resolve
-    from engine.streaming import is_streamed
+    from engine.models.loading import load, resolve
+    from engine.place.streaming import is_streamed
 
     say = progress or (lambda _msg: None)
     path = spec.path
@@ -79,8 +79,8 @@ def load_checkpoint(loaded, spec, progress=None, report=None):
     dense_map = getattr(dense, "hf_device_map", None) or {}
     device_map = None
     if len(set(dense_map.values())) > 1:  # several devices: layer ℓ of both where the dense model has it
-        from engine.models import config_int, read_config
-        from engine.perturb.linears import decoder_layers
+        from engine.anatomy.linears import decoder_layers
+        from engine.models.loading import config_int, read_config
 
         depth = config_int(read_config(path), "num_hidden_layers")
         device_map = dict(dense_map) if depth == len(decoder_layers(dense)) else "auto"  # another depth: accelerate's
@@ -134,18 +134,18 @@ STREAMED_NOTE = (
 
 def _load_streamed(path: str, ref, loaded, say):
     """The checkpoint with its decoder layers streamed from its own safetensors files, running where the dense
-    model's run (engine.streaming): only what stays resident (embeddings, final norm, head) is read now. A local
+    model's run (engine.place.streaming): only what stays resident (embeddings, final norm, head) is read now. A local
     directory whose tensor names do not map one to one onto its layers is refused rather than loaded whole (the
     point of streaming is a model that does not fit); a hub name or GGUF file is brought to a local directory
-    first, as `--model` would be (engine.models.load)."""
-    from engine.models import _from_pretrained_streamed, load
-    from engine.streaming import STREAM_ATTR
+    first, as `--model` would be (engine.models.loading.load)."""
+    from engine.models.loading import from_pretrained_streamed, load
+    from engine.place.streaming import STREAM_ATTR
 
     device = getattr(loaded.model, STREAM_ATTR).execution_device
     if ref.kind != "local":
         dtype = str(loaded.dtype).removeprefix("torch.")
         return load(path, device=str(device), dtype=dtype, progress=say, streamed=True).model
-    found = _from_pretrained_streamed(Path(ref.source), device, loaded.dtype)
+    found = from_pretrained_streamed(Path(ref.source), device, loaded.dtype)
     if found is None:
         raise HieruiError(
             f"checkpoint {ref.source}: its safetensors tensors do not match the layers of its config name by name, "
@@ -254,8 +254,8 @@ def _load_per_layer_shapes(directory: Path, differing: dict, loaded, device_map,
     import torch.nn as nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from engine.models import _placement
-    from engine.perturb.linears import decoder_layers
+    from engine.anatomy.linears import decoder_layers
+    from engine.models.loading import placement_kwargs
 
     config = AutoConfig.from_pretrained(str(directory))
     model_type = getattr(config, "model_type", "?")
@@ -276,7 +276,7 @@ def _load_per_layer_shapes(directory: Path, differing: dict, loaded, device_map,
         )
     shapes = safetensors_shapes(directory)
     files = safetensors_files(directory)
-    placement = _placement(loaded.device, device_map)
+    placement = placement_kwargs(loaded.device, device_map)
     with _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(
             str(directory), dtype=loaded.dtype, ignore_mismatched_sizes=True, **placement
@@ -381,7 +381,7 @@ def _quiet_transformers():
 def layer_shapes(model) -> list[dict]:
     """Per decoder layer: attention heads, KV heads, MLP width, read from Llama-style projections where the
     layer has them, else from the config (uniform)."""
-    from engine.perturb.linears import decoder_layers
+    from engine.anatomy.linears import decoder_layers
 
     config = model.config
     heads = getattr(config, "num_attention_heads", None)

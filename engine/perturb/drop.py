@@ -5,7 +5,7 @@ on the dense model: for each decoder layer, the mean over calibration tokens of 
 between a sublayer's input and its output (residual included). The N with the highest similarity
 (they change the hidden state least) are dropped.
 
-The states are the real residual stream of each family (engine.anatomy): h_in the layer's input, `a` what
+The states are the real residual stream of each family (engine.anatomy.sublayers): h_in the layer's input, `a` what
 attention adds to it (its output; Gemma 2/3 and OLMo 2: its output after the norm they apply to it), `m`
 what the MLP adds (likewise; OPT: fc2's output), h_mid = h_in + a, h_out the layer's output:
 
@@ -37,10 +37,10 @@ model), so a drop costs no weight memory:
   a config (lazily, one slot per layer index): otherwise that slot stays an empty DynamicLayer, and when it
   is slot 0 the cache counts 0 tokens seen, which restarts the positions and sizes the masks wrongly.
 
-Streamed layers (engine.streaming): scoring runs the dense model's layers as they stream (each layer's weights in
+Streamed layers (engine.place.streaming): scoring runs the dense model's layers as they stream (each layer's weights in
 for its forward only; after the pass, even one stopped by an error, none is left resident). A drop replaces or
 removes the clone's modules as above; then each clone layer's store is narrowed to the tensors the layer still
-has and its hook renumbered (engine.streaming.refit_layers), so reading a layer never asks for a dropped
+has and its hook renumbered (engine.place.streaming.refit_layers), so reading a layer never asks for a dropped
 sublayer's tensors. `prune --save` writes the zeroed output projections to the clone's own store, layer by layer.
 """
 
@@ -52,12 +52,12 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from engine.anatomy import Anatomy, anatomy, get
+from engine.anatomy.linears import decoder_layers
+from engine.anatomy.sublayers import Anatomy, anatomy, get
 from engine.errors import HieruiError
-from engine.perturb.linears import decoder_layers
-from engine.streaming import is_streamed, refit_layers, release_layers, resident
+from engine.place.streaming import is_streamed, refit_layers, release_layers, resident
 
-# bump when the output changes: cached similarity scores made by another version are then not reused (engine.cache)
+# bump when the output changes: cached similarity scores of another version are then not reused (engine.perturb.cache)
 ALGORITHM_VERSION = 2
 
 KINDS = {"attndrop": "attention", "mlpdrop": "mlp", "blockdrop": "block"}
@@ -385,12 +385,12 @@ def standard_equivalent(dense, clone, details: dict):
 
     Dropped blocks are really gone (the clone is already standard). A dropped attention or MLP becomes a
     zero output projection, which adds exactly nothing to the residual stream: every parameter of the
-    sublayer's output projection(s) is zeroed (engine.anatomy.Anatomy.output_parameters: o_proj, GPT-2's
+    sublayer's output projection(s) is zeroed (engine.anatomy.sublayers.Anatomy.output_parameters: o_proj, GPT-2's
     Conv1D c_proj, NeoX's dense / dense_4h_to_h, OPT's out_proj / fc2, an experts module's 3-D down_proj and
     a shared expert's down_proj), and the bias of an output norm that has one. New tensors replace the
     zeroed ones: the dense model's are never written.
     """
-    from engine.pair import clone_sharing
+    from engine.perturb.pair import clone_sharing
 
     kind = details.get("kind")
     if kind == "block":

@@ -14,7 +14,7 @@ Experts are pruned one at a time, so only one expert's statistics (for SparseGPT
 held at once. An expert that no calibration token reaches has no statistics: its matrices are pruned by
 magnitude (`engine.perturb.magnitude`) instead, with a warning, and it is listed in the details.
 
-The router itself (`mlp.gate`) and Qwen2-MoE's `shared_expert_gate` are never pruned (engine.perturb.linears).
+The router itself (`mlp.gate`) and Qwen2-MoE's `shared_expert_gate` are never pruned (engine.anatomy.linears).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from engine.perturb.layerwise import InputStats
+from engine.perturb.inputs import InputStats
 
 
 class ExpertInputs:

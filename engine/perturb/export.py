@@ -1,7 +1,7 @@
 """Writing a perturbed model as a standard transformers checkpoint (`hierui prune --save DIR`).
 
 The result loads with `from_pretrained(DIR)` and with `--prune checkpoint:DIR`. A model with streamed layers
-(engine.streaming) is written as a sharded checkpoint, one shard of what is resident and one per decoder layer,
+(engine.place.streaming) is written as a sharded checkpoint, one shard of what is resident and one per decoder layer,
 each layer read from its files in turn: as transformers' save_pretrained would write it, without ever holding
 more than one layer's weights.
 """
@@ -19,7 +19,7 @@ def save_checkpoint(pair, directory: Path) -> Path:
     spec = pair.spec
     if spec.family == "quant":
         raise HieruiError(f"{spec} models are quantized on the fly and not saved; use --prune {spec} directly")
-    from engine.streaming import is_streamed
+    from engine.place.streaming import is_streamed
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -45,8 +45,8 @@ def save_streamed(model, directory: Path) -> None:
     model.safetensors.index.json maps every name to its shard; config and generation config beside them."""
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    from engine.perturb.linears import decoder_layers
-    from engine.streaming import in_memory, layer_state, resident_state, write_safetensors
+    from engine.anatomy.linears import decoder_layers
+    from engine.place.streaming import in_memory, layer_state, resident_state, write_safetensors
 
     total = len(decoder_layers(model)) + 1
     weight_map: dict[str, str] = {}

@@ -9,7 +9,7 @@ keywords through the layer's signature; the KV cache arguments are dropped. Noth
 depends on what the layers before returned, so recording does not need to run them.
 
 Then each layer in turn: run it on the current inputs with hooks that accumulate input statistics for each
-of its weight matrices (`engine.perturb.linears.WeightView`: linears, GPT-2 Conv1Ds, experts), prune them from
+of its weight matrices (`engine.anatomy.linears.WeightView`: linears, GPT-2 Conv1Ds, experts), prune them from
 those statistics, and run it again so that the *pruned* layer's outputs become the next layer's inputs.
 
 Experts (engine.perturb.experts): the statistics of expert e come only from the calibration tokens the
@@ -25,8 +25,9 @@ from collections.abc import Callable
 import torch
 from accelerate.utils import send_to_device
 
-from engine.perturb.linears import WeightView, decoder_layers, is_experts, weight_views
-from engine.streaming import each_resident, layer_device
+from engine.anatomy.linears import WeightView, decoder_layers, is_experts, weight_views
+from engine.perturb.inputs import InputStats
+from engine.place.streaming import each_resident, layer_device
 
 # arguments of a decoder layer that are not recorded: calibration runs without a KV cache
 CACHE_ARGUMENTS = frozenset({"cache", "past_key_values", "past_key_value", "layer_past", "use_cache"})
@@ -114,32 +115,6 @@ def run_layer(layer, chunks):
     return [(_layer_out(layer(h, **kw)), kw) for h, kw in chunks]
 
 
-class InputStats:
-    """Accumulates what a linear's inputs look like over the calibration tokens.
-
-    `sq`: per input feature, the sum of squares over all tokens (Wanda's ‖X_j‖₂²).
-    `xtx`: the input Gram matrix Σ x xᵀ (SparseGPT's Hessian, up to a factor), when `gram=True`.
-    `tokens`: how many tokens were added.
-    """
-
-    def __init__(self, in_features: int, device, gram: bool):
-        self.tokens = 0
-        self.sq = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if gram else None
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float().to(self.sq.device)
-        self.tokens += x.shape[0]
-        self.sq += (x * x).sum(0)
-        if self.xtx is not None:
-            self.xtx.addmm_(x.t(), x)
-
-    @property
-    def norm(self) -> torch.Tensor:
-        """‖X_j‖₂ per input feature."""
-        return self.sq.sqrt()
-
-
 # the new [out, in] weight of one matrix from its input statistics
 PruneMatrix = Callable[[WeightView, InputStats], torch.Tensor]
 
@@ -166,7 +141,7 @@ def prune_layers_sequentially(
     layers = decoder_layers(model)
     hidden, layer_kwargs = capture_calibration(model, calib_ids, batch_size)
     details: dict = {}
-    # a streamed layer (engine.streaming) has its weights in for its turn, its pruned ones written after
+    # a streamed layer (engine.place.streaming) has its weights in for its turn, its pruned ones written after
     for index, layer in each_resident(layers):
         # on several GPUs, the layer's own device: its inputs and every keyword argument (masks, rotary
         # embeddings, whatever a family passes) go there, moved whatever their structure (nested tuples, dicts,

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from engine.perturb.linears import decoder_layers, weight_views
+from engine.anatomy.linears import decoder_layers, weight_views
 from engine.perturb.masks import lowest_per_matrix, n_of_m
 from engine.perturb.spec import Spec
 
-# bump when the output changes: cached pruned weights made by another version are then not reused (engine.cache)
+# bump when the output changes: cached pruned weights made by another version are then not reused (engine.perturb.cache)
 ALGORITHM_VERSION = 2  # 2: every family (Conv1D, MoE experts, per-layer calibration inputs)
 
 
@@ -33,10 +33,10 @@ def magnitude_mask(weight: torch.Tensor, spec: Spec) -> torch.Tensor:
 
 @torch.no_grad()
 def prune_magnitude(model, spec: Spec, progress=None) -> dict:
-    from engine.streaming import each_resident
+    from engine.place.streaming import each_resident
 
     layers = decoder_layers(model)
-    for index, layer in each_resident(layers):  # a streamed layer: its weights in for its turn (engine.streaming)
+    for index, layer in each_resident(layers):  # a streamed layer: its weights in for its turn (engine.place.streaming)
         for view in weight_views(layer, index):
             w = view.matrix()
             view.assign(w.masked_fill(magnitude_mask(w, spec), 0))

@@ -21,7 +21,7 @@ method each kind got, `details["quantized"]` how many of each):
   honoured: rows are always output features, as in a Linear.
 - `router` (MoE routers: `mlp.gate`, Mixtral's TopKRouter, Qwen2-MoE's `shared_expert_gate` Linear(H→1);
   any module named `gate`, `router` or `shared_expert_gate`, whose class name ends in `Router`, or a
-  linear directly inside the module holding the `experts`, as engine.perturb.linears decides) and
+  linear directly inside the module holding the `experts`, as engine.anatomy.linears decides) and
   the model's `_keep_in_fp32_modules`: kept in full precision, shared with the dense model. Routers make
   discrete top-k choices from a handful of outputs; common practice (GPTQ/AWQ toolkits, llm-compressor's
   ignore lists) keeps them unquantized. transformers' own BitsAndBytes integration converts every
@@ -51,8 +51,8 @@ from __future__ import annotations
 
 import logging
 
+from engine.anatomy.linears import decoder_layers
 from engine.errors import HieruiError, is_oom, one_line
-from engine.perturb.linears import decoder_layers
 
 INT8_THRESHOLD = 0.0
 NF4_BLOCKSIZE = 64
@@ -186,7 +186,7 @@ def weight_modules(layer, keep_fp32=frozenset()):
 
 def _is_router(name: str, leaf: str, module, modules: dict) -> bool:
     """An MoE router: named gate/router/shared_expert_gate, a class called *Router, or a linear directly
-    inside the module that holds the `experts` (the rule engine.perturb.linears uses for pruning too)."""
+    inside the module that holds the `experts` (the rule engine.anatomy.linears uses for pruning too)."""
     import torch.nn as nn
 
     if leaf in ROUTER_NAMES or type(module).__name__.endswith("Router"):

@@ -149,10 +149,10 @@ def parse_spec(text: str) -> Spec:
 
 
 def check_fits(spec: Spec, config: dict | None) -> None:
-    """Check a spec against the model's config.json (engine.models.read_config), before anything is loaded:
+    """Check a spec against the model's config.json (engine.models.loading.read_config), before anything is loaded:
     a drop count below the layer count, a sparsity that prunes at least one weight of every decoder linear
     (Wanda prunes per output row: one of its fewest input features; magnitude and SparseGPT per matrix)."""
-    from engine.models import config_int, smallest_linear
+    from engine.models.loading import config_int, smallest_linear
 
     if not config:
         return
@@ -171,3 +171,20 @@ def check_fits(spec: Spec, config: dict | None) -> None:
             )
     if spec.m is not None and smallest and spec.m > smallest[0]:
         raise _bad(str(spec), f"M = {spec.m} is larger than the smallest decoder linear's {smallest[0]} inputs")
+
+
+# the methods that run on streamed layers: pruning writes each layer's new weights to the clone's own store, a drop
+# replaces modules of the clone (engine.perturb.drop), a checkpoint streams its own files (engine.perturb.checkpoint)
+STREAMABLE = ("magnitude", "wanda", "sparsegpt", "none", "checkpoint", "attndrop", "mlpdrop", "blockdrop")
+
+
+def check_streamable(specs) -> None:
+    """One clear line (exit 2) for a spec that cannot run with streamed layers, before anything is loaded."""
+    for spec in specs:
+        spec = parse_spec(spec) if isinstance(spec, str) else spec
+        if spec.method not in STREAMABLE:
+            raise HieruiError(
+                f"{spec} cannot run with streamed layers (the pair is above the device's budget): streaming "
+                f"supports {', '.join(STREAMABLE)} (not quantization); raise --gpu-mem, use a smaller model or "
+                "--dtype bfloat16"
+            )

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from engine.perturb.layerwise import InputStats, prune_layers_sequentially
+from engine.perturb.inputs import InputStats
+from engine.perturb.layerwise import prune_layers_sequentially
 from engine.perturb.masks import lowest_per_row, n_of_m
 from engine.perturb.spec import Spec
 
-# bump when the output changes: cached pruned weights made by another version are then not reused (engine.cache)
+# bump when the output changes: cached pruned weights made by another version are then not reused (engine.perturb.cache)
 ALGORITHM_VERSION = 2  # 2: every family (Conv1D, MoE experts, per-layer calibration inputs)
 
 

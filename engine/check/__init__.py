@@ -1,0 +1,1 @@
+"""`hierui check`: the self-test of hierui's numbers on a model."""

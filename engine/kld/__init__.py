@@ -1,0 +1,1 @@
+"""Corpus KLD: llama.cpp-style teacher-forced scoring, base files, Ray."""

@@ -1,0 +1,304 @@
+"""The dense base file of `hierui kld`: what perturbed models are scored against later without running the dense
+model (as llama.cpp's --kl-divergence-base). Two kinds, both safetensors files:
+
+**exact** (the default of `--save-base`): per scored token i (in corpus order, engine.kld.corpus's windows)
+    head_in    (n, d)  the input of the dense model's output head (after its final norm), in the model's dtype
+and once
+    head_weight (V, d) the dense output head's weight (head_bias (V,) where it has one), in the model's dtype
+and in the header the final logit soft-capping (Gemma 2) when there is one. Scoring recomputes the dense logits
+as head(head_in) — the same operation on the same numbers as the dense model's last step, so every statistic
+equals the two-model run's up to the rounding of a matmul of another shape (on the embedded model, heldout suite,
+wanda:0.5, sparsegpt:0.5 and nf4: every per-token KL identical, difference 0.0). No dense forward runs: only the
+dense head (V × d) sits beside the perturbed model, and `hierui kld --model DIR --base FILE` (DIR a saved
+perturbed model, `hierui prune --save`) never loads the dense model at all.
+Size: n·d + V·d elements, e.g. 1,530 heldout tokens of SmolLM2-135M in float32 = 3.5 MB + 113 MB of head; 300k
+tokens of a 7B Llama in bfloat16 = 2.4 GB + 0.26 GB (llama.cpp's 16-bit full-vocabulary file would be 19 GB).
+Writing one checks, on the first window, that the model's logits are head(head_in) (soft-capped): a model whose
+logits are anything else (a logit scale, say) gets one clear line asking for a top-K file.
+
+**top-K** (`--save-base FILE --base-k K`): per scored token
+    topk_ids   int32   (n, K)  the dense model's K most probable tokens, most probable first
+    topk_logp  float32 (n, K)  their log-probabilities ln P_d
+    tail_logp  float32 (n,)    ln P_tail, P_tail = 1 − Σ_topK P_d (computed as a log-sum-exp over the rest)
+    nll        float32 (n,)    −ln P_d(actual next token), exact (whether or not it is in the top K)
+n·(8K + 8) bytes: 0.8 MB for the heldout suite at K = 64.
+
+Both carry in the header (safetensors metadata, strings): format, version, kind, k (top-K), ctx, stride, tokens,
+vocab, the tokenizer's fingerprint (engine.kld.corpus.tokenizer_fingerprint), the corpus's SHA-256, the model.
+
+The KL against a top-K file. With T the dense top-K, P_T = 1 − Σ_T P_d and Q_T = 1 − Σ_T P_p the two tail masses
+(each a log-sum-exp over the tokens outside T):
+
+    kl   = Σ_{i∈T} P_d(i) ln(P_d(i)/P_p(i)) + P_T ln(P_T/Q_T)
+    kl_rev = Σ_{i∈T} P_p(i) ln(P_p(i)/P_d(i)) + Q_T ln(Q_T/P_T)
+
+The top-K terms are exactly those of the full-vocabulary sums. The tail is one bucket: by the log-sum
+inequality, Σ_{i∉T} a_i ln(a_i/b_i) ≥ (Σ a_i) ln(Σ a_i / Σ b_i) for non-negative a, b, so each bucketed tail
+term is at most the true tail sum, and `kl`, `kl_rev` are lower bounds of the full KL: exact where the tail
+distributions are proportional (P_d(i)/P_p(i) constant outside T), and the error is at most the full tail sum
+minus its bucket. How tight it is depends on how far the perturbed tail is from proportional: measured on the
+embedded SmolLM2-135M, wanda:0.5, heldout suite, ctx 512 (first 3 windows, full mean KL 0.817), the bound is
+12.5% under at K = 64, 5.5% at 256, 1.9% at 1024, 0.4% at 4096 (tests/test_kld.py checks < 1% at 4096 for
+magnitude:0.3). A small model's next-token distribution over 49,152 tokens keeps much of its mass, and of the
+perturbation, outside any top 64: that is why the default file is the exact kind. same_top, dp, nll_d, nll_p and
+conf_d are exact with either kind (the dense top-1 is topk_ids[:, 0]); the hidden-state cosines need the dense
+model's every layer and are unavailable (null) with both.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from engine.errors import HieruiError
+
+FORMAT = "hierui-kld-base"
+VERSION = "1"
+DEFAULT_K = 64  # the K `--base-k` suggests; without --base-k the file is the exact kind
+TOPK_SHAPES = ("topk_ids", "topk_logp", "tail_logp", "nll")
+
+
+def _capped(logits, softcap: float | None):
+    import torch
+
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+class BaseWriter:
+    """Collects what a base file holds, window by window (moved to the host once per window).
+
+    `k` None: the exact kind (call `bind(model)` first, then `add(..., head_in=...)`); an int: the top-K kind."""
+
+    def __init__(self, path: str | Path, k: int | None = None):
+        self.path = Path(path)
+        self.k = k
+        self.parts: dict[str, list] = {}
+        self.head: dict = {}
+        self.softcap: float | None = None
+        self.checked = False
+
+    @property
+    def exact(self) -> bool:
+        return self.k is None
+
+    def bind(self, model) -> None:
+        """The exact kind: the dense model's output head (weight, bias) and its final soft-capping."""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        weight = getattr(head, "weight", None)
+        if weight is None or weight.dim() != 2:
+            raise HieruiError(
+                "--save-base: this model's output head is not a plain matrix; write a top-K file with --base-k K"
+            )
+        self.head = {"head_weight": weight.detach()}
+        if getattr(head, "bias", None) is not None:
+            self.head["head_bias"] = head.bias.detach()
+        config = (
+            model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        )
+        cap = getattr(config, "final_logit_softcapping", None)
+        self.softcap = float(cap) if cap else None
+
+    @contextmanager
+    def capture(self, model):
+        """The inputs of the model's output head during the forward passes inside the block (a list)."""
+        got: list = []
+        if not self.exact:
+            yield got
+            return
+        handle = model.get_output_embeddings().register_forward_hook(lambda _m, args, _o: got.append(args[0].detach()))
+        try:
+            yield got
+        finally:
+            handle.remove()
+
+    def add(self, logits_d, targets, head_in=None) -> None:
+        """One window: the dense float32 logits (m, V) at the scored positions, their targets (m,), and for the
+        exact kind the head's inputs there (m, d)."""
+        import torch
+
+        if self.exact:
+            if not self.checked:  # the logits must be what a base file recomputes, or the file would lie
+                again = _head_logits(head_in, self.head, self.softcap).float()
+                scale = float(logits_d.abs().max()) or 1.0
+                if not torch.allclose(again, logits_d, rtol=0, atol=1e-3 * scale):
+                    raise HieruiError(
+                        "--save-base: this model's logits are not its output head applied to the last hidden "
+                        "state (it rescales them); write a top-K file with --base-k K"
+                    )
+                self.checked = True
+            self.parts.setdefault("head_in", []).append(head_in.cpu())
+            return
+        lp = torch.log_softmax(logits_d.float(), dim=-1)
+        logp, ids = lp.topk(self.k, dim=-1)
+        tail = lp.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
+        nll = -lp.gather(-1, targets[:, None])[:, 0]
+        for name, value in zip(TOPK_SHAPES, (ids.int(), logp, tail, nll)):
+            self.parts.setdefault(name, []).append(value.cpu())
+
+    def write(self, tokenizer, text: str, lay, model: str) -> Path:
+        import torch
+        from safetensors.torch import save_file
+
+        from engine.kld.corpus import text_hash, tokenizer_fingerprint
+        from engine.record.paths import atomic_write
+
+        tensors = {name: torch.cat(parts).contiguous() for name, parts in self.parts.items()}
+        if self.exact:
+            tensors.update({name: t.cpu().contiguous().clone() for name, t in self.head.items()})
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "kind": "exact" if self.exact else "topk",
+            "k": str(self.k or 0),
+            "ctx": str(lay.ctx),
+            "stride": str(lay.stride),
+            "tokens": str(lay.total),
+            "vocab": str(len(tokenizer)),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "corpus_sha256": text_hash(text),
+            "model": model,
+        }
+        if self.softcap:
+            meta["softcap"] = repr(self.softcap)
+        return atomic_write(self.path, lambda path: save_file(tensors, str(path), metadata=meta))
+
+    def describe(self, tokens: int) -> str:
+        if self.exact:
+            d = self.parts["head_in"][0].shape[-1] if self.parts.get("head_in") else 0
+            return f"exact (the dense head's inputs, d = {d}, and its head) for {tokens} tokens"
+        return f"top-{self.k} log-probabilities of {tokens} tokens"
+
+
+def _head_logits(head_in, head: dict, softcap: float | None):
+    import torch.nn.functional as F
+
+    weight = head["head_weight"]
+    bias = head.get("head_bias")
+    z = F.linear(head_in.to(weight.dtype), weight, bias.to(weight.dtype) if bias is not None else None)
+    return _capped(z, softcap)
+
+
+class BaseFile:
+    """A base file, checked whole against this run before any model runs. A top-K file is read whole (a few MB);
+    an exact one keeps its head in memory and reads the head inputs a window at a time (memory-mapped)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise HieruiError(f"--base {self.path}: no such file")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as f:
+                self.meta = dict(f.metadata() or {})
+                self.shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+        except Exception as e:  # a truncated or foreign file: safetensors' own errors vary
+            raise HieruiError(f"--base {self.path}: not a readable base file ({type(e).__name__})") from None
+        if self.meta.get("format") != FORMAT:
+            raise HieruiError(f"--base {self.path}: not a hierui kld base file (write one with --save-base)")
+        if self.meta.get("version") != VERSION:
+            raise HieruiError(f"--base {self.path}: base file version {self.meta.get('version')}, expected {VERSION}")
+        try:
+            self.kind = self.meta.get("kind", "topk")
+            self.k, self.ctx = int(self.meta["k"]), int(self.meta["ctx"])
+            self.stride, self.n = int(self.meta["stride"]), int(self.meta["tokens"])
+            self.vocab = int(self.meta["vocab"])
+            self.softcap = float(self.meta["softcap"]) if self.meta.get("softcap") else None
+        except (KeyError, ValueError):
+            raise HieruiError(f"--base {self.path}: its header is incomplete") from None
+        if self.kind == "exact":
+            d = self.shapes.get("head_in", (0, 0))[-1]
+            shapes = {"head_in": (self.n, d), "head_weight": (self.vocab, d)}
+            if "head_bias" in self.shapes:
+                shapes["head_bias"] = (self.vocab,)
+        elif self.kind == "topk":
+            shapes = {"topk_ids": (self.n, self.k), "topk_logp": (self.n, self.k), "tail_logp": (self.n,)}
+            shapes["nll"] = (self.n,)
+        else:
+            raise HieruiError(f"--base {self.path}: unknown kind {self.kind!r}")
+        for name, shape in shapes.items():
+            if self.shapes.get(name) != shape:
+                raise HieruiError(f"--base {self.path}: tensor {name} is missing or not of shape {shape}")
+        self.scored = 0
+        self._device: dict = {}
+
+    @property
+    def exact(self) -> bool:
+        return self.kind == "exact"
+
+    def describe(self) -> str:
+        return "exact: the dense head's inputs" if self.exact else f"top-{self.k}, KL lower bounds"
+
+    def check(self, tokenizer, text: str, lay) -> None:
+        """One clear line when this run's tokenizer, corpus or windows are not the base file's."""
+        from engine.kld.corpus import text_hash, tokenizer_fingerprint
+
+        if self.meta.get("tokenizer") != tokenizer_fingerprint(tokenizer):
+            raise HieruiError(
+                f"--base {self.path}: written with another tokenizer (model {self.meta.get('model')}); "
+                "use a model with the same tokenizer"
+            )
+        if self.meta.get("corpus_sha256") != text_hash(text):
+            raise HieruiError(f"--base {self.path}: written for another corpus; use the same --text or --suite")
+        if (self.ctx, self.stride) != (lay.ctx, lay.stride):
+            raise HieruiError(
+                f"--base {self.path}: written with --ctx {self.ctx} --stride {self.stride}, "
+                f"this run has --ctx {lay.ctx} --stride {lay.stride}"
+            )
+        if self.n != lay.total:
+            raise HieruiError(f"--base {self.path}: holds {self.n} tokens, this run scores {lay.total}")
+        self.scored = lay.scored
+
+    def _whole(self, name: str, device):
+        from safetensors import safe_open
+
+        if name not in self._device:
+            with safe_open(str(self.path), framework="pt") as f:
+                self._device[name] = f.get_tensor(name).to(device)
+        return self._device[name]
+
+    def _window(self, name: str, w: int, device):
+        if self.exact and name == "head_in":  # read a window's rows only
+            from safetensors import safe_open
+
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_slice(name)[w * self.scored : (w + 1) * self.scored].to(device)
+        return self._whole(name, device)[w * self.scored : (w + 1) * self.scored]
+
+    def token_metrics(self, w: int, logits_p, targets) -> dict:
+        """engine.kld.corpus.token_metrics against window `w` of the base file (for a top-K file, kl and kl_rev are the
+        bounded forms above)."""
+        import torch
+
+        device = logits_p.device
+        if self.exact:
+            from engine.kld.corpus import token_metrics
+
+            head = {name: self._whole(name, device) for name in ("head_weight", "head_bias") if name in self.shapes}
+            logits_d = _head_logits(self._window("head_in", w, device), head, self.softcap).float()
+            return token_metrics(logits_d, logits_p, targets)
+        ids = self._window("topk_ids", w, device).long()
+        lp_dk = self._window("topk_logp", w, device)
+        tail_d = self._window("tail_logp", w, device)
+        nll_d = self._window("nll", w, device)
+        lp_p = torch.log_softmax(logits_p.float(), dim=-1)
+        lq_k = lp_p.gather(-1, ids)
+        tail_p = lp_p.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
+        p_k, q_k = lp_dk.exp(), lq_k.exp()
+        p_t, q_t = tail_d.exp(), tail_p.exp()
+        zero = torch.zeros_like(p_t)
+        kl = (p_k * (lp_dk - lq_k)).sum(-1) + torch.where(p_t > 0, p_t * (tail_d - tail_p), zero)
+        kl_rev = (q_k * (lq_k - lp_dk)).sum(-1) + torch.where(q_t > 0, q_t * (tail_p - tail_d), zero)
+        nll_p = -lp_p.gather(-1, targets[:, None])[:, 0]
+        top_p = lp_p.argmax(dim=-1)
+        return {
+            "kl": kl,
+            "kl_rev": kl_rev,
+            "same_top": ids[:, 0] == top_p,
+            "dp": nll_p.neg().exp() - nll_d.neg().exp(),
+            "nll_d": nll_d,
+            "nll_p": nll_p,
+            "conf_d": lp_dk[:, 0].exp(),
+            "top_d": ids[:, 0],
+            "top_p": top_p,
+        }

@@ -1,0 +1,640 @@
+"""Corpus KLD: teacher-forced scoring of a text in windows, dense vs perturbed, with llama.cpp's statistics.
+
+The corpus is tokenized once (no special tokens); windows of `ctx` tokens start every `stride` tokens
+(default `ctx`: no overlap). Where the tokenizer adds a BOS, the first token of each window is replaced by it
+(as llama.cpp's `perplexity --kl-divergence`). In each window the logits at positions `ctx - 1 - m … ctx - 2`
+predict the window's last `m = min(stride, ctx - 1 - ctx//2)` tokens, so every scored token has at least
+ctx/2 tokens of context and (for stride ≤ ctx − 1 − ctx//2) every token after the first window is scored once.
+
+Per scored token (the contract of shared/design.md, "Corpus KLD"; P_d dense, P_p perturbed, t the actual
+next token):
+    kl        KL(P_d ‖ P_p) over the full vocabulary (natural log)
+    kl_rev    KL(P_p ‖ P_d)
+    same_top  argmax P_d == argmax P_p
+    dp        P_p(t) − P_d(t)
+    nll_d     −ln P_d(t);  nll_p  −ln P_p(t)
+    conf_d    max P_d (the dense top-1 probability, for the confidence buckets)
+
+Statistics (`summarize`) follow llama.cpp's tools/perplexity/perplexity.cpp (kl_divergence) exactly:
+mean_and_uncertainty(sum, sum², n) = (f, sqrt((sum²/n − f²)/(n − 1))), the uncertainty 0 when n ≤ 10 or the
+variance is not positive; the covariance of the two NLL streams (sum_ab/n − mean_a mean_b)/(n − 1) (0 when
+n < 10); ln_ppl_ratio = mean nll_p − mean nll_d with uncertainty sqrt(u_p² + u_d² − 2 cov); ln_ppl_cor =
+cov/(u_p u_d) (the per-token NLL correlation llama.cpp prints as Cor(ln(PPL(Q)), ln(PPL(base)))); percentiles
+interpolate linearly at fraction·(n − 1) of the sorted values (numpy's "linear"); dp_rms = sqrt(mean dp²) with
+uncertainty 0.5/rms · u(dp²); same_top ± sqrt(p(1 − p)/(n − 1)). One difference: llama.cpp sums the KL only
+over tokens whose base log-probability exceeds −16 (its 16-bit log-prob files); here the sum is exact.
+
+Beyond llama.cpp: the mean KL per decile of the dense top-1 probability, the per-layer hidden-state cosine
+(mean over scored positions, layers 0 … L, needs the dense model's states: null with a base file), and the
+tokens with the highest KL with their context, the flips of top-1 correctness (argmax == the actual next
+token) dense → perturbed with McNemar's exact p, and per pair of specs (`pair_rows`) the paired differences of
+mean KL and same-top rate with bootstrap intervals resampling whole windows (engine.results.paired). `--base` mode
+(engine.kld.base) replaces the dense model's forward pass with a stored file: the dense head's inputs (exact,
+the default) or a top-K (`kl` and `kl_rev` are then lower bounds; see that module).
+
+This module holds no UI: hierui.views.kld prints the report, hierui.cli.commands declares the command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import HieruiError
+from engine.results.paired import is_silent
+
+SUITES = {"heldout": "data/corpus/heldout.txt"}
+DEFAULT_CTX = 512
+WORST = 20  # the tokens with the highest KL kept per spec
+CONF_BUCKETS = 10  # deciles of the dense top-1 probability
+
+# (summary suffix, fraction) of llama.cpp's KLD report, top to bottom
+KL_PERCENTILES = (
+    ("p99_9", 0.999),
+    ("p99", 0.99),
+    ("p95", 0.95),
+    ("p90", 0.90),
+    ("median", 0.5),
+    ("p10", 0.10),
+    ("p5", 0.05),
+    ("p1", 0.01),
+    ("p0_1", 0.001),
+)
+# and of its Δp report (which adds the quartiles)
+DP_PERCENTILES = (
+    ("p99_9", 0.999),
+    ("p99", 0.99),
+    ("p95", 0.95),
+    ("p90", 0.90),
+    ("p75", 0.75),
+    ("median", 0.5),
+    ("p25", 0.25),
+    ("p10", 0.10),
+    ("p5", 0.05),
+    ("p1", 0.01),
+    ("p0_1", 0.001),
+)
+TOKEN_FIELDS = ("kl", "kl_rev", "same_top", "dp", "nll_d", "nll_p", "conf_d")
+
+# progress(stage, done, total), as engine.perturb
+Progress = Callable[[str, int, int], None]
+
+
+# ------------------------------------------------------------------ the corpus
+
+
+def suite_text(name: str) -> str:
+    if name not in SUITES:
+        raise HieruiError(f"unknown --suite '{name}': use {', '.join(SUITES)}")
+    return resources.files("engine").joinpath(SUITES[name]).read_text(encoding="utf-8")
+
+
+def read_text(path: str | Path) -> str:
+    """A corpus file as text: one clear line for a missing, binary, non-UTF-8 or empty file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise HieruiError(f"--text {path}: no such file")
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise HieruiError(f"--text {path}: a binary file, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HieruiError(f"--text {path}: not UTF-8 text") from None
+    if not text.strip():
+        raise HieruiError(f"--text {path}: the file is empty")
+    return text
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's vocabulary (token → id) and its special ids: equal for equal tokenizers."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer)]
+    return hashlib.sha256(repr((vocab, specials)).encode("utf-8")).hexdigest()[:32]
+
+
+def bos_id(tokenizer) -> int | None:
+    """The id the tokenizer puts before a text (None where it adds none, as SmolLM2's)."""
+    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    return ids[0] if ids else None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the windows start and which of their positions are scored."""
+
+    n_tokens: int
+    ctx: int
+    stride: int
+
+    @property
+    def scored(self) -> int:
+        """Tokens scored per window: its last m, predicted by the logits at ctx−1−m … ctx−2."""
+        return min(self.stride, self.ctx - 1 - self.ctx // 2)
+
+    @property
+    def starts(self) -> list[int]:
+        return list(range(0, self.n_tokens - self.ctx + 1, self.stride))
+
+    @property
+    def total(self) -> int:
+        return len(self.starts) * self.scored
+
+
+def layout(n_tokens: int, ctx: int, stride: int | None, max_ctx: int | None = None) -> Layout:
+    if ctx < 4:
+        raise HieruiError(f"--ctx {ctx}: use at least 4 tokens")
+    if max_ctx is not None and ctx > max_ctx:
+        raise HieruiError(f"--ctx {ctx} is beyond the model's context of {max_ctx} tokens")
+    stride = ctx if stride is None else stride
+    if not 1 <= stride <= ctx:
+        raise HieruiError(f"--stride {stride}: use 1 … ctx ({ctx})")
+    if n_tokens < ctx:
+        raise HieruiError(f"the corpus is {n_tokens} tokens, shorter than one window of --ctx {ctx}")
+    return Layout(n_tokens, ctx, stride)
+
+
+def tokenize(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ------------------------------------------------------------------ one window on the device
+
+
+def window_logits(model, ids, keep: int, hidden: bool = True):
+    """The float32 logits at the window's last `keep` positions (1, keep, V), and the hidden states (a tuple)
+    when `hidden`; logits_to_keep where the model takes it, so the first half's logits are never built."""
+    import inspect
+
+    import torch
+
+    params = inspect.signature(model.forward).parameters
+    with torch.no_grad():
+        if "logits_to_keep" in params:
+            out = model(input_ids=ids, use_cache=False, logits_to_keep=keep, output_hidden_states=hidden)
+        else:
+            out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+    return out.logits[:, -keep:].float(), out.hidden_states
+
+
+def token_metrics(logits_d, logits_p, targets) -> dict:
+    """Per-token metrics of two (m, V) float32 logit blocks and the (m,) actual next tokens, on the device."""
+    import torch
+
+    lp_d = torch.log_softmax(logits_d, dim=-1)
+    lp_p = torch.log_softmax(logits_p, dim=-1)
+    p_d, p_p = lp_d.exp(), lp_p.exp()
+    diff = lp_d - lp_p
+    nll_d = -lp_d.gather(-1, targets[:, None])[:, 0]
+    nll_p = -lp_p.gather(-1, targets[:, None])[:, 0]
+    conf_d, top_d = p_d.max(dim=-1)
+    return {
+        "kl": (p_d * diff).sum(-1),
+        "kl_rev": -(p_p * diff).sum(-1),
+        "same_top": top_d == lp_p.argmax(dim=-1),
+        "dp": nll_p.neg().exp() - nll_d.neg().exp(),
+        "nll_d": nll_d,
+        "nll_p": nll_p,
+        "conf_d": conf_d,
+        "top_d": top_d,
+        "top_p": lp_p.argmax(dim=-1),
+    }
+
+
+def hidden_cosines(h_d, h_p, hidden_map, keep: int):
+    """(L+1, keep) cosine of the dense and perturbed hidden states at the last `keep` positions (NaN where a
+    dense layer has no counterpart, engine.perturb.pair.mapped_hidden)."""
+    import torch
+
+    from engine.perturb.pair import mapped_hidden
+    from engine.place.placement import gather
+
+    # on several GPUs the layers' states are where the layers are: one copy per device to the last one's
+    where = h_d[-1].device
+    d = gather([h[0, -keep:] for h in h_d], where, dim=0).float()[None]  # (1, L+1, keep, H)
+    p = gather([h[0, -keep:] for h in h_p], where, dim=0).float()[None]
+    index = torch.tensor(hidden_map, dtype=torch.long, device=p.device)
+    b, n, k, hdim = d.shape
+    pm = mapped_hidden(d.reshape(1, n, k * hdim), p.reshape(1, p.shape[1], k * hdim), index).reshape(1, n, k, hdim)
+    return torch.nn.functional.cosine_similarity(d, pm, dim=-1)[0]
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def mean_and_uncertainty(values) -> tuple[float, float]:
+    """llama.cpp's: the mean and sqrt(var/(n − 1)) with var the population variance; 0 for n ≤ 10."""
+    x = np.asarray(values, dtype=np.float64)
+    n = x.size
+    if n < 1:
+        return 0.0, 0.0
+    f = x.sum() / n
+    df = (x * x).sum() / n - f * f
+    return float(f), float(math.sqrt(df / (n - 1))) if df > 0 and n > 10 else 0.0
+
+
+def covariance(a, b) -> float:
+    """llama.cpp's covariance of two means: (mean(ab) − mean a · mean b)/(n − 1); 0 for n < 10."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    n = a.size
+    if n < 10:
+        return 0.0
+    return float(((a * b).sum() / n - (a.sum() / n) * (b.sum() / n)) / (n - 1))
+
+
+def percentiles(prefix: str, values, table) -> dict:
+    x = np.sort(np.asarray(values, dtype=np.float64))
+    out = {f"{prefix}_max": float(x[-1])}
+    for name, q in table:
+        out[f"{prefix}_{name}"] = float(np.percentile(x, 100 * q, method="linear"))
+    out[f"{prefix}_min"] = float(x[0])
+    return out
+
+
+def summarize(tokens: dict) -> dict:
+    """llama.cpp's statistics (and the confidence buckets) of one spec's per-token arrays."""
+    nll_d = np.asarray(tokens["nll_d"], dtype=np.float64)
+    nll_p = np.asarray(tokens["nll_p"], dtype=np.float64)
+    n = nll_d.size
+    out: dict = {"tokens": n}
+    lp_d, u_d = mean_and_uncertainty(nll_d)
+    lp_p, u_p = mean_and_uncertainty(nll_p)
+    cov = covariance(nll_p, nll_d)
+    out["ppl_d"], out["ppl_d_unc"] = math.exp(lp_d), math.exp(lp_d) * u_d
+    out["ppl_p"], out["ppl_p_unc"] = math.exp(lp_p), math.exp(lp_p) * u_p
+    out["ln_ppl_ratio"] = lp_p - lp_d
+    out["ln_ppl_ratio_unc"] = math.sqrt(max(u_p * u_p + u_d * u_d - 2.0 * cov, 0.0))
+    out["ppl_ratio"] = math.exp(out["ln_ppl_ratio"])
+    out["ppl_ratio_unc"] = out["ppl_ratio"] * out["ln_ppl_ratio_unc"]
+    out["ln_ppl_cor"] = cov / (u_p * u_d) if u_p > 0 and u_d > 0 else None
+    for name in ("kl", "kl_rev"):
+        values = np.asarray(tokens[name], dtype=np.float64)
+        out[f"{name}_mean"], out[f"{name}_mean_unc"] = mean_and_uncertainty(values)
+        out.update(percentiles(name, values, KL_PERCENTILES))
+    dp = np.asarray(tokens["dp"], dtype=np.float64)
+    out["dp_mean"], out["dp_mean_unc"] = mean_and_uncertainty(dp)
+    out.update(percentiles("dp", dp, DP_PERCENTILES))
+    mse, mse_unc = mean_and_uncertainty(dp * dp)
+    out["dp_rms"] = math.sqrt(mse)
+    out["dp_rms_unc"] = 0.5 / out["dp_rms"] * mse_unc if out["dp_rms"] > 0 else 0.0
+    same = float(np.mean(np.asarray(tokens["same_top"], dtype=np.float64)))
+    out["same_top"] = same
+    out["same_top_unc"] = math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else 0.0
+    out["conf_count"], out["conf_kl_mean"] = confidence_buckets(tokens["conf_d"], tokens["kl"])
+    return out
+
+
+def confidence_buckets(conf, kl) -> tuple[list[int], list[float | None]]:
+    """Tokens and mean KL per decile [0, 0.1), …, [0.9, 1] of the dense top-1 probability (None: empty)."""
+    conf = np.asarray(conf, dtype=np.float64)
+    kl = np.asarray(kl, dtype=np.float64)
+    bucket = np.clip((conf * CONF_BUCKETS).astype(np.int64), 0, CONF_BUCKETS - 1)
+    counts = np.bincount(bucket, minlength=CONF_BUCKETS)
+    sums = np.bincount(bucket, weights=kl, minlength=CONF_BUCKETS)
+    return [int(c) for c in counts], [float(s / c) if c else None for s, c in zip(sums, counts)]
+
+
+def correctness(tokens: dict, targets) -> tuple[np.ndarray, np.ndarray]:
+    """Per token, whether the dense and the perturbed top-1 is the actual next token (bool arrays)."""
+    targets = np.asarray(targets)
+    return np.asarray(tokens["top_d"]) == targets, np.asarray(tokens["top_p"]) == targets
+
+
+def token_flips(tokens: dict, targets) -> dict:
+    """The summary's flip columns: top-1 correctness dense → perturbed and McNemar's exact p (engine.results.paired)."""
+    from engine.results.paired import flips
+
+    f = flips(*correctness(tokens, targets))
+    return {k: f[k] for k in ("right_to_wrong", "wrong_to_right", "mcnemar_p")}
+
+
+def _nan_none(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def pair_rows(run: KldRun, seed: int = 0) -> list[dict]:
+    """OUT/kld_pairs's rows (engine.record.schema.KLD_PAIRS): per pair of specs (a before b in the run's order) on the
+    same tokens, the mean KL and same-top rate of each, their differences a − b with engine.results.paired's paired
+    bootstrap interval and p (whole windows resampled, `seed`), and McNemar's exact p on the tokens where
+    exactly one of the two perturbed models' top-1 is the actual next token. No rows with fewer than 2 specs."""
+    from itertools import combinations
+
+    from engine.results.paired import flips, paired_bootstrap_diff
+
+    groups = np.asarray(run.window_of)
+    rows = []
+    for a, b in combinations(run.results, 2):
+        kl_a = np.asarray(a.tokens["kl"], dtype=np.float64)
+        kl_b = np.asarray(b.tokens["kl"], dtype=np.float64)
+        top_a = np.asarray(a.tokens["same_top"], dtype=np.float64)
+        top_b = np.asarray(b.tokens["same_top"], dtype=np.float64)
+        kl = paired_bootstrap_diff(kl_a, kl_b, groups=groups, seed=seed)
+        top = paired_bootstrap_diff(top_a, top_b, groups=groups, seed=seed)
+        f = flips(correctness(a.tokens, run.targets)[1], correctness(b.tokens, run.targets)[1])
+        row = {"spec_a": a.spec, "spec_b": b.spec, "tokens": int(kl_a.size), "windows": run.windows}
+        row.update(kl_a=float(kl_a.mean()), kl_b=float(kl_b.mean()))
+        row.update(zip(("kl_diff", "kl_diff_lo", "kl_diff_hi", "kl_diff_p"), map(_nan_none, kl)))
+        row.update(same_top_a=float(top_a.mean()), same_top_b=float(top_b.mean()))
+        row.update(
+            zip(("same_top_diff", "same_top_diff_lo", "same_top_diff_hi", "same_top_diff_p"), map(_nan_none, top))
+        )
+        row.update(a_only=f["right_to_wrong"], b_only=f["wrong_to_right"], mcnemar_p=f["mcnemar_p"])
+        rows.append(row)
+    return rows
+
+
+def kl_mean_interval(kl, window_of) -> dict:
+    """engine.results.paired's percentile bootstrap interval of the mean KL, resampling whole windows (the tokens of a
+    window share their context, so they are not independent)."""
+    from engine.results.paired import bootstrap_ci
+
+    _mean, lo, hi = bootstrap_ci(np.asarray(kl, dtype=np.float64), groups=np.asarray(window_of))
+    return {"kl_mean_lo": lo, "kl_mean_hi": hi}
+
+
+# ------------------------------------------------------------------ the run
+
+
+@dataclass
+class SpecResult:
+    """One spec's per-token arrays (in corpus order), hidden-state cosines and the perturbation's report."""
+
+    spec: str
+    tokens: dict = field(default_factory=dict)  # name -> np.ndarray (TOKEN_FIELDS, top_d, top_p)
+    hidden_cos: list | None = None  # mean cosine per layer 0 … L; None with a base file
+    measured_sparsity: float | None = None
+
+
+@dataclass
+class KldRun:
+    """Everything a `hierui kld` run computed, for the tables and the report."""
+
+    model: str
+    corpus: str  # the suite's name or the file's path
+    corpus_sha256: str
+    ctx: int
+    stride: int
+    windows: int
+    positions: np.ndarray  # (n,) the corpus index of each scored token
+    targets: np.ndarray  # (n,) its id
+    window_of: np.ndarray  # (n,) its window
+    ids: list  # the corpus's token ids
+    starts: list
+    bos: int | None
+    results: list[SpecResult] = field(default_factory=list)
+    base: str | None = None  # the base file compared against
+    base_k: int | None = None  # its K for a top-K file (kl and kl_rev are then lower bounds); None: exact
+    noise_floor: dict | None = None  # engine.sweep.folder.noise_floor of the dense model (None: not measured)
+    workers: list | None = (
+        None  # with --ray (engine.kld.distributed): per spec the worker that scored it, seconds, attempts
+    )
+    seconds: float = 0.0
+    pairs: list | None = None  # pair_rows(self), kept by write_tables for the report
+
+    def merged(self, other: KldRun) -> KldRun:
+        """This run with `other`'s specs after its own (the same corpus and windows, scored separately)."""
+        self.results.extend(other.results)
+        self.seconds += other.seconds
+        return self
+
+    def summaries(self) -> list[dict]:
+        rows = []
+        for r in self.results:
+            row = {
+                "spec": r.spec,
+                "model": self.model,
+                "corpus": self.corpus,
+                "corpus_sha256": self.corpus_sha256,
+                "ctx": self.ctx,
+                "stride": self.stride,
+                "windows": self.windows,
+                "base": self.base,
+                "base_k": self.base_k,
+                "measured_sparsity": r.measured_sparsity,
+                **summarize(r.tokens),
+                **kl_mean_interval(r.tokens["kl"], self.window_of),
+                **token_flips(r.tokens, self.targets),
+                "hidden_cos": r.hidden_cos,
+            }
+            row["noise_floor_kl"] = (self.noise_floor or {}).get("kl_mean")
+            row["silent"] = is_silent(row["kl_mean"], row["mcnemar_p"], row["noise_floor_kl"])
+            rows.append(row)
+        return rows
+
+    def token_rows(self) -> list[dict]:
+        rows = []
+        for r in self.results:
+            cols = {name: r.tokens[name].tolist() for name in (*TOKEN_FIELDS, "top_d", "top_p")}
+            for i in range(len(self.positions)):
+                row = {"spec": r.spec, "window": int(self.window_of[i]), "pos": int(self.positions[i])}
+                row["token"] = int(self.targets[i])
+                row.update({name: cols[name][i] for name in cols})
+                rows.append(row)
+        return rows
+
+    def worst(self, tokenizer, count: int = WORST, context_tokens: int | None = None) -> list[dict]:
+        """Per spec, the `count` tokens with the highest KL: rank, KL, where, the token, the two top-1 tokens
+        and the text before it in its window (the whole window's prefix: what the models saw)."""
+        out = []
+        for r in self.results:
+            order = np.argsort(-np.asarray(r.tokens["kl"]), kind="stable")[:count]
+            for rank, i in enumerate(order, start=1):
+                pos, w = int(self.positions[i]), int(self.window_of[i])
+                start = self.starts[w]
+                prefix = list(self.ids[start:pos])
+                if self.bos is not None:
+                    prefix[0] = self.bos
+                if context_tokens is not None:
+                    prefix = prefix[-context_tokens:]
+                out.append(
+                    {
+                        "spec": r.spec,
+                        "rank": rank,
+                        "kl": float(r.tokens["kl"][i]),
+                        "window": w,
+                        "pos": pos,
+                        "token": int(self.targets[i]),
+                        "text": tokenizer.decode([int(self.targets[i])]),
+                        "top_d": tokenizer.decode([int(r.tokens["top_d"][i])]),
+                        "top_p": tokenizer.decode([int(r.tokens["top_p"][i])]),
+                        "p_d": math.exp(-float(r.tokens["nll_d"][i])),
+                        "p_p": math.exp(-float(r.tokens["nll_p"][i])),
+                        "context": tokenizer.decode(prefix, skip_special_tokens=True),
+                    }
+                )
+        return out
+
+
+def prepare(tokenizer, text: str, ctx: int, stride: int | None, max_ctx: int | None):
+    """(ids, layout, bos) of a corpus: the checks before any model runs."""
+    ids = tokenize(tokenizer, text)
+    return ids, layout(len(ids), ctx, stride, max_ctx), bos_id(tokenizer)
+
+
+def score(
+    loaded,
+    pairs: list,
+    text: str,
+    corpus: str,
+    ctx: int = DEFAULT_CTX,
+    stride: int | None = None,
+    base=None,
+    save_base=None,
+    progress: Progress | None = None,
+) -> KldRun:
+    """Score `text` with the dense model of `loaded` and each pair's perturbed model (engine.perturb.pair.ModelPair).
+
+    `base`: an engine.kld.base.BaseFile to compare against instead of running the dense model; `save_base`:
+    an engine.kld.base.BaseWriter filled on the way (needs the dense model)."""
+    import time
+
+    import torch
+
+    started = time.perf_counter()
+    say = progress or (lambda *_: None)
+    from engine.models.loading import config_int
+
+    max_ctx = config_int(loaded.model.config.to_dict(), "max_position_embeddings")
+    ids, lay, bos = prepare(loaded.tokenizer, text, ctx, stride, max_ctx)
+    if base is not None:
+        base.check(loaded.tokenizer, text, lay)
+    if save_base is not None and save_base.exact:
+        save_base.bind(loaded.model)
+    m = lay.scored
+    positions = np.concatenate([np.arange(s + ctx - m, s + ctx) for s in lay.starts])
+    window_of = np.repeat(np.arange(len(lay.starts)), m)
+    targets = np.asarray(ids, dtype=np.int64)[positions]
+    collected: list[dict[str, list]] = [{} for _ in pairs]
+    cos_sum: list = [None for _ in pairs]
+    stage = f"kld windows ({len(pairs)} spec{'s' * (len(pairs) != 1)})" if pairs else "kld windows (dense)"
+    say(stage, 0, len(lay.starts))
+    device = loaded.device
+    for w, start in enumerate(lay.starts):
+        window = list(ids[start : start + ctx])
+        if bos is not None:
+            window[0] = bos
+        x = torch.tensor([window], dtype=torch.long, device=device)
+        tgt = torch.tensor(window[ctx - m :], dtype=torch.long, device=device)
+        logits_d = h_d = None
+        if base is None:
+            with save_base.capture(loaded.model) if save_base is not None else nullcontext([]) as head_in:
+                logits_d, h_d = window_logits(loaded.model, x, m + 1, hidden=bool(pairs))
+            logits_d = logits_d[0, :-1]
+            if save_base is not None:
+                save_base.add(logits_d, tgt, head_in[-1][0, -(m + 1) : -1] if head_in else None)
+        for j, pair in enumerate(pairs):
+            logits_p, h_p = window_logits(pair.perturbed, x, m + 1, hidden=base is None)
+            logits_p = logits_p[0, :-1]
+            if base is None:
+                found = token_metrics(logits_d, logits_p, tgt)
+                cos = hidden_cosines(h_d, h_p, pair.hidden_map, m + 1)[:, :-1]
+                total = cos.double().sum(dim=1).cpu()
+                cos_sum[j] = total if cos_sum[j] is None else cos_sum[j] + total
+            else:
+                found = base.token_metrics(w, logits_p, tgt)
+            for name, value in found.items():
+                collected[j].setdefault(name, []).append(value.cpu())  # once per window
+        say(stage, w + 1, len(lay.starts))
+    run = KldRun(
+        model=loaded.ref.name,
+        corpus=corpus,
+        corpus_sha256=text_hash(text),
+        ctx=ctx,
+        stride=lay.stride,
+        windows=len(lay.starts),
+        positions=positions,
+        targets=targets,
+        window_of=window_of,
+        ids=ids,
+        starts=lay.starts,
+        bos=bos,
+        base=str(base.path) if base is not None else None,
+        base_k=base.k if base is not None and not base.exact else None,
+    )
+    for j, pair in enumerate(pairs):
+        tokens = {name: torch.cat(parts).numpy() for name, parts in collected[j].items()}
+        hidden = None
+        if cos_sum[j] is not None:
+            hidden = [None if math.isnan(v) else v for v in (cos_sum[j] / lay.total).tolist()]
+        report = getattr(pair, "report", None)
+        run.results.append(SpecResult(str(pair.spec), tokens, hidden, getattr(report, "measured_sparsity", None)))
+    run.seconds = time.perf_counter() - started
+    return run
+
+
+# ------------------------------------------------------------------ the tables
+
+
+def write_tables(run: KldRun, out: str | Path, tokenizer) -> list[dict]:
+    """OUT/kld_tokens.parquet, OUT/kld_summary.parquet and .csv, OUT/kld_pairs.parquet and .csv (engine.record.schema;
+    an empty table with one spec) and OUT/kld_worst.json; returns the summary rows."""
+    import json
+
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    from engine.record import schema
+    from engine.record.paths import atomic_write
+
+    out = Path(out)
+    summary = run.summaries()
+    tokens = schema.to_table(run.token_rows(), schema.KLD_TOKENS, "kld_tokens.parquet")
+    table = schema.to_table(summary, schema.KLD_SUMMARY, "kld_summary.parquet")
+    atomic_write(out / "kld_tokens.parquet", lambda path: pq.write_table(tokens, str(path)))
+    atomic_write(out / "kld_summary.parquet", lambda path: pq.write_table(table, str(path)))
+    flat = table.drop_columns(["conf_count", "conf_kl_mean", "hidden_cos"])
+    atomic_write(out / "kld_summary.csv", lambda path: pcsv.write_csv(flat, str(path)))
+    run.pairs = pair_rows(run)
+    pairs = schema.to_table(run.pairs, schema.KLD_PAIRS, "kld_pairs.parquet")
+    atomic_write(out / "kld_pairs.parquet", lambda path: pq.write_table(pairs, str(path)))
+    atomic_write(out / "kld_pairs.csv", lambda path: pcsv.write_csv(pairs, str(path)))
+    worst = {"model": run.model, "corpus": run.corpus, "ctx": run.ctx, "worst": run.worst(tokenizer)}
+    atomic_write(out / "kld_worst.json", json.dumps(worst, ensure_ascii=False, indent=1))
+    if run.workers:  # --ray: who scored each spec, how long it took
+        atomic_write(out / "kld_workers.json", json.dumps(run.workers, ensure_ascii=False, indent=1))
+    return summary
+
+
+def worst_prompt(run_dir: str | Path, n: int, spec: str | None = None) -> dict:
+    """The N-th worst token (1 = the highest KL) of a `hierui kld` output folder, for `explore --from-kld`:
+    {model, spec, prompt (the text before it in its window), kl, text}. `spec`: that spec's list when the run
+    has it, else the run's first spec."""
+    import json
+
+    path = Path(run_dir).expanduser() / "kld_worst.json"
+    if not path.is_file():
+        raise HieruiError(f"--from-kld {run_dir}: no kld_worst.json there (the output folder of hierui kld)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entries = list(data["worst"])
+        specs = list(dict.fromkeys(e["spec"] for e in entries))
+    except (OSError, ValueError, KeyError, TypeError):
+        raise HieruiError(f"--from-kld {path}: not a readable kld_worst.json") from None
+    if not specs:
+        raise HieruiError(f"--from-kld {path}: holds no tokens")
+    chosen = spec if spec in specs else specs[0]
+    mine = sorted((e for e in entries if e["spec"] == chosen), key=lambda e: e["rank"])
+    if not 1 <= n <= len(mine):
+        raise HieruiError(f"--worst {n}: {path} holds the {len(mine)} worst tokens of {chosen} (use 1 … {len(mine)})")
+    entry = mine[n - 1]
+    if not entry.get("context"):
+        raise HieruiError(f"--worst {n}: that token has no preceding text in its window")
+    return {
+        "model": data["model"],
+        "spec": chosen,
+        "prompt": entry["context"],
+        "kl": entry["kl"],
+        "text": entry["text"],
+    }

@@ -1,0 +1,149 @@
+"""`hierui kld --ray`: the specs of a corpus KLD scored on a Ray cluster, one spec at a time per worker.
+
+Each worker (a Ray actor, placed as engine.sweep.distributed places pair workers: per GPU, or per `--ray-cpus`
+CPUs) loads the dense model once and scores the specs it is handed with engine.kld.corpus.score, exactly as the local
+command does for one spec (its own dense forward per window, or the base file's head with `--base`, which must
+then be readable at the same path on every node). The driver hands the specs out dynamically, merges the
+per-spec results in the command line's order and writes the same tables and report as a local run: the local
+code, on the same numbers (to float tolerance: a worker of one CPU multiplies with one thread).
+
+A worker that dies is restarted by Ray (engine.sweep.distributed.MAX_RESTARTS) and its spec handed out again, at
+most engine.sweep.distributed.MAX_ATTEMPTS times in all; a spec that fails repeatedly is one line naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import deque
+from types import SimpleNamespace
+
+from engine.errors import HieruiError
+
+
+class KldWorker:
+    """The dense model loaded once (on the first call); each call scores one spec (engine.kld.corpus.score)."""
+
+    def __init__(self, model: str, device: str, dtype: str, use_cache: bool):
+        self.model, self.device, self.dtype, self.use_cache = model, device, dtype, use_cache
+        self.loaded = None
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def score(self, spec: str, text: str, corpus: str, ctx: int, stride, base: str | None) -> dict:
+        import gc
+
+        from engine.kld import corpus as kld
+        from engine.models.loading import load
+        from engine.perturb import perturb
+        from engine.perturb.spec import parse_spec
+        from engine.record.settings import calibration_for
+        from engine.sweep.folder import noise_floor
+
+        started = time.perf_counter()
+        if self.loaded is None:
+            self.loaded = load(self.model, device=self.device, dtype=self.dtype)
+        parsed = parse_spec(spec)
+        calibration = calibration_for(parsed.method, "prune")
+        pair = perturb(self.loaded, parsed, use_cache=self.use_cache, calib_options=calibration.to_dict())
+        base_file = None
+        if base is not None:
+            from engine.kld.base import BaseFile
+
+            base_file = BaseFile(base)
+        run = kld.score(self.loaded, [pair], text, corpus, ctx, stride, base=base_file)
+        run.noise_floor = noise_floor(self.loaded.ref.name, self.loaded.model)
+        del pair
+        gc.collect()
+        return {"run": run, "worker": self.name, "seconds": time.perf_counter() - started}
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def score_on_ray(
+    model: str,
+    specs: list[str],
+    text: str,
+    corpus: str,
+    ctx: int,
+    stride,
+    options,
+    device: str = "auto",
+    dtype: str = "auto",
+    use_cache: bool = True,
+    base: str | None = None,
+    say=None,
+):
+    """engine.kld.corpus.score of every spec on the Ray cluster of `options` (engine.sweep.ray_options.RayOptions):
+    a KldRun of the specs in the order given, its noise floor the workers' (they read the same HIERUI_HOME)."""
+    from engine.sweep.distributed import (
+        MAX_ATTEMPTS,
+        actor_options,
+        connect,
+        error_text,
+        import_ray,
+        plan_workers,
+        release,
+    )
+
+    say = say or (lambda _text: None)
+    options = options.validate()
+    ray = import_ray()
+    started_here = connect(ray, options.address, say)
+    actors, groups = [], []
+    try:
+        n, each, use_gpu = plan_workers(ray, SimpleNamespace(device=device), options)
+        n = min(n, len(specs))
+        remote = ray.remote(KldWorker)
+        for _ in range(n):
+            actor_options = actor_options(ray, each, use_gpu, options, groups)
+            actors.append(remote.options(**actor_options).remote(model, device, dtype, use_cache))
+        say(f"Ray: {n} kld worker{'s' * (n != 1)} for {len(specs)} spec{'s' * (len(specs) != 1)}")
+        queue = deque(specs)
+        attempts = dict.fromkeys(specs, 0)
+        results: dict[str, dict] = {}
+        running: dict = {}  # object ref -> (actor, spec)
+        idle = list(actors)
+        while queue or running:
+            while queue and idle:
+                actor, spec = idle.pop(0), queue.popleft()
+                attempts[spec] += 1
+                running[actor.score.remote(spec, text, corpus, ctx, stride, base)] = (actor, spec)
+            done, _ = ray.wait(list(running), num_returns=1)
+            actor, spec = running.pop(done[0])
+            try:
+                answer = ray.get(done[0])
+            except ray.exceptions.RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, HieruiError):
+                    raise HieruiError(str(cause), cause.exit_code) from None
+                raise HieruiError(f"a Ray worker failed on {spec}: {error_text(e)}", 1) from None
+            except ray.exceptions.RayError as e:  # the worker died: Ray restarts it; the spec goes back
+                if attempts[spec] >= MAX_ATTEMPTS:
+                    raise HieruiError(
+                        f"{spec}: its Ray worker died {attempts[spec]} times ({error_text(e)}); nothing was written",
+                        1,
+                    ) from None
+                say(f"Ray: the worker scoring {spec} died; {spec} is handed out again")
+                queue.appendleft(spec)
+                idle.append(actor)
+                continue
+            results[spec] = answer
+            say(f"Ray: {spec} scored by {answer['worker']} in {answer['seconds']:.1f} s")
+            idle.append(actor)
+    finally:
+        release(ray, actors, groups, started_here)
+    run = results[specs[0]]["run"]
+    for spec in specs[1:]:
+        run = run.merged(results[spec]["run"])
+    run.workers = [
+        {
+            "spec": spec,
+            "worker": results[spec]["worker"],
+            "seconds": results[spec]["seconds"],
+            "attempts": attempts[spec],
+        }
+        for spec in specs
+    ]
+    return run

@@ -1,0 +1,1 @@
+"""--model names resolved and loaded: aliases, the embedded model, tiny and random shapes, tokens."""

@@ -1,0 +1,1 @@
+"""Files hierui writes and reads, as data: paths, locks, settings, schema, validation, session files."""

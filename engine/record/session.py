@@ -1,0 +1,218 @@
+"""Session files: one JSON Lines file per run (shared/design.md, "Sessions"), version 1.
+
+    line 1     header: {"format": "hierui-session", "version": 1, "model": …, "perturbation": {…}, …}
+    lines 2…   one step record each, appended and flushed as the step completes
+    last line  optionally {"end": true, "summary": {…}}, with "branch": {…} for a free-mode run with counterfactual
+               on (engine.record.branches.Branch.to_dict; older readers ignore it)
+
+A crash loses nothing that was written: the loader drops a truncated last line with a warning. A wrong
+format, a newer version, a missing file or a file that is not JSON Lines is one clear HieruiError.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from engine import __version__
+from engine.errors import HieruiError
+from engine.record.validate import check_branch, check_header, check_step, check_summary, loads, shown
+
+if TYPE_CHECKING:
+    from engine.record.branches import Branch
+
+FORMAT = "hierui-session"
+VERSION = 1
+
+
+def _clean(value):
+    """JSON has no NaN/inf: they are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _line(obj: dict) -> str:
+    return json.dumps(_clean(obj), ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def slugify(text: str, limit: int = 32) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:limit].rstrip("-") or "session"
+
+
+def default_session_path(prompt: str, spec: str, directory: str | Path = "sessions") -> Path:
+    """sessions/<time>-<slug>.jsonl, unique within the directory."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(directory) / f"{stamp}-{slugify(spec, 20)}-{slugify(prompt)}"
+    path = base.with_suffix(".jsonl")
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(f"{base}-{n}.jsonl")
+    return path
+
+
+class SessionWriter:
+    """Writes the header at once, then each step as it comes (flushed), then an optional summary."""
+
+    def __init__(self, path: str | Path, header: dict, exclusive: bool = False):
+        """`exclusive`: create the file with O_EXCL (FileExistsError if it is there), so two writers (two
+        explorers) never share a file; otherwise an existing file is rewritten (a batch run rerun)."""
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        full = {
+            "format": FORMAT,
+            "version": VERSION,
+            **{k: v for k, v in header.items() if k not in ("format", "version", "created", "hierui")},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "hierui": __version__,
+        }
+        self.header = full
+        self._file = open(self.path, "x" if exclusive else "w", encoding="utf-8")
+        self._file.write(_line(full))
+        self._file.flush()
+        self.closed = False
+        self.summary: dict | None = None
+
+    def write_step(self, record: dict) -> None:
+        self._file.write(_line(record))
+        self._file.flush()
+
+    def close(self, summary: dict | None = None, branch: dict | None = None) -> None:
+        """End the file, with the closing line when there is a `summary` (and the counterfactual `branch`)."""
+        if self.closed:
+            return
+        if summary is not None:
+            self._file.write(_line({"end": True, "summary": summary, **({"branch": branch} if branch else {})}))
+            self.summary = summary
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self.closed = True
+
+    def __enter__(self) -> SessionWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class Session:
+    """A loaded session: header, step records, the closing summary if there is one, and the counterfactual
+    branch (an engine.record.branches.Branch) if the closing line holds one."""
+
+    path: Path
+    header: dict
+    steps: list[dict]
+    summary: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+    branch: Branch | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.summary is not None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_session(path: str | Path) -> Session:
+    """Read and validate a session file; raise HieruiError with one line on anything unusable.
+
+    The file is split into lines before decoding, so a crash in the middle of a multi-byte character
+    of the last line is still a truncated last line (a warning), not an unreadable file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise HieruiError(f"session not found: {path}")
+    if path.is_dir():
+        raise HieruiError(f"{path} is a directory, not a session file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise HieruiError(f"cannot read session {path}: {e.strerror or e}") from None
+    # (line number in the file, raw bytes), blank lines skipped
+    lines = [(n, raw) for n, raw in enumerate(data.split(b"\n"), start=1) if raw.strip()]
+    if not lines:
+        raise HieruiError(f"{path} is empty, not a hierui session")
+    try:
+        header = loads(lines[0][1].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise HieruiError(f"{path} is not a hierui session (not UTF-8 text)") from None
+    except RecursionError:
+        raise HieruiError(f"{path}: line {lines[0][0]} is nested too deeply to read") from None
+    except json.JSONDecodeError:
+        raise HieruiError(f"{path} is not a hierui session (its first line is not JSON)") from None
+    except ValueError:  # an integer of too many digits
+        raise HieruiError(f"{path}: line {lines[0][0]} holds a number too large to read") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise HieruiError(f'{path} is not a hierui session (no "format": "{FORMAT}" header)')
+    version = header.get("version")
+    if not _is_int(version):
+        raise HieruiError(f"{path}: the session header has no valid version")
+    if version > VERSION:
+        raise HieruiError(
+            f"{path} is a version {version} session; this hierui ({__version__}) reads version {VERSION}: "
+            "upgrade hierui"
+        )
+    if version < 1:
+        raise HieruiError(f"{path}: unsupported session version {version}")
+    check_header(header, path, lines[0][0])  # engine.record.validate: every field's type and range
+
+    session = Session(path=path, header=header, steps=[])
+    last = len(lines) - 1
+    for index, (number, raw) in enumerate(lines[1:], start=1):
+        try:
+            obj = loads(raw.decode("utf-8"))
+        except RecursionError:
+            raise HieruiError(f"{path}: line {number} is nested too deeply to read") from None
+        except ValueError as e:  # UnicodeDecodeError, json.JSONDecodeError, an integer of too many digits
+            if not isinstance(e, (UnicodeDecodeError, json.JSONDecodeError)):
+                raise HieruiError(f"{path}: line {number} holds a number too large to read") from None
+            if index == last:  # the last line: a crash mid-write
+                session.warnings.append(
+                    f"{path}: dropped a truncated last line (line {number}); the run was interrupted"
+                )
+                break
+            raise HieruiError(f"{path}: line {number} is not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise HieruiError(f"{path}: line {number} is not a JSON object")
+        if session.summary is not None:
+            raise HieruiError(f"{path}: line {number} comes after the closing summary line")
+        if obj.get("end"):
+            summary = obj.get("summary")
+            if summary is not None and not isinstance(summary, dict):
+                raise HieruiError(f"{path}: line {number}, the closing line, holds no summary object")
+            check_summary(summary or {}, path, number)
+            session.summary = summary or {}
+            if obj.get("branch") is not None:
+                from engine.record.branches import Branch
+
+                check_branch(obj["branch"], path, number)
+                session.branch = Branch.from_dict(obj["branch"])
+            continue
+        if "step" not in obj:
+            raise HieruiError(f"{path}: line {number} is neither a step nor the closing line")
+        if not _is_int(obj["step"]) or obj["step"] != len(session.steps):
+            raise HieruiError(
+                f"{path}: line {number} holds step {shown(obj['step'])}, expected step {len(session.steps)}"
+            )
+        check_step(obj, path, number)
+        session.steps.append(obj)
+    return session
+
+
+# ------------------------------------------------------------------ recording

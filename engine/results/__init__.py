@@ -1,0 +1,1 @@
+"""A sweep's output folder read as data: runs, localization, paired statistics."""

@@ -1,0 +1,410 @@
+"""Recompute a recorded session with its models and measure how far the recomputation is from the recording.
+
+`plan_rerun(session)` decides what a rerun loads: a session file is untrusted input, so the header's model
+is used only when it is the embedded model, tiny-random or a known alias, and a local path, hub id,
+checkpoint:PATH spec or calibration file it names only when the user passes it again (--model, --prune,
+--calib); anything else is refused before anything is read. `rerun(session)` loads that model, rebuilds
+the perturbation (same spec, same calibration samples/length/seed/source) and the step settings, and
+records exactly as many steps as were recorded, through the same SessionRecorder as every other run (into
+`save`, or a temporary file).
+`deviations(recorded, new)` is the largest absolute difference of every metric: scalars, per-layer and
+per-choice lists elementwise, and the probabilities of the top-k lists. `compare` adds whether every token
+matched; `compare_branch` does the same for a counterfactual branch (engine.run.branch). A branch of another run
+(header `prefix_ids`, `start_step`) is rerun from its prefix and start step. Nothing here prints; `hierui replay
+--rerun` renders the result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from engine.errors import HieruiError
+from engine.record.session import Session, load_session
+from engine.record.settings import StepSettings
+from engine.run.recorder import SessionRecorder
+
+# fields of a step record that are tokens (compared for equality, not as metrics)
+TOKEN_FIELDS = ("token_d", "token_p", "fed")
+# fields that are neither metrics nor tokens, or that follow from the tokens
+SKIP_FIELDS = frozenset({"step", "text_d", "text_p", "same_token", "first_divergence", "end_d", "end_p", *TOKEN_FIELDS})
+TOPK_FIELDS = ("topk_d", "topk_p")
+
+
+def settings_from_header(header: dict, steps: int) -> StepSettings:
+    """The StepSettings of a recorded run, with max_new_tokens forced to the recorded number of steps."""
+    defaults = StepSettings()
+    return StepSettings(
+        mode=header.get("mode") or defaults.mode,
+        temperature=float(header.get("temperature") or defaults.temperature),
+        max_new_tokens=steps,
+        sample=bool(header.get("sample", defaults.sample)),
+        seed=int(header.get("seed") if header.get("seed") is not None else defaults.seed),
+        choices=list(header["choices"]) if header.get("choices") else None,
+        raw=bool(header.get("raw", defaults.raw)),
+        topk=int(header.get("topk") or defaults.topk),
+        truncate=bool(header.get("truncated_from")),
+        lens=bool(header.get("lens", False)),  # a session from before the lens has none
+        tie_margin=header.get("tie_margin"),
+        counterfactual=bool(header.get("counterfactual", False)),
+    ).validate()
+
+
+def calib_options_from_header(header: dict) -> dict | None:
+    """perturb()'s calib_options that rebuild the recorded calibration (None: the spec had none)."""
+    calib = header.get("calibration")
+    if not isinstance(calib, dict):
+        return None
+    opts = {k: calib[k] for k in ("samples", "length", "seed") if calib.get(k) is not None}
+    source = calib.get("source")
+    if source and source != "self":
+        opts["source"] = source
+    return opts
+
+
+# ------------------------------------------------------------------ what a header may steer
+
+# a session file is untrusted input: its header may name a model, a checkpoint or a calibration file anywhere.
+# Only the names below are used as they stand; a local path or a hub id is used only when the user passes it
+# on the command line (--model, --prune, --calib), and nothing named by the header alone is read or fetched.
+
+
+def trusted_model(name: str) -> bool:
+    """Whether a model named by a file may be loaded without the user naming it: the embedded model,
+    tiny-random (or a member of its zoo), a shipped random:SHAPE or a known alias (engine.models.loading.ALIASES). Never
+    a local path (random:PATH included) or a free hub id."""
+    from engine.models.loading import ALIASES, DEFAULT_MODEL
+    from engine.models.tiny import TINY_RANDOM
+    from engine.models.zoo import FAMILIES, family_of
+
+    low = (name or "").strip().lower()
+    trusted = (DEFAULT_MODEL, "default", "smollm2", "embedded", TINY_RANDOM)
+    return low in trusted or low in ALIASES or family_of(low) in FAMILIES or _shipped_random_shape(low)
+
+
+def _shipped_random_shape(name: str) -> bool:
+    """random:ALIAS[@SEED] of a shape hierui ships (never random:PATH, a file the header would point at)."""
+    from engine.errors import HieruiError
+    from engine.models.random_shapes import is_random, parse_random
+
+    if not is_random(name):
+        return False
+    try:
+        return parse_random(name).alias
+    except HieruiError:
+        return False
+
+
+def header_calibration_file(header: dict) -> str | None:
+    """The calibration text file a header names (None: self-generated, or no calibration)."""
+    calib = header.get("calibration")
+    source = calib.get("source") if isinstance(calib, dict) else None
+    return None if source in (None, "self") else str(source)
+
+
+@dataclass
+class RerunPlan:
+    """What a rerun loads: every value either an allowed header value or one the user passed."""
+
+    model: str | None  # None: the caller passes an already loaded model
+    spec: str
+    calib_options: dict | None
+
+    def describe(self) -> str:
+        """'model X, perturbation S, calibration C' (escape it before printing: it comes from a file)."""
+        calib = self.calib_options
+        if calib is None:
+            what = "none"
+        else:
+            origin = calib.get("source") or "self-generated"
+            sizes = "×".join(str(calib[k]) for k in ("samples", "length") if calib.get(k) is not None)
+            what = f"{origin}" + (f" ({sizes} tokens)" if sizes else "")
+        return f"model {self.model or '(loaded)'}, perturbation {self.spec}, calibration {what}"
+
+
+def plan_rerun(
+    session: Session, model: str | None = None, calib: str | Path | None = None, spec: str | None = None, loaded=None
+) -> RerunPlan:
+    """The values a rerun of `session` uses. `model`, `calib`, `spec`: the user's --model, --calib, --prune,
+    which replace the header's and confirm a path or hub id. A header value that is not allowed on its own
+    (a local model or a hub id, a checkpoint:PATH spec, a calibration file) is one HieruiError naming the
+    flag to pass; nothing it names is read."""
+    from engine.perturb.spec import parse_spec
+    from engine.record.validate import escape, require
+
+    header = session.header
+    where = escape(str(session.path))
+    if not session.steps:
+        raise HieruiError(f"{where} has no recorded steps to rerun")
+    require(header, session.path, ("prompt",), "cannot rerun")
+    if model is None and loaded is None:
+        require(header, session.path, ("model",), "cannot rerun (or pass --model)")
+        named = header["model"]
+        if not trusted_model(named) and not any(c in named for c in "/\\.~"):
+            from engine.models.loading import resolve
+
+            resolve(named)  # neither an alias nor a path or hub id: "unknown model", nothing touched
+        if not trusted_model(named):
+            raise HieruiError(
+                f"{where} names the model '{escape(named)}', a local path or hub id: it is loaded only when you "
+                f"confirm it with --model {escape(named)}"
+            )
+        model = named
+    if spec is None:
+        spec = (header.get("perturbation") or {}).get("spec")
+        if not spec:
+            raise HieruiError(f"{where}: the header names no perturbation spec; cannot rerun (or pass --prune)")
+        if parse_spec(spec).method == "checkpoint":
+            raise HieruiError(
+                f"{where} names the perturbation '{escape(spec)}', a local checkpoint: it is loaded only when you "
+                f"confirm it with --prune {escape(spec)}"
+            )
+    parse_spec(spec)
+    options = calib_options_from_header(header)
+    if calib is not None:
+        options = {**(options or {}), "source": str(calib)}
+    elif header_calibration_file(header) is not None:
+        named = header_calibration_file(header)
+        raise HieruiError(
+            f"{where} names the calibration file '{escape(named)}': it is read only when you confirm it with "
+            f"--calib {escape(named)}"
+        )
+    return RerunPlan(model=None if loaded is not None and model is None else model, spec=spec, calib_options=options)
+
+
+def rerun(
+    session: Session,
+    device: str = "auto",
+    dtype: str | None = None,
+    *,
+    loaded=None,
+    use_cache: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+    save: str | Path | None = None,
+    plan: RerunPlan | None = None,
+) -> list[dict]:
+    """Recompute `session` with its models; the new step records as its session file holds them
+    (rerun_session: the whole new session, its counterfactual branch included)."""
+    return rerun_session(
+        session, device, dtype, loaded=loaded, use_cache=use_cache, progress=progress, save=save, plan=plan
+    ).steps
+
+
+def rerun_session(
+    session: Session,
+    device: str = "auto",
+    dtype: str | None = None,
+    *,
+    loaded=None,
+    use_cache: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+    save: str | Path | None = None,
+    plan: RerunPlan | None = None,
+) -> Session:
+    """Recompute `session` with its models; the new session as its file holds it.
+
+    A branch (header `prefix_ids`, `start_step`, `parent`) is rerun from the same prefix and start step. A
+    session recorded with the counterfactual on is rerun with it when its closing line has the branch fields
+    (the branch, stepped to the recorded max_new_tokens, is compared by compare_branch), else without it.
+
+    `dtype` None takes the recorded one (header "dtype"), else auto. `loaded`: an already loaded dense
+    model (engine.models.loading.LoadedModel) to use instead of loading one. `plan`: what to load (plan_rerun;
+    default: plan_rerun(session), which refuses a header naming a path). `save`: where the recomputed
+    session is written (default: a temporary file, removed afterwards).
+    """
+    from engine.models.loading import load
+    from engine.perturb import perturb
+    from engine.run.stepper import Stepper
+
+    header = session.header
+    plan = plan or plan_rerun(session, loaded=loaded)
+    settings = settings_from_header(header, len(session.steps))
+    if settings.counterfactual:  # the branch's length follows the run's max_new_tokens: take the recorded one
+        # only a run that ended and was closed with its branch fields (not one ended early in the explorer)
+        complete = "recovered" in (session.summary or {}) and isinstance(header.get("max_new_tokens"), int)
+        settings = replace(
+            settings,
+            counterfactual=complete,
+            max_new_tokens=header["max_new_tokens"] if complete else settings.max_new_tokens,
+        )
+    stop = None
+    if header.get("truncated_from") and isinstance(header.get("max_new_tokens"), int):
+        # the prompt was cut to fit the recorded max_new_tokens: step with that limit, as many steps as recorded
+        settings = replace(settings, max_new_tokens=header["max_new_tokens"])
+        stop = lambda: len(stepper.records) >= len(session.steps)  # noqa: E731
+    say = progress or (lambda *_: None)
+    if loaded is None:
+        loaded = load(
+            plan.model,
+            device=device,
+            dtype=dtype or header.get("dtype") or "auto",
+            progress=lambda message, done=0, total=0: say(message, done, total),
+        )
+    pair = perturb(loaded, plan.spec, use_cache=use_cache, progress=progress, calib_options=plan.calib_options)
+    stepper = Stepper(
+        pair,
+        header["prompt"],
+        settings,
+        prefix=header.get("prefix_ids"),
+        start_step=header.get("start_step") or 0,
+        parent=header.get("parent"),
+    )
+    total, done = len(session.steps), 0
+
+    def stepped(_row, _record) -> None:
+        nonlocal done
+        done += 1
+        say("recomputing steps", done, total)
+
+    say("recomputing steps", 0, total)
+    if save is not None:
+        SessionRecorder(stepper, [save]).run(callback=stepped, stop=stop)
+        return load_session(save)
+    with tempfile.TemporaryDirectory(prefix="hierui-rerun-") as tmp:
+        path = Path(tmp) / "rerun.jsonl"
+        SessionRecorder(stepper, [path]).run(callback=stepped, stop=stop)
+        return load_session(path)
+
+
+# ------------------------------------------------------------------ comparing
+
+
+def _numbers(value) -> list[float | None] | None:
+    """A metric value as a flat list of numbers (None for null); None when it is not numeric."""
+    if value is None:
+        return [None]
+    if isinstance(value, bool):
+        return [float(value)]
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, list) and all(v is None or isinstance(v, (int, float)) for v in value):
+        return [None if v is None else float(v) for v in value]
+    return None
+
+
+def _topk_probs(value) -> list[float | None] | None:
+    if value is None:  # no list: that model had ended (free mode); equal to another null, not to a list
+        return []
+    if not isinstance(value, list):
+        return None
+    try:
+        return [None if row[2] is None else float(row[2]) for row in value]
+    except (TypeError, IndexError, ValueError):
+        return None
+
+
+def max_abs(a: list | None, b: list | None, relative: bool = False) -> float:
+    """Largest |a_i − b_i| (with `relative`, |a_i − b_i| / max(1, |a_i|): absolute below 1, relative above);
+    null against null is 0, null against a number (or a length change) is inf."""
+    if a is None or b is None or len(a) != len(b):
+        return math.inf
+    worst = 0.0
+    for x, y in zip(a, b):
+        if x is None and y is None:
+            continue
+        if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
+            if x != y:
+                return math.inf
+            continue
+        worst = max(worst, abs(x - y) / (max(1.0, abs(x)) if relative else 1.0))
+    return worst
+
+
+def deviations(recorded_steps: list[dict], new_steps: list[dict]) -> dict[str, float]:
+    """Per metric name, the largest deviation over the steps both runs have: |new − recorded|, divided by
+    |recorded| where that is above 1 (KL of several nats, a cum_kl summed over a long run: float noise there
+    scales with the value, so an absolute bound would fail on rounding alone).
+
+    A recorded metric the new run lacks, or null in one and a number in the other, deviates by inf; a metric
+    the recording lacks (written by an older hierui, before that metric existed) is not compared.
+    """
+    names: list[str] = []
+    for step in recorded_steps:
+        for name in step:
+            if name not in SKIP_FIELDS and name not in names:
+                names.append(name)
+    out: dict[str, float] = {}
+    for name in names:
+        worst = 0.0
+        convert = _topk_probs if name in TOPK_FIELDS else _numbers
+        for old, new in zip(recorded_steps, new_steps):
+            if name not in old:
+                continue
+            if name not in old or name not in new:
+                worst = math.inf
+                break
+            worst = max(worst, max_abs(convert(old[name]), convert(new[name]), relative=True))
+        out[name] = worst
+    return out
+
+
+def _token_row(step: dict) -> tuple:
+    return tuple(json.dumps(step.get(name)) for name in TOKEN_FIELDS)
+
+
+def _topk_ids(step: dict) -> tuple:
+    return tuple(tuple(row[0] for row in step.get(name) or []) for name in TOPK_FIELDS)
+
+
+@dataclass
+class Comparison:
+    """How a recomputation compares with its recording."""
+
+    recorded: int  # recorded steps
+    rerun: int  # recomputed steps
+    deviations: dict[str, float]
+    first_token_mismatch: int | None  # first step whose tokens (token_d, token_p, fed) differ
+    topk_id_mismatches: int = 0  # steps whose top-k token lists differ (reported, not a failure)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_match(self) -> bool:
+        return self.first_token_mismatch is None and self.recorded == self.rerun
+
+    @property
+    def max_deviation(self) -> float:
+        return max(self.deviations.values(), default=0.0)
+
+    def ok(self, tol: float) -> bool:
+        return self.tokens_match and self.max_deviation < tol
+
+
+def compare(recorded_steps: list[dict], new_steps: list[dict]) -> Comparison:
+    mismatch = next(
+        (i for i, (a, b) in enumerate(zip(recorded_steps, new_steps)) if _token_row(a) != _token_row(b)), None
+    )
+    if mismatch is None and len(recorded_steps) != len(new_steps):
+        mismatch = min(len(recorded_steps), len(new_steps))
+    topk = sum(_topk_ids(a) != _topk_ids(b) for a, b in zip(recorded_steps, new_steps))
+    result = Comparison(
+        recorded=len(recorded_steps),
+        rerun=len(new_steps),
+        deviations=deviations(recorded_steps, new_steps),
+        first_token_mismatch=mismatch,
+        topk_id_mismatches=topk,
+    )
+    if len(recorded_steps) != len(new_steps):
+        result.notes.append(f"the rerun took {len(new_steps)} steps, the recording {len(recorded_steps)}")
+    return result
+
+
+def compare_branch(recorded, new) -> Comparison | None:
+    """How a rerun's counterfactual branch (engine.record.branches.Branch, or None) compares with the recorded one; None
+    when the recording has none. A branch at another step or token, or none, is a token mismatch at step 0."""
+    if recorded is None:
+        return None
+    result = compare(recorded.steps, new.steps if new is not None else [])
+    if new is None:
+        result.notes.append("the rerun has no counterfactual branch")
+        result.first_token_mismatch = 0
+    elif (new.at, new.token) != (recorded.at, recorded.token):
+        result.notes.append(
+            f"the rerun branches at step {new.at} with token {new.token}, the recording at {recorded.at} "
+            f"with {recorded.token}"
+        )
+        result.first_token_mismatch = 0
+    return result

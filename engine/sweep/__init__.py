@@ -1,0 +1,1 @@
+"""Sweeps: prompts × specs × modes, recorded headless, resumed, tabulated, on Ray."""

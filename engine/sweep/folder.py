@@ -1,0 +1,128 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from engine.errors import HieruiError
+from engine.perturb.spec import Spec
+from engine.record.paths import atomic_write
+from engine.record.session import Session, load_session
+from engine.sweep.sweeps import Run, Sweep
+
+MANIFEST = "batch.json"
+
+
+def default_out_dir(root: str | Path = "runs") -> Path:
+    return Path(root) / time.strftime("%Y%m%d-%H%M%S")
+
+
+def session_path(out: str | Path, run: Run) -> Path:
+    return Path(out) / "sessions" / f"{run.run_id}.jsonl"
+
+
+def choices_path(out: str | Path, spec: Spec) -> Path:
+    return Path(out) / "mc" / f"{spec.slug}.jsonl"
+
+
+def load_complete(path: Path) -> Session | None:
+    """The session at `path` if it is there and complete (has its closing summary), else None."""
+    try:
+        session = load_session(path)
+    except HieruiError:
+        return None
+    return session if session.complete else None
+
+
+def complete_runs(sweep: Sweep, out: str | Path) -> list[str]:
+    """The ids of the runs of `sweep` whose session in `out` is complete."""
+    return [r.run_id for r in sweep.runs() if load_complete(session_path(out, r)) is not None]
+
+
+def choices_complete(sweep: Sweep, out: str | Path, spec: Spec) -> bool:
+    """Whether OUT/mc/<spec>.jsonl holds a row for every multiple-choice item of `sweep`, in order."""
+    path = choices_path(out, spec)
+    if not path.is_file():
+        return False
+    try:
+        done = [json.loads(line)["item_id"] for line in path.read_text(encoding="utf-8").splitlines() if line]
+    except (OSError, ValueError, KeyError):
+        return False
+    return done == [p.id for p in sweep.choice_items]
+
+
+def check_out(sweep: Sweep, out: str | Path) -> bool:
+    """Check that OUT can take `sweep` without writing anything: True when OUT/batch.json is there and
+    describes this same sweep (a resume), False when there is none yet. Another sweep is refused."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HieruiError(f"--out {out} is a file, not a folder")
+    manifest = json.loads(json.dumps(sweep.manifest()))
+    target = out / MANIFEST
+    if target.exists():
+        try:
+            old = json.loads(target.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise HieruiError(f"{target} is unreadable; use another --out") from None
+        ignore = {"source", "created", "architecture", "attribute", "noise_floor", "plan"}
+        differ = [k for k in sorted(set(old) | set(manifest)) if k not in ignore and old.get(k) != manifest.get(k)]
+        if not differ and old.get("attribute", "none") != sweep.attribute and sweep.attribute == "none":
+            # turning attribution on over a sweep recorded without it adds it to every run; turning it off would
+            # leave attribution.parquet describing some runs only
+            raise HieruiError(
+                f"{out} was recorded with --attribute {old.get('attribute')}: rerun it with the same option to "
+                f"resume it, or use another --out"
+            )
+        if differ:
+            raise HieruiError(
+                f"{out} holds another sweep ({', '.join(differ)} differ): rerun it with the same "
+                f"settings to resume it, or use another --out"
+            )
+        return True
+    if (out / "sessions").is_dir() and any((out / "sessions").iterdir()):
+        raise HieruiError(f"{out} holds sessions but no {MANIFEST}; use another --out")
+    return False
+
+
+def noise_floor(model_name: str, model) -> dict | None:
+    """What `hierui noise` measured for the dense model on its device in its dtype (engine.run.floor.floor_summary,
+    and the cast to another dtype as a reference: `cast`), or None where it was not run."""
+    from engine.run.floor import dtype_name, floor_summary, load_floor
+
+    weight = model.get_input_embeddings().weight
+    dtype = dtype_name(weight.dtype)
+    try:
+        floor = load_floor(model_name, weight.device.type)
+    except HieruiError:
+        return None
+    if floor is None:
+        return None
+    out = floor_summary(floor, dtype)
+    cast = [c for c in floor.get("comparisons", []) if c.get("kind") == "dtype"]
+    if cast:
+        out["cast"] = {k: cast[0].get(k) for k in ("name", "kl_mean", "flip_rate")}
+    out["dtype"] = dtype
+    return out
+
+
+def write_manifest(sweep: Sweep, out: str | Path, architecture: dict | None = None, floor: dict | None = None) -> None:
+    """Write OUT/batch.json and the sweep's `files` (once the sweep has really started: model loaded, choices
+    checked)."""
+    out = Path(out)
+    if (out / MANIFEST).exists():
+        return
+    manifest = json.loads(json.dumps(sweep.manifest()))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in sweep.files.items():
+        if not (out / name).is_file():
+            atomic_write(out / name, text)
+    manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if architecture:  # engine.record.architecture.describe of the loaded model (not compared on resume)
+        manifest["architecture"] = architecture
+    if floor:  # the dense model's noise floor (`hierui noise`) when measured: the report shows it (not compared)
+        manifest["noise_floor"] = floor
+    if getattr(sweep, "plan", None):  # engine.run.plan's estimate, made before loading (not compared)
+        manifest["plan"] = sweep.plan
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")

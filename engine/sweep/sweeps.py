@@ -1,0 +1,279 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from engine.errors import HieruiError
+from engine.models.loading import DEFAULT_MODEL
+from engine.perturb.spec import Spec, parse_spec
+from engine.record.prompts import PromptItem, read_prompts
+from engine.record.session import load_session
+from engine.record.settings import SWEEP_DEFAULTS, SWEEP_FIELDS, CalibSettings, StepSettings
+
+ATTRIBUTE_CHOICES = ("none", "flips")  # batch --attribute
+
+DEFAULT_SPEC = "wanda:0.5"
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    prompt: PromptItem
+    spec: Spec
+    mode: str
+
+
+@dataclass
+class Sweep:
+    """What a sweep runs: model × prompts × specs × modes, with the step and calibration settings."""
+
+    model: str
+    prompts: list[PromptItem]
+    specs: list[Spec]
+    modes: list[str]
+    settings: StepSettings = field(default_factory=lambda: StepSettings(**SWEEP_DEFAULTS))  # SWEEP_FIELDS used
+    calib: CalibSettings = field(default_factory=CalibSettings)
+    device: str = "auto"
+    dtype: str = "auto"
+    source: str | None = None  # the prompts file or session it came from (for the manifest only)
+    # files written into OUT beside batch.json when the sweep really starts (a recipe's prompts.jsonl and
+    # recipe.toml), by name: a failed start leaves nothing behind
+    files: dict[str, str] = field(default_factory=dict)
+    # "flips": attribute every flip step of each run once it is recorded (engine.run.attribution); "none"
+    attribute: str = "none"
+
+    def runs(self) -> list[Run]:
+        """Every generation run, in loop order: spec, then prompt, then mode (multiple-choice items excluded)."""
+        return [
+            Run(f"{p.id}-{s.slug}-{m}", p, s, m)
+            for s in self.specs
+            for p in self.prompts
+            if not p.is_choice
+            for m in self.modes
+        ]
+
+    @property
+    def choice_items(self) -> list[PromptItem]:
+        """The multiple-choice items: scored once per spec, without generation."""
+        return [p for p in self.prompts if p.is_choice]
+
+    def step_settings(self, mode: str) -> StepSettings:
+        """The settings the runs of `mode` are stepped with (each prompt's choices go to the stepper per row).
+        `counterfactual` applies to the free runs only (shared mode has no divergence to branch from)."""
+        return replace(self.settings, mode=mode, counterfactual=self.settings.counterfactual and mode == "free")
+
+    def settings_dict(self) -> dict:
+        """The SWEEP_FIELDS of the settings, as batch.json records them."""
+        values = self.settings.to_dict()
+        # truncate and counterfactual only when set, lens only when off, tie_margin only when given: a manifest
+        # written before they existed still matches on resume
+        optional = {
+            "truncate": bool(values["truncate"]),
+            "counterfactual": bool(values["counterfactual"]),
+            "lens": not values["lens"],
+            "tie_margin": values["tie_margin"] is not None,
+        }
+        return {k: values[k] for k in SWEEP_FIELDS if optional.get(k, True)}
+
+    def manifest(self) -> dict:
+        return {
+            "format": "hierui-batch",
+            "version": 1,
+            "model": self.model,
+            "prompts": [
+                {"id": p.id, "prompt": p.prompt, "choices": p.choices, **({"answer": p.answer} if p.is_choice else {})}
+                for p in self.prompts
+            ],
+            "specs": [str(s) for s in self.specs],
+            "modes": list(self.modes),
+            "settings": self.settings_dict(),
+            "calibration": self.calib.to_dict(),
+            "device": self.device,
+            "dtype": self.dtype,
+            "source": self.source,
+            # only when on: a manifest written before the option existed still matches on resume
+            **({"attribute": self.attribute} if self.attribute != "none" else {}),
+        }
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    runs: list[Run]
+    skipped: list[str] = field(default_factory=list)  # run ids already complete
+    computed: list[str] = field(default_factory=list)  # run ids recorded by this call
+    summary: list[dict] = field(default_factory=list)  # summary.parquet's rows
+    choice_summary: list[dict] = field(default_factory=list)  # mc_summary.parquet's rows (one per spec)
+
+
+class SweepHooks:
+    """Progress callbacks of run_sweep; the CLI draws bars with them. Every method is optional."""
+
+    def sweep_started(self, total: int, done: int) -> None: ...
+    def message(self, text: str) -> None: ...
+    def stage(self, stage: str, done: int, total: int) -> None: ...
+    def run_started(self, run: Run, max_tokens: int) -> None: ...
+    def batch_started(self, runs: list[Run], max_tokens: int) -> None:
+        """Several runs stepped together (max_tokens over all of them); by default the first run's start."""
+        self.run_started(runs[0], max_tokens)
+
+    def step(self, run: Run, record: dict) -> None: ...
+    def run_finished(self, run: Run) -> None: ...
+
+
+def plan_sweep(
+    *,
+    prompts_file: str | Path | None = None,
+    from_session: str | Path | None = None,
+    model: str | None = None,
+    specs: list[str] | None = None,
+    modes: list[str] | None = None,
+    calib: dict | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    prompts_text: str | None = None,
+    files: dict[str, str] | None = None,
+    attribute: str = "none",
+    **settings,
+) -> Sweep:
+    """Check the whole sweep before anything is loaded. `settings` (SWEEP_FIELDS) and `calib` values left
+    None take the session's (with `from_session`) or the defaults (engine.record.settings). `prompts_text`: the
+    content of `prompts_file` when it is not written yet; `files`: see Sweep.files."""
+    from engine.models.loading import resolve
+
+    if (prompts_file is None) == (from_session is None):
+        raise HieruiError("give the prompts with exactly one of --prompts FILE or --from SESSION")
+    unknown = set(settings) - set(SWEEP_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown settings {sorted(unknown)}")
+    given = {k: v for k, v in settings.items() if v is not None}
+    calib_given = {k: v for k, v in (calib or {}).items() if v is not None}
+    base, base_calib = dict(SWEEP_DEFAULTS), CalibSettings().to_dict()
+    if from_session is not None:
+        if not specs:
+            raise HieruiError("--from SESSION reruns a session under other perturbations: give at least one --prune")
+        header = _from_header(from_session, model, calib_given)
+        prompts = [PromptItem("p000", header["prompt"], header.get("choices") or None)]
+        base.update({k: header[k] for k in SWEEP_FIELDS if header.get(k) is not None})
+        for k, v in (header.get("calibration") or {}).items():
+            if k in base_calib and v is not None:
+                base_calib[k] = None if k == "source" and v == "self" else v
+        model = model or header.get("model")
+        modes = modes or [header.get("mode") or "shared"]
+        source = str(from_session)
+    else:
+        if prompts_text is None and str(prompts_file).startswith("suite:"):  # a shipped suite: --prompts suite:open
+            from engine.sweep.recipe import suite_file
+
+            prompts_file = suite_file(str(prompts_file))
+        prompts = read_prompts(prompts_file, text=prompts_text)
+        source = str(prompts_file)
+    base.update(given)
+    base_calib.update(calib_given)
+    if base_calib["source"] is not None:
+        path = Path(base_calib["source"]).expanduser()
+        if not path.is_file():
+            raise HieruiError(f"calibration file not found: {base_calib['source']}")
+        base_calib["source"] = str(path.resolve())
+    calibration = CalibSettings(**base_calib).validate()
+
+    model = model or DEFAULT_MODEL
+    resolve(model)  # an unknown model fails here, before anything slow
+    check_placement(device, dtype)
+    parsed = _unique([parse_spec(s) for s in (specs or [DEFAULT_SPEC])])
+    from engine.models.loading import check_device, read_config
+    from engine.perturb.spec import check_fits
+
+    check_device(device)
+    config = read_config(model)  # None: not known before loading (a hub model not in the cache)
+    for spec in parsed:
+        if spec.method == "checkpoint" and not Path(spec.path).expanduser().exists():
+            raise HieruiError(f"checkpoint not found: {spec.path}")
+        check_fits(spec, config)
+    modes = _unique([m.strip().lower() for m in (modes or ["shared"])])
+    if base.get("counterfactual") and "free" not in modes:
+        raise HieruiError("--counterfactual branches free-mode runs at their first divergence: add --mode free")
+    attribute = (attribute or "none").strip().lower()
+    if attribute not in ATTRIBUTE_CHOICES:
+        raise HieruiError(f"unknown --attribute '{attribute}': use {' or '.join(ATTRIBUTE_CHOICES)}")
+    sweep = Sweep(
+        model, prompts, parsed, modes, StepSettings(**base), calibration, device, dtype, source, dict(files or {})
+    )
+    sweep.attribute = attribute
+    for mode in modes:
+        sweep.step_settings(mode).validate()  # the mode and every bound (engine.record.settings)
+    _check_context(sweep, config)
+    ids = [r.run_id for r in sweep.runs()]
+    if len(set(ids)) != len(ids):
+        raise HieruiError("two specs give the same run name (e.g. checkpoints in folders of the same name)")
+    return sweep
+
+
+def check_placement(device: str, dtype: str) -> None:
+    """An unknown or absent device and an unknown dtype fail before anything is loaded or written."""
+    from engine.models.loading import DTYPES, pick_device
+
+    if (dtype or "auto").lower() != "auto" and dtype.lower() not in DTYPES:
+        raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    pick_device(device)
+
+
+def _from_header(from_session, model: str | None, calib_given: dict) -> dict:
+    """The header of `batch --from`'s session, checked (engine.record.validate: every field's type and range) and
+    refused where it would steer a read: a model named by path or hub id needs --model, a calibration file
+    --calib (engine.run.rerun's rule for what a file may name on its own)."""
+    from engine.record.validate import escape, require
+    from engine.run.rerun import header_calibration_file, trusted_model
+
+    header = load_session(from_session).header
+    where = escape(str(from_session))
+    require(header, from_session, ("prompt",), "nothing to rerun")
+    if not header["prompt"].strip():
+        raise HieruiError(f"{where}: the header's prompt is empty; nothing to rerun")
+    if header.get("prefix_ids") or header.get("start_step"):
+        raise HieruiError(
+            f"{where} is a branch of another run (it continues it from a step): --from reruns a prompt from its "
+            "start; use the parent session, or replay --rerun this one"
+        )
+    named = header.get("model")
+    if model is None and named is not None and not trusted_model(named) and any(c in named for c in "/\\.~"):
+        raise HieruiError(
+            f"{where} names the model '{escape(named)}', a local path or hub id: it is loaded only when you "
+            f"confirm it with --model {escape(named)}"
+        )
+    source = header_calibration_file(header)
+    if source is not None and calib_given.get("source") is None:
+        raise HieruiError(
+            f"{where} names the calibration file '{escape(source)}': it is read only when you confirm it with "
+            f"--calib {escape(source)}"
+        )
+    return header
+
+
+def _check_context(sweep: Sweep, config: dict | None) -> None:
+    """Every prompt and --max-new-tokens within the model's context, before loading: only where the config and
+    the tokenizer are known without a download (else the stepper checks it, before its first step)."""
+    from engine.models.loading import config_int, load_tokenizer, resolve
+    from engine.models.tokens import prompt_ids
+    from engine.record.settings import fit_context
+
+    context = config_int(config, "max_position_embeddings")
+    s = sweep.settings
+    fit_context(1, s.max_new_tokens, context, truncate=True)  # --max-new-tokens alone must fit
+    if context is None or s.truncate or not any(not p.is_choice for p in sweep.prompts):
+        return
+    if resolve(sweep.model).kind == "hub":
+        return
+    tokenizer = load_tokenizer(sweep.model)
+    for item in sweep.prompts:
+        if not item.is_choice:
+            try:
+                fit_context(len(prompt_ids(tokenizer, item.prompt, raw=s.raw)), s.max_new_tokens, context)
+            except HieruiError as e:
+                raise HieruiError(f"prompt {item.id}: {e}") from None
+
+
+def _unique(items: list) -> list:
+    return list(dict.fromkeys(items))

@@ -1,0 +1,1 @@
+"""`hierui report`: the HTML page, its sentences and charts."""
