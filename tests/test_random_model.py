@@ -53,7 +53,7 @@ def test_the_shipped_shapes_are_there_and_listed():
     import tomllib
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    assert "shapes/*.json" in pyproject["tool"]["setuptools"]["package-data"]["engine"]  # shipped in the wheel
+    assert "models/shapes/*.json" in pyproject["tool"]["setuptools"]["package-data"]["engine"]  # shipped in the wheel
 
 
 def test_resolve_and_read_config_without_building():

@@ -25,8 +25,11 @@ from engine.errors import HieruiError
 class KldWorker:
     """The dense model loaded once (on the first call); each call scores one spec (engine.kld.corpus.score)."""
 
-    def __init__(self, model: str, device: str, dtype: str, use_cache: bool):
-        self.model, self.device, self.dtype, self.use_cache = model, device, dtype, use_cache
+    def __init__(self, model: str, device: str, dtype: str, use_cache: bool, plan: dict | None = None):
+        from engine.run.open import PairRequest
+
+        self.request = PairRequest(model, device=device, dtype=dtype, use_cache=use_cache)
+        self.plan = plan  # the driver's (engine.run.plan): streamed layers when the pair is above the budget
         self.loaded = None
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -34,18 +37,17 @@ class KldWorker:
         import gc
 
         from engine.kld import corpus as kld
-        from engine.models.loading import load
-        from engine.perturb import perturb
         from engine.perturb.spec import parse_spec
         from engine.record.settings import calibration_for
+        from engine.run.open import open_dense, open_pair
         from engine.sweep.folder import noise_floor
 
         started = time.perf_counter()
         if self.loaded is None:
-            self.loaded = load(self.model, device=self.device, dtype=self.dtype)
+            self.loaded = open_dense(self.request, self.plan)
         parsed = parse_spec(spec)
-        calibration = calibration_for(parsed.method, "prune")
-        pair = perturb(self.loaded, parsed, use_cache=self.use_cache, calib_options=calibration.to_dict())
+        calib = calibration_for(parsed.method, "prune").to_dict()
+        pair = open_pair(self.request, parsed, dense=self.loaded, calib=calib)
         base_file = None
         if base is not None:
             from engine.kld.base import BaseFile
@@ -74,6 +76,7 @@ def score_on_ray(
     use_cache: bool = True,
     base: str | None = None,
     say=None,
+    plan: dict | None = None,
 ):
     """engine.kld.corpus.score of every spec on the Ray cluster of `options` (engine.sweep.ray_options.RayOptions):
     a KldRun of the specs in the order given, its noise floor the workers' (they read the same HIERUI_HOME)."""
@@ -97,8 +100,8 @@ def score_on_ray(
         n = min(n, len(specs))
         remote = ray.remote(KldWorker)
         for _ in range(n):
-            actor_options = actor_options(ray, each, use_gpu, options, groups)
-            actors.append(remote.options(**actor_options).remote(model, device, dtype, use_cache))
+            resources = actor_options(ray, each, use_gpu, options, groups)
+            actors.append(remote.options(**resources).remote(model, device, dtype, use_cache, plan))
         say(f"Ray: {n} kld worker{'s' * (n != 1)} for {len(specs)} spec{'s' * (len(specs) != 1)}")
         queue = deque(specs)
         attempts = dict.fromkeys(specs, 0)

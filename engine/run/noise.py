@@ -182,16 +182,19 @@ def _chunks(items: list, size: int) -> list[list]:
     return out
 
 
-def measure_floor(loaded, prompts, max_new_tokens: int = DEFAULT_STEPS, dtypes=DEFAULT_DTYPES, progress=None) -> dict:
+def measure_floor(
+    loaded, prompts, max_new_tokens: int = DEFAULT_STEPS, dtypes=DEFAULT_DTYPES, progress=None, request=None
+) -> dict:
     """The noise floor of `loaded` (engine.models.loading.LoadedModel) on `prompts` (strings or PromptItems), in each
     of `dtypes`: a dict ready for save_floor (module docstring). A dtype the model cannot be loaded or run in on
-    its device is left out, with a note."""
+    its device is left out, with a note. `request`: the engine.run.open.PairRequest `loaded` was opened by (its
+    memory budget places the other dtypes' copies; default: the model on its device)."""
     import torch
 
-    from engine.models.loading import load
     from engine.perturb.pair import ModelPair
     from engine.perturb.spec import parse_spec
     from engine.record.settings import default_batch_size
+    from engine.run.open import PairRequest
 
     say: Progress = progress or (lambda *_: None)
     dtypes = parse_dtypes(dtypes)
@@ -212,7 +215,7 @@ def measure_floor(loaded, prompts, max_new_tokens: int = DEFAULT_STEPS, dtypes=D
             continue
         say(f"loading {display} in {d}", 0, 0)
         try:
-            models[d] = load(loaded.ref.name, device=str(device), dtype=d, progress=lambda m: say(m, 0, 0)).model
+            models[d] = _open_in(request or PairRequest(loaded.ref.name, device=str(device)), d, say)
         except KeyboardInterrupt:
             raise
         except Exception as e:
@@ -305,3 +308,13 @@ def _version() -> str:
     import engine
 
     return engine.__version__
+
+
+def _open_in(request, dtype: str, say):
+    """The dense model of `request` opened in `dtype` (engine.run.open's dense-only form), placed by its own plan."""
+    from dataclasses import replace
+
+    from engine.run.open import open_dense, plan_pair
+
+    other = replace(request, dtype=dtype, specs=())
+    return open_dense(other, plan_pair(other), progress=lambda m: say(m, 0, 0)).model

@@ -161,32 +161,30 @@ class PairWorker:
 
     def _load(self):
         if self.loaded is None:
-            from engine.models.loading import load
+            from engine.run.open import open_dense
             from engine.run.plan import plans_streaming
+            from engine.sweep.runner import sweep_request
 
             s = self.sweep
             # the driver's plan (engine.run.plan): above the device's budget each worker streams its layers from disk
-            streamed = plans_streaming(getattr(s, "plan", None))
-            device_map = None if streamed else self._device_map()
-            self.loaded = load(s.model, device=s.device, dtype=s.dtype, device_map=device_map, streamed=streamed)
+            plan = s.plan if plans_streaming(getattr(s, "plan", None)) else self._gpu_plan()
+            self.loaded = open_dense(sweep_request(s, self.use_cache), plan)
         return self.loaded
 
-    def _device_map(self) -> dict | None:
+    def _gpu_plan(self):
         """A worker given several GPUs (--ray-gpus) spreads its pair over them as a local run does: one device_map
         for both models, planned here, where the GPUs are (engine.place.placement); None on one device."""
         from engine.errors import HieruiError
-        from engine.run.plan import plan_for_run, visible_gpus
+        from engine.run.open import plan_pair
+        from engine.run.plan import visible_gpus
+        from engine.sweep.runner import sweep_request
 
         if visible_gpus(self.sweep.device) < 2:
             return None
-        s = self.sweep
         try:
-            plan = plan_for_run(
-                s.model, s.specs, s.device, s.dtype, s.calib.to_dict(), max_new_tokens=s.settings.max_new_tokens
-            )
+            return plan_pair(sweep_request(self.sweep, self.use_cache))
         except HieruiError:  # it does not fit even so: accelerate's own placement, and its error if any
             return None
-        return plan.device_map if plan is not None else None
 
     def hello(self) -> dict:
         """Load the model and check the prompts' choices; who this worker is, what it loaded, the notes."""
@@ -214,7 +212,8 @@ class PairWorker:
             return None
         import gc
 
-        from engine.perturb import perturb
+        from engine.run.open import open_pair
+        from engine.sweep.runner import sweep_request
 
         self.pair = self.spec = None
         gc.collect()
@@ -229,8 +228,11 @@ class PairWorker:
             )
             self.calibration.seconds = time.perf_counter() - started
         started = time.perf_counter()
-        self.pair = perturb(loaded, spec, calibration=self.calibration, use_cache=self.use_cache)
-        self.pair.plan = getattr(self.sweep, "plan", None)  # as the local sweep: each session header records it
+        request = sweep_request(self.sweep, self.use_cache)
+        # as the local sweep: each session header records the driver's plan
+        self.pair = open_pair(
+            request, spec, dense=loaded, plan=getattr(self.sweep, "plan", None), calibration=self.calibration
+        )
         self.spec = spec
         report = self.pair.report
         return {

@@ -133,23 +133,14 @@ def _record(
     mc_todo: list[Spec],
     att_todo: list[Run] = (),
 ) -> None:
-    from engine.models.loading import load
-    from engine.perturb import perturb
     from engine.perturb.calibration import build_calibration
-    from engine.run.plan import planned_device_map, plans_streaming
+    from engine.run.open import open_dense, open_pair
     from engine.run.recorder import SessionRecorder
     from engine.run.stepper import BatchStepper
 
-    plan = getattr(sweep, "plan", None)  # engine.run.plan's summary: streamed layers, or a device_map for several GPUs
-    streamed, device_map = plans_streaming(plan), planned_device_map(plan)
-    loaded = load(
-        sweep.model,
-        device=sweep.device,
-        dtype=sweep.dtype,
-        progress=hooks.message,
-        streamed=streamed,
-        device_map=device_map,
-    )
+    request = sweep_request(sweep, use_cache)
+    # the dense model once, placed by the driver's plan (streamed layers, or a device_map for several GPUs)
+    loaded = open_dense(request, getattr(sweep, "plan", None), progress=hooks.message)
     for note in check_choices(sweep, loaded.tokenizer):  # bad choices fail now, not in the middle of the sweep
         hooks.message(note)
     from engine.record.architecture import describe
@@ -176,8 +167,7 @@ def _record(
             )
             calibration.seconds = time.perf_counter() - started
         hooks.message(f"perturbing: {spec}")
-        pair = perturb(loaded, spec, calibration=calibration, use_cache=use_cache, progress=hooks.stage)
-        pair.plan = getattr(sweep, "plan", None)  # engine.run.plan's estimate: each session header records it
+        pair = open_pair(request, spec, dense=loaded, calibration=calibration, progress=hooks.stage)
         if spec in mc_todo:
             _score_choices(sweep, out, spec, pair, hooks)
         for chunk in batches(spec_runs, batch_size):
@@ -262,3 +252,15 @@ def batches(runs: list[Run], size: int) -> list[list[Run]]:
         chunks += [same[i : i + size] for i in range(0, len(same), size)]
     order = {id(r): i for i, r in enumerate(runs)}
     return sorted(chunks, key=lambda chunk: order[id(chunk[0])])  # size 1: the sweep's own order
+
+
+def sweep_request(sweep: Sweep, use_cache: bool = True, batch_size: int = 1):
+    """The engine.run.open.PairRequest of a planned sweep (its inputs were checked by plan_sweep)."""
+    from engine.run.open import PairRequest, Workload
+
+    s = sweep.settings
+    workload = Workload(batch_size=batch_size, max_new_tokens=s.max_new_tokens, lens=s.lens)
+    calib = sweep.calib.to_dict()
+    return PairRequest(
+        sweep.model, tuple(sweep.specs), sweep.device, sweep.dtype, calib=calib, use_cache=use_cache, workload=workload
+    )

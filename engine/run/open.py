@@ -1,0 +1,204 @@
+"""The one way to open a pair: a request checked before anything slow, its memory plan, the dense model loaded
+placed by that plan (one device, one device_map over several GPUs, or decoder layers streamed from disk) and each
+perturbed copy made through the cache.
+
+Every command opens its models here: `explore`, `batch` (locally and in every Ray worker), `replay --rerun`,
+`attribute`, `kld` (locally and on Ray), `check`, `prune`, and `noise` through the dense-only form (one load per
+dtype it measures). A sweep of S specs opens the dense model once (`open_dense`) and each perturbed copy with
+`open_pair(request, spec, dense=...)`.
+
+    request = pair_request(model, specs, device=…, dtype=…, gpu_mem="600MiB", gpus=None, calib=…, …)
+    plan = plan_pair(request)              # None where the model's config is not known before loading
+    dense = open_dense(request, plan)      # placed as the plan says
+    pair = open_pair(request, spec, dense=dense, plan=plan)
+
+`gpu_mem` is the accelerator's budget per GPU (`--gpu-mem`; on a CPU a simulated one): a pair above it streams
+its decoder layers, as `hierui plan` predicts. `gpus` (`--gpus`) is how many GPUs the pair spreads over (default:
+every visible one for `auto` and `cuda`, one for `cuda:N`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.errors import HieruiError
+from engine.models.loading import DTYPES, check_device, read_config, resolve
+from engine.perturb.spec import Spec, check_fits, check_streamable, parse_spec
+from engine.run.plan import PROMPT_TOKENS, parse_size, plan_for_run, planned_device_map, plans_streaming, remember
+
+Progress = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the run will do with the pair, for its memory plan (engine.run.plan.estimate)."""
+
+    batch_size: int = 1
+    max_new_tokens: int = 64
+    lens: bool = True
+    prompt_tokens: int = PROMPT_TOKENS
+    perplexity: int = 0  # a window of full logits (prune's perplexity, kld's --ctx), 0 for none
+
+
+@dataclass(frozen=True)
+class PairRequest:
+    """Everything needed to open a pair, already checked (pair_request)."""
+
+    model: str
+    specs: tuple[Spec, ...] = ()
+    device: str = "auto"
+    dtype: str = "auto"
+    gpu_mem: int | None = None  # bytes per GPU (--gpu-mem), None: the device's own memory
+    gpus: int | None = None  # --gpus; None: every visible GPU for auto/cuda
+    calib: dict = field(default_factory=dict)  # engine.record.settings.CalibSettings.to_dict()
+    use_cache: bool = True
+    workload: Workload = Workload()
+
+
+def check_dtype(dtype: str) -> str:
+    """`dtype` as given when it is auto or a known name; one line (exit 2) for anything else."""
+    if (dtype or "auto").strip().lower() != "auto" and dtype.strip().lower() not in DTYPES:
+        raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    return dtype
+
+
+def check_gpus(gpus: int | None, device: str) -> int | None:
+    """--gpus: at least 1, at most the CUDA GPUs present, and only with a CUDA device (auto or cuda)."""
+    if gpus is None:
+        return None
+    if gpus < 1:
+        raise HieruiError(f"--gpus {gpus}: give at least 1")
+    if gpus == 1:
+        return 1
+    import torch
+
+    present = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    kind = (device or "auto").strip().lower().split(":", 1)[0]
+    if present == 0 or kind not in ("auto", "cuda"):
+        where = "no CUDA GPU is available here" if present == 0 else f"the device here is {device}"
+        raise HieruiError(f"--gpus {gpus} applies to --device cuda; {where}")
+    if gpus > present:
+        raise HieruiError(f"--gpus {gpus}: only {present} CUDA GPU(s) here")
+    return gpus
+
+
+def pair_request(
+    model: str,
+    specs=(),
+    device: str = "auto",
+    dtype: str = "auto",
+    gpu_mem: str | int | None = None,
+    gpus: int | None = None,
+    calib: dict | None = None,
+    use_cache: bool = True,
+    **workload,
+) -> PairRequest:
+    """A PairRequest with every input checked before anything slow: the model name (an unknown one fails here),
+    the specs (grammar, a checkpoint's path, the spec against the model's config where it is known), the device,
+    the dtype, --gpus and --gpu-mem. `workload`: Workload's fields."""
+    resolve(model)
+    parsed = tuple(parse_spec(s) if isinstance(s, str) else s for s in specs)
+    check_device(device)
+    check_dtype(dtype)
+    budget = parse_size(gpu_mem) if isinstance(gpu_mem, str) else gpu_mem
+    request = PairRequest(
+        model,
+        parsed,
+        device,
+        dtype,
+        budget,
+        check_gpus(gpus, device),
+        dict(calib or {}),
+        use_cache,
+        Workload(**workload),
+    )
+    config = read_config(model)  # None: not known before loading (a hub model not in the cache)
+    for spec in parsed:
+        if spec.method == "checkpoint":
+            try:
+                resolve(spec.path)  # a local checkpoint that is not there fails here
+            except HieruiError as e:
+                raise HieruiError(f"--prune {spec}: {e}") from None
+        check_fits(spec, config)
+    return request
+
+
+def plan_pair(request: PairRequest):
+    """The request's memory plan (engine.run.plan.Plan; None where the config is not known before loading),
+    remembered for an out-of-memory message. A pair that cannot fit even streamed, or a streamed one with a spec
+    that cannot stream: one line, exit 2, here."""
+    w = request.workload
+    plan = plan_for_run(
+        request.model,
+        list(request.specs) or [parse_spec("none")],
+        request.device,
+        request.dtype,
+        request.calib,
+        batch_size=w.batch_size,
+        max_new_tokens=w.max_new_tokens,
+        lens=w.lens,
+        prompt_tokens=w.prompt_tokens,
+        perplexity=w.perplexity,
+        gpu_mem=request.gpu_mem,
+        gpus=request.gpus,
+    )
+    if plans_streaming(plan):
+        check_streamable(request.specs)
+    remember(plan)
+    return plan
+
+
+def placement(plan) -> dict:
+    """load()'s placement arguments for a plan (or its summary dict): streamed layers, or a device_map."""
+    return {"streamed": plans_streaming(plan), "device_map": planned_device_map(plan)}
+
+
+def _summary(plan) -> dict | None:
+    return plan.summary() if hasattr(plan, "summary") else plan
+
+
+def open_dense(request: PairRequest, plan=None, progress: Progress | None = None, dtype: str | None = None):
+    """The dense model (engine.models.loading.LoadedModel), placed as `plan` says (a Plan or its summary dict, as a
+    sweep's manifest keeps it; None: one device). `dtype` overrides the request's (hierui noise loads one per
+    dtype it measures). The loaded model keeps the plan's summary as `.plan`."""
+    from engine.models.loading import load
+
+    loaded = load(
+        request.model, device=request.device, dtype=dtype or request.dtype, progress=progress, **placement(plan)
+    )
+    loaded.plan = _summary(plan)
+    return loaded
+
+
+def open_pair(
+    request: PairRequest,
+    spec: Spec | str | None = None,
+    dense=None,
+    plan=None,
+    calibration=None,
+    calib: dict | None = None,
+    progress: Progress | None = None,
+):
+    """The ModelPair of `spec` (default: the request's only spec) over `dense` (opened here when None), perturbed
+    through the cache (engine.perturb.perturb). `calibration`: a Calibration several specs share; `calib`: the
+    calibration options for this spec when they differ from the request's. The pair keeps the plan's summary as
+    `.plan` (every session header records it)."""
+    from engine.perturb import perturb
+
+    if spec is None:
+        if len(request.specs) != 1:
+            raise ValueError("open_pair needs the spec when the request has several")
+        spec = request.specs[0]
+    plan = plan if plan is not None else getattr(dense, "plan", None)
+    dense = dense if dense is not None else open_dense(request, plan, progress)
+    pair = perturb(
+        dense,
+        spec,
+        calibration=calibration,
+        use_cache=request.use_cache,
+        progress=progress,
+        calib_options=calib if calib is not None else request.calib,
+    )
+    pair.plan = _summary(plan)
+    return pair
