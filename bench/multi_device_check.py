@@ -168,7 +168,7 @@ def main() -> None:
         )
     pair = perturb(mapped, "wanda:0.5", calibration=calib, use_cache=False)
     ref_pair = perturb(reference, "wanda:0.5", calibration=calib, use_cache=False)
-    from engine.kld.corpus import hidden_cosines, window_logits
+    from engine.kld.window import hidden_cosines, window_logits
     from engine.run.attribution import attribute
 
     ids = reference.tokenizer("The quick brown fox jumps over the lazy dog")["input_ids"]

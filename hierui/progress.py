@@ -12,7 +12,7 @@ stages on a console (stderr):
   a stage starts, one about every 10% or every 30 s, one when it ends, e.g.
   `calibrating: 40% (1612/4032 tokens), 12 s elapsed, ~18 s left`.
 
-`stage_progress` is the form the prune, replay and models commands use; hierui.views.batch.BatchBars (hierui
+`stage_progress` is the form the prune, replay and models commands use; hierui.views.bars.BatchBars (hierui
 batch) adds the sweep's runs and tokens to the same reporter. Rich is imported only when a terminal is drawn on.
 """
 

@@ -98,7 +98,7 @@ def hierui():
 
 @pytest.fixture(scope="session")
 def cli():
-    """Run `hierui ARGS` in-process through hierui.cli.commands.main (its one-line error handling and exit codes),
+    """Run `hierui ARGS` in-process through hierui.cli.main (its one-line error handling and exit codes),
     with Typer's CliRunner isolating stdin, stdout and stderr: the fast way to test a command's contract.
     Returns an object with `returncode`, `stdout` and `stderr`, like a CompletedProcess."""
     import sys

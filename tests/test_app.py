@@ -139,7 +139,7 @@ def test_run_then_pause_stops(tiny_pair, tmp_path):
 def test_save_writes_a_session_that_show_reads(tiny_pair, tmp_path):
     from typer.testing import CliRunner
 
-    from hierui.cli.commands import app as cli_app
+    from hierui.cli import app as cli_app
 
     app = live_app(tiny_pair, tmp_path)
 

@@ -93,6 +93,6 @@ def test_prune_reports_each_experts_sparsity_and_routed_tokens(cli):
     ],
 )
 def test_a_header_may_name_the_zoo_and_shipped_shapes_but_no_path(name, trusted):
-    from engine.run.rerun import trusted_model
+    from engine.models.trust import known_model as trusted_model
 
     assert trusted_model(name) is trusted

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine.run import attribution as A
+from engine.run import patching as P
 
 CONTEXT = list(range(5, 25))  # 20 tokens: past the zoo's sliding window (16)
 TIGHT = dict(rtol=0, atol=2e-5)
@@ -37,7 +38,7 @@ SLOW_FAMILIES = [
 )  # fmt: skip
 def test_patching_every_unit_restores_the_dense_logits(name):
     pair = _pair(name)
-    patcher = A._Patcher(pair, CONTEXT, 1.0)
+    patcher = P.Patcher(pair, CONTEXT, 1.0)
     blocks, sublayers = _groups(patcher)
     assert len(blocks) == pair.dense.config.num_hidden_layers and len(sublayers) == 2 * len(blocks)
     z = patcher.logits([[], blocks, sublayers])
@@ -57,11 +58,11 @@ def test_patching_every_unit_restores_the_dense_logits(name):
 
 def test_one_token_context_and_chunked_rows(monkeypatch):
     pair = _pair("tiny-random")
-    one = A._Patcher(pair, [7], 1.0)  # no cache to build
+    one = P.Patcher(pair, [7], 1.0)  # no cache to build
     blocks, _ = _groups(one)
     torch.testing.assert_close(one.logits([blocks])[0], one.logits_d[0], **TIGHT)
     whole = A.attribute(pair, CONTEXT, greedy=False)
-    monkeypatch.setattr(A, "MEMORY_BOUND", 1)  # one row per forward
+    monkeypatch.setattr(P, "MEMORY_BOUND", 1)  # one row per forward
     chunked = A.attribute(pair, CONTEXT, greedy=False)
     assert [u.kl_patched for u in chunked.units] == pytest.approx([u.kl_patched for u in whole.units], abs=1e-6)
 
@@ -77,7 +78,7 @@ def test_dropped_blocks_are_patched_where_they_were(tiny):
     drop_blocks(clone, [0, 2])  # one before the first kept layer, one between kept layers
     report = PerturbReport(spec="blockdrop:2", details={"kind": "block", "dropped": [0, 2]})
     pair = ModelPair(tiny.model, clone, tiny.tokenizer, "blockdrop:2", report=report)
-    patcher = A._Patcher(pair, CONTEXT, 1.0)
+    patcher = P.Patcher(pair, CONTEXT, 1.0)
     assert patcher.skipped == ["attn.0", "mlp.0", "attn.2", "mlp.2"]
     blocks, _ = _groups(patcher)
     torch.testing.assert_close(patcher.logits([blocks])[0], patcher.logits_d[0], **TIGHT)
@@ -140,7 +141,7 @@ def test_the_greedy_set_restores_the_top1_or_is_empty(tiny):
         assert result.minimal_set and set(result.minimal_set) <= names
         assert not any(n.startswith("block.") for n in result.minimal_set)
         if result.minimal_restores:  # the set found restores it, checked by a separate forward
-            patcher = A._Patcher(pair, list(range(start, start + 12)), 1.0)
+            patcher = P.Patcher(pair, list(range(start, start + 12)), 1.0)
             index = {u.name: i for i, u in enumerate(patcher.units)}
             _kl, top = patcher.run([[index[n] for n in result.minimal_set]])
             assert top[0] == result.top1_d

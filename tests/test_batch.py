@@ -347,7 +347,7 @@ def test_settings_are_frozen_and_the_manifest_format_is_unchanged(sweep_files, u
 
 
 def cli(*args):
-    from hierui.cli.commands import app
+    from hierui.cli import app
 
     return CliRunner().invoke(app, ["batch", *args])
 
@@ -381,13 +381,13 @@ def test_cli_sweep_rerun_interrupt_and_from_session(tmp_path, monkeypatch):
     again = cli(*args)
     assert again.exit_code == 0 and "4 runs (0 computed, 4 already complete)" in again.stdout
 
-    import hierui.views.batch  # Ctrl-C in the second run: exit 130, and it says which runs are complete
+    import hierui.views.bars  # Ctrl-C in the second run: exit 130, and it says which runs are complete
 
     def ctrl_c(self, run, record):
         if run.run_id.endswith("free"):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(hierui.views.batch.BatchBars, "step", ctrl_c)
+    monkeypatch.setattr(hierui.views.bars.BatchBars, "step", ctrl_c)
     cut = cli(*args[:-1], str(tmp_path / "cut2"))
     assert cut.exit_code == 130
     # the two shared runs are stepped together (one batch) and complete before the free ones start

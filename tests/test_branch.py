@@ -271,13 +271,13 @@ def test_batch_counterfactual_tables_and_resume(cli, tmp_path, monkeypatch):
     out = tmp_path / "out"
     args = ["batch", "-m", "tiny-random", "--prompts", prompts, "-p", "magnitude:0.5", "--mode", "shared"]
     args += ["--mode", "free", "--max-new-tokens", "5", "--counterfactual", "-b", "1", "--out", out]
-    import hierui.views.batch  # Ctrl-C in the last free run: its session has no closing line, rerun on resume
+    import hierui.views.bars  # Ctrl-C in the last free run: its session has no closing line, rerun on resume
 
     def ctrl_c(self, run, record):
         if run.run_id == "p001-magnitude-0.5-free" and record["step"] == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(hierui.views.batch.BatchBars, "step", ctrl_c)
+    monkeypatch.setattr(hierui.views.bars.BatchBars, "step", ctrl_c)
     cut = cli(*args)
     assert cut.returncode == 130, cut.stderr
     assert load_session(out / "sessions" / "p001-magnitude-0.5-free.jsonl").summary is None

@@ -21,7 +21,7 @@ def _bump(monkeypatch, module, name="ALGORITHM_VERSION"):
 
 
 def test_pruned_weights_are_not_reused_after_the_algorithm_changes(tiny, fresh_home, monkeypatch):
-    import engine.perturb.magnitude as magnitude
+    import engine.record.methods.magnitude as magnitude
 
     first = perturb(tiny, "magnitude:0.5")
     assert not first.report.from_cache and perturb(tiny, "magnitude:0.5").report.from_cache
@@ -35,7 +35,7 @@ def test_pruned_weights_are_not_reused_after_the_algorithm_changes(tiny, fresh_h
 
 def test_wanda_weights_are_not_reused_after_wanda_or_calibration_changes(tiny, fresh_home, monkeypatch):
     import engine.perturb.calibration as calibration
-    import engine.perturb.wanda as wanda
+    import engine.record.methods.wanda as wanda
 
     opts = {"samples": 4, "length": 16}
     assert not perturb(tiny, "wanda:0.5", calib_options=opts).report.from_cache
@@ -52,11 +52,12 @@ def test_wanda_weights_are_not_reused_after_wanda_or_calibration_changes(tiny, f
 
 def test_drop_scores_are_not_reused_after_the_algorithm_changes(tiny, tiny_calib, fresh_home, monkeypatch):
     import engine.perturb.drop as drop
+    import engine.record.methods.drop as declared
 
     perturb(tiny, "mlpdrop:1", calibration=tiny_calib)
     scores = list((Path(fresh_home) / "pruned").glob("*-similarity.json"))
     assert len(scores) == 1
-    _bump(monkeypatch, drop)
+    _bump(monkeypatch, declared)
     calls = []
     real = drop.similarity_scores
     monkeypatch.setattr(drop, "similarity_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -102,7 +103,7 @@ def test_every_entry_has_its_metadata_beside_it(tiny, fresh_home):
 
 
 def test_entries_and_clear(tiny, fresh_home, monkeypatch):
-    import engine.perturb.magnitude as magnitude
+    import engine.record.methods.magnitude as magnitude
     from engine.perturb import cache
 
     perturb(tiny, "magnitude:0.5")
@@ -146,7 +147,7 @@ def test_unknown_kind_is_one_clear_line():
 
 
 def _fake_entry(home: Path, key: str, hierui_version: str, spec="magnitude:0.5"):
-    from engine.perturb.magnitude import ALGORITHM_VERSION
+    from engine.record.methods.magnitude import ALGORITHM_VERSION
 
     data = home / "pruned" / f"{key}.safetensors"
     data.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +181,7 @@ def test_cli_lists_and_clears_the_cache(cli, tmp_path):
     assert all(len(line) <= 80 for line in listed.stdout.splitlines())
     rows = [line for line in listed.stdout.splitlines() if "pruned" in line or "calib " in line]
     assert len(rows) == 3
-    from engine.perturb.magnitude import ALGORITHM_VERSION
+    from engine.record.methods.magnitude import ALGORITHM_VERSION
 
     assert "magnitude:0.5" in listed.stdout and f"v{ALGORITHM_VERSION} · {engine.__version__}" in listed.stdout
     assert f"v{ALGORITHM_VERSION} · 0.0.1" in listed.stdout and "2.0 kB" in listed.stdout
@@ -212,15 +213,15 @@ def test_current_versions_are_read_without_importing_the_algorithm():
 
     code = (
         "import sys; from engine.perturb import cache; "
-        "print(cache.algorithm_version('wanda', load=False), cache.algorithm_version('calibration', load=False), "
+        "print(cache.algorithm_version('wanda'), cache.algorithm_version('calibration'), "
         "'torch' in sys.modules)"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     import engine.perturb.calibration
-    import engine.perturb.wanda
+    import engine.record.methods.wanda
 
     assert run.stdout.split() == [
-        str(engine.perturb.wanda.ALGORITHM_VERSION),
+        str(engine.record.methods.wanda.ALGORITHM_VERSION),
         str(engine.perturb.calibration.ALGORITHM_VERSION),
         "False",
     ]

@@ -118,7 +118,7 @@ def test_light_commands_do_not_import_torch(args):
 def test_out_of_memory_is_one_line_and_exit_1(monkeypatch, capsys, error, message):
     import torch
 
-    import hierui.cli.commands as cli
+    import hierui.cli.entry as cli
 
     def boom(*_args, **_kwargs):
         raise (
@@ -137,7 +137,7 @@ def test_out_of_memory_is_one_line_and_exit_1(monkeypatch, capsys, error, messag
 
 def test_explore_records_sessions_under_hierui_home_by_default(monkeypatch, tmp_path):
     """Never as untracked files in the repository's shipped sessions/: $HIERUI_HOME/sessions."""
-    from hierui.cli.commands import _writable_folder
+    from hierui.cli.checks import writable_folder as _writable_folder
 
     monkeypatch.setenv("HIERUI_HOME", str(tmp_path / "home"))
     assert _writable_folder(None, "--sessions") == tmp_path / "home" / "sessions"
@@ -240,7 +240,7 @@ def test_batch_progress_without_a_terminal_shares_the_line_printer():
 
     from rich.console import Console
 
-    from hierui.views.batch import BatchBars
+    from hierui.views.bars import BatchBars
 
     out, clock = io.StringIO(), FakeClock()
     bars = BatchBars(Console(file=out), clock=clock)
@@ -396,8 +396,8 @@ def test_explore_checks_an_uncached_hub_models_context_before_the_ui(cli, monkey
     prompt longer than its context is one line and exit 2 before the explorer starts or a weight is fetched."""
     import huggingface_hub
 
-    import engine.models.loading
-    import hierui.cli.commands
+    import engine.models.hub
+    import hierui.cli.launch
     from engine.models.tiny import byte_tokenizer
 
     fake = tmp_path / "hub" / "owner--small"
@@ -413,11 +413,11 @@ def test_explore_checks_an_uncached_hub_models_context_before_the_ui(cli, monkey
         return str(fake)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(engine.models.loading, "_hub_cache_dir", lambda _id: None)
-    monkeypatch.setattr(engine.models.loading, "_reachable", lambda *_a, **_k: True)
+    monkeypatch.setattr(engine.models.hub, "hub_cache_dir", lambda _id: None)
+    monkeypatch.setattr(engine.models.hub, "_reachable", lambda *_a, **_k: True)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(hierui.cli.commands, "_interactive", lambda: True)
-    monkeypatch.setattr(hierui.cli.commands, "run_app", lambda _app: pytest.fail("the explorer must not start"))
+    monkeypatch.setattr(hierui.cli.launch, "interactive", lambda: True)
+    monkeypatch.setattr(hierui.cli.launch, "run_app", lambda _app: pytest.fail("the explorer must not start"))
     result = cli("explore", "--model", "owner/small", "--prompt", "x" * 80, "--max-new-tokens", "8", "-p", "none")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "context" in result.stderr and "--truncate" in result.stderr

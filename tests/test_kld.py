@@ -10,6 +10,7 @@ import pytest
 
 from engine.errors import HieruiError
 from engine.kld import corpus as kld
+from engine.kld import statistics as KS
 
 CTX = 32
 TEXT = " ".join(f"Sentence number {i} tells of a {w} that walked to the river." for i, w in enumerate("abcde"))
@@ -107,7 +108,7 @@ def test_every_statistic_against_numpy(tiny, pair, run):
     want.update(kl_max=d["kl"].max(), kl_min=d["kl"].min(), dp_p75=np.percentile(d["dp"], 75))
     for name, value in want.items():
         assert s[name] == pytest.approx(value, rel=2e-4, abs=2e-6), name
-    counts, means = kld.confidence_buckets(d["conf_d"], d["kl"])
+    counts, means = KS.confidence_buckets(d["conf_d"], d["kl"])
     assert s["conf_count"] == counts and sum(counts) == n
     np.testing.assert_allclose([m for m in s["conf_kl_mean"] if m is not None], [m for m in means if m is not None])
     assert len(s["hidden_cos"]) == tiny.model.config.num_hidden_layers + 1
@@ -115,8 +116,8 @@ def test_every_statistic_against_numpy(tiny, pair, run):
 
 
 def test_uncertainty_is_zero_for_ten_values_or_fewer():
-    assert kld.mean_and_uncertainty([1.0, 2.0, 3.0]) == (2.0, 0.0)
-    assert kld.covariance([1.0] * 5, [2.0] * 5) == 0.0
+    assert KS.mean_and_uncertainty([1.0, 2.0, 3.0]) == (2.0, 0.0)
+    assert KS.covariance([1.0] * 5, [2.0] * 5) == 0.0
 
 
 def test_none_gives_zero_kl(tiny):
@@ -366,7 +367,7 @@ def test_base_error_on_the_embedded_model(embedded, tmp_path):
 
 
 def test_explore_from_kld_opens_on_the_worst_context(tiny, run, tmp_path, monkeypatch, capsys):
-    import hierui.cli.commands
+    import hierui.cli.launch
     import hierui.explorer.app
 
     kld.write_tables(run, tmp_path, tiny.tokenizer)
@@ -377,8 +378,8 @@ def test_explore_from_kld_opens_on_the_worst_context(tiny, run, tmp_path, monkey
             seen.update(kwargs)
 
     monkeypatch.setattr(hierui.explorer.app, "HieruiApp", FakeApp)
-    monkeypatch.setattr(hierui.cli.commands, "_interactive", lambda: True)
-    monkeypatch.setattr(hierui.cli.commands, "run_app", lambda app: None)
+    monkeypatch.setattr(hierui.cli.launch, "interactive", lambda: True)
+    monkeypatch.setattr(hierui.cli.launch, "run_app", lambda app: None)
     _ok(["explore", "--from-kld", str(tmp_path), "--worst", "2", "--device", "cpu"])
     second = run.worst(tiny.tokenizer)[1]
     assert seen["prompt"] == second["context"] and seen["settings"].raw

@@ -11,8 +11,10 @@ from typer.testing import CliRunner
 
 from engine.results import paired as P
 from engine.results import runs as R
-from hierui.cli.commands import app
+from hierui.cli import app
 from hierui.report import page as HR
+from hierui.report import readings as RD
+from hierui.report import tables as T
 
 # ------------------------------------------------------------------ McNemar
 
@@ -151,13 +153,13 @@ def test_choice_tables_from_rows_by_hand():
 def test_silent_failure_reading():
     quiet = {"spec": "int8", "kl": 0.001, "mcnemar_p": 0.01, "right_to_wrong": 9, "wrong_to_right": 0}
     loud = {"spec": "wanda:0.5", "kl": 0.8, "mcnemar_p": 0.001, "right_to_wrong": 12, "wrong_to_right": 1}
-    found = HR.silent_failures([quiet, loud])
+    found = RD.silent_failures([quiet, loud])
     assert found["holds"] is False and "int8" in found["verdict"] and "wanda" not in found["verdict"]
-    assert "none found" in HR.silent_failures([loud])["verdict"]
-    assert "none found" in HR.silent_failures([{**quiet, "mcnemar_p": 0.5}])["verdict"]
+    assert "none found" in RD.silent_failures([loud])["verdict"]
+    assert "none found" in RD.silent_failures([{**quiet, "mcnemar_p": 0.5}])["verdict"]
     # above a threshold of 0.01 nats but below the noise floor's KL
-    assert HR.silent_failures([{**quiet, "kl": 0.05}], floor_kl=0.1)["holds"] is False
-    assert HR.silent_failures([]) is None
+    assert RD.silent_failures([{**quiet, "kl": 0.05}], floor_kl=0.1)["holds"] is False
+    assert RD.silent_failures([]) is None
 
 
 # ------------------------------------------------------------------ a real sweep with multiple-choice items
@@ -252,7 +254,7 @@ def test_report_shows_intervals_pairs_and_silent_failures(sweep, tmp_path):
     hierarchy = page.split('id="hierarchy"')[1].split("</section>")[0]
     assert "KL 95% CI" in hierarchy and "top-1 95% CI" in hierarchy
     row = next(r for r in R.spec_rows(R.load_run(sweep)) if r["spec"] == "magnitude:0.5")
-    assert HR.interval("kl", row["kl_lo"], row["kl_hi"]) in hierarchy
+    assert T.interval("kl", row["kl_lo"], row["kl_hi"]) in hierarchy
     mc = page.split('id="multiple-choice"')[1].split("</section>")[0]
     for text in ("right → wrong", "McNemar p", "acc perturbed [95% CI]", "spec a vs spec b", "Δ acc a − b [95% CI]"):
         assert text in mc, text

@@ -119,12 +119,14 @@ def test_streamed_and_multi_gpu_placements(monkeypatch):
     streamed when only layers fit, refused when not even that fits; the unbuilt ones say so."""
     import torch
 
+    import engine.models.devices
     import engine.models.loading
     import engine.run.plan
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(engine.models.loading, "check_device", lambda d: d)
+    monkeypatch.setattr(engine.models.devices, "check_device", lambda d: d)
     geom = engine.run.plan.geometry("tiny-random", torch.bfloat16)
 
     def place(gpus, mem):
@@ -153,11 +155,13 @@ def test_plan_on_pretended_gpus_prints_the_device_map(cli, monkeypatch):
     its predicted peak within the budget, the layers split in order, nothing on a third GPU it does not need."""
     import torch
 
+    import engine.models.devices
     import engine.models.loading
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(engine.models.loading, "check_device", lambda d: d)
+    monkeypatch.setattr(engine.models.devices, "check_device", lambda d: d)
     args = ("plan", "--model", "random:llama-7b", "--device", "cuda", "--dtype", "bfloat16", "--gpu-mem", "20GiB")
     run = cli(*args, "--batch-size", "16", "--calib-samples", "64", "--calib-len", "512")
     assert run.returncode == 0, run.stderr

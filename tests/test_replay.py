@@ -322,7 +322,7 @@ def test_show_of_an_interrupted_session_computes_the_summary(cli, tiny, tmp_path
 def test_show_imports_neither_torch_nor_transformers(session_file):
     code = (
         "import sys\n"
-        "from hierui.cli.commands import app\n"
+        "from hierui.cli import app\n"
         "for args in (['show', sys.argv[1], '--steps'], ['replay', sys.argv[1]]):\n"
         "    try:\n"
         "        app(args)\n"

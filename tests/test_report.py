@@ -15,9 +15,10 @@ from engine.errors import HieruiError
 from engine.perturb.spec import parse_spec
 from engine.results import runs as R
 from engine.sweep import recipe as RC
-from hierui.cli.commands import app
+from hierui.cli import app
 from hierui.format import metric
 from hierui.report import page as HR
+from hierui.report import readings as RD
 
 TINY_RECIPE = """\
 name = "tiny"
@@ -395,7 +396,7 @@ def test_show_prints_the_per_spec_table_and_charts(recipe_run):
 
 def test_show_batch_output_loads_no_model_library(recipe_run):
     code = (
-        "import sys\nfrom hierui.cli.commands import app\nfrom typer.testing import CliRunner\n"
+        "import sys\nfrom hierui.cli import app\nfrom typer.testing import CliRunner\n"
         "r = CliRunner().invoke(app, ['show', sys.argv[1]])\nassert r.exit_code == 0, r.output\n"
         "print('HEAVY', [m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules])\n"
     )
@@ -564,74 +565,74 @@ def _row(spec="wanda:0.5", **values):
 
 
 def test_hierarchy_check_confirms_and_contradicts():
-    grows = HR.hierarchy_check(_row(emb_cos=0.99, logit_cos=0.95, prob_cos=0.9))
+    grows = RD.hierarchy_check(_row(emb_cos=0.99, logit_cos=0.95, prob_cos=0.9))
     assert grows.holds is True
     # wanda:0.5 in the README's sweep: prob cos above logit cos, 1 − cos shrinks from logits to probabilities
-    shrinks = HR.hierarchy_check(_row(emb_cos=0.747, logit_cos=0.503, prob_cos=0.66))
+    shrinks = RD.hierarchy_check(_row(emb_cos=0.747, logit_cos=0.503, prob_cos=0.66))
     assert shrinks.holds is False
     assert (
         "shrinks from logits to probabilities" in shrinks.detail and "0.66000 above logit cos 0.50300" in shrinks.detail
     )
-    first = HR.hierarchy_check(_row(emb_cos=0.9, logit_cos=0.95, prob_cos=0.5))
+    first = RD.hierarchy_check(_row(emb_cos=0.9, logit_cos=0.95, prob_cos=0.5))
     assert first.holds is False and "from hidden states to logits" in first.detail
-    assert HR.hierarchy_check(_row(spec="none", emb_cos=1.0, logit_cos=1.0, prob_cos=1.0)).identical
-    assert HR.hierarchy_check(_row()) is None
+    assert RD.hierarchy_check(_row(spec="none", emb_cos=1.0, logit_cos=1.0, prob_cos=1.0)).identical
+    assert RD.hierarchy_check(_row()) is None
 
 
 def test_amplification_check_confirms_and_contradicts():
-    assert HR.amplification_check(_row(amp=4.3, logit_cos=0.9)).holds is True
-    below = HR.amplification_check(_row(amp=0.538, logit_cos=0.72))
+    assert RD.amplification_check(_row(amp=4.3, logit_cos=0.9)).holds is True
+    below = RD.amplification_check(_row(amp=0.538, logit_cos=0.72))
     assert below.holds is False and "amp 0.5380" in below.detail
-    assert HR.amplification_check(_row(spec="none", amp=None, logit_cos=1.0)).identical
+    assert RD.amplification_check(_row(spec="none", amp=None, logit_cos=1.0)).identical
     # amp (mean of a per-step ratio) above 1 while the mean cosines say probabilities deviate less
     rows = [_row(amp=3.5, logit_cos=0.503, prob_cos=0.66), _row(spec="int8", amp=6.2, logit_cos=0.99, prob_cos=0.98)]
-    assert HR.amplification_disagreements(rows) == ["wanda:0.5"]
+    assert RD.amplification_disagreements(rows) == ["wanda:0.5"]
 
 
 def test_kl_theory_check_confirms_and_contradicts():
-    assert HR.kl_theory_check(_row(kl=0.179, kl_est=0.164)).holds is True
-    far = HR.kl_theory_check(_row(kl=5.112, kl_est=2.674))
+    assert RD.kl_theory_check(_row(kl=0.179, kl_est=0.164)).holds is True
+    far = RD.kl_theory_check(_row(kl=5.112, kl_est=2.674))
     assert far.holds is False and "0.52× the measured" in far.detail and "below" in far.detail
-    assert HR.kl_theory_check(_row(kl=0.0, kl_est=0.0)).identical
+    assert RD.kl_theory_check(_row(kl=0.0, kl_est=0.0)).identical
 
 
 def test_accumulation_check_confirms_and_contradicts():
-    assert HR.accumulation_check(_row(cum_kl_shared=5.7, cum_kl_free=256.0)).holds is True
-    less = HR.accumulation_check(_row(cum_kl_shared=4.0, cum_kl_free=3.0))
+    assert RD.accumulation_check(_row(cum_kl_shared=5.7, cum_kl_free=256.0)).holds is True
+    less = RD.accumulation_check(_row(cum_kl_shared=4.0, cum_kl_free=3.0))
     assert less.holds is False and "free 3.000 against shared 4.000" in less.detail
-    assert HR.accumulation_check(_row(cum_kl_shared=1.0)) is None  # one mode only: nothing to compare
+    assert RD.accumulation_check(_row(cum_kl_shared=1.0)) is None  # one mode only: nothing to compare
 
 
 def test_choice_checks_confirm_and_contradict():
     stable = {"spec": "wanda:0.3", "acc_d": 0.875, "acc_p": 0.833, "agree": 0.9, "gen_top1": 0.82}
-    assert HR.choice_check(stable).holds is True  # accuracy −0.042, top-1 agreement −0.18
+    assert RD.choice_check(stable).holds is True  # accuracy −0.042, top-1 agreement −0.18
     drops = {"spec": "magnitude:0.7", "acc_d": 0.875, "acc_p": 0.264, "agree": 0.3, "gen_top1": 0.9}
-    check = HR.choice_check(drops)
+    check = RD.choice_check(drops)
     assert check.holds is False and "accuracy drops by 0.611" in check.detail and "(to 0.900)" in check.detail
-    assert HR.choice_check({**drops, "gen_top1": None}).holds is None  # no generation to set it against
+    assert RD.choice_check({**drops, "gen_top1": None}).holds is None  # no generation to set it against
     same = {"spec": "none", "acc_d": 0.5, "acc_p": 0.5, "agree": 1.0, "gen_top1": 1.0}
-    assert HR.choice_check(same).identical
-    assert HR.choice_kl_check({"spec": "x", "sub_kl": 0.05, "kl": 0.19}).holds is True
-    assert HR.choice_kl_check({"spec": "x", "sub_kl": 0.3, "kl": 0.2}).holds is False
+    assert RD.choice_check(same).identical
+    assert RD.choice_kl_check({"spec": "x", "sub_kl": 0.05, "kl": 0.19}).holds is True
+    assert RD.choice_kl_check({"spec": "x", "sub_kl": 0.3, "kl": 0.2}).holds is False
 
 
 def test_reading_says_whether_the_pattern_holds_spec_by_spec():
-    pattern, contrary = HR.CLAIMS["hierarchy"]
-    ok = HR.Check("a", True)
-    bad = HR.Check("b", False, "1 − cos shrinks from logits to probabilities")
-    same = HR.Check("none", None, identical=True)
-    assert HR.reading([], pattern, contrary) is None
-    every = HR.reading([ok, HR.Check("c", True), same], pattern, contrary)
+    pattern, contrary = RD.CLAIMS["hierarchy"]
+    ok = RD.Check("a", True)
+    bad = RD.Check("b", False, "1 − cos shrinks from logits to probabilities")
+    same = RD.Check("none", None, identical=True)
+    assert RD.reading([], pattern, contrary) is None
+    every = RD.reading([ok, RD.Check("c", True), same], pattern, contrary)
     assert every["holds"] is True and every["verdict"] == f"Under all 2 specs that change the outputs, {pattern}."
     assert "none leaves the outputs identical" in every["details"]
-    mixed = HR.reading([ok, bad], pattern, contrary)
+    mixed = RD.reading([ok, bad], pattern, contrary)
     assert mixed["holds"] is False and mixed["verdict"] == f"Under 1 of 2 specs, {pattern}; under b, it does not."
     assert "b: 1 − cos shrinks from logits to probabilities" in mixed["details"]
-    none = HR.reading([bad], pattern, contrary)
+    none = RD.reading([bad], pattern, contrary)
     assert (
         none["holds"] is False and none["verdict"].startswith("Contrary to the claim") and contrary in none["verdict"]
     )
-    nothing = HR.reading([same], pattern, contrary)
+    nothing = RD.reading([same], pattern, contrary)
     assert nothing["holds"] is None and "identical" in nothing["verdict"]
 
 
@@ -639,7 +640,7 @@ def test_report_says_when_a_run_contradicts_the_pattern(uneven, tmp_path):
     """The page states what the run's numbers show: the claimed pattern where they confirm it, the
     contrary, spec by spec, where they do not."""
     page = HR.render_html(R.load_run(uneven))
-    assert f"Under wanda:0.5, the one spec that changes the outputs, {HR.CLAIMS['hierarchy'][0]}." in page
+    assert f"Under wanda:0.5, the one spec that changes the outputs, {RD.CLAIMS['hierarchy'][0]}." in page
     # the same run with probabilities closer than logits and amp below 1
     folder = tmp_path / "contrary"
     shutil.copytree(uneven, folder)
@@ -651,11 +652,11 @@ def test_report_says_when_a_run_contradicts_the_pattern(uneven, tmp_path):
     said = re.findall(r'<(?:p class="reading|li class=")[^>]*>(.*?)</(?:p|li)>', page)  # the page's findings
     # four claims with data, in the summary and in their sections, and the lens's reading in "where it breaks"
     assert len(said) == 2 * 4 + 1
-    assert not any(HR.CLAIMS["hierarchy"][0] in text for text in said)  # the pattern is not claimed …
+    assert not any(RD.CLAIMS["hierarchy"][0] in text for text in said)  # the pattern is not claimed …
     assert "Expected: 1 − cos grows" in page  # … only named as what is expected
-    assert "Contrary to the claim" in page and HR.CLAIMS["hierarchy"][1] in page
+    assert "Contrary to the claim" in page and RD.CLAIMS["hierarchy"][1] in page
     assert "1 − cos shrinks from logits to probabilities (prob cos 0.95000 above logit cos 0.90000)" in page
-    assert HR.CLAIMS["amplification"][1] in page and "amp 0.5000" in page
+    assert RD.CLAIMS["amplification"][1] in page and "amp 0.5000" in page
     assert 'class="reading contradicted"' in page
 
 

@@ -90,3 +90,13 @@ def test_check_fits_against_a_config():
     for bad in ("blockdrop:4", "wanda:0.01", "magnitude:0.0001", "wanda:2:128"):
         with pytest.raises(HieruiError):
             check_fits(parse_spec(bad), config)
+
+
+def test_a_path_spec_keeps_its_path_and_the_identity_spec_is_none():
+    from engine.perturb.spec import streamable, unperturbed
+
+    spec = parse_spec("checkpoint: /models/a:b/llama-7b ")
+    assert spec.path == "/models/a:b/llama-7b" and str(spec) == "checkpoint:/models/a:b/llama-7b"
+    assert spec.slug == "checkpoint-llama_7b" and spec.declared.takes_path
+    assert unperturbed() == parse_spec("none") and unperturbed().declared.identity
+    assert "int8" not in streamable() and "nf4" not in streamable() and "blockdrop" in streamable()

@@ -176,8 +176,8 @@ def test_streamed_cache_entry_is_the_in_memory_pruning(
     """A pruning stored in the cache (by the streamed path, or the in-memory one) loads back in both paths bit
     for bit as the in-memory pruning: weights and logits. The streamed clone keeps a link of the file of its
     own, so clearing the cache under it changes nothing."""
-    from engine.perturb import _prune_key
     from engine.perturb.spec import parse_spec
+    from engine.perturb.stored import _prune_key
 
     memory = wanda_pairs[0]
     expected = _logits(memory.perturbed, IDS)
@@ -233,8 +233,8 @@ def test_streamed_cache_store_and_load_hold_one_layer_at_a_time(
 ):
     """Storing a streamed pruning in the cache reads each pruned tensor once, never with another layer's still
     in memory; loading it reads nothing (the clone's store points into the file) and never the whole file."""
-    from engine.perturb import _load_pruned, _prune_key, _store_pruned
     from engine.perturb.spec import parse_spec
+    from engine.perturb.stored import _load_pruned, _prune_key, _store_pruned
 
     pair = perturb(tiny_streamed, "wanda:0.5", calibration=tiny_calib, use_cache=False)
     entry = _prune_key(tiny_streamed, parse_spec("wanda:0.5"), tiny_calib)
@@ -318,7 +318,8 @@ import torch
 from engine.place import streaming
 from engine.perturb.calibration import Calibration
 from engine.models.loading import load
-from engine.perturb import _load_pruned, _prune_key, _store_pruned, perturb
+from engine.perturb import perturb
+from engine.perturb.stored import _load_pruned, _prune_key, _store_pruned
 from engine.perturb.export import save_checkpoint
 from engine.perturb.spec import parse_spec
 

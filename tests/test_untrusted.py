@@ -217,11 +217,13 @@ def test_rerun_reads_the_calibration_file_the_user_confirms(cli, secret_session)
 
 def test_rerun_refuses_a_model_path_or_checkpoint_named_by_the_header(cli, good, tmp_path, monkeypatch):
     import engine.models.loading
+    import engine.models.names
 
     def no_loading(*args, **kwargs):
         pytest.fail("a model named by the file was touched")
 
     monkeypatch.setattr(engine.models.loading, "resolve", no_loading)
+    monkeypatch.setattr(engine.models.names, "resolve", no_loading)
     monkeypatch.setattr(engine.models.loading, "load", no_loading)
     cases = {
         "local.jsonl": ({"model": str(tmp_path / "model-dir")}, "--model"),
@@ -303,7 +305,7 @@ def test_a_crash_inside_the_app_sets_a_nonzero_return_code(good, monkeypatch):
 def test_run_app_turns_a_crash_into_one_error_line_and_exit_1(good, monkeypatch, capfd):
     from textual.app import App
 
-    from hierui.cli.commands import run_app
+    from hierui.cli.launch import run_app
 
     app = _broken_replay_app(good, monkeypatch)
     monkeypatch.setattr(app, "run", lambda: App.run(app, headless=True, size=(100, 30)))
@@ -319,9 +321,9 @@ def test_replay_checks_the_app_return_code(cli, good, monkeypatch):
     """`hierui replay` (in a terminal) runs the explorer through run_app: a crash is exit 1, one line."""
     from textual.app import App
 
-    import hierui.cli.commands
+    import hierui.cli.launch
 
-    monkeypatch.setattr(hierui.cli.commands, "_interactive", lambda: True)
+    monkeypatch.setattr(hierui.cli.launch, "interactive", lambda: True)
     _broken_replay_app(good, monkeypatch)
     monkeypatch.setattr("hierui.explorer.app.HieruiApp.run", lambda self: App.run(self, headless=True, size=(100, 30)))
     run = cli("replay", good)
@@ -338,7 +340,7 @@ def _copy_run(tmp_path, good):
     """A tiny real `hierui batch` output (tiny-random, none, 2 steps)."""
     from typer.testing import CliRunner
 
-    from hierui.cli.commands import app
+    from hierui.cli import app
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello\n")
@@ -408,3 +410,135 @@ def test_batch_from_a_session_with_an_empty_prompt_refuses(cli, good, tmp_path):
     run = cli("batch", "--from", path, "--prune", "none", "--out", tmp_path / "o")
     assert run.returncode == 2 and "prompt is empty" in run.stderr, run.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ one trust policy (engine.models.trust)
+
+# what a crafted file names → the option the user must repeat for it to be used
+CRAFTED = {
+    "path": ({"model": "/tmp/evil-model"}, "--model /tmp/evil-model"),
+    "bare-dir": ({"model": "evilmodel"}, "--model evilmodel"),  # a local folder of that name where hierui runs
+    "hub-id": ({"model": "evil/model"}, "--model evil/model"),
+    "checkpoint": ({"perturbation": {"spec": "checkpoint:/tmp/x"}}, "--prune checkpoint:/tmp/x"),
+    "calibration": (
+        {"calibration": {"source": "/tmp/evil-calib.txt", "samples": 2, "length": 8, "seed": 0}},
+        "--calib /tmp/evil-calib.txt",
+    ),
+}
+READERS = {
+    "replay --rerun": lambda p, out: ("replay", p, "--rerun", "--device", "cpu"),
+    "batch --from": lambda p, out: ("batch", "--from", p, "--prune", "none", "--device", "cpu", "--out", out / "o"),
+    "attribute": lambda p, out: ("attribute", p, "--device", "cpu"),
+}
+# batch --from takes its specs from --prune: the header's spec (a checkpoint) is never read
+CASES = [(c, r) for c in sorted(CRAFTED) for r in sorted(READERS) if (c, r) != ("checkpoint", "batch --from")]
+
+
+@pytest.fixture()
+def crafted(good, tmp_path, monkeypatch):
+    """A session naming each CRAFTED thing; the command runs in a folder holding a model folder `evilmodel`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "evilmodel").mkdir()
+    (tmp_path / "evilmodel" / "config.json").write_text("{}")
+    return lambda kind: _with_header(good, tmp_path, f"{kind}.jsonl", **CRAFTED[kind][0])
+
+
+def _one_line(run) -> str:
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert run.returncode == 2 and len(lines) == 1, run.stdout + run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind, reader", CASES)
+def test_every_reader_refuses_what_a_session_names_until_the_user_repeats_it(cli, crafted, tmp_path, kind, reader):
+    path = crafted(kind)
+    line = _one_line(cli(*READERS[reader](path, tmp_path)))
+    assert f"{path} names" in line and f"confirm it with {CRAFTED[kind][1]}" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+REPEATED = {  # the option repeated: the file's value passes, and the command goes on to its next check
+    "path": (("--model", "/tmp/evil-model"), "model directory not found: /tmp/evil-model"),
+    "calibration": (("--calib", "/tmp/evil-calib.txt"), "calibration file not found: /tmp/evil-calib.txt"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REPEATED))
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_what_the_user_repeats_is_used(cli, crafted, tmp_path, kind, reader):
+    option, next_check = REPEATED[kind]
+    line = _one_line(cli(*READERS[reader](crafted(kind), tmp_path), *option))
+    assert next_check in line and "confirm it with" not in line, line
+
+
+def test_a_repeated_checkpoint_reaches_the_checkpoint(cli, crafted, tmp_path):
+    run = cli(*READERS["replay --rerun"](crafted("checkpoint"), tmp_path), "--prune", "checkpoint:/tmp/x")
+    assert run.returncode != 0 and "confirm it with" not in run.stderr, run.stdout + run.stderr
+    assert "rerunning with model tiny-random, perturbation checkpoint:/tmp/x" in run.stdout
+
+
+def test_a_model_and_a_calibration_file_under_hierui_home_are_used_as_they_stand(cli, tiny, tmp_path, monkeypatch):
+    """What hierui wrote into $HIERUI_HOME itself needs no confirmation: a saved model folder, a calibration file."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HIERUI_HOME", str(home))
+    saved = home / "saved" / "tiny"
+    tiny.model.save_pretrained(saved)
+    tiny.tokenizer.save_pretrained(saved)
+    text = home / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    path = _record(tiny, tmp_path / "s.jsonl", spec="wanda:0.5", calib={"source": str(text), "samples": 2, "length": 8})
+    path = _with_header(load_session(path).path, tmp_path, "home.jsonl", model=str(saved))
+    run = cli("replay", path, "--rerun", "--device", "cpu")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"rerunning with model {saved}, perturbation wanda:0.5, calibration {text.resolve()}" in run.stdout
+    (tmp_path / "outside").mkdir()
+    (home / "link").symlink_to(tmp_path / "outside")  # a link under $HIERUI_HOME that leads out of it is outside
+    outside = _with_header(path, tmp_path, "link.jsonl", model=str(home / "link"))
+    assert f"--model {home / 'link'}" in _one_line(cli("replay", outside, "--rerun", "--device", "cpu"))
+
+
+def _kld_folder(tmp_path, model: str, spec: str = "magnitude:0.5"):
+    folder = tmp_path / "kld"
+    folder.mkdir(exist_ok=True)
+    entry = {"spec": spec, "rank": 1, "context": "The cat sat on the", "kl": 2.5, "text": " mat"}
+    worst = {"model": model, "corpus": "heldout", "ctx": 64, "worst": [entry]}
+    (folder / "kld_worst.json").write_text(json.dumps(worst))
+    return folder
+
+
+@pytest.fixture()
+def no_app(monkeypatch):
+    """explore in a terminal, except that the app must not start."""
+    import hierui.cli.launch
+
+    monkeypatch.setattr(hierui.cli.launch, "interactive", lambda: True)
+    monkeypatch.setattr("hierui.explorer.app.HieruiApp.run", lambda self: pytest.fail("the explorer started"))
+
+
+@pytest.mark.parametrize(
+    "model, spec, flag",
+    [
+        ("/tmp/evil-model", "magnitude:0.5", "--model /tmp/evil-model"),
+        ("evil/model", "magnitude:0.5", "--model evil/model"),
+        ("tiny-random", "checkpoint:/tmp/x", "--prune checkpoint:/tmp/x"),
+    ],
+)
+def test_explore_from_kld_refuses_what_kld_worst_names_before_the_app_starts(cli, tmp_path, no_app, model, spec, flag):
+    folder = _kld_folder(tmp_path, model, spec)
+    line = _one_line(cli("explore", "--from-kld", folder))
+    assert f"{folder / 'kld_worst.json'} names" in line and f"confirm it with {flag}" in line, line
+
+
+def test_explore_from_kld_takes_a_known_model_or_the_users_own(cli, tmp_path):
+    """Without a terminal explore stops at that check, after every check of what the file names."""
+    terminal = "explore needs an interactive terminal"
+    assert terminal in _one_line(cli("explore", "--from-kld", _kld_folder(tmp_path, "tiny-random")))
+    evil = _kld_folder(tmp_path, "/tmp/evil-model")
+    assert "model directory not found: /tmp/evil-model" in _one_line(
+        cli("explore", "--from-kld", evil, "--model", "/tmp/evil-model")
+    )
+    assert terminal in _one_line(cli("explore", "--from-kld", evil, "--model", "tiny-random"))
+    spec = _kld_folder(tmp_path, "tiny-random", "checkpoint:/tmp/x")
+    repeated = _one_line(cli("explore", "--from-kld", spec, "--prune", "checkpoint:/tmp/x"))
+    assert "model directory not found: /tmp/x" in repeated, repeated  # the checkpoint's own check

@@ -64,21 +64,12 @@ import torch
 from engine.errors import HieruiError, one_line
 from engine.perturb.pair import mapped_hidden
 from engine.perturb.spec import Spec, parse_spec
+from engine.record.methods import identity, self_check_specs
 from engine.record.settings import StepSettings
 from engine.run import metrics as M
 
-DEFAULT_SPECS = (
-    "none",
-    "magnitude:0.5",
-    "wanda:0.5",
-    "sparsegpt:0.5",
-    "wanda:2:4",
-    "attndrop:1",
-    "mlpdrop:1",
-    "blockdrop:1",
-    "int8",
-    "nf4",
-)
+# none first, then each family's (Method.self_check, engine.record.methods.self_check_specs)
+DEFAULT_SPECS = self_check_specs()
 CHECKS = ("zero", "cache", "batch", "sharing", "sparsity")
 DEFAULT_STEPS = 8
 CALIB_SAMPLES = 8  # the small default calibration of a self-check: it tests the code paths, not the quality
@@ -94,7 +85,6 @@ PROMPTS = (
 )
 CHOICES = (("A", "B"), ("yes", "no", "maybe"), None)
 REL_TOLERANCE = {"float32": 1e-4, "float64": 1e-9, "float16": 1e-2, "bfloat16": 5e-2}
-INT8_TOLERANCE = 4 / 127  # int8 activations: a flipped quantization level is 1/127 of a row's largest value
 
 # the identity value of every field of a step record of `none` (engine.run.stepper, engine.run.metrics)
 _ZERO = frozenset(
@@ -265,13 +255,14 @@ def kernel_dtype(pair) -> str:
 
 def side_tolerance(pair, side: str, floor: float = 0.0) -> float:
     """ε of one model of a pair: the dtype's (for the perturbed model, the precision its quantized kernels
-    really return: kernel_dtype), and for the perturbed model of int8 at least INT8_TOLERANCE (it quantizes its
-    activations per token, so a last-bit difference can move an activation by one int8 step)."""
+    really return: kernel_dtype), and for the perturbed model at least its method's Method.min_tolerance (int8's
+    4/127: it quantizes its activations per token, so a last-bit difference can move an activation by one int8
+    step)."""
     eps = rel_tolerance(pair.dense.get_input_embeddings().weight.dtype)
     if side == "perturbed" and pair.spec.family == "quant":
         eps = max(eps, rel_tolerance(kernel_dtype(pair)))
-    if side == "perturbed" and pair.spec.method == "int8":
-        eps = max(eps, INT8_TOLERANCE)
+    if side == "perturbed":
+        eps = max(eps, pair.spec.declared.min_tolerance)
     if side == "perturbed" and floor:
         eps = max(eps, FLOOR_FACTOR * floor)
     return eps
@@ -364,11 +355,11 @@ def run_selfcheck(
 
 def applies(spec: Spec, check: str) -> str | None:
     """None when `check` applies to `spec`, else why not."""
-    if check == "zero" and spec.method != "none":
-        return "only for none"
+    if check == "zero" and not spec.declared.identity:
+        return f"only for {identity().name}"
     if check == "sparsity" and spec.family != "prune":
         return "pruning specs only"
-    if check == "sharing" and spec.method == "checkpoint":
+    if check == "sharing" and not spec.declared.shares:
         return "a checkpoint is loaded from elsewhere: it shares nothing by design"
     return None
 
@@ -385,6 +376,9 @@ def _check_spec(loaded, spec: Spec, steps: int, calib: dict, calibration: list, 
     unfit = _does_not_fit(spec, loaded.model)
     if unfit:
         return every("n/a", f"does not apply to this model: {unfit}")
+    unstreamable = _does_not_stream(spec, loaded.model)
+    if unstreamable:
+        return every("n/a", unstreamable)
     if spec.family == "quant":
         import importlib.util
 
@@ -432,11 +426,25 @@ def _run_checks(pair, spec: Spec, steps: int, before: dict, say) -> list[CheckRe
         except Exception as e:
             result = CheckResult(name, check, "fail", reason=f"the check raised {one_line(e)}")
         result.spec, result.check = name, check
-        if result.status == "fail" and check in ("cache", "batch") and spec.method == "int8":
-            result.reason += " (int8 quantizes activations: a last-bit difference upstream can flip int8 levels)"
+        if result.status == "fail" and check in ("cache", "batch"):
+            result.reason += spec.declared.tolerance_note
         out.append(result)
     say(f"checking {name}", len(todo), len(todo))
     return out
+
+
+def _does_not_stream(spec: Spec, model) -> str | None:
+    """Why `spec` cannot run on `model` when its layers are streamed (--gpu-mem below the pair), else None."""
+    from engine.perturb.spec import check_streamable
+    from engine.place.streaming import is_streamed
+
+    if not is_streamed(model):
+        return None
+    try:
+        check_streamable([spec])
+    except HieruiError as e:
+        return str(e)
+    return None
 
 
 def _does_not_fit(spec: Spec, model) -> str | None:
@@ -467,9 +475,10 @@ def _calibration(loaded, calib: dict, calibration: list, use_cache: bool, say):
 
 
 def _perturb(loaded, spec: Spec, calibration, use_cache: bool, say):
-    from engine.perturb import perturb
+    from engine.run.open import PairRequest, open_pair
 
-    return perturb(loaded, spec, calibration=calibration, use_cache=use_cache, progress=say)
+    request = PairRequest(loaded.ref.name, use_cache=use_cache)
+    return open_pair(request, spec, dense=loaded, calibration=calibration, progress=say)
 
 
 # ------------------------------------------------------------------ helpers
@@ -945,7 +954,7 @@ def _zeros_per_group(w: torch.Tensor, spec: Spec) -> tuple[torch.Tensor, int, st
         if cols % spec.m:
             raise HieruiError(f"{cols} inputs are not a multiple of M = {spec.m}", 1)
         return zeros.reshape(rows, cols // spec.m, spec.m).sum(-1).flatten(), spec.m - spec.n, f"group of {spec.m}"
-    if spec.method == "wanda":
+    if spec.declared.per_row:
         return zeros.sum(1), int(cols * spec.sparsity), f"row of {cols}"
     return zeros.sum().reshape(1), int(w.numel() * spec.sparsity), "matrix"
 

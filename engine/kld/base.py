@@ -51,6 +51,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from engine.errors import HieruiError
+from engine.record.validate import escape
 
 FORMAT = "hierui-kld-base"
 VERSION = "1"
@@ -180,7 +181,10 @@ def _head_logits(head_in, head: dict, softcap: float | None):
 
 class BaseFile:
     """A base file, checked whole against this run before any model runs. A top-K file is read whole (a few MB);
-    an exact one keeps its head in memory and reads the head inputs a window at a time (memory-mapped)."""
+    an exact one keeps its head in memory and reads the head inputs a window at a time (memory-mapped).
+
+    The file is untrusted input: its metadata names the dense model only to describe it, and nothing loads what
+    it names (the user gives --model; engine.models.trust); values from it are escaped in messages."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
@@ -197,7 +201,8 @@ class BaseFile:
         if self.meta.get("format") != FORMAT:
             raise HieruiError(f"--base {self.path}: not a hierui kld base file (write one with --save-base)")
         if self.meta.get("version") != VERSION:
-            raise HieruiError(f"--base {self.path}: base file version {self.meta.get('version')}, expected {VERSION}")
+            version = escape(str(self.meta.get("version")))
+            raise HieruiError(f"--base {self.path}: base file version {version}, expected {VERSION}")
         try:
             self.kind = self.meta.get("kind", "topk")
             self.k, self.ctx = int(self.meta["k"]), int(self.meta["ctx"])
@@ -235,7 +240,7 @@ class BaseFile:
 
         if self.meta.get("tokenizer") != tokenizer_fingerprint(tokenizer):
             raise HieruiError(
-                f"--base {self.path}: written with another tokenizer (model {self.meta.get('model')}); "
+                f"--base {self.path}: written with another tokenizer (model {escape(str(self.meta.get('model')))}); "
                 "use a model with the same tokenizer"
             )
         if self.meta.get("corpus_sha256") != text_hash(text):
@@ -266,13 +271,13 @@ class BaseFile:
         return self._whole(name, device)[w * self.scored : (w + 1) * self.scored]
 
     def token_metrics(self, w: int, logits_p, targets) -> dict:
-        """engine.kld.corpus.token_metrics against window `w` of the base file (for a top-K file, kl and kl_rev are the
+        """engine.kld.window.token_metrics against window `w` of the base file (for a top-K file, kl and kl_rev are the
         bounded forms above)."""
         import torch
 
         device = logits_p.device
         if self.exact:
-            from engine.kld.corpus import token_metrics
+            from engine.kld.window import token_metrics
 
             head = {name: self._whole(name, device) for name in ("head_weight", "head_bias") if name in self.shapes}
             logits_d = _head_logits(self._window("head_in", w, device), head, self.softcap).float()

@@ -15,7 +15,7 @@ next token):
     nll_d     −ln P_d(t);  nll_p  −ln P_p(t)
     conf_d    max P_d (the dense top-1 probability, for the confidence buckets)
 
-Statistics (`summarize`) follow llama.cpp's tools/perplexity/perplexity.cpp (kl_divergence) exactly:
+Statistics (engine.kld.statistics.summarize) follow llama.cpp's tools/perplexity/perplexity.cpp (kl_divergence) exactly:
 mean_and_uncertainty(sum, sum², n) = (f, sqrt((sum²/n − f²)/(n − 1))), the uncertainty 0 when n ≤ 10 or the
 variance is not positive; the covariance of the two NLL streams (sum_ab/n − mean_a mean_b)/(n − 1) (0 when
 n < 10); ln_ppl_ratio = mean nll_p − mean nll_d with uncertainty sqrt(u_p² + u_d² − 2 cov); ln_ppl_cor =
@@ -32,7 +32,7 @@ mean KL and same-top rate with bootstrap intervals resampling whole windows (eng
 (engine.kld.base) replaces the dense model's forward pass with a stored file: the dense head's inputs (exact,
 the default) or a top-K (`kl` and `kl_rev` are then lower bounds; see that module).
 
-This module holds no UI: hierui.views.kld prints the report, hierui.cli.commands declares the command.
+This module holds no UI: hierui.views.kld prints the report, hierui.cli.kld declares the command.
 """
 
 from __future__ import annotations
@@ -48,39 +48,13 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import HieruiError
+from engine.kld.statistics import kl_mean_interval, pair_rows, summarize, token_flips
+from engine.kld.window import hidden_cosines, token_metrics, window_logits
 from engine.results.paired import is_silent
 
 SUITES = {"heldout": "data/corpus/heldout.txt"}
 DEFAULT_CTX = 512
 WORST = 20  # the tokens with the highest KL kept per spec
-CONF_BUCKETS = 10  # deciles of the dense top-1 probability
-
-# (summary suffix, fraction) of llama.cpp's KLD report, top to bottom
-KL_PERCENTILES = (
-    ("p99_9", 0.999),
-    ("p99", 0.99),
-    ("p95", 0.95),
-    ("p90", 0.90),
-    ("median", 0.5),
-    ("p10", 0.10),
-    ("p5", 0.05),
-    ("p1", 0.01),
-    ("p0_1", 0.001),
-)
-# and of its Δp report (which adds the quartiles)
-DP_PERCENTILES = (
-    ("p99_9", 0.999),
-    ("p99", 0.99),
-    ("p95", 0.95),
-    ("p90", 0.90),
-    ("p75", 0.75),
-    ("median", 0.5),
-    ("p25", 0.25),
-    ("p10", 0.10),
-    ("p5", 0.05),
-    ("p1", 0.01),
-    ("p0_1", 0.001),
-)
 TOKEN_FIELDS = ("kl", "kl_rev", "same_top", "dp", "nll_d", "nll_p", "conf_d")
 
 # progress(stage, done, total), as engine.perturb
@@ -167,201 +141,6 @@ def layout(n_tokens: int, ctx: int, stride: int | None, max_ctx: int | None = No
 
 def tokenize(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-# ------------------------------------------------------------------ one window on the device
-
-
-def window_logits(model, ids, keep: int, hidden: bool = True):
-    """The float32 logits at the window's last `keep` positions (1, keep, V), and the hidden states (a tuple)
-    when `hidden`; logits_to_keep where the model takes it, so the first half's logits are never built."""
-    import inspect
-
-    import torch
-
-    params = inspect.signature(model.forward).parameters
-    with torch.no_grad():
-        if "logits_to_keep" in params:
-            out = model(input_ids=ids, use_cache=False, logits_to_keep=keep, output_hidden_states=hidden)
-        else:
-            out = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-    return out.logits[:, -keep:].float(), out.hidden_states
-
-
-def token_metrics(logits_d, logits_p, targets) -> dict:
-    """Per-token metrics of two (m, V) float32 logit blocks and the (m,) actual next tokens, on the device."""
-    import torch
-
-    lp_d = torch.log_softmax(logits_d, dim=-1)
-    lp_p = torch.log_softmax(logits_p, dim=-1)
-    p_d, p_p = lp_d.exp(), lp_p.exp()
-    diff = lp_d - lp_p
-    nll_d = -lp_d.gather(-1, targets[:, None])[:, 0]
-    nll_p = -lp_p.gather(-1, targets[:, None])[:, 0]
-    conf_d, top_d = p_d.max(dim=-1)
-    return {
-        "kl": (p_d * diff).sum(-1),
-        "kl_rev": -(p_p * diff).sum(-1),
-        "same_top": top_d == lp_p.argmax(dim=-1),
-        "dp": nll_p.neg().exp() - nll_d.neg().exp(),
-        "nll_d": nll_d,
-        "nll_p": nll_p,
-        "conf_d": conf_d,
-        "top_d": top_d,
-        "top_p": lp_p.argmax(dim=-1),
-    }
-
-
-def hidden_cosines(h_d, h_p, hidden_map, keep: int):
-    """(L+1, keep) cosine of the dense and perturbed hidden states at the last `keep` positions (NaN where a
-    dense layer has no counterpart, engine.perturb.pair.mapped_hidden)."""
-    import torch
-
-    from engine.perturb.pair import mapped_hidden
-    from engine.place.placement import gather
-
-    # on several GPUs the layers' states are where the layers are: one copy per device to the last one's
-    where = h_d[-1].device
-    d = gather([h[0, -keep:] for h in h_d], where, dim=0).float()[None]  # (1, L+1, keep, H)
-    p = gather([h[0, -keep:] for h in h_p], where, dim=0).float()[None]
-    index = torch.tensor(hidden_map, dtype=torch.long, device=p.device)
-    b, n, k, hdim = d.shape
-    pm = mapped_hidden(d.reshape(1, n, k * hdim), p.reshape(1, p.shape[1], k * hdim), index).reshape(1, n, k, hdim)
-    return torch.nn.functional.cosine_similarity(d, pm, dim=-1)[0]
-
-
-# ------------------------------------------------------------------ statistics
-
-
-def mean_and_uncertainty(values) -> tuple[float, float]:
-    """llama.cpp's: the mean and sqrt(var/(n − 1)) with var the population variance; 0 for n ≤ 10."""
-    x = np.asarray(values, dtype=np.float64)
-    n = x.size
-    if n < 1:
-        return 0.0, 0.0
-    f = x.sum() / n
-    df = (x * x).sum() / n - f * f
-    return float(f), float(math.sqrt(df / (n - 1))) if df > 0 and n > 10 else 0.0
-
-
-def covariance(a, b) -> float:
-    """llama.cpp's covariance of two means: (mean(ab) − mean a · mean b)/(n − 1); 0 for n < 10."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    n = a.size
-    if n < 10:
-        return 0.0
-    return float(((a * b).sum() / n - (a.sum() / n) * (b.sum() / n)) / (n - 1))
-
-
-def percentiles(prefix: str, values, table) -> dict:
-    x = np.sort(np.asarray(values, dtype=np.float64))
-    out = {f"{prefix}_max": float(x[-1])}
-    for name, q in table:
-        out[f"{prefix}_{name}"] = float(np.percentile(x, 100 * q, method="linear"))
-    out[f"{prefix}_min"] = float(x[0])
-    return out
-
-
-def summarize(tokens: dict) -> dict:
-    """llama.cpp's statistics (and the confidence buckets) of one spec's per-token arrays."""
-    nll_d = np.asarray(tokens["nll_d"], dtype=np.float64)
-    nll_p = np.asarray(tokens["nll_p"], dtype=np.float64)
-    n = nll_d.size
-    out: dict = {"tokens": n}
-    lp_d, u_d = mean_and_uncertainty(nll_d)
-    lp_p, u_p = mean_and_uncertainty(nll_p)
-    cov = covariance(nll_p, nll_d)
-    out["ppl_d"], out["ppl_d_unc"] = math.exp(lp_d), math.exp(lp_d) * u_d
-    out["ppl_p"], out["ppl_p_unc"] = math.exp(lp_p), math.exp(lp_p) * u_p
-    out["ln_ppl_ratio"] = lp_p - lp_d
-    out["ln_ppl_ratio_unc"] = math.sqrt(max(u_p * u_p + u_d * u_d - 2.0 * cov, 0.0))
-    out["ppl_ratio"] = math.exp(out["ln_ppl_ratio"])
-    out["ppl_ratio_unc"] = out["ppl_ratio"] * out["ln_ppl_ratio_unc"]
-    out["ln_ppl_cor"] = cov / (u_p * u_d) if u_p > 0 and u_d > 0 else None
-    for name in ("kl", "kl_rev"):
-        values = np.asarray(tokens[name], dtype=np.float64)
-        out[f"{name}_mean"], out[f"{name}_mean_unc"] = mean_and_uncertainty(values)
-        out.update(percentiles(name, values, KL_PERCENTILES))
-    dp = np.asarray(tokens["dp"], dtype=np.float64)
-    out["dp_mean"], out["dp_mean_unc"] = mean_and_uncertainty(dp)
-    out.update(percentiles("dp", dp, DP_PERCENTILES))
-    mse, mse_unc = mean_and_uncertainty(dp * dp)
-    out["dp_rms"] = math.sqrt(mse)
-    out["dp_rms_unc"] = 0.5 / out["dp_rms"] * mse_unc if out["dp_rms"] > 0 else 0.0
-    same = float(np.mean(np.asarray(tokens["same_top"], dtype=np.float64)))
-    out["same_top"] = same
-    out["same_top_unc"] = math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else 0.0
-    out["conf_count"], out["conf_kl_mean"] = confidence_buckets(tokens["conf_d"], tokens["kl"])
-    return out
-
-
-def confidence_buckets(conf, kl) -> tuple[list[int], list[float | None]]:
-    """Tokens and mean KL per decile [0, 0.1), …, [0.9, 1] of the dense top-1 probability (None: empty)."""
-    conf = np.asarray(conf, dtype=np.float64)
-    kl = np.asarray(kl, dtype=np.float64)
-    bucket = np.clip((conf * CONF_BUCKETS).astype(np.int64), 0, CONF_BUCKETS - 1)
-    counts = np.bincount(bucket, minlength=CONF_BUCKETS)
-    sums = np.bincount(bucket, weights=kl, minlength=CONF_BUCKETS)
-    return [int(c) for c in counts], [float(s / c) if c else None for s, c in zip(sums, counts)]
-
-
-def correctness(tokens: dict, targets) -> tuple[np.ndarray, np.ndarray]:
-    """Per token, whether the dense and the perturbed top-1 is the actual next token (bool arrays)."""
-    targets = np.asarray(targets)
-    return np.asarray(tokens["top_d"]) == targets, np.asarray(tokens["top_p"]) == targets
-
-
-def token_flips(tokens: dict, targets) -> dict:
-    """The summary's flip columns: top-1 correctness dense → perturbed and McNemar's exact p (engine.results.paired)."""
-    from engine.results.paired import flips
-
-    f = flips(*correctness(tokens, targets))
-    return {k: f[k] for k in ("right_to_wrong", "wrong_to_right", "mcnemar_p")}
-
-
-def _nan_none(x: float) -> float | None:
-    return None if x is None or math.isnan(x) else float(x)
-
-
-def pair_rows(run: KldRun, seed: int = 0) -> list[dict]:
-    """OUT/kld_pairs's rows (engine.record.schema.KLD_PAIRS): per pair of specs (a before b in the run's order) on the
-    same tokens, the mean KL and same-top rate of each, their differences a − b with engine.results.paired's paired
-    bootstrap interval and p (whole windows resampled, `seed`), and McNemar's exact p on the tokens where
-    exactly one of the two perturbed models' top-1 is the actual next token. No rows with fewer than 2 specs."""
-    from itertools import combinations
-
-    from engine.results.paired import flips, paired_bootstrap_diff
-
-    groups = np.asarray(run.window_of)
-    rows = []
-    for a, b in combinations(run.results, 2):
-        kl_a = np.asarray(a.tokens["kl"], dtype=np.float64)
-        kl_b = np.asarray(b.tokens["kl"], dtype=np.float64)
-        top_a = np.asarray(a.tokens["same_top"], dtype=np.float64)
-        top_b = np.asarray(b.tokens["same_top"], dtype=np.float64)
-        kl = paired_bootstrap_diff(kl_a, kl_b, groups=groups, seed=seed)
-        top = paired_bootstrap_diff(top_a, top_b, groups=groups, seed=seed)
-        f = flips(correctness(a.tokens, run.targets)[1], correctness(b.tokens, run.targets)[1])
-        row = {"spec_a": a.spec, "spec_b": b.spec, "tokens": int(kl_a.size), "windows": run.windows}
-        row.update(kl_a=float(kl_a.mean()), kl_b=float(kl_b.mean()))
-        row.update(zip(("kl_diff", "kl_diff_lo", "kl_diff_hi", "kl_diff_p"), map(_nan_none, kl)))
-        row.update(same_top_a=float(top_a.mean()), same_top_b=float(top_b.mean()))
-        row.update(
-            zip(("same_top_diff", "same_top_diff_lo", "same_top_diff_hi", "same_top_diff_p"), map(_nan_none, top))
-        )
-        row.update(a_only=f["right_to_wrong"], b_only=f["wrong_to_right"], mcnemar_p=f["mcnemar_p"])
-        rows.append(row)
-    return rows
-
-
-def kl_mean_interval(kl, window_of) -> dict:
-    """engine.results.paired's percentile bootstrap interval of the mean KL, resampling whole windows (the tokens of a
-    window share their context, so they are not independent)."""
-    from engine.results.paired import bootstrap_ci
-
-    _mean, lo, hi = bootstrap_ci(np.asarray(kl, dtype=np.float64), groups=np.asarray(window_of))
-    return {"kl_mean_lo": lo, "kl_mean_hi": hi}
 
 
 # ------------------------------------------------------------------ the run
@@ -516,6 +295,41 @@ def score(
     positions = np.concatenate([np.arange(s + ctx - m, s + ctx) for s in lay.starts])
     window_of = np.repeat(np.arange(len(lay.starts)), m)
     targets = np.asarray(ids, dtype=np.int64)[positions]
+    collected, cos_sum = _score_windows(loaded, pairs, ids, lay, bos, base, save_base, say)
+    run = KldRun(
+        model=loaded.ref.name,
+        corpus=corpus,
+        corpus_sha256=text_hash(text),
+        ctx=ctx,
+        stride=lay.stride,
+        windows=len(lay.starts),
+        positions=positions,
+        targets=targets,
+        window_of=window_of,
+        ids=ids,
+        starts=lay.starts,
+        bos=bos,
+        base=str(base.path) if base is not None else None,
+        base_k=base.k if base is not None and not base.exact else None,
+    )
+    for j, pair in enumerate(pairs):
+        tokens = {name: torch.cat(parts).numpy() for name, parts in collected[j].items()}
+        hidden = None
+        if cos_sum[j] is not None:
+            hidden = [None if math.isnan(v) else v for v in (cos_sum[j] / lay.total).tolist()]
+        report = getattr(pair, "report", None)
+        run.results.append(SpecResult(str(pair.spec), tokens, hidden, getattr(report, "measured_sparsity", None)))
+    run.seconds = time.perf_counter() - started
+    return run
+
+
+def _score_windows(loaded, pairs: list, ids: list, lay: Layout, bos: int | None, base, save_base, say):
+    """Every window through the dense model (or its `base` file) and each pair's perturbed model: per pair, the
+    per-token metrics of each window on the host (name → list of (m,) tensors), and the sum over the scored
+    positions of the hidden-state cosine per layer (None with a base file)."""
+    import torch
+
+    ctx, m = lay.ctx, lay.scored
     collected: list[dict[str, list]] = [{} for _ in pairs]
     cos_sum: list = [None for _ in pairs]
     stage = f"kld windows ({len(pairs)} spec{'s' * (len(pairs) != 1)})" if pairs else "kld windows (dense)"
@@ -547,31 +361,7 @@ def score(
             for name, value in found.items():
                 collected[j].setdefault(name, []).append(value.cpu())  # once per window
         say(stage, w + 1, len(lay.starts))
-    run = KldRun(
-        model=loaded.ref.name,
-        corpus=corpus,
-        corpus_sha256=text_hash(text),
-        ctx=ctx,
-        stride=lay.stride,
-        windows=len(lay.starts),
-        positions=positions,
-        targets=targets,
-        window_of=window_of,
-        ids=ids,
-        starts=lay.starts,
-        bos=bos,
-        base=str(base.path) if base is not None else None,
-        base_k=base.k if base is not None and not base.exact else None,
-    )
-    for j, pair in enumerate(pairs):
-        tokens = {name: torch.cat(parts).numpy() for name, parts in collected[j].items()}
-        hidden = None
-        if cos_sum[j] is not None:
-            hidden = [None if math.isnan(v) else v for v in (cos_sum[j] / lay.total).tolist()]
-        report = getattr(pair, "report", None)
-        run.results.append(SpecResult(str(pair.spec), tokens, hidden, getattr(report, "measured_sparsity", None)))
-    run.seconds = time.perf_counter() - started
-    return run
+    return collected, cos_sum
 
 
 # ------------------------------------------------------------------ the tables
@@ -607,11 +397,14 @@ def write_tables(run: KldRun, out: str | Path, tokenizer) -> list[dict]:
     return summary
 
 
-def worst_prompt(run_dir: str | Path, n: int, spec: str | None = None) -> dict:
+def worst_prompt(run_dir: str | Path, n: int, spec: str | None = None, model: str | None = None) -> dict:
     """The N-th worst token (1 = the highest KL) of a `hierui kld` output folder, for `explore --from-kld`:
     {model, spec, prompt (the text before it in its window), kl, text}. `spec`: that spec's list when the run
-    has it, else the run's first spec."""
+    has it, else the run's first spec. `model`: the user's --model (None: not given), used instead of the file's.
+    The file is untrusted input: the model and a checkpoint spec it names go through engine.models.trust."""
     import json
+
+    from engine.models.trust import trusted
 
     path = Path(run_dir).expanduser() / "kld_worst.json"
     if not path.is_file():
@@ -620,6 +413,8 @@ def worst_prompt(run_dir: str | Path, n: int, spec: str | None = None) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
         entries = list(data["worst"])
         specs = list(dict.fromkeys(e["spec"] for e in entries))
+        if not isinstance(data["model"], str) or not all(isinstance(s, str) for s in specs):
+            raise TypeError("the model and the specs are strings")
     except (OSError, ValueError, KeyError, TypeError):
         raise HieruiError(f"--from-kld {path}: not a readable kld_worst.json") from None
     if not specs:
@@ -632,8 +427,8 @@ def worst_prompt(run_dir: str | Path, n: int, spec: str | None = None) -> dict:
     if not entry.get("context"):
         raise HieruiError(f"--worst {n}: that token has no preceding text in its window")
     return {
-        "model": data["model"],
-        "spec": chosen,
+        "model": trusted(data["model"], model, "model", path),
+        "spec": trusted(chosen, spec if chosen == spec else None, "spec", path),
         "prompt": entry["context"],
         "kl": entry["kl"],
         "text": entry["text"],

@@ -1,14 +1,14 @@
 """`hierui kld --ray`: the specs of a corpus KLD scored on a Ray cluster, one spec at a time per worker.
 
-Each worker (a Ray actor, placed as engine.sweep.distributed places pair workers: per GPU, or per `--ray-cpus`
-CPUs) loads the dense model once and scores the specs it is handed with engine.kld.corpus.score, exactly as the local
-command does for one spec (its own dense forward per window, or the base file's head with `--base`, which must
-then be readable at the same path on every node). The driver hands the specs out dynamically, merges the
-per-spec results in the command line's order and writes the same tables and report as a local run: the local
-code, on the same numbers (to float tolerance: a worker of one CPU multiplies with one thread).
+Each worker (a Ray actor, placed as engine.sweep.cluster places `hierui batch --ray`'s pair workers: per GPU, or per
+`--ray-cpus` CPUs) loads the dense model once and scores the specs it is handed with engine.kld.corpus.score,
+exactly as the local command does for one spec (its own dense forward per window, or the base file's head with
+`--base`, which must then be readable at the same path on every node). The driver hands the specs out dynamically,
+merges the per-spec results in the command line's order and writes the same tables and report as a local run: the
+local code, on the same numbers (to float tolerance: a worker of one CPU multiplies with one thread).
 
-A worker that dies is restarted by Ray (engine.sweep.distributed.MAX_RESTARTS) and its spec handed out again, at
-most engine.sweep.distributed.MAX_ATTEMPTS times in all; a spec that fails repeatedly is one line naming it.
+A worker that dies is restarted by Ray (engine.sweep.cluster.MAX_RESTARTS) and its spec handed out again, at most
+engine.sweep.cluster.MAX_ATTEMPTS times in all; a spec that fails repeatedly is one line naming it.
 """
 
 from __future__ import annotations
@@ -80,15 +80,7 @@ def score_on_ray(
 ):
     """engine.kld.corpus.score of every spec on the Ray cluster of `options` (engine.sweep.ray_options.RayOptions):
     a KldRun of the specs in the order given, its noise floor the workers' (they read the same HIERUI_HOME)."""
-    from engine.sweep.distributed import (
-        MAX_ATTEMPTS,
-        actor_options,
-        connect,
-        error_text,
-        import_ray,
-        plan_workers,
-        release,
-    )
+    from engine.sweep.cluster import actor_options, connect, import_ray, plan_workers, release
 
     say = say or (lambda _text: None)
     options = options.validate()
@@ -103,38 +95,7 @@ def score_on_ray(
             resources = actor_options(ray, each, use_gpu, options, groups)
             actors.append(remote.options(**resources).remote(model, device, dtype, use_cache, plan))
         say(f"Ray: {n} kld worker{'s' * (n != 1)} for {len(specs)} spec{'s' * (len(specs) != 1)}")
-        queue = deque(specs)
-        attempts = dict.fromkeys(specs, 0)
-        results: dict[str, dict] = {}
-        running: dict = {}  # object ref -> (actor, spec)
-        idle = list(actors)
-        while queue or running:
-            while queue and idle:
-                actor, spec = idle.pop(0), queue.popleft()
-                attempts[spec] += 1
-                running[actor.score.remote(spec, text, corpus, ctx, stride, base)] = (actor, spec)
-            done, _ = ray.wait(list(running), num_returns=1)
-            actor, spec = running.pop(done[0])
-            try:
-                answer = ray.get(done[0])
-            except ray.exceptions.RayTaskError as e:
-                cause = getattr(e, "cause", None)
-                if isinstance(cause, HieruiError):
-                    raise HieruiError(str(cause), cause.exit_code) from None
-                raise HieruiError(f"a Ray worker failed on {spec}: {error_text(e)}", 1) from None
-            except ray.exceptions.RayError as e:  # the worker died: Ray restarts it; the spec goes back
-                if attempts[spec] >= MAX_ATTEMPTS:
-                    raise HieruiError(
-                        f"{spec}: its Ray worker died {attempts[spec]} times ({error_text(e)}); nothing was written",
-                        1,
-                    ) from None
-                say(f"Ray: the worker scoring {spec} died; {spec} is handed out again")
-                queue.appendleft(spec)
-                idle.append(actor)
-                continue
-            results[spec] = answer
-            say(f"Ray: {spec} scored by {answer['worker']} in {answer['seconds']:.1f} s")
-            idle.append(actor)
+        results, attempts = _score_all(ray, actors, specs, (text, corpus, ctx, stride, base), say)
     finally:
         release(ray, actors, groups, started_here)
     run = results[specs[0]]["run"]
@@ -150,3 +111,43 @@ def score_on_ray(
         for spec in specs
     ]
     return run
+
+
+def _score_all(ray, actors: list, specs: list[str], args: tuple, say) -> tuple[dict[str, dict], dict[str, int]]:
+    """Each spec scored by whichever worker is idle (KldWorker.score(spec, *args)): {spec: its answer} and {spec:
+    how many times it was handed out}. A spec whose worker died goes back in the queue, up to MAX_ATTEMPTS."""
+    from engine.sweep.cluster import MAX_ATTEMPTS, error_text
+
+    queue = deque(specs)
+    attempts = dict.fromkeys(specs, 0)
+    results: dict[str, dict] = {}
+    running: dict = {}  # object ref -> (actor, spec)
+    idle = list(actors)
+    while queue or running:
+        while queue and idle:
+            actor, spec = idle.pop(0), queue.popleft()
+            attempts[spec] += 1
+            running[actor.score.remote(spec, *args)] = (actor, spec)
+        done, _ = ray.wait(list(running), num_returns=1)
+        actor, spec = running.pop(done[0])
+        try:
+            answer = ray.get(done[0])
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, HieruiError):
+                raise HieruiError(str(cause), cause.exit_code) from None
+            raise HieruiError(f"a Ray worker failed on {spec}: {error_text(e)}", 1) from None
+        except ray.exceptions.RayError as e:  # the worker died: Ray restarts it; the spec goes back
+            if attempts[spec] >= MAX_ATTEMPTS:
+                raise HieruiError(
+                    f"{spec}: its Ray worker died {attempts[spec]} times ({error_text(e)}); nothing was written",
+                    1,
+                ) from None
+            say(f"Ray: the worker scoring {spec} died; {spec} is handed out again")
+            queue.appendleft(spec)
+            idle.append(actor)
+            continue
+        results[spec] = answer
+        say(f"Ray: {spec} scored by {answer['worker']} in {answer['seconds']:.1f} s")
+        idle.append(actor)
+    return results, attempts

@@ -1,11 +1,11 @@
 """The versioned on-disk caches: pruned weights, drop scores and calibration batches.
 
 An entry's key hashes what it was made from (model, dtype, spec, calibration) together with the version
-of the algorithm that made it and the hierui version (`engine.__version__`). Each algorithm module has
-an `ALGORITHM_VERSION`, bumped whenever its output changes:
+of the algorithm that made it and the hierui version (`engine.__version__`). Each algorithm has an
+`ALGORITHM_VERSION`, bumped whenever its output changes, a constant of a module that imports no torch:
 
-    magnitude, wanda, sparsegpt    engine/perturb/<method>.py
-    similarity (drop scores)       engine/perturb/drop.py
+    magnitude, wanda, sparsegpt    engine/record/methods/<method>.py (the method's declaration: Method.algorithm)
+    similarity (drop scores)       engine/record/methods/drop.py
     calibration                    engine/perturb/calibration.py
 
 So after an upgrade that changes an algorithm (or any upgrade of hierui), old entries are never looked
@@ -20,25 +20,22 @@ Layout (folders from engine.record.paths): each data file has its metadata besid
     meta: kind, key, model, model_key, spec, dtype, calibration, algorithm, algorithm_version,
           hierui_version, created (UTC, ISO 8601), size (bytes of the data file)
 
-Torch-free: listing and clearing never import torch (an algorithm's current version is read from its
-module when loaded, else from the module's source).
+Torch-free: listing and clearing never import torch (the modules holding the versions import none).
 """
 
 from __future__ import annotations
 
-import ast
 import datetime as _dt
 import hashlib
 import importlib
-import importlib.util
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import HieruiError
+from engine.record.methods import methods
 from engine.record.paths import atomic_write, calib_dir, is_temporary, pruned_dir
 
 # kind -> (folder, the data file's name after the key)
@@ -49,14 +46,8 @@ KINDS: dict[str, tuple[Callable[[], Path], str]] = {
 }
 META_SUFFIX = ".meta.json"
 
-# algorithm -> the module holding its ALGORITHM_VERSION
-ALGORITHMS: dict[str, str] = {
-    "magnitude": "engine.perturb.magnitude",
-    "wanda": "engine.perturb.wanda",
-    "sparsegpt": "engine.perturb.sparsegpt",
-    "similarity": "engine.perturb.drop",
-    "calibration": "engine.perturb.calibration",
-}
+# the calibration batches' algorithm; the methods' are declared in the registry (engine.record.methods)
+CALIBRATION = ("calibration", "engine.perturb.calibration")
 
 LEFTOVER_SECONDS = 3600  # a temporary file older than this is a crashed writer's leftover
 
@@ -67,32 +58,19 @@ def hierui_version() -> str:
     return engine.__version__
 
 
-def algorithm_version(algorithm: str, load: bool = True) -> int | None:
-    """The current ALGORITHM_VERSION of `algorithm` (None if unknown). With load=False the module is
-    not imported (no torch): a module not loaded yet has its constant read from its source."""
-    name = ALGORITHMS.get(algorithm)
+def algorithms() -> dict[str, str]:
+    """algorithm -> the module holding its ALGORITHM_VERSION: every registered method that caches results
+    (Method.algorithm, engine.record.methods), and the calibration."""
+    found = {m.algorithm: m.declared_in for m in methods() if m.algorithm and m.declared_in}
+    return {**found, CALIBRATION[0]: CALIBRATION[1]}
+
+
+def algorithm_version(algorithm: str) -> int | None:
+    """The current ALGORITHM_VERSION of `algorithm` (None if unknown), read from a module that imports no torch."""
+    name = algorithms().get(algorithm)
     if name is None:
         return None
-    module = sys.modules.get(name)
-    if module is None and load:
-        module = importlib.import_module(name)
-    if module is not None:
-        return getattr(module, "ALGORITHM_VERSION", None)
-    return _constant_in_source(name, "ALGORITHM_VERSION")
-
-
-def _constant_in_source(module_name: str, constant: str):
-    spec = importlib.util.find_spec(module_name)
-    if spec is None or not spec.origin:
-        return None
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == constant for t in node.targets):
-            try:
-                return ast.literal_eval(node.value)
-            except ValueError:
-                return None
-    return None
+    return getattr(importlib.import_module(name), "ALGORITHM_VERSION", None)
 
 
 def check_kind(kind: str | None) -> str | None:
@@ -268,7 +246,7 @@ def _read_meta(path: Path) -> tuple[dict | None, str]:
 
 def _staleness(meta: dict) -> tuple[bool, str]:
     algorithm = meta.get("algorithm")
-    current = algorithm_version(algorithm, load=False) if algorithm else None
+    current = algorithm_version(algorithm) if algorithm else None
     if current is None:
         return True, f"unknown algorithm {algorithm!r}"
     if meta.get("algorithm_version") != current:

@@ -48,6 +48,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from engine.errors import HieruiError, one_line
+from engine.record.methods import find
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 LLAMA_STYLE = ("llama", "mistral", "qwen2", "qwen3")
@@ -57,6 +58,16 @@ _PROJECTION = re.compile(
     r"^model\.layers\.(\d+)\.(?:self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))\."
     r"(weight|bias)$"
 )
+
+
+def build(job):
+    """The checkpoint's model sharing what it has in common with the dense one (engine.perturb.job.Job); its
+    hidden_map when its layers do not correspond one to one."""
+    model = load_checkpoint(job.loaded, job.spec, progress=lambda m: job.say(m, 0, 0), report=job.report)
+    structure = job.report.details.get("structure", {})
+    if "hidden_map" in structure:
+        job.hidden_map = list(structure["hidden_map"])  # -1: no counterpart (engine.perturb.pair)
+    return model
 
 
 def load_checkpoint(loaded, spec, progress=None, report=None):
@@ -439,7 +450,8 @@ def _blockdrop_hint(directory: Path | None, n_dense: int, n_ckpt: int) -> list[i
         info = json.loads((directory / "hierui-perturbation.json").read_text(encoding="utf-8"))
         details = info.get("details") or {}
         dropped = details.get("dropped")
-        if not str(info.get("spec", "")).startswith("blockdrop") or details.get("kind") != "block":
+        made_by = find(str(info.get("spec", "")).partition(":")[0])  # the method that wrote it (engine.record.methods)
+        if made_by is None or made_by.params.get("kind") != "block" or details.get("kind") != "block":
             return None
     except (OSError, ValueError, AttributeError):
         return None

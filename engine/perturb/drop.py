@@ -55,12 +55,11 @@ import torch.nn as nn
 from engine.anatomy.linears import decoder_layers
 from engine.anatomy.sublayers import Anatomy, anatomy, get
 from engine.errors import HieruiError
+from engine.perturb.job import Job
+from engine.perturb.stored import _cached_json, _scores_key
 from engine.place.streaming import is_streamed, refit_layers, release_layers, resident
 
-# bump when the output changes: cached similarity scores of another version are then not reused (engine.perturb.cache)
-ALGORITHM_VERSION = 2
-
-KINDS = {"attndrop": "attention", "mlpdrop": "mlp", "blockdrop": "block"}
+# the declarations (each method's kind: attention, mlp or block; the scores' version): engine.record.methods.drop
 
 
 def _claim_slot(cache, slot: int) -> None:
@@ -349,7 +348,7 @@ def apply_drop(
 ) -> dict:
     """Score the dense model's layers on `calib_ids` (or take `scores`, the result of `similarity_scores`),
     then drop the `spec.count` most redundant in `clone`."""
-    kind = KINDS[spec.method]
+    kind = spec.declared.params["kind"]
     n_layers = len(decoder_layers(dense))
     if spec.count >= n_layers:
         raise HieruiError(
@@ -364,6 +363,26 @@ def apply_drop(
     if is_streamed(clone):  # the layers' stores must name only the tensors the layers still have
         refit_layers(clone)
     return {"dropped": dropped, "kind": kind, "similarity": scores}
+
+
+def build(job: Job):
+    """The clone with the sublayers or blocks dropped; the similarity scores from the cache when it holds them
+    (engine.perturb.stored). A block drop renumbers the layers: job.hidden_map says which state stands where."""
+    from engine.perturb.pair import clone_sharing
+
+    dense, calibration = job.dense, job.calibration
+
+    def score():
+        return similarity_scores(dense, calibration.ids, progress=lambda d, t: job.say("scoring", d, t))
+
+    algorithm = job.spec.declared.algorithm
+    scores = _cached_json(_scores_key(job.loaded, algorithm, calibration), score, job.use_cache)
+    clone = clone_sharing(dense)
+    details = apply_drop(dense, clone, job.spec, calibration.ids, scores=scores) or {}
+    job.report.details.update(details)
+    if details.get("kind") == "block":
+        job.hidden_map = hidden_map_after_block_drop(dense.config.num_hidden_layers, details["dropped"])
+    return clone
 
 
 def hidden_map_after_block_drop(n_layers: int, dropped: list[int]) -> list[int]:

@@ -17,7 +17,7 @@ from engine.errors import HieruiError
 
 def save_checkpoint(pair, directory: Path) -> Path:
     spec = pair.spec
-    if spec.family == "quant":
+    if not spec.declared.saves:
         raise HieruiError(f"{spec} models are quantized on the fly and not saved; use --prune {spec} directly")
     from engine.place.streaming import is_streamed
 

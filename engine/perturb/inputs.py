@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""What a linear's inputs look like over the calibration tokens: Wanda's per-feature norms and SparseGPT's Gram
+matrix (InputStats), accumulated by forward hooks during the layer-wise calibration."""
 
 from __future__ import annotations
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 
 from engine.anatomy.linears import decoder_layers, weight_views
+from engine.perturb.job import Job
 from engine.perturb.masks import lowest_per_matrix, n_of_m
 from engine.perturb.spec import Spec
+from engine.perturb.stored import build_pruned
 
-# bump when the output changes: cached pruned weights made by another version are then not reused (engine.perturb.cache)
-ALGORITHM_VERSION = 2  # 2: every family (Conv1D, MoE experts, per-layer calibration inputs)
+# its declaration (grammar, ALGORITHM_VERSION, memory footprint): engine.record.methods.magnitude
 
 
 def magnitude_mask(weight: torch.Tensor, spec: Spec) -> torch.Tensor:
@@ -43,3 +44,8 @@ def prune_magnitude(model, spec: Spec, progress=None) -> dict:
         if progress:
             progress(index + 1, len(layers))
     return {}
+
+
+def build(job: Job):
+    """The pruned clone (from the pruned-weight cache when it holds it, engine.perturb.stored)."""
+    return build_pruned(job, lambda clone, step: prune_magnitude(clone, job.spec, progress=step))

@@ -25,6 +25,11 @@ def clone_sharing(model):
     return clone
 
 
+def unchanged(job):
+    """none: the dense model's clone, sharing every tensor (engine.perturb.job.Job)."""
+    return clone_sharing(job.dense)
+
+
 def shared_fraction(dense, perturbed) -> float:
     """Fraction of the perturbed model's parameter bytes that live in the dense model's storage."""
     dense_ptrs = {p.untyped_storage().data_ptr() for p in dense.parameters()}

@@ -63,14 +63,24 @@ KERNELS = "bitsandbytes kernels"
 SIMULATED = "weights quantize-dequantized with bitsandbytes' quantizer"
 
 
+def build(job):
+    """The sharing clone with its decoder weight matrices quantized (engine.perturb.job.Job)."""
+    from engine.perturb.pair import clone_sharing
+
+    clone = clone_sharing(job.dense)
+    job.say(f"quantizing to {job.spec}", 0, 0)
+    job.report.details.update(quantize(clone, job.spec) or {})
+    return clone
+
+
 def quantize(clone, spec) -> dict:
     """Quantize every decoder weight matrix of `clone` (see the module docstring); say what was done."""
     import torch
 
     bnb = _import_bnb()
     dtype = next(clone.parameters()).dtype
-    method = spec.method
-    module_class = "Linear8bitLt" if method == "int8" else "Linear4bit"
+    bits = spec.declared.params["bits"]  # 8: LLM.int8(), 4: nf4 (engine.record.methods.quant)
+    module_class = "Linear8bitLt" if bits == 8 else "Linear4bit"
     counts = {"linear": 0, "conv1d": 0, "expert_matrices": 0}
     kept: dict[str, str] = {}  # path inside a layer -> why it stays in full precision
     skipped: list[str] = []
@@ -89,17 +99,17 @@ def quantize(clone, spec) -> dict:
                     f"cannot quantize {name}: its weight is offloaded (meta device); load the model on one device"
                 )
             if device not in probed:  # fail here with one line, not later in the middle of stepping
-                _probe_backend(bnb, method, device, dtype, torch)
+                _probe_backend(bnb, spec.method, bits, device, dtype, torch)
                 probed.add(device)
             if kind == "experts":
-                counts["expert_matrices"] += _quantize_experts(bnb, module, method, dtype, torch)
+                counts["expert_matrices"] += _quantize_experts(bnb, module, bits, dtype, torch)
                 continue
             weight = module.weight.detach()
             if kind == "conv1d":
                 weight = weight.t()  # Conv1D stores [in, out]; a linear's weight is [out, in]
             out_features, in_features = weight.shape
             try:
-                if method == "int8":
+                if bits == 8:
                     new = _int8_linear(bnb, weight, module.bias)
                 else:
                     new = _nf4_linear(bnb, weight, module.bias, dtype)
@@ -123,9 +133,9 @@ def quantize(clone, spec) -> dict:
     if counts["conv1d"]:
         methods["conv1d"] = f"{KERNELS} ({module_class} of the transposed Conv1D weight)"
     if counts["expert_matrices"]:
-        how = "int8_vectorwise_quant/dequant, per output row" if method == "int8" else "quantize_4bit/dequantize_4bit"
+        how = "int8_vectorwise_quant/dequant, per output row" if bits == 8 else "quantize_4bit/dequantize_4bit"
         methods["experts"] = f"{SIMULATED} ({how}, per expert matrix; matmul in the model's dtype)"
-        if method == "int8":
+        if bits == 8:
             methods["experts"] += "; activations not quantized"
     details = {
         "quantized_linears": counts["linear"] + counts["conv1d"],
@@ -133,10 +143,10 @@ def quantize(clone, spec) -> dict:
         "methods": methods,
         "full_precision": kept,
         "skipped": skipped,
-        "bits": 8 if method == "int8" else 4,
+        "bits": bits,
         "backend": f"bitsandbytes {bnb.__version__}",
     }
-    if method == "int8":
+    if bits == 8:
         details["threshold"] = INT8_THRESHOLD
     else:
         details.update(
@@ -298,19 +308,19 @@ def _nf4_quant(bnb, w, torch):
     )
 
 
-def simulated_weight(bnb, weight, method: str):
+def simulated_weight(bnb, weight, bits: int):
     """`weight` ([out, in]) quantized and de-quantized by bitsandbytes' own functions, in its dtype: what
-    Linear4bit multiplies with (nf4), or Linear8bitLt's int8 rows times their scales (int8)."""
+    Linear4bit multiplies with (nf4, 4 bits), or Linear8bitLt's int8 rows times their scales (8 bits)."""
     import torch
 
-    if method == "int8":
+    if bits == 8:
         cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.to(dtype=torch.float16, copy=True).contiguous())
         return bnb.functional.int8_vectorwise_dequant(cb, scb).to(weight.dtype)
     packed, state = _nf4_quant(bnb, weight.detach().clone().contiguous(), torch)
     return bnb.functional.dequantize_4bit(packed, state).to(weight.dtype)
 
 
-def _quantize_experts(bnb, experts, method: str, dtype, torch) -> int:
+def _quantize_experts(bnb, experts, bits: int, dtype, torch) -> int:
     """Give each 3-D parameter of `experts` a new one holding its simulated quantized values; return how
     many expert matrices that was."""
     import torch.nn as nn
@@ -324,19 +334,19 @@ def _quantize_experts(bnb, experts, method: str, dtype, torch) -> int:
         with torch.no_grad():
             for w in p.detach():
                 w = w.t() if transposed else w
-                q = simulated_weight(bnb, w, method)
+                q = simulated_weight(bnb, w, bits)
                 mats.append(q.t() if transposed else q)
         setattr(experts, pname, nn.Parameter(torch.stack(mats).contiguous(), requires_grad=False))
         count += p.shape[0]
     return count
 
 
-def _probe_backend(bnb, method: str, device, dtype, torch) -> None:
+def _probe_backend(bnb, method: str, bits: int, device, dtype, torch) -> None:
     """One tiny forward pass through a fresh quantized linear of an ordinary shape (64 × 64); a backend that
     cannot run it at all is one line."""
     try:
         weight = torch.ones(64, 64, device=device, dtype=dtype)
-        module = _int8_linear(bnb, weight, None) if method == "int8" else _nf4_linear(bnb, weight, None, dtype)
+        module = _int8_linear(bnb, weight, None) if bits == 8 else _nf4_linear(bnb, weight, None, dtype)
         module.eval()
         with torch.no_grad():
             module(torch.zeros(1, 64, device=device, dtype=dtype))

@@ -14,12 +14,13 @@ from __future__ import annotations
 import torch
 
 from engine.perturb.inputs import InputStats
+from engine.perturb.job import Job
 from engine.perturb.layerwise import prune_layers_sequentially
 from engine.perturb.masks import lowest_k, n_of_m
 from engine.perturb.spec import Spec
+from engine.perturb.stored import build_pruned
 
-# bump when the output changes: cached pruned weights made by another version are then not reused (engine.perturb.cache)
-ALGORITHM_VERSION = 2  # 2: every family (Conv1D, MoE experts, per-layer calibration inputs)
+# its declaration (grammar, ALGORITHM_VERSION, memory footprint): engine.record.methods.sparsegpt
 
 BLOCK_SIZE = 128
 PERCENT_DAMP = 0.01
@@ -106,3 +107,8 @@ def prune_sparsegpt(model, spec: Spec, calib_ids: torch.Tensor, progress=None) -
         return sparsegpt_weight(view.matrix(), stats.xtx, spec)
 
     return prune_layers_sequentially(model, calib_ids, prune_matrix, gram=True, spec=spec, progress=progress)
+
+
+def build(job: Job):
+    """The pruned clone (from the pruned-weight cache when it holds it, engine.perturb.stored)."""
+    return build_pruned(job, lambda clone, step: prune_sparsegpt(clone, job.spec, job.calibration.ids, progress=step))

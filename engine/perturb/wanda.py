@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 
 from engine.perturb.inputs import InputStats
+from engine.perturb.job import Job
 from engine.perturb.layerwise import prune_layers_sequentially
 from engine.perturb.masks import lowest_per_row, n_of_m
 from engine.perturb.spec import Spec
+from engine.perturb.stored import build_pruned
 
-# bump when the output changes: cached pruned weights made by another version are then not reused (engine.perturb.cache)
-ALGORITHM_VERSION = 2  # 2: every family (Conv1D, MoE experts, per-layer calibration inputs)
+# its declaration (grammar, ALGORITHM_VERSION, memory footprint): engine.record.methods.wanda
 
 
 def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
@@ -40,3 +41,8 @@ def prune_wanda(model, spec: Spec, calib_ids: torch.Tensor, progress=None) -> di
         return w.masked_fill(wanda_mask(w, stats.norm.to(w.device), spec), 0)
 
     return prune_layers_sequentially(model, calib_ids, prune_matrix, gram=False, spec=spec, progress=progress)
+
+
+def build(job: Job):
+    """The pruned clone (from the pruned-weight cache when it holds it, engine.perturb.stored)."""
+    return build_pruned(job, lambda clone, step: prune_wanda(clone, job.spec, job.calibration.ids, progress=step))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.errors import HieruiError
+from engine.record.header import header_of
 from engine.record.summary import mean
 
 BRANCH_SUMMARY = ("recovered", "recovery_steps", "branch_divergence", "branch_kl_mean")  # the summary's fields
@@ -87,11 +88,12 @@ def recovery(steps: list[dict]) -> tuple[bool | None, int | None]:
     return True, compared[disagree[-1]][0] + 1
 
 
-def branch_prefix(header: dict, steps: list[dict], step: int, token: int) -> tuple[list[int], int]:
-    """(prefix ids, start step) of a new run that continues the perturbed run of a recorded session (`header`,
-    `steps`) after step `step` with `token` instead of the perturbed model's choice: the run's own prefix, what
-    the perturbed model was fed before `step`, then `token`; its step 0 is the parent's step `step` + 1 (counted
-    from the parent's own start step, so a sampled branch keeps the parent's noise stream)."""
+def branch_prefix(header, steps: list[dict], step: int, token: int) -> tuple[list[int], int]:
+    """(prefix ids, start step) of a new run that continues the perturbed run of a recorded session (`header`, an
+    engine.record.header.SessionHeader or its dict; `steps`) after step `step` with `token` instead of the
+    perturbed model's choice: the run's own prefix, what the perturbed model was fed before `step`, then `token`;
+    its step 0 is the parent's step `step` + 1 (counted from the parent's own start step, so a sampled branch
+    keeps the parent's noise stream)."""
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < len(steps):
         raise HieruiError(f"no step {step} to branch from: the run has steps 0 to {len(steps) - 1}")
     fed = []
@@ -102,5 +104,5 @@ def branch_prefix(header: dict, steps: list[dict], step: int, token: int) -> tup
         fed.append(int(got))
     if (steps[step].get("fed") or [None, None])[1] is None:
         raise HieruiError(f"the perturbed model had ended before step {step}: nothing to branch from")
-    prefix = [int(t) for t in header.get("prefix_ids") or []] + fed + [int(token)]
-    return prefix, int(header.get("start_step") or 0) + step + 1
+    header = header_of(header)
+    return [*header.prefix_ids, *fed, int(token)], header.start_step + step + 1

@@ -1,6 +1,7 @@
 """Session files: one JSON Lines file per run (shared/design.md, "Sessions"), version 1.
 
     line 1     header: {"format": "hierui-session", "version": 1, "model": …, "perturbation": {…}, …}
+               (engine.record.header.SessionHeader: its fields, their defaults, exactly how it is written)
     lines 2…   one step record each, appended and flushed as the step completes
     last line  optionally {"end": true, "summary": {…}}, with "branch": {…} for a free-mode run with counterfactual
                on (engine.record.branches.Branch.to_dict; older readers ignore it)
@@ -16,19 +17,17 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine import __version__
 from engine.errors import HieruiError
-from engine.record.validate import check_branch, check_header, check_step, check_summary, loads, shown
+from engine.record.header import FORMAT, VERSION, SessionHeader, header_of
+from engine.record.validate import check_branch, check_step, check_summary, loads, shown
 
 if TYPE_CHECKING:
     from engine.record.branches import Branch
-
-FORMAT = "hierui-session"
-VERSION = 1
 
 
 def _clean(value):
@@ -66,21 +65,23 @@ def default_session_path(prompt: str, spec: str, directory: str | Path = "sessio
 class SessionWriter:
     """Writes the header at once, then each step as it comes (flushed), then an optional summary."""
 
-    def __init__(self, path: str | Path, header: dict, exclusive: bool = False):
-        """`exclusive`: create the file with O_EXCL (FileExistsError if it is there), so two writers (two
-        explorers) never share a file; otherwise an existing file is rewritten (a batch run rerun)."""
+    def __init__(self, path: str | Path, header: SessionHeader, exclusive: bool = False):
+        """`header`: the run's (engine.run.recorder.session_header; a dict is read as one), stamped here with the
+        format, version, time and hierui version. `exclusive`: create the file with O_EXCL (FileExistsError if it
+        is there), so two writers (two explorers) never share a file; otherwise an existing file is rewritten (a
+        batch run rerun)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        full = {
-            "format": FORMAT,
-            "version": VERSION,
-            **{k: v for k, v in header.items() if k not in ("format", "version", "created", "hierui")},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "hierui": __version__,
-        }
+        full = replace(
+            header_of(header),
+            format=FORMAT,
+            version=VERSION,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            hierui=__version__,
+        )
         self.header = full
         self._file = open(self.path, "x" if exclusive else "w", encoding="utf-8")
-        self._file.write(_line(full))
+        self._file.write(_line(full.to_dict()))
         self._file.flush()
         self.closed = False
         self.summary: dict | None = None
@@ -114,7 +115,7 @@ class Session:
     branch (an engine.record.branches.Branch) if the closing line holds one."""
 
     path: Path
-    header: dict
+    header: SessionHeader
     steps: list[dict]
     summary: dict | None = None
     warnings: list[str] = field(default_factory=list)
@@ -149,7 +150,7 @@ def load_session(path: str | Path) -> Session:
     if not lines:
         raise HieruiError(f"{path} is empty, not a hierui session")
     try:
-        header = loads(lines[0][1].decode("utf-8"))
+        first = loads(lines[0][1].decode("utf-8"))
     except UnicodeDecodeError:
         raise HieruiError(f"{path} is not a hierui session (not UTF-8 text)") from None
     except RecursionError:
@@ -158,9 +159,9 @@ def load_session(path: str | Path) -> Session:
         raise HieruiError(f"{path} is not a hierui session (its first line is not JSON)") from None
     except ValueError:  # an integer of too many digits
         raise HieruiError(f"{path}: line {lines[0][0]} holds a number too large to read") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
+    if not isinstance(first, dict) or first.get("format") != FORMAT:
         raise HieruiError(f'{path} is not a hierui session (no "format": "{FORMAT}" header)')
-    version = header.get("version")
+    version = first.get("version")
     if not _is_int(version):
         raise HieruiError(f"{path}: the session header has no valid version")
     if version > VERSION:
@@ -170,7 +171,7 @@ def load_session(path: str | Path) -> Session:
         )
     if version < 1:
         raise HieruiError(f"{path}: unsupported session version {version}")
-    check_header(header, path, lines[0][0])  # engine.record.validate: every field's type and range
+    header = SessionHeader.from_dict(first, path, lines[0][0])  # every field's type and range checked
 
     session = Session(path=path, header=header, steps=[])
     last = len(lines) - 1
@@ -213,6 +214,3 @@ def load_session(path: str | Path) -> Session:
         check_step(obj, path, number)
         session.steps.append(obj)
     return session
-
-
-# ------------------------------------------------------------------ recording

@@ -138,7 +138,6 @@ CALIB_SAMPLES = 64
 CALIB_LENGTH = 128
 CALIB_SEED = 0
 QUICK_CALIB_SAMPLES = 32
-QUICK_CALIB_METHODS = ("wanda",)
 INTERACTIVE_COMMANDS = ("explore", "prune")
 
 
@@ -165,9 +164,17 @@ class CalibSettings:
 CALIB_DEFAULTS = CalibSettings().to_dict()
 
 
+def quick_calibration_methods() -> tuple[str, ...]:
+    """The methods that take QUICK_CALIB_SAMPLES in the interactive commands, as they declare it
+    (Method.quick_calibration, engine.record.methods)."""
+    from engine.record.methods import methods
+
+    return tuple(m.name for m in methods() if m.quick_calibration)
+
+
 def default_calibration(method: str | None, command: str) -> CalibSettings:
     """The calibration `command` (explore, prune, batch, ...) uses for a pruning `method` when none is asked for."""
-    if command in INTERACTIVE_COMMANDS and method in QUICK_CALIB_METHODS:
+    if command in INTERACTIVE_COMMANDS and method in quick_calibration_methods():
         return CalibSettings(samples=QUICK_CALIB_SAMPLES)
     return CalibSettings()
 
@@ -181,7 +188,7 @@ def calibration_for(method: str | None, command: str, **given) -> CalibSettings:
 def calib_samples_help(command: str) -> str:
     """How many calibration sequences `command` takes by default, as its --calib-samples help says it."""
     if command in INTERACTIVE_COMMANDS:
-        methods = "/".join(QUICK_CALIB_METHODS)
+        methods = "/".join(quick_calibration_methods())
         return f"calibration sequences (default {QUICK_CALIB_SAMPLES} for {methods}, {CALIB_SAMPLES} otherwise)"
     return f"calibration sequences (default {CALIB_SAMPLES})"
 

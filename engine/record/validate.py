@@ -38,6 +38,7 @@ HEADER = {
     "prompt": (STRING, False, None),
     "prompt_tokens": (INT, True, lambda v: None if v >= 0 else "expected a count ≥ 0"),
     "prompt_ids": (INTS, True, None),
+    "truncated_from": (INT, True, lambda v: None if v >= 1 else "expected a count ≥ 1"),  # --truncate cut the prompt
     "mode": (STRING, False, lambda v: None if v in MODES else "expected shared or free"),
     "temperature": (FLOAT, False, lambda v: None if math.isfinite(v) and v > 0 else "expected a number > 0"),
     "max_new_tokens": (INT, False, lambda v: None if v >= 1 else "expected an integer ≥ 1"),
@@ -59,6 +60,7 @@ HEADER = {
     "architecture": (DICT, True, None),
     "device": (STRING, True, None),
     "dtype": (STRING, True, None),
+    "plan": (DICT, True, None),  # engine.run.plan's estimate, kept as written (Plan.summary())
     "created": (STRING, True, None),
     "hierui": (STRING, True, None),
 }
@@ -87,7 +89,13 @@ ARCHITECTURE = {  # engine.record.architecture.describe
     "experts": _COUNT,
     "experts_per_token": _COUNT,
 }
-NESTED = {"perturbation": PERTURBATION, "calibration": CALIBRATION, "architecture": ARCHITECTURE}
+PARENT = {  # a branch's link to the run it continues (the explorer's branch, engine.run.stepper.Stepper's parent)
+    "session": (STRING, True, None),
+    "step": (INT, True, lambda v: None if v >= 0 else "expected a step ≥ 0"),
+    "token": (INT, True, None),
+    "text": (STRING, True, None),
+}
+NESTED = {"perturbation": PERTURBATION, "calibration": CALIBRATION, "architecture": ARCHITECTURE, "parent": PARENT}
 # every step field is nullable except `step`; top-k lists are [[token id, text, probability], …]
 STEPS = {name: ({JSON: TOPK, INTS: NINTS}.get(kind, kind), name != "step", None) for name, kind in STEP_FIELDS.items()}
 SUMMARY = {name: (kind, True, None) for name, kind in SUMMARY_FIELDS.items()}
@@ -306,10 +314,3 @@ def check_branch(branch, path, number: int) -> None:
             _check_fields(step, STEPS, prefix=f"branch.steps[{i}].")
     except _Bad as bad:
         raise _error(path, number, bad) from None
-
-
-def require(header: dict, path, fields: tuple[str, ...], why: str) -> None:
-    """HieruiError unless every one of `fields` is in the header (and not null): what `why` needs."""
-    for name in fields:
-        if header.get(name) is None:
-            raise HieruiError(f"{escape(str(path))}: the header has no {name}; {why}")

@@ -192,9 +192,8 @@ def measure_floor(
     import torch
 
     from engine.perturb.pair import ModelPair
-    from engine.perturb.spec import parse_spec
+    from engine.perturb.spec import unperturbed
     from engine.record.settings import default_batch_size
-    from engine.run.open import PairRequest
 
     say: Progress = progress or (lambda *_: None)
     dtypes = parse_dtypes(dtypes)
@@ -206,22 +205,8 @@ def measure_floor(
     started = time.perf_counter()
     device = loaded.device
     display = loaded.ref.display
-    own = dtype_name(loaded.dtype)
-    models: dict[str, object] = {}
     notes: list[str] = []
-    for d in dtypes:
-        if d == own:
-            models[d] = loaded.model
-            continue
-        say(f"loading {display} in {d}", 0, 0)
-        try:
-            models[d] = _open_in(request or PairRequest(loaded.ref.name, device=str(device)), d, say)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:
-            notes.append(f"{d}: {display} cannot be loaded in {d} on {device.type} ({one_line(e)}); not measured")
-    if not models:
-        raise HieruiError(f"{display} could not be loaded in any of {', '.join(dtypes)} on {device.type}", 1)
+    models = _open_dtypes(loaded, dtypes, request, say, notes)
     ref = "float32" if "float32" in models else next(iter(models))
     others = [d for d in models if d != ref]
     size = default_batch_size(device.type)
@@ -229,39 +214,16 @@ def measure_floor(
     if len(texts) == 1:
         notes.append("one prompt: no batch to step it in, so no batch comparison")
     steps: dict[tuple[str, str], dict] = {}  # (kind, dtype) → per-step values
-
-    def add(kind: str, dtype: str, values: dict) -> None:
-        into = steps.setdefault((kind, dtype), {k: [] for k in values})
-        for k, v in values.items():
-            into[k].extend(v.tolist())
-
     measured = [ref]
     ref_done = False
     for other in [*others, None]:  # each other dtype paired with the reference; None: the reference alone
         if other is None and ref_done:
             break
         label = f"measuring {ref}" + (f" vs {other}" if other else "")
-        pair = ModelPair(models[ref], models[other or ref], loaded.tokenizer, parse_spec("none"), loaded=loaded)
+        pair = ModelPair(models[ref], models[other or ref], loaded.tokenizer, unperturbed(), loaded=loaded)
         sides = ([] if ref_done else [(ref, 0)]) + ([(other, 1)] if other else [])
-        found: list[tuple[str, str, dict]] = []
-        done = 0
         try:
-            say(label, 0, len(texts))
-            for chunk in chunks:
-                alone = [_step(pair, [p], max_new_tokens) for p in chunk]
-                fed = [a.tokens[0] for a in alone]  # the reference dtype's greedy text, fed to every run
-                batch = _step(pair, chunk, max_new_tokens, texts=fed) if len(chunk) > 1 else None
-                for b, one in enumerate(alone):
-                    if other:
-                        found.append(("dtype", other, compare(one.side(0, 0), one.side(1, 0))))
-                    for dtype, index in sides:
-                        z = one.side(index, 0)
-                        if batch is not None:
-                            found.append(("batch", dtype, compare(z, batch.side(index, b))))
-                        full = _full_logits(models[dtype], one.rows[0].ids + fed[b][:-1], max_new_tokens)
-                        found.append(("cache", dtype, compare(z, full)))
-                    done += 1
-                    say(label, done, len(texts))
+            found = _compare_pair(pair, models, chunks, max_new_tokens, other, sides, say, label)
         except KeyboardInterrupt:
             raise
         except Exception as e:
@@ -270,18 +232,15 @@ def measure_floor(
             notes.append(f"{other}: {display} cannot run in {other} on {device.type} ({one_line(e)}); not measured")
             continue
         for kind, dtype, values in found:
-            add(kind, dtype, values)
+            into = steps.setdefault((kind, dtype), {k: [] for k in values})
+            for k, v in values.items():
+                into[k].extend(v.tolist())
         ref_done = True
         if other:
             measured.append(other)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-    comparisons = []
-    for (kind, dtype), values in steps.items():
-        name = f"{ref} vs {dtype}" if kind == "dtype" else f"{kind} ({dtype})"
-        comparisons.append({"name": name, "kind": kind, "dtype": dtype, **summarize(values)})
-    comparisons.sort(key=lambda c: (KINDS.index(c["kind"]), measured.index(c["dtype"])))
+    comparisons = _comparisons(steps, ref, measured)
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -302,6 +261,66 @@ def measure_floor(
         "comparisons": comparisons,
         "notes": notes,
     }
+
+
+def _open_dtypes(loaded, dtypes: list[str], request, say: Progress, notes: list[str]) -> dict[str, object]:
+    """The model in each of `dtypes`: `loaded` itself in its own, a copy opened by `request` (default: the model on
+    its device) in each other; one that cannot be loaded is a note (`notes`), and none at all an error."""
+    from engine.run.open import PairRequest
+
+    device, display = loaded.device, loaded.ref.display
+    own = dtype_name(loaded.dtype)
+    models: dict[str, object] = {}
+    for d in dtypes:
+        if d == own:
+            models[d] = loaded.model
+            continue
+        say(f"loading {display} in {d}", 0, 0)
+        try:
+            models[d] = _open_in(request or PairRequest(loaded.ref.name, device=str(device)), d, say)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            notes.append(f"{d}: {display} cannot be loaded in {d} on {device.type} ({one_line(e)}); not measured")
+    if not models:
+        raise HieruiError(f"{display} could not be loaded in any of {', '.join(dtypes)} on {device.type}", 1)
+    return models
+
+
+def _compare_pair(pair, models: dict, chunks: list[list[str]], max_new_tokens: int, other, sides, say, label: str):
+    """The comparisons of one pair of dtypes, prompt by prompt: (kind, dtype, per-step values) for the other dtype
+    against the reference (`other`; None: the reference alone), and for each of `sides` ((dtype, its side of the
+    pair)) its run alone against the same prompt in a batch and against a forward without the KV cache. Progress:
+    say(label, prompts done, prompts)."""
+    found: list[tuple[str, str, dict]] = []
+    done, total = 0, sum(len(chunk) for chunk in chunks)
+    say(label, 0, total)
+    for chunk in chunks:
+        alone = [_step(pair, [p], max_new_tokens) for p in chunk]
+        fed = [a.tokens[0] for a in alone]  # the reference dtype's greedy text, fed to every run
+        batch = _step(pair, chunk, max_new_tokens, texts=fed) if len(chunk) > 1 else None
+        for b, one in enumerate(alone):
+            if other:
+                found.append(("dtype", other, compare(one.side(0, 0), one.side(1, 0))))
+            for dtype, index in sides:
+                z = one.side(index, 0)
+                if batch is not None:
+                    found.append(("batch", dtype, compare(z, batch.side(index, b))))
+                full = _full_logits(models[dtype], one.rows[0].ids + fed[b][:-1], max_new_tokens)
+                found.append(("cache", dtype, compare(z, full)))
+            done += 1
+            say(label, done, total)
+    return found
+
+
+def _comparisons(steps: dict[tuple[str, str], dict], ref: str, measured: list[str]) -> list[dict]:
+    """Each (kind, dtype)'s per-step values summarized, in the order of KINDS and of the dtypes measured."""
+    comparisons = []
+    for (kind, dtype), values in steps.items():
+        name = f"{ref} vs {dtype}" if kind == "dtype" else f"{kind} ({dtype})"
+        comparisons.append({"name": name, "kind": kind, "dtype": dtype, **summarize(values)})
+    comparisons.sort(key=lambda c: (KINDS.index(c["kind"]), measured.index(c["dtype"])))
+    return comparisons
 
 
 def _version() -> str:

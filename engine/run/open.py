@@ -20,11 +20,11 @@ every visible one for `auto` and `cuda`, one for `cuda:N`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.errors import HieruiError
 from engine.models.loading import DTYPES, check_device, read_config, resolve
-from engine.perturb.spec import Spec, check_fits, check_streamable, parse_spec
+from engine.perturb.spec import Spec, check_fits, check_streamable, parse_spec, unperturbed
 from engine.run.plan import PROMPT_TOKENS, parse_size, plan_for_run, planned_device_map, plans_streaming, remember
 
 Progress = Callable[..., None]
@@ -101,21 +101,11 @@ def pair_request(
     parsed = tuple(parse_spec(s) if isinstance(s, str) else s for s in specs)
     check_device(device)
     check_dtype(dtype)
-    budget = parse_size(gpu_mem) if isinstance(gpu_mem, str) else gpu_mem
-    request = PairRequest(
-        model,
-        parsed,
-        device,
-        dtype,
-        budget,
-        check_gpus(gpus, device),
-        dict(calib or {}),
-        use_cache,
-        Workload(**workload),
-    )
+    request = PairRequest(model, parsed, device, dtype, None, None, dict(calib or {}), use_cache, Workload(**workload))
+    request = budget(request, gpu_mem, gpus)
     config = read_config(model)  # None: not known before loading (a hub model not in the cache)
     for spec in parsed:
-        if spec.method == "checkpoint":
+        if spec.declared.takes_path:
             try:
                 resolve(spec.path)  # a local checkpoint that is not there fails here
             except HieruiError as e:
@@ -124,14 +114,26 @@ def pair_request(
     return request
 
 
-def plan_pair(request: PairRequest):
+def check_budget(gpu_mem: str | int | None, gpus: int | None, device: str) -> tuple[int | None, int | None]:
+    """The memory budget the user gave, checked: --gpu-mem in bytes (a size such as 24GiB; one line, exit 2, for a
+    malformed one) and --gpus (against the GPUs present and the device)."""
+    return (parse_size(gpu_mem) if isinstance(gpu_mem, str) else gpu_mem), check_gpus(gpus, device)
+
+
+def budget(request: PairRequest, gpu_mem: str | int | None, gpus: int | None) -> PairRequest:
+    """`request` with the memory budget the user gave (check_budget)."""
+    size, gpus = check_budget(gpu_mem, gpus, request.device)
+    return replace(request, gpu_mem=size, gpus=gpus)
+
+
+def plan_pair(request: PairRequest, strict: bool = True):
     """The request's memory plan (engine.run.plan.Plan; None where the config is not known before loading),
-    remembered for an out-of-memory message. A pair that cannot fit even streamed, or a streamed one with a spec
-    that cannot stream: one line, exit 2, here."""
+    remembered for an out-of-memory message. A pair that cannot fit even streamed, or (`strict`) a streamed one
+    with a spec that cannot stream: one line, exit 2, here (hierui check, not strict, reports such a spec n/a)."""
     w = request.workload
     plan = plan_for_run(
         request.model,
-        list(request.specs) or [parse_spec("none")],
+        list(request.specs) or [unperturbed()],
         request.device,
         request.dtype,
         request.calib,
@@ -143,7 +145,7 @@ def plan_pair(request: PairRequest):
         gpu_mem=request.gpu_mem,
         gpus=request.gpus,
     )
-    if plans_streaming(plan):
+    if strict and plans_streaming(plan):
         check_streamable(request.specs)
     remember(plan)
     return plan

@@ -310,24 +310,23 @@ def stage_total(items: list[Item], stage: str, device_only: bool = False) -> int
 
 
 def _perturbed_bytes(spec, g: Geometry, dtype) -> tuple[int, str]:
-    """Bytes of the tensors `spec` replaces (the perturbed model's own), and how they were counted."""
+    """Bytes of the tensors `spec` replaces (the perturbed model's own), and how they were counted: what its
+    method changes and its declared Memory (engine.record.methods)."""
     b = g.itemsize
-    if spec.family == "prune":
+    declared = spec.declared
+    if declared.changes == "weights":
         return g.changed * b, f"{g.changed:,} decoder weights × {b} B (new tensors; the rest is shared)"
-    if spec.family == "quant":
-        plain = g.changed_plain
-        if spec.method == "int8":
-            rows = sum(o for o, _i, e in g.matrices if not e) * g.layers
-            nbytes = plain + 4 * rows
-            how = f"{plain:,} weights × 1 B + a float32 scale per row"
-        else:
-            nbytes = plain // 2 + 4 * (plain // 64)
-            how = f"{plain:,} weights × ½ B + a float32 absmax per 64"
+    if declared.changes == "quantized":
+        memory, plain = declared.memory, g.changed_plain
+        rows = sum(o for o, _i, e in g.matrices if not e) * g.layers
+        scales = plain // memory.scale_every if memory.scale_every else rows
+        nbytes = plain * memory.bits // 8 + 4 * scales
+        how = f"{plain:,} {memory.copy_note}"
         if g.changed_experts:
             nbytes += g.changed_experts * b
             how += f"; {g.changed_experts:,} expert weights simulated in {g.dtype}"
         return nbytes, how
-    if spec.method == "checkpoint":
+    if declared.changes == "model":
         other = geometry(spec.path, dtype)
         if other is None:
             return g.weight_bytes, "the checkpoint's config is unknown: counted as large as the dense model"
@@ -336,30 +335,28 @@ def _perturbed_bytes(spec, g: Geometry, dtype) -> tuple[int, str]:
 
 
 def _workspace(spec, g: Geometry, tokens_in_chunk: int) -> tuple[int, str]:
-    """The pruning workspace of the layer in flight (bytes), and how it was counted."""
+    """The pruning workspace of the layer in flight (bytes), and how it was counted, from the method's declared
+    Memory (engine.record.methods.declaration.Memory says what each number counts)."""
     b = g.itemsize
     plain = [(o, i) for o, i, e in g.matrices if not e] or [(o, i) for o, i, _e in g.matrices]
     if not plain:
         return 0, ""
+    memory = spec.declared.memory
     n = max(o * i for o, i in plain)
-    sparsity = spec.target_sparsity or 0.5
-    k = int(n * sparsity)
-    if spec.method == "magnitude":
-        return 4 * n + n + 12 * k, "largest matrix: float32 score, mask, top-k values and int64 indices"
-    if spec.method == "wanda":
-        widest = max(i for _o, i in plain)
-        hook = tokens_in_chunk * widest * (4 + (4 if b != 4 else 0))
-        return 8 * n + n + 12 * k + hook, "largest matrix: |W| and score (float32), mask, top-k per row"
-    if spec.method == "sparsegpt":
+    k = int(n * (spec.target_sparsity or 0.5))
+    nbytes = memory.per_weight * n + memory.per_weight_dtype * n * b + memory.per_pruned * k
+    widened = 4 if b != 4 else 0  # a float32 copy of what the model holds in another dtype
+    if memory.input_copy:
+        nbytes += tokens_in_chunk * max(i for _o, i in plain) * (4 + widened)
+    grams = 0
+    if memory.gram_copies:
         grams = sum(4 * i * i for _o, i in plain)
-        flight = max(max(5 * 4 * i * i, 4 * i * i + 2 * 4 * o * i + (4 * o * i if b != 4 else 0)) for o, i in plain)
-        return grams + flight, (
-            f"float32 Hessians of the layer's {len(plain)} linears ({gib(grams)}) + the one being pruned's "
-            "inverse factors"
-        )
-    if spec.family == "quant":
-        return n * b + n, "one weight's copy while it is quantized"
-    return 0, ""
+        inverting = max(memory.gram_copies * 4 * i * i for _o, i in plain)
+        updating = max(4 * i * i + memory.weight_copies * 4 * o * i + widened * o * i for o, i in plain)
+        nbytes += grams + max(inverting, updating)
+    if not nbytes:
+        return 0, ""
+    return nbytes, memory.note.format(linears=len(plain), grams=gib(grams))
 
 
 def estimate(
@@ -384,9 +381,9 @@ def estimate(
     `perplexity`: the window of a perplexity measurement after pruning (hierui prune: 512 tokens), 0 for none.
     None when the model's config is not known before loading (a hub model neither cached nor reachable)."""
     from engine.models.loading import pick_device, pick_dtype, resolve
-    from engine.perturb.spec import parse_spec
+    from engine.perturb.spec import parse_spec, unperturbed
 
-    parsed = [parse_spec(s) if isinstance(s, str) else s for s in specs] or [parse_spec("none")]
+    parsed = [parse_spec(s) if isinstance(s, str) else s for s in specs] or [unperturbed()]
     ref = resolve(model)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -429,8 +426,8 @@ def estimate(
     if calibrates and samples:
         acts = 2 * samples * length * g.hidden * b + 2 * samples * length * g.head_dim * b
         layer = chunk_tokens * (4 * g.intermediate + 6 * g.hidden) * b
-        drop = [s for s in calibrates if s.family == "drop"]
-        if drop:  # similarity scores run the whole decoder stack on a chunk: no stored inputs
+        whole_stack = [s for s in calibrates if s.declared.memory.whole_stack]
+        if whole_stack:  # similarity scores run the whole decoder stack on a chunk: no stored inputs
             acts = max(acts, chunk_tokens * (3 * g.hidden) * b)
         items.append(
             Item(
@@ -681,12 +678,14 @@ def plan_for_run(
     prompt_tokens: int = PROMPT_TOKENS,
     perplexity: int = 0,
     gpu_mem: int | None = None,
+    gpus: int | None = None,
 ) -> Plan | None:
-    """The plan explore / batch / prune print and record: None where the config is not known before loading
-    (nothing is refused then); HieruiError when the pair cannot fit even streamed. `gpu_mem`: the device's
-    budget (--gpu-mem; on a CPU a simulated one), below the pair's peak the layers are streamed."""
+    """The plan a run prints and records (engine.run.open.plan_pair): None where the config is not known before
+    loading (nothing is refused then); HieruiError when the pair cannot fit even streamed. `gpu_mem`: the device's
+    budget (--gpu-mem; on a CPU a simulated one), below the pair's peak the layers are streamed; `gpus`: how many
+    GPUs the pair spreads over (--gpus; default every visible one, visible_gpus)."""
     calib = calib or {}
-    gpus = visible_gpus(device)
+    gpus = gpus if gpus is not None else visible_gpus(device)
     return estimate(
         model,
         specs,

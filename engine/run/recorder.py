@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.record.header import Perturbation, SessionHeader
 from engine.record.session import Session, SessionWriter
 
 
-def session_header(pair, settings, row, tie_margin: tuple[float, str] | None = None) -> dict:
-    """The header of one row's session (the writer adds format, version, created and hierui).
+def session_header(pair, settings, row, tie_margin: tuple[float, str] | None = None) -> SessionHeader:
+    """The header of one row's session (the writer stamps format, version, created and hierui).
 
     `pair`: an engine.perturb.pair.ModelPair; `settings`: the engine.record.settings.StepSettings the row is stepped
     with; `row`: the stepper's row (prompt, ids, choices, choice ids, notes); `tie_margin`: the near-tie
@@ -18,47 +19,45 @@ def session_header(pair, settings, row, tie_margin: tuple[float, str] | None = N
 
     report = pair.report
     loaded = pair.loaded
-    perturbation = {"spec": str(pair.spec)}
+    perturbation = Perturbation(spec=str(pair.spec))
     if report is not None:
-        perturbation.update(
-            measured_sparsity=report.measured_sparsity,
-            dense_sparsity=report.dense_sparsity,
-            details=dict(report.details),
-        )
+        perturbation = Perturbation(str(pair.spec), report.measured_sparsity, report.dense_sparsity, report.details)
     model = loaded.ref.name if loaded is not None else getattr(pair.dense.config, "name_or_path", "")
     first = pair.dense.get_input_embeddings().weight
-    return {
-        "model": model,
-        "model_display": loaded.ref.display if loaded is not None else model,
-        "perturbation": perturbation,
-        "calibration": report.calibration if report is not None else None,
-        "prompt": row.prompt,
-        "prompt_tokens": len(row.ids),
-        "prompt_ids": list(row.ids),
-        **({"truncated_from": row.truncated_from} if getattr(row, "truncated_from", None) else {}),
-        "mode": settings.mode,
-        "temperature": settings.temperature,
-        "choices": list(row.choices) if row.choices else None,
-        "choice_ids": list(row.choice_ids) or None,
-        "choice_notes": list(row.notes) or None,
-        "seed": settings.seed,
-        "sample": settings.sample,
-        "max_new_tokens": settings.max_new_tokens,
-        "raw": settings.raw,
-        "topk": settings.topk,
-        "lens": settings.lens,
-        **({"tie_margin": tie_margin[0], "tie_margin_source": tie_margin[1]} if tie_margin else {}),
-        **({"prefix_ids": list(row.prefix_ids)} if getattr(row, "prefix_ids", None) else {}),
-        **({"start_step": row.start_step} if getattr(row, "start_step", 0) else {}),
-        **({"parent": dict(row.parent)} if getattr(row, "parent", None) else {}),
-        **({"counterfactual": True} if getattr(settings, "counterfactual", False) and settings.mode == "free" else {}),
-        "layers": pair.dense.config.num_hidden_layers,
-        "architecture": describe_architecture(pair.dense.config),
-        "device": str(first.device),
-        "dtype": str(first.dtype).removeprefix("torch."),
+    margin, source = tie_margin if tie_margin else (None, None)
+    return SessionHeader(
+        model=model,
+        model_display=loaded.ref.display if loaded is not None else model,
+        perturbation=perturbation,
+        calibration=report.calibration if report is not None else None,
+        prompt=row.prompt,
+        prompt_tokens=len(row.ids),
+        prompt_ids=row.ids,
+        truncated_from=getattr(row, "truncated_from", None),
+        mode=settings.mode,
+        temperature=settings.temperature,
+        choices=list(row.choices) if row.choices else None,
+        choice_ids=list(row.choice_ids) or None,
+        choice_notes=list(row.notes) or None,
+        seed=settings.seed,
+        sample=settings.sample,
+        max_new_tokens=settings.max_new_tokens,
+        raw=settings.raw,
+        topk=settings.topk,
+        lens=settings.lens,
+        tie_margin=margin,
+        tie_margin_source=source,
+        prefix_ids=getattr(row, "prefix_ids", None) or (),
+        start_step=getattr(row, "start_step", 0),
+        parent=getattr(row, "parent", None),
+        counterfactual=bool(getattr(settings, "counterfactual", False)) and settings.mode == "free",
+        layers=pair.dense.config.num_hidden_layers,
+        architecture=describe_architecture(pair.dense.config),
+        device=str(first.device),
+        dtype=str(first.dtype).removeprefix("torch."),
         # engine.run.plan's estimate made before loading: {peak_bytes, peak_stage, placement, fits, …}
-        **({"plan": dict(pair.plan)} if getattr(pair, "plan", None) else {}),
-    }
+        plan=getattr(pair, "plan", None) or None,
+    )
 
 
 class SessionRecorder:
@@ -95,7 +94,7 @@ class SessionRecorder:
     def started(self) -> bool:
         return any(w is not None for w in self.writers)
 
-    def header(self, b: int) -> dict:
+    def header(self, b: int) -> SessionHeader:
         s = self.stepper
         return session_header(s.pair, s.settings, s.rows[b], (s.tie_margin, s.tie_margin_source))
 

@@ -1,8 +1,8 @@
 """Recompute a recorded session with its models and measure how far the recomputation is from the recording.
 
-`plan_rerun(session)` decides what a rerun loads: a session file is untrusted input, so the header's model
-is used only when it is the embedded model, tiny-random or a known alias, and a local path, hub id,
-checkpoint:PATH spec or calibration file it names only when the user passes it again (--model, --prune,
+`plan_rerun(session)` decides what a rerun loads: a session file is untrusted input, so what its header names
+goes through engine.models.trust (a known model name or a path under $HIERUI_HOME as it stands; any other local
+path, hub id, checkpoint:PATH spec or calibration file only when the user passes it again: --model, --prune,
 --calib); anything else is refused before anything is read. `rerun(session)` loads that model, rebuilds
 the perturbation (same spec, same calibration samples/length/seed/source) and the step settings, and
 records exactly as many steps as were recorded, through the same SessionRecorder as every other run (into
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.errors import HieruiError
+from engine.record.header import SessionHeader, header_of
 from engine.record.session import Session, load_session
 from engine.record.settings import StepSettings
 from engine.run.recorder import SessionRecorder
@@ -35,75 +36,36 @@ SKIP_FIELDS = frozenset({"step", "text_d", "text_p", "same_token", "first_diverg
 TOPK_FIELDS = ("topk_d", "topk_p")
 
 
-def settings_from_header(header: dict, steps: int) -> StepSettings:
-    """The StepSettings of a recorded run, with max_new_tokens forced to the recorded number of steps."""
-    defaults = StepSettings()
+def settings_from_header(header: SessionHeader, steps: int) -> StepSettings:
+    """The StepSettings of a recorded run (`header`: a SessionHeader or its dict), with max_new_tokens forced to the
+    recorded number of steps."""
+    h = header_of(header)
     return StepSettings(
-        mode=header.get("mode") or defaults.mode,
-        temperature=float(header.get("temperature") or defaults.temperature),
+        mode=h.mode,
+        temperature=h.temperature,
         max_new_tokens=steps,
-        sample=bool(header.get("sample", defaults.sample)),
-        seed=int(header.get("seed") if header.get("seed") is not None else defaults.seed),
-        choices=list(header["choices"]) if header.get("choices") else None,
-        raw=bool(header.get("raw", defaults.raw)),
-        topk=int(header.get("topk") or defaults.topk),
-        truncate=bool(header.get("truncated_from")),
-        lens=bool(header.get("lens", False)),  # a session from before the lens has none
-        tie_margin=header.get("tie_margin"),
-        counterfactual=bool(header.get("counterfactual", False)),
+        sample=h.sample,
+        seed=h.seed,
+        choices=h.choices,
+        raw=h.raw,
+        topk=h.topk,
+        truncate=bool(h.truncated_from),
+        lens=bool(h.lens),  # a session from before the lens has none
+        tie_margin=h.tie_margin,
+        counterfactual=h.counterfactual,
     ).validate()
 
 
-def calib_options_from_header(header: dict) -> dict | None:
-    """perturb()'s calib_options that rebuild the recorded calibration (None: the spec had none)."""
-    calib = header.get("calibration")
-    if not isinstance(calib, dict):
+def calib_options_from_header(header: SessionHeader) -> dict | None:
+    """perturb()'s calib_options that rebuild the recorded calibration (None: the spec had none). The source is
+    the file the header names: plan_rerun uses it only where engine.models.trust allows."""
+    calib = header_of(header).calibration
+    if calib is None:
         return None
-    opts = {k: calib[k] for k in ("samples", "length", "seed") if calib.get(k) is not None}
-    source = calib.get("source")
-    if source and source != "self":
-        opts["source"] = source
+    opts = {k: getattr(calib, k) for k in ("samples", "length", "seed") if getattr(calib, k) is not None}
+    if calib.file is not None:
+        opts["source"] = calib.file
     return opts
-
-
-# ------------------------------------------------------------------ what a header may steer
-
-# a session file is untrusted input: its header may name a model, a checkpoint or a calibration file anywhere.
-# Only the names below are used as they stand; a local path or a hub id is used only when the user passes it
-# on the command line (--model, --prune, --calib), and nothing named by the header alone is read or fetched.
-
-
-def trusted_model(name: str) -> bool:
-    """Whether a model named by a file may be loaded without the user naming it: the embedded model,
-    tiny-random (or a member of its zoo), a shipped random:SHAPE or a known alias (engine.models.loading.ALIASES). Never
-    a local path (random:PATH included) or a free hub id."""
-    from engine.models.loading import ALIASES, DEFAULT_MODEL
-    from engine.models.tiny import TINY_RANDOM
-    from engine.models.zoo import FAMILIES, family_of
-
-    low = (name or "").strip().lower()
-    trusted = (DEFAULT_MODEL, "default", "smollm2", "embedded", TINY_RANDOM)
-    return low in trusted or low in ALIASES or family_of(low) in FAMILIES or _shipped_random_shape(low)
-
-
-def _shipped_random_shape(name: str) -> bool:
-    """random:ALIAS[@SEED] of a shape hierui ships (never random:PATH, a file the header would point at)."""
-    from engine.errors import HieruiError
-    from engine.models.random_shapes import is_random, parse_random
-
-    if not is_random(name):
-        return False
-    try:
-        return parse_random(name).alias
-    except HieruiError:
-        return False
-
-
-def header_calibration_file(header: dict) -> str | None:
-    """The calibration text file a header names (None: self-generated, or no calibration)."""
-    calib = header.get("calibration")
-    source = calib.get("source") if isinstance(calib, dict) else None
-    return None if source in (None, "self") else str(source)
 
 
 @dataclass
@@ -130,50 +92,55 @@ def plan_rerun(
     session: Session, model: str | None = None, calib: str | Path | None = None, spec: str | None = None, loaded=None
 ) -> RerunPlan:
     """The values a rerun of `session` uses. `model`, `calib`, `spec`: the user's --model, --calib, --prune,
-    which replace the header's and confirm a path or hub id. A header value that is not allowed on its own
-    (a local model or a hub id, a checkpoint:PATH spec, a calibration file) is one HieruiError naming the
-    flag to pass; nothing it names is read."""
+    which replace the header's and confirm a path or hub id. A header value a file may not name on its own
+    (engine.models.trust: a local model or a hub id, a checkpoint:PATH spec, a calibration file, outside
+    $HIERUI_HOME) is one HieruiError naming the flag to pass; nothing it names is read."""
+    from engine.models.trust import trusted
     from engine.perturb.spec import parse_spec
-    from engine.record.validate import escape, require
+    from engine.record.validate import escape
 
     header = session.header
     where = escape(str(session.path))
     if not session.steps:
         raise HieruiError(f"{where} has no recorded steps to rerun")
-    require(header, session.path, ("prompt",), "cannot rerun")
+    header.require(session.path, ("prompt",), "cannot rerun")
     if model is None and loaded is None:
-        require(header, session.path, ("model",), "cannot rerun (or pass --model)")
-        named = header["model"]
-        if not trusted_model(named) and not any(c in named for c in "/\\.~"):
-            from engine.models.loading import resolve
-
-            resolve(named)  # neither an alias nor a path or hub id: "unknown model", nothing touched
-        if not trusted_model(named):
-            raise HieruiError(
-                f"{where} names the model '{escape(named)}', a local path or hub id: it is loaded only when you "
-                f"confirm it with --model {escape(named)}"
-            )
-        model = named
-    if spec is None:
-        spec = (header.get("perturbation") or {}).get("spec")
-        if not spec:
-            raise HieruiError(f"{where}: the header names no perturbation spec; cannot rerun (or pass --prune)")
-        if parse_spec(spec).method == "checkpoint":
-            raise HieruiError(
-                f"{where} names the perturbation '{escape(spec)}', a local checkpoint: it is loaded only when you "
-                f"confirm it with --prune {escape(spec)}"
-            )
+        header.require(session.path, ("model",), "cannot rerun (or pass --model)")
+    if model is not None or loaded is None:
+        model = trusted(header.model, model, "model", session.path)
+    if spec is None and not header.perturbation.spec:
+        raise HieruiError(f"{where}: the header names no perturbation spec; cannot rerun (or pass --prune)")
+    spec = trusted(header.perturbation.spec, spec, "spec", session.path)
     parse_spec(spec)
     options = calib_options_from_header(header)
-    if calib is not None:
-        options = {**(options or {}), "source": str(calib)}
-    elif header_calibration_file(header) is not None:
-        named = header_calibration_file(header)
-        raise HieruiError(
-            f"{where} names the calibration file '{escape(named)}': it is read only when you confirm it with "
-            f"--calib {escape(named)}"
-        )
-    return RerunPlan(model=None if loaded is not None and model is None else model, spec=spec, calib_options=options)
+    source = trusted(header.calibration_file, None if calib is None else str(calib), "calib", session.path)
+    if source is not None:
+        options = {**(options or {}), "source": source}
+    return RerunPlan(model=model, spec=spec, calib_options=options)
+
+
+def rerun_request(
+    session: Session, plan: RerunPlan, device="auto", dtype=None, gpu_mem=None, gpus=None, use_cache=True
+):
+    """The engine.run.open.PairRequest a rerun opens its models by: the plan's model, spec and calibration, on
+    `device` in `dtype` (None: the recorded one), with the memory budget of --gpu-mem/--gpus; checked before
+    anything loads."""
+    from engine.run.open import pair_request
+
+    header = session.header
+    steps = header.max_new_tokens if header.max_new_tokens is not None else len(session.steps)
+    return pair_request(
+        plan.model,
+        [plan.spec],
+        device,
+        dtype or header.dtype or "auto",
+        gpu_mem,
+        gpus,
+        calib=plan.calib_options or {},
+        use_cache=use_cache,
+        max_new_tokens=max(1, steps),
+        lens=header.lens is not False,
+    )
 
 
 def rerun(
@@ -204,6 +171,8 @@ def rerun_session(
     progress: Callable[[str, int, int], None] | None = None,
     save: str | Path | None = None,
     plan: RerunPlan | None = None,
+    request=None,
+    memory=None,
 ) -> Session:
     """Recompute `session` with its models; the new session as its file holds it.
 
@@ -214,10 +183,11 @@ def rerun_session(
     `dtype` None takes the recorded one (header "dtype"), else auto. `loaded`: an already loaded dense
     model (engine.models.loading.LoadedModel) to use instead of loading one. `plan`: what to load (plan_rerun;
     default: plan_rerun(session), which refuses a header naming a path). `save`: where the recomputed
-    session is written (default: a temporary file, removed afterwards).
+    session is written (default: a temporary file, removed afterwards). `request`: the engine.run.open.PairRequest
+    to open the models by (rerun_request: with --gpu-mem/--gpus), `memory` its plan (engine.run.open.plan_pair);
+    by default both are made here.
     """
-    from engine.models.loading import load
-    from engine.perturb import perturb
+    from engine.run.open import PairRequest, open_dense, open_pair, plan_pair
     from engine.run.stepper import Stepper
 
     header = session.header
@@ -225,33 +195,31 @@ def rerun_session(
     settings = settings_from_header(header, len(session.steps))
     if settings.counterfactual:  # the branch's length follows the run's max_new_tokens: take the recorded one
         # only a run that ended and was closed with its branch fields (not one ended early in the explorer)
-        complete = "recovered" in (session.summary or {}) and isinstance(header.get("max_new_tokens"), int)
+        complete = "recovered" in (session.summary or {}) and header.max_new_tokens is not None
         settings = replace(
             settings,
             counterfactual=complete,
-            max_new_tokens=header["max_new_tokens"] if complete else settings.max_new_tokens,
+            max_new_tokens=header.max_new_tokens if complete else settings.max_new_tokens,
         )
     stop = None
-    if header.get("truncated_from") and isinstance(header.get("max_new_tokens"), int):
+    if header.truncated_from and header.max_new_tokens is not None:
         # the prompt was cut to fit the recorded max_new_tokens: step with that limit, as many steps as recorded
-        settings = replace(settings, max_new_tokens=header["max_new_tokens"])
+        settings = replace(settings, max_new_tokens=header.max_new_tokens)
         stop = lambda: len(stepper.records) >= len(session.steps)  # noqa: E731
     say = progress or (lambda *_: None)
     if loaded is None:
-        loaded = load(
-            plan.model,
-            device=device,
-            dtype=dtype or header.get("dtype") or "auto",
-            progress=lambda message, done=0, total=0: say(message, done, total),
-        )
-    pair = perturb(loaded, plan.spec, use_cache=use_cache, progress=progress, calib_options=plan.calib_options)
+        request = request or rerun_request(session, plan, device, dtype, use_cache=use_cache)
+        memory = memory if memory is not None else plan_pair(request)
+        loaded = open_dense(request, memory, progress=lambda message, done=0, total=0: say(message, done, total))
+    request = request or PairRequest(loaded.ref.name, use_cache=use_cache)
+    pair = open_pair(request, plan.spec, dense=loaded, calib=plan.calib_options or {}, progress=progress)
     stepper = Stepper(
         pair,
-        header["prompt"],
+        header.prompt,
         settings,
-        prefix=header.get("prefix_ids"),
-        start_step=header.get("start_step") or 0,
-        parent=header.get("parent"),
+        prefix=list(header.prefix_ids),
+        start_step=header.start_step,
+        parent=header.parent.to_dict() if header.parent is not None else None,
     )
     total, done = len(session.steps), 0
 

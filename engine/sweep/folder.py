@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""A sweep's output folder: where each run's session and the multiple-choice rows go, which are complete, the
+manifest (batch.json) and whether OUT can take a sweep (a resume of the same one, or a new folder)."""
 
 from __future__ import annotations
 

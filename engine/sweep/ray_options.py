@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""How a sweep uses Ray (`hierui batch --ray`, `hierui kld --ray`): the cluster, one worker's resources, where the
+sessions are written; checked before anything starts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""A sweep planned: prompts × perturbation specs × modes as Runs, every input checked before anything loads
+(plan_sweep), including a session's prompt and settings rerun under other specs (`batch --from`)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from pathlib import Path
 from engine.errors import HieruiError
 from engine.models.loading import DEFAULT_MODEL
 from engine.perturb.spec import Spec, parse_spec
+from engine.record.header import SessionHeader
+from engine.record.methods import DEFAULT_SPEC
 from engine.record.prompts import PromptItem, read_prompts
 from engine.record.session import load_session
 from engine.record.settings import SWEEP_DEFAULTS, SWEEP_FIELDS, CalibSettings, StepSettings
 
 ATTRIBUTE_CHOICES = ("none", "flips")  # batch --attribute
-
-DEFAULT_SPEC = "wanda:0.5"
 
 
 @dataclass(frozen=True)
@@ -154,14 +155,15 @@ def plan_sweep(
     if from_session is not None:
         if not specs:
             raise HieruiError("--from SESSION reruns a session under other perturbations: give at least one --prune")
-        header = _from_header(from_session, model, calib_given)
-        prompts = [PromptItem("p000", header["prompt"], header.get("choices") or None)]
-        base.update({k: header[k] for k in SWEEP_FIELDS if header.get(k) is not None})
-        for k, v in (header.get("calibration") or {}).items():
-            if k in base_calib and v is not None:
-                base_calib[k] = None if k == "source" and v == "self" else v
-        model = model or header.get("model")
-        modes = modes or [header.get("mode") or "shared"]
+        header, model, base_calib["source"] = _from_header(from_session, model, calib_given)
+        prompts = [PromptItem("p000", header.prompt, list(header.choices) if header.choices else None)]
+        # the recorded settings (not truncate: the header keeps what it did, truncated_from)
+        recorded = {k: getattr(header, k, None) for k in SWEEP_FIELDS}
+        base.update({k: v for k, v in recorded.items() if v is not None})
+        if header.calibration is not None:
+            sizes = {k: getattr(header.calibration, k) for k in ("samples", "length", "seed")}
+            base_calib.update({k: v for k, v in sizes.items() if v is not None})
+        modes = modes or [header.mode]
         source = str(from_session)
     else:
         if prompts_text is None and str(prompts_file).startswith("suite:"):  # a shipped suite: --prompts suite:open
@@ -189,7 +191,7 @@ def plan_sweep(
     check_device(device)
     config = read_config(model)  # None: not known before loading (a hub model not in the cache)
     for spec in parsed:
-        if spec.method == "checkpoint" and not Path(spec.path).expanduser().exists():
+        if spec.declared.takes_path and not Path(spec.path).expanduser().exists():
             raise HieruiError(f"checkpoint not found: {spec.path}")
         check_fits(spec, config)
     modes = _unique([m.strip().lower() for m in (modes or ["shared"])])
@@ -220,36 +222,27 @@ def check_placement(device: str, dtype: str) -> None:
     pick_device(device)
 
 
-def _from_header(from_session, model: str | None, calib_given: dict) -> dict:
-    """The header of `batch --from`'s session, checked (engine.record.validate: every field's type and range) and
-    refused where it would steer a read: a model named by path or hub id needs --model, a calibration file
-    --calib (engine.run.rerun's rule for what a file may name on its own)."""
-    from engine.record.validate import escape, require
-    from engine.run.rerun import header_calibration_file, trusted_model
+def _from_header(from_session, model: str | None, calib_given: dict) -> tuple[SessionHeader, str | None, str | None]:
+    """The header of `batch --from`'s session (checked by load_session: every field's type and range), with the
+    model and the calibration file the sweep takes from it: the user's --model and --calib, else the header's
+    where engine.models.trust lets a file name them on its own (a path or hub id needs --model, a calibration
+    file --calib: one line each)."""
+    from engine.models.trust import trusted
+    from engine.record.validate import escape
 
     header = load_session(from_session).header
     where = escape(str(from_session))
-    require(header, from_session, ("prompt",), "nothing to rerun")
-    if not header["prompt"].strip():
+    header.require(from_session, ("prompt",), "nothing to rerun")
+    if not header.prompt.strip():
         raise HieruiError(f"{where}: the header's prompt is empty; nothing to rerun")
-    if header.get("prefix_ids") or header.get("start_step"):
+    if header.is_branch:
         raise HieruiError(
             f"{where} is a branch of another run (it continues it from a step): --from reruns a prompt from its "
             "start; use the parent session, or replay --rerun this one"
         )
-    named = header.get("model")
-    if model is None and named is not None and not trusted_model(named) and any(c in named for c in "/\\.~"):
-        raise HieruiError(
-            f"{where} names the model '{escape(named)}', a local path or hub id: it is loaded only when you "
-            f"confirm it with --model {escape(named)}"
-        )
-    source = header_calibration_file(header)
-    if source is not None and calib_given.get("source") is None:
-        raise HieruiError(
-            f"{where} names the calibration file '{escape(source)}': it is read only when you confirm it with "
-            f"--calib {escape(source)}"
-        )
-    return header
+    model = trusted(header.model, model, "model", from_session)
+    source = trusted(header.calibration_file, calib_given.get("source"), "calib", from_session)
+    return header, model, source
 
 
 def _check_context(sweep: Sweep, config: dict | None) -> None:

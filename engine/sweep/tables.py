@@ -64,14 +64,13 @@ def build_tables(sweep: Sweep, out: str | Path):
         ident = {"run_id": run.run_id, "spec": str(run.spec), "mode": run.mode, "prompt_id": run.prompt.id}
         for record in session.steps:
             steps.append({**ident, **record})
-        perturbation = session.header.get("perturbation") or {}
         summary.append(
             {
                 **ident,
                 "prompt": run.prompt.prompt,
                 "choices": run.prompt.choices or None,
                 "model": sweep.model,
-                "measured_sparsity": perturbation.get("measured_sparsity"),
+                "measured_sparsity": session.header.perturbation.measured_sparsity,
                 **summarize(session.steps, run.mode),
                 # the counterfactual branch's fields, from the closing line (engine.run.branch)
                 **{k: v for k, v in (session.summary or {}).items() if k in BRANCH_SUMMARY},

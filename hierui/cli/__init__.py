@@ -1,5 +1,7 @@
-"""The typer app: every hierui command."""
+"""The `hierui` command line (typer): one module per command group, the options they share declared once
+(options.py), the input checks they share (checks.py). Heavy imports (torch, transformers) happen inside
+commands."""
 
-from hierui.cli.commands import app, main
+from hierui.cli.entry import app, main
 
 __all__ = ["app", "main"]

@@ -30,6 +30,8 @@ from textual.reactive import reactive
 from textual.widgets import ContentSwitcher, Footer, Input, ProgressBar, Static
 from textual.worker import Worker, WorkerState, get_current_worker
 
+from engine.record.branches import branch_prefix
+from engine.record.header import SessionHeader, header_of
 from engine.record.settings import StepSettings
 from hierui.explorer.messages import AttributionDone, CounterfactualDone, LoadProgress, PairReady, StepDone
 from hierui.explorer.sources import RecordedRun, StepSource
@@ -60,41 +62,25 @@ def fed_text(records: list[dict]) -> str:
     return "".join(out)
 
 
-def branch_prefix(header: dict, records: list[dict], step: int, token: int) -> tuple[list[int], int]:
-    """The tokens a branch of `step` feeds after the prompt, and the parent step its step 0 is
-    (engine.record.branches.branch_prefix where it exists)."""
-    try:
-        from engine.record.branches import branch_prefix as engine_prefix
-    except ImportError:
-        engine_prefix = None
-    if engine_prefix is not None:
-        prefix, start = engine_prefix(header, records, step, token)
-        return [int(t) for t in prefix], int(start)
-    fed = [int(r["fed"][1]) for r in records[:step]]
-    return [int(t) for t in header.get("prefix_ids") or []] + fed + [int(token)], int(
-        header.get("start_step") or 0
-    ) + step + 1
-
-
-def branch_lead(header: dict, depth: int = 0) -> tuple:
+def branch_lead(header: SessionHeader, depth: int = 0) -> tuple:
     """A branch session's (context text before the chosen token, the chosen token's text), read from its parent
     session's file where that is still there (a branch of a branch: its parents' too); () for no branch."""
-    parent = header.get("parent")
-    if not isinstance(parent, dict):
+    parent = header.parent
+    if parent is None:
         return ()
-    chosen = str(parent.get("text") or "")
+    chosen = parent.text or ""
     before = "… "
-    if depth < 8 and isinstance(parent.get("session"), str) and isinstance(parent.get("step"), int):
+    if depth < 8 and parent.session is not None and parent.step is not None:
         from engine.errors import HieruiError
         from engine.record.session import load_session
 
         try:
-            session = load_session(parent["session"])
+            session = load_session(parent.session)
         except (HieruiError, OSError):
             session = None
         if session is not None:
             lead = branch_lead(session.header, depth + 1)
-            before = (lead[0] + lead[1] if lead else "") + fed_text(session.steps[: parent["step"]])
+            before = (lead[0] + lead[1] if lead else "") + fed_text(session.steps[: parent.step])
     return before, chosen
 
 
@@ -189,10 +175,11 @@ class HieruiApp(App):
     selected: reactive[int | None] = reactive(None)
     record: reactive[dict | None] = reactive(None)
     settings: reactive[StepSettings] = reactive(StepSettings)
-    header: reactive[dict] = reactive(dict)
+    header: reactive[SessionHeader] = reactive(SessionHeader)
     total: reactive[int] = reactive(0)
     status: reactive[str] = reactive("")
     lead: reactive[tuple] = reactive(tuple)  # a branch: (the context's text before it, the chosen token's text)
+    validate_header = staticmethod(header_of)  # a source's header given as a dict is read as a SessionHeader
 
     def __init__(
         self,
@@ -214,7 +201,7 @@ class HieruiApp(App):
         self.autorun = autorun
         self.pair = None
         self.source: StepSource | None = RecordedRun(session) if session is not None else None
-        self.prompt = session.header.get("prompt", "") if session is not None else prompt
+        self.prompt = (session.header.prompt or "") if session is not None else prompt
         self.run_id = 0
         self.follow = True
         self._go = threading.Event()  # set while running continuously
@@ -225,7 +212,7 @@ class HieruiApp(App):
         # (id of the run, step) → (the run, its attribution): kept while the run is open, a parent's too
         self._attributions: dict[tuple[int, int], tuple[object, object]] = {}
 
-    # a crash inside the app (a widget raising): kept for the command's one error line (hierui.cli.commands.run_app)
+    # a crash inside the app (a widget raising): kept for the command's one error line (hierui.cli.launch.run_app)
     failure: BaseException | None = None
 
     def _handle_exception(self, error: Exception) -> None:
@@ -401,7 +388,7 @@ class HieruiApp(App):
         """Show `source` from now on: its header, settings, records and notes (a branch: the text it continues)."""
         self.run_id += 1
         self.source = source
-        self.header = dict(source.header)
+        self.header = source.header
         self.settings = source.settings
         self.total = source.total
         self.lead = lead or branch_lead(self.header)
@@ -566,11 +553,10 @@ class HieruiApp(App):
     def _needs_models(self, what: str) -> bool:
         """Refuse (one line) where the models are not there: a replay, or while they load."""
         if self.replay:
-            h = self.header
-            spec = (h.get("perturbation") or {}).get("spec") or "SPEC"
+            spec, model = self.header.perturbation.spec or "SPEC", self.header.model or "MODEL"
             self.notify(
                 f"{what} needs the models, and a replay loads none: explore this prompt live "
-                f"(hierui explore --model {h.get('model') or 'MODEL'} --prune {spec}) and press the key there",
+                f"(hierui explore --model {model} --prune {spec}) and press the key there",
                 severity="warning",
                 timeout=12,
             )
@@ -725,7 +711,7 @@ class HieruiApp(App):
         """A replayed session's counterfactual branch (Session.branch), as its line; '' when it has none."""
         session = getattr(source, "session", None)
         branch = getattr(session, "branch", None)
-        if branch is None and not (session is not None and session.complete and self.header.get("counterfactual")):
+        if branch is None and not (session is not None and session.complete and self.header.counterfactual):
             return ""
         return counterfactual_line(branch)
 

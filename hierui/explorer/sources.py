@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from engine.record.header import SessionHeader
 from engine.record.session import Session
 from engine.record.settings import StepSettings
 from engine.run.rerun import settings_from_header
@@ -18,7 +19,7 @@ PLAYBACK_SECONDS = 0.15
 class StepSource(Protocol):
     live: bool  # True: steps are computed (restarts, mode and temperature changes make sense)
     pace: float  # seconds between steps when running continuously
-    header: dict  # the session header
+    header: SessionHeader
     settings: StepSettings
     path: object  # the session file
 
@@ -43,7 +44,7 @@ class RecordedRun:
     def __init__(self, session: Session):
         self.session = session
         self.path = session.path
-        self.header = dict(session.header)
+        self.header = session.header
         steps = len(session.steps)
         self.settings = settings_from_header(self.header, max(steps, 1))
         self.position = steps
@@ -60,8 +61,8 @@ class RecordedRun:
     def notes(self) -> list[str]:
         from engine.perturb.checkpoint import structure_note
 
-        note = structure_note((self.header.get("perturbation") or {}).get("details"))
-        return list(self.session.warnings) + list(self.header.get("choice_notes") or []) + ([note] if note else [])
+        note = structure_note(self.header.perturbation.details)
+        return list(self.session.warnings) + list(self.header.choice_notes or ()) + ([note] if note else [])
 
     @property
     def finished(self) -> bool:

@@ -160,7 +160,7 @@ def _silent(row: dict) -> bool:
 
 
 def silent_reading(rows: list[dict]) -> dict | None:
-    """hierui.report.page.silent_failures' reading for corpus tokens: specs whose mean KLD per token is below the
+    """hierui.report.readings.silent_failures' reading for corpus tokens: specs whose mean KLD per token is below the
     noise floor's (or SILENT_KL) while their flips of top-1 correctness are significant."""
     if not rows:
         return None

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The Jinja2 environment the report pages render with: templates/, autoescape, undefined names an error."""
 
 from __future__ import annotations
 

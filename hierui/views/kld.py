@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from engine.kld.corpus import DP_PERCENTILES, KL_PERCENTILES
+from engine.kld.statistics import DP_PERCENTILES, KL_PERCENTILES
 from engine.results.paired import SIGNIFICANT, SILENT_KL, silent_limit
 
 _LABELS = {"p99_9": "99.9%", "p99": "99.0%", "p95": "95.0%", "p90": "90.0%", "p75": "75.0%", "median": "Median"}
@@ -160,7 +160,7 @@ def print_report(console, run, rows: list[dict], worst: list[dict], out=None) ->
             console.print(escape(line), highlight=False, markup=False, soft_wrap=True)
     if len(run.results) > 1:
         if run.pairs is None:
-            from engine.kld.corpus import pair_rows
+            from engine.kld.statistics import pair_rows
 
             run.pairs = pair_rows(run)
         for line in pair_lines(run.pairs):

@@ -14,7 +14,6 @@ from rich.text import Text
 
 from engine.errors import HieruiError
 from engine.perturb.checkpoint import structure_note
-from engine.record.architecture import summary as architecture_summary
 from hierui.format import MISSING, metric, pct, step_label
 from hierui.output import console, err_console
 from hierui.tokentext import cell, clip, escape, running
@@ -36,50 +35,39 @@ def print_warnings(warnings: list[str]) -> None:
 
 
 def _session_header_table(session, full: bool = False) -> Table:
-    h = session.header
-    pert = h.get("perturbation") or {}
+    h = session.header  # engine.record.header.SessionHeader: text from a file, escaped before printing
+    pert = h.perturbation
     table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
     table.add_column(style="bold")
     table.add_column(overflow="fold")
 
-    sparsity = pct(pert.get("measured_sparsity"))
-    if isinstance(pert.get("dense_sparsity"), (int, float)) and pert.get("dense_sparsity"):
-        sparsity += f" (dense model: {pct(pert['dense_sparsity'])})"
+    sparsity = pct(pert.measured_sparsity)
+    if pert.dense_sparsity:
+        sparsity += f" (dense model: {pct(pert.dense_sparsity)})"
     rows = [
-        ("model", escape(h.get("model_display") or h.get("model") or MISSING)),
-        *([("architecture", escape(architecture_summary(h["architecture"])))] if h.get("architecture") else []),
-        ("perturbation", escape(pert.get("spec", MISSING))),
-        *([("", escape(note))] if (note := structure_note(pert.get("details"))) else []),
+        ("model", escape(h.display or MISSING)),
+        *([("architecture", escape(h.architecture.summary()))] if h.architecture is not None else []),
+        ("perturbation", escape(pert.spec or MISSING)),
+        *([("", escape(note))] if (note := structure_note(pert.details)) else []),
         ("measured sparsity", sparsity),
     ]
-    calib = h.get("calibration")
-    if isinstance(calib, dict):
-        origin = "self-generated" if calib.get("source") in (None, "self") else escape(calib.get("source"))
-        rows.append(
-            ("calibration", f"{calib.get('samples')}×{calib.get('length')} tokens, {origin}, seed {calib.get('seed')}")
-        )
-    decoding = f"sampled, seed {h.get('seed')}" if h.get("sample") else "greedy"
+    calib = h.calibration
+    if calib is not None:
+        origin = "self-generated" if calib.file is None else escape(calib.file)
+        rows.append(("calibration", f"{calib.samples}×{calib.length} tokens, {origin}, seed {calib.seed}"))
+    decoding = f"sampled, seed {h.seed}" if h.sample else "greedy"
     rows += [
-        ("mode", f"{escape(h.get('mode', MISSING))} ({decoding})"),
-        ("temperature", metric("temperature", h.get("temperature"))),
-        ("prompt", cut(running(h.get("prompt")), full) + ("  (raw, no chat template)" if h.get("raw") else "")),
-        (
-            "choices",
-            ", ".join(repr(c) for c in h["choices"])
-            if isinstance(h.get("choices"), list) and h["choices"]
-            else MISSING,
-        ),
-        *[
-            ("", f"note: {escape(note)}")
-            for note in (h["choice_notes"] if isinstance(h.get("choice_notes"), list) else [])
-            if isinstance(note, str)
-        ],
+        ("mode", f"{escape(h.mode)} ({decoding})"),
+        ("temperature", metric("temperature", h.temperature)),
+        ("prompt", cut(running(h.prompt), full) + ("  (raw, no chat template)" if h.raw else "")),
+        ("choices", ", ".join(repr(c) for c in h.choices) if h.choices else MISSING),
+        *[("", f"note: {escape(note)}") for note in h.choice_notes or ()],
         ("steps", f"{len(session.steps)}" + ("" if session.complete else " (interrupted: no closing summary)")),
-        ("created", escape(h.get("created", MISSING))),
+        ("created", escape(h.created or MISSING)),
     ]
-    where = " ".join(escape(h[k]) for k in ("device", "dtype") if h.get(k))
+    where = " ".join(escape(v) for v in (h.device, h.dtype) if v)
     if where:
-        rows.append(("recorded on", where + (f", hierui {escape(h['hierui'])}" if h.get("hierui") else "")))
+        rows.append(("recorded on", where + (f", hierui {escape(h.hierui)}" if h.hierui else "")))
     for name, value in rows:
         table.add_row(name, Text(value))
     return table
@@ -103,7 +91,7 @@ def split_line(session) -> str | None:
     steps = session.steps
     if not steps:
         return None
-    if session.header.get("mode") == "free":
+    if session.header.mode == "free":
         first = steps[-1].get("first_divergence")
         if first is None:
             return f"the two texts never split in the {len(steps)} steps"
@@ -153,7 +141,7 @@ def _branch_table(branch, full: bool = False) -> Table:
 
 
 def _continuations_table(session, full: bool = False) -> Table:
-    shared = session.header.get("mode") != "free"
+    shared = session.header.mode != "free"
     table = Table(title="continuations", title_justify="left", expand=True)
     table.add_column("dense", ratio=1, overflow="fold")
     table.add_column(
@@ -168,7 +156,7 @@ def _continuations_table(session, full: bool = False) -> Table:
 
 
 def _steps_table(session) -> Table:
-    choices = bool(session.header.get("choices")) or any("sub_kl" in s for s in session.steps)
+    choices = bool(session.header.choices) or any("sub_kl" in s for s in session.steps)
     table = Table()
     columns = [
         "step",
@@ -229,14 +217,14 @@ def _show_directory(path: Path) -> None:
         except HieruiError as e:
             table.add_row(Text(escape(file.name)), Text(f"unreadable: {escape(str(e))}", style="red"), *[""] * 6)
             continue
-        summary = s.summary if s.complete else summarize(s.steps, s.header.get("mode"))
+        summary = s.summary if s.complete else summarize(s.steps, s.header.mode)
         interrupted |= not s.complete
         table.add_row(
             Text(escape(file.name)),
-            Text(escape(s.header.get("model_display") or s.header.get("model", MISSING))),
-            Text(escape((s.header.get("perturbation") or {}).get("spec", MISSING))),
-            Text(escape(s.header.get("mode", MISSING))),
-            Text(clip(escape(s.header.get("prompt")), 40)),
+            Text(escape(s.header.display or MISSING)),
+            Text(escape(s.header.perturbation.spec or MISSING)),
+            Text(escape(s.header.mode)),
+            Text(clip(escape(s.header.prompt), 40)),
             f"{len(s.steps)}" + ("" if s.complete else "*"),
             metric("kl_mean", summary.get("kl_mean")),
             metric("same_top1_rate", summary.get("same_top1_rate")),
@@ -284,7 +272,7 @@ def show_path(path: Path, steps: bool, full: bool = False) -> None:
             style="yellow",
             highlight=False,
         )
-        console.print(_summary_table(summarize(session.steps, session.header.get("mode")), "summary (computed)"))
+        console.print(_summary_table(summarize(session.steps, session.header.mode), "summary (computed)"))
     if steps and session.steps:
         console.print("steps (step 1 = the first generated token)", highlight=False)
         console.print(_steps_table(session))
@@ -294,8 +282,8 @@ def print_comparison(session, result, tol: float) -> None:
     h = session.header
     console.print(
         Text(
-            f"{escape(h.get('model_display') or h.get('model'))} · {escape((h.get('perturbation') or {}).get('spec'))}"
-            f" · {escape(h.get('mode'))} · {result.recorded} recorded steps, {result.rerun} recomputed"
+            f"{escape(h.display)} · {escape(h.perturbation.spec)}"
+            f" · {escape(h.mode)} · {result.recorded} recorded steps, {result.rerun} recomputed"
         )
     )
     console.print("largest absolute deviation per metric, recording vs recomputation:", highlight=False)

@@ -45,25 +45,9 @@ def describe(entry: dict, fed: int | None, width: int = 16) -> Text:
 
 
 class BranchChooser(ModalScreen):
-    """Choose the token to feed the perturbed model's context at `step` instead of the one it was fed."""
+    """Choose the token to feed the perturbed model's context at `step` instead of the one it was fed
+    (its look: the BranchChooser rules of hierui/explorer/hierui.tcss)."""
 
-    DEFAULT_CSS = """
-    BranchChooser {
-        align: center middle;
-    }
-    BranchChooser > Vertical {
-        width: 72;
-        max-width: 100%;
-        height: auto;
-        border: round $accent;
-        background: $surface;
-        padding: 0 1;
-    }
-    BranchChooser OptionList {
-        height: auto;
-        max-height: 12;
-    }
-    """
     BINDINGS = [Binding("escape", "dismiss_none", "Cancel", tooltip="branch nothing")]
 
     def __init__(self, record: dict, fed: int | None):

@@ -9,6 +9,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from engine.perturb.calibration import describe_calibration
+from engine.record.header import SessionHeader, header_of
 from engine.record.settings import StepSettings
 from hierui.explorer.widgets.scale import kl_color
 from hierui.format import step_label
@@ -27,21 +28,22 @@ class Continuation(Static):
     records: reactive[list] = reactive(list, always_update=True)
     selected: reactive[int | None] = reactive(None)
     settings: reactive[StepSettings] = reactive(StepSettings)
-    header: reactive[dict] = reactive(dict)
+    header: reactive[SessionHeader] = reactive(SessionHeader)
     lead: reactive[tuple] = reactive(tuple)  # a branch: (the context's text before it, the chosen token's text)
+    validate_header = staticmethod(header_of)  # a header set as a dict is read as a SessionHeader
 
     def _redraw(self) -> None:
         if self.side == "d":
             self.border_title = "dense"
         else:
-            spec = (self.header.get("perturbation") or {}).get("spec")
+            spec = self.header.perturbation.spec
             title = f"perturbed ({escape(spec)})" if spec else "perturbed"
             note = " · own picks, dense context" if self.settings.mode == "shared" else ""
             # the whole title where it fits the border, else without the note
             fits = not self.size.width or len(title + note) + 6 <= self.size.width
             self.border_title = title + (note if fits else "")
-            calib = self.header.get("calibration")
-            self.border_subtitle = describe_calibration(calib) if isinstance(calib, dict) and calib else ""
+            calib = self.header.calibration.to_dict() if self.header.calibration is not None else {}
+            self.border_subtitle = describe_calibration(calib) if calib else ""
         self.show(self.records, self.selected)
 
     watch_records = watch_selected = watch_settings = watch_header = watch_lead = _redraw

@@ -18,6 +18,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widgets import Static
 
+from engine.record.header import SessionHeader, header_of
 from hierui.format import step_label
 
 # log10 of the lowest bound and the width of a colour band in decades: 1e-4 … 10, half a decade each
@@ -93,8 +94,9 @@ class HeatmapPanel(Static):
 
     records: reactive[list] = reactive(list, always_update=True)
     selected: reactive[int | None] = reactive(None)
-    header: reactive[dict] = reactive(dict)
+    header: reactive[SessionHeader] = reactive(SessionHeader)
     view: reactive[str] = reactive("lens")
+    validate_header = staticmethod(header_of)  # a header set as a dict is read as a SessionHeader
 
     def __init__(self, **kwargs):
         super().__init__("", **kwargs)
@@ -121,7 +123,7 @@ class HeatmapPanel(Static):
         """Why there is nothing to draw, or None."""
         if self.layers():
             return None
-        if self.header.get("lens") is False:
+        if self.header.lens is False:
             return "the logit lens was off for this run (--no-lens): no layer × step map"
         if self.records:
             return "this session has no logit-lens data (recorded without the lens): no layer × step map"

@@ -12,7 +12,7 @@ from textual.reactive import reactive
 from textual.widget import Widget
 
 from engine.perturb.calibration import describe_calibration
-from engine.record.architecture import summary as architecture_summary
+from engine.record.header import SessionHeader, header_of
 from engine.record.settings import StepSettings
 from hierui.format import MISSING
 from hierui.tokentext import clip, escape
@@ -38,11 +38,12 @@ def short_model(name: str) -> str:
 
 class InfoBar(Widget):
     state = reactive("loading")
-    header: reactive[dict] = reactive(dict)
+    header: reactive[SessionHeader] = reactive(SessionHeader)
     settings: reactive[StepSettings] = reactive(StepSettings)
     records: reactive[list] = reactive(list, always_update=True)
     selected: reactive[int | None] = reactive(None)
     total = reactive(0)
+    validate_header = staticmethod(header_of)  # a header set as a dict is read as a SessionHeader
 
     def __init__(self, hint: str = "", **kwargs):
         super().__init__(**kwargs)
@@ -50,23 +51,21 @@ class InfoBar(Widget):
 
     def parts(self, level: int) -> list[str]:
         """The line's parts at a level of detail: 0 everything, higher levels leave more out."""
-        h = self.header or {}
-        pert = h.get("perturbation") or {}
-        model = escape(h.get("model_display") or h.get("model") or "")  # header text from a file: escaped
+        h = self.header
+        model = escape(h.display or "")  # header text from a file: escaped
         s = self.settings
-        spec = escape(pert.get("spec") or "")
+        spec = escape(h.perturbation.spec or "")
         out = [model if level < 5 else short_model(model), spec] if spec else [escape(self.hint)]
-        parent = h.get("parent")
-        if isinstance(parent, dict) and isinstance(parent.get("step"), int):  # a branch: of which step
-            out.append(f"⑂ branch of step {parent['step'] + 1}")
-        sparsity = pert.get("measured_sparsity")
-        if isinstance(sparsity, (int, float)) and sparsity and level < 4:
+        if h.parent is not None and h.parent.step is not None:  # a branch: of which step
+            out.append(f"⑂ branch of step {h.parent.step + 1}")
+        sparsity = h.perturbation.measured_sparsity
+        if sparsity and level < 4:
             out.append(f"sparsity {sparsity:.1%}")
-        calib = h.get("calibration")
-        if isinstance(calib, dict) and calib and level < 1:
+        calib = h.calibration.to_dict() if h.calibration is not None else {}
+        if calib and level < 1:
             out.append(describe_calibration(calib))
-        if isinstance(h.get("architecture"), dict) and level < 1:
-            out.append(escape(architecture_summary(h["architecture"])))
+        if h.architecture is not None and level < 1:
+            out.append(escape(h.architecture.summary()))
         out.append(s.mode)
         decoding = f"sampled, seed {s.seed}" if s.sample else "greedy"
         out.append(f"T={s.temperature:g} (probabilities; {decoding})" if level < 2 else f"T={s.temperature:g}")

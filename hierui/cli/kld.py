@@ -1,0 +1,217 @@
+"""`hierui kld`: the teacher-forced KL divergence of a corpus, dense vs each perturbation (llama.cpp's report),
+here or on Ray, against the dense model or a stored base file."""
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from engine.errors import HieruiError
+from hierui.cli import checks, launch, options
+from hierui.cli.apps import app
+from hierui.output import console, err_console
+
+Specs = options.specs("; repeatable")
+Out = options.out("output folder (default runs/kld-<time>)")
+SaveBase = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--save-base",
+        help="write a dense base file here (safetensors): the dense head's inputs, exact; with --base-k K, the "
+        "top-K log-probabilities (smaller, KL lower bounds)",
+    ),
+]
+Base = Annotated[
+    Optional[Path], typer.Option("--base", help="compare against this base file instead of running the dense model")
+]
+Ray = Annotated[
+    Optional[str],
+    typer.Option("--ray", help="score the specs on a Ray cluster: auto or its address (pip install 'hierui[ray]')"),
+]
+
+
+@app.command()
+def kld(
+    model: options.Model = "smollm2-135m",
+    specs: Specs = None,
+    text: Optional[Path] = typer.Option(None, "--text", help="a UTF-8 text file to score"),
+    suite: Optional[str] = typer.Option(None, "--suite", help="a shipped corpus: heldout (the default)"),
+    ctx: int = typer.Option(512, "--ctx", help="tokens per window; the second half of each is scored"),
+    stride: Optional[int] = typer.Option(None, "--stride", help="tokens between window starts (default --ctx)"),
+    out: Out = None,
+    save_base: SaveBase = None,
+    base: Base = None,
+    base_k: Optional[int] = typer.Option(None, "--base-k", min=1, help="write a top-K base file (e.g. 64)"),
+    ray: Ray = None,
+    ray_cpus: Optional[int] = typer.Option(None, "--ray-cpus", help="with --ray: CPUs per worker (default 1)"),
+    ray_gpus: Optional[int] = typer.Option(None, "--ray-gpus", help="with --ray: GPUs per worker (default 1)"),
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    gpu_mem: options.GpuMem = None,
+    gpus: options.Gpus = None,
+    no_cache: options.NoCache = False,
+) -> None:
+    """Teacher-forced KL divergence of a corpus, dense vs each --prune spec, in llama.cpp's report.
+
+    --save-base FILE stores the dense model's side of the comparison (exact by default; --base-k K writes a
+    small top-K file whose KL is a lower bound), and --base FILE scores against it without running the dense
+    model. Without --prune, --base scores --model itself: `hierui prune --save DIR`, then
+    `hierui kld --model DIR --base FILE`, holds only the pruned model in memory."""
+    from engine.kld import corpus as kldmod
+    from engine.models.loading import resolve
+    from engine.perturb.spec import parse_spec, unperturbed
+
+    resolve(model)
+    parsed = [parse_spec(s) for s in specs or []]
+    if text is not None and suite is not None:
+        raise HieruiError("give --text or --suite, not both")
+    if base_k is not None and save_base is None:
+        raise HieruiError("--base-k is the K of --save-base FILE; give both")
+    if base is not None and save_base is not None:
+        raise HieruiError("--base and --save-base do not go together: a base file is written from the dense model")
+    ray_options = checks.ray_options(None, ray, ray_cpus, ray_gpus, None)  # Ray missing: one line, exit 2
+    if ray_options is not None and save_base is not None:
+        raise HieruiError("--save-base runs the dense model here: write the base file without --ray")
+    if base is not None and not parsed:  # the model itself against the base file (a saved pruned checkpoint, say)
+        parsed = [unperturbed()]
+    if not parsed and save_base is None:
+        raise HieruiError("nothing to do: give --prune SPEC (repeatable) and/or --save-base FILE")
+    checks.output_file(save_base, "--save-base")
+    checks.check_dtype(dtype)
+    corpus = str(text) if text is not None else (suite or "heldout")
+    body = kldmod.read_text(text) if text is not None else kldmod.suite_text(suite or "heldout")
+    base_file = _check_corpus(model, parsed, device, body, ctx, stride, base, save_base, base_k)
+    out = checks.writable_folder(out or Path("runs") / time.strftime("kld-%Y%m%d-%H%M%S"), "--out")
+    request = _request(model, parsed, ctx, device, dtype, gpu_mem, gpus, not no_cache)
+    plan = launch.print_plan(request, always=False)
+    scoring = (request, plan, body, corpus, ctx, stride, out)
+    if ray_options is not None:
+        _kld_on_ray(*scoring, ray_options, base_file)
+    else:
+        _kld_here(*scoring, base_file, save_base, base_k)
+
+
+def _request(model: str, parsed, ctx: int, device: str, dtype: str, gpu_mem, gpus, use_cache: bool):
+    """The engine.run.open.PairRequest of a corpus KLD: its workload a window of --ctx tokens of full logits, its
+    calibration the largest any spec uses (each spec is perturbed with its own)."""
+    from engine.record.settings import calibration_for
+    from engine.run.open import pair_request
+
+    calibs = [calibration_for(p.method, "prune").to_dict() for p in parsed if p.needs_calibration]
+    calib = max(calibs, key=lambda c: c["samples"] * c["length"], default={})
+    workload = dict(max_new_tokens=1, lens=False, prompt_tokens=ctx, perplexity=ctx)
+    return pair_request(model, parsed, device, dtype, gpu_mem, gpus, calib=calib, use_cache=use_cache, **workload)
+
+
+def _check_corpus(model: str, parsed, device: str, body: str, ctx: int, stride, base, save_base, base_k):
+    """Before the model loads: the base file (a truncated or foreign one fails here), the device and the specs,
+    and, where the config is local, the corpus against the windows and the base file against the corpus.
+    Returns the base file (engine.kld.base.BaseFile) or None."""
+    from engine.kld import corpus as kldmod
+
+    base_file = None
+    if base is not None:
+        from engine.kld.base import BaseFile
+
+        base_file = BaseFile(base)
+    for p in parsed:
+        checks.check_model_args(model, p, device)
+    from engine.models.loading import check_device, config_int, load_tokenizer, read_config
+
+    check_device(device)
+    config = read_config(model)
+    if config is not None:
+        tok = load_tokenizer(model)
+        _ids, lay, _bos = kldmod.prepare(tok, body, ctx, stride, config_int(config, "max_position_embeddings"))
+        if base_file is not None:
+            base_file.check(tok, body, lay)
+        if save_base is not None and base_k is not None and base_k > len(tok):
+            raise HieruiError(f"--base-k {base_k} is beyond the vocabulary ({len(tok)} tokens)")
+    return base_file
+
+
+def _kld_here(request, plan, body, corpus, ctx, stride, out, base_file, save_base, base_k):
+    """The specs scored in this process: beside the dense model (one dense forward per window serves them all) or
+    against the base file (one perturbed copy in memory at a time); --save-base writes the dense side. The models
+    are opened by `request`, placed as `plan` says (engine.run.open)."""
+    from engine.kld import corpus as kldmod
+    from engine.record.settings import calibration_for
+    from engine.run.open import open_dense, open_pair
+    from hierui.progress import stage_progress
+    from hierui.views.kld import print_report
+
+    writer = None
+    if save_base is not None:
+        from engine.kld.base import BaseWriter
+
+        writer = BaseWriter(save_base, base_k)
+    with stage_progress(err_console) as (say, step):
+        loaded = open_dense(request, plan, progress=step)
+        parsed = request.specs
+        if writer is not None and base_k is not None and base_k > len(loaded.tokenizer):
+            raise HieruiError(f"--base-k {base_k} is beyond the vocabulary ({len(loaded.tokenizer)} tokens)")
+
+        def perturbed(p):
+            calib = calibration_for(p.method, "prune").to_dict()
+            return open_pair(request, p, dense=loaded, calib=calib, progress=step)
+
+        if base_file is None:
+            pairs = [perturbed(p) for p in parsed]
+            run = kldmod.score(loaded, pairs, body, corpus, ctx, stride, save_base=writer, progress=step)
+        else:
+            import gc
+
+            run = None
+            for p in parsed:
+                pair = perturbed(p)
+                part = kldmod.score(loaded, [pair], body, corpus, ctx, stride, base=base_file, progress=step)
+                run = part if run is None else run.merged(part)
+                del pair, part
+                gc.collect()
+        from engine.sweep.folder import noise_floor
+
+        run.noise_floor = noise_floor(loaded.ref.name, loaded.model)
+        if writer is not None:
+            lay = kldmod.layout(len(run.ids), ctx, stride)
+            writer.write(loaded.tokenizer, body, lay, loaded.ref.name)
+        rows = kldmod.write_tables(run, out, loaded.tokenizer) if parsed else []
+    if rows:
+        worst = run.worst(loaded.tokenizer)
+        print_report(console, run, rows, worst, out)
+    if writer is not None:
+        console.print(
+            f"base file {save_base}: {writer.describe(len(run.positions))} (ctx {ctx}, stride {run.stride}), "
+            f"{save_base.stat().st_size / 2**20:.1f} MiB",
+            highlight=False,
+        )
+
+
+def _kld_on_ray(request, plan, body, corpus, ctx, stride, out, ray_options, base_file):
+    """hierui kld --ray: the specs scored on the cluster (engine.kld.distributed), the tables and report as locally."""
+    from engine.kld import corpus as kldmod
+    from engine.kld.distributed import score_on_ray
+    from engine.models.loading import load_tokenizer
+    from hierui.views.kld import print_report
+
+    def say(text: str) -> None:
+        err_console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    run = score_on_ray(
+        request.model,
+        [str(p) for p in request.specs],
+        body,
+        corpus,
+        ctx,
+        stride,
+        ray_options,
+        device=request.device,
+        dtype=request.dtype,
+        use_cache=request.use_cache,
+        base=str(base_file.path.resolve()) if base_file is not None else None,  # the workers' cwd differs
+        say=say,
+        plan=plan.summary() if plan is not None else None,  # workers stream when the driver's plan says so
+    )
+    tokenizer = load_tokenizer(request.model)
+    rows = kldmod.write_tables(run, out, tokenizer)
+    print_report(console, run, rows, run.worst(tokenizer), out)
