@@ -6,7 +6,7 @@ The corpus is tokenized once (no special tokens); windows of `ctx` tokens start 
 predict the window's last `m = min(stride, ctx - 1 - ctx//2)` tokens, so every scored token has at least
 ctx/2 tokens of context and (for stride ≤ ctx − 1 − ctx//2) every token after the first window is scored once.
 
-Per scored token (the contract of shared/design.md, "Corpus KLD"; P_d dense, P_p perturbed, t the actual
+Per scored token (the contract of docs/design.md, "Corpus KLD"; P_d dense, P_p perturbed, t the actual
 next token):
     kl        KL(P_d ‖ P_p) over the full vocabulary (natural log)
     kl_rev    KL(P_p ‖ P_d)

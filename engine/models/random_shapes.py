@@ -1,6 +1,6 @@
 """`random:NAME`: a model with random weights in the shape of a known model, for timing and memory only.
 
-    random:llama-7b            a shipped shape (engine/shapes/*.json: the published config.json of the model,
+    random:llama-7b            a shipped shape (engine/models/shapes/*.json: the published config.json of the model,
                                without weights): llama-7b, llama3-8b, qwen2.5-7b, mixtral-8x7b, qwen2.5-0.5b,
                                qwen2.5-1.5b, smollm2-135m
     random:/path/config.json   the shape of any transformers config file (or of a folder holding one)

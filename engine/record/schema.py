@@ -4,7 +4,7 @@ A table's columns are always all present, in the order declared here, with their
 sweep's runs hold: a value a run lacks (the `sub_*` fields of a prompt without choices, `first_divergence`
 in shared mode) is null. A field that is not declared is an error (SchemaError), so the tables cannot drift
 from the step records (engine.run.stepper), the summaries (engine.record.summary) or the multiple-choice rows
-(engine.run.choice) without a test failing. The names are the contract of shared/design.md and engine.run.metrics.
+(engine.run.choice) without a test failing. The names are the contract of docs/design.md and engine.run.metrics.
 
 Kinds: "string", "int64", "float64", "bool", "list<int64>", "list<float64>", "list<bool>", and "json": any JSON value,
 stored as its compact JSON text (the top-k lists, the choices). Integral floats are accepted for int64
@@ -154,7 +154,7 @@ CHOICE_SUMMARY_FIELDS = {
     "tv_mean": FLOAT,
 }
 
-# engine.run.attribution.Attribution.rows()'s keys: one unit patched at one step (shared/design.md, "Where it breaks")
+# engine.run.attribution.Attribution.rows()'s keys: one unit patched at one step (docs/design.md, "Where it breaks")
 ATTRIBUTION_FIELDS = {
     "unit": STRING,  # block.ℓ, attn.ℓ, mlp.ℓ
     "kind": STRING,  # block, attn, mlp

@@ -1,4 +1,4 @@
-"""Session files: one JSON Lines file per run (shared/design.md, "Sessions"), version 1.
+"""Session files: one JSON Lines file per run (docs/design.md, "Session files"), version 1.
 
     line 1     header: {"format": "hierui-session", "version": 1, "model": …, "perturbation": {…}, …}
                (engine.record.header.SessionHeader: its fields, their defaults, exactly how it is written)

@@ -1,7 +1,7 @@
 """Attribution by patching: which units' damage flips the perturbed model's token at one generation step.
 
 At a step, the perturbed model's forward over the last position is rerun with the dense model's output of one
-*unit* restored, for each unit (shared/design.md, "Where it breaks"). Units, ℓ = 0..L−1 the dense decoder layer:
+*unit* restored, for each unit (docs/design.md, "Where it breaks"). Units, ℓ = 0..L−1 the dense decoder layer:
 
     attn.ℓ    what layer ℓ's attention adds to the residual stream (engine.anatomy.sublayers: Anatomy.attention_out,
               Gemma 2/3 and OLMo 2 after their output norm), replaced at the last position by the dense one's

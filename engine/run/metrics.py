@@ -6,7 +6,7 @@ Pure tensor functions, computed on the models' device, batched over a leading di
     z_d, z_p   (B, V)       logits at the last position
     T                       temperature of the probability space, P = softmax(z / T)
 
-Names are the contract of shared/design.md (sessions, batch tables and the UI use them). Every value of a
+Names are the contract of docs/design.md (sessions, batch tables and the UI use them). Every value of a
 step is gathered into one tensor and moved to the host once (`to_host`).
 
 Theory estimates (second order in the perturbation) shown beside the measurements:

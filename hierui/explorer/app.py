@@ -6,7 +6,7 @@ thread workers that post messages (hierui.explorer.messages); one `Worker.StateC
 failure. A restart (mode, temperature, prompt) never waits: the old run is closed without blocking and
 finishes its step in flight on its own thread.
 
-Where it breaks (shared/design.md): the layer × step map of the logit lens (`v` switches lens KL ⇄ dense
+Where it breaks (docs/design.md): the layer × step map of the logit lens (`v` switches lens KL ⇄ dense
 final KL); `a` attributes the selected step by patching, in a worker, the result replacing the chart until
 `a` again; `b` branches from a top-k alternative of the selected step into a new run and session linked to
 its parent (`u` goes back to the parent, which was kept open); with `--counterfactual` a finished free run
