@@ -162,10 +162,10 @@ def bytes_read_per_step(name: str, dtype) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from engine.run.plan import _config_object
+    from engine.run.plan.shape import config_object
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(_config_object(name), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config_object(name), dtype=dtype)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embed
@@ -237,7 +237,7 @@ def main() -> None:
 
     import torch
 
-    from engine.models.loading import pick_device, pick_dtype
+    from engine.models.devices import pick_device, pick_dtype
     from engine.run.plan import estimate, geometry
 
     samples, length = (int(x) for x in args.calib.lower().split("x"))

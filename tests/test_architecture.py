@@ -60,7 +60,7 @@ def test_a_session_records_and_shows_the_architecture(cli, tmp_path):
 
 
 def test_a_zoo_member_is_shown_by_its_full_name():
-    from engine.models.loading import resolve
+    from engine.models.names import resolve
 
     ref = resolve("tiny-random:Gemma2")
     assert ref.kind == "zoo" and ref.display == "tiny-random:gemma2"

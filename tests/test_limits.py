@@ -63,7 +63,7 @@ def test_gpu_devices_that_are_not_here_fail_before_loading(cli, no_load):
 
 
 def test_check_device_parses_without_loading():
-    from engine.models.loading import check_device
+    from engine.models.devices import check_device
 
     assert check_device("AUTO") == "auto" and check_device(" cpu ") == "cpu"
     for bad in ("tpu", "cuda:", "cuda:-1", "cpu:0", "cuda:1:2", ""):
@@ -84,7 +84,7 @@ def test_batch_and_replay_check_the_device_first(cli, tmp_path, no_load):
 
 
 def test_tiny_config_matches_the_built_model():
-    from engine.models.loading import TINY_CONFIG, read_config
+    from engine.models.configs import TINY_CONFIG, read_config
     from engine.models.tiny import tiny_config
 
     built = tiny_config()
@@ -94,7 +94,7 @@ def test_tiny_config_matches_the_built_model():
 
 
 def test_read_config_of_a_local_checkpoint_needs_no_torch(tmp_path):
-    from engine.models.loading import read_config, smallest_linear
+    from engine.models.configs import read_config, smallest_linear
 
     (tmp_path / "config.json").write_text(
         json.dumps(

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from engine.errors import HieruiError
-from engine.models.loading import ALIASES, load, resolve
+from engine.models.loading import load
+from engine.models.names import ALIASES, resolve
 
 
 def test_aliases_and_special_names_resolve():

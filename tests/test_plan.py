@@ -107,9 +107,9 @@ def test_plan_refuses_more_gpus_than_present(cli):
 def test_plan_refuses_a_pair_that_cannot_fit(cli, monkeypatch):
     """mixtral-8x7b in float32 on a CPU: ~350 GiB for the pair, more than this host has (made certain by
     pretending the host has 16 GiB)."""
-    import engine.run.plan
+    import engine.run.plan.placing
 
-    monkeypatch.setattr(engine.run.plan, "host_memory", lambda: (16 * GiB, 16 * GiB))
+    monkeypatch.setattr(engine.run.plan.placing, "host_memory", lambda: (16 * GiB, 16 * GiB))
     run = cli("plan", "--model", "random:mixtral-8x7b", "--prune", "wanda:0.5", "--device", "cpu", "--dtype", "float32")
     _one_line_error(run, "cannot fit", "predicted peak", "16.00 GiB of RAM available")
 
@@ -125,7 +125,6 @@ def test_streamed_and_multi_gpu_placements(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(engine.models.loading, "check_device", lambda d: d)
     monkeypatch.setattr(engine.models.devices, "check_device", lambda d: d)
     geom = engine.run.plan.geometry("tiny-random", torch.bfloat16)
 
@@ -160,7 +159,6 @@ def test_plan_on_pretended_gpus_prints_the_device_map(cli, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(engine.models.loading, "check_device", lambda d: d)
     monkeypatch.setattr(engine.models.devices, "check_device", lambda d: d)
     args = ("plan", "--model", "random:llama-7b", "--device", "cuda", "--dtype", "bfloat16", "--gpu-mem", "20GiB")
     run = cli(*args, "--batch-size", "16", "--calib-samples", "64", "--calib-len", "512")

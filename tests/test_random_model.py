@@ -11,7 +11,10 @@ import pytest
 import torch
 
 from engine.errors import HieruiError
-from engine.models.loading import list_models, load, read_config, resolve
+from engine.models.configs import read_config
+from engine.models.hub import list_models
+from engine.models.loading import load
+from engine.models.names import resolve
 from engine.models.random_shapes import SHAPES_DIR, shape_aliases
 
 SMALL = {  # a tiny Llama shape: builds in a blink

@@ -283,7 +283,7 @@ def score(
 
     started = time.perf_counter()
     say = progress or (lambda *_: None)
-    from engine.models.loading import config_int
+    from engine.models.configs import config_int
 
     max_ctx = config_int(loaded.model.config.to_dict(), "max_position_embeddings")
     ids, lay, bos = prepare(loaded.tokenizer, text, ctx, stride, max_ctx)

@@ -14,38 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import HieruiError, is_oom
-from engine.models.configs import TINY_CONFIG, config_from_file, config_int, read_config, smallest_linear
-from engine.models.devices import DTYPES, check_device, pick_device, pick_dtype, placement_kwargs
-from engine.models.hub import Progress, check_reachable, fetch_light, list_models, local_path_for, pull
-from engine.models.names import ALIASES, DEFAULT_MODEL, ModelRef, resolve
-
-# what other modules import from here: loading's own names, and those of a model's names, files, configs and
-# devices (engine.models.names, hub, configs, devices), importable from here as before they had modules of their own
-__all__ = [
-    "ALIASES",
-    "DEFAULT_MODEL",
-    "DTYPES",
-    "TINY_CONFIG",
-    "LoadedModel",
-    "ModelRef",
-    "Progress",
-    "check_device",
-    "check_reachable",
-    "config_from_file",
-    "config_int",
-    "fetch_light",
-    "from_pretrained_streamed",
-    "list_models",
-    "load",
-    "load_tokenizer",
-    "pick_device",
-    "pick_dtype",
-    "placement_kwargs",
-    "pull",
-    "read_config",
-    "resolve",
-    "smallest_linear",
-]
+from engine.models.devices import pick_device, pick_dtype, placement_kwargs
+from engine.models.hub import Progress, fetch_light, local_path_for
+from engine.models.names import ModelRef, resolve
 
 
 @dataclass

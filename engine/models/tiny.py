@@ -11,7 +11,7 @@ TINY_SEED = 0
 
 
 # the tiny shape and the byte tokenizer's ids: tiny-random's config, shared with the zoo (engine.models.zoo) and read
-# without torch by engine.models.loading.read_config
+# without torch by engine.models.configs.read_config
 TINY_TOKENS = {"vocab_size": 260, "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
 TINY_SHAPE = {
     "hidden_size": 64,

@@ -50,7 +50,7 @@ def allowed(named: str, kind: str) -> bool:
         if known_model(named) or under_home(named):
             return True
         if not any(c in named for c in "/\\.~"):  # a bare name: an unknown one is said so, nothing is touched
-            from engine.models.loading import resolve
+            from engine.models.names import resolve
 
             resolve(named)
         return False
@@ -62,9 +62,9 @@ def allowed(named: str, kind: str) -> bool:
 
 def known_model(name: str) -> bool:
     """Whether `name` is a model hierui knows by name: the embedded model, tiny-random (or a member of its zoo), a
-    shipped random:SHAPE or an alias (engine.models.loading.ALIASES). Never a path (random:PATH included) or a
+    shipped random:SHAPE or an alias (engine.models.names.ALIASES). Never a path (random:PATH included) or a
     free hub id."""
-    from engine.models.loading import ALIASES, DEFAULT_MODEL
+    from engine.models.names import ALIASES, DEFAULT_MODEL
     from engine.models.tiny import TINY_RANDOM
     from engine.models.zoo import FAMILIES, family_of
 

@@ -75,7 +75,8 @@ def load_checkpoint(loaded, spec, progress=None, report=None):
 
     With `report` (a PerturbReport), `report.details["structure"]` says what the pair compares.
     """
-    from engine.models.loading import load, resolve
+    from engine.models.loading import load
+    from engine.models.names import resolve
     from engine.place.streaming import is_streamed
 
     say = progress or (lambda _msg: None)
@@ -91,7 +92,7 @@ def load_checkpoint(loaded, spec, progress=None, report=None):
     device_map = None
     if len(set(dense_map.values())) > 1:  # several devices: layer ℓ of both where the dense model has it
         from engine.anatomy.linears import decoder_layers
-        from engine.models.loading import config_int, read_config
+        from engine.models.configs import config_int, read_config
 
         depth = config_int(read_config(path), "num_hidden_layers")
         device_map = dict(dense_map) if depth == len(decoder_layers(dense)) else "auto"  # another depth: accelerate's
@@ -266,7 +267,7 @@ def _load_per_layer_shapes(directory: Path, differing: dict, loaded, device_map,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from engine.anatomy.linears import decoder_layers
-    from engine.models.loading import placement_kwargs
+    from engine.models.devices import placement_kwargs
 
     config = AutoConfig.from_pretrained(str(directory))
     model_type = getattr(config, "model_type", "?")

@@ -100,10 +100,10 @@ def unperturbed() -> Spec:
 
 
 def check_fits(spec: Spec, config: dict | None) -> None:
-    """Check a spec against the model's config.json (engine.models.loading.read_config), before anything is loaded:
+    """Check a spec against the model's config.json (engine.models.configs.read_config), before anything is loaded:
     a drop count below the layer count, a sparsity that prunes at least one weight of every decoder linear
     (a method pruning per output row, Wanda, one of its fewest input features; magnitude and SparseGPT per matrix)."""
-    from engine.models.loading import config_int, smallest_linear
+    from engine.models.configs import config_int, smallest_linear
 
     if not config:
         return

@@ -41,7 +41,7 @@ DEFAULT_TIE_MARGIN = {"float32": 1.0e-5, "bfloat16": 0.11, "float16": 0.015}
 def dtype_name(dtype) -> str:
     """A dtype (torch's or a name: bf16, fp32, half, …) as its canonical name: float32, bfloat16, float16; other
     names (float64) as they are."""
-    from engine.models.loading import DTYPES
+    from engine.models.devices import DTYPES
 
     text = str(dtype).removeprefix("torch.").strip().lower()
     return DTYPES.get(text, text)
@@ -49,7 +49,7 @@ def dtype_name(dtype) -> str:
 
 def parse_dtypes(dtypes) -> list[str]:
     """`float32,bfloat16` (or a list) as canonical dtype names, each once; an unknown name raises (exit 2)."""
-    from engine.models.loading import DTYPES
+    from engine.models.devices import DTYPES
 
     items = dtypes.split(",") if isinstance(dtypes, str) else list(dtypes)
     out: list[str] = []
@@ -81,7 +81,7 @@ def noise_dir() -> Path:
 def floor_path(model_name: str, device) -> Path:
     """$HIERUI_HOME/noise/<model key>-<device type>.json; the key identifies the weights (ModelRef.cache_key).
     An unknown model name raises."""
-    from engine.models.loading import resolve
+    from engine.models.names import resolve
     from engine.record.prompts import short_id
 
     key = resolve(model_name).cache_key()
@@ -104,7 +104,7 @@ def save_floor(floor: dict, path: str | Path | None = None) -> Path:
 
 def load_floor(model_name: str, device) -> dict | None:
     """The stored floor of a model on a device type, or None where there is none (or it is unreadable, of
-    another format or version). An unknown model name raises (engine.models.loading.resolve)."""
+    another format or version). An unknown model name raises (engine.models.names.resolve)."""
     path = floor_path(model_name, device)
     try:
         floor = json.loads(path.read_text(encoding="utf-8"))

@@ -23,7 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from engine.errors import HieruiError
-from engine.models.loading import DTYPES, check_device, read_config, resolve
+from engine.models.configs import read_config
+from engine.models.devices import DTYPES, check_device
+from engine.models.names import resolve
 from engine.perturb.spec import Spec, check_fits, check_streamable, parse_spec, unperturbed
 from engine.run.plan import PROMPT_TOKENS, parse_size, plan_for_run, planned_device_map, plans_streaming, remember
 

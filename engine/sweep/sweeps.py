@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.errors import HieruiError
-from engine.models.loading import DEFAULT_MODEL
+from engine.models.names import DEFAULT_MODEL
 from engine.perturb.spec import Spec, parse_spec
 from engine.record.header import SessionHeader
 from engine.record.methods import DEFAULT_SPEC
@@ -142,7 +142,7 @@ def plan_sweep(
     """Check the whole sweep before anything is loaded. `settings` (SWEEP_FIELDS) and `calib` values left
     None take the session's (with `from_session`) or the defaults (engine.record.settings). `prompts_text`: the
     content of `prompts_file` when it is not written yet; `files`: see Sweep.files."""
-    from engine.models.loading import resolve
+    from engine.models.names import resolve
 
     if (prompts_file is None) == (from_session is None):
         raise HieruiError("give the prompts with exactly one of --prompts FILE or --from SESSION")
@@ -151,49 +151,20 @@ def plan_sweep(
         raise TypeError(f"unknown settings {sorted(unknown)}")
     given = {k: v for k, v in settings.items() if v is not None}
     calib_given = {k: v for k, v in (calib or {}).items() if v is not None}
-    base, base_calib = dict(SWEEP_DEFAULTS), CalibSettings().to_dict()
     if from_session is not None:
-        if not specs:
-            raise HieruiError("--from SESSION reruns a session under other perturbations: give at least one --prune")
-        header, model, base_calib["source"] = _from_header(from_session, model, calib_given)
-        prompts = [PromptItem("p000", header.prompt, list(header.choices) if header.choices else None)]
-        # the recorded settings (not truncate: the header keeps what it did, truncated_from)
-        recorded = {k: getattr(header, k, None) for k in SWEEP_FIELDS}
-        base.update({k: v for k, v in recorded.items() if v is not None})
-        if header.calibration is not None:
-            sizes = {k: getattr(header.calibration, k) for k in ("samples", "length", "seed")}
-            base_calib.update({k: v for k, v in sizes.items() if v is not None})
-        modes = modes or [header.mode]
+        prompts, model, modes, base, base_calib = _rerun_inputs(from_session, model, specs, modes, calib_given)
         source = str(from_session)
     else:
-        if prompts_text is None and str(prompts_file).startswith("suite:"):  # a shipped suite: --prompts suite:open
-            from engine.sweep.recipe import suite_file
-
-            prompts_file = suite_file(str(prompts_file))
-        prompts = read_prompts(prompts_file, text=prompts_text)
-        source = str(prompts_file)
+        prompts, source = _read_sweep_prompts(prompts_file, prompts_text)
+        base, base_calib = dict(SWEEP_DEFAULTS), CalibSettings().to_dict()
     base.update(given)
-    base_calib.update(calib_given)
-    if base_calib["source"] is not None:
-        path = Path(base_calib["source"]).expanduser()
-        if not path.is_file():
-            raise HieruiError(f"calibration file not found: {base_calib['source']}")
-        base_calib["source"] = str(path.resolve())
-    calibration = CalibSettings(**base_calib).validate()
+    calibration = _calibration({**base_calib, **calib_given})
 
     model = model or DEFAULT_MODEL
     resolve(model)  # an unknown model fails here, before anything slow
     check_placement(device, dtype)
     parsed = _unique([parse_spec(s) for s in (specs or [DEFAULT_SPEC])])
-    from engine.models.loading import check_device, read_config
-    from engine.perturb.spec import check_fits
-
-    check_device(device)
-    config = read_config(model)  # None: not known before loading (a hub model not in the cache)
-    for spec in parsed:
-        if spec.declared.takes_path and not Path(spec.path).expanduser().exists():
-            raise HieruiError(f"checkpoint not found: {spec.path}")
-        check_fits(spec, config)
+    config = _check_specs(parsed, model, device)
     modes = _unique([m.strip().lower() for m in (modes or ["shared"])])
     if base.get("counterfactual") and "free" not in modes:
         raise HieruiError("--counterfactual branches free-mode runs at their first divergence: add --mode free")
@@ -204,18 +175,78 @@ def plan_sweep(
         model, prompts, parsed, modes, StepSettings(**base), calibration, device, dtype, source, dict(files or {})
     )
     sweep.attribute = attribute
-    for mode in modes:
+    _check_runs(sweep, config)
+    return sweep
+
+
+def _rerun_inputs(
+    from_session, model: str | None, specs: list[str] | None, modes: list[str] | None, calib_given: dict
+) -> tuple[list[PromptItem], str | None, list[str], dict, dict]:
+    """`batch --from`: the session's prompt, model, mode, settings and calibration as the sweep's (prompts, model,
+    modes, settings, calibration) before the user's options override them."""
+    if not specs:
+        raise HieruiError("--from SESSION reruns a session under other perturbations: give at least one --prune")
+    base, base_calib = dict(SWEEP_DEFAULTS), CalibSettings().to_dict()
+    header, model, base_calib["source"] = _from_header(from_session, model, calib_given)
+    prompts = [PromptItem("p000", header.prompt, list(header.choices) if header.choices else None)]
+    # the recorded settings (not truncate: the header keeps what it did, truncated_from)
+    recorded = {k: getattr(header, k, None) for k in SWEEP_FIELDS}
+    base.update({k: v for k, v in recorded.items() if v is not None})
+    if header.calibration is not None:
+        sizes = {k: getattr(header.calibration, k) for k in ("samples", "length", "seed")}
+        base_calib.update({k: v for k, v in sizes.items() if v is not None})
+    return prompts, model, modes or [header.mode], base, base_calib
+
+
+def _read_sweep_prompts(prompts_file, prompts_text: str | None) -> tuple[list[PromptItem], str]:
+    """`batch --prompts`: the prompts of a file (or of its text not written yet, or of a shipped suite:NAME), and
+    the file named in the manifest."""
+    if prompts_text is None and str(prompts_file).startswith("suite:"):  # a shipped suite: --prompts suite:open
+        from engine.sweep.recipe import suite_file
+
+        prompts_file = suite_file(str(prompts_file))
+    return read_prompts(prompts_file, text=prompts_text), str(prompts_file)
+
+
+def _calibration(values: dict) -> CalibSettings:
+    """The calibration settings checked, a calibration file resolved to an absolute path (it must be there)."""
+    if values["source"] is not None:
+        path = Path(values["source"]).expanduser()
+        if not path.is_file():
+            raise HieruiError(f"calibration file not found: {values['source']}")
+        values["source"] = str(path.resolve())
+    return CalibSettings(**values).validate()
+
+
+def _check_specs(specs: list[Spec], model: str, device: str) -> dict | None:
+    """The device, each checkpoint path and each spec against the model's config where it is known without a
+    download; the config (None: not known before loading, a hub model not in the cache)."""
+    from engine.models.configs import read_config
+    from engine.models.devices import check_device
+    from engine.perturb.spec import check_fits
+
+    check_device(device)
+    config = read_config(model)
+    for spec in specs:
+        if spec.declared.takes_path and not Path(spec.path).expanduser().exists():
+            raise HieruiError(f"checkpoint not found: {spec.path}")
+        check_fits(spec, config)
+    return config
+
+
+def _check_runs(sweep: Sweep, config: dict | None) -> None:
+    """Each mode's settings within their bounds, every prompt within the context, and one name per run."""
+    for mode in sweep.modes:
         sweep.step_settings(mode).validate()  # the mode and every bound (engine.record.settings)
     _check_context(sweep, config)
     ids = [r.run_id for r in sweep.runs()]
     if len(set(ids)) != len(ids):
         raise HieruiError("two specs give the same run name (e.g. checkpoints in folders of the same name)")
-    return sweep
 
 
 def check_placement(device: str, dtype: str) -> None:
     """An unknown or absent device and an unknown dtype fail before anything is loaded or written."""
-    from engine.models.loading import DTYPES, pick_device
+    from engine.models.devices import DTYPES, pick_device
 
     if (dtype or "auto").lower() != "auto" and dtype.lower() not in DTYPES:
         raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
@@ -248,7 +279,9 @@ def _from_header(from_session, model: str | None, calib_given: dict) -> tuple[Se
 def _check_context(sweep: Sweep, config: dict | None) -> None:
     """Every prompt and --max-new-tokens within the model's context, before loading: only where the config and
     the tokenizer are known without a download (else the stepper checks it, before its first step)."""
-    from engine.models.loading import config_int, load_tokenizer, resolve
+    from engine.models.configs import config_int
+    from engine.models.loading import load_tokenizer
+    from engine.models.names import resolve
     from engine.models.tokens import prompt_ids
     from engine.record.settings import fit_context
 

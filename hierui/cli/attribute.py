@@ -42,7 +42,7 @@ def attribute(
 
     At each step, patch the dense output of every block, attention and MLP into the perturbed forward and rank
     them by the KL their restoration removes."""
-    from engine.models.loading import check_device
+    from engine.models.devices import check_device
 
     if session.is_dir():
         raise HieruiError(f"{session} is a directory: attribute takes one session file")
@@ -58,7 +58,7 @@ def attribute(
     wanted = _steps_to_attribute(session, recorded, steps)
     plan = R.plan_rerun(recorded, model=model, calib=calib, spec=spec)  # refuses paths the file names
     if model is not None:
-        from engine.models.loading import resolve
+        from engine.models.names import resolve
 
         resolve(model)
     if not wanted:

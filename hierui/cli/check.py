@@ -35,7 +35,7 @@ def check(
     none is exactly zero, KV-cached = full pass, batched = one at a time, unchanged tensors shared, sparsity
     exact."""
     from engine.check.selfcheck import DEFAULT_SPECS
-    from engine.models.loading import resolve
+    from engine.models.names import resolve
     from engine.perturb.spec import parse_spec, unperturbed
 
     resolve(model)  # everything the user typed is checked before anything is loaded
@@ -98,7 +98,8 @@ def noise(
 
     The dense model against itself in another dtype, another batch shape, and without its KV cache: the KL and
     flips numerical noise alone gives, and the top-1/top-2 margin below which a flip could be noise."""
-    from engine.models.loading import check_device, resolve
+    from engine.models.devices import check_device
+    from engine.models.names import resolve
     from engine.record.prompts import read_prompts
     from engine.run.floor import parse_dtypes, save_floor
     from engine.run.noise import DEFAULT_STEPS, measure_floor

@@ -12,7 +12,7 @@ def check_dtype(dtype: str | None) -> None:
     recorded one)."""
     if dtype is None or dtype.lower() == "auto":
         return
-    from engine.models.loading import DTYPES
+    from engine.models.devices import DTYPES
 
     if dtype.lower() not in DTYPES:
         raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
@@ -28,7 +28,9 @@ def check_model_args(model: str, parsed, device: str) -> dict | None:
     """The checks that need only the arguments, the config and the file system, before anything slow: the
     device, a checkpoint's path, the spec against the model's config.json (when it can be read without a
     download). Returns that config (None: not known before loading)."""
-    from engine.models.loading import check_device, read_config, resolve
+    from engine.models.configs import read_config
+    from engine.models.devices import check_device
+    from engine.models.names import resolve
     from engine.perturb.spec import check_fits
 
     check_device(device)

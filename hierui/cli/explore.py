@@ -65,7 +65,7 @@ def explore(
     worst: int = typer.Option(1, "--worst", min=1, help="with --from-kld: the token's rank (1 = the highest KLD)"),
 ) -> None:
     """Open the explorer: step the dense and the perturbed model token by token and watch them drift apart."""
-    from engine.models.loading import resolve
+    from engine.models.names import resolve
     from engine.perturb.spec import parse_spec
     from engine.record.settings import StepSettings, calibration_for
 
@@ -145,7 +145,8 @@ def _check_before_the_ui(model: str, parsed, settings, prompt: str, placed, dtyp
 def _check_model(model: str, parsed, device: str, max_new_tokens: int) -> dict | None:
     """A checkpoint's path, the device, the spec against the config and --max-new-tokens within the context (with
     a prompt of at least one token), from local files only; returns the config (None: not known yet)."""
-    from engine.models.loading import config_int, resolve
+    from engine.models.configs import config_int
+    from engine.models.names import resolve
     from engine.record.settings import fit_context
 
     if parsed.declared.takes_path:
@@ -159,7 +160,8 @@ def _check_model(model: str, parsed, device: str, max_new_tokens: int) -> dict |
 def _fetch_config(model: str, parsed, config: dict | None) -> dict | None:
     """A hub model that cannot be fetched fails here, not inside the UI; one whose config is not local yet has
     its config fetched (without its weights) and the spec checked against it."""
-    from engine.models.loading import check_reachable, config_from_file, fetch_light
+    from engine.models.configs import config_from_file
+    from engine.models.hub import check_reachable, fetch_light
 
     check_reachable(model)
     launch.quiet_libraries()
@@ -176,7 +178,8 @@ def _check_prompt(model: str, settings, config: dict | None, prompt: str) -> Non
     """--choices as tokens and the prompt within the context: both need the tokenizer, loaded before the UI."""
     if not settings.choices and config is None:
         return
-    from engine.models.loading import config_int, load_tokenizer
+    from engine.models.configs import config_int
+    from engine.models.loading import load_tokenizer
     from engine.models.tokens import choice_token_ids, prompt_ids
     from engine.record.settings import fit_context
 

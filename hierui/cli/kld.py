@@ -59,7 +59,7 @@ def kld(
     model. Without --prune, --base scores --model itself: `hierui prune --save DIR`, then
     `hierui kld --model DIR --base FILE`, holds only the pruned model in memory."""
     from engine.kld import corpus as kldmod
-    from engine.models.loading import resolve
+    from engine.models.names import resolve
     from engine.perturb.spec import parse_spec, unperturbed
 
     resolve(model)
@@ -117,7 +117,9 @@ def _check_corpus(model: str, parsed, device: str, body: str, ctx: int, stride, 
         base_file = BaseFile(base)
     for p in parsed:
         checks.check_model_args(model, p, device)
-    from engine.models.loading import check_device, config_int, load_tokenizer, read_config
+    from engine.models.configs import config_int, read_config
+    from engine.models.devices import check_device
+    from engine.models.loading import load_tokenizer
 
     check_device(device)
     config = read_config(model)

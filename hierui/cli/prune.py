@@ -48,7 +48,7 @@ def prune(
     no_cache: options.NoCache = False,
 ) -> None:
     """Perturb a model and report sparsity, time, perplexity and greedy text, dense vs perturbed."""
-    from engine.models.loading import resolve
+    from engine.models.names import resolve
     from engine.perturb.spec import parse_spec
     from engine.record.settings import calibration_for
 
@@ -60,7 +60,8 @@ def prune(
     save = _check_save(save, parsed)
     config = checks.check_model_args(model, parsed, device)  # before the dense model is loaded
     if config is not None:  # the prompt and --tokens within the context (the tokenizer is local: no download)
-        from engine.models.loading import config_int, load_tokenizer
+        from engine.models.configs import config_int
+        from engine.models.loading import load_tokenizer
         from engine.models.tokens import prompt_ids
         from engine.record.settings import fit_context
 
@@ -117,7 +118,7 @@ def plan(
     activations, the pruning workspace of the layer in flight, both KV caches for --batch-size × (prompt +
     --max-new-tokens), logits and the lens; whether it fits the device, and the placement: one device, several
     GPUs with one device_map for both models, or streamed offload."""
-    from engine.models.loading import resolve
+    from engine.models.names import resolve
     from engine.perturb.spec import parse_spec
     from engine.record.settings import calibration_for
     from engine.run.plan import PROMPT_TOKENS, estimate, parse_size, visible_gpus

@@ -96,7 +96,7 @@ def _rerun(session: Path, device: str, dtype, tol: float, use_cache: bool, save,
     if save is not None and (save.exists() or not save.parent.is_dir()):
         why = "exists already" if save.exists() else f"is in a folder that does not exist ({save.parent})"
         raise HieruiError(f"--save {save} {why}: name a new file")
-    from engine.models.loading import check_device
+    from engine.models.devices import check_device
 
     check_device(device)  # before anything slow
     from engine.record.session import load_session
@@ -112,7 +112,7 @@ def _rerun(session: Path, device: str, dtype, tol: float, use_cache: bool, save,
 
     plan = R.plan_rerun(loaded_session, model=model, calib=calib, spec=spec)  # refuses paths the file names
     if model is not None:
-        from engine.models.loading import resolve
+        from engine.models.names import resolve
 
         resolve(model)
     request = R.rerun_request(loaded_session, plan, device, dtype, *memory, use_cache=use_cache)

@@ -16,7 +16,7 @@ def models_list(ctx: typer.Context) -> None:
         return
     from rich import box
 
-    from engine.models.loading import list_models
+    from engine.models.hub import list_models
     from engine.record.paths import models_dir
 
     rows = list_models()
@@ -38,7 +38,8 @@ def models_list(ctx: typer.Context) -> None:
 @models_app.command("pull")
 def models_pull(name: str = typer.Argument(..., help=options.MODEL_HELP)) -> None:
     """Fetch (and convert) a model so later runs need no network."""
-    from engine.models.loading import pull, resolve
+    from engine.models.hub import pull
+    from engine.models.names import resolve
 
     resolve(name)
     launch.quiet_libraries()
