@@ -126,6 +126,9 @@ class Session:
         return self.summary is not None
 
 
+_TRUNCATED = object()  # what _decode_line gives for a last line cut short by a crash
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -137,6 +140,28 @@ def load_session(path: str | Path) -> Session:
     of the last line is still a truncated last line (a warning), not an unreadable file.
     """
     path = Path(path)
+    lines = _read_lines(path)
+    session = Session(path=path, header=_read_header(path, *lines[0]), steps=[])
+    last = len(lines) - 1
+    for index, (number, raw) in enumerate(lines[1:], start=1):
+        obj = _decode_line(path, number, raw, last=index == last)
+        if obj is _TRUNCATED:
+            session.warnings.append(f"{path}: dropped a truncated last line (line {number}); the run was interrupted")
+            break
+        if not isinstance(obj, dict):
+            raise HieruiError(f"{path}: line {number} is not a JSON object")
+        if session.summary is not None:
+            raise HieruiError(f"{path}: line {number} comes after the closing summary line")
+        if obj.get("end"):
+            _read_closing(session, obj, number)
+        else:
+            _read_step(session, obj, number)
+    return session
+
+
+def _read_lines(path: Path) -> list[tuple[int, bytes]]:
+    """The file's non-blank lines as (line number in the file, raw bytes); a missing, unreadable or empty file is
+    one HieruiError."""
     if not path.exists():
         raise HieruiError(f"session not found: {path}")
     if path.is_dir():
@@ -145,20 +170,24 @@ def load_session(path: str | Path) -> Session:
         data = path.read_bytes()
     except OSError as e:
         raise HieruiError(f"cannot read session {path}: {e.strerror or e}") from None
-    # (line number in the file, raw bytes), blank lines skipped
     lines = [(n, raw) for n, raw in enumerate(data.split(b"\n"), start=1) if raw.strip()]
     if not lines:
         raise HieruiError(f"{path} is empty, not a hierui session")
+    return lines
+
+
+def _read_header(path: Path, number: int, raw: bytes) -> SessionHeader:
+    """The first line as a SessionHeader: a hierui session of a version this hierui reads, every field checked."""
     try:
-        first = loads(lines[0][1].decode("utf-8"))
+        first = loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise HieruiError(f"{path} is not a hierui session (not UTF-8 text)") from None
     except RecursionError:
-        raise HieruiError(f"{path}: line {lines[0][0]} is nested too deeply to read") from None
+        raise HieruiError(f"{path}: line {number} is nested too deeply to read") from None
     except json.JSONDecodeError:
         raise HieruiError(f"{path} is not a hierui session (its first line is not JSON)") from None
     except ValueError:  # an integer of too many digits
-        raise HieruiError(f"{path}: line {lines[0][0]} holds a number too large to read") from None
+        raise HieruiError(f"{path}: line {number} holds a number too large to read") from None
     if not isinstance(first, dict) or first.get("format") != FORMAT:
         raise HieruiError(f'{path} is not a hierui session (no "format": "{FORMAT}" header)')
     version = first.get("version")
@@ -171,46 +200,44 @@ def load_session(path: str | Path) -> Session:
         )
     if version < 1:
         raise HieruiError(f"{path}: unsupported session version {version}")
-    header = SessionHeader.from_dict(first, path, lines[0][0])  # every field's type and range checked
+    return SessionHeader.from_dict(first, path, number)  # every field's type and range checked
 
-    session = Session(path=path, header=header, steps=[])
-    last = len(lines) - 1
-    for index, (number, raw) in enumerate(lines[1:], start=1):
-        try:
-            obj = loads(raw.decode("utf-8"))
-        except RecursionError:
-            raise HieruiError(f"{path}: line {number} is nested too deeply to read") from None
-        except ValueError as e:  # UnicodeDecodeError, json.JSONDecodeError, an integer of too many digits
-            if not isinstance(e, (UnicodeDecodeError, json.JSONDecodeError)):
-                raise HieruiError(f"{path}: line {number} holds a number too large to read") from None
-            if index == last:  # the last line: a crash mid-write
-                session.warnings.append(
-                    f"{path}: dropped a truncated last line (line {number}); the run was interrupted"
-                )
-                break
-            raise HieruiError(f"{path}: line {number} is not valid JSON") from None
-        if not isinstance(obj, dict):
-            raise HieruiError(f"{path}: line {number} is not a JSON object")
-        if session.summary is not None:
-            raise HieruiError(f"{path}: line {number} comes after the closing summary line")
-        if obj.get("end"):
-            summary = obj.get("summary")
-            if summary is not None and not isinstance(summary, dict):
-                raise HieruiError(f"{path}: line {number}, the closing line, holds no summary object")
-            check_summary(summary or {}, path, number)
-            session.summary = summary or {}
-            if obj.get("branch") is not None:
-                from engine.record.branches import Branch
 
-                check_branch(obj["branch"], path, number)
-                session.branch = Branch.from_dict(obj["branch"])
-            continue
-        if "step" not in obj:
-            raise HieruiError(f"{path}: line {number} is neither a step nor the closing line")
-        if not _is_int(obj["step"]) or obj["step"] != len(session.steps):
-            raise HieruiError(
-                f"{path}: line {number} holds step {shown(obj['step'])}, expected step {len(session.steps)}"
-            )
-        check_step(obj, path, number)
-        session.steps.append(obj)
-    return session
+def _decode_line(path: Path, number: int, raw: bytes, last: bool):
+    """A line after the header, decoded (any JSON value); _TRUNCATED where the last line is not UTF-8 JSON."""
+    try:
+        return loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise HieruiError(f"{path}: line {number} is nested too deeply to read") from None
+    except ValueError as e:  # UnicodeDecodeError, json.JSONDecodeError, an integer of too many digits
+        if not isinstance(e, (UnicodeDecodeError, json.JSONDecodeError)):
+            raise HieruiError(f"{path}: line {number} holds a number too large to read") from None
+        if last:  # a crash mid-write cut the last line short
+            return _TRUNCATED
+        raise HieruiError(f"{path}: line {number} is not valid JSON") from None
+
+
+def _read_closing(session: Session, obj: dict, number: int) -> None:
+    """The closing line: its summary, checked, and the counterfactual branch where it holds one."""
+    path = session.path
+    summary = obj.get("summary")
+    if summary is not None and not isinstance(summary, dict):
+        raise HieruiError(f"{path}: line {number}, the closing line, holds no summary object")
+    check_summary(summary or {}, path, number)
+    session.summary = summary or {}
+    if obj.get("branch") is not None:
+        from engine.record.branches import Branch
+
+        check_branch(obj["branch"], path, number)
+        session.branch = Branch.from_dict(obj["branch"])
+
+
+def _read_step(session: Session, obj: dict, number: int) -> None:
+    """A step record, checked: numbered in order from 0, every field's type and range."""
+    path = session.path
+    if "step" not in obj:
+        raise HieruiError(f"{path}: line {number} is neither a step nor the closing line")
+    if not _is_int(obj["step"]) or obj["step"] != len(session.steps):
+        raise HieruiError(f"{path}: line {number} holds step {shown(obj['step'])}, expected step {len(session.steps)}")
+    check_step(obj, path, number)
+    session.steps.append(obj)

@@ -1,4 +1,4 @@
-"""Messages the workers post to the app (models loading, steps arriving, attributions, counterfactual branches).
+"""Messages the workers post to the app (models loading, steps arriving, attributions).
 Failures reach the app as Textual's own `Worker.StateChanged`, handled in one place."""
 
 from __future__ import annotations
@@ -37,11 +37,3 @@ class AttributionDone(Message):
     def __init__(self, run: int, step: int, result, source=None) -> None:
         super().__init__()
         self.run, self.step, self.result, self.source = run, step, result, source
-
-
-class CounterfactualDone(Message):
-    """The counterfactual branch of a finished free run number `run` (engine.record.branches.Branch; None: no split)."""
-
-    def __init__(self, run: int, branch) -> None:
-        super().__init__()
-        self.run, self.branch = run, branch
