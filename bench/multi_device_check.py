@@ -31,7 +31,7 @@ import engine.place.placement as placement
 from engine.anatomy.linears import decoder_layers, decoder_layers_prefix, weight_views
 from engine.models.loading import load
 from engine.perturb import perturb
-from engine.run.plan import _config_object, meta_model
+from engine.run.plan.shape import config_object, meta_model
 from engine.run.stepper import BatchStepper, StepSettings
 
 
@@ -47,7 +47,7 @@ def pick_devices(text: str) -> list[str]:
 def device_map(model_name: str, dtype, devices: list[str]) -> dict:
     """Layers split evenly over `devices` in order, the embeddings with the first layers and the final norm and
     head with the last (a tied head stays with the embeddings: accelerate ties it across devices otherwise)."""
-    meta = meta_model(model_name, _config_object(model_name), dtype)
+    meta = meta_model(model_name, config_object(model_name), dtype)
     prefix = decoder_layers_prefix(meta)
     count = len(decoder_layers(meta))
     out: dict[str, str] = {}

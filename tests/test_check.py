@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.check import selfcheck as S
+from engine.check.sharing import fingerprint
 from engine.models.zoo import FAMILIES
 
 FAST = ["--steps", "4", "--calib-samples", "4", "--calib-len", "32"]
@@ -147,17 +148,17 @@ def test_the_dense_fingerprint_sees_one_last_bit_and_a_sign_flip(tiny):
     weight = tiny.model.model.layers[1].mlp.up_proj.weight
     flat = weight.data.view(-1)
     keep = flat[:2].clone()
-    before = S._fingerprint(tiny.model)
+    before = fingerprint(tiny.model)
     try:
         flat[0] = torch.nextafter(keep[0], torch.tensor(float("inf")))
-        assert S._fingerprint(tiny.model) != before
+        assert fingerprint(tiny.model) != before
         flat[0] = keep[0]
-        assert S._fingerprint(tiny.model) == before
+        assert fingerprint(tiny.model) == before
         flat[1] = -keep[1]
-        assert S._fingerprint(tiny.model) != before
+        assert fingerprint(tiny.model) != before
     finally:
         flat[:2] = keep
-    assert S._fingerprint(tiny.model) == before
+    assert fingerprint(tiny.model) == before
 
 
 def test_sparsity_check_catches_a_broken_n_of_m_group(tiny):

@@ -24,7 +24,9 @@ from engine.place.placement import (
     mismatched_layers,
     pair_device_map,
 )
-from engine.run.plan import GiB, _bytes_by_entry, _config_object, meta_model
+from engine.run.plan import GiB
+from engine.run.plan.placing import bytes_by_entry
+from engine.run.plan.shape import config_object, meta_model
 from engine.run.stepper import Stepper, StepSettings
 
 METRICS = ("kl", "js", "tv", "logit_cos", "prob_cos", "dp", "nll_d", "nll_p", "emb_cos")
@@ -32,7 +34,7 @@ EXACT = ("token_d", "token_p", "top1_agree", "rank_shift", "same_token", "first_
 
 
 def _meta(name: str, dtype=torch.bfloat16):
-    return meta_model(name, _config_object(name), dtype)
+    return meta_model(name, config_object(name), dtype)
 
 
 def _layer_of(name: str, prefix: str) -> int | None:
@@ -60,7 +62,7 @@ def test_a_7b_map_keeps_layers_whole_in_order_and_within_each_budget():
     gpus = [device_map[f"{prefix}{i}"] for i in range(len(decoder_layers(model)))]
     assert gpus == sorted(gpus) and gpus[0] == 0 and len(set(gpus)) >= 2
     # each GPU's dense bytes, with what the pair adds in proportion, within its budget
-    sizes = _bytes_by_entry(model, device_map)
+    sizes = bytes_by_entry(model, device_map)
     for gpu, budget in budgets.items():
         held = sum(size for name, size in sizes.items() if device_map[name] == gpu)
         assert held * overhead <= budget

@@ -101,13 +101,6 @@ def linear_type(name: str) -> str:
     return name.rsplit(".", 1)[-1].split("[", 1)[0]
 
 
-def set_weight(linear, weight) -> None:
-    """Give `linear` a new weight tensor without touching the one it had (which the dense model shares)."""
-    import torch.nn as nn
-
-    linear.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
-
-
 # ------------------------------------------------------------------ weight views
 
 

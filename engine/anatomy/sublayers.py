@@ -78,10 +78,6 @@ class Anatomy:
         """The module whose output is what the MLP adds (OPT's fc2 gives it flattened to [tokens, hidden])."""
         return self.mlp_norm_out or self.mlp or self.inline_mlp[1]
 
-    def mlp_modules(self) -> tuple[str, ...]:
-        """The module(s) that compute the MLP: ('mlp',) or OPT's ('fc1', 'fc2')."""
-        return (self.mlp,) if self.mlp else self.inline_mlp
-
     def output_parameters(self, layer, kind: str) -> list[str]:
         """Paths inside `layer` of the parameters of `kind`'s ('attention' or 'mlp') output projection(s):
         their weights and biases, an experts module's 3-D `down_proj`, Qwen2-MoE's shared expert's. Zeroing

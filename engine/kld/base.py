@@ -55,7 +55,6 @@ from engine.record.validate import escape
 
 FORMAT = "hierui-kld-base"
 VERSION = "1"
-DEFAULT_K = 64  # the K `--base-k` suggests; without --base-k the file is the exact kind
 TOPK_SHAPES = ("topk_ids", "topk_logp", "tail_logp", "nll")
 
 

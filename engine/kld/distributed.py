@@ -59,9 +59,6 @@ class KldWorker:
         gc.collect()
         return {"run": run, "worker": self.name, "seconds": time.perf_counter() - started}
 
-    def ping(self) -> int:
-        return os.getpid()
-
 
 def score_on_ray(
     model: str,

@@ -82,10 +82,6 @@ def calibration_slot(model_key: str, source: str, samples: int, length: int, see
     return cache.slot("calib", "calibration", {"model_key": model_key, "calibration": settings}, info)
 
 
-def calibration_key(model_key: str, source: str, samples: int, length: int, seed: int) -> str:
-    return calibration_slot(model_key, source, samples, length, seed).key
-
-
 def build_calibration(
     loaded,
     source: str | None = None,

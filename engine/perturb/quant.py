@@ -80,7 +80,6 @@ def quantize(clone, spec) -> dict:
     bnb = _import_bnb()
     dtype = next(clone.parameters()).dtype
     bits = spec.declared.params["bits"]  # 8: LLM.int8(), 4: nf4 (engine.record.methods.quant)
-    module_class = "Linear8bitLt" if bits == 8 else "Linear4bit"
     counts = {"linear": 0, "conv1d": 0, "expert_matrices": 0}
     kept: dict[str, str] = {}  # path inside a layer -> why it stays in full precision
     skipped: list[str] = []
@@ -104,29 +103,47 @@ def quantize(clone, spec) -> dict:
             if kind == "experts":
                 counts["expert_matrices"] += _quantize_experts(bnb, module, bits, dtype, torch)
                 continue
-            weight = module.weight.detach()
-            if kind == "conv1d":
-                weight = weight.t()  # Conv1D stores [in, out]; a linear's weight is [out, in]
-            out_features, in_features = weight.shape
-            try:
-                if bits == 8:
-                    new = _int8_linear(bnb, weight, module.bias)
-                else:
-                    new = _nf4_linear(bnb, weight, module.bias, dtype)
-                new.train(module.training)
-                new.requires_grad_(False)
-                with torch.no_grad():
-                    new(torch.zeros(1, in_features, device=device, dtype=dtype))
-            except Exception as e:  # a shape this backend cannot take: keep it in full precision, say why
-                if is_oom(e):
-                    raise
-                skipped.append(f"layer {index} {name} ({in_features}->{out_features}): {one_line(e)}")
+            new, why = _quantized_linear(bnb, module, kind, bits, dtype, device)
+            if new is None:
+                skipped.append(f"layer {index} {name} {why}")
                 continue
             layer.set_submodule(name, new)
             counts[kind] += 1
     if not any(counts.values()):  # never a silent no-op (KL exactly 0 would look like a result)
         why = f": bitsandbytes took none of them ({skipped[0]})" if skipped else ""
         raise HieruiError(f"{spec}: found no decoder weight matrix of {type(clone).__name__} to quantize{why}")
+    return _details(bnb, counts, kept, skipped, bits, dtype)
+
+
+def _quantized_linear(bnb, module, kind: str, bits: int, dtype, device):
+    """(the bitsandbytes module replacing the linear or Conv1D `module`, None) after one forward pass through it,
+    or (None, why) for a shape this backend cannot take: it stays in full precision."""
+    import torch
+
+    weight = module.weight.detach()
+    if kind == "conv1d":
+        weight = weight.t()  # Conv1D stores [in, out]; a linear's weight is [out, in]
+    out_features, in_features = weight.shape
+    try:
+        if bits == 8:
+            new = _int8_linear(bnb, weight, module.bias)
+        else:
+            new = _nf4_linear(bnb, weight, module.bias, dtype)
+        new.train(module.training)
+        new.requires_grad_(False)
+        with torch.no_grad():
+            new(torch.zeros(1, in_features, device=device, dtype=dtype))
+    except Exception as e:  # a shape this backend cannot take: keep it in full precision, say why
+        if is_oom(e):
+            raise
+        return None, f"({in_features}->{out_features}): {one_line(e)}"
+    return new, None
+
+
+def _details(bnb, counts: dict, kept: dict, skipped: list, bits: int, dtype) -> dict:
+    """What quantize did, for the perturbation's report: how many of each kind, by which method, what was kept
+    in full precision or skipped, and the settings."""
+    module_class = "Linear8bitLt" if bits == 8 else "Linear4bit"
     methods = {}
     if counts["linear"]:
         methods["linear"] = f"{KERNELS} ({module_class})"

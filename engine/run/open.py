@@ -153,24 +153,18 @@ def plan_pair(request: PairRequest, strict: bool = True):
     return plan
 
 
-def placement(plan) -> dict:
-    """load()'s placement arguments for a plan (or its summary dict): streamed layers, or a device_map."""
-    return {"streamed": plans_streaming(plan), "device_map": planned_device_map(plan)}
-
-
 def _summary(plan) -> dict | None:
     return plan.summary() if hasattr(plan, "summary") else plan
 
 
-def open_dense(request: PairRequest, plan=None, progress: Progress | None = None, dtype: str | None = None):
+def open_dense(request: PairRequest, plan=None, progress: Progress | None = None):
     """The dense model (engine.models.loading.LoadedModel), placed as `plan` says (a Plan or its summary dict, as a
-    sweep's manifest keeps it; None: one device). `dtype` overrides the request's (hierui noise loads one per
-    dtype it measures). The loaded model keeps the plan's summary as `.plan`."""
+    sweep's manifest keeps it; None: one device): its decoder layers streamed, or dispatched by the plan's
+    device_map. The loaded model keeps the plan's summary as `.plan`."""
     from engine.models.loading import load
 
-    loaded = load(
-        request.model, device=request.device, dtype=dtype or request.dtype, progress=progress, **placement(plan)
-    )
+    placed = {"streamed": plans_streaming(plan), "device_map": planned_device_map(plan)}
+    loaded = load(request.model, device=request.device, dtype=request.dtype, progress=progress, **placed)
     loaded.plan = _summary(plan)
     return loaded
 

@@ -266,6 +266,3 @@ class PairWorker:
             {"run_id": r.run_id, "seconds": round(finished.get(b, total), 3), "batch": len(chunk)}
             for b, r in enumerate(chunk)
         ]
-
-    def ping(self) -> int:
-        return self.pid
