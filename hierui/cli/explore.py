@@ -28,7 +28,8 @@ FromKld = Annotated[
     typer.Option(
         "--from-kld",
         help="a hierui kld output folder: its model and spec (--prune if the run has it), the prompt the raw text "
-        "before its --worst N-th token",
+        "before its --worst N-th token; a model or checkpoint it names by path or hub id is used only when you "
+        "repeat it with --model or --prune",
     ),
 ]
 
