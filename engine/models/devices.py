@@ -54,6 +54,14 @@ DTYPES = {
 }
 
 
+def check_dtype(dtype: str | None) -> str | None:
+    """`--dtype`: auto or a dtype name DTYPES knows (None: the command's own default, e.g. the recorded one); one
+    line (exit 2) for anything else. Returns it as given."""
+    if dtype is not None and dtype.strip().lower() != "auto" and dtype.strip().lower() not in DTYPES:
+        raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    return dtype
+
+
 def pick_dtype(dtype: str, device):
     import torch
 

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field, replace
 
 from engine.errors import HieruiError
 from engine.models.configs import read_config
-from engine.models.devices import DTYPES, check_device
+from engine.models.devices import check_device, check_dtype, pick_device
 from engine.models.names import resolve
 from engine.perturb.spec import Spec, check_fits, check_streamable, parse_spec, unperturbed
 from engine.run.plan import PROMPT_TOKENS, parse_size, plan_for_run, planned_device_map, plans_streaming, remember
+from engine.run.plan import check_gpus as plan_check_gpus
 
 Progress = Callable[..., None]
 
@@ -58,30 +59,11 @@ class PairRequest:
     workload: Workload = Workload()
 
 
-def check_dtype(dtype: str) -> str:
-    """`dtype` as given when it is auto or a known name; one line (exit 2) for anything else."""
-    if (dtype or "auto").strip().lower() != "auto" and dtype.strip().lower() not in DTYPES:
-        raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
-    return dtype
-
-
 def check_gpus(gpus: int | None, device: str) -> int | None:
-    """--gpus: at least 1, at most the CUDA GPUs present, and only with a CUDA device (auto or cuda)."""
-    if gpus is None:
-        return None
-    if gpus < 1:
-        raise HieruiError(f"--gpus {gpus}: give at least 1")
-    if gpus == 1:
-        return 1
-    import torch
-
-    present = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    kind = (device or "auto").strip().lower().split(":", 1)[0]
-    if present == 0 or kind not in ("auto", "cuda"):
-        where = "no CUDA GPU is available here" if present == 0 else f"the device here is {device}"
-        raise HieruiError(f"--gpus {gpus} applies to --device cuda; {where}")
-    if gpus > present:
-        raise HieruiError(f"--gpus {gpus}: only {present} CUDA GPU(s) here")
+    """--gpus: at least 1, and more only with as many CUDA GPUs present and a CUDA device (the plan's check,
+    engine.run.plan.check_gpus, made before anything slow)."""
+    if gpus is not None:
+        plan_check_gpus(pick_device(device), gpus, None)
     return gpus
 
 
@@ -105,15 +87,24 @@ def pair_request(
     check_dtype(dtype)
     request = PairRequest(model, parsed, device, dtype, None, None, dict(calib or {}), use_cache, Workload(**workload))
     request = budget(request, gpu_mem, gpus)
-    config = read_config(model)  # None: not known before loading (a hub model not in the cache)
-    for spec in parsed:
+    check_specs(model, parsed, device)
+    return request
+
+
+def check_specs(model: str, specs, device: str) -> dict | None:
+    """The checks that need only the arguments, the config and the file system: the device, each spec's
+    checkpoint path, each spec against the model's config.json where it can be read without a download. Returns
+    that config (None: not known before loading)."""
+    check_device(device)
+    config = read_config(model)
+    for spec in specs:
         if spec.declared.takes_path:
             try:
                 resolve(spec.path)  # a local checkpoint that is not there fails here
             except HieruiError as e:
                 raise HieruiError(f"--prune {spec}: {e}") from None
         check_fits(spec, config)
-    return request
+    return config
 
 
 def check_budget(gpu_mem: str | int | None, gpus: int | None, device: str) -> tuple[int | None, int | None]:

@@ -246,10 +246,9 @@ def _check_runs(sweep: Sweep, config: dict | None) -> None:
 
 def check_placement(device: str, dtype: str) -> None:
     """An unknown or absent device and an unknown dtype fail before anything is loaded or written."""
-    from engine.models.devices import DTYPES, pick_device
+    from engine.models.devices import check_dtype, pick_device
 
-    if (dtype or "auto").lower() != "auto" and dtype.lower() not in DTYPES:
-        raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    check_dtype(dtype)
     pick_device(device)
 
 

@@ -42,8 +42,9 @@ def check(
     parsed = list({str(s): s for s in map(parse_spec, specs or [])}.values())
     checks.check_dtype(dtype)
     checks.output_file(json_out, "--json")
-    for spec in parsed or [unperturbed()]:  # the device, a checkpoint's path, the spec against config.json
-        checks.check_model_args(model, spec, device)
+    from engine.run.open import check_specs
+
+    check_specs(model, parsed or [unperturbed()], device)  # the device, a checkpoint's path, each spec's fit
     from dataclasses import replace
 
     from engine.run.open import open_dense, pair_request

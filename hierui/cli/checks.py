@@ -10,12 +10,9 @@ from engine.errors import HieruiError
 def check_dtype(dtype: str | None) -> None:
     """`--dtype`: auto or a dtype engine.models.loading knows (None: the command's own default, e.g. the
     recorded one)."""
-    if dtype is None or dtype.lower() == "auto":
-        return
-    from engine.models.devices import DTYPES
+    from engine.models.devices import check_dtype as check
 
-    if dtype.lower() not in DTYPES:
-        raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    check(dtype)
 
 
 def check_calib_file(calib: Path | None) -> None:
@@ -25,23 +22,12 @@ def check_calib_file(calib: Path | None) -> None:
 
 
 def check_model_args(model: str, parsed, device: str) -> dict | None:
-    """The checks that need only the arguments, the config and the file system, before anything slow: the
-    device, a checkpoint's path, the spec against the model's config.json (when it can be read without a
-    download). Returns that config (None: not known before loading)."""
-    from engine.models.configs import read_config
-    from engine.models.devices import check_device
-    from engine.models.names import resolve
-    from engine.perturb.spec import check_fits
+    """The device, a checkpoint's path and the spec against the model's config.json, before anything slow
+    (engine.run.open.check_specs, the checks every pair request makes). Returns that config (None: not known
+    before loading)."""
+    from engine.run.open import check_specs
 
-    check_device(device)
-    if parsed.declared.takes_path:
-        try:
-            resolve(parsed.path)  # a local checkpoint that is not there fails here
-        except HieruiError as e:
-            raise HieruiError(f"--prune {parsed}: {e}") from None
-    config = read_config(model)
-    check_fits(parsed, config)
-    return config
+    return check_specs(model, [parsed], device)
 
 
 def output_file(path: Path | None, option: str) -> None:

@@ -115,14 +115,11 @@ def _check_corpus(model: str, parsed, device: str, body: str, ctx: int, stride, 
         from engine.kld.base import BaseFile
 
         base_file = BaseFile(base)
-    for p in parsed:
-        checks.check_model_args(model, p, device)
-    from engine.models.configs import config_int, read_config
-    from engine.models.devices import check_device
+    from engine.models.configs import config_int
     from engine.models.loading import load_tokenizer
+    from engine.run.open import check_specs
 
-    check_device(device)
-    config = read_config(model)
+    config = check_specs(model, parsed, device)
     if config is not None:
         tok = load_tokenizer(model)
         _ids, lay, _bos = kldmod.prepare(tok, body, ctx, stride, config_int(config, "max_position_embeddings"))

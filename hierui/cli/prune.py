@@ -128,8 +128,9 @@ def plan(
     size = parse_size(gpu_mem) if gpu_mem is not None else None
     checks.check_calib_file(calib)
     checks.check_dtype(dtype)
-    for p in parsed:
-        checks.check_model_args(model, p, device)
+    from engine.run.open import check_specs
+
+    check_specs(model, parsed, device)
     calibrating = [p for p in parsed if p.needs_calibration]
     source = str(calib) if calib else None
     settings = [

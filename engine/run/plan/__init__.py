@@ -75,7 +75,7 @@ def estimate(
     ref = resolve(model)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    _check_gpus(dev, gpus, gpu_mem)
+    check_gpus(dev, gpus, gpu_mem)
     g = geom or geometry(model, dt, fetch)
     if g is None:
         return None
@@ -105,7 +105,7 @@ def estimate(
     return plan
 
 
-def _check_gpus(dev, gpus: int, gpu_mem: int | None) -> None:
+def check_gpus(dev, gpus: int, gpu_mem: int | None) -> None:
     """--gpus and --gpu-mem against the device: one line for what cannot be."""
     if gpus < 1:
         raise HieruiError(f"--gpus {gpus}: give at least 1")
