@@ -1,16 +1,16 @@
 """First start of the default explorer (`make run`: hierui explore --model smollm2-135m --prune wanda:0.5):
 seconds per stage on a fresh HIERUI_HOME, and the total after the model is loaded.
 
-    .venv/bin/python bench/first_start.py [--model smollm2-135m] [--prune wanda:0.5] [--command explore]
+    .venv/bin/python bench/first_start.py [--model smollm2-135m] [--prune wanda:0.5]
         [--calib-samples N] [--repeats 1] [--generation-batches 16 32 64]
 
 The converted models are shared ($HIERUI_MODELS, else the models folder of your $HIERUI_HOME), so the model
 is neither fetched nor converted; everything else (calibration, pruned weights) starts empty in a temporary
 HIERUI_HOME, as on a first `make run`. The stages are the explorer's: load → calibrate (the calibration
-engine.record.settings.default_calibration gives the command and method) → prune (including storing the pruned
-weights in the cache) → first step. `--generation-batches` also times sampling the same calibration set
-in batches of those sizes (tokens per second). The load average before and after says whether the machine
-was busy.
+engine.record.settings.default_calibration gives the method, the same in every command) → prune (including
+storing the pruned weights in the cache) → first step. `--generation-batches` also times sampling the same
+calibration set in batches of those sizes (tokens per second). The load average before and after says whether
+the machine was busy.
 """
 
 import argparse
@@ -58,7 +58,7 @@ def first_start(args) -> dict:
         stages["load"] = time.perf_counter() - start
 
         calibration = None
-        settings = calibration_for(spec.method, args.command, samples=args.calib_samples)
+        settings = calibration_for(spec.method, samples=args.calib_samples)
         if spec.needs_calibration:
             start = time.perf_counter()
             calibration = build_calibration(loaded, **settings.to_dict())
@@ -83,7 +83,7 @@ def generation_batches(args, sizes: list[int]) -> None:
     from engine.perturb.spec import parse_spec
     from engine.record.settings import calibration_for
 
-    settings = calibration_for(parse_spec(args.prune).method, args.command, samples=args.calib_samples)
+    settings = calibration_for(parse_spec(args.prune).method, samples=args.calib_samples)
     loaded = load(args.model, device=args.device)
     kept = C.GENERATION_BATCH
     try:
@@ -105,8 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--prune", default="wanda:0.5")
-    parser.add_argument("--command", default="explore", help="whose default calibration: explore, prune or batch")
-    parser.add_argument("--calib-samples", type=int, default=None, help="instead of the command's default")
+    parser.add_argument("--calib-samples", type=int, default=None, help="instead of the method's default")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--generation-batches", type=int, nargs="*", default=[])
@@ -120,7 +119,7 @@ def main() -> None:
     import torch
 
     print(f"machine: {machine()}, torch threads {torch.get_num_threads()}, load average {load_average()}")
-    print(f"--model {args.model} --prune {args.prune}, with the default calibration of `hierui {args.command}`")
+    print(f"--model {args.model} --prune {args.prune}, with the method's default calibration")
     runs = []
     for n in range(args.repeats):
         stages = first_start(args)

@@ -92,8 +92,8 @@ def test_read_prompts_text_and_jsonl(tmp_path):
 @pytest.mark.parametrize(
     "name, content, message",
     [
-        ("missing.txt", None, "prompts file not found"),
-        ("empty.txt", "\n \n", "holds no prompts"),
+        ("missing.txt", None, "missing.txt: not found"),
+        ("empty.txt", "\n \n", "empty.txt: the file is empty"),
         ("noprompt.jsonl", '{"prompt": "ok"}\n{"text": "x"}\n', 'line 2 has no "prompt"'),
         ("bad.jsonl", '{"prompt": "ok"\n', "line 1 is not valid JSON"),
         ("dup.jsonl", '{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n', "'x' is used twice"),
@@ -336,7 +336,7 @@ def test_settings_are_frozen_and_the_manifest_format_is_unchanged(sweep_files, u
         "specs": ["wanda:0.5", "none"],
         "modes": ["shared", "free"],
         "settings": {"temperature": 1.0, "max_new_tokens": 5, "sample": False, "seed": 0, "raw": False, "topk": 5},
-        "calibration": {"source": None, "samples": 4, "length": 16, "seed": 0},
+        "calibration": {"wanda:0.5": {"source": None, "samples": 4, "length": 16, "seed": 0}},  # per spec
         "device": "auto",
         "dtype": "auto",
         "source": str(sweep_files["jsonl"]),
@@ -433,8 +433,8 @@ def test_cli_sweep_rerun_interrupt_and_from_session(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--prompts", "{dir}/missing.txt"], "prompts file not found"),
-        (["--prompts", "{dir}/empty.txt"], "holds no prompts"),
+        (["--prompts", "{dir}/missing.txt"], "missing.txt: not found"),
+        (["--prompts", "{dir}/empty.txt"], "empty.txt: the file is empty"),
         (["--prompts", "{dir}/noprompt.jsonl"], 'has no "prompt"'),
         (["--prompts", "{dir}/ok.txt", "-p", "wanda:0.5", "-p", "wanda:1.5"], "sparsity must be in (0, 1)"),
         (["--prompts", "{dir}/ok.txt", "--mode", "sideways"], "unknown mode 'sideways'"),

@@ -82,8 +82,8 @@ def test_calibration_cache_keeps_its_metadata_beside_it(tiny, fresh_home, tmp_pa
 
 
 def test_the_default_calibration_rule():
-    """engine.record.settings.default_calibration: Wanda in the interactive commands takes QUICK_CALIB_SAMPLES (a
-    quick first start); SparseGPT, the drop methods and every sweep take CALIB_SAMPLES; all 128 tokens long."""
+    """engine.record.settings.default_calibration: one default per method, whatever the command: Wanda takes
+    QUICK_CALIB_SAMPLES (a quick first start), SparseGPT and the drop methods CALIB_SAMPLES; all 128 tokens long."""
     from engine.record.settings import (
         CALIB_LENGTH,
         CALIB_SAMPLES,
@@ -94,27 +94,23 @@ def test_the_default_calibration_rule():
     )
 
     assert (QUICK_CALIB_SAMPLES, CALIB_SAMPLES, CALIB_LENGTH) == (32, 64, 128)
-    assert default_calibration("wanda", "explore") == CalibSettings(samples=32, length=128, seed=0, source=None)
-    assert default_calibration("wanda", "prune").samples == 32  # the explorer's: the two share their caches
+    assert default_calibration("wanda") == CalibSettings(samples=32, length=128, seed=0, source=None)
     for method in ("sparsegpt", "attndrop", "mlpdrop", "blockdrop"):
-        assert default_calibration(method, "explore").samples == 64, method
-        assert default_calibration(method, "prune").samples == 64, method
-    for method in ("wanda", "sparsegpt", "attndrop"):
-        assert default_calibration(method, "batch") == CalibSettings() and CalibSettings().samples == 64
-    given = calibration_for("wanda", "explore", samples=8, length=None, source=None, seed=None)
+        assert default_calibration(method) == CalibSettings() and CalibSettings().samples == 64, method
+    given = calibration_for("wanda", samples=8, length=None, source=None, seed=None)
     assert (given.samples, given.length, given.seed) == (8, 128, 0)
     with pytest.raises(HieruiError, match="at least 1 sample"):
-        calibration_for("wanda", "explore", samples=0)
+        calibration_for("wanda", samples=0)
 
 
-def test_a_sweep_takes_the_sweep_default_calibration(tmp_path):
-    from engine.record.settings import CALIB_SAMPLES
+def test_a_sweep_takes_each_methods_default_calibration(tmp_path):
     from engine.sweep.sweeps import plan_sweep
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello\n")
-    sweep = plan_sweep(prompts_file=prompts, model="tiny-random", specs=["wanda:0.5"])
-    assert sweep.calib.samples == CALIB_SAMPLES and sweep.calib.length == 128
+    sweep = plan_sweep(prompts_file=prompts, model="tiny-random", specs=["wanda:0.5", "sparsegpt:0.5", "magnitude:0.5"])
+    assert [(c["samples"], c["length"]) for c in sweep.calibrations().values()] == [(32, 128), (64, 128)]
+    assert list(sweep.calibrations()) == ["wanda:0.5", "sparsegpt:0.5"]  # magnitude calibrates nothing
 
 
 def test_describe_calibration():

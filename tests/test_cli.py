@@ -25,7 +25,7 @@ import pytest
         (["explore", "--prune", "nope:2"], "unknown method 'nope'"),
         (["explore", "--mode", "sideways"], "unknown mode 'sideways'"),
         (["explore", "--temperature", "0"], "temperature must be between"),
-        (["explore", "--calib", "/no/such/file.txt"], "calibration file not found"),
+        (["explore", "--calib", "/no/such/file.txt"], "--calib /no/such/file.txt: not found"),
         (["explore", "--prune", "checkpoint:/no/such/dir"], "not found"),
         (["explore"], "needs an interactive terminal"),  # valid input, but no terminal here: still before the UI
         (["explore", "--sessions", "/proc/no-such-folder"], "cannot create the folder"),
@@ -127,7 +127,7 @@ def test_out_of_memory_is_one_line_and_exit_1(monkeypatch, capsys, error, messag
             else MemoryError()
         )
 
-    monkeypatch.setattr(cli, "app", boom)
+    monkeypatch.setattr(cli, "_command", lambda: boom)
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 1
@@ -141,7 +141,7 @@ def test_explore_records_sessions_under_hierui_home_by_default(monkeypatch, tmp_
 
     monkeypatch.setenv("HIERUI_HOME", str(tmp_path / "home"))
     assert _writable_folder(None, "--sessions") == tmp_path / "home" / "sessions"
-    assert (tmp_path / "home" / "sessions").is_dir()
+    assert not (tmp_path / "home").exists()  # probed, not made: the first session written makes it
     assert _writable_folder(tmp_path / "mine", "--sessions") == tmp_path / "mine"
 
 
@@ -326,10 +326,10 @@ def test_help_shows_no_type_artefacts(cli, command, columns):
 
 
 def test_explore_and_prune_help_state_the_default_calibration(cli):
-    for command in ("explore", "prune"):
+    """One default calibration per method in every command that perturbs (issue 25, class 5): the same help."""
+    for command in ("explore", "prune", "batch", "kld", "plan"):
         text = " ".join(cli(command, "--help", env={"COLUMNS": "200"}).stdout.split())
         assert "calibration sequences (default 32 for wanda, 64 otherwise)" in text, command
-    assert "calibration sequences (default 64)" in " ".join(cli("batch", "--help").stdout.split())
 
 
 def test_models_fits_80_columns(cli):
@@ -445,3 +445,71 @@ def test_prune_save_where_nothing_can_be_written_fails_before_loading(cli, tmp_p
     (full / "x").write_text("x")
     run = cli("prune", "--model", "tiny-random", "--prune", "magnitude:0.5", "--save", full)
     assert run.returncode == 2 and run.stderr.strip() == f"error: --save directory {full} is not empty"
+
+
+@pytest.mark.parametrize(
+    "config, says",
+    [
+        ({"model_type": "llama"}, "lacks hidden_size, num_hidden_layers, vocab_size"),
+        ({"model_type": "llama", "hidden_size": 64, "vocab_size": 100}, "lacks num_hidden_layers"),
+        ({"model_type": "gpt2", "n_embd": 64, "n_layer": 2}, "lacks vocab_size"),  # the family's own names count
+        ({"model_type": "no-such-family", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 9}, "is not one"),
+        ({"hidden_size": 64}, "names no model_type"),
+    ],
+)
+def test_a_config_without_its_shape_or_of_an_unknown_type_is_one_short_line(cli, tmp_path, config, says):
+    """Guards: a config.json holding only model_type became transformers' default shape (a 7B Llama), and an
+    unknown model_type was a 12 KB line listing every type transformers knows (engine.models.configs)."""
+    import json
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    for args in (["plan", "-m", model], ["kld", "-m", model, "-p", "magnitude:0.5", "--device", "cpu"]):
+        run = cli(*args)
+        err = run.stderr.strip()
+        assert run.returncode == 2 and len(err.splitlines()) == 1 and says in err, err
+        assert len(err) < 300 and "7B" not in run.stdout and "by stage" not in run.stdout
+
+
+def test_plan_prints_the_breakdown_of_a_pair_that_does_not_fit(cli):
+    """Guards: `hierui plan` for a pair that cannot fit printed the error line alone, without the items and the
+    peak by stage that say why (engine.run.plan.DoesNotFit carries the estimate)."""
+    run = cli("plan", "-m", "random:llama-7b", "--device", "cpu", "--gpu-mem", "1MiB", "-p", "wanda:0.5")
+    err = run.stderr.strip()
+    assert run.returncode == 2 and len(err.splitlines()) == 1 and "cannot fit even streamed" in err, err
+    assert "dense weights" in run.stdout and "by stage:" in run.stdout and "prune" in run.stdout
+
+
+def test_cache_rows_that_differ_show_what_differs(cli, tmp_path):
+    """Guards: `hierui cache` listed entries differing only in dtype or calibration as identical rows."""
+    import json
+
+    home = tmp_path / "home"
+    (home / "pruned").mkdir(parents=True)
+    (home / "calib").mkdir()
+    for key, samples, source in (("c" * 20, 32, None), ("d" * 20, 64, None), ("e" * 20, 32, "/data/wiki.txt")):
+        (home / "calib" / f"{key}.pt").write_bytes(b"x")
+        calib = {"source": "self" if source is None else source, "samples": samples, "length": 128, "seed": 0}
+        meta = {"kind": "calib", "key": key, "model": "tiny-random", "calibration": calib, "source_path": source}
+        (home / "calib" / f"{key}.meta.json").write_text(json.dumps(meta))
+    for key, dtype, calib in (
+        ("a" * 20, "float32", "c" * 20),
+        ("b" * 20, "bfloat16", "c" * 20),
+        ("f" * 20, "float32", "d" * 20),
+    ):
+        (home / "pruned" / f"{key}.safetensors").write_bytes(b"x")
+        meta = {"kind": "pruned", "key": key, "model": "tiny-random", "spec": "wanda:0.5", "dtype": f"torch.{dtype}"}
+        (home / "pruned" / f"{key}.meta.json").write_text(json.dumps({**meta, "calibration": calib}))
+    for kind in (None, "pruned"):
+        run = cli("cache", *(["--kind", kind] if kind else []), env={"HIERUI_HOME": home, "COLUMNS": "200"})
+        rows = [line for line in run.stdout.splitlines() if line.startswith(("│ calib", "│ pruned"))]
+        assert run.returncode == 0 and len(set(rows)) == len(rows) == (6 if kind is None else 3), run.stdout
+        for says in (
+            "float32 · calib self 32×128 s0",
+            "bfloat16 · calib self 32×128 s0",
+            "float32 · calib self 64×128 s0",
+        ):
+            assert says in " ".join(run.stdout.split()), run.stdout
+    one = cli("cache", "--kind", "calib", env={"HIERUI_HOME": home, "COLUMNS": "80"}).stdout
+    assert "self 32×128 s0 " in one and "wiki.txt" not in one  # alone of its kind, nothing added

@@ -93,12 +93,16 @@ def test_tiny_config_matches_the_built_model():
         assert getattr(built, key) == value, key
 
 
-def test_read_config_of_a_local_checkpoint_needs_no_torch(tmp_path):
+def test_read_config_of_a_local_checkpoint_reads_its_shape(tmp_path):
+    """A local checkpoint's config.json, read without loading: the shape the checks before loading use (a config
+    without its model_type or shape is refused: tests/test_cli.py)."""
     from engine.models.configs import read_config, smallest_linear
 
     (tmp_path / "config.json").write_text(
         json.dumps(
             {
+                "model_type": "llama",
+                "vocab_size": 256,
                 "num_hidden_layers": 2,
                 "hidden_size": 32,
                 "intermediate_size": 64,

@@ -83,6 +83,31 @@ def test_the_floor_is_stored_and_read_back(floor, fresh_home):
     assert summary["flip_rate"] == max(c["flip_rate"] for c in same)
 
 
+def test_measuring_one_dtype_keeps_the_stored_floor_of_the_others(tiny, floor, fresh_home):
+    """Guards issue 25 class 6: `hierui noise --dtypes float32` rewrote the stored floor whole, deleting the
+    bfloat16 tie margin an earlier run had measured; now only the dtypes measured are replaced."""
+    F.save_floor(floor)
+    again = N.measure_floor(tiny, PROMPTS[:2], 2, ["float32"])
+    F.save_floor(again)
+    stored = F.load_floor("tiny-random", "cpu")
+    assert stored["tie_margin"] == {
+        "float32": again["tie_margin"]["float32"],
+        "bfloat16": floor["tie_margin"]["bfloat16"],
+    }
+    assert stored["dtypes"] == ["float32", "bfloat16"] and stored["prompts"] == 2
+    rows = _by_kind(stored)
+    assert rows["batch", "float32"] == _by_kind(again)["batch", "float32"]  # replaced
+    assert rows["batch", "bfloat16"] == _by_kind(floor)["batch", "bfloat16"]  # kept, with the cast comparison
+    assert ("dtype", "bfloat16") in rows
+    assert F.tie_margin("tiny-random", "cpu", "bfloat16") == (
+        floor["tie_margin"]["bfloat16"],
+        "hierui noise, " + floor["created"][:10],
+    )
+    assert any("bfloat16: kept from the measurement" in note for note in stored["notes"])
+    F.save_floor(floor)  # measuring every dtype again replaces everything
+    assert F.load_floor("tiny-random", "cpu") == json.loads(json.dumps(floor))
+
+
 def test_without_a_floor_the_default_and_its_source(fresh_home):
     for dtype in ("float32", "bfloat16", "float16", "torch.bfloat16", "bf16"):
         want = F.DEFAULT_TIE_MARGIN[F.dtype_name(dtype)]

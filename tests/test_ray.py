@@ -303,8 +303,7 @@ def test_kld_on_ray_equals_the_local_kld(cluster, tmp_path, capsys):
     from engine.record.settings import calibration_for
 
     pairs = [
-        perturb(loaded, s, use_cache=False, calib_options=calibration_for(s.split(":")[0], "prune").to_dict())
-        for s in specs
+        perturb(loaded, s, use_cache=False, calib_options=calibration_for(s.split(":")[0]).to_dict()) for s in specs
     ]
     local = kld.score(loaded, pairs, text, "test", ctx=32)
     remote = score_on_ray("tiny-random", specs, text, "test", 32, None, RayOptions(address=cluster.address), "cpu")

@@ -112,9 +112,7 @@ def test_a_registered_method_is_parsed_and_listed(fake):
         "fakeprune:0.25",
         "wanda:2:4",
     )
-    assert default_calibration("fakeprune", "explore").samples == 32 and "wanda/fakeprune" in calib_samples_help(
-        "prune"
-    )
+    assert default_calibration("fakeprune").samples == 32 and "wanda/fakeprune" in calib_samples_help()
 
 
 def test_a_registered_method_is_built_planned_and_described(fake, tiny):

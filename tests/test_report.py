@@ -113,7 +113,7 @@ BAD = [
     ("bad spec", 'prompts = ["open.txt"]\nspecs = ["wanda:1.5"]\n', "spec 'wanda:1.5'"),
     ("bad mode", 'prompts = ["open.txt"]\nspecs = ["none"]\nmodes = ["teacher"]\n', "unknown mode 'teacher'"),
     ("unknown suite", 'prompts = ["suite:nosuch"]\nspecs = ["none"]\n', "unknown suite 'suite:nosuch'"),
-    ("missing prompts file", 'prompts = ["absent.txt"]\nspecs = ["none"]\n', "prompts file not found: absent.txt"),
+    ("missing prompts file", 'prompts = ["absent.txt"]\nspecs = ["none"]\n', "absent.txt: not found"),
     (
         "calibration key",
         'prompts = ["open.txt"]\nspecs = ["none"]\n[calibration]\nsize = 3\n',
@@ -192,7 +192,7 @@ def test_batch_recipe_end_to_end(recipe_run):
     assert [p["id"] for p in prompts] == ["open.p000", "open.p001", "mc.q1", "mc.q2"]
     manifest = json.loads((out / "batch.json").read_text())
     assert manifest["model"] == "tiny-random" and manifest["specs"] == ["magnitude:0.5", "none"]
-    assert manifest["settings"]["max_new_tokens"] == 4 and manifest["calibration"]["samples"] == 4
+    assert manifest["settings"]["max_new_tokens"] == 4 and manifest["calibration"] == {}  # no spec calibrates
     summary = pq.read_table(out / "summary.parquet").to_pylist()
     assert len(summary) == 2 * 2 * 2 and {r["mode"] for r in summary} == {"shared", "free"}
     assert all(r["steps"] == 4 for r in summary)

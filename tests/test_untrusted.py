@@ -460,7 +460,7 @@ def test_every_reader_refuses_what_a_session_names_until_the_user_repeats_it(cli
 
 REPEATED = {  # the option repeated: the file's value passes, and the command goes on to its next check
     "path": (("--model", "/tmp/evil-model"), "model directory not found: /tmp/evil-model"),
-    "calibration": (("--calib", "/tmp/evil-calib.txt"), "calibration file not found: /tmp/evil-calib.txt"),
+    "calibration": (("--calib", "/tmp/evil-calib.txt"), "--calib /tmp/evil-calib.txt: not found"),
 }
 
 
@@ -530,15 +530,17 @@ def test_explore_from_kld_refuses_what_kld_worst_names_before_the_app_starts(cli
     assert f"{folder / 'kld_worst.json'} names" in line and f"confirm it with {flag}" in line, line
 
 
-def test_explore_from_kld_takes_a_known_model_or_the_users_own(cli, tmp_path):
-    """Without a terminal explore stops at that check, after every check of what the file names."""
+def test_explore_from_kld_takes_a_known_model_or_the_users_confirmation(cli, tmp_path):
+    """Without a terminal explore stops at that check, after every check of what the file names. --model only
+    confirms the file's model: another one is refused (issue 25, class 7)."""
     terminal = "explore needs an interactive terminal"
     assert terminal in _one_line(cli("explore", "--from-kld", _kld_folder(tmp_path, "tiny-random")))
     evil = _kld_folder(tmp_path, "/tmp/evil-model")
     assert "model directory not found: /tmp/evil-model" in _one_line(
         cli("explore", "--from-kld", evil, "--model", "/tmp/evil-model")
     )
-    assert terminal in _one_line(cli("explore", "--from-kld", evil, "--model", "tiny-random"))
+    other = _one_line(cli("explore", "--from-kld", evil, "--model", "tiny-random"))
+    assert "--model tiny-random: " in other and "only confirms it here" in other, other
     spec = _kld_folder(tmp_path, "tiny-random", "checkpoint:/tmp/x")
     repeated = _one_line(cli("explore", "--from-kld", spec, "--prune", "checkpoint:/tmp/x"))
     assert "model directory not found: /tmp/x" in repeated, repeated  # the checkpoint's own check

@@ -24,7 +24,11 @@ logits are anything else (a logit scale, say) gets one clear line asking for a t
 n·(8K + 8) bytes: 0.8 MB for the heldout suite at K = 64.
 
 Both carry in the header (safetensors metadata, strings): format, version, kind, k (top-K), ctx, stride, tokens,
-vocab, the tokenizer's fingerprint (engine.kld.corpus.tokenizer_fingerprint), the corpus's SHA-256, the model.
+vocab, the tokenizer's fingerprint (engine.kld.corpus.tokenizer_fingerprint), the corpus's SHA-256, the model's
+name and model_key (its weights' fingerprint, engine.models.names.ModelRef.cache_key, as every cache keys them).
+A run that perturbs --model (kld --prune … --base FILE) must perturb the dense model the file was made from
+(BaseFile.check_model); scoring a saved model (--model DIR --base FILE, no --prune) checks only the tokenizer,
+vocabulary and tokens, as for a file that names no model_key (older files, and llama.cpp's).
 
 The KL against a top-K file. With T the dense top-K, P_T = 1 − Σ_T P_d and Q_T = 1 − Σ_T P_p the two tail masses
 (each a log-sum-exp over the tokens outside T):
@@ -135,7 +139,9 @@ class BaseWriter:
         for name, value in zip(TOPK_SHAPES, (ids.int(), logp, tail, nll)):
             self.parts.setdefault(name, []).append(value.cpu())
 
-    def write(self, tokenizer, text: str, lay, model: str) -> Path:
+    def write(self, tokenizer, text: str, lay, model: str, model_key: str | None = None) -> Path:
+        """The file, written whole (engine.record.paths.atomic_write); `model`, `model_key`: the dense model's --model
+        name and its ModelRef.cache_key."""
         import torch
         from safetensors.torch import save_file
 
@@ -158,6 +164,8 @@ class BaseWriter:
             "corpus_sha256": text_hash(text),
             "model": model,
         }
+        if model_key:
+            meta["model_key"] = model_key
         if self.softcap:
             meta["softcap"] = repr(self.softcap)
         return atomic_write(self.path, lambda path: save_file(tensors, str(path), metadata=meta))
@@ -186,9 +194,9 @@ class BaseFile:
     it names (the user gives --model; engine.models.trust); values from it are escaped in messages."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path).expanduser()
-        if not self.path.is_file():
-            raise HieruiError(f"--base {self.path}: no such file")
+        from engine.record.paths import check_regular_file
+
+        self.path = check_regular_file(path, "--base")  # missing, a folder, a FIFO: one line
         try:
             from safetensors import safe_open
 
@@ -225,6 +233,7 @@ class BaseFile:
                 raise HieruiError(f"--base {self.path}: tensor {name} is missing or not of shape {shape}")
         self.scored = 0
         self._device: dict = {}
+        self._ids_checked: int | None = None  # the vocab_size check_ids passed for
 
     @property
     def exact(self) -> bool:
@@ -233,8 +242,31 @@ class BaseFile:
     def describe(self) -> str:
         return "exact: the dense head's inputs" if self.exact else f"top-{self.k}, KL lower bounds"
 
-    def check(self, tokenizer, text: str, lay) -> None:
-        """One clear line when this run's tokenizer, corpus or windows are not the base file's."""
+    @property
+    def model(self) -> str | None:
+        """The dense model's name as the file records it (escaped: the file is untrusted), None where it names none."""
+        name = self.meta.get("model")
+        return escape(str(name)) if name else None
+
+    def check_model(self, model: str) -> None:
+        """`model` (a --model name, resolved, not loaded) must be the dense model the file was made from, when the
+        file records its model_key: one line where its weights differ. A file without one (written before it was
+        recorded, or by another tool) is checked by tokenizer, vocabulary and tokens only (check)."""
+        key = self.meta.get("model_key")
+        if not key:
+            return
+        from engine.models.names import resolve
+
+        if resolve(model).cache_key() != key:
+            raise HieruiError(
+                f"--base {self.path}: made from another dense model ({self.model or escape(str(key))}) than --model "
+                f"{model}: a --prune spec perturbs --model, so use the base file's dense model (without --prune, "
+                "--model DIR is scored against the base file as it is)"
+            )
+
+    def check(self, tokenizer, text: str, lay, vocab_size: int | None = None, model: str | None = None) -> None:
+        """One clear line when this run's tokenizer, corpus or windows are not the base file's, or (`vocab_size`:
+        the token ids `model` embeds, where known) when the file holds a token id the model has not (check_ids)."""
         from engine.kld.corpus import text_hash, tokenizer_fingerprint
 
         if self.meta.get("tokenizer") != tokenizer_fingerprint(tokenizer):
@@ -252,6 +284,30 @@ class BaseFile:
         if self.n != lay.total:
             raise HieruiError(f"--base {self.path}: holds {self.n} tokens, this run scores {lay.total}")
         self.scored = lay.scored
+        if vocab_size is not None:
+            self.check_ids(vocab_size, model)
+
+    def check_ids(self, vocab_size: int, model: str | None = None) -> None:
+        """The token ids the file holds, against the model scored against it (`vocab_size`: its embedding rows),
+        before it runs: a top-K file's topk_ids (engine.models.tokens.check_token_ids: one line naming the file,
+        the position and the id), an exact file's head (one row per token id)."""
+        if self._ids_checked == vocab_size:
+            return
+        if self.exact:
+            rows = self.shapes["head_weight"][0]
+            if rows != vocab_size:
+                raise HieruiError(
+                    f"--base {self.path}: its head scores {rows} token ids, {model or 'the model'} has {vocab_size}"
+                )
+        else:
+            from safetensors import safe_open
+
+            from engine.models.tokens import check_token_ids
+
+            with safe_open(str(self.path), framework="pt") as f:
+                ids = f.get_tensor("topk_ids")
+            check_token_ids(ids, vocab_size, f"--base {self.path}: topk_ids", model)
+        self._ids_checked = vocab_size
 
     def _whole(self, name: str, device):
         from safetensors import safe_open

@@ -71,20 +71,11 @@ def suite_text(name: str) -> str:
 
 
 def read_text(path: str | Path) -> str:
-    """A corpus file as text: one clear line for a missing, binary, non-UTF-8 or empty file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise HieruiError(f"--text {path}: no such file")
-    data = path.read_bytes()
-    if b"\x00" in data:
-        raise HieruiError(f"--text {path}: a binary file, not text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise HieruiError(f"--text {path}: not UTF-8 text") from None
-    if not text.strip():
-        raise HieruiError(f"--text {path}: the file is empty")
-    return text
+    """A corpus file as text, read as every text file a user names (engine.record.texts.read_text_file: one line
+    for a missing, non-regular, binary, non-UTF-8 or empty file)."""
+    from engine.record.texts import read_text_file
+
+    return read_text_file(path, "--text")
 
 
 def text_hash(text: str) -> str:
@@ -175,6 +166,7 @@ class KldRun:
     results: list[SpecResult] = field(default_factory=list)
     base: str | None = None  # the base file compared against
     base_k: int | None = None  # its K for a top-K file (kl and kl_rev are then lower bounds); None: exact
+    base_model: str | None = None  # the dense model the base file names (engine.kld.base.BaseFile.model)
     noise_floor: dict | None = None  # engine.sweep.folder.noise_floor of the dense model (None: not measured)
     workers: list | None = (
         None  # with --ray (engine.kld.distributed): per spec the worker that scored it, seconds, attempts
@@ -201,6 +193,7 @@ class KldRun:
                 "windows": self.windows,
                 "base": self.base,
                 "base_k": self.base_k,
+                "base_model": self.base_model,
                 "measured_sparsity": r.measured_sparsity,
                 **summarize(r.tokens),
                 **kl_mean_interval(r.tokens["kl"], self.window_of),
@@ -262,6 +255,31 @@ def prepare(tokenizer, text: str, ctx: int, stride: int | None, max_ctx: int | N
     return ids, layout(len(ids), ctx, stride, max_ctx), bos_id(tokenizer)
 
 
+def frame(tokenizer, text: str, corpus: str, model: str, ctx: int, stride: int | None, max_ctx=None, base=None):
+    """A KldRun of `text` with no spec scored yet: its windows, scored positions and targets (what score() fills,
+    and what a rerun into the same folder puts the stored specs in, engine.kld.folder)."""
+    ids, lay, bos = prepare(tokenizer, text, ctx, stride, max_ctx)
+    m = lay.scored
+    positions = np.concatenate([np.arange(s + ctx - m, s + ctx) for s in lay.starts])
+    return KldRun(
+        model=model,
+        corpus=corpus,
+        corpus_sha256=text_hash(text),
+        ctx=ctx,
+        stride=lay.stride,
+        windows=len(lay.starts),
+        positions=positions,
+        targets=np.asarray(ids, dtype=np.int64)[positions],
+        window_of=np.repeat(np.arange(len(lay.starts)), m),
+        ids=ids,
+        starts=lay.starts,
+        bos=bos,
+        base=str(base.path) if base is not None else None,
+        base_k=base.k if base is not None and not base.exact else None,
+        base_model=base.model if base is not None else None,
+    )
+
+
 def score(
     loaded,
     pairs: list,
@@ -286,32 +304,15 @@ def score(
     from engine.models.configs import config_int
 
     max_ctx = config_int(loaded.model.config.to_dict(), "max_position_embeddings")
-    ids, lay, bos = prepare(loaded.tokenizer, text, ctx, stride, max_ctx)
+    run = frame(loaded.tokenizer, text, corpus, loaded.ref.name, ctx, stride, max_ctx, base)
+    lay = Layout(len(run.ids), ctx, run.stride)
     if base is not None:
-        base.check(loaded.tokenizer, text, lay)
+        from engine.models.tokens import model_rows
+
+        base.check(loaded.tokenizer, text, lay, model_rows(loaded.model), loaded.ref.name)
     if save_base is not None and save_base.exact:
         save_base.bind(loaded.model)
-    m = lay.scored
-    positions = np.concatenate([np.arange(s + ctx - m, s + ctx) for s in lay.starts])
-    window_of = np.repeat(np.arange(len(lay.starts)), m)
-    targets = np.asarray(ids, dtype=np.int64)[positions]
-    collected, cos_sum = _score_windows(loaded, pairs, ids, lay, bos, base, save_base, say)
-    run = KldRun(
-        model=loaded.ref.name,
-        corpus=corpus,
-        corpus_sha256=text_hash(text),
-        ctx=ctx,
-        stride=lay.stride,
-        windows=len(lay.starts),
-        positions=positions,
-        targets=targets,
-        window_of=window_of,
-        ids=ids,
-        starts=lay.starts,
-        bos=bos,
-        base=str(base.path) if base is not None else None,
-        base_k=base.k if base is not None and not base.exact else None,
-    )
+    collected, cos_sum = _score_windows(loaded, pairs, run.ids, lay, run.bos, base, save_base, say)
     for j, pair in enumerate(pairs):
         tokens = {name: torch.cat(parts).numpy() for name, parts in collected[j].items()}
         hidden = None
@@ -399,12 +400,15 @@ def write_tables(run: KldRun, out: str | Path, tokenizer) -> list[dict]:
 
 def worst_prompt(run_dir: str | Path, n: int, spec: str | None = None, model: str | None = None) -> dict:
     """The N-th worst token (1 = the highest KL) of a `hierui kld` output folder, for `explore --from-kld`:
-    {model, spec, prompt (the text before it in its window), kl, text}. `spec`: that spec's list when the run
-    has it, else the run's first spec. `model`: the user's --model (None: not given), used instead of the file's.
-    The file is untrusted input: the model and a checkpoint spec it names go through engine.models.trust."""
+    {model, spec, prompt (the text before it in its window), kl, text}. `spec`: the user's --prune (None: not
+    given, the run's first spec), which picks one of the run's specs: another is refused. `model`: the user's
+    --model (None: not given), which only confirms the file's: another is refused (engine.models.trust,
+    confirm_only). The file is untrusted input: the model and a checkpoint spec it names go through
+    engine.models.trust."""
     import json
 
-    from engine.models.trust import trusted
+    from engine.models.trust import same, trusted
+    from engine.record.validate import escape
 
     path = Path(run_dir).expanduser() / "kld_worst.json"
     if not path.is_file():
@@ -419,7 +423,10 @@ def worst_prompt(run_dir: str | Path, n: int, spec: str | None = None, model: st
         raise HieruiError(f"--from-kld {path}: not a readable kld_worst.json") from None
     if not specs:
         raise HieruiError(f"--from-kld {path}: holds no tokens")
-    chosen = spec if spec in specs else specs[0]
+    chosen = specs[0] if spec is None else next((s for s in specs if same(s, spec, "spec")), None)
+    if chosen is None:
+        held = ", ".join(escape(s) for s in specs)
+        raise HieruiError(f"--prune {spec}: {path} holds the worst tokens of {held}: pick one or leave --prune out")
     mine = sorted((e for e in entries if e["spec"] == chosen), key=lambda e: e["rank"])
     if not 1 <= n <= len(mine):
         raise HieruiError(f"--worst {n}: {path} holds the {len(mine)} worst tokens of {chosen} (use 1 … {len(mine)})")
@@ -427,8 +434,8 @@ def worst_prompt(run_dir: str | Path, n: int, spec: str | None = None, model: st
     if not entry.get("context"):
         raise HieruiError(f"--worst {n}: that token has no preceding text in its window")
     return {
-        "model": trusted(data["model"], model, "model", path),
-        "spec": trusted(chosen, spec if chosen == spec else None, "spec", path),
+        "model": trusted(data["model"], model, "model", path, confirm_only=True),
+        "spec": trusted(chosen, spec, "spec", path, confirm_only=True),
         "prompt": entry["context"],
         "kl": entry["kl"],
         "text": entry["text"],

@@ -25,8 +25,13 @@ from engine.errors import HieruiError
 class KldWorker:
     """The dense model loaded once (on the first call); each call scores one spec (engine.kld.corpus.score)."""
 
-    def __init__(self, model: str, device: str, dtype: str, use_cache: bool, plan: dict | None = None):
+    def __init__(
+        self, model: str, device: str, dtype: str, use_cache: bool, plan: dict | None = None, calibration=None
+    ):
         from engine.run.open import PairRequest
+
+        # per spec that calibrates, its settings (engine.record.settings.calibrations), as the driver made them
+        self.calibration = dict(calibration or {})
 
         self.request = PairRequest(model, device=device, dtype=dtype, use_cache=use_cache)
         self.plan = plan  # the driver's (engine.run.plan): streamed layers when the pair is above the budget
@@ -38,7 +43,6 @@ class KldWorker:
 
         from engine.kld import corpus as kld
         from engine.perturb.spec import parse_spec
-        from engine.record.settings import calibration_for
         from engine.run.open import open_dense, open_pair
         from engine.sweep.folder import noise_floor
 
@@ -46,8 +50,7 @@ class KldWorker:
         if self.loaded is None:
             self.loaded = open_dense(self.request, self.plan)
         parsed = parse_spec(spec)
-        calib = calibration_for(parsed.method, "prune").to_dict()
-        pair = open_pair(self.request, parsed, dense=self.loaded, calib=calib)
+        pair = open_pair(self.request, parsed, dense=self.loaded, calib=self.calibration.get(str(parsed), {}))
         base_file = None
         if base is not None:
             from engine.kld.base import BaseFile
@@ -74,9 +77,11 @@ def score_on_ray(
     base: str | None = None,
     say=None,
     plan: dict | None = None,
+    calibration: dict | None = None,
 ):
     """engine.kld.corpus.score of every spec on the Ray cluster of `options` (engine.sweep.ray_options.RayOptions):
-    a KldRun of the specs in the order given, its noise floor the workers' (they read the same HIERUI_HOME)."""
+    a KldRun of the specs in the order given, its noise floor the workers' (they read the same HIERUI_HOME).
+    `calibration`: per spec that calibrates, its settings (engine.record.settings.calibrations)."""
     from engine.sweep.cluster import actor_options, connect, import_ray, plan_workers, release
 
     say = say or (lambda _text: None)
@@ -90,7 +95,7 @@ def score_on_ray(
         remote = ray.remote(KldWorker)
         for _ in range(n):
             resources = actor_options(ray, each, use_gpu, options, groups)
-            actors.append(remote.options(**resources).remote(model, device, dtype, use_cache, plan))
+            actors.append(remote.options(**resources).remote(model, device, dtype, use_cache, plan, calibration))
         say(f"Ray: {n} kld worker{'s' * (n != 1)} for {len(specs)} spec{'s' * (len(specs) != 1)}")
         results, attempts = _score_all(ray, actors, specs, (text, corpus, ctx, stride, base), say)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.errors import HieruiError
 from engine.models import hub, names
 from engine.models.embedded import embedded_dir
 from engine.models.random_shapes import parse_random
@@ -14,9 +15,11 @@ TINY_CONFIG = {**TINY_TOKENS, **TINY_SHAPE}
 
 
 def read_config(name: str) -> dict | None:
-    """A model's config.json as a dict, without torch or a download: tiny-random, a local checkpoint, the
-    embedded default once converted, a converted GGUF, a hub model in the local hub cache. None where it
-    cannot be known yet (not fetched or converted): the checks that need it then happen after loading."""
+    """A model's config.json as a dict, without a download: tiny-random, a local checkpoint, the embedded default
+    once converted, a converted GGUF, a hub model in the local hub cache. None where it cannot be known yet (not
+    fetched or converted): the checks that need it then happen after loading. One line (exit 2) for a config
+    without its model_type or shape (check_config) and, for a local checkpoint, for a model_type transformers
+    does not know (check_model_type, which imports transformers; the others read no torch)."""
     ref = names.resolve(name)  # through the module, as in engine.models.hub
     if ref.kind == "tiny":
         return dict(TINY_CONFIG)
@@ -35,7 +38,63 @@ def read_config(name: str) -> dict | None:
     else:
         found = hub.hub_cache_dir(ref.source)
         path = Path(found) / "config.json" if found else None
-    return config_from_file(path)
+    config = config_from_file(path)
+    if config is None:
+        return None
+    check_config(config, name)
+    if ref.kind == "local":  # the user's own config.json: a type transformers does not know fails here, short
+        check_model_type(config["model_type"], name)
+    return config
+
+
+# The fields a decoder's shape is read from, under the names families give them (transformers maps the others by
+# each config class's attribute_map, which check_config asks only where none of these is there)
+SHAPE_FIELDS = {
+    "hidden_size": ("hidden_size", "n_embd", "d_model", "dim", "hidden_dim", "model_dim"),
+    "num_hidden_layers": ("num_hidden_layers", "n_layer", "n_layers", "num_layers"),
+    "vocab_size": ("vocab_size", "padded_vocab_size"),
+}
+
+
+def check_config(config: dict, name: str) -> dict:
+    """A config.json read from a file, checked before anything is planned or loaded: it names a model_type and
+    gives the decoder's shape (SHAPE_FIELDS). transformers would fill a missing field with its class's default
+    (a Llama config.json holding only model_type becomes a 7B shape); here that is one line, exit 2. Returns it."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type.strip():
+        raise HieruiError(f"{name}: its config.json names no model_type (not a transformers checkpoint)")
+    missing = [field for field, names in SHAPE_FIELDS.items() if not any(n in config for n in names)]
+    if missing:  # a family's own names for them, from its config class (imports transformers)
+        aliases = getattr(_config_class(model_type, name), "attribute_map", {}) or {}
+        missing = [field for field in missing if aliases.get(field) not in config]
+    if missing:
+        raise HieruiError(
+            f"{name}: its config.json lacks {', '.join(missing)}: transformers would fill in the defaults of "
+            f"{_short(model_type)}, another model's shape; give the checkpoint's complete config.json"
+        )
+    return config
+
+
+def check_model_type(model_type, name: str) -> None:
+    """One short line (exit 2) for a model_type this transformers does not know (transformers' own message lists
+    every type it knows: 12 KB on one line). Imports transformers."""
+    _config_class(model_type, name)
+
+
+def _config_class(model_type, name: str):
+    from transformers import CONFIG_MAPPING, __version__
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise HieruiError(
+            f"{name}: its config.json's model_type {_short(model_type)} is not one transformers {__version__} "
+            f"knows: use a supported model, or a transformers that has it"
+        )
+    return CONFIG_MAPPING[model_type]
+
+
+def _short(value, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…'"
 
 
 def config_from_file(path: Path | None) -> dict | None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from engine.errors import HieruiError
 
+# what --device and --dtype accept, as the errors and the CLI's help say it (one wording, here)
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+DTYPE_CHOICES = "auto, float32, bfloat16 or float16"
+
 
 def check_device(device: str) -> str:
     """Check a --device string before anything slow: auto, cpu, cuda, cuda:N or mps, and that the GPU it
@@ -31,7 +35,7 @@ def check_device(device: str) -> str:
                 f"device '{device}' asked for, but no Apple GPU (MPS) is available here; use --device cpu"
             )
         return text
-    raise HieruiError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps")
+    raise HieruiError(f"unknown device '{device}': use {DEVICE_CHOICES}")
 
 
 def pick_device(device: str = "auto"):
@@ -58,7 +62,7 @@ def check_dtype(dtype: str | None) -> str | None:
     """`--dtype`: auto or a dtype name DTYPES knows (None: the command's own default, e.g. the recorded one); one
     line (exit 2) for anything else. Returns it as given."""
     if dtype is not None and dtype.strip().lower() != "auto" and dtype.strip().lower() not in DTYPES:
-        raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+        raise HieruiError(f"unknown dtype '{dtype}': use {DTYPE_CHOICES}")
     return dtype
 
 
@@ -69,7 +73,7 @@ def pick_dtype(dtype: str, device):
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise HieruiError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+        raise HieruiError(f"unknown dtype '{dtype}': use {DTYPE_CHOICES}")
     return getattr(torch, DTYPES[dtype])
 
 

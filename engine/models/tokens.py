@@ -63,3 +63,55 @@ def piece(tokenizer, context: list[int], token: int) -> str:
     if after.startswith(before):
         return after[len(before) :]
     return tokenizer.decode([token])
+
+
+# ------------------------------------------------------------------ token ids read from files
+
+
+def check_token_ids(ids, vocab_size: int, where: str, model: str | None = None) -> None:
+    """The one check of token ids read from a file (a session, a kld base file, a cached calibration batch) before
+    a model reads them: each must be a row of the model's input embedding, 0 ≤ id < `vocab_size` (the config's
+    vocab_size, what embedding indexing needs; it may exceed the tokenizer's vocabulary). Else one HieruiError
+    (exit 2) naming `where` (the file and the field, e.g. "s.jsonl: step 3: token_d"), the position of the first
+    bad id and its value. `ids`: one id, a list of ids (None entries are skipped: a model that had ended) or an
+    integer tensor; `model`: named in the message."""
+    of = f"a token id of {model}" if model else "a token id of the model"
+    expected = f"expected {of} (0 … {vocab_size - 1})"
+    if hasattr(ids, "dtype") and hasattr(ids, "nonzero"):  # a tensor
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or str(ids.dtype) == "torch.bool":
+            raise HieruiError(f"{where} holds {str(ids.dtype).removeprefix('torch.')} values, {expected}")
+        bad = (ids < 0) | (ids >= vocab_size)
+        if bool(bad.any()):
+            position = [int(i) for i in bad.nonzero()[0]]
+            index = "".join(f"[{i}]" for i in position)
+            raise HieruiError(f"{where}{index} is {int(ids[tuple(position)])}, {expected}")
+        return
+    scalar = not isinstance(ids, (list, tuple))
+    for i, value in enumerate([ids] if scalar else ids):
+        if value is None:
+            continue
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # as validate reads
+        if isinstance(value, bool) or not whole or not 0 <= value < vocab_size:
+            raise HieruiError(f"{where}{'' if scalar else f'[{i}]'} is {value!r}, {expected}")
+
+
+def embedding_rows(name: str, config: dict | None = None) -> int | None:
+    """How many token ids the model `name` embeds (the rows of its input embedding, which a token id indexes),
+    known before its weights load: its config's vocab_size (which may exceed the tokenizer's vocabulary); a
+    random: shape's is its tokenizer's size (engine.models.random_shapes resizes the vocabulary to it).
+    `config`: the config when the caller has read it. None where the config is not known before loading."""
+    from engine.models.configs import config_int, read_config
+    from engine.models.names import resolve
+
+    if resolve(name).kind == "random":
+        from engine.models.random_shapes import random_tokenizer
+
+        return len(random_tokenizer())
+    return config_int(config if config is not None else read_config(name), "vocab_size")
+
+
+def model_rows(model) -> int:
+    """The rows of a loaded model's input embedding: the token ids it can read."""
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    return int(rows if rows is not None else embedding.weight.shape[0])

@@ -23,25 +23,66 @@ from engine.record.validate import escape
 
 # what a file may name, and the option by which the user confirms it
 OPTIONS = {"model": "--model", "spec": "--prune", "calib": "--calib"}
+NAMES = {"model": "the model", "spec": "the perturbation", "calib": "the calibration file"}
 
 
-def trusted(named: str | None, given: str | None, kind: str, file) -> str | None:
+def trusted(named: str | None, given: str | None, kind: str, file, confirm_only: bool = False) -> str | None:
     """What a run uses for `kind` ("model", "spec" or "calib": a calibration text file) that `file` names as
     `named`: the user's own value `given` when there is one (it replaces the file's); else `named` when a file
     may name it on its own; None when neither names one. Anything else is one HieruiError naming the option to
-    repeat. A bare name that is neither known nor a local folder is "unknown model" (engine.models.loading)."""
+    repeat. A bare name that is neither known nor a local folder is "unknown model" (engine.models.loading), said
+    of the file. `confirm_only`: a reader that reproduces the file's run (replay --rerun, attribute, explore
+    --from-kld), where the option only confirms what the file names: a `given` value naming something else
+    (`same`) is refused."""
     if kind not in OPTIONS:
         raise ValueError(f"unknown kind {kind!r}")
     if given is not None:
+        if confirm_only and named is not None and not same(named, given, kind):
+            option = OPTIONS[kind]
+            raise HieruiError(
+                f"{option} {escape(str(given))}: {escape(str(file))} names {NAMES[kind]} '{escape(named)}', and "
+                f"{option} only confirms it here: repeat it exactly or leave {option} out"
+            )
         return given
-    if named is None or allowed(named, kind):
-        return named
+    try:
+        if named is None or allowed(named, kind):
+            return named
+    except HieruiError as e:  # an unknown bare model name: said of the file that names it
+        raise HieruiError(f"{escape(str(file))} names {NAMES[kind]} '{escape(named)}': {e}", e.exit_code) from None
     what = {
         "model": f"the model '{escape(named)}', a local path or hub id: it is loaded",
         "spec": f"the perturbation '{escape(named)}', a local checkpoint: it is loaded",
         "calib": f"the calibration file '{escape(named)}': it is read",
     }[kind]
     raise HieruiError(f"{escape(str(file))} names {what} only when you confirm it with {OPTIONS[kind]} {escape(named)}")
+
+
+def same(named: str, given: str, kind: str) -> bool:
+    """Whether the user's `given` value names what a file names as `named`: the same text, or the same weights
+    (a model's cache key: an alias and its hub id, a relative and an absolute path), spec (as parsed) or file."""
+    if given.strip() == named.strip():
+        return True
+    try:
+        if kind == "model":
+            from engine.models.names import resolve
+
+            return resolve(given).cache_key() == resolve(named).cache_key()
+        if kind == "spec":
+            return _spec_fields(given) == _spec_fields(named) is not None
+        return Path(given).expanduser().resolve() == Path(named).expanduser().resolve()
+    except (HieruiError, OSError, RuntimeError):
+        return False
+
+
+def _spec_fields(spec: str) -> tuple | None:
+    """A spec as its method's grammar reads it (engine.record.methods; what engine.perturb.spec.parse_spec builds a
+    Spec from): 'wanda:0.50' and 'wanda:0.5' are one spec. None for an unknown method."""
+    from engine.record.methods import find
+
+    name, colon, rest = spec.strip().partition(":")
+    name = name.strip().lower()
+    declared = find(name)
+    return None if declared is None else (name, declared.grammar.parse(spec, name, rest if colon else None))
 
 
 def allowed(named: str, kind: str) -> bool:

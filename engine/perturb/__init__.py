@@ -53,8 +53,9 @@ def perturb(
 ):
     """Build the ModelPair for `spec` over `loaded` (an engine.models.loading.LoadedModel).
 
-    `calibration`: an engine.perturb.calibration.Calibration; built with `calib_options` when the spec needs
-    one and none is given.
+    `calibration`: an engine.perturb.calibration.Calibration; built with `calib_options` (source, samples, length,
+    seed; the others the method's defaults, engine.record.settings.calibration_for) when the spec needs one and
+    none is given.
     """
     from engine.perturb.pair import ModelPair
     from engine.perturb.spec import check_streamable
@@ -69,8 +70,10 @@ def perturb(
         check_streamable([spec])
     if calibration is None and declared.calibrates:
         from engine.perturb.calibration import build_calibration
+        from engine.record.settings import calibration_for
 
-        opts = dict(calib_options or {})
+        # what was not given is the method's default, the same in every command (engine.record.settings)
+        opts = calibration_for(spec.method, **(calib_options or {})).to_dict()
         started = time.perf_counter()
         calibration = build_calibration(
             loaded, use_cache=use_cache, progress=lambda d, t: say("calibrating", d, t), **opts

@@ -29,6 +29,7 @@ import datetime as _dt
 import hashlib
 import importlib
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from pathlib import Path
 
 from engine.errors import HieruiError
 from engine.record.methods import methods
-from engine.record.paths import atomic_write, calib_dir, is_temporary, pruned_dir
+from engine.record.paths import WriteFailed, atomic_write, calib_dir, is_temporary, pruned_dir
 
 # kind -> (folder, the data file's name after the key)
 KINDS: dict[str, tuple[Callable[[], Path], str]] = {
@@ -99,15 +100,22 @@ class Slot:
     def meta_path(self) -> Path:
         return meta_path_for(self.path)
 
-    def store(self, data) -> Path:
-        """Write the data (text, bytes or a function writing a file at the path it gets), then its metadata."""
-        atomic_write(self.path, data)
-        meta = {
-            **self.meta,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "size": self.path.stat().st_size,
-        }
-        atomic_write(self.meta_path, json.dumps(meta, indent=1, default=str))
+    def store(self, data) -> Path | None:
+        """Write the data (text, bytes or a function writing a file at the path it gets), then its metadata.
+        A cache is only a shortcut: where it cannot be written (a full disk, a read-only $HIERUI_HOME) the run
+        goes on without it, saying so in one line on stderr (None), and no half entry is left."""
+        try:
+            atomic_write(self.path, data)
+            meta = {
+                **self.meta,
+                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "size": self.path.stat().st_size,
+            }
+            atomic_write(self.meta_path, json.dumps(meta, indent=1, default=str))
+        except WriteFailed as e:
+            self.path.unlink(missing_ok=True)  # an entry without its metadata is never looked up; removed anyway
+            print(f"warning: {e}; going on without caching it", file=sys.stderr, flush=True)
+            return None
         return self.path
 
 

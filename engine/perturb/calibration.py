@@ -19,6 +19,7 @@ from pathlib import Path
 
 from engine.errors import HieruiError
 from engine.record.settings import CALIB_LENGTH, CALIB_SAMPLES, CALIB_SEED
+from engine.record.texts import read_text_file
 
 DEFAULT_SAMPLES = CALIB_SAMPLES
 DEFAULT_LENGTH = CALIB_LENGTH
@@ -96,11 +97,10 @@ def build_calibration(
 
     if samples < 1 or length < 2:
         raise HieruiError(f"calibration needs at least 1 sample of at least 2 tokens (got {samples} × {length})")
+    text = None
     if source is not None and source != "self":
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise HieruiError(f"calibration file not found: {source}")
-        source = str(path.resolve())
+        text = read_text_file(source, "--calib")  # the one check of a text file a user names
+        source = str(Path(source).expanduser().resolve())
     else:
         source = "self"
     entry = calibration_slot(loaded.ref.cache_key(), source, samples, length, seed, model=loaded.ref.name)
@@ -109,27 +109,57 @@ def build_calibration(
         try:
             ids = torch.load(cached, weights_only=True)
             if tuple(ids.shape) == (samples, length):
-                return Calibration(ids, source, samples, length, seed, key, from_cache=True)
+                from engine.models.tokens import check_token_ids, model_rows
+
+                check_token_ids(ids, model_rows(loaded.model), f"cached calibration {cached}")  # untrusted file
+                return Calibration(ids.long(), source, samples, length, seed, key, from_cache=True)
         except Exception:
-            pass  # a broken cache file is rebuilt
+            pass  # a broken cache file (not a tensor, another shape, an id the model has not) is rebuilt
     if source == "self":
         ids = sample_from_model(loaded.model, loaded.tokenizer, samples, length, seed, progress)
     else:
-        ids = windows_from_text(
-            loaded.tokenizer, Path(source).read_text(encoding="utf-8", errors="replace"), samples, length, seed
-        )
+        ids = windows_from_text(loaded.tokenizer, text, samples, length, seed, source)
     if use_cache:
         entry.store(lambda tmp: torch.save(ids, tmp))
     return Calibration(ids, source, samples, length, seed, key)
 
 
-def windows_from_text(tokenizer, text: str, samples: int, length: int, seed: int):
+def check_calibration_file(source: str | Path, length: int, model: str | None = None, what: str = "--calib") -> str:
+    """A calibration file checked before any model loads, as its absolute path: a text file a user can name
+    (engine.record.texts.read_text_file: there, a regular file, readable, UTF-8, not empty), and, where `model`'s
+    tokenizer is on this machine (every model but a hub model, whose tokenizer may need a download), at least
+    `length` tokens long, the one window every sample is cut from. A hub model's file is counted once its
+    tokenizer is loaded, when the calibration is built (before a sweep writes anything)."""
+    text = read_text_file(source, what)
+    if model is not None:
+        from engine.models.names import resolve
+
+        if resolve(model).kind != "hub":
+            from engine.models.loading import load_tokenizer
+
+            _check_tokens(len(tokenize(load_tokenizer(model), text)), length, source, what)
+    return str(Path(source).expanduser().resolve())
+
+
+def tokenize(tokenizer, text: str) -> list[int]:
+    """The calibration text's token ids, as windows_from_text cuts them (no special tokens)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _check_tokens(count: int, length: int, source, what: str) -> None:
+    if count < length:
+        raise HieruiError(
+            f"{what} {source}: {count:,} token{'s' * (count != 1)}, fewer than one calibration sequence of "
+            f"--calib-len {length}: give a longer text or a smaller --calib-len"
+        )
+
+
+def windows_from_text(tokenizer, text: str, samples: int, length: int, seed: int, source="the calibration text"):
     """`samples` windows of `length` tokens at seeded random offsets of the tokenised text."""
     import torch
 
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    if ids.numel() < length:
-        raise HieruiError(f"calibration text has {ids.numel()} tokens, fewer than --calib-len {length}")
+    ids = torch.tensor(tokenize(tokenizer, text), dtype=torch.long)
+    _check_tokens(ids.numel(), length, source, "--calib")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - length + 1, (samples,), generator=gen)
     return torch.stack([ids[s : s + length] for s in starts.tolist()]).long()

@@ -20,21 +20,24 @@ def save_checkpoint(pair, directory: Path) -> Path:
     if not spec.declared.saves:
         raise HieruiError(f"{spec} models are quantized on the fly and not saved; use --prune {spec} directly")
     from engine.place.streaming import is_streamed
+    from engine.record.paths import atomic_files
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     model = pair.perturbed
     if spec.family == "drop":
         from engine.perturb.drop import standard_equivalent
 
         model = standard_equivalent(pair.dense, pair.perturbed, pair.report.details)
-    if is_streamed(model):  # its layers are on disk: written one layer at a time, never gathered
-        save_streamed(model, directory)
-    else:
-        model.save_pretrained(str(directory), safe_serialization=True)
-    pair.tokenizer.save_pretrained(str(directory))
-    report = pair.report.to_dict() if pair.report is not None else {}
-    (directory / "hierui-perturbation.json").write_text(json.dumps(report, indent=1, default=str))
+    # written into a fresh folder inside DIR, then each file renamed into DIR: a link planted at a file's name is
+    # replaced, never written through; a failed write (a full disk) is one line and leaves none of the files
+    with atomic_files(directory) as partial:
+        if is_streamed(model):  # its layers are on disk: written one layer at a time, never gathered
+            save_streamed(model, partial)
+        else:
+            model.save_pretrained(str(partial), safe_serialization=True)
+        pair.tokenizer.save_pretrained(str(partial))
+        report = pair.report.to_dict() if pair.report is not None else {}
+        (partial / "hierui-perturbation.json").write_text(json.dumps(report, indent=1, default=str))
     return directory
 
 

@@ -38,6 +38,7 @@ from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.utils import set_module_tensor_to_device
 
 from engine.anatomy.linears import decoder_layers, decoder_layers_prefix
+from engine.record.paths import open_for_writing, writing
 
 STREAM_ATTR = "hierui_stream"  # set on a streamed model: its StreamInfo
 
@@ -161,7 +162,8 @@ def stream(model, execution_device, sources: dict[int, dict[str, tuple[str, str]
         if entries is None:
             path = info.folder / f"dense-{index}.safetensors"
             tensors = {n: p.detach().cpu().contiguous() for n, p in _layer_tensors(layer).items()}
-            save_file(tensors, str(path))
+            with writing(path):  # a full disk: one line naming the file
+                save_file(tensors, str(path))
             entries = {n: (str(path), n) for n in tensors}
         _attach(layer, info.execution_device, FileStore(entries), index, None)
     setattr(model, STREAM_ATTR, info)
@@ -240,7 +242,8 @@ def _write_own(layer, hook: StreamHook, tensors: dict) -> None:
     handle, name = tempfile.mkstemp(prefix=f"layer-{hook.index}-", suffix=".safetensors", dir=hook.folder)
     os.close(handle)
     path = Path(name)
-    save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(path))
+    with writing(path):
+        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(path))
     own.entries.update({n: (str(path), n) for n in tensors})
 
 
@@ -310,7 +313,7 @@ def write_safetensors(path, tensors: list[Pending], metadata: dict[str, str] | N
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
+    with writing(path), open_for_writing(path, "wb") as f:  # never through a link at its name
         f.write(struct.pack("<Q", len(text)))
         f.write(text)
         for t in ordered:
@@ -384,7 +387,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError:
-        shutil.copyfile(source, target)
+        with writing(target):  # a full disk: one line naming the file
+            shutil.copyfile(source, target)
 
 
 def resident_state(model) -> dict[str, torch.Tensor]:

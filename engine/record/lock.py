@@ -16,7 +16,9 @@ fcntl.flock(LOCK_EX | LOCK_NB). On Linux this is the robust choice:
 The file holds the owner's pid, host, start time and command (JSON), written once the lock is taken; it
 only names the owner: a second run is refused with `OUT is in use by hierui pid N on HOST since TIME`
 (HieruiError, exit 2). A file left behind by a process that died without removing it is not locked; the
-next run takes it over and says so on stderr (`taking over a stale lock of pid N (not running)`).
+next run takes it over and says so on stderr (`taking over a stale lock of pid N (not running)`). A link
+(symbolic, or a hard link) at the lock file's name is refused in one line (exit 2), never followed or written
+through (engine.record.paths.open_fd).
 
 The context manager releases the lock on a normal exit, on an error and on Ctrl-C; atexit is a backstop.
 On release the file is removed while still locked. A contender that opened the old file just before
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import HieruiError
+from engine.record.paths import make_folders, open_fd, remove_empty, writing
 
 LOCK_NAME = ".hierui.lock"
 
@@ -143,25 +146,15 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _make_parents(folder: Path) -> list[Path]:
-    missing = []
-    for parent in [folder, *folder.parents]:
-        if parent.exists():
-            break
-        missing.append(parent)
-    folder.mkdir(parents=True, exist_ok=True)
-    return missing  # deepest first
-
-
 def _acquire(lock_path: Path, name: str, warn: Callable[[str], None]) -> _Held:
     try:
-        created = _make_parents(lock_path.parent)
+        created = make_folders(lock_path.parent)
     except OSError as e:
         raise HieruiError(f"{lock_path.parent}: cannot create the folder ({e.strerror or e})") from None
     try:
         fd = _take(lock_path, name, warn)
     except BaseException:
-        _remove_empty(created)
+        remove_empty(created)
         raise
     held = _Held(lock_path, fd, created=created)
     _register_atexit()
@@ -171,7 +164,9 @@ def _acquire(lock_path: Path, name: str, warn: Callable[[str], None]) -> _Held:
 def _take(lock_path: Path, name: str, warn: Callable[[str], None]) -> int | None:
     for _ in range(100):
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = open_fd(lock_path, os.O_RDWR | os.O_CREAT, links="refuse")  # never through a link at its name
+        except HieruiError:  # a link (LinkRefused) or a FIFO at its name
+            raise
         except OSError as e:
             raise HieruiError(f"{name}: cannot create its lock file {lock_path} ({e.strerror or e})") from None
         if fcntl is not None:
@@ -203,8 +198,13 @@ def _take(lock_path: Path, name: str, warn: Callable[[str], None]) -> int | None
             "command": " ".join(sys.argv)[:500],
         }
         data = (json.dumps(me) + "\n").encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        try:
+            with writing(lock_path):  # a full disk: one line naming the lock file
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, data, 0)
+        except BaseException:
+            _release(_Held(lock_path, fd))  # removed while still locked, as on release
+            raise
         return fd
     raise HieruiError(f"{name}: could not take its lock {lock_path} (it keeps changing)")
 
@@ -254,15 +254,7 @@ def _release(held: _Held) -> None:
     except OSError:
         pass
     held.fd = None
-    _remove_empty(held.created)
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in folders:  # deepest first; stops at the first that is not empty
-        try:
-            folder.rmdir()
-        except OSError:
-            return
+    remove_empty(held.created)
 
 
 _atexit_registered = False

@@ -39,17 +39,15 @@ def short_id(pid: str, original: str) -> str:
     return f"{pid[: MAX_ID - 13].rstrip('._')}-{digest}"
 
 
-def read_prompts(path: str | Path, text: str | None = None) -> list[PromptItem]:
+def read_prompts(path: str | Path, text: str | None = None, what: str = "--prompts") -> list[PromptItem]:
     """Prompts from a text file (one per line; blank lines skipped) or, for .jsonl/.ndjson, JSON Lines
     (`prompt`, optional `choices`, `answer`, `topic`, `id`). Items without an id get p000, p001, …
-    `text`: the file's content, when it is not written yet (a recipe's prompts.jsonl before its sweep starts)."""
+    `text`: the file's content, when it is not written yet (a recipe's prompts.jsonl before its sweep starts).
+    The file is read as every text file a user names is (engine.record.texts.read_text_file; `what` names it)."""
+    from engine.record.texts import read_text_file
+
     path = Path(path)
-    if text is None and not path.is_file():
-        raise HieruiError(f"prompts file not found: {path}")
-    try:
-        lines = (path.read_text(encoding="utf-8") if text is None else text).splitlines()
-    except UnicodeDecodeError:
-        raise HieruiError(f"prompts file {path} is not UTF-8 text") from None
+    lines = (read_text_file(path, what) if text is None else text).splitlines()
     jsonl = path.suffix.lower() in (".jsonl", ".ndjson")
     raw = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
     width = max(3, len(str(len(raw) - 1)))

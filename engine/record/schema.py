@@ -253,6 +253,7 @@ KLD_SUMMARY = {
     "windows": INT,
     "base": STRING,  # the base file compared against (null: the dense model ran)
     "base_k": INT,
+    "base_model": STRING,  # the dense model the base file was made from, as it names it (null: none named)
     "measured_sparsity": FLOAT,
     "tokens": INT,
     **{name: FLOAT for name in ("ppl_d", "ppl_d_unc", "ppl_p", "ppl_p_unc", "ln_ppl_ratio", "ln_ppl_ratio_unc")},

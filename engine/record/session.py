@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from engine import __version__
 from engine.errors import HieruiError
 from engine.record.header import FORMAT, VERSION, SessionHeader, header_of
+from engine.record.paths import check_regular_file, open_for_writing, write_failed
 from engine.record.validate import check_branch, check_step, check_summary, loads, shown
 
 if TYPE_CHECKING:
@@ -63,7 +64,12 @@ def default_session_path(prompt: str, spec: str, directory: str | Path = "sessio
 
 
 class SessionWriter:
-    """Writes the header at once, then each step as it comes (flushed), then an optional summary."""
+    """Writes the header at once, then each step as it comes (flushed), then an optional summary.
+
+    The file is opened by engine.record.paths.open_for_writing: a symbolic link at its name is replaced, never
+    written through. A write that fails (a full disk) is WriteFailed naming the file (one line, exit 1); the
+    file is cut back to its last whole line first, so it stays a readable, incomplete session that a rerun
+    records again."""
 
     def __init__(self, path: str | Path, header: SessionHeader, exclusive: bool = False):
         """`header`: the run's (engine.run.recorder.session_header; a dict is read as one), stamped here with the
@@ -71,7 +77,6 @@ class SessionWriter:
         is there), so two writers (two explorers) never share a file; otherwise an existing file is rewritten (a
         batch run rerun)."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         full = replace(
             header_of(header),
             format=FORMAT,
@@ -80,25 +85,51 @@ class SessionWriter:
             hierui=__version__,
         )
         self.header = full
-        self._file = open(self.path, "x" if exclusive else "w", encoding="utf-8")
-        self._file.write(_line(full.to_dict()))
-        self._file.flush()
+        self._file = open_for_writing(self.path, "x" if exclusive else "w")
+        self._good = 0  # the length of what was written whole
         self.closed = False
         self.summary: dict | None = None
+        self._write(_line(full.to_dict()))
+
+    def _write(self, text: str) -> None:
+        try:
+            self._file.write(text)
+            self._file.flush()
+            self._good = os.lseek(self._file.fileno(), 0, os.SEEK_CUR)
+        except OSError as e:
+            self._fail(e)
+
+    def _fail(self, error: OSError) -> None:
+        """Close the file cut back to its last whole line, and raise WriteFailed naming it."""
+        fd = os.dup(self._file.fileno())
+        try:
+            try:
+                self._file.close()  # its flush may fail again
+            except OSError:
+                pass
+            os.ftruncate(fd, self._good)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        self.closed = True
+        raise write_failed(self.path, error) from None
 
     def write_step(self, record: dict) -> None:
-        self._file.write(_line(record))
-        self._file.flush()
+        self._write(_line(record))
 
     def close(self, summary: dict | None = None, branch: dict | None = None) -> None:
         """End the file, with the closing line when there is a `summary` (and the counterfactual `branch`)."""
         if self.closed:
             return
         if summary is not None:
-            self._file.write(_line({"end": True, "summary": summary, **({"branch": branch} if branch else {})}))
+            self._write(_line({"end": True, "summary": summary, **({"branch": branch} if branch else {})}))
             self.summary = summary
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            self._fail(e)
         self._file.close()
         self.closed = True
 
@@ -166,6 +197,7 @@ def _read_lines(path: Path) -> list[tuple[int, bytes]]:
         raise HieruiError(f"session not found: {path}")
     if path.is_dir():
         raise HieruiError(f"{path} is a directory, not a session file")
+    check_regular_file(path, "session")  # a FIFO or a device: one line, not a read that blocks
     try:
         data = path.read_bytes()
     except OSError as e:

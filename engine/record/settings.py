@@ -129,16 +129,16 @@ SWEEP_DEFAULTS = {
 }
 
 
-# Calibration defaults, the one rule (default_calibration): every sweep (`hierui batch`), SparseGPT and the drop
-# methods take CALIB_SAMPLES × CALIB_LENGTH tokens sampled from the dense model; Wanda in the interactive
-# commands (the explorer and `hierui prune`, which share their caches) takes QUICK_CALIB_SAMPLES, so that the
-# explorer's first start is quick on a CPU. Wanda needs few samples (its published ablation is flat from
-# about 16-32 sequences); SparseGPT's Hessians need more; a sweep keeps one calibration for all its specs.
+# Calibration defaults, the one rule (default_calibration): a spec with the default calibration is the same model in
+# every command (explore, prune, batch, kld, plan; a session's rerun takes what it recorded), so their caches and
+# their tables agree. Each method takes CALIB_SAMPLES × CALIB_LENGTH tokens sampled from the dense model with
+# CALIB_SEED, except the methods that declare quick_calibration (Wanda: its published ablation is flat from about
+# 16-32 sequences), which take QUICK_CALIB_SAMPLES, so that the explorer's first start is quick on a CPU; SparseGPT's
+# Hessians need more. `hierui check` takes its own, smaller calibration and says so (engine.check.selfcheck).
 CALIB_SAMPLES = 64
 CALIB_LENGTH = 128
 CALIB_SEED = 0
 QUICK_CALIB_SAMPLES = 32
-INTERACTIVE_COMMANDS = ("explore", "prune")
 
 
 @dataclass(frozen=True)
@@ -162,35 +162,53 @@ class CalibSettings:
 
 
 CALIB_DEFAULTS = CalibSettings().to_dict()
+CALIBRATION_FIELDS = tuple(CALIB_DEFAULTS)  # source, samples, length, seed: what a user may give
 
 
 def quick_calibration_methods() -> tuple[str, ...]:
-    """The methods that take QUICK_CALIB_SAMPLES in the interactive commands, as they declare it
-    (Method.quick_calibration, engine.record.methods)."""
+    """The methods that take QUICK_CALIB_SAMPLES by default, as they declare it (Method.quick_calibration,
+    engine.record.methods)."""
     from engine.record.methods import methods
 
     return tuple(m.name for m in methods() if m.quick_calibration)
 
 
-def default_calibration(method: str | None, command: str) -> CalibSettings:
-    """The calibration `command` (explore, prune, batch, ...) uses for a pruning `method` when none is asked for."""
-    if command in INTERACTIVE_COMMANDS and method in quick_calibration_methods():
+def default_calibration(method: str | None) -> CalibSettings:
+    """The calibration a pruning `method` takes when none is asked for: the same in every command."""
+    if method in quick_calibration_methods():
         return CalibSettings(samples=QUICK_CALIB_SAMPLES)
     return CalibSettings()
 
 
-def calibration_for(method: str | None, command: str, **given) -> CalibSettings:
-    """default_calibration with the values the user gave (source, samples, length, seed; None: the default)."""
+def calibration_for(method: str | None, **given) -> CalibSettings:
+    """default_calibration with the values the user gave (source, samples, length, seed; None: the default),
+    checked."""
+    unknown = set(given) - set(CALIBRATION_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown calibration settings {sorted(unknown)}")
     chosen = {k: v for k, v in given.items() if v is not None}
-    return replace(default_calibration(method, command), **chosen).validate()
+    return replace(default_calibration(method), **chosen).validate()
 
 
-def calib_samples_help(command: str) -> str:
-    """How many calibration sequences `command` takes by default, as its --calib-samples help says it."""
-    if command in INTERACTIVE_COMMANDS:
-        methods = "/".join(quick_calibration_methods())
-        return f"calibration sequences (default {QUICK_CALIB_SAMPLES} for {methods}, {CALIB_SAMPLES} otherwise)"
-    return f"calibration sequences (default {CALIB_SAMPLES})"
+def calibrations(specs, **given) -> dict[str, dict]:
+    """What a run records of its calibration, the same in batch.json and kld.json: per spec that calibrates
+    (`specs`: engine.perturb.spec.Spec), its calibration_for(method, **given) as a dict."""
+    return {str(s): calibration_for(s.method, **given).to_dict() for s in specs if s.needs_calibration}
+
+
+def calibrations_differ(old: dict | None, new: dict | None) -> list[str]:
+    """The specs both records (calibrations()) calibrate, with other settings: where they differ, one spec is two
+    models. A record of another form (a batch.json of an earlier version: one flat dict) differs in every spec."""
+    old, new = old or {}, new or {}
+    if not all(isinstance(v, dict) for v in (*old.values(), *new.values())):
+        return sorted(set(old) | set(new)) if old and new else []
+    return [spec for spec in new if spec in old and old[spec] != new[spec]]
+
+
+def calib_samples_help() -> str:
+    """The --calib-samples help of every command that perturbs: the default per method."""
+    methods = "/".join(quick_calibration_methods())
+    return f"calibration sequences (default {QUICK_CALIB_SAMPLES} for {methods}, {CALIB_SAMPLES} otherwise)"
 
 
 def default_batch_size(device: str) -> int:

@@ -314,3 +314,40 @@ def check_branch(branch, path, number: int) -> None:
             _check_fields(step, STEPS, prefix=f"branch.steps[{i}].")
     except _Bad as bad:
         raise _error(path, number, bad) from None
+
+
+# ------------------------------------------------------------------ token ids
+
+TOKEN_FIELDS = ("token_d", "token_p", "fed")  # a step's fields that hold token ids (and its top-k lists' first items)
+
+
+def token_id_fields(session):
+    """Every token id a loaded session (engine.record.session.Session) holds, as (field, ids) pairs, for
+    engine.models.tokens.check_token_ids before a model reads them: the header's prompt_ids, prefix_ids,
+    choice_ids and parent.token; each step's token_d, token_p, fed and the ids of topk_d and topk_p, named
+    "step N: token_d" with N counted from 1 as on screen; the counterfactual branch's token and its steps'
+    ("branch step N: fed"). `ids` is one id or a list (None where a model had ended)."""
+    header = session.header
+    for name in ("prompt_ids", "prefix_ids", "choice_ids"):
+        ids = getattr(header, name, None)
+        if ids:
+            yield name, list(ids)
+    parent = getattr(header, "parent", None)
+    if parent is not None and parent.token is not None:
+        yield "parent.token", parent.token
+    yield from _step_ids(session.steps, "step")
+    branch = getattr(session, "branch", None)
+    if branch is not None:
+        yield "branch.token", branch.token
+        yield from _step_ids(branch.steps, "branch step")
+
+
+def _step_ids(steps: list[dict], label: str):
+    for i, step in enumerate(steps):
+        where = f"{label} {i + 1}"
+        for name in TOKEN_FIELDS:
+            if step.get(name) is not None:
+                yield f"{where}: {name}", step[name]
+        for name in ("topk_d", "topk_p"):
+            for k, row in enumerate(step.get(name) or []):
+                yield f"{where}: {name}[{k}][0]", row[0]

@@ -97,9 +97,49 @@ def prompts_hash(prompts: list[str]) -> str:
 
 
 def save_floor(floor: dict, path: str | Path | None = None) -> Path:
-    """Write a floor (measure_floor's dict) whole; default place: floor_path(its model, its device)."""
+    """Write a floor (measure_floor's dict) whole; default place: floor_path(its model, its device). What a floor
+    already stored there measured in dtypes this one did not is kept (merge_floor): `hierui noise --dtypes
+    float32` replaces float32's figures only."""
     target = Path(path) if path is not None else floor_path(floor["model"], floor["device"])
-    return atomic_write(target, json.dumps(floor, indent=2, ensure_ascii=False) + "\n")
+    try:
+        old = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    return atomic_write(target, json.dumps(merge_floor(old, floor), indent=2, ensure_ascii=False) + "\n")
+
+
+def merge_floor(old: dict | None, new: dict) -> dict:
+    """`new` with what `old` (a floor stored earlier for the same weights) measured in dtypes `new` did not: their
+    tie margins and comparisons (a comparison is replaced by `new`'s of the same kind and dtype), with a note
+    naming when they were measured (`kept`: dtype → the older floor's date). An unreadable, foreign or
+    other-version `old` is replaced whole."""
+    if (
+        not isinstance(old, dict)
+        or old.get("format") != FORMAT
+        or old.get("version") != VERSION
+        or old.get("model_key") != new.get("model_key")
+        or not isinstance(old.get("tie_margin"), dict)
+        or not isinstance(old.get("comparisons"), list)
+    ):
+        return new
+    kept = [d for d in old.get("dtypes") or old["tie_margin"] if d in old["tie_margin"] and d not in new["tie_margin"]]
+    if not kept:
+        return new
+    merged = dict(new)
+    measured = {(c.get("kind"), c.get("dtype")) for c in new["comparisons"]}
+    older = [c for c in old["comparisons"] if isinstance(c, dict) and c.get("dtype") in kept]
+    merged["comparisons"] = [
+        *new["comparisons"],
+        *(c for c in older if (c.get("kind"), c.get("dtype")) not in measured),
+    ]
+    merged["tie_margin"] = {**new["tie_margin"], **{d: old["tie_margin"][d] for d in kept}}
+    merged["dtypes"] = [*new["dtypes"], *kept]
+    when = str(old.get("created", ""))[:10] or "earlier"
+    previous = old.get("kept") if isinstance(old.get("kept"), dict) else {}
+    merged["kept"] = {d: previous.get(d, when) for d in kept}
+    notes = [f"{d}: kept from the measurement of {merged['kept'][d]} (not measured this time)" for d in kept]
+    merged["notes"] = [*new.get("notes", []), *notes]
+    return merged
 
 
 def load_floor(model_name: str, device) -> dict | None:
@@ -121,8 +161,10 @@ def _default(dtype: str) -> float:
     return DEFAULT_TIE_MARGIN.get(dtype, DEFAULT_TIE_MARGIN["float32"])
 
 
-def _source(floor: dict) -> str:
-    return f"hierui noise, {str(floor.get('created', ''))[:10]}".rstrip(", ")
+def _source(floor: dict, dtype: str) -> str:
+    kept = floor.get("kept") if isinstance(floor.get("kept"), dict) else {}
+    when = kept.get(dtype) or floor.get("created", "")
+    return f"hierui noise, {str(when)[:10]}".rstrip(", ")
 
 
 def tie_margin(model_name: str, device: str, dtype: str) -> tuple[float, str]:
@@ -137,7 +179,7 @@ def tie_margin(model_name: str, device: str, dtype: str) -> tuple[float, str]:
         return _default(dtype), DEFAULT_SOURCE
     value = floor["tie_margin"].get(dtype)
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value), _source(floor)
+        return float(value), _source(floor, dtype)
     return _default(dtype), f"default (hierui noise did not measure {dtype} for this model)"
 
 
@@ -160,5 +202,5 @@ def floor_summary(floor: dict | None, dtype: str) -> dict:
         "flip_rate": worst("flip_rate"),
         "kl_mean": worst("kl_mean"),
         "kl_p99": worst("kl_p99"),
-        "source": _source(floor),
+        "source": _source(floor, dtype),
     }

@@ -20,6 +20,7 @@ every visible one for `auto` and `cuda`, one for `cuda:N`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from engine.errors import HieruiError
@@ -76,25 +77,43 @@ def pair_request(
     gpus: int | None = None,
     calib: dict | None = None,
     use_cache: bool = True,
+    source: dict[str, str] | None = None,
     **workload,
 ) -> PairRequest:
     """A PairRequest with every input checked before anything slow: the model name (an unknown one fails here),
     the specs (grammar, a checkpoint's path, the spec against the model's config where it is known), the device,
-    the dtype, --gpus and --gpu-mem. `workload`: Workload's fields."""
-    resolve(model)
-    parsed = tuple(parse_spec(s) if isinstance(s, str) else s for s in specs)
+    the dtype, --gpus and --gpu-mem. `workload`: Workload's fields. `source`: where the model, spec or dtype
+    came from when the user did not type it ({"model": "s.jsonl: the session's model", "spec": …, "dtype": …}):
+    an error about that value starts with its label and blames no option (check_specs)."""
+    with blamed(source, "model"):
+        resolve(model)
+    with blamed(source, "spec"):
+        parsed = tuple(parse_spec(s) if isinstance(s, str) else s for s in specs)
     check_device(device)
-    check_dtype(dtype)
+    with blamed(source, "dtype"):
+        check_dtype(dtype)
     request = PairRequest(model, parsed, device, dtype, None, None, dict(calib or {}), use_cache, Workload(**workload))
     request = budget(request, gpu_mem, gpus)
-    check_specs(model, parsed, device)
+    check_specs(model, parsed, device, source)
     return request
 
 
-def check_specs(model: str, specs, device: str) -> dict | None:
+@contextmanager
+def blamed(source: dict[str, str] | None, what: str):
+    """A HieruiError about `what` ("model", "spec", "dtype") raised inside, led by `source[what]` where the value
+    came from a file (a session header, a kld folder) rather than an option the user typed."""
+    try:
+        yield
+    except HieruiError as e:
+        if not source or what not in source:
+            raise
+        raise HieruiError(f"{source[what]}: {e}", e.exit_code) from None
+
+
+def check_specs(model: str, specs, device: str, source: dict[str, str] | None = None) -> dict | None:
     """The checks that need only the arguments, the config and the file system: the device, each spec's
     checkpoint path, each spec against the model's config.json where it can be read without a download. Returns
-    that config (None: not known before loading)."""
+    that config (None: not known before loading). `source`: as pair_request's."""
     check_device(device)
     config = read_config(model)
     for spec in specs:
@@ -102,8 +121,10 @@ def check_specs(model: str, specs, device: str) -> dict | None:
             try:
                 resolve(spec.path)  # a local checkpoint that is not there fails here
             except HieruiError as e:
-                raise HieruiError(f"--prune {spec}: {e}") from None
-        check_fits(spec, config)
+                where = (source or {}).get("spec") or "--prune"  # an option's value or a file's
+                raise HieruiError(f"{where} {spec}: {e}") from None
+        with blamed(source, "spec"):
+            check_fits(spec, config)
     return config
 
 

@@ -92,12 +92,15 @@ def plan_rerun(
     session: Session, model: str | None = None, calib: str | Path | None = None, spec: str | None = None, loaded=None
 ) -> RerunPlan:
     """The values a rerun of `session` uses. `model`, `calib`, `spec`: the user's --model, --calib, --prune,
-    which replace the header's and confirm a path or hub id. A header value a file may not name on its own
-    (engine.models.trust: a local model or a hub id, a checkpoint:PATH spec, a calibration file, outside
-    $HIERUI_HOME) is one HieruiError naming the flag to pass; nothing it names is read."""
+    which confirm a path or hub id the header names: they must name what the header names (a rerun reproduces
+    the recording; another model, spec or calibration file is refused), and fill in a model or spec the header
+    lacks. A header value a file may not name on its own (engine.models.trust: a local model or a hub id, a
+    checkpoint:PATH spec, a calibration file, outside $HIERUI_HOME) is one HieruiError naming the flag to pass;
+    nothing it names is read."""
     from engine.models.trust import trusted
     from engine.perturb.spec import parse_spec
     from engine.record.validate import escape
+    from engine.run.open import blamed
 
     header = session.header
     where = escape(str(session.path))
@@ -107,16 +110,35 @@ def plan_rerun(
     if model is None and loaded is None:
         header.require(session.path, ("model",), "cannot rerun (or pass --model)")
     if model is not None or loaded is None:
-        model = trusted(header.model, model, "model", session.path)
+        model = trusted(header.model, model, "model", session.path, confirm_only=True)
     if spec is None and not header.perturbation.spec:
         raise HieruiError(f"{where}: the header names no perturbation spec; cannot rerun (or pass --prune)")
-    spec = trusted(header.perturbation.spec, spec, "spec", session.path)
-    parse_spec(spec)
+    spec = trusted(header.perturbation.spec, spec, "spec", session.path, confirm_only=True)
+    with blamed(header_source(session), "spec"):
+        parse_spec(spec)
     options = calib_options_from_header(header)
-    source = trusted(header.calibration_file, None if calib is None else str(calib), "calib", session.path)
+    if calib is not None and header.calibration_file is None:
+        what = "no calibration" if options is None else "a calibration the model sampled itself"
+        raise HieruiError(
+            f"--calib {escape(str(calib))}: {where} was recorded with {what}, and --calib only confirms a "
+            "calibration file the session names: leave --calib out"
+        )
+    source = trusted(
+        header.calibration_file, None if calib is None else str(calib), "calib", session.path, confirm_only=True
+    )
     if source is not None:
         options = {**(options or {}), "source": source}
     return RerunPlan(model=model, spec=spec, calib_options=options)
+
+
+def header_source(session: Session) -> dict[str, str]:
+    """engine.run.open.pair_request's `source`: the model, spec and dtype a rerun takes from the session's header,
+    so that an error about one names the file's field, not an option the user never typed."""
+    from engine.record.validate import escape
+
+    where = escape(str(session.path))
+    fields = {"model": "model", "spec": "perturbation", "dtype": "dtype"}
+    return {key: f"{where}: the session's {name}" for key, name in fields.items()}
 
 
 def rerun_request(
@@ -124,12 +146,16 @@ def rerun_request(
 ):
     """The engine.run.open.PairRequest a rerun opens its models by: the plan's model, spec and calibration, on
     `device` in `dtype` (None: the recorded one), with the memory budget of --gpu-mem/--gpus; checked before
-    anything loads."""
+    anything loads, the session's token ids included (check_ids_before_loading). An error about a value the
+    header gave (the model, the spec, the recorded dtype) names the session's field (header_source)."""
     from engine.run.open import pair_request
 
     header = session.header
     steps = header.max_new_tokens if header.max_new_tokens is not None else len(session.steps)
-    return pair_request(
+    source = header_source(session)
+    if dtype is not None:
+        source.pop("dtype")  # the user's --dtype
+    request = pair_request(
         plan.model,
         [plan.spec],
         device,
@@ -138,8 +164,81 @@ def rerun_request(
         gpus,
         calib=plan.calib_options or {},
         use_cache=use_cache,
+        source=source,
         max_new_tokens=max(1, steps),
         lens=header.lens is not False,
+    )
+    check_ids_before_loading(session, plan.model)
+    return request
+
+
+def check_session_ids(session: Session, vocab_size: int, model: str | None = None) -> None:
+    """Every token id `session` holds (engine.record.validate.token_id_fields: the prompt's, each step's, the
+    branch's) is one that `model` embeds (engine.models.tokens.check_token_ids, `vocab_size` its embedding rows):
+    else one line, exit 2, naming the file, the field, the step and the id, before the model reads any."""
+    from engine.models.tokens import check_token_ids
+    from engine.record.validate import escape, token_id_fields
+
+    where = escape(str(session.path))
+    for name, ids in token_id_fields(session):
+        check_token_ids(ids, vocab_size, f"{where}: {name}", model)
+
+
+def check_ids_before_loading(session: Session, model: str) -> bool:
+    """check_session_ids against `model`'s vocab_size from its config, read without its weights (a hub model's
+    config fetched alone where it is not in the local cache). False where the config cannot be had before loading
+    (a GGUF file not converted yet): open_session_pair checks them once the model is loaded, before it runs."""
+    from engine.models.hub import fetch_light
+    from engine.models.tokens import embedding_rows
+
+    vocab = embedding_rows(model)
+    if vocab is None and fetch_light(model) is not None:
+        vocab = embedding_rows(model)
+    if vocab is None:
+        return False
+    check_session_ids(session, vocab, model)
+    return True
+
+
+def open_session_pair(session: Session, plan: RerunPlan, request=None, memory=None, loaded=None, progress=None):
+    """The pair a rerun or an attribution of `session` runs: the dense model (`loaded`, or opened by `request`
+    placed as `memory` says: engine.run.open), the session's token ids checked against its embedding rows (the
+    first check where its config was not known before loading; nothing has run yet), then the perturbed copy
+    through the cache. Returns (pair, the dense LoadedModel, the request)."""
+    from engine.models.tokens import model_rows
+    from engine.run.open import PairRequest, open_dense, open_pair, plan_pair
+
+    say = progress or (lambda *_: None)
+    if loaded is None:
+        memory = memory if memory is not None else plan_pair(request)
+        loaded = open_dense(request, memory, progress=lambda message, done=0, total=0: say(message, done, total))
+    check_session_ids(session, model_rows(loaded.model), loaded.ref.name)
+    request = request or PairRequest(loaded.ref.name)
+    pair = open_pair(request, plan.spec, dense=loaded, calib=plan.calib_options or {}, progress=progress)
+    return pair, loaded, request
+
+
+def prompt_ids_note(header: SessionHeader, tokenizer) -> str | None:
+    """What a rerun says when the prompt ids the header records and the recorded prompt tokenized again now (a
+    newer tokenizer, a chat template changed, an edited file) differ: the rerun feeds the recorded ids, since it
+    must reproduce what the models were fed; how the two differ (lengths, the first differing position). None
+    when they agree, or when the header records no ids (the prompt is then tokenized)."""
+    from engine.models.tokens import prompt_ids
+
+    recorded = [int(t) for t in header.prompt_ids or ()]
+    if not recorded or header.prompt is None:
+        return None
+    again = prompt_ids(tokenizer, header.prompt, raw=bool(header.raw)) + [int(t) for t in header.prefix_ids]
+    if not again and tokenizer.bos_token_id is not None:
+        again = [tokenizer.bos_token_id]  # an empty prompt starts from the beginning of a text (engine.run.stepper)
+    if header.truncated_from and len(again) > len(recorded):
+        again = again[len(again) - len(recorded) :]  # --truncate kept the prompt's last tokens
+    if again == recorded:
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(recorded, again)) if a != b), min(len(recorded), len(again)))
+    return (
+        f"the recorded prompt_ids ({len(recorded)} tokens) and the prompt tokenized again ({len(again)} tokens) "
+        f"first differ at position {first} (counted from 0): rerunning with the recorded ids, as the recording fed them"
     )
 
 
@@ -173,6 +272,7 @@ def rerun_session(
     plan: RerunPlan | None = None,
     request=None,
     memory=None,
+    note: Callable[[str], None] | None = None,
 ) -> Session:
     """Recompute `session` with its models; the new session as its file holds it.
 
@@ -186,8 +286,11 @@ def rerun_session(
     session is written (default: a temporary file, removed afterwards). `request`: the engine.run.open.PairRequest
     to open the models by (rerun_request: with --gpu-mem/--gpus), `memory` its plan (engine.run.open.plan_pair);
     by default both are made here.
+
+    The prompt is fed as the header's prompt_ids record it (a session without them: tokenized again); `note`
+    gets one line when a tokenization now would differ (prompt_ids_note). Every token id of the session is
+    checked against the model before it runs (rerun_request before loading, open_session_pair after).
     """
-    from engine.run.open import PairRequest, open_dense, open_pair, plan_pair
     from engine.run.stepper import Stepper
 
     header = session.header
@@ -209,10 +312,14 @@ def rerun_session(
     say = progress or (lambda *_: None)
     if loaded is None:
         request = request or rerun_request(session, plan, device, dtype, use_cache=use_cache)
-        memory = memory if memory is not None else plan_pair(request)
-        loaded = open_dense(request, memory, progress=lambda message, done=0, total=0: say(message, done, total))
-    request = request or PairRequest(loaded.ref.name, use_cache=use_cache)
-    pair = open_pair(request, plan.spec, dense=loaded, calib=plan.calib_options or {}, progress=progress)
+    elif request is None:
+        from engine.run.open import PairRequest
+
+        request = PairRequest(loaded.ref.name, use_cache=use_cache)
+    pair, loaded, request = open_session_pair(session, plan, request, memory, loaded, progress)
+    told = prompt_ids_note(header, loaded.tokenizer)
+    if told is not None and note is not None:
+        note(told)
     stepper = Stepper(
         pair,
         header.prompt,
@@ -220,6 +327,7 @@ def rerun_session(
         prefix=list(header.prefix_ids),
         start_step=header.start_step,
         parent=header.parent.to_dict() if header.parent is not None else None,
+        recorded_ids=list(header.prompt_ids) if header.prompt_ids else None,
     )
     total, done = len(session.steps), 0
 

@@ -105,10 +105,13 @@ class BatchStepper:
         choices: list | None = None,
         prefixes: list[list[int]] | None = None,
         start_steps: list[int] | None = None,
+        recorded_ids: list[list[int] | None] | None = None,
     ):
         """`prefixes`: per row, token ids fed after the prompt before step 0 (a branch continues a run from a
         step: the prompt plus the tokens generated before it); `start_steps`: per row, the step of the parent
-        run that this row's step 0 is, so a sampled branch draws the parent's noise from there on."""
+        run that this row's step 0 is, so a sampled branch draws the parent's noise from there on.
+        `recorded_ids`: per row, the ids fed first as a session recorded them (its prompt_ids, the prefix
+        included), instead of the prompt tokenized now (None: tokenize it): a rerun feeds what the recording fed."""
         if not prompts:
             raise HieruiError("no prompts to step")
         self.pair = pair
@@ -124,8 +127,12 @@ class BatchStepper:
         if len(prefixes) != len(prompts) or len(start_steps) != len(prompts):
             raise HieruiError("one prefix and one start step per prompt, or none")
         context = model_context(pair.dense)
-        for prompt, row_choices, prefix in zip(prompts, per_row, prefixes):
-            ids = prompt_ids(self.tokenizer, prompt, raw=self.settings.raw) + [int(t) for t in prefix]
+        given = recorded_ids if recorded_ids is not None else [None] * len(prompts)
+        for prompt, row_choices, prefix, recorded in zip(prompts, per_row, prefixes, given):
+            if recorded:
+                ids = [int(t) for t in recorded]
+            else:
+                ids = prompt_ids(self.tokenizer, prompt, raw=self.settings.raw) + [int(t) for t in prefix]
             if not ids and self.tokenizer.bos_token_id is not None:
                 ids = [self.tokenizer.bos_token_id]  # an empty prompt starts from the beginning of a text
             if not ids:
@@ -441,10 +448,13 @@ class Stepper:
         prefix: list[int] | None = None,
         start_step: int = 0,
         parent: dict | None = None,
+        recorded_ids: list[int] | None = None,
     ):
         """`prefix`, `start_step`: a branch of another run (BatchStepper); `parent`: what the session header
-        records of the run it branches from."""
-        self.batch = BatchStepper(pair, [prompt], settings, prefixes=[list(prefix or [])], start_steps=[start_step])
+        records of the run it branches from; `recorded_ids`: the prompt's ids as a session recorded them
+        (BatchStepper)."""
+        rows = dict(prefixes=[list(prefix or [])], start_steps=[start_step], recorded_ids=[recorded_ids])
+        self.batch = BatchStepper(pair, [prompt], settings, **rows)
         self.batch.rows[0].parent = dict(parent) if parent else None
 
     @property

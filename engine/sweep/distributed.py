@@ -12,7 +12,7 @@ work      the driver computes the missing runs exactly as the local resume does 
           (a ray.wait loop): a worker keeps the spec it holds while that spec has work, an idle one
           takes a spec nobody holds, and only then shares a spec another worker has already pruned
           (from the shared cache under HIERUI_HOME when the workers share it). Each worker loads the
-          dense model once, builds the calibration once and holds one perturbed pair at a time.
+          dense model once, builds each calibration once and holds one perturbed pair at a time.
 collect   a worker that sees the driver's --out (a probe file the driver writes there) records its
           sessions there itself; one that does not (or --ray-collect driver) records them in a
           temporary folder and returns them, and the driver writes them into OUT. Either way the
@@ -31,7 +31,6 @@ record    OUT/workers.jsonl, appended by the driver as results come in: a "prune
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from collections import deque
@@ -92,10 +91,11 @@ def _append(out: Path, lines: list[dict]) -> None:
     """Append lines to OUT/workers.jsonl, flushed to the disk (a driver killed later loses none of them)."""
     if not lines:
         return
-    with open(out / WORKERS_FILE, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
+    from engine.record.paths import append_whole
+
+    append_whole(
+        out / WORKERS_FILE, "".join(json.dumps(x, ensure_ascii=False, separators=(",", ":")) + "\n" for x in lines)
+    )
 
 
 def read_workers(out: str | Path) -> list[dict]:

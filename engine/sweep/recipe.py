@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import HieruiError
+from engine.record.paths import check_regular_file
 from engine.record.settings import CALIB_DEFAULTS, MODES, SWEEP_DEFAULTS, SWEEP_FIELDS
 
 DATA = Path(__file__).parent.parent / "data"
@@ -91,8 +92,8 @@ def recipe_path(name_or_path: str | Path) -> Path:
     """A shipped recipe's file for a bare name (`hierarchy`), else the path itself."""
     text = str(name_or_path)
     path = Path(text).expanduser()
-    if path.is_file():
-        return path
+    if path.exists() and not path.is_dir():
+        return check_regular_file(path, "--recipe")  # a FIFO: one line, not a read that blocks
     if re.fullmatch(r"[A-Za-z0-9_.-]+", text) and not text.endswith(".toml"):
         shipped = RECIPES / f"{text}.toml"
         if shipped.is_file():
@@ -207,9 +208,10 @@ def _calibration(where: str, path: Path, table: dict) -> dict:
     if "length" in out and out["length"] < 2:
         raise HieruiError(f"{where}: 'calibration.length' must be at least 2, got {out['length']}")
     if "source" in out:
+        from engine.record.texts import read_text_file
+
         source = (path.parent / Path(out["source"]).expanduser()).resolve()
-        if not source.is_file():
-            raise HieruiError(f"{where}: calibration file not found: {out['source']}")
+        read_text_file(source, f"{where}: calibration.source")  # the one check of a text file a user names
         out["source"] = str(source)
     return out
 
@@ -232,9 +234,9 @@ def _sources(where: str, path: Path, prompts: list[str]) -> list[tuple[str, Path
             name = text.removeprefix("suite:").strip()
             file = suite_file(text, where)
         else:
-            file = (path.parent / Path(text).expanduser()).resolve()
-            if not file.is_file():
-                raise HieruiError(f"{where}: prompts file not found: {text}")
+            from engine.record.paths import check_regular_file
+
+            file = check_regular_file((path.parent / Path(text).expanduser()).resolve(), f"{where}: prompts file")
             name = file.stem
         prefix = re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or "prompts"
         unique, n = prefix, 2
@@ -251,7 +253,7 @@ def read_items(recipe: Recipe) -> list[dict]:
 
     items = []
     for prefix, file in recipe.sources:
-        checked = read_prompts(file)  # the batch's own checks, with the source's line numbers
+        checked = read_prompts(file, what="recipe prompts")  # the batch's own checks, with the source's line numbers
         jsonl = file.suffix.lower() in (".jsonl", ".ndjson")
         lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
         raws = [json.loads(line) for line in lines] if jsonl else [{"prompt": line} for line in lines]

@@ -2,8 +2,9 @@
 
     plan     plan_sweep() reads the prompts (a prompts file, engine.record.prompts; or the prompt and settings of a
              saved session) and checks every spec, mode and setting, before any model is loaded.
-    run      run_sweep() loads the model once, builds one calibration shared by all specs, perturbs each
-             spec once and records each run (spec → prompt → mode) as OUT/sessions/<run_id>.jsonl, with
+    run      run_sweep() loads the model once, builds each spec's calibration (Sweep.calib_for: the same default
+             per method as every command; specs with the same settings share one), perturbs each spec once and
+             records each run (spec → prompt → mode) as OUT/sessions/<run_id>.jsonl, with
              run_id = <prompt id>-<spec slug>-<mode>, e.g. p003-wanda-0.5-shared; runs of one mode are
              stepped together, `batch_size` at a time. Multiple-choice items are scored once per spec
              (OUT/mc/<spec slug>.jsonl). With attribute="flips" (batch --attribute flips) each recorded run's
@@ -14,8 +15,8 @@
              with other settings is refused (use another --out).
     lock     one writer per OUT: run_sweep holds OUT/.hierui.lock (engine.record.lock) while it runs; a second
              sweep into the same OUT is refused, naming the first. batch.json is written only once the
-             sweep really starts (model and tokenizer loaded, choices checked), so a failed start leaves
-             nothing that refuses the corrected command.
+             sweep really starts (model and tokenizer loaded, choices checked, every calibration built), so a
+             failed start leaves nothing that refuses the corrected command.
 
 The step settings come from engine.record.settings: the sweep's `settings` (a frozen StepSettings, of which
 batch.json records the SWEEP_FIELDS), with each run's mode put in by `dataclasses.replace`; each prompt's
@@ -133,7 +134,6 @@ def _record(
     mc_todo: list[Spec],
     att_todo: list[Run] = (),
 ) -> None:
-    from engine.perturb.calibration import build_calibration
     from engine.run.open import open_dense, open_pair
     from engine.run.recorder import SessionRecorder
     from engine.run.stepper import BatchStepper
@@ -145,27 +145,16 @@ def _record(
         hooks.message(note)
     from engine.record.architecture import describe
 
+    work = [s for s in sweep.specs if s in mc_todo or any(r.spec == s for r in [*todo, *att_todo])]
+    built: dict = {}
+    for spec in work:  # a calibration that fails (a file too short for this tokenizer) fails before batch.json
+        calibration_of(sweep, spec, loaded, built, use_cache, hooks)
     # the sweep really starts: a failed start above leaves no batch.json
     write_manifest(sweep, out, describe(loaded.model.config), noise_floor(sweep.model, loaded.model))
-    calibration = None
-    for spec in sweep.specs:
+    for spec in work:
         spec_runs = [r for r in todo if r.spec == spec]
         spec_att = [r for r in att_todo if r.spec == spec]
-        if not spec_runs and spec not in mc_todo and not spec_att:
-            continue
-        if spec.needs_calibration and calibration is None:
-            started = time.perf_counter()
-            c = sweep.calib
-            calibration = build_calibration(
-                loaded,
-                source=c.source,
-                samples=c.samples,
-                length=c.length,
-                seed=c.seed,
-                use_cache=use_cache,
-                progress=lambda d, t: hooks.stage("calibrating", d, t),
-            )
-            calibration.seconds = time.perf_counter() - started
+        calibration = calibration_of(sweep, spec, loaded, built, use_cache, hooks)
         hooks.message(f"perturbing: {spec}")
         pair = open_pair(request, spec, dense=loaded, calibration=calibration, progress=hooks.stage)
         if spec in mc_todo:
@@ -191,6 +180,26 @@ def _record(
         # the last stepper (and its callback) hold the pair: drop them too, or the next spec is pruned with this
         # perturbed copy still in memory (engine.run.plan counts one pair at a time)
         pair = stepper = on_record = None
+
+
+def calibration_of(sweep: Sweep, spec: Spec, loaded, built: dict, use_cache: bool = True, hooks=None):
+    """The engine.perturb.calibration.Calibration `spec` is perturbed with (None: its method does not calibrate),
+    built once per distinct settings (Sweep.calib_for) and kept in `built`, for the local sweep and a Ray worker."""
+    from engine.perturb.calibration import build_calibration
+
+    if not spec.needs_calibration:
+        return None
+    settings = sweep.calib_for(spec)
+    if settings not in built:
+        started = time.perf_counter()
+        progress = (lambda d, t: hooks.stage("calibrating", d, t)) if hooks is not None else None
+        c = settings
+        calibration = build_calibration(
+            loaded, c.source, c.samples, c.length, c.seed, use_cache=use_cache, progress=progress
+        )
+        calibration.seconds = time.perf_counter() - started
+        built[settings] = calibration
+    return built[settings]
 
 
 def check_choices(sweep: Sweep, tokenizer) -> list[str]:
@@ -260,7 +269,8 @@ def sweep_request(sweep: Sweep, use_cache: bool = True, batch_size: int = 1):
 
     s = sweep.settings
     workload = Workload(batch_size=batch_size, max_new_tokens=s.max_new_tokens, lens=s.lens)
-    calib = sweep.calib.to_dict()
+    # the plan sizes the largest calibration of any spec (each spec is perturbed with its own, calibration_of)
+    calib = max(sweep.calibrations().values(), key=lambda c: c["samples"] * c["length"], default={})
     return PairRequest(
         sweep.model, tuple(sweep.specs), sweep.device, sweep.dtype, calib=calib, use_cache=use_cache, workload=workload
     )

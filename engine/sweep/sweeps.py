@@ -13,7 +13,14 @@ from engine.record.header import SessionHeader
 from engine.record.methods import DEFAULT_SPEC
 from engine.record.prompts import PromptItem, read_prompts
 from engine.record.session import load_session
-from engine.record.settings import SWEEP_DEFAULTS, SWEEP_FIELDS, CalibSettings, StepSettings
+from engine.record.settings import (
+    SWEEP_DEFAULTS,
+    SWEEP_FIELDS,
+    CalibSettings,
+    StepSettings,
+    calibration_for,
+    calibrations,
+)
 
 ATTRIBUTE_CHOICES = ("none", "flips")  # batch --attribute
 
@@ -28,14 +35,16 @@ class Run:
 
 @dataclass
 class Sweep:
-    """What a sweep runs: model × prompts × specs × modes, with the step and calibration settings."""
+    """What a sweep runs: model × prompts × specs × modes, with the step and calibration settings. `calib`: the
+    calibration values given (by the options, a recipe or the session of --from; a file's path absolute); the
+    others are each spec's method's defaults (calib_for: the same model as in every other command)."""
 
     model: str
     prompts: list[PromptItem]
     specs: list[Spec]
     modes: list[str]
     settings: StepSettings = field(default_factory=lambda: StepSettings(**SWEEP_DEFAULTS))  # SWEEP_FIELDS used
-    calib: CalibSettings = field(default_factory=CalibSettings)
+    calib: dict = field(default_factory=dict)
     device: str = "auto"
     dtype: str = "auto"
     source: str | None = None  # the prompts file or session it came from (for the manifest only)
@@ -59,6 +68,14 @@ class Sweep:
     def choice_items(self) -> list[PromptItem]:
         """The multiple-choice items: scored once per spec, without generation."""
         return [p for p in self.prompts if p.is_choice]
+
+    def calib_for(self, spec: Spec) -> CalibSettings:
+        """The calibration `spec` is perturbed with (engine.record.settings.calibration_for)."""
+        return calibration_for(spec.method, **self.calib)
+
+    def calibrations(self) -> dict[str, dict]:
+        """Per spec that calibrates, its calibration settings (batch.json's `calibration`; kld records the same)."""
+        return calibrations(self.specs, **self.calib)
 
     def step_settings(self, mode: str) -> StepSettings:
         """The settings the runs of `mode` are stepped with (each prompt's choices go to the stepper per row).
@@ -90,7 +107,7 @@ class Sweep:
             "specs": [str(s) for s in self.specs],
             "modes": list(self.modes),
             "settings": self.settings_dict(),
-            "calibration": self.calib.to_dict(),
+            "calibration": self.calibrations(),
             "device": self.device,
             "dtype": self.dtype,
             "source": self.source,
@@ -156,15 +173,15 @@ def plan_sweep(
         source = str(from_session)
     else:
         prompts, source = _read_sweep_prompts(prompts_file, prompts_text)
-        base, base_calib = dict(SWEEP_DEFAULTS), CalibSettings().to_dict()
+        base, base_calib = dict(SWEEP_DEFAULTS), {}
     base.update(given)
-    calibration = _calibration({**base_calib, **calib_given})
 
     model = model or DEFAULT_MODEL
     resolve(model)  # an unknown model fails here, before anything slow
     check_placement(device, dtype)
     parsed = _unique([parse_spec(s) for s in (specs or [DEFAULT_SPEC])])
     config = _check_specs(parsed, model, device)
+    calibration = _calibration({**base_calib, **calib_given}, model, parsed)
     modes = _unique([m.strip().lower() for m in (modes or ["shared"])])
     if base.get("counterfactual") and "free" not in modes:
         raise HieruiError("--counterfactual branches free-mode runs at their first divergence: add --mode free")
@@ -186,7 +203,7 @@ def _rerun_inputs(
     modes, settings, calibration) before the user's options override them."""
     if not specs:
         raise HieruiError("--from SESSION reruns a session under other perturbations: give at least one --prune")
-    base, base_calib = dict(SWEEP_DEFAULTS), CalibSettings().to_dict()
+    base, base_calib = dict(SWEEP_DEFAULTS), {}
     header, model, base_calib["source"] = _from_header(from_session, model, calib_given)
     prompts = [PromptItem("p000", header.prompt, list(header.choices) if header.choices else None)]
     # the recorded settings (not truncate: the header keeps what it did, truncated_from)
@@ -208,14 +225,19 @@ def _read_sweep_prompts(prompts_file, prompts_text: str | None) -> tuple[list[Pr
     return read_prompts(prompts_file, text=prompts_text), str(prompts_file)
 
 
-def _calibration(values: dict) -> CalibSettings:
-    """The calibration settings checked, a calibration file resolved to an absolute path (it must be there)."""
-    if values["source"] is not None:
-        path = Path(values["source"]).expanduser()
-        if not path.is_file():
-            raise HieruiError(f"calibration file not found: {values['source']}")
-        values["source"] = str(path.resolve())
-    return CalibSettings(**values).validate()
+def _calibration(values: dict, model: str, specs: list[Spec]) -> dict:
+    """The calibration values given, checked for every spec before anything loads (engine.record.settings), a
+    calibration file as every text file a user names and against one sequence of the model's tokens where its
+    tokenizer is local (engine.perturb.calibration.check_calibration_file), its path made absolute."""
+    from engine.perturb.calibration import check_calibration_file
+
+    values = {k: v for k, v in values.items() if v is not None}
+    settings = [calibration_for(s.method, **values) for s in specs if s.needs_calibration]
+    settings = settings or [calibration_for(None, **values)]  # bad values fail even where no spec calibrates
+    if values.get("source") is not None:
+        length = max(c.length for c in settings)
+        values["source"] = check_calibration_file(values["source"], length, model)
+    return values
 
 
 def _check_specs(specs: list[Spec], model: str, device: str) -> dict | None:

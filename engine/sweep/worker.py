@@ -48,7 +48,7 @@ def _alive(pid: int) -> bool:
 
 
 class PairWorker:
-    """One pair worker: the dense model loaded once, the calibration built once, one perturbed pair at a time.
+    """One pair worker: the dense model loaded once, each calibration built once, one perturbed pair at a time.
 
     Plain Python (Ray makes it an actor: ray.remote(PairWorker)); nothing is loaded before the first call,
     so an error comes back as the call's error and a restarted worker (a new process) loads again."""
@@ -56,7 +56,8 @@ class PairWorker:
     def __init__(self, sweep: Sweep, out: str, probe: str, collect: str, use_cache: bool):
         self.sweep, self.out, self.probe, self.collect, self.use_cache = sweep, Path(out), probe, collect, use_cache
         self.runs = {r.run_id: r for r in sweep.runs()}
-        self.loaded = self.calibration = self.pair = self.spec = None
+        self.loaded = self.pair = self.spec = None
+        self.calibrations: dict = {}  # each distinct calibration built once (engine.sweep.runner.calibration_of)
         self.scratch: Path | None = None
         self.pid = os.getpid()
         self.host = socket.gethostname()
@@ -163,25 +164,17 @@ class PairWorker:
         import gc
 
         from engine.run.open import open_pair
-        from engine.sweep.runner import sweep_request
+        from engine.sweep.runner import calibration_of, sweep_request
 
         self.pair = self.spec = None
         gc.collect()
         loaded = self._load()
-        if spec.needs_calibration and self.calibration is None:
-            from engine.perturb.calibration import build_calibration
-
-            started = time.perf_counter()
-            c = self.sweep.calib
-            self.calibration = build_calibration(
-                loaded, source=c.source, samples=c.samples, length=c.length, seed=c.seed, use_cache=self.use_cache
-            )
-            self.calibration.seconds = time.perf_counter() - started
+        calibration = calibration_of(self.sweep, spec, loaded, self.calibrations, self.use_cache)
         started = time.perf_counter()
         request = sweep_request(self.sweep, self.use_cache)
         # as the local sweep: each session header records the driver's plan
         self.pair = open_pair(
-            request, spec, dense=loaded, plan=getattr(self.sweep, "plan", None), calibration=self.calibration
+            request, spec, dense=loaded, plan=getattr(self.sweep, "plan", None), calibration=calibration
         )
         self.spec = spec
         report = self.pair.report
@@ -213,13 +206,13 @@ class PairWorker:
             if self.sweep.attribute == "flips":
                 _attribute(self.sweep, base, runs, self.pair, hooks)
         elif item["kind"] == "attribute":
+            from engine.record.paths import atomic_write
             from engine.sweep.folder import session_path
 
             for run in runs:  # the driver sends the sessions when this worker does not see OUT
                 text = (item.get("sessions") or {}).get(run.run_id)
                 if text is not None and base != self.out:
-                    session_path(base, run).parent.mkdir(parents=True, exist_ok=True)
-                    session_path(base, run).write_text(text, encoding="utf-8")
+                    atomic_write(session_path(base, run), text)  # never through a link at its name
             _attribute(self.sweep, base, runs, self.pair, hooks)
         files = {}
         if base != self.out:

@@ -102,18 +102,18 @@ def _steps_to_attribute(session: Path, recorded, steps: list[int] | None) -> lis
 
 
 def _attribute_steps(recorded, wanted: list[int], plan, request, memory, greedy: bool):
-    """Open the pair the rerun plan names (engine.run.open, by `request` and its memory plan) and attribute each
-    wanted step: [(step, result)] and the tokenizer."""
+    """Open the pair the rerun plan names (engine.run.rerun.open_session_pair: by `request` and its memory plan,
+    the session's token ids checked against the loaded model before it runs) and attribute each wanted step:
+    [(step, result)] and the tokenizer."""
     from engine.run import attribution as A
-    from engine.run.open import open_dense, open_pair
+    from engine.run.rerun import open_session_pair
     from hierui.progress import stage_progress
 
     header, records = recorded.header, recorded.steps
     temperature = header.temperature
     results = []
     with stage_progress(err_console) as (_say, step_progress):
-        loaded = open_dense(request, memory, progress=step_progress)
-        pair = open_pair(request, plan.spec, dense=loaded, calib=plan.calib_options or {}, progress=step_progress)
+        pair, loaded, _ = open_session_pair(recorded, plan, request, memory, progress=step_progress)
         for n, step in enumerate(wanted):
             step_progress("attributing", n, len(wanted))
             results.append((step, A.attribute(pair, A.context_at(header, records, step), temperature, greedy=greedy)))

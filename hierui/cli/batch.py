@@ -16,7 +16,7 @@ from hierui.output import console, err_console
 Model = options.model(options.MODEL_HELP + " (default smollm2-135m, or the session's)")
 Specs = options.specs(f"; repeatable (default {DEFAULT_SPEC})")
 Out = options.out("output folder (default runs/<time>); rerun into it to resume")
-CalibSamples = options.calib_samples("batch", min=None)
+CalibSamples = options.calib_samples(min=None)
 CalibLen = options.calib_len(min=None)
 Prompts = Annotated[
     Optional[Path],
@@ -116,9 +116,7 @@ def batch(
     calib: options.Calib = None,
     calib_samples: CalibSamples = None,
     calib_len: CalibLen = None,
-    calib_seed: Optional[int] = typer.Option(
-        None, "--calib-seed", help="seed of the self-generated calibration (default 0)"
-    ),
+    calib_seed: options.CalibSeed = None,
     no_cache: options.NoCache = False,
     batch_size: BatchSize = None,
     recipe: Recipe = None,
@@ -144,7 +142,10 @@ def batch(
         args, batch_size = apply_recipe(recipe, out, args, batch_size)
     ray_options = checks.ray_options(recipe, ray, ray_cpus, ray_gpus, ray_collect)  # Ray missing: one line, exit 2
     checks.check_dtype(dtype)
+    out = checks.writable_folder(out or default_out_dir(), "--out")  # a file can be made there (none is left)
     sweep = plan_sweep(**args)
+    calibration = {"--calib": calib, "--calib-samples": calib_samples, "--calib-len": calib_len}
+    _check_mode(sweep, seed, {**calibration, "--calib-seed": calib_seed})
     from engine.record.settings import default_batch_size
     from engine.run.open import budget
     from engine.sweep.runner import sweep_request
@@ -156,6 +157,15 @@ def batch(
     launch.quiet_libraries()
     result = _run(sweep, out, ray_options, not no_cache, batch_size)
     _print_outcome(sweep, result, out)
+
+
+def _check_mode(sweep, seed, calibration: dict) -> None:
+    """Every option the user typed has an effect in the sweep planned (after a recipe and the session of --from;
+    hierui.cli.checks.refuse_unused): --seed only with sampling, the calibration options only with a spec that
+    calibrates (--counterfactual without free runs: engine.sweep.sweeps.plan_sweep)."""
+    if not sweep.settings.sample:
+        checks.refuse_unused({"--seed": seed is not None}, "--sample", only=True)
+    checks.calibration_unused(sweep.specs, {option: value is not None for option, value in calibration.items()})
 
 
 def _run(sweep, out: Path, ray_options, use_cache: bool, batch_size: int | None):

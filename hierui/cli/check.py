@@ -23,7 +23,13 @@ def check(
     dtype: options.Dtype = "auto",
     gpu_mem: options.GpuMem = None,
     gpus: options.Gpus = None,
-    calib_samples: int = typer.Option(8, "--calib-samples", min=1, help="calibration sequences"),
+    calib_samples: int = typer.Option(
+        8,
+        "--calib-samples",
+        min=1,
+        help="calibration sequences: the self-check's own small calibration (it tests the code paths, not the "
+        "quality), not the other commands' default",
+    ),
     calib_len: int = typer.Option(64, "--calib-len", min=2, help="tokens per calibration sequence"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results to this JSON file"),
     use_cache: bool = typer.Option(
@@ -102,7 +108,7 @@ def noise(
     from engine.models.devices import check_device
     from engine.models.names import resolve
     from engine.record.prompts import read_prompts
-    from engine.run.floor import parse_dtypes, save_floor
+    from engine.run.floor import noise_dir, parse_dtypes, save_floor
     from engine.run.noise import DEFAULT_STEPS, measure_floor
     from engine.sweep.recipe import SUITES, shipped_suites
 
@@ -117,6 +123,7 @@ def noise(
             raise HieruiError(f"unknown suite '{name}' (shipped: {', '.join(shipped_suites()) or 'none'})")
         prompts = SUITES / f"{name}.jsonl"
     items = read_prompts(prompts)
+    checks.writable_folder(noise_dir(), "the noise store")  # where save_floor writes, probed before loading
     from engine.run.open import open_dense, pair_request
 
     reference = "float32" if "float32" in wanted else wanted[0]

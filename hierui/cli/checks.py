@@ -1,7 +1,6 @@
 """The checks of what the user typed that several commands share: each fails with one line (exit 2) before
 anything slow is loaded."""
 
-import os
 from pathlib import Path
 
 from engine.errors import HieruiError
@@ -15,42 +14,45 @@ def check_dtype(dtype: str | None) -> None:
     check(dtype)
 
 
-def check_calib_file(calib: Path | None) -> None:
-    """`--calib`: a file that is there."""
-    if calib is not None and not calib.is_file():
-        raise HieruiError(f"calibration file not found: {calib}")
+def check_calib_file(calib: Path | None, model: str | None = None, length: int | None = None) -> str | None:
+    """`--calib`: a text file a user can name and, where `model`'s tokenizer is on this machine, at least one
+    calibration sequence (`length` tokens, default --calib-len's) long (engine.perturb.calibration.
+    check_calibration_file); its absolute path (None without --calib)."""
+    if calib is None:
+        return None
+    from engine.perturb.calibration import check_calibration_file
+    from engine.record.settings import CALIB_LENGTH
+
+    return check_calibration_file(calib, length or CALIB_LENGTH, model)
 
 
-def check_model_args(model: str, parsed, device: str) -> dict | None:
+def check_model_args(model: str, parsed, device: str, source: dict[str, str] | None = None) -> dict | None:
     """The device, a checkpoint's path and the spec against the model's config.json, before anything slow
     (engine.run.open.check_specs, the checks every pair request makes). Returns that config (None: not known
-    before loading)."""
+    before loading). `source`: where the model or spec came from when not typed (check_specs)."""
     from engine.run.open import check_specs
 
-    return check_specs(model, [parsed], device)
+    return check_specs(model, [parsed], device, source)
 
 
 def output_file(path: Path | None, option: str) -> None:
-    """One clear line, before anything is loaded, when `path` cannot be a new file: a folder, or a file in a
-    folder that does not exist or cannot be written."""
-    if path is None:
-        return
-    folder = path.expanduser().parent
-    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise HieruiError(f"{option} {path}: not a file in an existing, writable folder")
+    """One clear line, before anything is loaded, when `path` cannot be written: a folder or something else
+    that is not a file at its name (a FIFO, a device), a folder that does not exist, or one where no file can be
+    created, found by creating one (engine.record.paths.check_output_file: it holds for root too)."""
+    if path is not None:
+        from engine.record.paths import check_output_file
+
+        check_output_file(path, f"{option} {path}")
 
 
 def writable_folder(folder: Path | None, option: str) -> Path:
-    """`folder` (default: $HIERUI_HOME/sessions), created if needed; one clear line when it cannot be written."""
-    from engine.record.paths import sessions_dir
+    """`folder` (default: $HIERUI_HOME/sessions) when a file can be created there, found by creating one
+    (engine.record.paths.check_writable: it holds for root too, and leaves no folder it had to make: the
+    writers make it when they write); one clear line when not."""
+    from engine.record.paths import check_writable, sessions_dir
 
     folder = (folder or sessions_dir()).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise HieruiError(f"{option} {folder}: cannot create the folder ({e.strerror or e})") from None
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise HieruiError(f"{option} {folder}: not a writable folder")
+    check_writable(folder, f"{option} {folder}")
     return folder
 
 
@@ -93,3 +95,51 @@ def reject_empty_paths(args: list[str]) -> None:
             (eq and not value.strip()) or (not eq and i + 1 < len(args) and not args[i + 1].strip())
         ):
             raise HieruiError(f"{name} is empty: give a path")
+
+
+# ------------------------------------------------------------------ options that do nothing in the mode chosen
+
+
+def given_options(ctx, *names: str) -> dict[str, bool]:
+    """{an option as the user would type it: whether they gave it} for the command's parameters `names` (their
+    Python names), from click's record of where each value came from: one left at its default was not given
+    (typing the default value is giving it)."""
+    params = {p.name: p for p in ctx.command.params}
+    out = {}
+    for name in names:
+        source = ctx.get_parameter_source(name)
+        value = ctx.params.get(name)
+        param = params[name]
+        flag = max(param.opts, key=len)
+        if getattr(param, "is_flag", False) and param.secondary_opts and value is False:
+            flag = max(param.secondary_opts, key=len)  # --greedy, --no-lens: the side the user typed
+        # typer vendors click: its ParameterSource is typer's own (a private module), so compared by name
+        out[flag] = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+    return out
+
+
+def refuse_unused(given: dict[str, bool], mode: str, why: str = "", only: bool = False) -> None:
+    """The one rule for an option that has no effect in the mode chosen: one line, exit 2, before anything slow,
+    naming every such option the user gave (`given`: given_options). `only`: the options work in `mode` alone
+    ("--save, --tol only apply with --rerun"); else they do nothing in `mode` ("--prompt does nothing with
+    --from-kld: …"). `why`: what the mode does instead."""
+    names = [option for option, typed in given.items() if typed]
+    if not names:
+        return
+    one = len(names) == 1
+    if only:
+        what = f"only {'applies' if one else 'apply'} with {mode}"
+    else:
+        what = f"{'does' if one else 'do'} nothing with {mode}"
+    raise HieruiError(f"{', '.join(names)} {what}" + (f": {why}" if why else ""))
+
+
+def calibration_unused(specs, given: dict[str, bool]) -> None:
+    """The calibration options (`given`: given_options of --calib, --calib-samples, --calib-len, --calib-seed) do
+    nothing when no spec of the run calibrates (magnitude, int8, none, a checkpoint): refused (refuse_unused).
+    `specs`: the parsed specs (engine.perturb.spec.Spec)."""
+    specs = list(specs)
+    if not specs or any(spec.needs_calibration for spec in specs):
+        return
+    they = "it calibrates" if len(specs) == 1 else "they calibrate"
+    refuse_unused(given, f"--prune {', '.join(map(str, specs))}", f"{they} nothing")

@@ -1,5 +1,6 @@
 """`hierui explore`: every argument checked, the memory plan printed, then the explorer opens on the pair."""
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,7 +14,6 @@ from hierui.cli.apps import app
 from hierui.output import err_console
 
 # explore's own options with a long declaration, kept out of its signature
-CalibSamples = options.calib_samples("explore")
 Choices = Annotated[
     Optional[list[str]], typer.Option("--choices", help="a candidate token of the categorical subspace; repeatable")
 ]
@@ -59,8 +59,9 @@ def explore(
     gpu_mem: options.GpuMem = None,
     gpus: options.Gpus = None,
     calib: options.Calib = None,
-    calib_samples: CalibSamples = None,
+    calib_samples: options.CalibSamples = None,
     calib_len: options.CalibLen = None,
+    calib_seed: options.CalibSeed = None,
     no_cache: options.NoCache = False,
     from_kld: FromKld = None,
     worst: int = typer.Option(1, "--worst", min=1, help="with --from-kld: the token's rank (1 = the highest KLD)"),
@@ -69,15 +70,20 @@ def explore(
     from engine.models.names import resolve
     from engine.perturb.spec import parse_spec
     from engine.record.settings import StepSettings, calibration_for
+    from engine.run.open import blamed
 
+    source = None  # where the model and spec came from, when a file named them (engine.run.open.pair_request)
     if from_kld is not None:  # the context of a high-KLD token of a corpus run, as a raw prompt
         found = _from_kld(ctx, from_kld, worst, spec, model)
         model, spec, prompt, raw = found["model"], found["spec"], found["prompt"], True
-    resolve(model)  # everything the user typed is checked before the UI starts
-    parsed = parse_spec(spec)
-    calibration = calibration_for(  # engine.record.settings: the one rule for the default calibration
-        parsed.method, "explore", source=str(calib) if calib else None, samples=calib_samples, length=calib_len
-    )
+        source = found["source"]
+    with blamed(source, "model"):
+        resolve(model)  # everything the user typed is checked before the UI starts
+    with blamed(source, "spec"):
+        parsed = parse_spec(spec)
+    _check_mode(ctx, from_kld is not None, sample, parsed)
+    # engine.record.settings: the one default calibration, the same in every command
+    calibration = calibration_for(parsed.method, samples=calib_samples, length=calib_len, seed=calib_seed)
     settings = StepSettings(
         mode=mode,
         temperature=temperature,
@@ -92,10 +98,13 @@ def explore(
         tie_margin=tie_margin,
         counterfactual=counterfactual,
     ).validate()
-    sessions = _check_before_the_ui(model, parsed, settings, prompt, (device, gpu_mem, gpus), dtype, calib, sessions)
+    # --calib: a text file, at least one sequence long (before the UI starts)
+    calibration = replace(calibration, source=checks.check_calib_file(calib, model, calibration.length))
+    placed = (device, gpu_mem, gpus)
+    sessions = _check_before_the_ui(model, parsed, settings, prompt, placed, dtype, sessions, source)
     from engine.run.open import pair_request
 
-    placed = dict(device=device, dtype=dtype, gpu_mem=gpu_mem, gpus=gpus, use_cache=not no_cache)
+    placed = dict(device=device, dtype=dtype, gpu_mem=gpu_mem, gpus=gpus, use_cache=not no_cache, source=source)
     workload = dict(max_new_tokens=max_new_tokens, lens=not no_lens)
     request = pair_request(model, [parsed], calib=calibration.to_dict(), **placed, **workload)
     plan = launch.print_plan(request)
@@ -114,26 +123,45 @@ def explore(
 
 
 def _from_kld(ctx: typer.Context, run_dir: Path, worst: int, spec: str, model: str) -> dict:
-    """--from-kld: the model, spec and prompt of the run's --worst N-th token (engine.kld.corpus.worst_prompt). The
-    file's model and spec only where engine.models.trust allows; a --model the user typed replaces the file's."""
+    """--from-kld: the model, spec and prompt of the run's --worst N-th token (engine.kld.corpus.worst_prompt), and
+    `source`, the labels an error about the model or spec starts with. The file's model and spec only where
+    engine.models.trust allows; a --model the user typed only confirms the file's, a --prune picks one of its
+    specs (anything else is refused)."""
     from engine.kld.corpus import worst_prompt
+    from engine.record.validate import escape
 
-    # typer vendors click: its ParameterSource is typer's own (a private module), so compared by name
-    given = ctx.get_parameter_source("model").name != "DEFAULT"
-    return worst_prompt(run_dir, worst, spec, model if given else None)
+    given = checks.given_options(ctx, "model", "spec")
+    found = worst_prompt(run_dir, worst, spec if given["--prune"] else None, model if given["--model"] else None)
+    where = escape(str(Path(run_dir).expanduser() / "kld_worst.json"))
+    return {**found, "source": {"model": f"{where}: the run's model", "spec": f"{where}: the run's perturbation"}}
 
 
-def _check_before_the_ui(model: str, parsed, settings, prompt: str, placed, dtype, calib, sessions) -> Path:
+def _check_mode(ctx: typer.Context, from_kld: bool, sample: bool, parsed) -> None:
+    """Every option explore was given has an effect (hierui.cli.checks.refuse_unused): with --from-kld the prompt
+    is the raw text before the file's token (--prompt, --raw do nothing); --worst only with --from-kld; --seed
+    only with --sample; the calibration options only with a spec that calibrates."""
+    if from_kld:
+        why = "the prompt is the raw text before the run's token"
+        checks.refuse_unused(checks.given_options(ctx, "prompt", "raw"), "--from-kld", why)
+    else:
+        checks.refuse_unused(checks.given_options(ctx, "worst"), "--from-kld", only=True)
+    if not sample:
+        checks.refuse_unused(checks.given_options(ctx, "seed"), "--sample", "", only=True)
+    calibration = checks.given_options(ctx, "calib", "calib_samples", "calib_len", "calib_seed")
+    checks.calibration_unused([parsed], calibration)
+
+
+def _check_before_the_ui(model: str, parsed, settings, prompt: str, placed, dtype, sessions, source=None) -> Path:
     """Every other argument, checked before the explorer starts (a mistake inside the UI would be lost with its
-    screen); `placed`: (--device, --gpu-mem, --gpus). Returns the folder for the sessions."""
+    screen); `placed`: (--device, --gpu-mem, --gpus); `source`: where the model and spec came from when a file
+    named them (engine.run.open.pair_request). Returns the folder for the sessions."""
     from engine.run.open import check_budget
 
     device, gpu_mem, gpus = placed
     if settings.counterfactual and settings.mode != "free":
         raise HieruiError("--counterfactual branches a free-mode run at its first divergence: add --mode free")
-    checks.check_calib_file(calib)
     checks.check_dtype(dtype)
-    config = _check_model(model, parsed, device, settings.max_new_tokens)
+    config = _check_model(model, parsed, device, settings.max_new_tokens, source)
     check_budget(gpu_mem, gpus, device)
     sessions = checks.writable_folder(sessions, "--sessions")
     if not launch.interactive():
@@ -143,16 +171,18 @@ def _check_before_the_ui(model: str, parsed, settings, prompt: str, placed, dtyp
     return sessions
 
 
-def _check_model(model: str, parsed, device: str, max_new_tokens: int) -> dict | None:
+def _check_model(model: str, parsed, device: str, max_new_tokens: int, source=None) -> dict | None:
     """A checkpoint's path, the device, the spec against the config and --max-new-tokens within the context (with
     a prompt of at least one token), from local files only; returns the config (None: not known yet)."""
     from engine.models.configs import config_int
     from engine.models.names import resolve
     from engine.record.settings import fit_context
+    from engine.run.open import blamed
 
     if parsed.declared.takes_path:
-        resolve(parsed.path)
-    config = checks.check_model_args(model, parsed, device)
+        with blamed(source, "spec"):
+            resolve(parsed.path)
+    config = checks.check_model_args(model, parsed, device, source)
     if config is not None:
         fit_context(1, max_new_tokens, config_int(config, "max_position_embeddings"), truncate=True)
     return config

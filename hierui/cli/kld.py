@@ -50,6 +50,10 @@ def kld(
     dtype: options.Dtype = "auto",
     gpu_mem: options.GpuMem = None,
     gpus: options.Gpus = None,
+    calib: options.Calib = None,
+    calib_samples: options.CalibSamples = None,
+    calib_len: options.CalibLen = None,
+    calib_seed: options.CalibSeed = None,
     no_cache: options.NoCache = False,
 ) -> None:
     """Teacher-forced KL divergence of a corpus, dense vs each --prune spec, in llama.cpp's report.
@@ -79,26 +83,98 @@ def kld(
         raise HieruiError("nothing to do: give --prune SPEC (repeatable) and/or --save-base FILE")
     checks.output_file(save_base, "--save-base")
     checks.check_dtype(dtype)
+    typed = {"--calib": calib, "--calib-samples": calib_samples, "--calib-len": calib_len, "--calib-seed": calib_seed}
+    checks.calibration_unused(parsed, {option: value is not None for option, value in typed.items()})
+    given = _calibration(model, parsed, calib, calib_samples, calib_len, calib_seed)
     corpus = str(text) if text is not None else (suite or "heldout")
     body = kldmod.read_text(text) if text is not None else kldmod.suite_text(suite or "heldout")
     base_file = _check_corpus(model, parsed, device, body, ctx, stride, base, save_base, base_k)
+    if base_file is not None and specs:  # --prune perturbs --model: it must be the base file's dense model
+        base_file.check_model(model)
+    # a file can be made in OUT (a probe that leaves nothing: the lock makes the folder), before anything slow
     out = checks.writable_folder(out or Path("runs") / time.strftime("kld-%Y%m%d-%H%M%S"), "--out")
-    request = _request(model, parsed, ctx, device, dtype, gpu_mem, gpus, not no_cache)
-    plan = launch.print_plan(request, always=False)
-    scoring = (request, plan, body, corpus, ctx, stride, out)
-    if ray_options is not None:
-        _kld_on_ray(*scoring, ray_options, base_file)
-    else:
-        _kld_here(*scoring, base_file, save_base, base_k)
+    request = _request(model, parsed, ctx, device, dtype, gpu_mem, gpus, not no_cache, given)
+    from engine.record.settings import calibrations
+
+    calibration = calibrations(parsed, **given)  # per spec, as batch.json records it
+    from engine.record.lock import lock_folder
+
+    with lock_folder(out, warn=_say):  # one writer per OUT, as batch (engine.record.lock)
+        wanted, reused = _check_out(request, corpus, body, ctx, stride, base_file, out, calibration)
+        plan = launch.print_plan(request, always=False)
+        scoring = (request, plan, body, corpus, ctx, stride, out, wanted, reused)
+        if ray_options is not None:
+            _kld_on_ray(*scoring, ray_options, base_file, calibration=calibration)
+        else:
+            _kld_here(*scoring, base_file, save_base, base_k, calibration=calibration)
 
 
-def _request(model: str, parsed, ctx: int, device: str, dtype: str, gpu_mem, gpus, use_cache: bool):
-    """The engine.run.open.PairRequest of a corpus KLD: its workload a window of --ctx tokens of full logits, its
-    calibration the largest any spec uses (each spec is perturbed with its own)."""
+def _say(text: str) -> None:
+    err_console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+def _check_out(request, corpus: str, body: str, ctx: int, stride, base_file, out: Path, calibration: dict):
+    """Before the model loads: whether OUT takes this run (engine.kld.folder: the same kld run, a batch folder of
+    the same model and calibration, or a new folder). Returns (kld.json's fields, the specs OUT already holds)."""
+    from engine.kld import corpus as kldmod
+    from engine.kld import folder
+
+    base, base_k = (base_file.path, None if base_file.exact else base_file.k) if base_file is not None else (None, None)
+    wanted = folder.manifest(
+        request.model,
+        corpus,
+        kldmod.text_hash(body),
+        ctx,
+        stride,
+        request.device,
+        request.dtype,
+        base,
+        base_k,
+        calibration or None,  # engine.record.settings.calibrations: per spec that calibrates
+    )
+    reused = folder.check_out(wanted, out)
+    if reused:
+        todo = [str(p) for p in request.specs if str(p) not in reused]
+        _say(
+            f"{out}: reusing {len(reused)} spec{'s' * (len(reused) != 1)} already scored there ({', '.join(reused)})"
+            + (f"; scoring {', '.join(todo)}" if todo else "; nothing to score again")
+        )
+    return wanted, reused
+
+
+def _stored(request, body: str, corpus: str, ctx: int, stride, out: Path, wanted: dict, reused: list, base_file):
+    """(the folder's stored SpecResults, the KldRun frame to put them in), or ([], None) for a new folder."""
+    if not reused:
+        return [], None
+    from engine.kld import corpus as kldmod
+    from engine.kld import folder
+    from engine.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(request.model)
+    frame = kldmod.frame(tokenizer, body, corpus, wanted["model"], ctx, stride, None, base_file)
+    frame.noise_floor = folder.stored_noise_floor(out)
+    return folder.load_results(out, reused, frame), frame
+
+
+def _calibration(model: str, parsed, calib: Path | None, samples, length, seed) -> dict:
+    """The calibration values given (engine.record.settings.calibration_for fills in each spec's method's
+    defaults: the same model as in every command), checked before the model loads; a --calib file as every text
+    file a user names, at least one sequence long, its path absolute."""
     from engine.record.settings import calibration_for
+
+    given = {"source": None, "samples": samples, "length": length, "seed": seed}
+    length = calibration_for(None, **given).length  # bad values fail here
+    return {**given, "source": checks.check_calib_file(calib, model, length)}
+
+
+def _request(model: str, parsed, ctx: int, device: str, dtype: str, gpu_mem, gpus, use_cache: bool, given: dict):
+    """The engine.run.open.PairRequest of a corpus KLD: its workload a window of --ctx tokens of full logits, its
+    calibration the largest any spec uses (each spec is perturbed with its own, `given` over its method's
+    defaults)."""
+    from engine.record.settings import calibrations
     from engine.run.open import pair_request
 
-    calibs = [calibration_for(p.method, "prune").to_dict() for p in parsed if p.needs_calibration]
+    calibs = calibrations(parsed, **given).values()
     calib = max(calibs, key=lambda c: c["samples"] * c["length"], default={})
     workload = dict(max_new_tokens=1, lens=False, prompt_tokens=ctx, perplexity=ctx)
     return pair_request(model, parsed, device, dtype, gpu_mem, gpus, calib=calib, use_cache=use_cache, **workload)
@@ -124,22 +200,30 @@ def _check_corpus(model: str, parsed, device: str, body: str, ctx: int, stride, 
         tok = load_tokenizer(model)
         _ids, lay, _bos = kldmod.prepare(tok, body, ctx, stride, config_int(config, "max_position_embeddings"))
         if base_file is not None:
-            base_file.check(tok, body, lay)
+            from engine.models.tokens import embedding_rows
+
+            base_file.check(tok, body, lay, embedding_rows(model, config), model)
         if save_base is not None and base_k is not None and base_k > len(tok):
             raise HieruiError(f"--base-k {base_k} is beyond the vocabulary ({len(tok)} tokens)")
     return base_file
 
 
-def _kld_here(request, plan, body, corpus, ctx, stride, out, base_file, save_base, base_k):
+def _kld_here(request, plan, body, corpus, ctx, stride, out, wanted, reused, base_file, save_base, base_k, calibration):
     """The specs scored in this process: beside the dense model (one dense forward per window serves them all) or
-    against the base file (one perturbed copy in memory at a time); --save-base writes the dense side. The models
-    are opened by `request`, placed as `plan` says (engine.run.open)."""
+    against the base file (one perturbed copy in memory at a time, the tables written after each); --save-base
+    writes the dense side. The models are opened by `request`, placed as `plan` says (engine.run.open). Specs
+    OUT already holds (`reused`) are not scored again; with nothing else to do no model is loaded."""
     from engine.kld import corpus as kldmod
-    from engine.record.settings import calibration_for
+    from engine.kld import folder
     from engine.run.open import open_dense, open_pair
     from hierui.progress import stage_progress
     from hierui.views.kld import print_report
 
+    stored, frame = _stored(request, body, corpus, ctx, stride, out, wanted, reused, base_file)
+    todo = [p for p in request.specs if str(p) not in reused]
+    if frame is not None and not todo and save_base is None:  # every spec is in OUT already
+        _report_stored(request, out, wanted, stored, frame)
+        return
     writer = None
     if save_base is not None:
         from engine.kld.base import BaseWriter
@@ -147,19 +231,20 @@ def _kld_here(request, plan, body, corpus, ctx, stride, out, base_file, save_bas
         writer = BaseWriter(save_base, base_k)
     with stage_progress(err_console) as (say, step):
         loaded = open_dense(request, plan, progress=step)
-        parsed = request.specs
+        parsed = todo
         if writer is not None and base_k is not None and base_k > len(loaded.tokenizer):
             raise HieruiError(f"--base-k {base_k} is beyond the vocabulary ({len(loaded.tokenizer)} tokens)")
 
         def perturbed(p):
-            calib = calibration_for(p.method, "prune").to_dict()
-            return open_pair(request, p, dense=loaded, calib=calib, progress=step)
+            return open_pair(request, p, dense=loaded, calib=calibration.get(str(p), {}), progress=step)
 
         if base_file is None:
             pairs = [perturbed(p) for p in parsed]
             run = kldmod.score(loaded, pairs, body, corpus, ctx, stride, save_base=writer, progress=step)
         else:
             import gc
+
+            from engine.sweep.folder import noise_floor
 
             run = None
             for p in parsed:
@@ -168,13 +253,15 @@ def _kld_here(request, plan, body, corpus, ctx, stride, out, base_file, save_bas
                 run = part if run is None else run.merged(part)
                 del pair, part
                 gc.collect()
+                run.noise_floor = noise_floor(loaded.ref.name, loaded.model)
+                folder.write_run(out, wanted, run, loaded.tokenizer, stored)  # a rerun resumes after this spec
         from engine.sweep.folder import noise_floor
 
         run.noise_floor = noise_floor(loaded.ref.name, loaded.model)
         if writer is not None:
             lay = kldmod.layout(len(run.ids), ctx, stride)
-            writer.write(loaded.tokenizer, body, lay, loaded.ref.name)
-        rows = kldmod.write_tables(run, out, loaded.tokenizer) if parsed else []
+            writer.write(loaded.tokenizer, body, lay, loaded.ref.name, loaded.ref.cache_key())
+        rows = folder.write_run(out, wanted, run, loaded.tokenizer, stored) if run.results or stored else []
     if rows:
         worst = run.worst(loaded.tokenizer)
         print_report(console, run, rows, worst, out)
@@ -186,19 +273,34 @@ def _kld_here(request, plan, body, corpus, ctx, stride, out, base_file, save_bas
         )
 
 
-def _kld_on_ray(request, plan, body, corpus, ctx, stride, out, ray_options, base_file):
-    """hierui kld --ray: the specs scored on the cluster (engine.kld.distributed), the tables and report as locally."""
-    from engine.kld import corpus as kldmod
+def _report_stored(request, out: Path, wanted: dict, stored: list, frame) -> None:
+    """Every spec asked for is in OUT already: its tables written again (the same) and the report, no model loaded."""
+    from engine.kld import folder
+    from engine.models.loading import load_tokenizer
+    from hierui.views.kld import print_report
+
+    tokenizer = load_tokenizer(request.model)
+    rows = folder.write_run(out, wanted, frame, tokenizer, stored)
+    print_report(console, frame, rows, frame.worst(tokenizer), out)
+
+
+def _kld_on_ray(request, plan, body, corpus, ctx, stride, out, wanted, reused, ray_options, base_file, calibration):
+    """hierui kld --ray: the specs scored on the cluster (engine.kld.distributed), the tables and report as locally;
+    the specs OUT already holds are not scored again."""
+    from engine.kld import folder
     from engine.kld.distributed import score_on_ray
     from engine.models.loading import load_tokenizer
     from hierui.views.kld import print_report
 
-    def say(text: str) -> None:
-        err_console.print(text, highlight=False, markup=False, soft_wrap=True)
-
+    say = _say
+    stored, frame = _stored(request, body, corpus, ctx, stride, out, wanted, reused, base_file)
+    todo = [str(p) for p in request.specs if str(p) not in reused]
+    if frame is not None and not todo:
+        _report_stored(request, out, wanted, stored, frame)
+        return
     run = score_on_ray(
         request.model,
-        [str(p) for p in request.specs],
+        todo,
         body,
         corpus,
         ctx,
@@ -210,7 +312,8 @@ def _kld_on_ray(request, plan, body, corpus, ctx, stride, out, ray_options, base
         base=str(base_file.path.resolve()) if base_file is not None else None,  # the workers' cwd differs
         say=say,
         plan=plan.summary() if plan is not None else None,  # workers stream when the driver's plan says so
+        calibration=calibration,
     )
     tokenizer = load_tokenizer(request.model)
-    rows = kldmod.write_tables(run, out, tokenizer)
+    rows = folder.write_run(out, wanted, run, tokenizer, stored)
     print_report(console, run, rows, run.worst(tokenizer), out)

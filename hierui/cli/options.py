@@ -4,9 +4,8 @@ A command takes a shared option as one parameter line, with its default in the s
 
     def kld(model: options.Model = "smollm2-135m", device: options.Device = "auto", gpu_mem: options.GpuMem = None)
 
-Where commands word an option differently (replay's "--rerun: …" prefix, each command's `--calib-samples`
-default, the extra words of a repeatable `--prune`), a small function here builds the type with that wording;
-the shared part of the text still lives only here.
+Where commands word an option differently (replay's "--rerun: …" prefix, the extra words of a repeatable
+`--prune`), a small function here builds the type with that wording; the shared part of the text still lives only here.
 """
 
 from pathlib import Path
@@ -14,7 +13,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from engine.record.settings import CALIB_LENGTH, calib_samples_help
+from engine.models.devices import DEVICE_CHOICES, DTYPE_CHOICES
+from engine.record.settings import CALIB_LENGTH, CALIB_SEED, calib_samples_help
 
 MODEL_HELP = (
     "alias (smollm2-135m, llama-7b, …), tiny-random[:FAMILY], random:SHAPE, local directory, .gguf file or hub id"
@@ -23,10 +23,11 @@ SPEC_HELP = (
     "perturbation: wanda:0.5, sparsegpt:0.5, magnitude:2:4, attndrop:4, mlpdrop:4, blockdrop:4, int8, nf4, "
     "checkpoint:DIR, none"
 )
-DEVICE_HELP = "auto, cpu, cuda or cuda:N"
-DTYPE_HELP = "auto, float32, bfloat16 or float16"
+DEVICE_HELP = DEVICE_CHOICES  # what engine.models.devices.check_device accepts
+DTYPE_HELP = DTYPE_CHOICES
 CALIB_HELP = "plain-text calibration file (default: sequences sampled from the dense model)"
 CALIB_LEN_HELP = f"tokens per calibration sequence (default {CALIB_LENGTH})"
+CALIB_SEED_HELP = f"seed of the self-generated calibration and of a --calib file's windows (default {CALIB_SEED})"
 NO_CACHE_HELP = "recompute calibration and pruned weights"
 GPU_MEM_HELP = (
     "the device's memory budget, e.g. 24GiB, 512MiB (default: the GPU's free memory): a pair whose predicted peak "
@@ -119,16 +120,20 @@ Gpus = gpus()
 Calib = Annotated[Optional[Path], typer.Option("--calib", help=CALIB_HELP)]
 
 
-def calib_samples(command: str, min: Optional[int] = 1) -> Any:
-    """`--calib-samples`, whose help states `command`'s default (engine.record.settings.calib_samples_help)."""
-    return Annotated[Optional[int], typer.Option("--calib-samples", min=min, help=calib_samples_help(command))]
+def calib_samples(min: Optional[int] = 1) -> Any:
+    """`--calib-samples`, whose help states the default per method (engine.record.settings.calib_samples_help:
+    the same in every command)."""
+    return Annotated[Optional[int], typer.Option("--calib-samples", min=min, help=calib_samples_help())]
 
 
 def calib_len(min: Optional[int] = 2) -> Any:
     return Annotated[Optional[int], typer.Option("--calib-len", min=min, help=CALIB_LEN_HELP)]
 
 
+CalibSamples = calib_samples()
 CalibLen = calib_len()
+# the seed of the calibration; `--seed` is the sampling seed (batch, explore) and nothing else
+CalibSeed = Annotated[Optional[int], typer.Option("--calib-seed", help=CALIB_SEED_HELP, show_default=False)]
 
 
 def no_cache(prefix: str = "") -> Any:

@@ -1,6 +1,7 @@
 """`hierui prune` (perturb a model and compare it with the dense one: sparsity, perplexity, greedy text; --save a
 checkpoint) and `hierui plan` (the pair's predicted memory and placement, before anything is loaded)."""
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -14,8 +15,8 @@ from hierui.cli import checks, launch, options
 from hierui.cli.apps import app
 from hierui.output import console, err_console
 
-PruneCalibSamples = options.calib_samples("prune")
-PlanCalibSamples = options.calib_samples("batch")  # plan sizes the calibration a batch would make
+# --seed was prune's calibration seed: --calib-seed now, as in every command (--seed is the sampling seed)
+OldSeed = typer.Option(None, "--seed", hidden=True, help="deprecated: --calib-seed")
 PlanSpecs = options.specs(f"; repeatable, one pair at a time (default {DEFAULT_SPEC})")
 PlanGpus = options.gpus(
     "GPUs to spread the pair over, one device_map for both models (default: every visible one, as explore, batch "
@@ -42,9 +43,10 @@ def prune(
     gpu_mem: options.GpuMem = None,
     gpus: options.Gpus = None,
     calib: options.Calib = None,
-    calib_samples: PruneCalibSamples = None,
+    calib_samples: options.CalibSamples = None,
     calib_len: options.CalibLen = None,
-    seed: int = typer.Option(0, "--seed", help="seed of the self-generated calibration"),
+    calib_seed: options.CalibSeed = None,
+    seed: Optional[int] = OldSeed,
     no_cache: options.NoCache = False,
 ) -> None:
     """Perturb a model and report sparsity, time, perplexity and greedy text, dense vs perturbed."""
@@ -54,11 +56,17 @@ def prune(
 
     ref = resolve(model)  # bad names fail here, before anything slow
     parsed = parse_spec(spec)
-    calibration = calibration_for(  # engine.record.settings: the one rule (the explorer's, so the two share caches)
-        parsed.method, "prune", source=str(calib) if calib else None, samples=calib_samples, length=calib_len, seed=seed
+    typed = {"--calib": calib, "--calib-samples": calib_samples, "--calib-len": calib_len, "--calib-seed": calib_seed}
+    typed["--seed"] = seed
+    checks.calibration_unused([parsed], {option: value is not None for option, value in typed.items()})
+    calib_seed = _calib_seed(seed, calib_seed)
+    calibration = calibration_for(  # engine.record.settings: the one default, the same in every command
+        parsed.method, source=None, samples=calib_samples, length=calib_len, seed=calib_seed
     )
     save = _check_save(save, parsed)
     config = checks.check_model_args(model, parsed, device)  # before the dense model is loaded
+    # --calib: a text file, at least one sequence long (before the model loads)
+    calibration = replace(calibration, source=checks.check_calib_file(calib, model, calibration.length))
     if config is not None:  # the prompt and --tokens within the context (the tokenizer is local: no download)
         from engine.models.configs import config_int
         from engine.models.loading import load_tokenizer
@@ -107,7 +115,7 @@ def plan(
     prompt_tokens: Optional[int] = typer.Option(
         None, "--prompt-tokens", min=1, help="prompt length in tokens (default 64)", show_default=False
     ),
-    calib_samples: PlanCalibSamples = None,
+    calib_samples: options.CalibSamples = None,
     calib_len: options.CalibLen = None,
     calib: options.Calib = None,
     no_lens: bool = typer.Option(False, "--no-lens", help="without the logit lens per layer"),
@@ -121,46 +129,50 @@ def plan(
     from engine.models.names import resolve
     from engine.perturb.spec import parse_spec
     from engine.record.settings import calibration_for
-    from engine.run.plan import PROMPT_TOKENS, estimate, parse_size, visible_gpus
+    from engine.run.plan import PROMPT_TOKENS, DoesNotFit, estimate, parse_size, visible_gpus
 
     resolve(model)
     parsed = [parse_spec(s) for s in (specs or [DEFAULT_SPEC])]
+    typed = {"--calib": calib, "--calib-samples": calib_samples, "--calib-len": calib_len}
+    checks.calibration_unused(parsed, {option: value is not None for option, value in typed.items()})
     size = parse_size(gpu_mem) if gpu_mem is not None else None
-    checks.check_calib_file(calib)
+    checks.check_calib_file(calib)  # a text file (its length is not the plan's business)
     checks.check_dtype(dtype)
     from engine.run.open import check_specs
 
     check_specs(model, parsed, device)
     calibrating = [p for p in parsed if p.needs_calibration]
-    source = str(calib) if calib else None
-    settings = [
-        calibration_for(p.method, "batch", source=source, samples=calib_samples, length=calib_len) for p in calibrating
-    ]
+    settings = [calibration_for(p.method, samples=calib_samples, length=calib_len) for p in calibrating]
     largest = max(settings, key=lambda c: c.samples * c.length) if settings else None
     launch.quiet_libraries()
-    result = estimate(
-        model,
-        parsed,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        prompt_tokens=prompt_tokens or PROMPT_TOKENS,
-        calib=(largest.samples, largest.length) if largest else None,
-        self_calibration=calib is None,
-        lens=not no_lens,
-        gpus=gpus if gpus is not None else visible_gpus(device),
-        gpu_mem=size,
-        fetch=True,
-    )
+    try:
+        result = estimate(
+            model,
+            parsed,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            prompt_tokens=prompt_tokens or PROMPT_TOKENS,
+            calib=(largest.samples, largest.length) if largest else None,
+            self_calibration=calib is None,
+            lens=not no_lens,
+            gpus=gpus if gpus is not None else visible_gpus(device),
+            gpu_mem=size,
+            fetch=True,
+        )
+    except DoesNotFit as e:  # the breakdown, then the one line saying it does not fit and what to do (exit 2)
+        _print_estimate(e.plan, verdict=False)
+        raise
     if result is None:
         raise HieruiError(f"the config of {model} is not known before it is fetched: hierui models pull {model}")
     _print_estimate(result)
 
 
-def _print_estimate(result) -> None:
+def _print_estimate(result, verdict: bool = True) -> None:
     """engine.run.plan.estimate's answer: every item and when it is resident, the peak by stage, the device_map
-    over several GPUs, and the one-line verdict."""
+    over several GPUs, and the one-line verdict (`verdict` False: a pair that does not fit, whose error line
+    says so)."""
     from engine.run.plan import gib
 
     title = f"{result.display} · {result.dtype} on {result.device} · {', '.join(result.specs)}"
@@ -186,7 +198,23 @@ def _print_estimate(result) -> None:
         for gpu, (modules, dense, peak) in sorted(result.gpu_loads.items()):
             spread.add_row(f"cuda:{gpu}", modules, gib(dense), gib(peak))
         console.print(spread)
-    console.print(result.line(), highlight=False, soft_wrap=True)
+    if verdict:
+        console.print(result.line(), highlight=False, soft_wrap=True)
+
+
+def _calib_seed(seed: int | None, calib_seed: int | None) -> int | None:
+    """prune's old --seed (the calibration's seed) for one release: a warning, and --calib-seed's value."""
+    if seed is None:
+        return calib_seed
+    if calib_seed is not None and calib_seed != seed:
+        raise HieruiError(f"--seed {seed} and --calib-seed {calib_seed} disagree: --seed is now --calib-seed")
+    err_console.print(
+        "warning: --seed is now --calib-seed (the calibration's seed; --seed is the sampling seed elsewhere): "
+        "use --calib-seed, --seed will be removed",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return seed
 
 
 def _check_save(save: Path | None, parsed) -> Path | None:

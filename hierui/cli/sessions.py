@@ -35,6 +35,7 @@ def show(
 
 @app.command()
 def replay(
+    ctx: typer.Context,
     session: options.Session,
     rerun: bool = typer.Option(
         False, "--rerun", help="recompute the session with its models and report the largest deviation"
@@ -64,10 +65,7 @@ def replay(
     metric is within --tol of the recording, 1 otherwise. A model, checkpoint or calibration file the session
     names by path (or hub id) is used only when you pass it again with --model, --prune or --calib.
     """
-    if not rerun and (model is not None or calib is not None or spec is not None):
-        raise HieruiError("--model, --prune and --calib apply to replay --rerun only")
-    if not rerun and (gpu_mem is not None or gpus is not None):
-        raise HieruiError("--gpu-mem and --gpus apply to replay --rerun only")
+    _check_mode(ctx, rerun, print_only)
     if not rerun and (print_only or not launch.interactive()):
         show_path(session, steps, full)  # no terminal to draw on: print it instead
     elif not rerun:
@@ -75,6 +73,22 @@ def replay(
     else:
         confirmed = dict(model=model, calib=calib, spec=spec)
         _rerun(session, device, dtype, tol, not no_cache, save, (gpu_mem, gpus), **confirmed)
+
+
+RERUN_ONLY = ("device", "dtype", "gpu_mem", "gpus", "tol", "no_cache", "save", "model", "calib", "spec")
+
+
+def _check_mode(ctx: typer.Context, rerun: bool, print_only: bool) -> None:
+    """Every option replay was given has an effect in the mode chosen (hierui.cli.checks.refuse_unused): the
+    rerun's options only with --rerun; --print, --steps and --full not with it; --steps and --full only where
+    the session is printed (--print, or no terminal to draw the explorer on)."""
+    if rerun:
+        printing = checks.given_options(ctx, "print_only", "steps", "full")
+        checks.refuse_unused(printing, "--rerun", "it prints how the recomputation compares with the recording")
+        return
+    checks.refuse_unused(checks.given_options(ctx, *RERUN_ONLY), "--rerun", only=True)
+    if not print_only and launch.interactive():
+        checks.refuse_unused(checks.given_options(ctx, "steps", "full"), "--print", "", only=True)
 
 
 def _open_in_explorer(session: Path) -> None:
@@ -96,6 +110,7 @@ def _rerun(session: Path, device: str, dtype, tol: float, use_cache: bool, save,
     if save is not None and (save.exists() or not save.parent.is_dir()):
         why = "exists already" if save.exists() else f"is in a folder that does not exist ({save.parent})"
         raise HieruiError(f"--save {save} {why}: name a new file")
+    checks.output_file(save, "--save")  # a file can be made in its folder (a probe; holds for root)
     from engine.models.devices import check_device
 
     check_device(device)  # before anything slow
@@ -120,8 +135,11 @@ def _rerun(session: Path, device: str, dtype, tol: float, use_cache: bool, save,
     placed = dict(plan=plan, request=request, memory=launch.print_plan(request, always=False))
     from hierui.progress import stage_progress
 
+    def note(text: str) -> None:  # the rerun feeds the recorded prompt ids where a tokenization now differs
+        err_console.print(Text(text, style="yellow"), highlight=False, soft_wrap=True)
+
     with stage_progress(err_console) as (_say, step):
-        new = R.rerun_session(loaded_session, device=device, dtype=dtype, progress=step, save=save, **placed)
+        new = R.rerun_session(loaded_session, device=device, dtype=dtype, progress=step, save=save, note=note, **placed)
     result = R.compare(loaded_session.steps, new.steps)
     print_comparison(loaded_session, result, tol)
     branch = R.compare_branch(loaded_session.branch, new.branch)  # None: the session has no counterfactual branch

@@ -1,6 +1,8 @@
 """`hierui models` (the aliases, what is cached, pull) and `hierui cache` (list, clear): what hierui keeps on
 disk. Listing imports no torch."""
 
+from pathlib import Path
+
 import typer
 from rich.table import Table
 
@@ -62,8 +64,8 @@ def cache_list(ctx: typer.Context, kind: options.Kind = None) -> None:
     table = Table(title=f"cache of hierui {cache.hierui_version()} in {hierui_home()}", title_justify="left")
     for col in ("kind", "model", "spec", "made by", "size", "age", "stale"):
         table.add_column(col, justify="right" if col in ("size", "age") else "left")
-    for e in found:
-        table.add_row(e.kind, e.model, e.spec, e.versions, _size(e.size), _age(e.age()), "yes" if e.stale else "-")
+    for e, spec in zip(found, _specs(found, cache.entries("calib") if kind else found)):
+        table.add_row(e.kind, e.model, spec, e.versions, _size(e.size), _age(e.age()), "yes" if e.stale else "-")
     console.print(table)
     stale = sum(e.stale for e in found)
     console.print(
@@ -86,6 +88,43 @@ def cache_clear(
         f"removed {len(removed)} {what + ' ' if what else ''}cache {_entries(len(removed), False)} "
         f"({_size(sum(e.size for e in removed))})"
     )
+
+
+def _specs(found: list, calibs: list) -> list[str]:
+    """The spec column, so that no two rows read the same: where entries of one kind, model, spec and version
+    differ only in what the row does not show, each says what differs, and only that (the dtype, the calibration
+    as its calib entry lists it, the calibration file, the model's weights behind one name, or else the key)."""
+    named = {(c.meta or {}).get("key"): f"calib {c.spec}" for c in calibs}
+
+    def details(e) -> dict:
+        meta = e.meta or {}
+        calib = meta.get("calibration")
+        source = meta.get("source_path") if e.kind == "calib" else None
+        return {
+            "dtype": str(meta.get("dtype") or "").removeprefix("torch."),
+            "calibration": named.get(calib) or f"calib {str(calib)[:8]}" if isinstance(calib, str) else "",
+            "file": Path(source).name if source else "",
+            "weights": f"weights {str(meta.get('model_key') or '')[-12:]}",
+            "key": f"key {e.path.name[:8]}",
+        }
+
+    groups: dict[tuple, list[int]] = {}
+    for i, e in enumerate(found):
+        groups.setdefault((e.kind, e.model, e.spec, e.versions), []).append(i)
+    out = [e.spec for e in found]
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        seen = [details(found[i]) for i in members]
+        shown: list[str] = []  # the fields that differ, in order, until they tell every entry apart
+        for field in seen[0]:
+            if len({d[field] for d in seen}) > 1:
+                shown.append(field)
+                if len({tuple(d[f] for f in shown) for d in seen}) == len(seen):
+                    break
+        for i, d in zip(members, seen):
+            out[i] += "".join(f" · {d[f] or 'no ' + f}" for f in shown)
+    return out
 
 
 def _entries(n: int, count: bool = True) -> str:

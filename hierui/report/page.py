@@ -66,11 +66,28 @@ def _meta(run: RunData) -> list[str]:
         "modes " + (", ".join(m.get("modes") or run.modes) or MISSING),
         f"{value(settings, 'max_new_tokens')} new tokens, T = {value(settings, 'temperature')}, "
         f"{'sampled' if settings.get('sample') else 'greedy'}",
-        f"calibration {value(calib, 'samples')}×{value(calib, 'length')} tokens",
+        _calibration(calib),
     ]
     if m.get("created"):
         parts.append(f"recorded {escape(m['created'])}")
     return parts
+
+
+def _calibration(calib: dict) -> str:
+    """The manifest's calibration: per spec that calibrates (engine.record.settings.calibrations), grouped by size;
+    a manifest of an earlier version holds one flat dict for all specs."""
+    if "samples" in calib or "length" in calib:
+        calib = {"": calib}
+    sizes: dict[str, list[str]] = {}
+    for spec, c in calib.items():
+        c = c if isinstance(c, dict) else {}
+        size = "×".join(escape(c[k]) if c.get(k) is not None else MISSING for k in ("samples", "length"))
+        sizes.setdefault(size, []).append(escape(spec))
+    if not sizes:
+        return "no calibration"
+    if len(sizes) == 1:
+        return f"calibration {next(iter(sizes))} tokens"
+    return "calibration " + ", ".join(f"{size} ({', '.join(specs)})" for size, specs in sizes.items()) + " tokens"
 
 
 def _sections(run: RunData) -> tuple[list[dict], list[dict]]:
@@ -148,13 +165,17 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, stamp: bool
             f"{folder} is not a hierui batch output (no batch.json), nor a hierui kld output (no "
             f"{report_kld.SUMMARY}): run hierui batch --out {folder} or hierui kld --out {folder} first"
         )
-    run = report_kld.load_kld(folder) if kld_only else load_run(run_dir)
-    render = report_kld.render_html if kld_only else render_html
-    target = Path(out) if out is not None else run.path / "report.html"
+    from engine.record.paths import check_output_file
+
+    if not folder.is_dir():
+        load_run(run_dir)  # says in one line what RUN_DIR is instead
+    target = Path(out).expanduser() if out is not None else folder / "report.html"
     if target.is_dir():
         target = target / "report.html"
-    if not target.parent.is_dir():
-        raise HieruiError(f"--out {target}: folder {target.parent} does not exist")
+    # before reading the run: not a FIFO at its name, a file can be made in its folder (a probe: holds for root)
+    check_output_file(target, f"--out {target}" if out is not None else f"the report {target}")
+    run = report_kld.load_kld(folder) if kld_only else load_run(run_dir)
+    render = report_kld.render_html if kld_only else render_html
     from engine.record.lock import lock_file
 
     with lock_file(target):  # one writer per report file: a second one is refused, naming the first

@@ -16,13 +16,14 @@ from __future__ import annotations
 from engine.errors import HieruiError
 from engine.run.plan.counting import Workload, count_items
 from engine.run.plan.placing import place
-from engine.run.plan.result import STAGES, Item, Plan, stage_total
+from engine.run.plan.result import STAGES, DoesNotFit, Item, Plan, stage_total
 from engine.run.plan.shape import Geometry, geometry
 from engine.run.plan.units import GiB, MiB, gib, parse_size
 
 __all__ = [
     "PROMPT_TOKENS",
     "STAGES",
+    "DoesNotFit",
     "GiB",
     "Geometry",
     "Item",

@@ -14,7 +14,7 @@ cannot fit.
 from __future__ import annotations
 
 from engine.errors import HieruiError
-from engine.run.plan.result import STAGES, Plan, stage_total
+from engine.run.plan.result import STAGES, DoesNotFit, Plan, stage_total
 from engine.run.plan.shape import Geometry, config_object, meta_model
 from engine.run.plan.units import KiB, gib
 
@@ -74,11 +74,12 @@ def _place_in_ram(plan: Plan, available: int, total: int) -> None:
     plan.placement = f"one device ({plan.device})"
     if plan.peak > available:
         smaller = "a smaller model" if plan.dtype != "float32" else "--dtype bfloat16, a smaller model"
-        raise HieruiError(
+        raise DoesNotFit(
             f"{plan.display} in {plan.dtype} with {', '.join(plan.specs)} cannot fit: predicted peak "
             f"{gib(plan.peak)} ({plan.peak_stage}) > {gib(available)} of RAM available ({gib(total)} total): "
             f"stream the layers from disk with --gpu-mem SIZE (pruning, drops, checkpoints; not quantization), "
-            f"or use {smaller} or a GPU"
+            f"or use {smaller} or a GPU",
+            plan,
         )
 
 
@@ -105,10 +106,11 @@ def _place_streamed(plan: Plan, g: Geometry, dev) -> None:
             if device_need > plan.capacity
             else f"streaming writes {gib(disk_need)} of pruned weights to disk ({gib(free)} free)"
         )
-        raise HieruiError(
+        raise DoesNotFit(
             f"{plan.display} in {plan.dtype} with {', '.join(plan.specs)} cannot fit even streamed: predicted peak "
             f"{gib(plan.peak)} ({plan.peak_stage}); {why}: use a smaller --batch-size or --max-new-tokens, fewer "
-            f"--calib-samples, a smaller model or more GPUs"
+            f"--calib-samples, a smaller model or more GPUs",
+            plan,
         )
     plan.placement_note = (
         f"{gib(device_need)} {where}: embeddings and head resident, decoder layers streamed from disk one at a time"

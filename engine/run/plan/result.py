@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from engine.errors import HieruiError
 from engine.run.plan.units import GiB, MiB, gib
 
 STAGES = ("load", "calibrate", "prune", "step")
@@ -81,6 +82,16 @@ class Plan:
         if self.placement_note:
             out += f" ({self.placement_note})"
         return out
+
+
+class DoesNotFit(HieruiError):
+    """The pair cannot fit even streamed (exit 2); `plan`: the estimate, its items and peak by stage, that says so
+    (`hierui plan` prints it before the line)."""
+
+    def __init__(self, message: str, plan: Plan):
+        super().__init__(message, 2)
+        plan.fits = False
+        self.plan = plan
 
 
 def stage_total(items: list[Item], stage: str, device_only: bool = False) -> int:

@@ -70,6 +70,9 @@ def config_object(name: str, fetch: bool = False):
     model_type = values.pop("model_type", None)
     if not isinstance(model_type, str):
         raise HieruiError(f"the config of {name} has no model_type: it is not a transformers config.json")
+    from engine.models.configs import check_model_type
+
+    check_model_type(model_type, name)  # one short line, not transformers' list of every type
     try:
         return AutoConfig.for_model(model_type, **values)
     except Exception as e:

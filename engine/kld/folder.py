@@ -1,0 +1,238 @@
+"""A `hierui kld --out` folder: its manifest (kld.json), whether OUT can take a kld run, and the specs it already
+holds (reused by a rerun instead of being scored again).
+
+    kld.json    format hierui-kld, version, model (its name and model_key: the weights, ModelRef.cache_key), corpus
+                (name and corpus_sha256), ctx, stride, device, dtype, base (the base file's path, None: the dense
+                model ran), base_k (None: exact), calibration (spec → its calibration, as batch.json's; None: no
+                spec calibrates), specs (scored there), created
+
+One run per folder, as `hierui batch`'s (engine.sweep.folder.check_out): a kld run whose model, text, window
+(ctx, stride), device, dtype or base file differ from the folder's kld.json, or that calibrates a spec the folder
+holds with other settings, is refused in one line naming what differs. The same run is allowed, and the specs
+already in the tables are reused: only the others are scored, and the tables are written again for all of them
+(the folder's specs first, then the new ones). A kld run into a batch folder (batch.json) is allowed when the
+model and the calibration of every spec both calibrate are the batch's (engine.record.settings.
+calibrations_differ): `hierui report` then shows both (docs/design.md, "Corpus KLD"). kld.json is written before
+the tables (with every spec the tables will hold), so a run killed while writing them is resumed: a spec kld.json
+names but the tables lack is scored again. The caller holds OUT's lock (engine.record.lock).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import HieruiError
+from engine.kld.corpus import TOKEN_FIELDS, KldRun, SpecResult
+from engine.record.paths import atomic_write
+from engine.record.settings import calibrations_differ
+
+MANIFEST = "kld.json"
+FORMAT = "hierui-kld"
+VERSION = 1
+SUMMARY, TOKENS = "kld_summary.parquet", "kld_tokens.parquet"
+BATCH_MANIFEST = "batch.json"  # engine.sweep.folder.MANIFEST
+
+# what makes two kld runs the same one, and how a refusal names each
+COMPARED = {
+    "model_key": "model",
+    "corpus_sha256": "text",
+    "ctx": "--ctx",
+    "stride": "--stride",
+    "device": "device",
+    "dtype": "dtype",
+    "base": "--base",
+    "base_k": "the base file's K",
+}
+
+
+def manifest(
+    model: str,
+    corpus: str,
+    corpus_sha256: str,
+    ctx: int,
+    stride: int | None,
+    device: str,
+    dtype: str,
+    base: str | Path | None = None,
+    base_k: int | None = None,
+    calibration: dict | None = None,
+) -> dict:
+    """kld.json of a run (its specs and creation time are added when written): `model` a --model name (resolved
+    here, not loaded), `device` and `dtype` as given (auto resolved to what it picks), `calibration`
+    (CalibSettings.to_dict) None when no spec calibrates."""
+    from engine.models.devices import pick_device, pick_dtype
+    from engine.models.names import resolve
+    from engine.run.floor import dtype_name
+
+    ref = resolve(model)
+    picked = pick_device(device)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": ref.name,
+        "model_key": ref.cache_key(),
+        "corpus": corpus,
+        "corpus_sha256": corpus_sha256,
+        "ctx": ctx,
+        "stride": ctx if stride is None else stride,
+        "device": picked.type,
+        "dtype": dtype_name(pick_dtype(dtype, picked)),
+        "base": str(Path(base).expanduser().resolve()) if base is not None else None,
+        "base_k": base_k,
+        "calibration": dict(calibration) if calibration else None,
+    }
+
+
+def read_manifest(out: str | Path) -> dict | None:
+    """OUT/kld.json, or None where there is none; an unreadable one is one line (exit 2)."""
+    path = Path(out) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict) or old.get("format") != FORMAT or not isinstance(old.get("specs", []), list):
+        raise HieruiError(f"{path} is not a readable kld.json; use another --out")
+    return old
+
+
+def check_out(wanted: dict, out: str | Path) -> list[str]:
+    """Check, writing nothing, that OUT can take the kld run `wanted` (manifest()): returns the specs OUT already
+    holds for this same run (in its order; [] for a new folder). Refuses another kld run, naming what differs, a
+    folder with kld tables but no kld.json, and a batch folder of another model or calibration."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HieruiError(f"--out {out} is a file, not a folder")
+    _check_batch(wanted, out)
+    old = read_manifest(out)
+    if old is None:
+        if (out / SUMMARY).exists() or (out / TOKENS).exists():
+            raise HieruiError(
+                f"{out} holds kld tables but no {MANIFEST} (written by another version); use another --out"
+            )
+        return []
+    differ = [label for key, label in COMPARED.items() if old.get(key) != wanted.get(key)]
+    differ += [
+        f"the calibration of {spec}" for spec in calibrations_differ(old.get("calibration"), wanted["calibration"])
+    ]
+    if differ:
+        raise HieruiError(
+            f"{out} holds another kld run ({', '.join(differ)} differ{'s' * (len(differ) == 1)}): rerun it with "
+            f"the same settings to add specs to it, or use another --out"
+        )
+    stored = stored_specs(out)
+    return [s for s in old.get("specs", []) if s in stored]
+
+
+def _check_batch(wanted: dict, out: Path) -> None:
+    """A batch folder takes a kld run of the same model and (where both calibrate) the same calibration."""
+    path = out / BATCH_MANIFEST
+    if not path.is_file():
+        return
+    try:
+        batch = json.loads(path.read_text(encoding="utf-8"))
+        model, calibration = batch["model"], batch.get("calibration")
+        if not isinstance(calibration, (dict, type(None))):
+            raise TypeError("calibration is a mapping")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise HieruiError(f"{path} is unreadable; use another --out") from None
+    differ = [] if _model_key(model) == wanted["model_key"] else [f"another model ({model})"]
+    differ += [f"another calibration of {spec}" for spec in calibrations_differ(calibration, wanted["calibration"])]
+    if differ:
+        raise HieruiError(
+            f"{out} holds a batch sweep of {' and '.join(differ)}: a kld run goes into a batch folder only with "
+            f"the same model and calibration; use another --out"
+        )
+
+
+def _model_key(name) -> str | None:
+    from engine.models.names import resolve
+
+    try:
+        return resolve(str(name)).cache_key()
+    except HieruiError:
+        return None
+
+
+def stored_specs(out: str | Path) -> list[str]:
+    """The specs whose rows are in both OUT/kld_summary.parquet and OUT/kld_tokens.parquet ([] where unreadable)."""
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    try:
+        summary = pq.read_table(out / SUMMARY, columns=["spec"]).column("spec").to_pylist()
+        tokens = set(pq.read_table(out / TOKENS, columns=["spec"]).column("spec").unique().to_pylist())
+    except (OSError, ValueError, KeyError):
+        return []
+    return [s for s in summary if s in tokens]
+
+
+def load_results(out: str | Path, specs: list[str], run: KldRun) -> list[SpecResult]:
+    """The stored SpecResults of `specs` (stored_specs) in OUT, checked against `run`'s scored positions; their
+    per-token arrays as score() made them (float32 where the stored values are float32's)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    summary = {row["spec"]: row for row in pq.read_table(out / SUMMARY).to_pylist()}
+    tokens = pq.read_table(out / TOKENS)
+    results = []
+    for spec in specs:
+        rows = tokens.filter(pc.equal(tokens.column("spec"), spec))
+        pos = np.asarray(rows.column("pos").to_numpy())
+        if not np.array_equal(pos, run.positions):
+            raise HieruiError(f"{out / TOKENS}: the rows of {spec} are not this run's tokens; use another --out")
+        arrays = {}
+        for name in (*TOKEN_FIELDS, "top_d", "top_p"):
+            arrays[name] = _as_scored(np.asarray(rows.column(name).to_numpy(zero_copy_only=False)))
+        row = summary[spec]
+        results.append(SpecResult(spec, arrays, row.get("hidden_cos"), row.get("measured_sparsity")))
+    return results
+
+
+def stored_noise_floor(out: str | Path) -> dict | None:
+    """The noise floor the folder's summary was made with ({"kl_mean": …}), for a rerun that loads no model."""
+    import pyarrow.parquet as pq
+
+    try:
+        values = pq.read_table(Path(out) / SUMMARY, columns=["noise_floor_kl"]).column(0).to_pylist()
+    except (OSError, ValueError, KeyError):
+        return None
+    value = next((v for v in values if v is not None), None)
+    return None if value is None else {"kl_mean": value}
+
+
+def _as_scored(values: np.ndarray) -> np.ndarray:
+    """A float64 column back to float32 where every value is a float32's (what the window metrics compute)."""
+    if values.dtype == np.float64:
+        narrow = values.astype(np.float32)
+        if np.array_equal(narrow.astype(np.float64), values, equal_nan=True):
+            return narrow
+    return values
+
+
+def write_manifest(out: str | Path, wanted: dict, specs: list[str]) -> None:
+    """OUT/kld.json for the run `wanted` holding `specs` (the folder's earlier specs, then the new ones); the
+    calibration of the folder's specs is kept beside this run's."""
+    out = Path(out)
+    old = read_manifest(out) or {}
+    calibration = {**(old.get("calibration") or {}), **(wanted.get("calibration") or {})}
+    calibration = {spec: c for spec, c in calibration.items() if spec in specs}
+    data = {**wanted, "calibration": calibration or None, "specs": list(specs)}
+    data["created"] = old.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic_write(out / MANIFEST, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_run(out: str | Path, wanted: dict, run: KldRun, tokenizer, stored: list[SpecResult] = ()) -> list[dict]:
+    """The folder's specs `stored` (load_results) put before `run`'s, kld.json written for all of them, then the
+    tables (engine.kld.corpus.write_tables); returns the summary rows."""
+    from engine.kld.corpus import write_tables
+
+    run.results[:0] = [r for r in stored if r.spec not in {x.spec for x in run.results}]
+    write_manifest(out, wanted, [r.spec for r in run.results])
+    return write_tables(run, out, tokenizer)
