@@ -513,3 +513,20 @@ def test_cache_rows_that_differ_show_what_differs(cli, tmp_path):
             assert says in " ".join(run.stdout.split()), run.stdout
     one = cli("cache", "--kind", "calib", env={"HIERUI_HOME": home, "COLUMNS": "80"}).stdout
     assert "self 32×128 s0 " in one and "wiki.txt" not in one  # alone of its kind, nothing added
+
+
+def test_a_local_checkpoint_without_a_tokenizer_is_one_line_before_loading(cli, tmp_path):
+    """Guards: a local folder with config.json and no tokenizer files ended in transformers' page-long traceback
+    about converting slow tokenizers (kld loads the tokenizer first; batch and prune after the weights)."""
+    import json
+
+    from engine.models.configs import TINY_CONFIG
+
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**TINY_CONFIG, "model_type": "llama"}))
+    for args in (("kld", "--ctx", "32", "--out", tmp_path / "k"), ("prune",), ("plan",)):
+        run = cli(*args, "--model", folder, "-p", "magnitude:0.5")
+        assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert "no tokenizer in" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "k").exists()

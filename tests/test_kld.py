@@ -201,6 +201,25 @@ def test_exact_base_refuses_a_model_whose_logits_are_rescaled(tiny, tmp_path):
     writer.add(logits, torch.zeros(3, dtype=torch.long), h)  # the model's own logits pass
 
 
+def test_an_exact_base_file_of_a_head_padded_past_the_tokenizer_reads_back(tiny, tmp_path):
+    """Guards: an exact file recorded vocab = len(tokenizer) but stored the head's rows, so a model whose head is
+    padded past its tokenizer (Qwen's 151,936 rows for 151,665 tokens) wrote a file it could not read back."""
+    import torch
+
+    from engine.kld.base import BaseFile, BaseWriter
+
+    rows, d = len(tiny.tokenizer) + 40, tiny.model.config.hidden_size
+    head = torch.nn.Linear(d, rows, bias=False)
+    writer = BaseWriter(tmp_path / "padded.st")
+    writer.bind(type("Padded", (), {"get_output_embeddings": lambda self: head, "config": tiny.model.config})())
+    lay = kld.layout(8, 8, None)
+    h = torch.randn(lay.total, d)
+    writer.add(head(h).float().detach(), torch.zeros(lay.total, dtype=torch.long), h)
+    writer.write(tiny.tokenizer, TEXT, lay, "padded")
+    base = BaseFile(writer.path)
+    assert base.vocab == rows and base.shapes["head_weight"] == (rows, d)
+
+
 def _cli(args, capsys):
     from hierui.cli import main
 

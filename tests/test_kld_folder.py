@@ -128,3 +128,21 @@ def test_kld_into_a_batch_folder_of_the_same_model_and_calibration(cli, text, tm
     _batch_json(other, "random:smollm2-135m", samples)
     _refused(_kld(cli, text, other, "-p", "magnitude:0.5"), "another model")
     assert sorted(p.name for p in other.iterdir()) == ["batch.json"]
+
+
+def test_a_batch_into_a_kld_folder_of_another_model_or_calibration_is_refused(cli, text, tmp_path):
+    """Guards: `hierui batch --out` into a kld folder merged another model's sweep into the kld run's report; the
+    same model and calibration stay allowed, as kld into a batch folder (engine.sweep.folder._check_kld)."""
+    out = tmp_path / "k"
+    assert _kld(cli, text, out, "-p", "magnitude:0.5").returncode == 0
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The river\n")
+    batch = ("batch", "--device", "cpu", "--prompts", prompts, "--out", out, "--max-new-tokens", "2")
+    _refused(cli(*batch, "-m", "random:smollm2-135m", "-p", "magnitude:0.5"), "kld run of another model")
+    kld = json.loads((out / "kld.json").read_text())
+    kld["calibration"] = {"wanda:0.5": {"source": None, "samples": 3, "length": 16, "seed": 0}}
+    (out / "kld.json").write_text(json.dumps(kld))
+    _refused(cli(*batch, "-m", "tiny-random", "-p", "wanda:0.5"), "another calibration of wanda:0.5")
+    run = cli(*batch, "-m", "tiny-random", "-p", "magnitude:0.5")
+    assert run.returncode == 0, run.stderr
+    assert (out / "batch.json").is_file() and (out / "kld_summary.parquet").is_file()

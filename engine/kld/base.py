@@ -159,7 +159,8 @@ class BaseWriter:
             "ctx": str(lay.ctx),
             "stride": str(lay.stride),
             "tokens": str(lay.total),
-            "vocab": str(len(tokenizer)),
+            # the logits' width: the head's rows (an embedding padded past the tokenizer has more), else the tokenizer's
+            "vocab": str(self.head["head_weight"].shape[0] if self.exact else len(tokenizer)),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "corpus_sha256": text_hash(text),
             "model": model,

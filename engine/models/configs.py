@@ -47,6 +47,22 @@ def read_config(name: str) -> dict | None:
     return config
 
 
+# a tokenizer transformers can load is one of these (fast; sentencepiece; byte-level BPE; WordPiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model")
+
+
+def check_tokenizer_files(name: str) -> None:
+    """One line (exit 2) for a local checkpoint without a tokenizer (a folder of weights and config only), before
+    anything loads: transformers would fail after the weights with a page about converting slow tokenizers."""
+    ref = names.resolve(name)
+    folder = Path(ref.source)
+    if ref.kind == "local" and folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise HieruiError(
+            f"{name}: no tokenizer in {folder} (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer files of "
+            f"the model it was made from into it"
+        )
+
+
 # The fields a decoder's shape is read from, under the names families give them (transformers maps the others by
 # each config class's attribute_map, which check_config asks only where none of these is there)
 SHAPE_FIELDS = {

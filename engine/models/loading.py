@@ -109,14 +109,13 @@ def _main_device(device_map: dict):
 
 
 def _from_pretrained(path: Path, dev, dt, device_map):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     placement = placement_kwargs(dev, device_map)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, **placement)
     if not placement:
         model = model.to(dev)
-    tok = AutoTokenizer.from_pretrained(str(path))
-    return model, tok
+    return model, tokenizer_from(path)
 
 
 def from_pretrained_streamed(path: Path, dev, dt):
@@ -127,7 +126,7 @@ def from_pretrained_streamed(path: Path, dev, dt):
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from engine.anatomy.linears import decoder_layers_prefix
     from engine.place.streaming import stream
@@ -169,7 +168,19 @@ def from_pretrained_streamed(path: Path, dev, dt):
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(str(path))
-    return model, AutoTokenizer.from_pretrained(str(path))
+    return model, tokenizer_from(path)
+
+
+def tokenizer_from(folder: str | Path):
+    """The tokenizer in `folder` (AutoTokenizer); one line (exit 2) where transformers cannot make one of its files
+    (its message is a page: how to convert a slow tokenizer)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise HieruiError(f"{folder}: no usable tokenizer ({first[:160]})") from None
 
 
 def load_tokenizer(name: str, progress: Progress | None = None):
@@ -183,8 +194,7 @@ def load_tokenizer(name: str, progress: Progress | None = None):
         from engine.models.random_shapes import random_tokenizer
 
         return random_tokenizer()
-    from transformers import AutoTokenizer
 
     say = progress or (lambda _m: None)
     folder = fetch_light(name, say) if ref.kind == "hub" else local_path_for(ref, say)
-    return AutoTokenizer.from_pretrained(str(folder))
+    return tokenizer_from(folder)

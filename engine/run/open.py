@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from engine.errors import HieruiError
-from engine.models.configs import read_config
+from engine.models.configs import check_tokenizer_files, read_config
 from engine.models.devices import check_device, check_dtype, pick_device
 from engine.models.names import resolve
 from engine.perturb.spec import Spec, check_fits, check_streamable, parse_spec, unperturbed
@@ -116,6 +116,7 @@ def check_specs(model: str, specs, device: str, source: dict[str, str] | None = 
     that config (None: not known before loading). `source`: as pair_request's."""
     check_device(device)
     config = read_config(model)
+    check_tokenizer_files(model)
     for spec in specs:
         if spec.declared.takes_path:
             try:

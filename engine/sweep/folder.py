@@ -61,6 +61,7 @@ def check_out(sweep: Sweep, out: str | Path) -> bool:
     if out.exists() and not out.is_dir():
         raise HieruiError(f"--out {out} is a file, not a folder")
     manifest = json.loads(json.dumps(sweep.manifest()))
+    _check_kld(manifest, out)
     target = out / MANIFEST
     if target.exists():
         try:
@@ -85,6 +86,34 @@ def check_out(sweep: Sweep, out: str | Path) -> bool:
     if (out / "sessions").is_dir() and any((out / "sessions").iterdir()):
         raise HieruiError(f"{out} holds sessions but no {MANIFEST}; use another --out")
     return False
+
+
+KLD_MANIFEST = "kld.json"  # engine.kld.folder.MANIFEST (that layer sits above this one)
+
+
+def _check_kld(manifest: dict, out: Path) -> None:
+    """A folder holding a `hierui kld` run takes a sweep of the same model and, for every spec both calibrate,
+    the same calibration (the rule engine.kld.folder applies the other way round); else one line."""
+    from engine.models.names import resolve
+    from engine.record.settings import calibrations_differ
+
+    path = out / KLD_MANIFEST
+    if not path.is_file():
+        return
+    try:
+        kld = json.loads(path.read_text(encoding="utf-8"))
+        key, calibration = kld["model_key"], kld.get("calibration")
+        if not isinstance(calibration, (dict, type(None))):
+            raise TypeError("calibration is a mapping")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise HieruiError(f"{path} is unreadable; use another --out") from None
+    differ = [] if resolve(manifest["model"]).cache_key() == key else [f"another model ({kld.get('model')})"]
+    differ += [f"another calibration of {spec}" for spec in calibrations_differ(calibration, manifest["calibration"])]
+    if differ:
+        raise HieruiError(
+            f"{out} holds a kld run of {' and '.join(differ)}: a sweep goes into a kld folder only with the same "
+            f"model and calibration; use another --out"
+        )
 
 
 def noise_floor(model_name: str, model) -> dict | None:
