@@ -530,3 +530,75 @@ def test_a_local_checkpoint_without_a_tokenizer_is_one_line_before_loading(cli, 
         assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
         assert "no tokenizer in" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "k").exists()
+
+
+def _checkpoint(folder, **config):
+    """A local checkpoint folder: tiny-random's config.json (with `config` over it), the byte tokenizer and a
+    header-only model.safetensors (what the checks before loading read); nothing in it is ever loaded."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from engine.models.configs import TINY_CONFIG
+    from engine.models.tiny import byte_tokenizer
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**TINY_CONFIG, "model_type": "llama", **config}))
+    byte_tokenizer().save_pretrained(str(folder))
+    save_file({}, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ({"hidden_size": "big"}, "config.json's hidden_size is 'big', not a positive integer"),
+        ({"vocab_size": -5}, "config.json's vocab_size is -5, not a positive integer"),
+        ({"num_hidden_layers": 0}, "config.json's num_hidden_layers is 0, not a positive integer"),
+        ({"num_attention_heads": 2.5}, "config.json's num_attention_heads is 2.5, not a positive integer"),
+        ("not-json", "config.json: not a JSON file (not UTF-8 text)"),
+        ("a-list", "config.json: not a config (a JSON list, not an object)"),
+        ("truncated", "model.safetensors: not a readable safetensors file (Error while deserializing header"),
+        ("missing-shard", "model.safetensors.index.json names 1 weight file(s) not in"),
+    ],
+)
+def test_a_corrupt_local_checkpoint_is_one_line_before_loading(cli, tmp_path, monkeypatch, breakage, message):
+    """Guards (an audit of issue 25): a local checkpoint with a shape field that is not a positive integer, a
+    config.json that is not a JSON object, or a weight file cut short or missing passed `plan` ("fits", or "not
+    known before it is fetched: hierui models pull" for a local folder) and ended `prune` in a traceback from
+    transformers or safetensors after the plan (after loading the dense model, for `-p checkpoint:DIR`);
+    `num_hidden_layers: 0` was pruned as a model of no layers."""
+    import engine.models.loading
+
+    monkeypatch.setattr(engine.models.loading, "load", lambda *_a, **_k: pytest.fail("a model was loaded"))
+    folder = _checkpoint(tmp_path / "m", **(breakage if isinstance(breakage, dict) else {}))
+    if breakage == "not-json":
+        (folder / "config.json").write_bytes(b"\xff\xfe")
+    elif breakage == "a-list":
+        (folder / "config.json").write_text("[1, 2]")
+    elif breakage == "truncated":
+        (folder / "model.safetensors").write_bytes(b"\x00" * 1000)
+    elif breakage == "missing-shard":
+        (folder / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": "part-2.safetensors"}}')
+    as_model = [(command, "--model", folder, "-p", "magnitude:0.5") for command in ("plan", "prune")]
+    for command in (*as_model, ("prune", "--model", "tiny-random", "-p", f"checkpoint:{folder}")):
+        run = cli(*command, "--device", "cpu")
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1 and message in lines[0], (command, run.stdout + run.stderr)
+
+
+def test_a_local_checkpoint_transformers_cannot_load_is_one_line(cli, tiny, tmp_path):
+    """Guards: what the checks before loading cannot see (here weights of other shapes than the config.json's)
+    ended in transformers' traceback; now one line naming the checkpoint, exit 2."""
+    import json
+
+    folder = tmp_path / "m"
+    tiny.model.save_pretrained(str(folder))
+    tiny.tokenizer.save_pretrained(str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    run = cli("prune", "--model", folder, "-p", "magnitude:0.5", "--device", "cpu")
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    want = f"cannot load the checkpoint in {folder}: its weights' shapes are not the ones its config.json gives"
+    assert len(errors) == 1 and want in errors[0], run.stderr

@@ -129,3 +129,70 @@ def test_what_a_file_names_repeated_exactly_is_allowed(cli, session, tmp_path):
     assert terminal in _one_line(cli("explore", "--from-kld", folder, "--model", "tiny-random", "-p", "magnitude:0.50"))
     run = cli("replay", session, "--rerun", "--device", "cpu", "--model", "TINY-RANDOM", "--prune", "magnitude:0.5")
     assert run.returncode == 0 and "rerun matches the recording" in run.stdout, run.stdout + run.stderr
+
+
+def test_show_steps_or_full_on_a_folder_is_refused(cli, tmp_path):
+    """`show FOLDER --steps` (or --full) printed exactly what `show FOLDER` prints: options without effect."""
+    (tmp_path / "sessions").mkdir()
+    run = cli("show", tmp_path, "--steps")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1
+    assert "--steps only applies to a session file" in run.stderr
+
+
+def _kld_manifest(folder, calibration):
+    """A kld.json beside _kld_folder's kld_worst.json, recording `calibration` (spec → its settings)."""
+    manifest = {"format": "hierui-kld", "version": 1, "model": "tiny-random", "calibration": calibration}
+    (folder / "kld.json").write_text(json.dumps({**manifest, "specs": list(calibration)}))
+    return folder
+
+
+@pytest.fixture()
+def opened(monkeypatch):
+    """explore's pair request as it would open, without a terminal, a model or the app."""
+    import hierui.cli.launch
+    import hierui.explorer.app
+
+    seen = {}
+
+    def plan(request, *_args, **_kwargs):
+        seen["request"] = request
+
+    monkeypatch.setattr(hierui.explorer.app, "HieruiApp", lambda **kwargs: None)
+    monkeypatch.setattr(hierui.cli.launch, "interactive", lambda: True)
+    monkeypatch.setattr(hierui.cli.launch, "print_plan", plan)
+    monkeypatch.setattr(hierui.cli.launch, "run_app", lambda app: None)
+    return seen
+
+
+def test_explore_from_kld_opens_the_calibration_the_kld_run_recorded(cli, tmp_path, opened):
+    """Guards against explore --from-kld opening the run's spec with the default calibration (a model other than
+    the one that produced the worst tokens): kld.json's calibration of the spec is used; a folder without
+    kld.json (an older hierui) keeps the default."""
+    recorded = {"source": None, "samples": 4, "length": 16, "seed": 0}
+    folder = _kld_folder(tmp_path, specs=("wanda:0.5",))
+    run = cli("explore", "--from-kld", folder, "--device", "cpu")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert opened["request"].calib["samples"] != 4  # no kld.json: the default, as before
+    _kld_manifest(folder, {"wanda:0.5": recorded})
+    run = cli("explore", "--from-kld", folder, "--device", "cpu")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert opened["request"].calib == recorded
+    confirmed = cli("explore", "--from-kld", folder, "--device", "cpu", "--calib-samples", "4", "--calib-len", "16")
+    assert confirmed.returncode == 0 and opened["request"].calib == recorded, confirmed.stderr
+
+
+def test_explore_from_kld_calibration_options_only_confirm_the_runs(cli, tmp_path, no_loading):
+    """Guards against --calib-samples/--calib-len/--calib-seed/--calib replacing the kld run's calibration with
+    --from-kld (another model than the run's): a different value is one line, exit 2, before anything loads."""
+    (tmp_path / "c.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    folder = _kld_manifest(
+        _kld_folder(tmp_path, specs=("wanda:0.5",)),
+        {"wanda:0.5": {"source": None, "samples": 4, "length": 16, "seed": 0}},
+    )
+    line = _one_line(cli("explore", "--from-kld", folder, "--calib-samples", "8", "--calib-len", "16"))
+    assert "--calib-samples 8: " in line and "records wanda:0.5 calibrated with --calib-samples 4" in line, line
+    assert "--calib-seed 3: " in _one_line(cli("explore", "--from-kld", folder, "--calib-seed", "3"))
+    line = _one_line(cli("explore", "--from-kld", folder, "--calib", tmp_path / "c.txt"))
+    assert "sampled itself" in line and "leave --calib out" in line, line
+    (folder / "kld.json").write_text("{not json")
+    assert "not a readable kld.json" in _one_line(cli("explore", "--from-kld", folder))

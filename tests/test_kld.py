@@ -528,3 +528,85 @@ def test_summary_carries_the_noise_floor_and_the_silent_flag(run):
         assert row["silent"] == (row["mcnemar_p"] < 0.05)  # the KL is now under the floor: only the flips decide
     finally:
         run.noise_floor = None
+
+
+def _base_file(path, exact: bool, **bad):
+    """A base file of 12 tokens with plausible values (top-K: K = 4; exact: head 260 × 8), `bad` = {tensor:
+    (index, value)} written over them, through BaseWriter as `kld --save-base` writes it."""
+    import torch
+
+    from engine.kld.base import BaseWriter
+    from engine.models.tiny import byte_tokenizer
+
+    lay = kld.layout(25, 8, None)
+    n = lay.total
+    writer = BaseWriter(path, None if exact else 4)
+    if exact:
+        writer.head = {"head_weight": torch.randn(260, 8)}
+        writer.parts = {"head_in": [torch.randn(n, 8)]}
+    else:
+        logp = torch.full((n, 4), -2.0)
+        writer.parts = {"topk_ids": [torch.arange(4, dtype=torch.int32).repeat(n, 1)], "topk_logp": [logp]}
+        writer.parts |= {"tail_logp": [torch.full((n,), -1.0)], "nll": [torch.full((n,), 2.0)]}
+    for name, (index, value) in bad.items():
+        tensor = writer.head[name] if name in writer.head else writer.parts[name][0]
+        tensor[index] = value
+    writer.write(byte_tokenizer(), TEXT, lay, "tiny-random")
+    return path
+
+
+@pytest.mark.parametrize(
+    "exact, bad, message",
+    [
+        (False, {"topk_logp": ((3, 1), math.nan)}, "its topk_logp holds a non-finite log-probability (row 3)"),
+        (False, {"topk_logp": ((5, 0), 5.0)}, "its topk_logp holds a log-probability above 0 (row 5)"),
+        (False, {"nll": (7, math.inf)}, "its nll holds a non-finite value (row 7)"),
+        (False, {"nll": (1, -0.5)}, "its nll holds a negative value"),
+        (False, {"tail_logp": (2, math.inf)}, "its tail_logp holds a NaN or +inf log-probability (row 2)"),
+        (False, {"tail_logp": (4, 0.5)}, "its tail_logp holds a log-probability above 0 (row 4)"),
+        (True, {"head_weight": ((9, 3), math.nan)}, "its head_weight holds a non-finite value (row 9)"),
+        (True, {"head_in": ((6, 0), -math.inf)}, "its head_in holds a non-finite value (row 6)"),
+    ],
+)
+def test_a_base_file_with_impossible_values_is_refused_when_read(tmp_path, exact, bad, message):
+    """Guards (an audit of issue 25): a base file rewritten with a NaN, an infinity or a log-probability above 0
+    was scored silently (`kld` exit 0, `Mean KLD: nan`); now reading it (BaseFile, before any model loads) is one
+    line naming the tensor and the row. The same file without the bad value reads, and a top-K tail of -inf (the
+    top K hold all the mass) is allowed."""
+    from engine.kld.base import BaseFile
+
+    with pytest.raises(HieruiError) as e:
+        BaseFile(_base_file(tmp_path / "bad.st", exact, **bad))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    BaseFile(_base_file(tmp_path / "good.st", exact))
+    if not exact:
+        BaseFile(_base_file(tmp_path / "all-mass.st", exact, tail_logp=(slice(None), -math.inf)))
+
+
+def test_kld_against_a_base_file_holding_a_nan_is_one_line_before_loading(cli, tmp_path, monkeypatch):
+    """Guards: `kld --base` with a NaN in topk_logp exited 0 with `Mean KLD: nan`; now one line, exit 2, and no model
+    is loaded."""
+    import engine.models.loading
+
+    monkeypatch.setattr(engine.models.loading, "load", lambda *_a, **_k: pytest.fail("a model was loaded"))
+    base = _base_file(tmp_path / "b.st", False, topk_logp=((0, 0), math.nan))
+    (tmp_path / "text.txt").write_text(TEXT)
+    run = cli(
+        "kld",
+        "-m",
+        "tiny-random",
+        "-p",
+        "magnitude:0.5",
+        "--base",
+        base,
+        "--text",
+        tmp_path / "text.txt",
+        "--ctx",
+        8,
+        "--out",
+        tmp_path / "o",
+    )
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1, run.stdout + run.stderr
+    assert f"--base {base}: its topk_logp holds a non-finite log-probability (row 0)" in lines[0]
+    assert not (tmp_path / "o").exists()

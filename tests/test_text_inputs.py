@@ -218,3 +218,12 @@ def test_a_short_calibration_file_then_the_corrected_rerun_into_the_same_folder(
     second = cli(*args, "--calib", good)
     assert second.returncode == 0, second.stderr
     assert (tmp_path / "out" / "batch.json").is_file()
+
+
+def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path):
+    """A UTF-8 file saved with a byte-order mark (Windows editors) kept U+FEFF at the start of the first prompt."""
+    from engine.record.texts import read_text_file
+
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffHello world\n".encode())
+    assert read_text_file(path, "--prompts") == "Hello world\n"

@@ -14,6 +14,7 @@ from engine.models.tokens import check_token_ids, embedding_rows
 from engine.record.session import load_session
 from engine.run import rerun as R
 from engine.run.recorder import SessionRecorder
+from engine.sweep.runner import FROM_FEEDS
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +67,16 @@ COMMANDS = {
     "attribute": lambda p: ("attribute", p, "--step", "2", "--device", "cpu"),
     "replay --rerun": lambda p: ("replay", p, "--rerun", "--device", "cpu"),
 }
+# the readers that check a session's token ids: batch --from too (it sweeps the prompt's text, but refuses a file
+# holding an impossible id, as replay --rerun does)
+ID_COMMANDS = {
+    **COMMANDS,
+    "batch --from": lambda p: ("batch", "--from", p, "-p", "int8", "--device", "cpu", "--out", p.parent / "o"),
+}
 PROMPT_ID = 1  # the position changed in prompt_ids
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("command", sorted(ID_COMMANDS))
 @pytest.mark.parametrize("bad", [-1, 260])  # tiny-random embeds ids 0 … 259
 @pytest.mark.parametrize("where", ["prompt_ids", "step"])
 def test_an_id_outside_the_vocabulary_is_one_line_before_loading(cli, good, tmp_path, no_loading, command, bad, where):
@@ -84,8 +91,9 @@ def test_an_id_outside_the_vocabulary_is_one_line_before_loading(cli, good, tmp_
     else:
         path = _edited(good, tmp_path, "bad.jsonl", step=(0, ("fed", 1), bad))
         shown = f"{path}: step 1: fed[1] is {bad}"
-    line = _one_line(cli(*COMMANDS[command](path)))
+    line = _one_line(cli(*ID_COMMANDS[command](path)))
     assert shown in line and "expected a token id of tiny-random (0 … 259)" in line, line
+    assert not (tmp_path / "o").exists()
 
 
 def test_every_id_field_of_a_session_is_checked(good, tmp_path):
@@ -111,6 +119,9 @@ def test_an_id_above_the_tokenizers_vocabulary_but_below_vocab_size_passes(cli, 
     folder = tmp_path / "padded"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({**TINY_CONFIG, "model_type": "llama", "vocab_size": 300}))
+    from engine.models.tiny import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(str(folder))  # a checkpoint has its tokenizer (checked before loading)
     assert embedding_rows(str(folder)) == 300
     ids = load_session(good).header.prompt_ids
     path = _edited(good, tmp_path, "padded.jsonl", header={"model": str(folder), "prompt_ids": [*ids, 280]})
@@ -152,6 +163,35 @@ def test_rerun_feeds_the_recorded_prompt_ids_and_says_when_a_tokenization_differ
     assert note in run.stderr and "rerunning with the recorded ids" in run.stderr, run.stderr
     same = cli("replay", good, "--rerun", "--device", "cpu")
     assert same.returncode == 0 and "prompt_ids" not in same.stderr, same.stderr
+
+
+def test_batch_from_says_when_the_recorded_ids_differ_from_the_text_it_sweeps(tiny, good, tmp_path):
+    """batch --from sweeps the session's prompt as text, tokenized as every prompt of a sweep; where that differs
+    from the prompt_ids the session recorded, one note says so and which it feeds (before: nothing was said).
+    The notes a sweep shows once its tokenizer is loaded (engine.sweep.runner.tokenizer_notes), without a run."""
+    from engine.sweep.runner import tokenizer_notes
+    from engine.sweep.sweeps import plan_sweep
+
+    ids = load_session(good).header.prompt_ids
+    path = _edited(good, tmp_path, "edited.jsonl", header={"prompt_ids": [*ids[:-1], (ids[-1] + 1) % 260]})
+    notes = tokenizer_notes(plan_sweep(from_session=path, specs=["int8"]), tiny.tokenizer)
+    note = f"the recorded prompt_ids ({len(ids)} tokens) and the prompt tokenized again ({len(ids)} tokens) first "
+    assert notes == [note + f"differ at position {len(ids) - 1} (counted from 0): {FROM_FEEDS}"], notes
+    assert tokenizer_notes(plan_sweep(from_session=good, specs=["int8"]), tiny.tokenizer) == []
+    other = plan_sweep(from_session=path, specs=["int8"], model="tiny-random:qwen2")
+    assert tokenizer_notes(other, tiny.tokenizer) == []  # another model: the ids are of another vocabulary
+
+
+@pytest.mark.slow
+def test_batch_from_sweeps_the_prompt_text_and_says_when_the_recorded_ids_differ(cli, good, tmp_path):
+    """The same through the CLI: the note on stderr, and the sweep's session holds the text's ids."""
+    ids = load_session(good).header.prompt_ids
+    path = _edited(good, tmp_path, "edited.jsonl", header={"prompt_ids": [*ids[:-1], (ids[-1] + 1) % 260]})
+    out = tmp_path / "o"
+    run = cli("batch", "--from", path, "-p", "int8", "--device", "cpu", "--max-new-tokens", "1", "--out", out)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"first differ at position {len(ids) - 1} (counted from 0): {FROM_FEEDS}" in run.stderr, run.stderr
+    assert load_session(out / "sessions" / "p000-int8-shared.jsonl").header.prompt_ids == ids  # the text's
 
 
 # ------------------------------------------------------------------ kld base files and calibration caches

@@ -591,3 +591,30 @@ def test_a_fifo_named_as_input_is_refused_in_one_line(cli, tmp_path):
         check_regular_file(fifo, "--calib")
     with pytest.raises(HieruiError, match="is a folder, not a file"):
         check_regular_file(tmp_path, "--calib")
+
+
+def test_a_session_whose_header_cannot_be_written_leaves_no_empty_file(tmp_path, monkeypatch):
+    """A disk already full when a session starts: WriteFailed, and no 0-byte file under the session's name (the
+    audit found one after a batch on a full tmpfs; the rerun resumed, but an empty session is a lie)."""
+    from engine.record import session as session_module
+    from engine.record.session import SessionWriter
+
+    real = session_module.open_for_writing
+    monkeypatch.setattr(session_module, "open_for_writing", lambda *a, **k: _FullDisk(real(*a, **k), room=0))
+    path = tmp_path / "sessions" / "p000.jsonl"
+    with pytest.raises(WriteFailed):
+        SessionWriter(path, {"model": "tiny-random", "prompt": "hi", "prompt_ids": [1, 2]})
+    assert not path.exists()
+
+
+def test_hierui_home_that_is_a_file_is_one_line_before_any_command(cli, tmp_path):
+    """$HIERUI_HOME pointing at a file ended in two chained tracebacks after the model loaded (the calibration cache's
+    cleanup raised NotADirectoryError); now one line before anything starts, and a cache store under a non-folder never
+    raises (engine.record.paths.hierui_home, engine.perturb.cache.Slot.store)."""
+    home = tmp_path / "home-file"
+    home.write_text("not a folder")
+    run = cli("prune", "-m", "tiny-random", "-p", "wanda:0.5", env={"HIERUI_HOME": home})
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        f"error: HIERUI_HOME {home} is not a folder: point HIERUI_HOME at a folder"
+    ]
+    assert home.read_text() == "not a folder"

@@ -404,7 +404,7 @@ def worst_prompt(run_dir: str | Path, n: int, spec: str | None = None, model: st
     given, the run's first spec), which picks one of the run's specs: another is refused. `model`: the user's
     --model (None: not given), which only confirms the file's: another is refused (engine.models.trust,
     confirm_only). The file is untrusted input: the model and a checkpoint spec it names go through
-    engine.models.trust."""
+    engine.models.trust. The spec's calibration is kld.json's (engine.kld.folder.recorded_calibration)."""
     import json
 
     from engine.models.trust import same, trusted

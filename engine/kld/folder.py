@@ -236,3 +236,46 @@ def write_run(out: str | Path, wanted: dict, run: KldRun, tokenizer, stored: lis
     run.results[:0] = [r for r in stored if r.spec not in {x.spec for x in run.results}]
     write_manifest(out, wanted, [r.spec for r in run.results])
     return write_tables(run, out, tokenizer)
+
+
+def recorded_calibration(run_dir: str | Path, spec: str, given: dict) -> dict | None:
+    """The calibration ({source, samples, length, seed}) a kld output folder's kld.json records for `spec`, for
+    `explore --from-kld` to open the same perturbed model the run scored; None where there is no kld.json (an
+    older folder) or it records none for the spec. `given`: the calibration the user typed (None values: not
+    given), which only confirms the record: a different value is refused (one line, exit 2), and so is a
+    --calib where the run sampled its calibration itself; a calibration file the record names goes through
+    engine.models.trust (used on its own only under $HIERUI_HOME, else when confirmed with --calib)."""
+    from engine.models.trust import same, trusted
+    from engine.record.validate import escape
+
+    path = Path(run_dir).expanduser() / MANIFEST
+    if not path.exists():
+        return None
+    where, named = escape(str(path)), escape(spec)
+    try:
+        records = json.loads(path.read_text(encoding="utf-8")).get("calibration") or {}
+        record = next((v for k, v in records.items() if same(k, spec, "spec")), None)
+        if record is None:
+            return None
+        record = {k: record[k] for k in ("source", "samples", "length", "seed")}
+        if not all(type(record[k]) is int for k in ("samples", "length", "seed")):
+            raise TypeError("the sizes and the seed are integers")
+        if not isinstance(record["source"], (str, type(None))):
+            raise TypeError("the source is a path or null")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise HieruiError(f"--from-kld {where}: not a readable kld.json") from None
+    options = {"samples": "--calib-samples", "length": "--calib-len", "seed": "--calib-seed"}
+    for key, option in options.items():
+        if given.get(key) is not None and given[key] != record[key]:
+            raise HieruiError(
+                f"{option} {given[key]}: {where} records {named} calibrated with {option} {record[key]}, and "
+                f"{option} only confirms it here: repeat it exactly or leave {option} out"
+            )
+    if given.get("source") is not None and record["source"] is None:
+        raise HieruiError(
+            f"--calib {escape(str(given['source']))}: {where} records {named} calibrated on text the model sampled "
+            "itself, and --calib only confirms a calibration file the run names: leave --calib out"
+        )
+    mine = None if given.get("source") is None else str(given["source"])
+    record["source"] = trusted(record["source"], mine, "calib", path, confirm_only=True)
+    return record

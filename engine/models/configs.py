@@ -63,6 +63,33 @@ def check_tokenizer_files(name: str) -> None:
         )
 
 
+def check_weight_files(name: str) -> None:
+    """One line (exit 2) for a local checkpoint whose weight files are broken, before anything loads: a
+    *.safetensors file whose header cannot be read or whose tensors the file does not cover (cut short), or a shard
+    its model.safetensors.index.json names that is not there. Reads each file's header only, never a tensor."""
+    ref = names.resolve(name)
+    folder = Path(ref.source)
+    if ref.kind != "local" or not folder.is_dir():
+        return
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = (config_from_file(index) or {}).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise HieruiError(f"{index}: no weight_map of tensor names to files (a broken index)")
+        absent = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        if absent:
+            raise HieruiError(f"{name}: {index.name} names {len(absent)} weight file(s) not in {folder}: {absent[0]}")
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="numpy") as f:  # the header, checked against the file's length
+                f.keys()
+        except Exception as e:  # safetensors' SafetensorError (its own class), OSError
+            cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            raise HieruiError(f"{file}: not a readable safetensors file ({cause})") from None
+
+
 # The fields a decoder's shape is read from, under the names families give them (transformers maps the others by
 # each config class's attribute_map, which check_config asks only where none of these is there)
 SHAPE_FIELDS = {
@@ -70,6 +97,18 @@ SHAPE_FIELDS = {
     "num_hidden_layers": ("num_hidden_layers", "n_layer", "n_layers", "num_layers"),
     "vocab_size": ("vocab_size", "padded_vocab_size"),
 }
+# other sizes a config may give (null where the family derives them): each must then be a positive integer
+SIZE_FIELDS = (
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "n_head",
+    "n_inner",
+    "ffn_dim",
+    "max_position_embeddings",
+    "n_positions",
+)
 
 
 def check_config(config: dict, name: str) -> dict:
@@ -79,15 +118,21 @@ def check_config(config: dict, name: str) -> dict:
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type.strip():
         raise HieruiError(f"{name}: its config.json names no model_type (not a transformers checkpoint)")
-    missing = [field for field, names in SHAPE_FIELDS.items() if not any(n in config for n in names)]
-    if missing:  # a family's own names for them, from its config class (imports transformers)
+    present = {field: [n for n in names if config.get(n) is not None] for field, names in SHAPE_FIELDS.items()}
+    if not all(present.values()):  # a family's own names for them, from its config class (imports transformers)
         aliases = getattr(_config_class(model_type, name), "attribute_map", {}) or {}
-        missing = [field for field in missing if aliases.get(field) not in config]
+        for field, keys in present.items():
+            if not keys and config.get(aliases.get(field)) is not None:
+                keys.append(aliases[field])
+    missing = [field for field, keys in present.items() if not keys]
     if missing:
         raise HieruiError(
             f"{name}: its config.json lacks {', '.join(missing)}: transformers would fill in the defaults of "
             f"{_short(model_type)}, another model's shape; give the checkpoint's complete config.json"
         )
+    for key in [k for keys in present.values() for k in keys] + [k for k in SIZE_FIELDS if config.get(k) is not None]:
+        if config_int(config, key) is None:  # "big", -5, 0, 2.5, true: transformers' traceback, or a model of nothing
+            raise HieruiError(f"{name}: its config.json's {key} is {_short(config[key])}, not a positive integer")
     return config
 
 
@@ -114,17 +159,23 @@ def _short(value, width: int = 60) -> str:
 
 
 def config_from_file(path: Path | None) -> dict | None:
-    """A config.json as a dict (a multimodal wrapper's language-model part merged in); None if unreadable."""
+    """A config.json as a dict (a multimodal wrapper's language-model part merged in); None where there is no such
+    file (not fetched or converted yet). One line (exit 2) naming the file where it is there but not a JSON
+    object (unreadable, not UTF-8, not JSON, a list): transformers would end in a traceback reading it."""
     import json
 
     if path is None or not path.is_file():
         return None
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
+    except UnicodeDecodeError:
+        raise HieruiError(f"{path}: not a JSON file (not UTF-8 text)") from None
+    except ValueError as e:  # json's JSONDecodeError: where the JSON breaks
+        raise HieruiError(f"{path}: not a JSON file ({str(e)[:100]})") from None
+    except (OSError, RecursionError) as e:
+        raise HieruiError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or type(e).__name__})") from None
     if not isinstance(config, dict):
-        return None
+        raise HieruiError(f"{path}: not a config (a JSON {type(config).__name__}, not an object)")
     if isinstance(config.get("text_config"), dict):  # a multimodal wrapper: the language model's part
         config = {**config, **config["text_config"]}
     return config

@@ -9,6 +9,7 @@ This module imports torch and transformers lazily so `hierui models` stays fast.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,8 +75,9 @@ def load(
         else:
             path = local_path_for(ref, say)
             say(f"loading {ref.display}" + (" (layers streamed from disk)" if streamed else ""))
-            loaded = from_pretrained_streamed(path, dev, dt) if streamed else None
-            model, tok = loaded or _from_pretrained(path, dev, dt, device_map)
+            with _checkpoint_errors(ref, path):
+                loaded = from_pretrained_streamed(path, dev, dt) if streamed else None
+                model, tok = loaded or _from_pretrained(path, dev, dt, device_map)
         from engine.place.streaming import is_streamed, stream
 
         if streamed and not is_streamed(model):
@@ -94,6 +96,29 @@ def load(
         tok.pad_token = tok.eos_token
     first = model.get_input_embeddings().weight
     return LoadedModel(ref, model, tok, first.device, first.dtype)
+
+
+@contextmanager
+def _checkpoint_errors(ref: ModelRef, path: Path):
+    """A local checkpoint that transformers or safetensors cannot read (what engine.models.configs' checks before
+    loading cannot see: a corrupt .bin, a tensor of the wrong shape, a config value a config class refuses): one
+    line naming the folder and the first line of the cause, exit 2, not a traceback. Running out of memory, and
+    any other kind of model, are left to load."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except HieruiError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError, StrictDataclassError) as e:
+        if ref.kind != "local" or is_oom(e):
+            raise
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        cause = " ".join(lines[:2])[:200] or type(e).__name__
+        if "ignore_mismatched_sizes" in cause:  # the report it points at is transformers' log, quieted here
+            cause = "its weights' shapes are not the ones its config.json gives"
+        raise HieruiError(f"{ref.display}: cannot load the checkpoint in {path}: {cause}") from None
 
 
 def _dispatched(model, device_map: dict):

@@ -113,7 +113,10 @@ class Slot:
             }
             atomic_write(self.meta_path, json.dumps(meta, indent=1, default=str))
         except WriteFailed as e:
-            self.path.unlink(missing_ok=True)  # an entry without its metadata is never looked up; removed anyway
+            try:
+                self.path.unlink(missing_ok=True)  # an entry without its metadata is never looked up; removed anyway
+            except OSError:  # its folder is not one (a file where it should be): nothing was written there
+                pass
             print(f"warning: {e}; going on without caching it", file=sys.stderr, flush=True)
             return None
         return self.path

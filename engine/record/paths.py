@@ -55,7 +55,13 @@ TEMP_SUFFIXES = (".tmp", ".partial")
 
 
 def hierui_home() -> Path:
-    return Path(os.environ.get("HIERUI_HOME") or Path.home() / ".cache" / "hierui")
+    """$HIERUI_HOME (default ~/.cache/hierui): a folder, or not there yet; something else there is one line (exit 2),
+    before anything is read or written under it."""
+    set_by = os.environ.get("HIERUI_HOME")
+    home = Path(set_by).expanduser() if set_by else Path.home() / ".cache" / "hierui"
+    if home.exists() and not home.is_dir():
+        raise HieruiError(f"{'HIERUI_HOME ' if set_by else ''}{home} is not a folder: point HIERUI_HOME at a folder")
+    return home
 
 
 def models_dir() -> Path:
@@ -253,7 +259,8 @@ def check_output_file(path: str | Path, what: str) -> Path:
     if path.is_dir():
         raise HieruiError(f"{what}: is a folder, not a file")
     if not path.parent.is_dir():
-        raise HieruiError(f"{what}: its folder {path.parent} does not exist")
+        there = "is a file, not a folder" if path.parent.exists() else "does not exist"
+        raise HieruiError(f"{what}: its folder {path.parent} {there}")
     try:
         check_target(path)
     except HieruiError as e:

@@ -112,6 +112,11 @@ class SessionWriter:
             pass
         finally:
             os.close(fd)
+        if self._good == 0:  # not even the header: no empty file is left under a session's name
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
         self.closed = True
         raise write_failed(self.path, error) from None
 

@@ -26,7 +26,7 @@ def read_text_file(path: str | Path, what: str) -> str:
     if b"\x00" in data:
         raise HieruiError(f"{what} {path}: a binary file, not text")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not the text's
     except UnicodeDecodeError:
         raise HieruiError(f"{what} {path}: not UTF-8 text") from None
     if not text.strip():

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from engine.errors import HieruiError
-from engine.models.configs import check_tokenizer_files, read_config
+from engine.models.configs import check_tokenizer_files, check_weight_files, read_config
 from engine.models.devices import check_device, check_dtype, pick_device
 from engine.models.names import resolve
 from engine.perturb.spec import Spec, check_fits, check_streamable, parse_spec, unperturbed
@@ -117,10 +117,12 @@ def check_specs(model: str, specs, device: str, source: dict[str, str] | None = 
     check_device(device)
     config = read_config(model)
     check_tokenizer_files(model)
+    check_weight_files(model)
     for spec in specs:
         if spec.declared.takes_path:
             try:
                 resolve(spec.path)  # a local checkpoint that is not there fails here
+                check_weight_files(spec.path)  # and one whose weight files are broken
             except HieruiError as e:
                 where = (source or {}).get("spec") or "--prune"  # an option's value or a file's
                 raise HieruiError(f"{where} {spec}: {e}") from None

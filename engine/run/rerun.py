@@ -218,11 +218,16 @@ def open_session_pair(session: Session, plan: RerunPlan, request=None, memory=No
     return pair, loaded, request
 
 
-def prompt_ids_note(header: SessionHeader, tokenizer) -> str | None:
+RERUN_FEEDS = "rerunning with the recorded ids, as the recording fed them"
+
+
+def prompt_ids_note(header: SessionHeader, tokenizer, feeds: str = RERUN_FEEDS) -> str | None:
     """What a rerun says when the prompt ids the header records and the recorded prompt tokenized again now (a
-    newer tokenizer, a chat template changed, an edited file) differ: the rerun feeds the recorded ids, since it
-    must reproduce what the models were fed; how the two differ (lengths, the first differing position). None
-    when they agree, or when the header records no ids (the prompt is then tokenized)."""
+    newer tokenizer, a chat template changed, an edited file) differ: how the two differ (lengths, the first
+    differing position), then `feeds`, which of the two the reader feeds: a rerun the recorded ids, since it must
+    reproduce what the models were fed (RERUN_FEEDS); `batch --from` the prompt tokenized again, as every prompt
+    of a sweep (engine.sweep.runner.tokenizer_notes). None when they agree, or when the header records no ids
+    (the prompt is then tokenized)."""
     from engine.models.tokens import prompt_ids
 
     recorded = [int(t) for t in header.prompt_ids or ()]
@@ -238,7 +243,7 @@ def prompt_ids_note(header: SessionHeader, tokenizer) -> str | None:
     first = next((i for i, (a, b) in enumerate(zip(recorded, again)) if a != b), min(len(recorded), len(again)))
     return (
         f"the recorded prompt_ids ({len(recorded)} tokens) and the prompt tokenized again ({len(again)} tokens) "
-        f"first differ at position {first} (counted from 0): rerunning with the recorded ids, as the recording fed them"
+        f"first differ at position {first} (counted from 0): {feeds}"
     )
 
 

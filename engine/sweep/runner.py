@@ -141,7 +141,7 @@ def _record(
     request = sweep_request(sweep, use_cache)
     # the dense model once, placed by the driver's plan (streamed layers, or a device_map for several GPUs)
     loaded = open_dense(request, getattr(sweep, "plan", None), progress=hooks.message)
-    for note in check_choices(sweep, loaded.tokenizer):  # bad choices fail now, not in the middle of the sweep
+    for note in tokenizer_notes(sweep, loaded.tokenizer):  # bad choices fail now, not in the middle of the sweep
         hooks.message(note)
     from engine.record.architecture import describe
 
@@ -200,6 +200,26 @@ def calibration_of(sweep: Sweep, spec: Spec, loaded, built: dict, use_cache: boo
         calibration.seconds = time.perf_counter() - started
         built[settings] = calibration
     return built[settings]
+
+
+# batch --from sweeps its session's prompt as text: what it says when the recorded ids differ (engine.run.rerun)
+FROM_FEEDS = "sweeping the prompt tokenized again, as batch does every prompt (replay --rerun feeds the recorded ids)"
+
+
+def tokenizer_notes(sweep: Sweep, tokenizer) -> list[str]:
+    """What a sweep checks and says once its tokenizer is loaded, before batch.json (local and Ray sweeps): every
+    prompt's choices (check_choices), and for `batch --from` of the session's own model, whether its prompt
+    tokenized again gives the ids the session recorded (engine.run.rerun.prompt_ids_note): the sweep feeds the
+    text, and says so where they differ."""
+    from engine.models.trust import same
+    from engine.run.rerun import prompt_ids_note
+
+    notes = check_choices(sweep, tokenizer)
+    header = sweep.from_header
+    if header is not None and header.model is not None and same(header.model, sweep.model, "model"):
+        told = prompt_ids_note(header, tokenizer, FROM_FEEDS)
+        notes += [told] if told is not None else []
+    return notes
 
 
 def check_choices(sweep: Sweep, tokenizer) -> list[str]:

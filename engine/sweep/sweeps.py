@@ -53,6 +53,9 @@ class Sweep:
     files: dict[str, str] = field(default_factory=dict)
     # "flips": attribute every flip step of each run once it is recorded (engine.run.attribution); "none"
     attribute: str = "none"
+    # batch --from: the session's header. Its prompt is swept as text, tokenized by the sweep's model as every
+    # prompt is; engine.sweep.runner.tokenizer_notes says when that differs from the ids the session recorded
+    from_header: SessionHeader | None = None
 
     def runs(self) -> list[Run]:
         """Every generation run, in loop order: spec, then prompt, then mode (multiple-choice items excluded)."""
@@ -169,11 +172,11 @@ def plan_sweep(
     given = {k: v for k, v in settings.items() if v is not None}
     calib_given = {k: v for k, v in (calib or {}).items() if v is not None}
     if from_session is not None:
-        prompts, model, modes, base, base_calib = _rerun_inputs(from_session, model, specs, modes, calib_given)
+        header, prompts, model, modes, base, base_calib = _rerun_inputs(from_session, model, specs, modes, calib_given)
         source = str(from_session)
     else:
         prompts, source = _read_sweep_prompts(prompts_file, prompts_text)
-        base, base_calib = dict(SWEEP_DEFAULTS), {}
+        header, base, base_calib = None, dict(SWEEP_DEFAULTS), {}
     base.update(given)
 
     model = model or DEFAULT_MODEL
@@ -192,15 +195,16 @@ def plan_sweep(
         model, prompts, parsed, modes, StepSettings(**base), calibration, device, dtype, source, dict(files or {})
     )
     sweep.attribute = attribute
+    sweep.from_header = header
     _check_runs(sweep, config)
     return sweep
 
 
 def _rerun_inputs(
     from_session, model: str | None, specs: list[str] | None, modes: list[str] | None, calib_given: dict
-) -> tuple[list[PromptItem], str | None, list[str], dict, dict]:
-    """`batch --from`: the session's prompt, model, mode, settings and calibration as the sweep's (prompts, model,
-    modes, settings, calibration) before the user's options override them."""
+) -> tuple[SessionHeader, list[PromptItem], str | None, list[str], dict, dict]:
+    """`batch --from`: the session's header, and its prompt, model, mode, settings and calibration as the sweep's
+    (prompts, model, modes, settings, calibration) before the user's options override them."""
     if not specs:
         raise HieruiError("--from SESSION reruns a session under other perturbations: give at least one --prune")
     base, base_calib = dict(SWEEP_DEFAULTS), {}
@@ -212,7 +216,7 @@ def _rerun_inputs(
     if header.calibration is not None:
         sizes = {k: getattr(header.calibration, k) for k in ("samples", "length", "seed")}
         base_calib.update({k: v for k, v in sizes.items() if v is not None})
-    return prompts, model, modes or [header.mode], base, base_calib
+    return header, prompts, model, modes or [header.mode], base, base_calib
 
 
 def _read_sweep_prompts(prompts_file, prompts_text: str | None) -> tuple[list[PromptItem], str]:
@@ -278,11 +282,16 @@ def _from_header(from_session, model: str | None, calib_given: dict) -> tuple[Se
     """The header of `batch --from`'s session (checked by load_session: every field's type and range), with the
     model and the calibration file the sweep takes from it: the user's --model and --calib, else the header's
     where engine.models.trust lets a file name them on its own (a path or hub id needs --model, a calibration
-    file --calib: one line each)."""
-    from engine.models.trust import trusted
+    file --calib: one line each). Where the sweep's model is the session's, every token id the session holds is
+    checked against its embedding before anything loads (engine.run.rerun.check_ids_before_loading, as replay
+    --rerun does): a file with an impossible id is refused in one line; with another --model its ids are of
+    another vocabulary, and the sweep uses none of them (the prompt is swept as text)."""
+    from engine.models.trust import same, trusted
     from engine.record.validate import escape
+    from engine.run.rerun import check_ids_before_loading
 
-    header = load_session(from_session).header
+    session = load_session(from_session)
+    header = session.header
     where = escape(str(from_session))
     header.require(from_session, ("prompt",), "nothing to rerun")
     if not header.prompt.strip():
@@ -294,6 +303,9 @@ def _from_header(from_session, model: str | None, calib_given: dict) -> tuple[Se
         )
     model = trusted(header.model, model, "model", from_session)
     source = trusted(header.calibration_file, calib_given.get("source"), "calib", from_session)
+    swept = model or DEFAULT_MODEL
+    if header.model is not None and same(header.model, swept, "model"):
+        check_ids_before_loading(session, swept)
     return header, model, source
 
 

@@ -141,10 +141,10 @@ class PairWorker:
         """Load the model and check the prompts' choices; who this worker is, what it loaded, the notes."""
         from engine.record.architecture import describe
         from engine.sweep.folder import noise_floor
-        from engine.sweep.runner import check_choices
+        from engine.sweep.runner import tokenizer_notes
 
         loaded = self._load()
-        notes = check_choices(self.sweep, loaded.tokenizer)
+        notes = tokenizer_notes(self.sweep, loaded.tokenizer)
         return {
             "worker": self.name,
             "host": self.host,

@@ -82,7 +82,7 @@ def ray_options(recipe: str | None, address: str | None, cpus: int | None, gpus:
 
 
 PATH_OPTIONS = ("--out", "-o", "--save", "--sessions", "--calib", "--prompts", "--from")
-PATH_OPTIONS += ("--text", "--base", "--save-base")  # hierui kld
+PATH_OPTIONS += ("--text", "--base", "--save-base", "--json", "--recipe", "--from-kld")  # kld, check, batch, explore
 
 
 def reject_empty_paths(args: list[str]) -> None:

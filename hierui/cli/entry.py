@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         reject_empty_paths(sys.argv[1:] if argv is None else argv)
+        if not {"--help", "-h"} & set(sys.argv[1:] if argv is None else argv):
+            from engine.record.paths import hierui_home
+
+            hierui_home()  # $HIERUI_HOME that is not a folder: one line before any command starts
         # not standalone: a usage error comes back here to be one line, not click's box
         code = _command()(args=argv, prog_name="hierui", standalone_mode=False)
         # as click's standalone mode: always SystemExit, with typer.Exit(N)'s code (or click's ctx.exit)

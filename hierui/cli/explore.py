@@ -27,9 +27,10 @@ FromKld = Annotated[
     Optional[Path],
     typer.Option(
         "--from-kld",
-        help="a hierui kld output folder: its model and spec (--prune if the run has it), the prompt the raw text "
-        "before its --worst N-th token; a model or checkpoint it names by path or hub id is used only when you "
-        "repeat it with --model or --prune",
+        help="a hierui kld output folder: its model, spec (--prune if the run has it) and that spec's calibration "
+        "(the --calib options only confirm it), the prompt the raw text before its --worst N-th token; a model, "
+        "checkpoint or calibration file it names by path or hub id is used only when you repeat it with --model, "
+        "--prune or --calib",
     ),
 ]
 
@@ -73,17 +74,22 @@ def explore(
     from engine.run.open import blamed
 
     source = None  # where the model and spec came from, when a file named them (engine.run.open.pair_request)
+    given_calib = dict(source=calib, samples=calib_samples, length=calib_len, seed=calib_seed)
     if from_kld is not None:  # the context of a high-KLD token of a corpus run, as a raw prompt
-        found = _from_kld(ctx, from_kld, worst, spec, model)
+        found = _from_kld(ctx, from_kld, worst, spec, model, given_calib)
         model, spec, prompt, raw = found["model"], found["spec"], found["prompt"], True
         source = found["source"]
+        if found["calibration"] is not None:  # the run's own calibration: the model that scored its tokens
+            given_calib = found["calibration"]
+            calib = Path(given_calib["source"]) if given_calib["source"] is not None else None
     with blamed(source, "model"):
         resolve(model)  # everything the user typed is checked before the UI starts
     with blamed(source, "spec"):
         parsed = parse_spec(spec)
     _check_mode(ctx, from_kld is not None, sample, parsed)
     # engine.record.settings: the one default calibration, the same in every command
-    calibration = calibration_for(parsed.method, samples=calib_samples, length=calib_len, seed=calib_seed)
+    sizes = {k: v for k, v in given_calib.items() if k != "source"}
+    calibration = calibration_for(parsed.method, **sizes)
     settings = StepSettings(
         mode=mode,
         temperature=temperature,
@@ -122,16 +128,20 @@ def explore(
     )
 
 
-def _from_kld(ctx: typer.Context, run_dir: Path, worst: int, spec: str, model: str) -> dict:
-    """--from-kld: the model, spec and prompt of the run's --worst N-th token (engine.kld.corpus.worst_prompt), and
-    `source`, the labels an error about the model or spec starts with. The file's model and spec only where
-    engine.models.trust allows; a --model the user typed only confirms the file's, a --prune picks one of its
-    specs (anything else is refused)."""
+def _from_kld(ctx: typer.Context, run_dir: Path, worst: int, spec: str, model: str, calib: dict) -> dict:
+    """--from-kld: the model, spec and prompt of the run's --worst N-th token (engine.kld.corpus.worst_prompt),
+    the calibration kld.json records for that spec (engine.kld.folder.recorded_calibration; None: none, the
+    defaults then), and `source`, the labels an error about the model or spec starts with. The file's model and
+    spec only where engine.models.trust allows; a --model the user typed only confirms the file's, a --prune picks
+    one of its specs, and the calibration options (`calib`: source, samples, length, seed; None: not given) only
+    confirm the calibration kld.json records for it (anything else is refused)."""
     from engine.kld.corpus import worst_prompt
+    from engine.kld.folder import recorded_calibration
     from engine.record.validate import escape
 
     given = checks.given_options(ctx, "model", "spec")
     found = worst_prompt(run_dir, worst, spec if given["--prune"] else None, model if given["--model"] else None)
+    found["calibration"] = recorded_calibration(run_dir, found["spec"], calib)
     where = escape(str(Path(run_dir).expanduser() / "kld_worst.json"))
     return {**found, "source": {"model": f"{where}: the run's model", "spec": f"{where}: the run's perturbation"}}
 

@@ -246,6 +246,13 @@ def show_path(path: Path, steps: bool, full: bool = False) -> None:
     if path.is_dir():
         from hierui.views.batch import is_batch_output, show_batch
 
+        if steps or full:  # a folder is shown as its tables or its list of sessions: no steps, nothing cut
+            from engine.errors import HieruiError
+
+            given = " and ".join(o for o, on in (("--steps", steps), ("--full", full)) if on)
+            verb = "apply" if steps and full else "applies"
+            raise HieruiError(f"{given} only {verb} to a session file; {path} is a folder: show one of its sessions")
+
         if is_batch_output(path):  # a `hierui batch` output: the report's table and charts
             show_batch(path, console)
             return
