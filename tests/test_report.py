@@ -124,7 +124,20 @@ BAD = [
         'prompts = ["open.txt"]\nspecs = ["none"]\n[calibration]\nsamples = 0\n',
         "'calibration.samples' must be at least 1",
     ),
+    # a value the step settings refuse is named as the recipe's (it read as if the user had typed --temperature)
+    ("infinite temperature", 'prompts = ["open.txt"]\nspecs = ["none"]\ntemperature = inf\n', "temperature must be a"),
+    ("nan temperature", 'prompts = ["open.txt"]\nspecs = ["none"]\ntemperature = nan\n', "temperature must be a"),
 ]
+
+
+def test_a_recipes_max_new_tokens_beyond_the_context_is_named_as_the_recipes(cli, tmp_path):
+    """A recipe's max_new_tokens that overflows the model's context was reported as `--max-new-tokens N`, an option
+    the user never typed."""
+    text = 'model = "tiny-random"\nprompts = ["open.txt"]\nspecs = ["none"]\nmax_new_tokens = 50000\n'
+    write_recipe(tmp_path / "r", text)
+    run = cli("batch", "--recipe", tmp_path / "r" / "tiny.toml", "--out", tmp_path / "out")
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "recipe tiny.toml's max_new_tokens 50000 does not fit" in run.stderr and "--max-new-tokens" not in run.stderr
 
 
 @pytest.mark.parametrize("kind, text, message", BAD, ids=[b[0] for b in BAD])

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from engine.errors import HieruiError
 from engine.record.paths import check_regular_file
-from engine.record.settings import CALIB_DEFAULTS, MODES, SWEEP_DEFAULTS, SWEEP_FIELDS
+from engine.record.settings import CALIB_DEFAULTS, MODES, SWEEP_DEFAULTS, SWEEP_FIELDS, StepSettings
 
 DATA = Path(__file__).parent.parent / "data"
 RECIPES = DATA / "recipes"
@@ -176,8 +176,10 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     for key in ("max_new_tokens", "topk"):
         if key in recipe.settings and recipe.settings[key] < 1:
             raise HieruiError(f"{where}: '{key}' must be at least 1, got {recipe.settings[key]}")
-    if "temperature" in recipe.settings and not recipe.settings["temperature"] > 0:
-        raise HieruiError(f"{where}: 'temperature' must be above 0, got {recipe.settings['temperature']}")
+    try:  # every value a step setting must hold (a finite temperature in range, ...), named as the recipe's
+        StepSettings(**{**SWEEP_DEFAULTS, **recipe.settings}).validate()
+    except HieruiError as e:
+        raise HieruiError(f"{where}: {e}") from None
     if "batch_size" in data:
         if data["batch_size"] < 1:
             raise HieruiError(f"{where}: 'batch_size' must be at least 1, got {data['batch_size']}")
@@ -294,9 +296,12 @@ def apply_recipe(
     merged["model"] = args.get("model") or recipe.model
     merged["specs"] = args.get("specs") or recipe.specs
     merged["modes"] = args.get("modes") or recipe.modes
+    labels = {}
     for key, value in recipe.settings.items():
         if merged.get(key) is None:
             merged[key] = value
+            labels[key] = f"recipe {recipe.path.name}'s {key}"
+    merged["labels"] = labels
     calib = dict(args.get("calib") or {})
     for key, value in recipe.calibration.items():
         if calib.get(key) is None:

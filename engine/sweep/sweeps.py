@@ -56,6 +56,8 @@ class Sweep:
     # batch --from: the session's header. Its prompt is swept as text, tokenized by the sweep's model as every
     # prompt is; engine.sweep.runner.tokenizer_notes says when that differs from the ids the session recorded
     from_header: SessionHeader | None = None
+    # where a setting came from when the user did not type it (a recipe's key), as errors about it name it
+    labels: dict[str, str] = field(default_factory=dict)
 
     def runs(self) -> list[Run]:
         """Every generation run, in loop order: spec, then prompt, then mode (multiple-choice items excluded)."""
@@ -157,6 +159,7 @@ def plan_sweep(
     prompts_text: str | None = None,
     files: dict[str, str] | None = None,
     attribute: str = "none",
+    labels: dict[str, str] | None = None,
     **settings,
 ) -> Sweep:
     """Check the whole sweep before anything is loaded. `settings` (SWEEP_FIELDS) and `calib` values left
@@ -196,6 +199,7 @@ def plan_sweep(
     )
     sweep.attribute = attribute
     sweep.from_header = header
+    sweep.labels = dict(labels or {})
     _check_runs(sweep, config)
     return sweep
 
@@ -320,7 +324,8 @@ def _check_context(sweep: Sweep, config: dict | None) -> None:
 
     context = config_int(config, "max_position_embeddings")
     s = sweep.settings
-    fit_context(1, s.max_new_tokens, context, truncate=True)  # --max-new-tokens alone must fit
+    option = sweep.labels.get("max_new_tokens", "--max-new-tokens")
+    fit_context(1, s.max_new_tokens, context, truncate=True, option=option)  # --max-new-tokens alone must fit
     if context is None or s.truncate or not any(not p.is_choice for p in sweep.prompts):
         return
     if resolve(sweep.model).kind == "hub":
@@ -329,7 +334,9 @@ def _check_context(sweep: Sweep, config: dict | None) -> None:
     for item in sweep.prompts:
         if not item.is_choice:
             try:
-                fit_context(len(prompt_ids(tokenizer, item.prompt, raw=s.raw)), s.max_new_tokens, context)
+                fit_context(
+                    len(prompt_ids(tokenizer, item.prompt, raw=s.raw)), s.max_new_tokens, context, option=option
+                )
             except HieruiError as e:
                 raise HieruiError(f"prompt {item.id}: {e}") from None
 
