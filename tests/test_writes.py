@@ -618,3 +618,15 @@ def test_hierui_home_that_is_a_file_is_one_line_before_any_command(cli, tmp_path
         f"error: HIERUI_HOME {home} is not a folder: point HIERUI_HOME at a folder"
     ]
     assert home.read_text() == "not a folder"
+
+
+def test_a_link_loop_or_a_dangling_link_named_as_a_session_says_so(cli, tmp_path):
+    """`show LOOP` said "session not found" where --prompts said "Too many levels of symbolic links": one wording,
+    from check_regular_file, for every file a user names."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nothing")
+    loop = cli("show", tmp_path / "a")
+    assert loop.returncode == 2 and "Too many levels of symbolic links" in loop.stderr, loop.stderr
+    dangling = cli("show", tmp_path / "dangling")
+    assert dangling.returncode == 2 and "not found (a link to nothing)" in dangling.stderr, dangling.stderr

@@ -91,7 +91,8 @@ def check_regular_file(path: str | Path, what: str) -> Path:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise HieruiError(f"{what} {path}: not found") from None
+        dangling = " (a link to nothing)" if path.is_symlink() else ""
+        raise HieruiError(f"{what} {path}: not found{dangling}") from None
     except OSError as e:
         raise HieruiError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
     if stat.S_ISDIR(mode):

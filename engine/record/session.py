@@ -198,7 +198,7 @@ def load_session(path: str | Path) -> Session:
 def _read_lines(path: Path) -> list[tuple[int, bytes]]:
     """The file's non-blank lines as (line number in the file, raw bytes); a missing, unreadable or empty file is
     one HieruiError."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():  # a link loop or a dangling link: check_regular_file says which
         raise HieruiError(f"session not found: {path}")
     if path.is_dir():
         raise HieruiError(f"{path} is a directory, not a session file")
