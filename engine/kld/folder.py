@@ -34,7 +34,6 @@ MANIFEST = "kld.json"
 FORMAT = "hierui-kld"
 VERSION = 1
 SUMMARY, TOKENS = "kld_summary.parquet", "kld_tokens.parquet"
-BATCH_MANIFEST = "batch.json"  # engine.sweep.folder.MANIFEST
 
 # what makes two kld runs the same one, and how a refusal names each
 COMPARED = {
@@ -130,33 +129,16 @@ def check_out(wanted: dict, out: str | Path) -> list[str]:
 
 
 def _check_batch(wanted: dict, out: Path) -> None:
-    """A batch folder takes a kld run of the same model and (where both calibrate) the same calibration."""
-    path = out / BATCH_MANIFEST
-    if not path.is_file():
-        return
-    try:
-        batch = json.loads(path.read_text(encoding="utf-8"))
-        model, calibration = batch["model"], batch.get("calibration")
-        if not isinstance(calibration, (dict, type(None))):
-            raise TypeError("calibration is a mapping")
-    except (OSError, ValueError, KeyError, TypeError):
-        raise HieruiError(f"{path} is unreadable; use another --out") from None
-    differ = [] if _model_key(model) == wanted["model_key"] else [f"another model ({model})"]
-    differ += [f"another calibration of {spec}" for spec in calibrations_differ(calibration, wanted["calibration"])]
+    """A batch folder takes a kld run of the same model and (where both calibrate) the same calibration
+    (engine.sweep.folder.other_run_differs, the rule a sweep into a kld folder meets too)."""
+    from engine.sweep.folder import MANIFEST, other_run_differs
+
+    differ = other_run_differs(out / MANIFEST, wanted["model_key"], wanted["calibration"])
     if differ:
         raise HieruiError(
             f"{out} holds a batch sweep of {' and '.join(differ)}: a kld run goes into a batch folder only with "
             f"the same model and calibration; use another --out"
         )
-
-
-def _model_key(name) -> str | None:
-    from engine.models.names import resolve
-
-    try:
-        return resolve(str(name)).cache_key()
-    except HieruiError:
-        return None
 
 
 def stored_specs(out: str | Path) -> list[str]:

@@ -91,24 +91,41 @@ def check_out(sweep: Sweep, out: str | Path) -> bool:
 KLD_MANIFEST = "kld.json"  # engine.kld.folder.MANIFEST (that layer sits above this one)
 
 
+def other_run_differs(path: Path, model_key: str | None, calibration: dict | None) -> list[str]:
+    """What keeps a run of `model_key` with `calibration` (spec → settings, engine.record.settings.calibrations)
+    out of a folder that holds the other command's run, whose manifest is `path` (batch.json for a kld run, kld.json
+    for a sweep): "another model (M)" and "another calibration of S" for every spec both calibrate differently;
+    [] where there is no such manifest. One rule for both directions; an unreadable manifest is one line."""
+    from engine.record.settings import calibrations_differ
+
+    if not path.is_file():
+        return []
+    try:
+        other = json.loads(path.read_text(encoding="utf-8"))
+        model, recorded = other["model"], other.get("calibration")
+        if not isinstance(recorded, (dict, type(None))):
+            raise TypeError("calibration is a mapping")
+        key = other["model_key"] if "model_key" in other else _model_key(model)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise HieruiError(f"{path} is unreadable; use another --out") from None
+    differ = [] if key == model_key else [f"another model ({model})"]
+    return differ + [f"another calibration of {spec}" for spec in calibrations_differ(recorded, calibration)]
+
+
+def _model_key(name) -> str | None:
+    """The cache key of the model a manifest names (None: a name this hierui does not resolve)."""
+    from engine.models.names import resolve
+
+    try:
+        return resolve(str(name)).cache_key()
+    except HieruiError:
+        return None
+
+
 def _check_kld(manifest: dict, out: Path) -> None:
     """A folder holding a `hierui kld` run takes a sweep of the same model and, for every spec both calibrate,
     the same calibration (the rule engine.kld.folder applies the other way round); else one line."""
-    from engine.models.names import resolve
-    from engine.record.settings import calibrations_differ
-
-    path = out / KLD_MANIFEST
-    if not path.is_file():
-        return
-    try:
-        kld = json.loads(path.read_text(encoding="utf-8"))
-        key, calibration = kld["model_key"], kld.get("calibration")
-        if not isinstance(calibration, (dict, type(None))):
-            raise TypeError("calibration is a mapping")
-    except (OSError, ValueError, KeyError, TypeError):
-        raise HieruiError(f"{path} is unreadable; use another --out") from None
-    differ = [] if resolve(manifest["model"]).cache_key() == key else [f"another model ({kld.get('model')})"]
-    differ += [f"another calibration of {spec}" for spec in calibrations_differ(calibration, manifest["calibration"])]
+    differ = other_run_differs(out / KLD_MANIFEST, _model_key(manifest["model"]), manifest["calibration"])
     if differ:
         raise HieruiError(
             f"{out} holds a kld run of {' and '.join(differ)}: a sweep goes into a kld folder only with the same "

@@ -165,7 +165,7 @@ def _check_mode(sweep, seed, calibration: dict) -> None:
     calibrates (--counterfactual without free runs: engine.sweep.sweeps.plan_sweep)."""
     if not sweep.settings.sample:
         checks.refuse_unused({"--seed": seed is not None}, "--sample", only=True)
-    checks.calibration_unused(sweep.specs, {option: value is not None for option, value in calibration.items()})
+    checks.calibration_unused(sweep.specs, calibration)
 
 
 def _run(sweep, out: Path, ray_options, use_cache: bool, batch_size: int | None):

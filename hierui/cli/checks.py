@@ -134,12 +134,13 @@ def refuse_unused(given: dict[str, bool], mode: str, why: str = "", only: bool =
     raise HieruiError(f"{', '.join(names)} {what}" + (f": {why}" if why else ""))
 
 
-def calibration_unused(specs, given: dict[str, bool]) -> None:
-    """The calibration options (`given`: given_options of --calib, --calib-samples, --calib-len, --calib-seed) do
-    nothing when no spec of the run calibrates (magnitude, int8, none, a checkpoint): refused (refuse_unused).
-    `specs`: the parsed specs (engine.perturb.spec.Spec)."""
+def calibration_unused(specs, given: dict) -> None:
+    """The calibration options do nothing when no spec of the run calibrates (magnitude, int8, none, a
+    checkpoint): refused (refuse_unused). `given`: each option (--calib, --calib-samples, ...) → whether it was
+    given (given_options) or its value (None: not given). `specs`: the parsed specs (engine.perturb.spec.Spec)."""
     specs = list(specs)
     if not specs or any(spec.needs_calibration for spec in specs):
         return
     they = "it calibrates" if len(specs) == 1 else "they calibrate"
-    refuse_unused(given, f"--prune {', '.join(map(str, specs))}", f"{they} nothing")
+    typed = {option: value is not None and value is not False for option, value in given.items()}
+    refuse_unused(typed, f"--prune {', '.join(map(str, specs))}", f"{they} nothing")

@@ -84,7 +84,7 @@ def kld(
     checks.output_file(save_base, "--save-base")
     checks.check_dtype(dtype)
     typed = {"--calib": calib, "--calib-samples": calib_samples, "--calib-len": calib_len, "--calib-seed": calib_seed}
-    checks.calibration_unused(parsed, {option: value is not None for option, value in typed.items()})
+    checks.calibration_unused(parsed, typed)
     given = _calibration(model, parsed, calib, calib_samples, calib_len, calib_seed)
     corpus = str(text) if text is not None else (suite or "heldout")
     body = kldmod.read_text(text) if text is not None else kldmod.suite_text(suite or "heldout")

@@ -58,7 +58,7 @@ def prune(
     parsed = parse_spec(spec)
     typed = {"--calib": calib, "--calib-samples": calib_samples, "--calib-len": calib_len, "--calib-seed": calib_seed}
     typed["--seed"] = seed
-    checks.calibration_unused([parsed], {option: value is not None for option, value in typed.items()})
+    checks.calibration_unused([parsed], typed)
     calib_seed = _calib_seed(seed, calib_seed)
     calibration = calibration_for(  # engine.record.settings: the one default, the same in every command
         parsed.method, source=None, samples=calib_samples, length=calib_len, seed=calib_seed
@@ -134,7 +134,7 @@ def plan(
     resolve(model)
     parsed = [parse_spec(s) for s in (specs or [DEFAULT_SPEC])]
     typed = {"--calib": calib, "--calib-samples": calib_samples, "--calib-len": calib_len}
-    checks.calibration_unused(parsed, {option: value is not None for option, value in typed.items()})
+    checks.calibration_unused(parsed, typed)
     size = parse_size(gpu_mem) if gpu_mem is not None else None
     checks.check_calib_file(calib)  # a text file (its length is not the plan's business)
     checks.check_dtype(dtype)
