@@ -110,8 +110,8 @@ def run_case(case: dict) -> dict:
 
     time_stepper(pair, WARMUP_STEPS)  # warm both paths up
     time_stepper(pair, WARMUP_STEPS, lens=False)
-    t_on, fed, prompt_ids = time_stepper(pair, steps)
-    t_off, _, _ = time_stepper(pair, steps, lens=False)
+    t_on, fed, prompt_ids, _ = time_stepper(pair, steps)
+    t_off, _, _, _ = time_stepper(pair, steps, lens=False)
     t_bare = time_bare(pair, prompt_ids.to(device), fed)
     out.update(step_ms=t_on / steps * 1000, step_off_ms=t_off / steps * 1000, bare_ms=t_bare / steps * 1000)
     out["pair_peak"] = _peak(device)

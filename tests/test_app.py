@@ -746,13 +746,13 @@ def test_a_replay_without_the_lens_says_so_and_attribution_needs_the_models(tiny
     path = tmp_path / "nolens.jsonl"
     SessionRecorder(Stepper(tiny_pair, "No lens", StepSettings(max_new_tokens=4, lens=False)), [path]).run()
     session = load_session(path)
-    assert session.header["lens"] is False and "lens_kl" not in session.steps[0]
+    assert session.header.lens == "off" and "lens_kl" not in session.steps[0]
     app = HieruiApp(session=session)
 
     async def scenario():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.pause()
-            assert "the logit lens was off for this run (--no-lens)" in text_of(app, "#heatmap")
+            assert "the logit lens was off for this run (--lens off)" in text_of(app, "#heatmap")
             for key, what in (("a", "attribution"), ("b", "branching")):
                 await pilot.press(key)
                 await pilot.pause()

@@ -335,7 +335,15 @@ def test_settings_are_frozen_and_the_manifest_format_is_unchanged(sweep_files, u
         ],
         "specs": ["wanda:0.5", "none"],
         "modes": ["shared", "free"],
-        "settings": {"temperature": 1.0, "max_new_tokens": 5, "sample": False, "seed": 0, "raw": False, "topk": 5},
+        "settings": {
+            "temperature": 1.0,
+            "max_new_tokens": 5,
+            "sample": False,
+            "seed": 0,
+            "raw": False,
+            "topk": 5,
+            "lens": "sampled",
+        },
         "calibration": {"wanda:0.5": {"source": None, "samples": 4, "length": 16, "seed": 0}},  # per spec
         "device": "auto",
         "dtype": "auto",

@@ -45,7 +45,7 @@ def test_a_real_header_round_trips_to_the_same_line(tiny, tmp_path, settings):
     writer.close()
     assert json.loads(_first_line(again)) == {**header.to_dict(), "created": writer.header.created}
     assert header.perturbation.spec == "magnitude:0.5" and header.model == "tiny-random"
-    assert header.counterfactual is bool(settings) and header.lens is True
+    assert header.counterfactual is bool(settings) and header.lens == "all"
 
 
 def test_every_optional_field_round_trips(tmp_path):
@@ -94,7 +94,7 @@ def test_an_old_header_gets_the_documented_defaults(tiny, tmp_path):
     minimal = header_of({"model": "m", "prompt": "p"})
     assert (minimal.mode, minimal.temperature, minimal.seed, minimal.topk) == ("shared", 1.0, 0, 5)
     assert (minimal.sample, minimal.raw, minimal.perturbation.spec, minimal.calibration) == (False, False, None, None)
-    assert R.settings_from_header(header, 3).lens is False  # a rerun records no lens where there was none
+    assert R.settings_from_header(header, 3).lens == "off"  # a rerun records no lens where there was none
 
 
 def test_an_old_header_loads_shows_replays_and_reruns(cli, tiny, tmp_path):
@@ -116,7 +116,7 @@ def test_every_shipped_session_loads_and_its_header_line_round_trips(path):
 
 
 WRONG = {
-    "lens": ("yes", 'lens is "yes", expected true or false'),
+    "lens": ("yes", 'lens is "yes", expected all or sampled or off (version 1: true or false)'),
     "truncated_from": ("9", 'truncated_from is "9", expected an integer'),
     "plan": (3, "plan is 3, expected an object"),
     "parent": ({"step": "two"}, 'parent.step is "two", expected an integer'),

@@ -115,6 +115,59 @@ def test_every_statistic_against_numpy(tiny, pair, run):
     assert s["hidden_cos"][0] == pytest.approx(1.0)  # the embeddings are not pruned
 
 
+def test_chunked_scoring_equals_a_direct_computation(tiny, pair, monkeypatch):
+    """Guards the one-pass, chunked scoring (engine.kld.window): every per-token metric and the hidden-state cosines
+    equal a straightforward float64 computation from each window's full logits and output_hidden_states, to 1e-6,
+    with chunks of 4 positions (several per window, the last one short)."""
+    import torch
+
+    from engine.kld import window as W
+
+    monkeypatch.setattr(W, "CHUNK_ELEMENTS", 4 * tiny.model.config.vocab_size)
+    m = CTX - 1 - CTX // 2
+    assert W.chunks(m, tiny.model.config.vocab_size) == [(0, 4), (4, 8), (8, 12), (12, 15)]
+    got = kld.score(tiny, [pair], TEXT, "test", ctx=CTX)
+    d = _direct(tiny, pair)
+    tokens = got.results[0].tokens
+    for name in ("kl", "kl_rev", "dp", "nll_d", "nll_p", "conf_d"):
+        np.testing.assert_allclose(tokens[name], d[name], rtol=0, atol=1e-6, err_msg=name)
+    assert (tokens["same_top"] == d["same_top"]).all()
+    cos = np.zeros(tiny.model.config.num_hidden_layers + 1)
+    for start in got.starts:
+        window = list(got.ids[start : start + CTX])
+        window[0] = got.bos if got.bos is not None else window[0]
+        with torch.no_grad():
+            h_d = tiny.model(input_ids=torch.tensor([window]), output_hidden_states=True).hidden_states
+            h_p = pair.perturbed(input_ids=torch.tensor([window]), output_hidden_states=True).hidden_states
+        for layer, (a, b) in enumerate(zip(h_d, h_p)):
+            a, b = a[0, -(m + 1) : -1].double().numpy(), b[0, -(m + 1) : -1].double().numpy()
+            cos[layer] += (np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).sum()
+    np.testing.assert_allclose(got.results[0].hidden_cos, cos / len(d["kl"]), rtol=0, atol=1e-6)
+
+
+def test_no_model_builds_the_logits_of_every_scored_position(tiny, pair, tmp_path):
+    """Guards the bounded memory of long contexts: each model's own head computes one position per window (the
+    check), the scored positions' logits are made chunk by chunk outside it, with the dense model and against a
+    base file alike (before: [m + 1, vocabulary] logits per model and window, 1.6 GB at ctx 8192 on the embedded
+    model)."""
+    from engine.kld.base import BaseFile, BaseWriter
+
+    rows = []
+    hooks = [
+        model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: rows.append(out.shape[-2]))
+        for model in (tiny.model, pair.perturbed)
+    ]
+    try:
+        writer = BaseWriter(tmp_path / "b.st")
+        full = kld.score(tiny, [pair], TEXT, "test", ctx=CTX, save_base=writer)
+        writer.write(tiny.tokenizer, TEXT, kld.layout(len(full.ids), CTX, None), "tiny-random")
+        kld.score(tiny, [pair], TEXT, "test", ctx=CTX, base=BaseFile(writer.path))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert rows and set(rows) == {1}
+
+
 def test_uncertainty_is_zero_for_ten_values_or_fewer():
     assert KS.mean_and_uncertainty([1.0, 2.0, 3.0]) == (2.0, 0.0)
     assert KS.covariance([1.0] * 5, [2.0] * 5) == 0.0
@@ -187,18 +240,39 @@ def test_exact_base_file_equals_the_two_model_run(member, tmp_path):
 
 
 def test_exact_base_refuses_a_model_whose_logits_are_rescaled(tiny, tmp_path):
-    """A model whose logits are not head(h) (here: a logit scale) cannot be written as an exact file."""
-    import torch
-
+    """A model whose logits are not head(h) (here: a logit scale on the head's output) cannot be written as an exact
+    file: engine.kld.window.forward checks every window against the row the model's own head computed."""
     from engine.kld.base import BaseWriter
 
-    writer = BaseWriter(tmp_path / "x.st")
-    writer.bind(tiny.model)
-    h = torch.randn(3, tiny.model.config.hidden_size)
-    logits = tiny.model.get_output_embeddings()(h).float()
-    with pytest.raises(HieruiError, match="--base-k"):
-        writer.add(logits * 1.5, torch.zeros(3, dtype=torch.long), h)
-    writer.add(logits, torch.zeros(3, dtype=torch.long), h)  # the model's own logits pass
+    scale = tiny.model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: out * 1.5)
+    try:
+        with pytest.raises(HieruiError, match="--base-k"):
+            kld.score(tiny, [], TEXT, "test", ctx=CTX, save_base=BaseWriter(tmp_path / "x.st"))
+    finally:
+        scale.remove()
+    kld.score(tiny, [], TEXT, "test", ctx=CTX, save_base=BaseWriter(tmp_path / "y.st"))  # its own logits pass
+
+
+def test_a_rescaled_model_is_scored_from_its_own_logits(tiny, pair, run):
+    """Guards the fallback of the chunked head: where a model's logits are not head(h) (a logit scale), kld scores
+    its own logits (the KL of the rescaled model against the dense one, not the dense model against itself)."""
+    import torch
+
+    from engine.kld.window import Head, forward
+
+    scale = pair.perturbed.get_output_embeddings().register_forward_hook(lambda _m, _a, out: out * 1.5)
+    try:
+        scaled = kld.score(tiny, [pair], TEXT, "test", ctx=CTX).results[0].tokens
+        x = torch.tensor([kld.tokenize(tiny.tokenizer, TEXT)[:CTX]])
+        window = forward(pair.perturbed, x, 5, Head.of(pair.perturbed))
+        with torch.no_grad():
+            want = pair.perturbed(input_ids=x).logits[0, -6:-1].float()
+    finally:
+        scale.remove()
+    assert window.head is None
+    torch.testing.assert_close(window.logits_at(0, 5), want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(scaled["kl"], run.results[0].tokens["kl"])
+    np.testing.assert_allclose(scaled["nll_d"], run.results[0].tokens["nll_d"], rtol=1e-6)
 
 
 def test_an_exact_base_file_of_a_head_padded_past_the_tokenizer_reads_back(tiny, tmp_path):
@@ -207,14 +281,14 @@ def test_an_exact_base_file_of_a_head_padded_past_the_tokenizer_reads_back(tiny,
     import torch
 
     from engine.kld.base import BaseFile, BaseWriter
+    from engine.kld.window import Head, Window
 
     rows, d = len(tiny.tokenizer) + 40, tiny.model.config.hidden_size
     head = torch.nn.Linear(d, rows, bias=False)
     writer = BaseWriter(tmp_path / "padded.st")
     writer.bind(type("Padded", (), {"get_output_embeddings": lambda self: head, "config": tiny.model.config})())
     lay = kld.layout(8, 8, None)
-    h = torch.randn(lay.total, d)
-    writer.add(head(h).float().detach(), torch.zeros(lay.total, dtype=torch.long), h)
+    writer.add_head_in(Window(torch.randn(lay.total, d), Head(head.weight.detach()), None))
     writer.write(tiny.tokenizer, TEXT, lay, "padded")
     base = BaseFile(writer.path)
     assert base.vocab == rows and base.shapes["head_weight"] == (rows, d)
@@ -308,18 +382,35 @@ def test_tokenizer_mismatch(tiny, tmp_path):
         (["--text", "BINARY"], "binary"),
         (["--text", "SHORT"], "shorter than one window"),
         (["--text", "GOOD", "--ctx", "5000"], "beyond the model's context"),
+        (["--text", "GOOD", "--ctx", "3"], "at least 4 tokens"),
+        (["--text", "GOOD", "--ctx", "-1"], "at least 4 tokens"),
         (["--text", "GOOD", "--stride", "0"], "--stride"),
         (["--suite", "nope"], "unknown --suite"),
         ([], "nothing to do"),
     ],
 )
-def test_bad_input_is_one_line(args, what, tmp_path, capsys):
+def test_bad_input_is_one_line(args, what, tmp_path, capsys, monkeypatch):
+    import engine.run.open
+
+    monkeypatch.setattr(engine.run.open, "open_dense", lambda *a, **k: pytest.fail("a model was loaded"))
     files = {"EMPTY": b"  \n", "BINARY": b"\x00\x01abc", "SHORT": b"a few words", "GOOD": TEXT.encode()}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     args = [str(tmp_path / a) if a in files else a for a in args]
     spec = ["-p", "none"] if args else []
     code, err = _cli([*spec, *args], capsys)
+    assert code == 2 and what in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, what", [(["--ctx", "3"], "at least 4 tokens"), (["--stride", "600"], "--stride 600")])
+def test_window_bounds_fail_before_loading_a_model_whose_config_is_not_here(args, what, capsys, monkeypatch):
+    """Guards: --ctx below the minimum (or a --stride beyond --ctx) was checked only with the corpus against a
+    config.json on this machine, so a hub model not yet downloaded was loaded first."""
+    import engine.run.open
+
+    monkeypatch.setattr(engine.run.open, "check_specs", lambda *a, **k: None)  # the config is not known here
+    monkeypatch.setattr(engine.run.open, "open_dense", lambda *a, **k: pytest.fail("a model was loaded"))
+    code, err = _cli(["-p", "none", *args], capsys)
     assert code == 2 and what in err and len(err.splitlines()) == 1
 
 
@@ -339,27 +430,26 @@ def test_base_error_on_the_embedded_model(embedded, tmp_path):
     import torch
 
     from engine.kld.base import BaseFile, BaseWriter
+    from engine.kld.window import Head, dense_side, forward, token_metrics, window_logits
     from engine.perturb import perturb
 
     pair = perturb(embedded, "magnitude:0.3", use_cache=False)
     text = kld.suite_text("heldout")
     ids, lay, _bos = kld.prepare(embedded.tokenizer, text, 512, None, None)
     m = lay.scored
-    exact = BaseWriter(tmp_path / "exact.st")
-    exact.bind(embedded.model)
     full, bounds, exact_kl = [], {64: [], 4096: []}, []
     for start in lay.starts[:3]:
         x = torch.tensor([ids[start : start + 512]])
         tgt = x[0, 512 - m :]
-        with exact.capture(embedded.model) as head_in:
-            ld, _ = kld.window_logits(embedded.model, x, m + 1, hidden=False)
-        lp, _ = kld.window_logits(pair.perturbed, x, m + 1, hidden=False)
-        ld, lp = ld[0, :-1], lp[0, :-1]
-        full.append(kld.token_metrics(ld, lp, tgt)["kl"])
+        dense = forward(embedded.model, x, m, Head.of(embedded.model))
+        ld = dense.logits_at(0, m)
+        lp, _ = window_logits(pair.perturbed, x, m + 1, hidden=False)
+        lp = lp[0, :-1]
+        full.append(token_metrics(ld, lp, tgt)["kl"])
         one = kld.Layout(512, 512, 512)
         for k in bounds:
             writer = BaseWriter(tmp_path / f"{k}.st", k)
-            writer.add(ld, tgt)
+            writer.add_dense(dense_side(ld, tgt))
             writer.write(embedded.tokenizer, text, one, "smollm2-135m")
             base = BaseFile(writer.path)
             base.scored = m
@@ -367,7 +457,7 @@ def test_base_error_on_the_embedded_model(embedded, tmp_path):
         # the default (exact) kind on the same window: the full-vocabulary KL itself
         writer = BaseWriter(tmp_path / "exact1.st")
         writer.bind(embedded.model)
-        writer.add(ld, tgt, head_in[-1][0, -(m + 1) : -1])
+        writer.add_head_in(dense)
         writer.write(embedded.tokenizer, text, one, "smollm2-135m")
         base = BaseFile(writer.path)
         base.scored = m

@@ -127,7 +127,15 @@ BAD = [
     # a value the step settings refuse is named as the recipe's (it read as if the user had typed --temperature)
     ("infinite temperature", 'prompts = ["open.txt"]\nspecs = ["none"]\ntemperature = inf\n', "temperature must be a"),
     ("nan temperature", 'prompts = ["open.txt"]\nspecs = ["none"]\ntemperature = nan\n', "temperature must be a"),
+    ("unknown lens", 'prompts = ["open.txt"]\nspecs = ["none"]\nlens = "some"\n', "unknown lens 'some'"),
 ]
+
+
+@pytest.mark.parametrize("text, mode", [("true", "all"), ("false", "off"), ('"sampled"', "sampled")])
+def test_a_recipes_lens_reads_as_a_mode_old_booleans_included(tmp_path, text, mode):
+    """Guards the recipes written before the lens modes: `lens = true/false` was the only way to say it."""
+    path = write_recipe(tmp_path / "r", TINY_RECIPE.replace("batch_size = 4\n", f"batch_size = 4\nlens = {text}\n"))
+    assert RC.load_recipe(path).settings["lens"] == mode
 
 
 def test_a_recipes_max_new_tokens_beyond_the_context_is_named_as_the_recipes(cli, tmp_path):

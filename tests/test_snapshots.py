@@ -28,6 +28,7 @@ class ScriptedRun:
     seconds) so a snapshot can catch the app while it is running."""
 
     live = True
+    lens_later = False  # the recorded steps hold their lens
     pace = 0.0
 
     def __init__(self, session, hold_after: int | None = None):

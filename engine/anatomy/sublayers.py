@@ -171,3 +171,19 @@ def find(model) -> Anatomy | None:
         return anatomy(model)
     except HieruiError:
         return None
+
+
+def state_modules(model) -> tuple[list | None, object | None]:
+    """The modules whose tensors are the hidden states ℓ = 0 … L (what output_hidden_states returns): the decoder
+    layers the forward pass runs (the input of layer ℓ is state ℓ) and the module whose output is the final hidden
+    state L (the final norm: model.norm, GPT-2's transformer.ln_f, OPT's decoder.final_layer_norm, NeoX's
+    final_layer_norm), or (None, None) where not found. Hooks on them keep a few positions of each state without the
+    model holding every layer's states for every position (engine.run.stepper, engine.kld.window)."""
+    parts = find(model)
+    final = parts.final_module(model) if parts is not None else None
+    if final is None:
+        return None, None
+    layers = parts.layer_list(model)
+    config = model.config.get_text_config(decoder=True)
+    count = getattr(config, "num_hidden_layers", None)
+    return list(layers)[: count if isinstance(count, int) else len(layers)], final

@@ -13,8 +13,9 @@ dense head (V × d) sits beside the perturbed model, and `hierui kld --model DIR
 perturbed model, `hierui prune --save`) never loads the dense model at all.
 Size: n·d + V·d elements, e.g. 1,530 heldout tokens of SmolLM2-135M in float32 = 3.5 MB + 113 MB of head; 300k
 tokens of a 7B Llama in bfloat16 = 2.4 GB + 0.26 GB (llama.cpp's 16-bit full-vocabulary file would be 19 GB).
-Writing one checks, on the first window, that the model's logits are head(head_in) (soft-capped): a model whose
-logits are anything else (a logit scale, say) gets one clear line asking for a top-K file.
+Writing one checks, on every window (engine.kld.window.forward), that the model's logits are head(head_in)
+(soft-capped): a model whose logits are anything else (a logit scale, say) gets one clear line asking for a top-K
+file. Reading one, a thread reads the next windows' rows (BaseFile.windows) while the perturbed model runs.
 
 **top-K** (`--save-base FILE --base-k K`): per scored token
     topk_ids   int32   (n, K)  the dense model's K most probable tokens, most probable first
@@ -51,7 +52,6 @@ model's every layer and are unavailable (null) with both.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 from engine.errors import HieruiError
@@ -61,18 +61,14 @@ FORMAT = "hierui-kld-base"
 VERSION = "1"
 TOPK_SHAPES = ("topk_ids", "topk_logp", "tail_logp", "nll")
 LOGP_SLACK = 1e-4  # a stored log-probability above 0 by more than float32 rounding is refused
-
-
-def _capped(logits, softcap: float | None):
-    import torch
-
-    return torch.tanh(logits / softcap) * softcap if softcap else logits
+READ_AHEAD = 2  # windows of a base file read ahead of the scoring
 
 
 class BaseWriter:
     """Collects what a base file holds, window by window (moved to the host once per window).
 
-    `k` None: the exact kind (call `bind(model)` first, then `add(..., head_in=...)`); an int: the top-K kind."""
+    `k` None: the exact kind (call `bind(model)` first, then `add_head_in(window)` per window); an int: the top-K
+    kind (`add_dense(dense)` per chunk of positions)."""
 
     def __init__(self, path: str | Path, k: int | None = None):
         self.path = Path(path)
@@ -80,7 +76,6 @@ class BaseWriter:
         self.parts: dict[str, list] = {}
         self.head: dict = {}
         self.softcap: float | None = None
-        self.checked = False
 
     @property
     def exact(self) -> bool:
@@ -88,56 +83,36 @@ class BaseWriter:
 
     def bind(self, model) -> None:
         """The exact kind: the dense model's output head (weight, bias) and its final soft-capping."""
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        weight = getattr(head, "weight", None)
-        if weight is None or weight.dim() != 2:
+        from engine.kld.window import Head
+
+        head = Head.of(model)
+        if head is None:
             raise HieruiError(
                 "--save-base: this model's output head is not a plain matrix; write a top-K file with --base-k K"
             )
-        self.head = {"head_weight": weight.detach()}
-        if getattr(head, "bias", None) is not None:
-            self.head["head_bias"] = head.bias.detach()
-        config = (
-            model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-        )
-        cap = getattr(config, "final_logit_softcapping", None)
-        self.softcap = float(cap) if cap else None
+        self.head = {"head_weight": head.weight}
+        if head.bias is not None:
+            self.head["head_bias"] = head.bias
+        self.softcap = head.softcap
 
-    @contextmanager
-    def capture(self, model):
-        """The inputs of the model's output head during the forward passes inside the block (a list)."""
-        got: list = []
-        if not self.exact:
-            yield got
-            return
-        handle = model.get_output_embeddings().register_forward_hook(lambda _m, args, _o: got.append(args[0].detach()))
-        try:
-            yield got
-        finally:
-            handle.remove()
+    def add_head_in(self, window) -> None:
+        """The exact kind: one window's head inputs at its scored positions (an engine.kld.window.Window). A
+        window whose logits are not head(head input) (the model rescales them; engine.kld.window.forward checks
+        every window) is refused: the file would lie."""
+        if window.head is None:
+            raise HieruiError(
+                "--save-base: this model's logits are not its output head applied to the last hidden "
+                "state (it rescales them); write a top-K file with --base-k K"
+            )
+        self.parts.setdefault("head_in", []).append(window.head_in.cpu())
 
-    def add(self, logits_d, targets, head_in=None) -> None:
-        """One window: the dense float32 logits (m, V) at the scored positions, their targets (m,), and for the
-        exact kind the head's inputs there (m, d)."""
-        import torch
-
-        if self.exact:
-            if not self.checked:  # the logits must be what a base file recomputes, or the file would lie
-                again = _head_logits(head_in, self.head, self.softcap).float()
-                scale = float(logits_d.abs().max()) or 1.0
-                if not torch.allclose(again, logits_d, rtol=0, atol=1e-3 * scale):
-                    raise HieruiError(
-                        "--save-base: this model's logits are not its output head applied to the last hidden "
-                        "state (it rescales them); write a top-K file with --base-k K"
-                    )
-                self.checked = True
-            self.parts.setdefault("head_in", []).append(head_in.cpu())
-            return
-        lp = torch.log_softmax(logits_d.float(), dim=-1)
+    def add_dense(self, dense: dict) -> None:
+        """The top-K kind: one chunk of scored positions, from engine.kld.window.dense_side (its log-probabilities
+        and the NLL of the actual next tokens)."""
+        lp = dense["lp"]
         logp, ids = lp.topk(self.k, dim=-1)
         tail = lp.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
-        nll = -lp.gather(-1, targets[:, None])[:, 0]
-        for name, value in zip(TOPK_SHAPES, (ids.int(), logp, tail, nll)):
+        for name, value in zip(TOPK_SHAPES, (ids.int(), logp, tail, dense["nll"])):
             self.parts.setdefault(name, []).append(value.cpu())
 
     def write(self, tokenizer, text: str, lay, model: str, model_key: str | None = None) -> Path:
@@ -177,15 +152,6 @@ class BaseWriter:
             d = self.parts["head_in"][0].shape[-1] if self.parts.get("head_in") else 0
             return f"exact (the dense head's inputs, d = {d}, and its head) for {tokens} tokens"
         return f"top-{self.k} log-probabilities of {tokens} tokens"
-
-
-def _head_logits(head_in, head: dict, softcap: float | None):
-    import torch.nn.functional as F
-
-    weight = head["head_weight"]
-    bias = head.get("head_bias")
-    z = F.linear(head_in.to(weight.dtype), weight, bias.to(weight.dtype) if bias is not None else None)
-    return _capped(z, softcap)
 
 
 class BaseFile:
@@ -354,40 +320,89 @@ class BaseFile:
                 self._device[name] = f.get_tensor(name).to(device)
         return self._device[name]
 
-    def _window(self, name: str, w: int, device):
-        if self.exact and name == "head_in":  # read a window's rows only
-            from safetensors import safe_open
+    def head(self, device):
+        """The exact kind: the dense output head the file holds (engine.kld.window.Head), on `device`."""
+        from engine.kld.window import Head
 
-            with safe_open(str(self.path), framework="pt") as f:
-                return f.get_slice(name)[w * self.scored : (w + 1) * self.scored].to(device)
-        return self._whole(name, device)[w * self.scored : (w + 1) * self.scored]
+        bias = self._whole("head_bias", device) if "head_bias" in self.shapes else None
+        return Head(self._whole("head_weight", device), bias, self.softcap)
 
-    def token_metrics(self, w: int, logits_p, targets) -> dict:
-        """engine.kld.window.token_metrics against window `w` of the base file (for a top-K file, kl and kl_rev are the
+    def _names(self) -> tuple:
+        return ("head_in",) if self.exact else TOPK_SHAPES
+
+    def read(self, w: int) -> dict:
+        """Window `w`'s rows of the file (the exact kind: head_in; top-K: its four tensors), on the host."""
+        from safetensors import safe_open
+
+        rows = slice(w * self.scored, (w + 1) * self.scored)
+        with safe_open(str(self.path), framework="pt") as f:
+            return {name: f.get_slice(name)[rows] for name in self._names()}
+
+    def windows(self, count: int, device):
+        """read(0 … count − 1) on `device`, read by a thread at most READ_AHEAD windows ahead of the scoring (a
+        bounded queue), so that reading the file overlaps the perturbed model's forward passes."""
+        import queue
+        import threading
+
+        ahead: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+        stop = threading.Event()
+
+        def reader() -> None:
+            try:
+                for w in range(count):
+                    if stop.is_set():
+                        return
+                    ahead.put({name: t.to(device, non_blocking=True) for name, t in self.read(w).items()})
+            except BaseException as e:  # handed to the scoring thread, raised there
+                ahead.put(e)
+
+        thread = threading.Thread(target=reader, name="hierui-base-reader", daemon=True)
+        thread.start()
+        try:
+            for _ in range(count):
+                item = ahead.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a reader waiting on a full queue
+                try:
+                    ahead.get_nowait()
+                except queue.Empty:
+                    thread.join(0.01)
+
+    def dense_side(self, rows: dict, lo: int, hi: int, targets) -> dict:
+        """The dense side of scored positions lo … hi − 1 of a window (its `rows`, from windows()): the exact kind's
+        as engine.kld.window.dense_side of the recomputed logits, the top-K kind's its stored tensors."""
+        if self.exact:
+            from engine.kld.window import dense_side
+
+            head_in = rows["head_in"][lo:hi]
+            return dense_side(self.head(head_in.device)(head_in), targets)
+        return {name: rows[name][lo:hi] for name in TOPK_SHAPES}
+
+    def pair_metrics(self, dense: dict, logits_p, targets) -> dict:
+        """engine.kld.window.pair_metrics against the file's dense side (for a top-K file, kl and kl_rev are the
         bounded forms above)."""
         import torch
 
-        device = logits_p.device
         if self.exact:
-            from engine.kld.window import token_metrics
+            from engine.kld.window import pair_metrics
 
-            head = {name: self._whole(name, device) for name in ("head_weight", "head_bias") if name in self.shapes}
-            logits_d = _head_logits(self._window("head_in", w, device), head, self.softcap).float()
-            return token_metrics(logits_d, logits_p, targets)
-        ids = self._window("topk_ids", w, device).long()
-        lp_dk = self._window("topk_logp", w, device)
-        tail_d = self._window("tail_logp", w, device)
-        nll_d = self._window("nll", w, device)
-        lp_p = torch.log_softmax(logits_p.float(), dim=-1)
+            return pair_metrics(dense, logits_p, targets)
+        ids = dense["topk_ids"].long()
+        lp_dk, tail_d, nll_d = dense["topk_logp"], dense["tail_logp"], dense["nll"]
+        lp_p = torch.log_softmax(logits_p.to(ids.device), dim=-1)
+        top_p = lp_p.argmax(dim=-1)
         lq_k = lp_p.gather(-1, ids)
-        tail_p = lp_p.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
+        nll_p = -lp_p.gather(-1, targets[:, None])[:, 0]
+        tail_p = lp_p.scatter_(-1, ids, float("-inf")).logsumexp(dim=-1)  # lp_p is not read again
         p_k, q_k = lp_dk.exp(), lq_k.exp()
         p_t, q_t = tail_d.exp(), tail_p.exp()
         zero = torch.zeros_like(p_t)
         kl = (p_k * (lp_dk - lq_k)).sum(-1) + torch.where(p_t > 0, p_t * (tail_d - tail_p), zero)
         kl_rev = (q_k * (lq_k - lp_dk)).sum(-1) + torch.where(q_t > 0, q_t * (tail_p - tail_d), zero)
-        nll_p = -lp_p.gather(-1, targets[:, None])[:, 0]
-        top_p = lp_p.argmax(dim=-1)
         return {
             "kl": kl,
             "kl_rev": kl_rev,
@@ -399,3 +414,8 @@ class BaseFile:
             "top_d": ids[:, 0],
             "top_p": top_p,
         }
+
+    def token_metrics(self, w: int, logits_p, targets) -> dict:
+        """The metrics of window `w`'s scored positions at once (logits_p (m, V)): one window, for checks."""
+        rows = {name: t.to(logits_p.device) for name, t in self.read(w).items()}
+        return self.pair_metrics(self.dense_side(rows, 0, self.scored, targets), logits_p, targets)

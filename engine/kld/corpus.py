@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import suppress
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -49,7 +50,6 @@ import numpy as np
 
 from engine.errors import HieruiError
 from engine.kld.statistics import kl_mean_interval, pair_rows, summarize, token_flips
-from engine.kld.window import hidden_cosines, token_metrics, window_logits
 from engine.results.paired import is_silent
 
 SUITES = {"heldout": "data/corpus/heldout.txt"}
@@ -83,10 +83,24 @@ def text_hash(text: str) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of the tokenizer's vocabulary (token → id) and its special ids: equal for equal tokenizers."""
-    vocab = sorted(tokenizer.get_vocab().items())
+    """A hash of the tokenizer's vocabulary (token → id) and its special ids: equal for equal tokenizers. Kept per
+    tokenizer object and its special ids and size (half a second for a 49k vocabulary, asked at every check of a
+    base file)."""
     specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, len(tokenizer)]
-    return hashlib.sha256(repr((vocab, specials)).encode("utf-8")).hexdigest()[:32]
+    try:
+        known = _FINGERPRINTS.get(tokenizer)
+    except TypeError:  # not weakly referable: computed each time
+        known = None
+    if known is not None and known[0] == specials:
+        return known[1]
+    vocab = sorted(tokenizer.get_vocab().items())
+    value = hashlib.sha256(repr((vocab, specials)).encode("utf-8")).hexdigest()[:32]
+    with suppress(TypeError):
+        _FINGERPRINTS[tokenizer] = (specials, value)
+    return value
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def bos_id(tokenizer) -> int | None:
@@ -117,7 +131,8 @@ class Layout:
         return len(self.starts) * self.scored
 
 
-def layout(n_tokens: int, ctx: int, stride: int | None, max_ctx: int | None = None) -> Layout:
+def check_window(ctx: int, stride: int | None, max_ctx: int | None = None) -> int:
+    """--ctx and --stride on their own (and against the model's context, where known): the stride to use."""
     if ctx < 4:
         raise HieruiError(f"--ctx {ctx}: use at least 4 tokens")
     if max_ctx is not None and ctx > max_ctx:
@@ -125,6 +140,11 @@ def layout(n_tokens: int, ctx: int, stride: int | None, max_ctx: int | None = No
     stride = ctx if stride is None else stride
     if not 1 <= stride <= ctx:
         raise HieruiError(f"--stride {stride}: use 1 … ctx ({ctx})")
+    return stride
+
+
+def layout(n_tokens: int, ctx: int, stride: int | None, max_ctx: int | None = None) -> Layout:
+    stride = check_window(ctx, stride, max_ctx)
     if n_tokens < ctx:
         raise HieruiError(f"the corpus is {n_tokens} tokens, shorter than one window of --ctx {ctx}")
     return Layout(n_tokens, ctx, stride)
@@ -327,8 +347,15 @@ def score(
 def _score_windows(loaded, pairs: list, ids: list, lay: Layout, bos: int | None, base, save_base, say):
     """Every window through the dense model (or its `base` file) and each pair's perturbed model: per pair, the
     per-token metrics of each window on the host (name → list of (m,) tensors), and the sum over the scored
-    positions of the hidden-state cosine per layer (None with a base file)."""
+    positions of the hidden-state cosine per layer (None with a base file).
+
+    Per window (engine.kld.window): each model runs to its head's inputs, the dense model's hidden states kept and
+    each perturbed model's compared with them as it runs; then chunk by chunk of positions, the dense logits and
+    their log-softmax once for every spec, and per spec its logits and metrics. Peak memory: the models, one
+    forward pass's activations, the dense hidden states at the scored positions and one chunk of logits."""
     import torch
+
+    from engine.kld.window import Cosines, Head, chunks, dense_side, pair_metrics
 
     ctx, m = lay.ctx, lay.scored
     collected: list[dict[str, list]] = [{} for _ in pairs]
@@ -336,33 +363,68 @@ def _score_windows(loaded, pairs: list, ids: list, lay: Layout, bos: int | None,
     stage = f"kld windows ({len(pairs)} spec{'s' * (len(pairs) != 1)})" if pairs else "kld windows (dense)"
     say(stage, 0, len(lay.starts))
     device = loaded.device
-    for w, start in enumerate(lay.starts):
-        window = list(ids[start : start + ctx])
-        if bos is not None:
-            window[0] = bos
-        x = torch.tensor([window], dtype=torch.long, device=device)
-        tgt = torch.tensor(window[ctx - m :], dtype=torch.long, device=device)
-        logits_d = h_d = None
-        if base is None:
-            with save_base.capture(loaded.model) if save_base is not None else nullcontext([]) as head_in:
-                logits_d, h_d = window_logits(loaded.model, x, m + 1, hidden=bool(pairs))
-            logits_d = logits_d[0, :-1]
-            if save_base is not None:
-                save_base.add(logits_d, tgt, head_in[-1][0, -(m + 1) : -1] if head_in else None)
-        for j, pair in enumerate(pairs):
-            logits_p, h_p = window_logits(pair.perturbed, x, m + 1, hidden=base is None)
-            logits_p = logits_p[0, :-1]
+    models = ([loaded.model] if base is None else []) + [pair.perturbed for pair in pairs]
+    heads = {id(model): Head.of(model) for model in models}  # None: scored from the model's own logits
+    rows = base.windows(len(lay.starts), device) if base is not None else None
+    cosines = base is None and bool(pairs)
+    if cosines:
+        cos_sum = [torch.zeros(len(pair.hidden_map), dtype=torch.float64) for pair in pairs]
+    try:
+        for w, start in enumerate(lay.starts):
+            window = list(ids[start : start + ctx])
+            if bos is not None:
+                window[0] = bos
+            x = torch.tensor([window], dtype=torch.long, device=device)
+            tgt = torch.tensor(window[ctx - m :], dtype=torch.long, device=device)
+            states = Cosines(len(pairs[0].hidden_map)) if cosines else None
+            dense = None
             if base is None:
-                found = token_metrics(logits_d, logits_p, tgt)
-                cos = hidden_cosines(h_d, h_p, pair.hidden_map, m + 1)[:, :-1]
-                total = cos.double().sum(dim=1).cpu()
-                cos_sum[j] = total if cos_sum[j] is None else cos_sum[j] + total
-            else:
-                found = base.token_metrics(w, logits_p, tgt)
-            for name, value in found.items():
-                collected[j].setdefault(name, []).append(value.cpu())  # once per window
-        say(stage, w + 1, len(lay.starts))
-    return collected, cos_sum
+                dense = _forward(loaded.model, x, m, heads, states.keep if states is not None else None)
+                if save_base is not None and save_base.exact:
+                    save_base.add_head_in(dense)
+            perturbed = []
+            for j, pair in enumerate(pairs):
+                on_state = states.against(pair.hidden_map, cos_sum[j]) if states is not None else None
+                perturbed.append(_forward(pair.perturbed, x, m, heads, on_state))
+                if states is not None:
+                    states.settle()
+            states = None  # the dense hidden states, before the logits
+            dense_rows = next(rows) if rows is not None else None
+            if not pairs and (save_base is None or save_base.exact):
+                say(stage, w + 1, len(lay.starts))
+                continue
+            found: list[dict[str, list]] = [{} for _ in pairs]
+            vocab = dense.vocab if dense is not None else perturbed[0].vocab
+            for lo, hi in chunks(m, vocab):
+                t = tgt[lo:hi]
+                if base is None:
+                    d = dense_side(dense.logits_at(lo, hi), t)
+                    if save_base is not None and not save_base.exact:
+                        save_base.add_dense(d)
+                    score = pair_metrics
+                else:
+                    d = base.dense_side(dense_rows, lo, hi, t)
+                    score = base.pair_metrics
+                for j, p in enumerate(perturbed):
+                    for name, value in score(d, p.logits_at(lo, hi), t).items():
+                        found[j].setdefault(name, []).append(value)
+            for j in range(len(pairs)):  # to the host once per window
+                for name, parts in found[j].items():
+                    collected[j].setdefault(name, []).append(torch.cat(parts).cpu())
+            say(stage, w + 1, len(lay.starts))
+    finally:
+        if rows is not None:
+            rows.close()
+    return collected, cos_sum if cosines else [None for _ in pairs]
+
+
+def _forward(model, x, m: int, heads: dict, on_state):
+    """engine.kld.window.forward with the model's head (None once a window showed its logits are not head(h))."""
+    from engine.kld.window import forward
+
+    window = forward(model, x, m, heads[id(model)], on_state)
+    heads[id(model)] = window.head
+    return window
 
 
 # ------------------------------------------------------------------ the tables

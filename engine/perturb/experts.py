@@ -24,7 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from engine.perturb.inputs import InputStats
+from engine.perturb.inputs import InputStats, SharedInput
 
 
 class ExpertInputs:
@@ -98,8 +98,9 @@ def expert_stats(inputs: ExpertInputs, expert: int, views: list, gram: bool) -> 
 
 
 @torch.no_grad()
-def prune_experts(layer: int, inputs: ExpertInputs, views: list, prune_matrix, gram: bool, spec, details: dict) -> None:
-    """Prune every expert of one experts module, one expert at a time, recording token counts in `details`."""
+def prune_experts(layer: int, inputs: ExpertInputs, views: list, prune_layer, gram: bool, spec, details: dict) -> None:
+    """Prune every expert of one experts module, one expert at a time, recording token counts in `details`.
+    `prune_layer` is the method's (engine.perturb.layerwise.PruneLayer), given each expert matrix as its own input."""
     from engine.perturb.magnitude import magnitude_mask
 
     counts = inputs.counts()
@@ -121,7 +122,8 @@ def prune_experts(layer: int, inputs: ExpertInputs, views: list, prune_matrix, g
                 v.assign(w.masked_fill(magnitude_mask(w, spec), 0))
             continue
         stats = expert_stats(inputs, expert, own, gram)
-        new = [(v, prune_matrix(v, stats[id(v)])) for v in own]  # every expert input comes from the dense weights
+        shared = [SharedInput(stats[id(v)], [v]) for v in own]  # every expert input comes from the dense weights
+        new = [(v, w) for group, ws in zip(shared, prune_layer(shared)) for v, w in zip(group.views, ws)]
         del stats
         for v, w in new:
             v.assign(w)

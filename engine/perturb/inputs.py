@@ -1,7 +1,10 @@
 """What a linear's inputs look like over the calibration tokens: Wanda's per-feature norms and SparseGPT's Gram
-matrix (InputStats), accumulated by forward hooks during the layer-wise calibration."""
+matrix (InputStats), accumulated by hooks during the layer-wise calibration (engine.perturb.layerwise), once per
+distinct input of a layer (SharedInput: q, k and v read one input, gate and up another)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -10,7 +13,9 @@ class InputStats:
     """Accumulates what a linear's inputs look like over the calibration tokens.
 
     `sq`: per input feature, the sum of squares over all tokens (Wanda's ‖X_j‖₂²).
-    `xtx`: the input Gram matrix Σ x xᵀ (SparseGPT's Hessian, up to a factor), when `gram=True`.
+    `xtx`: the input Gram matrix Σ x xᵀ (SparseGPT's Hessian 2/n Σ x xᵀ up to its factor, which cancels: the
+    damping is relative to its mean diagonal), when `gram=True`: one matrix product per batch, accumulated in
+    float32 on the device of the matrices that read the input.
     `tokens`: how many tokens were added.
     """
 
@@ -30,3 +35,13 @@ class InputStats:
     def norm(self) -> torch.Tensor:
         """‖X_j‖₂ per input feature."""
         return self.sq.sqrt()
+
+
+@dataclass(eq=False)
+class SharedInput:
+    """The weight matrices of one decoder layer that read the same input (`views`, engine.anatomy.linears
+    WeightViews: q, k and v read the normed hidden states, gate and up the normed residual; a fused or a lone
+    matrix is a group of one) and that input's statistics over the calibration tokens, computed once for all."""
+
+    stats: InputStats
+    views: list = field(default_factory=list)

@@ -5,16 +5,18 @@ previous layers' outputs. Unstructured: the lowest `sparsity` fraction of each r
 M consecutive inputs of a row keep the N highest scores. Every WeightView is pruned (GPT-2's Conv1D through
 its transpose; fused projections as one matrix, which is exact for a per-row rule: each output row belongs to
 one logical part); an expert's ‖X_j‖ comes only from the tokens the router sent to it (engine.perturb.experts).
+The matrices that read one input (q, k, v; gate, up) share its norms (engine.perturb.inputs.SharedInput), computed
+once from the inputs captured once (engine.perturb.layerwise).
 """
 
 from __future__ import annotations
 
 import torch
 
-from engine.perturb.inputs import InputStats
+from engine.perturb.inputs import SharedInput
 from engine.perturb.job import Job
 from engine.perturb.layerwise import prune_layers_sequentially
-from engine.perturb.masks import lowest_per_row, n_of_m
+from engine.perturb.masks import lowest_per_row, n_of_m, zero_lowest_per_row
 from engine.perturb.spec import Spec
 from engine.perturb.stored import build_pruned
 
@@ -23,7 +25,7 @@ from engine.perturb.stored import build_pruned
 
 def wanda_score(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
     """|W| · ‖X_j‖₂ broadcast over the rows: shape (out_features, in_features)."""
-    return weight.detach().abs().float() * input_norm.float().reshape(1, -1)
+    return weight.detach().abs().float().mul_(input_norm.float().reshape(1, -1))
 
 
 def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, spec: Spec) -> torch.Tensor:
@@ -33,14 +35,21 @@ def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, spec: Spec) -> to
     return lowest_per_row(score, spec.sparsity)
 
 
-def prune_wanda(model, spec: Spec, calib_ids: torch.Tensor, progress=None) -> dict:
+def wanda_weights(weights: list[torch.Tensor], input_norm: torch.Tensor, spec: Spec) -> list[torch.Tensor]:
+    """The pruned [out, in] weights of matrices that read one input, from that input's norms."""
+    norm = input_norm.to(weights[0].device) if weights else input_norm
+    return [zero_lowest_per_row(w, wanda_score(w, norm), spec.sparsity, spec.n, spec.m) for w in weights]
+
+
+def prune_wanda(model, spec: Spec, calib_ids: torch.Tensor, progress=None, batch_size: int = 8) -> dict:
     """Prune `model` in place (new weight tensors); returns the details (expert token counts on MoE models)."""
 
-    def prune_matrix(view, stats: InputStats):
-        w = view.matrix()
-        return w.masked_fill(wanda_mask(w, stats.norm.to(w.device), spec), 0)
+    def prune_layer(shared: list[SharedInput]) -> list[list[torch.Tensor]]:
+        return [wanda_weights([v.matrix() for v in group.views], group.stats.norm, spec) for group in shared]
 
-    return prune_layers_sequentially(model, calib_ids, prune_matrix, gram=False, spec=spec, progress=progress)
+    return prune_layers_sequentially(
+        model, calib_ids, prune_layer, gram=False, spec=spec, progress=progress, batch_size=batch_size
+    )
 
 
 def build(job: Job):

@@ -1,4 +1,4 @@
-"""The session header (line 1 of a session file, format `hierui-session` version 1) as one typed, frozen value.
+"""The session header (line 1 of a session file, format `hierui-session` version 2) as one typed, frozen value.
 
 `SessionHeader` has every field the format has, with the default a reader gets where a file lacks one (an
 older or hand-written file); `SessionHeader.from_dict(obj, path)` checks a header read from a file
@@ -11,8 +11,12 @@ treats it as the JSON it is.
 Defaults for a field a file lacks (or holds as null): `mode` shared, `temperature` 1.0, `seed` 0, `sample`,
 `raw` and `counterfactual` false, `topk` 5 (engine.record.settings.StepSettings' defaults), `prefix_ids` empty
 and `start_step` 0 (not a branch), `perturbation` an empty one (its `spec` None); `lens` None (recorded
-before the logit lens existed: no lens data, as opposed to false, --no-lens); every other field None (not
+before the logit lens existed: no lens data, as opposed to "off", --lens off); every other field None (not
 recorded).
+
+Versions. Version 2 records `lens` as the mode's word (engine.record.settings.LENS_MODES: "all", "sampled",
+"off"); version 1 recorded it as true/false, read here as "all"/"off" (and written back as it was, for a header
+of version 1). Everything else is as in version 1.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import ClassVar
 
 from engine.errors import HieruiError
-from engine.record.settings import StepSettings
+from engine.record.settings import StepSettings, lens_mode
 from engine.record.validate import (
     ARCHITECTURE,
     CALIBRATION,
@@ -35,7 +39,7 @@ from engine.record.validate import (
 )
 
 FORMAT = "hierui-session"
-VERSION = 1
+VERSION = 2  # 2: `lens` is a word (all, sampled, off), not true/false
 _STEP = StepSettings()  # the defaults of how a run is stepped
 
 
@@ -197,7 +201,7 @@ class SessionHeader(Mapping):
     max_new_tokens: int | None = None  # None: not recorded (a rerun steps as many steps as the file holds)
     raw: bool = _STEP.raw
     topk: int = _STEP.topk
-    lens: bool | None = None  # None: recorded before the logit lens existed
+    lens: str | None = None  # all, sampled or off (version 1's true/false: all/off); None: before the lens existed
     tie_margin: float | None = None  # the near-tie threshold the run used, and where it came from
     tie_margin_source: str | None = None
     prefix_ids: tuple[int, ...] = ()  # a branch: the tokens fed after the prompt before its step 0
@@ -221,6 +225,8 @@ class SessionHeader(Mapping):
                 value = PARTS[f.name].of(value)
                 if value is None and f.name == "perturbation":
                     value = Perturbation()
+            elif f.name == "lens":
+                value = None if value is None else lens_mode(value)
             else:
                 value = _coerced(HEADER[f.name][0], value)
             object.__setattr__(self, f.name, value)
@@ -239,6 +245,8 @@ class SessionHeader(Mapping):
             value = getattr(self, f.name)
             if f.name == "perturbation":
                 value = value.to_dict() or None
+            if f.name == "lens" and value is not None and self.version < 2:  # version 1 wrote true/false
+                value = value != "off"
             if f.name in ALWAYS or (value if f.name in WHEN_SET else value is not None):
                 out[f.name] = _plain(value)
         return out

@@ -361,14 +361,15 @@ def writing(path: str | Path) -> Iterator[None]:
         raise failed from e
 
 
-def append_whole(path: str | Path, text: str) -> None:
+def append_whole(path: str | Path, text: str, create: bool = True) -> None:
     """Append `text` to the file at `path` (a log), all of it or none: flushed to the disk, and cut back to its
-    old length when the write fails (WriteFailed naming the file). A link at its name is replaced (open_fd)."""
+    old length when the write fails (WriteFailed naming the file). A link at its name is replaced (open_fd).
+    `create` False: a file that is not there is WriteFailed, not made anew (a closed session's later lines)."""
     path = Path(path)
     data = text.encode("utf-8")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = open_fd(path, _MODES["a"])
+        fd = open_fd(path, _MODES["a"] if create else _MODES["a"] & ~os.O_CREAT)
     except OSError as e:
         raise write_failed(path, e) from None
     try:

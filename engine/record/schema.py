@@ -79,7 +79,8 @@ STEP_FIELDS = {
     "sub_kl": FLOAT,
     "sub_cos": FLOAT,
     "sub_agree": BOOL,
-    # the logit lens, per layer ℓ = 1..L (engine.run.lens); null with the lens off
+    # the logit lens, per layer ℓ = 1..L (engine.run.lens); null with the lens off, at the steps a sampled lens
+    # skips, and until the explorer's lens computed behind the stepping arrives
     "lens_kl": FLOATS,
     "lens_top1_agree": BOOLS,
     "lens_dense_final_kl": FLOATS,
@@ -87,6 +88,8 @@ STEP_FIELDS = {
     "topk_d": JSON,
     "topk_p": JSON,
 }
+# the logit lens's fields of a step (engine.run.lens): a session's lens line carries these (engine.record.session)
+LENS_FIELDS = ("lens_kl", "lens_top1_agree", "lens_dense_final_kl")
 
 # engine.record.summary.summarize's keys
 SUMMARY_FIELDS = {

@@ -1,10 +1,14 @@
-"""Session files: one JSON Lines file per run (docs/design.md, "Session files"), version 1.
+"""Session files: one JSON Lines file per run (docs/design.md, "Session files"), version 2.
 
-    line 1     header: {"format": "hierui-session", "version": 1, "model": …, "perturbation": {…}, …}
+    line 1     header: {"format": "hierui-session", "version": 2, "model": …, "perturbation": {…}, …}
                (engine.record.header.SessionHeader: its fields, their defaults, exactly how it is written)
     lines 2…   one step record each, appended and flushed as the step completes
-    last line  optionally {"end": true, "summary": {…}}, with "branch": {…} for a free-mode run with counterfactual
+    then       optionally {"end": true, "summary": {…}}, with "branch": {…} for a free-mode run with counterfactual
                on (engine.record.branches.Branch.to_dict; older readers ignore it)
+    anywhere   after its step's line, before or after the closing line: a lens line {"lens_of": s, "lens_kl": […],
+               "lens_top1_agree": […], "lens_dense_final_kl": […]}, the logit lens of step s computed after the step
+               was written (the explorer computes it behind the stepping: hierui.explorer.live); the reader merges it
+               into step s, whose own line holds those fields null. A step no lens line completes keeps them null.
 
 A crash loses nothing that was written: the loader drops a truncated last line with a warning. A wrong
 format, a newer version, a missing file or a file that is not JSON Lines is one clear HieruiError.
@@ -16,6 +20,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,8 +29,9 @@ from typing import TYPE_CHECKING
 from engine import __version__
 from engine.errors import HieruiError
 from engine.record.header import FORMAT, VERSION, SessionHeader, header_of
-from engine.record.paths import check_regular_file, open_for_writing, write_failed
-from engine.record.validate import check_branch, check_step, check_summary, loads, shown
+from engine.record.paths import append_whole, check_regular_file, open_for_writing, write_failed
+from engine.record.schema import LENS_FIELDS
+from engine.record.validate import check_branch, check_lens, check_step, check_summary, loads, shown
 
 if TYPE_CHECKING:
     from engine.record.branches import Branch
@@ -64,12 +70,14 @@ def default_session_path(prompt: str, spec: str, directory: str | Path = "sessio
 
 
 class SessionWriter:
-    """Writes the header at once, then each step as it comes (flushed), then an optional summary.
+    """Writes the header at once, then each step as it comes (flushed), then an optional summary; the lens lines of
+    steps whose lens is computed later (write_lens) whenever they come, after the summary too.
 
     The file is opened by engine.record.paths.open_for_writing: a symbolic link at its name is replaced, never
     written through. A write that fails (a full disk) is WriteFailed naming the file (one line, exit 1); the
     file is cut back to its last whole line first, so it stays a readable, incomplete session that a rerun
-    records again."""
+    records again. Every line is written whole under one lock: a step from the stepping thread and a lens line
+    from another thread never interleave."""
 
     def __init__(self, path: str | Path, header: SessionHeader, exclusive: bool = False):
         """`header`: the run's (engine.run.recorder.session_header; a dict is read as one), stamped here with the
@@ -87,11 +95,17 @@ class SessionWriter:
         self.header = full
         self._file = open_for_writing(self.path, "x" if exclusive else "w")
         self._good = 0  # the length of what was written whole
+        self._lock = threading.Lock()
         self.closed = False
+        self.failed = False  # a write failed: the file was cut back and closed, nothing more is written
         self.summary: dict | None = None
         self._write(_line(full.to_dict()))
 
     def _write(self, text: str) -> None:
+        with self._lock:
+            self._write_locked(text)
+
+    def _write_locked(self, text: str) -> None:
         try:
             self._file.write(text)
             self._file.flush()
@@ -117,26 +131,40 @@ class SessionWriter:
                 os.unlink(self.path)
             except OSError:
                 pass
-        self.closed = True
+        self.closed = self.failed = True
         raise write_failed(self.path, error) from None
 
     def write_step(self, record: dict) -> None:
         self._write(_line(record))
 
+    def write_lens(self, step: int, values: dict) -> None:
+        """The lens line of step `step` (already written), its LENS_FIELDS from `values` (engine.run.lens, as a step
+        record holds them). After close, appended to the closed file (all of it or none, never creating it
+        again); after a failed write, nothing."""
+        text = _line({"lens_of": int(step), **{name: values.get(name) for name in LENS_FIELDS}})
+        with self._lock:
+            if self.failed:
+                return
+            if not self.closed:
+                self._write_locked(text)
+                return
+            append_whole(self.path, text, create=False)
+
     def close(self, summary: dict | None = None, branch: dict | None = None) -> None:
         """End the file, with the closing line when there is a `summary` (and the counterfactual `branch`)."""
-        if self.closed:
-            return
-        if summary is not None:
-            self._write(_line({"end": True, "summary": summary, **({"branch": branch} if branch else {})}))
-            self.summary = summary
-        try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        except OSError as e:
-            self._fail(e)
-        self._file.close()
-        self.closed = True
+        with self._lock:
+            if self.closed:
+                return
+            if summary is not None:
+                self._write_locked(_line({"end": True, "summary": summary, **({"branch": branch} if branch else {})}))
+                self.summary = summary
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            except OSError as e:
+                self._fail(e)
+            self._file.close()
+            self.closed = True
 
     def __enter__(self) -> SessionWriter:
         return self
@@ -186,6 +214,9 @@ def load_session(path: str | Path) -> Session:
             break
         if not isinstance(obj, dict):
             raise HieruiError(f"{path}: line {number} is not a JSON object")
+        if "lens_of" in obj:  # a step's lens, computed after it: anywhere after that step, the closing line too
+            _read_lens(session, obj, number)
+            continue
         if session.summary is not None:
             raise HieruiError(f"{path}: line {number} comes after the closing summary line")
         if obj.get("end"):
@@ -278,3 +309,15 @@ def _read_step(session: Session, obj: dict, number: int) -> None:
         raise HieruiError(f"{path}: line {number} holds step {shown(obj['step'])}, expected step {len(session.steps)}")
     check_step(obj, path, number)
     session.steps.append(obj)
+
+
+def _read_lens(session: Session, obj: dict, number: int) -> None:
+    """A lens line, checked (engine.record.validate.check_lens), merged into its step: a new record holding the
+    step's fields and the line's lens values. A step's lens is given once: its own line holds it null."""
+    path = session.path
+    check_lens(obj, path, number, len(session.steps), session.header.layers)
+    step = int(obj["lens_of"])
+    record = session.steps[step]
+    if any(record.get(name) is not None for name in LENS_FIELDS):
+        raise HieruiError(f"{path}: line {number} gives the lens of step {step} again (its values are already read)")
+    session.steps[step] = {**record, **{name: obj[name] for name in LENS_FIELDS}}

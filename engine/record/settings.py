@@ -19,6 +19,30 @@ BATCH_MAX_NEW_TOKENS = 32  # a sweep: many runs
 TEMPERATURE_STEP = 0.1  # the explorer's +/- keys
 MIN_TEMPERATURE = 0.05  # below it softmax(z / T) overflows the metrics of a 32-bit float (1e-30 did, after a sweep)
 MAX_TEMPERATURE = 100.0  # above it every distribution is near uniform and the divergences vanish (inf gave KL 0)
+# The logit lens per layer (engine.run.lens), how often: "all" every step; "sampled" the steps a reader needs (every
+# LENS_SAMPLE_EVERY-th step, every step whose top-1 flips, a row's first divergence), null elsewhere; "off" none.
+LENS_MODES = ("all", "sampled", "off")
+LENS_SAMPLE_EVERY = 4
+# vocabulary entries the lens reads through the head at a time (engine.run.lens; the plan counts it): few chunks, as
+# each pass over a chunk is an operation whose threads wait for each other (smaller chunks were slower on 2 cores)
+LENS_CHUNK = 16384
+LENS_HELP = {  # what each word computes and costs (bench/step_overhead.py, the embedded model on a CPU)
+    "all": "every step (each layer of both models read out through the head: about 0.6× a step's two forwards on "
+    "a CPU)",
+    "sampled": f"every {LENS_SAMPLE_EVERY}th step, every top-1 flip and the first divergence, the rest null (about "
+    "a quarter of all's cost where few tokens flip)",
+    "off": "no lens fields (no cost)",
+}
+
+
+def lens_mode(value) -> str:
+    """The lens mode of `value`: one of LENS_MODES; a bool as older callers and version-1 files gave it (True:
+    "all", False: "off"). Another value raises one line."""
+    if isinstance(value, bool):
+        return "all" if value else "off"
+    if isinstance(value, str) and value.strip().lower() in LENS_MODES:
+        return value.strip().lower()
+    raise HieruiError(f"unknown lens mode {value!r}: use {', '.join(LENS_MODES)}")
 
 
 @dataclass(frozen=True)
@@ -34,7 +58,9 @@ class StepSettings:
     raw: bool = False
     topk: int = 5
     truncate: bool = False  # a prompt that does not fit the context with max_new_tokens: keep its last tokens
-    lens: bool = True  # the logit lens per layer (engine.run.lens): lens_kl, lens_top1_agree, lens_dense_final_kl
+    # the logit lens per layer (engine.run.lens: lens_kl, lens_top1_agree, lens_dense_final_kl): a LENS_MODES word
+    # (a bool: True "all", False "off")
+    lens: str = "all"
     # a flip whose dense top-1/top-2 probability margin is below this is a near tie (`near_tie`); None: the
     # model's measured noise floor (`hierui noise`, engine.run.floor.tie_margin) or the default for its dtype
     tie_margin: float | None = None
@@ -45,6 +71,8 @@ class StepSettings:
     def __post_init__(self) -> None:
         if self.choices is not None and not isinstance(self.choices, tuple):
             object.__setattr__(self, "choices", tuple(self.choices) or None)
+        if isinstance(self.lens, bool):
+            object.__setattr__(self, "lens", lens_mode(self.lens))
 
     def validate(self) -> StepSettings:
         if self.mode not in MODES:
@@ -61,6 +89,7 @@ class StepSettings:
             raise HieruiError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
         if self.topk < 1:
             raise HieruiError(f"top-k must be at least 1, got {self.topk}")
+        object.__setattr__(self, "lens", lens_mode(self.lens))
         m = self.tie_margin
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= 1):
             raise HieruiError(f"the tie margin is a probability difference between 0 and 1, got {m}")
@@ -123,10 +152,18 @@ SWEEP_FIELDS = (
     "tie_margin",
     "counterfactual",
 )
+BATCH_LENS = "sampled"  # a sweep's lens: the steps its report reads (the explorer computes "all", behind the stepping)
 SWEEP_DEFAULTS = {
     **{k: v for k, v in StepSettings().to_dict().items() if k in SWEEP_FIELDS},
     "max_new_tokens": BATCH_MAX_NEW_TOKENS,
+    "lens": BATCH_LENS,
 }
+
+
+def recorded_lens(value, present: bool = True) -> str:
+    """The lens mode a batch.json's settings record: its word; from before the modes, true (or no `lens` key,
+    `present` False: the lens was on) "all", false "off"."""
+    return lens_mode(value) if present else "all"
 
 
 # Calibration defaults, the one rule (default_calibration): a spec with the default calibration is the same model in

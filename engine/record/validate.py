@@ -19,10 +19,24 @@ import math
 import unicodedata
 
 from engine.errors import HieruiError
-from engine.record.schema import BOOL, BOOLS, FLOAT, FLOATS, INT, INTS, JSON, STEP_FIELDS, STRING, SUMMARY_FIELDS
+from engine.record.schema import (
+    BOOL,
+    BOOLS,
+    FLOAT,
+    FLOATS,
+    INT,
+    INTS,
+    JSON,
+    LENS_FIELDS,
+    STEP_FIELDS,
+    STRING,
+    SUMMARY_FIELDS,
+)
+from engine.record.settings import LENS_MODES
 
 # kinds beyond engine.record.schema's
 DICT, STRS, TOPK = "object", "list<string>", "topk"
+LENS = "lens"  # the header's lens: a LENS_MODES word (version 2), or true/false (version 1: all/off)
 NINTS = "list<int64|null>"  # a step's `fed`: a model's entry is null once it has ended (free mode)
 MODES = ("shared", "free")
 INT64 = 2**63
@@ -49,7 +63,7 @@ HEADER = {
     "sample": (BOOL, True, None),
     "raw": (BOOL, True, None),
     "topk": (INT, True, lambda v: None if v >= 1 else "expected an integer ≥ 1"),
-    "lens": (BOOL, True, None),
+    "lens": (LENS, True, None),
     "tie_margin": (FLOAT, True, lambda v: None if 0 <= v <= 1 else "expected a number between 0 and 1"),
     "tie_margin_source": (STRING, True, None),
     "prefix_ids": (INTS, True, None),  # a branch: tokens fed after the prompt before step 0 (in prompt_ids)
@@ -122,6 +136,7 @@ EXPECTED = {
     BOOLS: "a list of true/false or nulls",
     STRS: "a list of strings",
     TOPK: "a list of [token id, text, probability]",
+    LENS: " or ".join(LENS_MODES) + " (version 1: true or false)",
 }
 
 
@@ -208,6 +223,8 @@ def _scalar_ok(kind: str, v) -> bool:
         return isinstance(v, bool) or (_is_number(v) and v in (0, 1))
     if kind == DICT:
         return isinstance(v, dict)
+    if kind == LENS:
+        return isinstance(v, bool) or v in LENS_MODES
     raise ValueError(kind)
 
 
@@ -312,6 +329,27 @@ def check_branch(branch, path, number: int) -> None:
             if not _is_int(step.get("step")) or step["step"] != i:
                 raise _Bad(f"branch.steps[{i}].step", step.get("step"), f"step {i}")
             _check_fields(step, STEPS, prefix=f"branch.steps[{i}].")
+    except _Bad as bad:
+        raise _error(path, number, bad) from None
+
+
+def check_lens(line: dict, path, number: int, steps: int, layers: int | None) -> None:
+    """HieruiError (one line) unless a lens line (engine.record.session: `lens_of` and the three LENS_FIELDS) is the
+    lens of one of the `steps` steps read before it, each field a list of one value per layer (`layers`, the
+    header's; where it has none, as many as the others), finite or null."""
+    try:
+        _check_fields(line, {"lens_of": _STEP})
+        step = line["lens_of"]
+        if step >= steps:
+            raise _Bad("lens_of", step, f"a step of an earlier line (steps 0 to {steps - 1})" if steps else "a step")
+        for name in LENS_FIELDS:
+            if line.get(name) is None:
+                raise _Bad(name, line.get(name), "a list of one value per layer (it is missing)")
+            _check(name, STEP_FIELDS[name], line[name])
+        count = layers if layers is not None else len(line[LENS_FIELDS[0]])
+        for name in LENS_FIELDS:
+            if len(line[name]) != count:
+                raise _Bad(name, line[name], f"one value per layer ({count})")
     except _Bad as bad:
         raise _error(path, number, bad) from None
 

@@ -1,7 +1,9 @@
 """Where a sweep's perturbations break generation, from its tables: what `hierui report` shows in its
 "where it breaks" section. Torch-free: it reads engine.results.runs.RunData only.
 
-    lens_grids      per spec, the mean `lens_kl` over runs at each (layer, step): the layer × step heatmap
+    lens_grids      per spec, the mean `lens_kl` over runs at each (layer, step): the layer × step heatmap; a
+                    step without lens data (a sampled sweep's other steps) is no cell, not a zero
+    sweep_lens      the lens mode the sweep recorded (all, sampled, off): whether its lens figures are a sample
     flip_units      per spec, the units (`attn.ℓ`, `mlp.ℓ`, engine.run.attribution) most often responsible for the
                     top-1 flips that `hierui batch --attribute flips` attributed: how often each ranks first
                     among the sublayers, how often it is in the greedy minimal set that brings the top-1 back
@@ -17,6 +19,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+from engine.errors import HieruiError
+from engine.record.settings import recorded_lens
 from engine.record.summary import mean, percentile
 
 
@@ -61,6 +65,18 @@ def lens_grids(run, mode: str | None = None) -> list[LensGrid]:
         values = [[mean(found.get((layer, step), [])) for step in range(steps)] for layer in range(layers)]
         grids.append(LensGrid(spec, mode, len(runs[spec]), values))
     return grids
+
+
+def sweep_lens(run) -> str | None:
+    """The lens mode batch.json records (engine.record.settings.recorded_lens: a manifest from before the modes
+    "all", or "off"); None where the folder holds no sweep settings (a kld run alone)."""
+    settings = run.manifest.get("settings") if isinstance(run.manifest, dict) else None
+    if not isinstance(settings, dict):
+        return None
+    try:
+        return recorded_lens(settings.get("lens"), "lens" in settings)
+    except HieruiError:
+        return None
 
 
 def _flips(run) -> dict[str, dict[tuple[str, int], list[dict]]]:

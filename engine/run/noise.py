@@ -154,7 +154,7 @@ def _recorder_class():
 def _step(pair, prompts: list[str], steps: int, texts=None):
     from engine.record.settings import StepSettings
 
-    settings = StepSettings(mode="shared", max_new_tokens=steps, lens=False, tie_margin=0.0, topk=1)
+    settings = StepSettings(mode="shared", max_new_tokens=steps, lens="off", tie_margin=0.0, topk=1)
     recorder = _recorder_class()(pair, prompts, settings, texts)
     recorder.run()
     return recorder

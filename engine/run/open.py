@@ -40,7 +40,7 @@ class Workload:
 
     batch_size: int = 1
     max_new_tokens: int = 64
-    lens: bool = True
+    lens: str = "all"  # the lens mode (engine.record.settings.LENS_MODES)
     prompt_tokens: int = PROMPT_TOKENS
     perplexity: int = 0  # a window of full logits (prune's perplexity, kld's --ctx), 0 for none
 

@@ -50,7 +50,7 @@ def settings_from_header(header: SessionHeader, steps: int) -> StepSettings:
         raw=h.raw,
         topk=h.topk,
         truncate=bool(h.truncated_from),
-        lens=bool(h.lens),  # a session from before the lens has none
+        lens=h.lens or "off",  # the recorded mode; a session from before the lens has none
         tie_margin=h.tie_margin,
         counterfactual=h.counterfactual,
     ).validate()
@@ -166,7 +166,7 @@ def rerun_request(
         use_cache=use_cache,
         source=source,
         max_new_tokens=max(1, steps),
-        lens=header.lens is not False,
+        lens=header.lens or "off",
     )
     check_ids_before_loading(session, plan.model)
     return request

@@ -23,6 +23,7 @@ agreement, sub_kl/sub_cos/sub_agree, same_token) is None, not computed. The runn
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +32,8 @@ from engine.errors import HieruiError
 from engine.models.tokens import choice_token_ids, eos_ids, piece, prompt_ids
 from engine.perturb.pair import mapped_hidden
 from engine.place.placement import gather
-from engine.record.settings import StepSettings, fit_context
+from engine.record.schema import LENS_FIELDS
+from engine.record.settings import LENS_SAMPLE_EVERY, StepSettings, fit_context
 from engine.run import metrics as M
 
 __all__ = ["BatchStepper", "Stepper", "StepSettings"]
@@ -72,17 +74,27 @@ def model_context(model) -> int | None:
 def _last_position_modules(model):
     """The decoder layers the forward pass runs and the module whose output is the final hidden state (the
     final norm: model.norm, GPT-2's transformer.ln_f, OPT's decoder.final_layer_norm, NeoX's final_layer_norm;
-    engine.anatomy.sublayers), or (None, None) where not found."""
-    from engine.anatomy import sublayers as anatomy
+    engine.anatomy.sublayers.state_modules), or (None, None) where not found."""
+    from engine.anatomy.sublayers import state_modules
 
-    parts = anatomy.find(model)
-    final = parts.final_module(model) if parts is not None else None
-    if final is None:
-        return None, None
-    layers = parts.layer_list(model)
-    config = model.config.get_text_config(decoder=True)
-    count = getattr(config, "num_hidden_layers", None)
-    return list(layers)[: count if isinstance(count, int) else len(layers)], final
+    return state_modules(model)
+
+
+@torch.no_grad()
+def _lens_values(head, head_p, hd, hp, zd, zp, kl, top1, settings: StepSettings) -> list[dict]:
+    """The lens fields of B rows (engine.run.lens.lens_metrics) as records hold them: lists over ℓ = 1..L, null
+    where not a number, lens_top1_agree as bools. ℓ = L is the models' own output: exactly the step's `kl` and
+    `top1` (B,)."""
+    from engine.run.lens import lens_metrics
+
+    lens = lens_metrics(head, hd, hp, zd, zp, settings.temperature, head_p=head_p)
+    lens["lens_kl"][:, -1] = kl
+    lens["lens_dense_final_kl"][:, -1] = kl
+    lens["lens_top1_agree"][:, -1] = top1
+    rows = M.to_host(lens)
+    for host in rows:
+        host["lens_top1_agree"] = [None if v is None else bool(v) for v in host["lens_top1_agree"]]
+    return rows
 
 
 class BatchStepper:
@@ -106,12 +118,19 @@ class BatchStepper:
         prefixes: list[list[int]] | None = None,
         start_steps: list[int] | None = None,
         recorded_ids: list[list[int] | None] | None = None,
+        lens_later: bool = False,
+        dense_trajectory=None,
     ):
         """`prefixes`: per row, token ids fed after the prompt before step 0 (a branch continues a run from a
         step: the prompt plus the tokens generated before it); `start_steps`: per row, the step of the parent
         run that this row's step 0 is, so a sampled branch draws the parent's noise from there on.
         `recorded_ids`: per row, the ids fed first as a session recorded them (its prompt_ids, the prefix
-        included), instead of the prompt tokenized now (None: tokenize it): a rerun feeds what the recording fed."""
+        included), instead of the prompt tokenized now (None: tokenize it): a rerun feeds what the recording fed.
+        `lens_later`: the logit lens is not computed in step(): the records carry its fields None, and what it
+        needs is kept for `compute_lens` (the explorer computes it behind the stepping; `lens_pending`).
+        `dense_trajectory`: an engine.run.trajectory.DenseTrajectory (a sweep's): empty, it records the dense
+        outputs of this stepper's forward passes; recorded (same rows and settings), the dense model is not run and
+        its outputs come from it (engine.run.trajectory)."""
         if not prompts:
             raise HieruiError("no prompts to step")
         self.pair = pair
@@ -158,6 +177,13 @@ class BatchStepper:
         self._generators: list[torch.Generator] = []
         self._choices = None  # (ids (B, C), mask (B, C)) on the device
         self._lens = None  # (dense head, perturbed head or None) once found: engine.run.lens
+        self.lens_later = bool(lens_later)
+        # (row, step) → what compute_lens needs, oldest first (lens_later); the lock: step() adds while
+        # compute_lens, in another thread, takes
+        self._lens_kept: dict[tuple[int, int], tuple] = {}
+        self._lens_lock = threading.Lock()
+        self._dense_source = dense_trajectory
+        self._replay = False  # the dense outputs come from _dense_source (set at the prefill)
         self.tie_margin, self.tie_margin_source = self._tie_margin()
 
     @property
@@ -177,7 +203,7 @@ class BatchStepper:
 
     def _lens_heads(self):
         """The lens heads of both models (engine.run.lens), found once; None where the lens is off or impossible."""
-        if not self.settings.lens:
+        if self.settings.lens == "off":
             return None
         if self._lens is None:
             from engine.run.lens import lens_head
@@ -239,20 +265,33 @@ class BatchStepper:
         hidden = gather(grabbed, logits.device, dim=1)
         return hidden, logits
 
-    def _both(self, ids_d: torch.Tensor, ids_p: torch.Tensor, extra: dict, run=(True, True)) -> None:
+    def _both(self, ids_d: torch.Tensor, ids_p: torch.Tensor, extra: dict, run=(True, True), keep=True) -> None:
         """Feed each model its ids; a model with `run` False (ended in every row) keeps its last outputs,
-        which are ignored, and drops its cache."""
+        which are ignored, and drops its cache. `keep` False: outputs nobody reads (a prefill chunk before the
+        last), neither recorded nor replayed."""
         hd, zd, hp, zp = self._state if self._state is not None else (None,) * 4
         if run[0]:
-            hd, zd = self._forward(self.pair.dense, ids_d, self._caches[0], **extra)
+            hd, zd = self._dense(ids_d, extra, keep)
         if run[1]:
             hp, zp = self._forward(self.pair.perturbed, ids_p, self._caches[1], **extra)
         self._caches = tuple(cache if go else None for cache, go in zip(self._caches, run))
         self._state = (hd, zd, hp, zp)
 
+    def _dense(self, ids: torch.Tensor, extra: dict, keep: bool):
+        """The dense model's (hidden, logits) for `ids`: replayed from the dense trajectory, or computed (and
+        recorded into it when it records)."""
+        source = self._dense_source
+        if self._replay:
+            return source.next() if keep else (None, None)
+        hd, zd = self._forward(self.pair.dense, ids, self._caches[0], **extra)
+        if source is not None and keep:
+            source.add(hd, zd)
+        return hd, zd
+
     def _prefill(self) -> None:
         d, p = self.pair.dense, self.pair.perturbed
-        self._caches = (self._new_cache(d), self._new_cache(p))
+        self._replay = self._dense_source is not None and self._dense_source.start(self)
+        self._caches = (None if self._replay else self._new_cache(d), self._new_cache(p))
         width = max(len(r.ids) for r in self.rows)
         ids = torch.full((len(self.rows), width), self._pad, dtype=torch.long)
         mask = torch.zeros((len(self.rows), width), dtype=torch.long)
@@ -273,7 +312,7 @@ class BatchStepper:
                 if positions is None
                 else {"attention_mask": self._mask[:, :end], "position_ids": positions[:, start:end]}
             )
-            self._both(ids[:, start:end], ids[:, start:end], extra)
+            self._both(ids[:, start:end], ids[:, start:end], extra, keep=end == width)
         zd = self._state[1]
         if self.settings.sample:
             self._generators = [torch.Generator(device=zd.device).manual_seed(self.settings.seed) for _ in self.rows]
@@ -328,25 +367,16 @@ class BatchStepper:
             choice_mask=cmask,
         )
         values["margin_d"] = M.margin(zd, s.temperature)
-        heads = self._lens_heads()
-        if heads is not None:
-            from engine.run.lens import lens_metrics
-
-            # another hidden size (a checkpoint): no mapped states (NaN), read them through the dense head → null
-            head_p = heads[1] if hp.shape[-1] == hd.shape[-1] else None
-            lens = lens_metrics(heads[0], hd, hp_mapped, zd, zp, s.temperature, head_p=head_p)
-            # ℓ = L is the models' own output: exactly the step's kl and top-1 agreement
-            lens["lens_kl"][:, -1] = values["kl"]
-            lens["lens_dense_final_kl"][:, -1] = values["kl"]
-            lens["lens_top1_agree"][:, -1] = values["top1_agree"]
-            values.update(lens)
+        lens = self._lens_step(hd, hp, hp_mapped, zd, zp, values, tok_d, tok_p)  # batch row → its lens fields
         values["token_d"] = tok_d.float()
         values["token_p"] = tok_p.float()
         out: list[dict | None] = []
-        for row, host in zip(self.rows, M.to_host(values)):
+        for b, (row, host) in enumerate(zip(self.rows, M.to_host(values))):
             if row.finished:
                 out.append(None)
                 continue
+            if lens is not None:  # a row whose lens this step does not compute (sampled, later): null
+                host.update(lens.get(b) or dict.fromkeys(LENS_FIELDS))
             record = self._record(row, host)
             row.records.append(record)
             ended = row.end_d is not None if s.mode == "shared" else None not in (row.end_d, row.end_p)
@@ -369,6 +399,69 @@ class BatchStepper:
                 self._next_pos = self._next_pos + 1
             self._both(ids_d.view(-1, 1), ids_p.view(-1, 1), extra, run=(bool(live_d.any()), bool(live_p.any())))
         return out
+
+    # ------------------------------------------------------------ the logit lens
+
+    def _lens_rows(self, values: dict, tok_d: torch.Tensor, tok_p: torch.Tensor) -> list[int]:
+        """The batch rows whose lens this step computes: every row still comparing the two models ("all"), or
+        of those ("sampled") the rows at a step that is a multiple of LENS_SAMPLE_EVERY, whose top-1 flips, or
+        whose texts split for the first time (free mode)."""
+        s = self.settings
+        live = [b for b, r in enumerate(self.rows) if not r.finished and r.end_d is None and r.end_p is None]
+        if s.lens == "all" or not live:
+            return live
+        agree = values["top1_agree"].tolist()  # one small transfer (NaN: no comparison, no flip)
+        split = (tok_d != tok_p).tolist()
+        chosen = []
+        for b in live:
+            row = self.rows[b]
+            first = s.mode == "free" and row.first_divergence is None and split[b]
+            if len(row.records) % LENS_SAMPLE_EVERY == 0 or agree[b] == 0 or first:
+                chosen.append(b)
+        return chosen
+
+    def _lens_step(self, hd, hp, hp_mapped, zd, zp, values: dict, tok_d, tok_p) -> dict[int, dict] | None:
+        """This step's lens fields per batch row that computes them (`_lens_rows`), only on those rows; None with
+        the lens off. With `lens_later`, what each of those rows needs is kept for compute_lens instead (and
+        every row's fields are null for now)."""
+        heads = self._lens_heads()
+        if heads is None:
+            return None
+        rows = self._lens_rows(values, tok_d, tok_p)
+        # another hidden size (a checkpoint): no mapped states (NaN), read them through the dense head → null
+        head_p = heads[1] if hp.shape[-1] == hd.shape[-1] else None
+        kl, top1 = values["kl"], values["top1_agree"]
+        if self.lens_later:
+            with self._lens_lock:
+                for b in rows:
+                    one = slice(b, b + 1)
+                    kept = (hd[one], hp_mapped[one], zd[one], zp[one], kl[one].clone(), top1[one].clone())
+                    self._lens_kept[(b, len(self.rows[b].records))] = (heads[0], head_p, *kept)
+            return {}
+        if not rows:
+            return {}
+        if len(rows) < len(self.rows):  # only the chosen rows go through the head
+            index = torch.tensor(rows, device=hd.device)
+            hd, hp_mapped, zd, zp, kl, top1 = (
+                t.index_select(0, index.to(t.device)) for t in (hd, hp_mapped, zd, zp, kl, top1)
+            )
+        return dict(zip(rows, _lens_values(heads[0], head_p, hd, hp_mapped, zd, zp, kl, top1, self.settings)))
+
+    def lens_pending(self) -> list[tuple[int, int]]:
+        """The (row, step) pairs whose lens is kept for compute_lens and not computed yet, oldest first."""
+        with self._lens_lock:
+            return list(self._lens_kept)
+
+    def compute_lens(self, row: int, step: int) -> dict | None:
+        """The lens fields of `row`'s step `step` (a stepper made with lens_later): lens_kl, lens_top1_agree
+        (bools), lens_dense_final_kl, lists over ℓ = 1..L as a record holds them; what was kept for it is dropped.
+        None where nothing is kept for it (unknown, or computed already). Safe to call from another thread while
+        step() runs: it reads only what was kept and the final norm and head (never through their hooks)."""
+        with self._lens_lock:
+            kept = self._lens_kept.pop((row, step), None)
+        if kept is None:
+            return None
+        return _lens_values(*kept, self.settings)[0]
 
     def _record(self, row: _Row, host: dict) -> dict:
         tok = self.tokenizer
@@ -403,8 +496,6 @@ class BatchStepper:
         if not n_choices:
             for key in ("sub_p_d", "sub_p_p", "sub_kl", "sub_cos", "sub_agree"):
                 host.pop(key, None)
-        if "lens_top1_agree" in host:
-            host["lens_top1_agree"] = [None if v is None else bool(v) for v in host["lens_top1_agree"]]
         # a flip (the two top-1 tokens differ) at a dense margin below the noise threshold: a near tie
         flip = host["top1_agree"] is not None and not host["top1_agree"]
         margin = host["margin_d"]
@@ -449,12 +540,13 @@ class Stepper:
         start_step: int = 0,
         parent: dict | None = None,
         recorded_ids: list[int] | None = None,
+        lens_later: bool = False,
     ):
         """`prefix`, `start_step`: a branch of another run (BatchStepper); `parent`: what the session header
         records of the run it branches from; `recorded_ids`: the prompt's ids as a session recorded them
-        (BatchStepper)."""
+        (BatchStepper); `lens_later`: the lens kept for `batch.compute_lens(0, step)` (BatchStepper)."""
         rows = dict(prefixes=[list(prefix or [])], start_steps=[start_step], recorded_ids=[recorded_ids])
-        self.batch = BatchStepper(pair, [prompt], settings, **rows)
+        self.batch = BatchStepper(pair, [prompt], settings, lens_later=lens_later, **rows)
         self.batch.rows[0].parent = dict(parent) if parent else None
 
     @property

@@ -8,11 +8,14 @@ place     one PairWorker (a Ray actor, engine.sweep.worker) per `gpus` GPUs (sev
           `cpus` CPUs on a cluster without GPUs (or with --device cpu); never more than there is work.
 work      the driver computes the missing runs exactly as the local resume does (engine.sweep.runner's
           complete_runs, choices_complete, attribution_complete), cuts them into the local batches
-          (engine.sweep.runner.batches, grouped by spec) and hands the items out one at a time per worker
+          (engine.sweep.runner.chunks_of: the same chunks for every spec, grouped by spec) and hands the items
+          out one at a time per worker
           (a ray.wait loop): a worker keeps the spec it holds while that spec has work, an idle one
           takes a spec nobody holds, and only then shares a spec another worker has already pruned
           (from the shared cache under HIERUI_HOME when the workers share it). Each worker loads the
-          dense model once, builds each calibration once and holds one perturbed pair at a time.
+          dense model once, builds each calibration once and holds one perturbed pair at a time; an item
+          says how many specs have yet to step its chunk (`dense_uses`), and a worker keeps the chunk's dense
+          trajectory for those it steps itself (engine.sweep.worker, engine.run.trajectory).
 collect   a worker that sees the driver's --out (a probe file the driver writes there) records its
           sessions there itself; one that does not (or --ray-collect driver) records them in a
           temporary folder and returns them, and the driver writes them into OUT. Either way the
@@ -136,7 +139,7 @@ def run_ray_sweep(
     """engine.sweep.runner.run_sweep on a Ray cluster: the same runs, files and tables (see the module docstring)."""
     from engine.record.lock import lock_folder
     from engine.sweep.folder import check_out
-    from engine.sweep.runner import batches, finish, pending
+    from engine.sweep.runner import chunks_of, finish, pending
 
     options = (options or RayOptions()).validate()
     ray = import_ray()
@@ -156,8 +159,8 @@ def run_ray_sweep(
             for spec in sweep.specs:
                 if spec in mc_todo:
                     items.append(Item("mc", str(spec)))
-                spec_runs = [r for r in todo if r.spec == spec]
-                items += [Item("runs", str(spec), [r.run_id for r in chunk]) for chunk in batches(spec_runs, size)]
+                chunks = chunks_of(sweep, spec, todo, size)
+                items += [Item("runs", str(spec), [r.run_id for r in chunk]) for chunk in chunks]
                 spec_att = [r.run_id for r in att_todo if r.spec == spec]
                 if spec_att:
                     items.append(Item("attribute", str(spec), spec_att))
@@ -219,8 +222,25 @@ def _drive(ray, sweep, out: Path, options: RayOptions, use_cache, hooks, result,
             raise HieruiError(f"a Ray worker failed: {error_text(e)}", 1) from None
         raise
     finally:
+        _close(ray, slots)
         release(ray, [slot.actor for slot in slots], groups, started_here)
         (out / PROBE).unlink(missing_ok=True)
+
+
+def _close(ray, slots: list[_Slot]) -> None:
+    """Each live worker drops its dense trajectories and removes their folder (engine.sweep.worker.PairWorker.close)
+    before it is stopped; a worker that does not answer within seconds is stopped anyway."""
+    refs = []
+    for slot in slots:
+        try:
+            refs.append(slot.actor.close.remote())
+        except Exception:
+            pass
+    if refs:
+        try:
+            ray.wait(refs, num_returns=len(refs), timeout=10)
+        except Exception:
+            pass
 
 
 def _pick(slot: _Slot, queues: dict[str, deque], slots: list[_Slot], ready: set[str]) -> Item | None:
@@ -322,6 +342,10 @@ class _Dispatch:
         from engine.sweep.folder import session_path
 
         payload = item.to_dict()
+        if item.kind == "runs":  # this item and those of other specs waiting with the same chunk
+            key = self.dense_key(item)
+            waiting = [i for q in self.queues.values() for i in q if i.kind == "runs" and self.dense_key(i) == key]
+            payload["dense_uses"] = 1 + len(waiting)
         if item.kind == "attribute":  # a worker that does not see OUT gets the sessions it attributes
             payload["sessions"] = {
                 i: session_path(self.out, self.runs[i]).read_text(encoding="utf-8") for i in item.runs
@@ -331,6 +355,12 @@ class _Dispatch:
         self.inflight[slot.actor.work.remote(payload)] = slot
         self.state(slot.name, "stepping" if slot.spec == item.spec else "perturbing", item.spec, slot.runs_done)
         slot.spec = item.spec  # held from now on: another idle worker takes another spec
+
+    def dense_key(self, item: Item) -> str:
+        """The key of an item's chunk (engine.sweep.runner.dense_key): what its dense side depends on."""
+        from engine.sweep.runner import dense_key
+
+        return dense_key([self.runs[i] for i in item.runs])
 
     def requeue(self, slot: _Slot, error: str) -> None:
         """The item of a worker that failed back in its spec's queue, less the runs it recorded before it died;

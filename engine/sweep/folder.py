@@ -69,6 +69,8 @@ def check_out(sweep: Sweep, out: str | Path) -> bool:
         except (OSError, ValueError):
             raise HieruiError(f"{target} is unreadable; use another --out") from None
         ignore = {"source", "created", "architecture", "attribute", "noise_floor", "plan"}
+        if isinstance(old.get("settings"), dict):  # the lens as its word (a manifest from before the modes)
+            old["settings"] = {**old["settings"], "lens": _lens_of(old["settings"])}
         differ = [k for k in sorted(set(old) | set(manifest)) if k not in ignore and old.get(k) != manifest.get(k)]
         if not differ and old.get("attribute", "none") != sweep.attribute and sweep.attribute == "none":
             # turning attribution on over a sweep recorded without it adds it to every run; turning it off would
@@ -86,6 +88,27 @@ def check_out(sweep: Sweep, out: str | Path) -> bool:
     if (out / "sessions").is_dir() and any((out / "sessions").iterdir()):
         raise HieruiError(f"{out} holds sessions but no {MANIFEST}; use another --out")
     return False
+
+
+def _lens_of(settings: dict) -> str | None:
+    """The lens mode batch.json's settings record (engine.record.settings.recorded_lens); None: not a mode."""
+    from engine.record.settings import recorded_lens
+
+    try:
+        return recorded_lens(settings.get("lens"), "lens" in settings)
+    except HieruiError:
+        return None
+
+
+def recorded_sweep_lens(out: str | Path) -> str | None:
+    """The lens mode of the sweep recorded in OUT (its batch.json), so that a resume without --lens keeps it;
+    None where OUT holds no readable manifest."""
+    try:
+        old = json.loads((Path(out) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    settings = old.get("settings") if isinstance(old, dict) else None
+    return _lens_of(settings) if isinstance(settings, dict) else None
 
 
 KLD_MANIFEST = "kld.json"  # engine.kld.folder.MANIFEST (that layer sits above this one)

@@ -35,7 +35,15 @@ from pathlib import Path
 
 from engine.errors import HieruiError
 from engine.record.paths import check_regular_file
-from engine.record.settings import CALIB_DEFAULTS, MODES, SWEEP_DEFAULTS, SWEEP_FIELDS, StepSettings
+from engine.record.settings import (
+    CALIB_DEFAULTS,
+    LENS_MODES,
+    MODES,
+    SWEEP_DEFAULTS,
+    SWEEP_FIELDS,
+    StepSettings,
+    lens_mode,
+)
 
 DATA = Path(__file__).parent.parent / "data"
 RECIPES = DATA / "recipes"
@@ -153,8 +161,12 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     for key in REQUIRED:
         if key not in data:
             raise HieruiError(f"{where}: '{key}' is missing")
+    if isinstance(data.get("lens"), bool):  # a recipe from before the lens modes: true "all", false "off"
+        data["lens"] = lens_mode(data["lens"])
     for key, value in data.items():
         _check_type(where, key, value, KEYS[key])
+    if "lens" in data and data["lens"] not in LENS_MODES:
+        raise HieruiError(f"{where}: unknown lens '{data['lens']}' (use {', '.join(LENS_MODES)})")
 
     recipe = Recipe(
         name=data.get("name") or path.stem,

@@ -6,13 +6,17 @@
              per method as every command; specs with the same settings share one), perturbs each spec once and
              records each run (spec → prompt → mode) as OUT/sessions/<run_id>.jsonl, with
              run_id = <prompt id>-<spec slug>-<mode>, e.g. p003-wanda-0.5-shared; runs of one mode are
-             stepped together, `batch_size` at a time. Multiple-choice items are scored once per spec
+             stepped together, `batch_size` at a time, in the same chunks for every spec (chunks_of), and each
+             chunk's dense side is computed once: recorded by the first spec that steps it and replayed for the
+             others (engine.run.trajectory: OUT/.hierui-dense/ holds what spills beyond the host memory budget,
+             removed when the sweep ends or is interrupted). Multiple-choice items are scored once per spec
              (OUT/mc/<spec slug>.jsonl). With attribute="flips" (batch --attribute flips) each recorded run's
              flip steps are attributed (engine.run.attribution) into OUT/attribution/<run_id>.jsonl, written whole;
              a complete run without that file gets it on resume. Then it writes the tables (engine.sweep.tables).
     resume   a run whose session file has its closing summary is complete and is skipped; an incomplete
-             one is rerun from scratch. OUT/batch.json records the sweep; rerunning into the same OUT
-             with other settings is refused (use another --out).
+             one is rerun from scratch (with the other runs of its chunk still to record: a chunk of another
+             composition than the other specs' has its own dense side). OUT/batch.json records the sweep;
+             rerunning into the same OUT with other settings is refused (use another --out).
     lock     one writer per OUT: run_sweep holds OUT/.hierui.lock (engine.record.lock) while it runs; a second
              sweep into the same OUT is refused, naming the first. batch.json is written only once the
              sweep really starts (model and tokenizer loaded, choices checked, every calibration built), so a
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 from engine.errors import HieruiError
@@ -45,6 +50,8 @@ from engine.sweep.folder import (
     write_manifest,
 )
 from engine.sweep.sweeps import Run, Sweep, SweepHooks, SweepResult
+
+DENSE_FOLDER = ".hierui-dense"  # OUT's folder of the dense trajectories spilled to files (engine.run.trajectory)
 
 # ------------------------------------------------------------------ planning
 
@@ -137,6 +144,7 @@ def _record(
     from engine.run.open import open_dense, open_pair
     from engine.run.recorder import SessionRecorder
     from engine.run.stepper import BatchStepper
+    from engine.run.trajectory import DenseStore
 
     request = sweep_request(sweep, use_cache)
     # the dense model once, placed by the driver's plan (streamed layers, or a device_map for several GPUs)
@@ -151,35 +159,48 @@ def _record(
         calibration_of(sweep, spec, loaded, built, use_cache, hooks)
     # the sweep really starts: a failed start above leaves no batch.json
     write_manifest(sweep, out, describe(loaded.model.config), noise_floor(sweep.model, loaded.model))
-    for spec in work:
-        spec_runs = [r for r in todo if r.spec == spec]
-        spec_att = [r for r in att_todo if r.spec == spec]
-        calibration = calibration_of(sweep, spec, loaded, built, use_cache, hooks)
-        hooks.message(f"perturbing: {spec}")
-        pair = open_pair(request, spec, dense=loaded, calibration=calibration, progress=hooks.stage)
-        if spec in mc_todo:
-            _score_choices(sweep, out, spec, pair, hooks)
-        for chunk in batches(spec_runs, batch_size):
-            settings = sweep.step_settings(chunk[0].mode)
-            hooks.batch_started(chunk, settings.max_new_tokens * len(chunk))
-            stepper = BatchStepper(
-                pair, [r.prompt.prompt for r in chunk], settings, choices=[r.prompt.choices for r in chunk]
-            )
+    chunks = {spec: chunks_of(sweep, spec, todo, batch_size) for spec in work}
+    # each chunk's dense side once: kept from the first spec that steps it until the last (engine.run.trajectory)
+    uses = Counter(dense_key(chunk) for spec_chunks in chunks.values() for chunk in spec_chunks)
+    store = DenseStore(out / DENSE_FOLDER, uses, say=hooks.message)
+    try:
+        for spec in work:
+            spec_att = [r for r in att_todo if r.spec == spec]
+            calibration = calibration_of(sweep, spec, loaded, built, use_cache, hooks)
+            hooks.message(f"perturbing: {spec}")
+            pair = open_pair(request, spec, dense=loaded, calibration=calibration, progress=hooks.stage)
+            if spec in mc_todo:
+                _score_choices(sweep, out, spec, pair, hooks)
+            for chunk in chunks[spec]:
+                settings = sweep.step_settings(chunk[0].mode)
+                hooks.batch_started(chunk, settings.max_new_tokens * len(chunk))
+                key = dense_key(chunk)
+                trajectory = store.take(key)
+                stepper = BatchStepper(
+                    pair,
+                    [r.prompt.prompt for r in chunk],
+                    settings,
+                    choices=[r.prompt.choices for r in chunk],
+                    dense_trajectory=trajectory,
+                )
 
-            def on_record(b, record, chunk=chunk, stepper=stepper):
-                hooks.step(chunk[b], record)
-                if stepper.rows[b].finished:
-                    result.computed.append(chunk[b].run_id)
-                    hooks.run_finished(chunk[b])
+                def on_record(b, record, chunk=chunk, stepper=stepper):
+                    hooks.step(chunk[b], record)
+                    if stepper.rows[b].finished:
+                        result.computed.append(chunk[b].run_id)
+                        hooks.run_finished(chunk[b])
 
-            SessionRecorder(stepper, [session_path(out, r) for r in chunk]).run(callback=on_record)
-            if sweep.attribute == "flips":
-                _attribute(sweep, out, chunk, pair, hooks)
-        if spec_att:
-            _attribute(sweep, out, spec_att, pair, hooks)
-        # the last stepper (and its callback) hold the pair: drop them too, or the next spec is pruned with this
-        # perturbed copy still in memory (engine.run.plan counts one pair at a time)
-        pair = stepper = on_record = None
+                SessionRecorder(stepper, [session_path(out, r) for r in chunk]).run(callback=on_record)
+                store.give_back(key, trajectory, stepper.finished)
+                if sweep.attribute == "flips":
+                    _attribute(sweep, out, chunk, pair, hooks)
+            if spec_att:
+                _attribute(sweep, out, spec_att, pair, hooks)
+            # the last stepper (and its callback) hold the pair: drop them too, or the next spec is pruned with this
+            # perturbed copy still in memory (engine.run.plan counts one pair at a time)
+            pair = stepper = on_record = None
+    finally:
+        store.close()  # ended or interrupted: no trajectory file is left in OUT
 
 
 def calibration_of(sweep: Sweep, spec: Spec, loaded, built: dict, use_cache: bool = True, hooks=None):
@@ -271,6 +292,21 @@ def _score_choices(sweep: Sweep, out: Path, spec: Spec, pair, hooks: SweepHooks)
         json.dumps({"spec": str(spec), **row}, ensure_ascii=False, separators=(",", ":")) + "\n" for row in rows
     )
     atomic_write(choices_path(out, spec), text)
+
+
+def chunks_of(sweep: Sweep, spec: Spec, todo: list[Run], size: int) -> list[list[Run]]:
+    """The runs of `spec` in `todo`, in the chunks they are stepped in (local sweep and Ray items): the sweep's
+    chunks of all of `spec`'s runs (batches), the same prompts and mode for every spec, less the runs complete.
+    So every spec steps a chunk with the same batch composition (the same numbers), and its dense side is
+    computed once (engine.run.trajectory); a chunk a resume left part-complete is stepped with what is left."""
+    waiting = {r.run_id for r in todo if r.spec == spec}
+    every = [r for r in sweep.runs() if r.spec == spec]
+    return [left for chunk in batches(every, size) if (left := [r for r in chunk if r.run_id in waiting])]
+
+
+def dense_key(chunk: list[Run]) -> str:
+    """What a chunk's dense side depends on in a sweep: its mode and its prompts, in order (a text: Ray sends it)."""
+    return json.dumps([chunk[0].mode, [r.prompt.id for r in chunk]])
 
 
 def batches(runs: list[Run], size: int) -> list[list[Run]]:

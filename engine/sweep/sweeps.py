@@ -90,12 +90,11 @@ class Sweep:
     def settings_dict(self) -> dict:
         """The SWEEP_FIELDS of the settings, as batch.json records them."""
         values = self.settings.to_dict()
-        # truncate and counterfactual only when set, lens only when off, tie_margin only when given: a manifest
-        # written before they existed still matches on resume
+        # truncate and counterfactual only when set, tie_margin only when given: a manifest written before they
+        # existed still matches on resume; the lens always, as its word (an older manifest's: recorded_lens)
         optional = {
             "truncate": bool(values["truncate"]),
             "counterfactual": bool(values["counterfactual"]),
-            "lens": not values["lens"],
             "tie_margin": values["tie_margin"] is not None,
         }
         return {k: values[k] for k in SWEEP_FIELDS if optional.get(k, True)}

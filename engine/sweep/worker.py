@@ -1,5 +1,10 @@
 """The pair worker of `hierui batch --ray` (a Ray actor, engine.sweep.distributed): the dense model loaded once, one
-perturbed pair at a time, the runs of the items it is handed recorded into OUT or a scratch folder of its own."""
+perturbed pair at a time, the runs of the items it is handed recorded into OUT or a scratch folder of its own.
+
+Each chunk's dense side is computed once per worker (engine.run.trajectory): a worker keeps the dense trajectory of
+a chunk it stepped while the driver says other specs will step it (an item's `dense_uses`), and replays it when it
+steps that chunk for another spec; what spills beyond its memory budget goes to TMP/hierui-ray-<probe>/dense-<pid>,
+removed when the driver closes the worker (and by the next worker of the sweep where this one died)."""
 
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ class PairWorker:
         self.loaded = self.pair = self.spec = None
         self.calibrations: dict = {}  # each distinct calibration built once (engine.sweep.runner.calibration_of)
         self.scratch: Path | None = None
+        self.dense = None  # the dense trajectories of the chunks stepped (engine.run.trajectory.DenseStore)
         self.pid = os.getpid()
         self.host = socket.gethostname()
         self.name = f"{self.host}:{self.pid}"
@@ -92,14 +98,43 @@ class PairWorker:
         TMP/hierui-ray-<probe>/<pid> (the folders of this sweep's dead workers there are removed first)."""
         if self.shared:
             return self.out
-        root = Path(tempfile.gettempdir()) / f"hierui-ray-{self.probe}"
-        for folder in root.glob("*") if root.is_dir() else []:
-            if folder.name.isdigit() and not _alive(int(folder.name)):
-                shutil.rmtree(folder, ignore_errors=True)
-        self.scratch = root / str(self.pid)
+        self._remove_dead()
+        self.scratch = self.scratch_root() / str(self.pid)
         shutil.rmtree(self.scratch, ignore_errors=True)
         self.scratch.mkdir(parents=True)
         return self.scratch
+
+    def _store(self):
+        """This worker's dense trajectories, kept between items (engine.run.trajectory.DenseStore)."""
+        if self.dense is None:
+            from engine.run.trajectory import DenseStore
+
+            self._remove_dead()
+            self.dense = DenseStore(self.scratch_root() / f"dense-{self.pid}", {})
+        return self.dense
+
+    def close(self) -> None:
+        """The sweep is over: the dense trajectories dropped, their folder removed (the driver calls it before
+        stopping the workers)."""
+        if self.dense is not None:
+            self.dense.close()
+            self.dense = None
+            try:
+                self.scratch_root().rmdir()  # the last worker out removes the sweep's folder
+            except OSError:
+                pass
+
+    def scratch_root(self) -> Path:
+        """This sweep's folder of the workers on this node: TMP/hierui-ray-<probe>."""
+        return Path(tempfile.gettempdir()) / f"hierui-ray-{self.probe}"
+
+    def _remove_dead(self) -> None:
+        """The scratch and trajectory folders of this sweep's dead workers (<pid>, dense-<pid>) removed."""
+        root = self.scratch_root()
+        for folder in root.glob("*") if root.is_dir() else []:
+            pid = folder.name.removeprefix("dense-")
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _clean(self) -> None:
         if self.scratch is not None:
@@ -202,7 +237,7 @@ class PairWorker:
         if item["kind"] == "mc":
             _score_choices(self.sweep, base, spec, self.pair, hooks)
         elif item["kind"] == "runs":
-            done = self._record(base, runs)
+            done = self._record(base, runs, item.get("dense_uses", 1))
             if self.sweep.attribute == "flips":
                 _attribute(self.sweep, base, runs, self.pair, hooks)
         elif item["kind"] == "attribute":
@@ -235,17 +270,27 @@ class PairWorker:
             "seconds": round(time.time() - started, 3),
         }
 
-    def _record(self, base: Path, chunk: list[Run]) -> list[dict]:
+    def _record(self, base: Path, chunk: list[Run], dense_uses: int = 1) -> list[dict]:
         """Step the runs of `chunk` together and record each as BASE/sessions/<run_id>.jsonl (the local sweep's
-        path: engine.run.recorder.SessionRecorder); each run's time from the batch's start to its closing line."""
+        path: engine.run.recorder.SessionRecorder); each run's time from the batch's start to its closing line.
+        `dense_uses`: how many specs (this one included) the driver has yet to hand out this chunk for: above 1, its
+        dense trajectory is kept for them (engine.run.trajectory)."""
         from engine.run.recorder import SessionRecorder
         from engine.run.stepper import BatchStepper
         from engine.sweep.folder import session_path
+        from engine.sweep.runner import dense_key
 
         settings = self.sweep.step_settings(chunk[0].mode)
         started = time.perf_counter()
+        store, key = self._store(), dense_key(chunk)
+        store.uses[key] = int(dense_uses)
+        trajectory = store.take(key)
         stepper = BatchStepper(
-            self.pair, [r.prompt.prompt for r in chunk], settings, choices=[r.prompt.choices for r in chunk]
+            self.pair,
+            [r.prompt.prompt for r in chunk],
+            settings,
+            choices=[r.prompt.choices for r in chunk],
+            dense_trajectory=trajectory,
         )
         finished: dict[int, float] = {}
 
@@ -253,7 +298,10 @@ class PairWorker:
             if stepper.rows[b].finished and b not in finished:
                 finished[b] = time.perf_counter() - started
 
-        SessionRecorder(stepper, [session_path(base, r) for r in chunk]).run(callback=on_record)
+        try:
+            SessionRecorder(stepper, [session_path(base, r) for r in chunk]).run(callback=on_record)
+        finally:
+            store.give_back(key, trajectory, stepper.finished)
         total = time.perf_counter() - started
         return [
             {"run_id": r.run_id, "seconds": round(finished.get(b, total), 3), "batch": len(chunk)}

@@ -30,10 +30,7 @@ FromSession = Annotated[
 Modes = Annotated[
     Optional[list[str]], typer.Option("--mode", help="shared or free; repeatable (default shared, or the session's)")
 ]
-Lens = Annotated[
-    Optional[bool],
-    typer.Option("--lens/--no-lens", help="record the logit lens per layer (default: on)", show_default=False),
-]
+Lens = options.lens("sampled", "; a resumed --out keeps its own")
 Counterfactual = Annotated[
     Optional[bool],
     typer.Option("--counterfactual", help=options.COUNTERFACTUAL_HELP + "; the free runs only", show_default=False),
@@ -107,6 +104,7 @@ def batch(
     topk: Optional[int] = typer.Option(None, "--topk", help="size of the recorded top-k lists (default 5)"),
     truncate: Optional[bool] = typer.Option(None, "--truncate", help=options.TRUNCATE_HELP),
     lens: Lens = None,
+    no_lens: options.NoLens = False,
     tie_margin: options.TieMargin = None,
     counterfactual: Counterfactual = None,
     device: options.Device = "auto",
@@ -127,9 +125,10 @@ def batch(
     ray_collect: RayCollect = None,
 ) -> None:
     """Sweep prompts × --prune specs × --mode headless: a session per run, steps.parquet, summary.parquet/.csv."""
-    from engine.sweep.folder import default_out_dir
+    from engine.sweep.folder import default_out_dir, recorded_sweep_lens
     from engine.sweep.sweeps import plan_sweep
 
+    lens = checks.lens_choice(lens, no_lens, None)  # None: the recipe's, the session's, OUT's or "sampled"
     calib_given = {"source": str(calib) if calib else None, "samples": calib_samples, "length": calib_len}
     args = dict(prompts_file=prompts, from_session=from_session, model=model, specs=specs, modes=modes)
     args |= dict(calib={**calib_given, "seed": calib_seed}, device=device, dtype=dtype, temperature=temperature)
@@ -143,6 +142,8 @@ def batch(
     ray_options = checks.ray_options(recipe, ray, ray_cpus, ray_gpus, ray_collect)  # Ray missing: one line, exit 2
     checks.check_dtype(dtype)
     out = checks.writable_folder(out or default_out_dir(), "--out")  # a file can be made there (none is left)
+    if args["lens"] is None:  # resuming a sweep: its own lens (one recorded before the modes: all, or off)
+        args["lens"] = recorded_sweep_lens(out)
     sweep = plan_sweep(**args)
     calibration = {"--calib": calib, "--calib-samples": calib_samples, "--calib-len": calib_len}
     _check_mode(sweep, seed, {**calibration, "--calib-seed": calib_seed})

@@ -56,7 +56,7 @@ def check(
     from engine.run.open import open_dense, pair_request
 
     calib = {"samples": calib_samples, "length": calib_len}
-    request = pair_request(model, parsed, device, dtype, gpu_mem, gpus, calib=calib, use_cache=use_cache, lens=False)
+    request = pair_request(model, parsed, device, dtype, gpu_mem, gpus, calib=calib, use_cache=use_cache, lens="off")
     names = [str(s) for s in parsed] or list(DEFAULT_SPECS)  # a default spec that does not fit the model is n/a
     request = replace(request, specs=tuple(map(parse_spec, names)))  # the plan sees every spec checked
     plan = launch.print_plan(request, always=False, strict=False)  # a spec that cannot stream is n/a there
@@ -128,7 +128,7 @@ def noise(
 
     reference = "float32" if "float32" in wanted else wanted[0]
     steps = max_new_tokens or DEFAULT_STEPS
-    request = pair_request(model, (), device, reference, gpu_mem, gpus, max_new_tokens=steps, lens=False)
+    request = pair_request(model, (), device, reference, gpu_mem, gpus, max_new_tokens=steps, lens="off")
     plan = launch.print_plan(request, always=False)  # the dense model alone, one load per dtype measured
     from hierui.progress import stage_progress
     from hierui.views.noise import print_noise

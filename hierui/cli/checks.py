@@ -14,6 +14,23 @@ def check_dtype(dtype: str | None) -> None:
     check(dtype)
 
 
+def lens_choice(lens: str | None, no_lens: bool, default: str | None) -> str | None:
+    """The lens mode of `--lens WORD` and its alias `--no-lens` (engine.record.settings.LENS_MODES); `default` where
+    neither is given (None: left to what the run records). An unknown word, or --no-lens with another --lens, is one
+    line (exit 2), before anything loads."""
+    from engine.record.settings import LENS_MODES, lens_mode
+
+    if lens is None:
+        return "off" if no_lens else default
+    try:
+        mode = lens_mode(lens)
+    except HieruiError:
+        raise HieruiError(f"unknown --lens '{lens}': use {', '.join(LENS_MODES)}") from None
+    if no_lens and mode != "off":
+        raise HieruiError(f"--no-lens is --lens off: it contradicts --lens {mode}")
+    return mode
+
+
 def check_calib_file(calib: Path | None, model: str | None = None, length: int | None = None) -> str | None:
     """`--calib`: a text file a user can name and, where `model`'s tokenizer is on this machine, at least one
     calibration sequence (`length` tokens, default --calib-len's) long (engine.perturb.calibration.

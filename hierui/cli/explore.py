@@ -51,7 +51,8 @@ def explore(
     topk: int = typer.Option(5, "--topk", help="size of the top-k lists"),
     run: bool = typer.Option(False, "--run", help="start stepping as soon as the models are ready"),
     truncate: bool = typer.Option(False, "--truncate", help=options.TRUNCATE_HELP),
-    no_lens: bool = typer.Option(False, "--no-lens", help=options.NO_LENS_HELP),
+    lens: options.lens("all", ", computed behind the stepping: the loop never waits for it") = None,
+    no_lens: options.NoLens = False,
     tie_margin: options.TieMargin = None,
     counterfactual: bool = typer.Option(False, "--counterfactual", help=options.COUNTERFACTUAL_HELP),
     sessions: Sessions = None,
@@ -73,6 +74,7 @@ def explore(
     from engine.record.settings import StepSettings, calibration_for
     from engine.run.open import blamed
 
+    lens = checks.lens_choice(lens, no_lens, "all")
     source = None  # where the model and spec came from, when a file named them (engine.run.open.pair_request)
     given_calib = dict(source=calib, samples=calib_samples, length=calib_len, seed=calib_seed)
     if from_kld is not None:  # the context of a high-KLD token of a corpus run, as a raw prompt
@@ -100,7 +102,7 @@ def explore(
         raw=raw,
         topk=topk,
         truncate=truncate,
-        lens=not no_lens,
+        lens=lens,
         tie_margin=tie_margin,
         counterfactual=counterfactual,
     ).validate()
@@ -111,7 +113,7 @@ def explore(
     from engine.run.open import pair_request
 
     placed = dict(device=device, dtype=dtype, gpu_mem=gpu_mem, gpus=gpus, use_cache=not no_cache, source=source)
-    workload = dict(max_new_tokens=max_new_tokens, lens=not no_lens)
+    workload = dict(max_new_tokens=max_new_tokens, lens=lens)
     request = pair_request(model, [parsed], calib=calibration.to_dict(), **placed, **workload)
     plan = launch.print_plan(request)
     from hierui.explorer.app import HieruiApp

@@ -70,6 +70,7 @@ def kld(
     parsed = [parse_spec(s) for s in specs or []]
     if text is not None and suite is not None:
         raise HieruiError("give --text or --suite, not both")
+    kldmod.check_window(ctx, stride)  # the window's bounds; against the model's context in _check_corpus
     if base_k is not None and save_base is None:
         raise HieruiError("--base-k is the K of --save-base FILE; give both")
     if base is not None and save_base is not None:
@@ -176,7 +177,7 @@ def _request(model: str, parsed, ctx: int, device: str, dtype: str, gpu_mem, gpu
 
     calibs = calibrations(parsed, **given).values()
     calib = max(calibs, key=lambda c: c["samples"] * c["length"], default={})
-    workload = dict(max_new_tokens=1, lens=False, prompt_tokens=ctx, perplexity=ctx)
+    workload = dict(max_new_tokens=1, lens="off", prompt_tokens=ctx, perplexity=ctx)
     return pair_request(model, parsed, device, dtype, gpu_mem, gpus, calib=calib, use_cache=use_cache, **workload)
 
 

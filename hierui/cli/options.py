@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from engine.models.devices import DEVICE_CHOICES, DTYPE_CHOICES
-from engine.record.settings import CALIB_LENGTH, CALIB_SEED, calib_samples_help
+from engine.record.settings import CALIB_LENGTH, CALIB_SEED, LENS_HELP, LENS_MODES, calib_samples_help
 
 MODEL_HELP = (
     "alias (smollm2-135m, llama-7b, …), tiny-random[:FAMILY], random:SHAPE, local directory, .gguf file or hub id"
@@ -36,7 +36,7 @@ GPU_MEM_HELP = (
 )
 GPUS_HELP = "GPUs to spread the pair over, one device_map for both models (default: every visible one)"
 SESSION_HELP = "a session file (.jsonl), or a directory of sessions (a `hierui batch` output)"
-NO_LENS_HELP = "do not compute the logit lens per layer (lens_kl …; it costs about a third of a step on a CPU)"
+NO_LENS_HELP = "the same as --lens off"
 TRUNCATE_HELP = "a prompt longer than the context allows: keep its last tokens (default: refuse)"
 COUNTERFACTUAL_HELP = (
     "free mode: at the first divergence, branch, feeding the perturbed model the dense token, and record whether "
@@ -147,6 +147,15 @@ Kind = Annotated[Optional[str], typer.Option("--kind", help=KIND_HELP)]
 # ------------------------------------------------------------------ stepping, sessions, outputs
 
 
+def lens(default: str, more: str = "") -> Any:
+    """`--lens all|sampled|off` (engine.record.settings.LENS_MODES); the help says what each word computes, and
+    what the command does by default (`default`, `more`)."""
+    words = "; ".join(f"{word}: {LENS_HELP[word]}" for word in LENS_MODES)
+    help = f"the logit lens per layer (lens_kl …) at which steps: {words} (default {default}{more})"
+    return Annotated[Optional[str], typer.Option("--lens", help=help, show_default=False, metavar="all|sampled|off")]
+
+
+NoLens = Annotated[bool, typer.Option("--no-lens", help=NO_LENS_HELP)]
 TieMargin = Annotated[Optional[float], typer.Option("--tie-margin", help=TIE_MARGIN_HELP, show_default=False)]
 Session = Annotated[Path, typer.Argument(help=SESSION_HELP, show_default=False)]
 

@@ -79,7 +79,7 @@ def prune(
     from engine.run.open import pair_request
 
     placed = dict(device=device, dtype=dtype, gpu_mem=gpu_mem, gpus=gpus, use_cache=not no_cache)
-    workload = dict(max_new_tokens=tokens, lens=False, perplexity=512)
+    workload = dict(max_new_tokens=tokens, lens="off", perplexity=512)
     request = pair_request(model, [parsed], calib=calibration.to_dict(), **placed, **workload)
     plan = launch.print_plan(request)
     launch.quiet_libraries()
@@ -118,7 +118,8 @@ def plan(
     calib_samples: options.CalibSamples = None,
     calib_len: options.CalibLen = None,
     calib: options.Calib = None,
-    no_lens: bool = typer.Option(False, "--no-lens", help="without the logit lens per layer"),
+    lens: options.lens("all", "; sampled holds as much at its peak") = None,
+    no_lens: options.NoLens = False,
 ) -> None:
     """Predict the peak memory of the dense + perturbed pair, and where it would go, before loading anything.
 
@@ -131,6 +132,7 @@ def plan(
     from engine.record.settings import calibration_for
     from engine.run.plan import PROMPT_TOKENS, DoesNotFit, estimate, parse_size, visible_gpus
 
+    lens = checks.lens_choice(lens, no_lens, "all")
     resolve(model)
     parsed = [parse_spec(s) for s in (specs or [DEFAULT_SPEC])]
     typed = {"--calib": calib, "--calib-samples": calib_samples, "--calib-len": calib_len}
@@ -156,7 +158,7 @@ def plan(
             prompt_tokens=prompt_tokens or PROMPT_TOKENS,
             calib=(largest.samples, largest.length) if largest else None,
             self_calibration=calib is None,
-            lens=not no_lens,
+            lens=lens,
             gpus=gpus if gpus is not None else visible_gpus(device),
             gpu_mem=size,
             fetch=True,

@@ -3,10 +3,16 @@
 The app holds reactive state (the state, the records, the selected step, the settings, the header);
 each panel is data-bound to what it shows and renders it. This module is its table of contents: the keys,
 the layout and the message handlers; the work is elsewhere in hierui.explorer: the thread workers (loading,
-stepping, attributing: workers) post messages (messages), the runs and their keys (runs), where it breaks
-(breaks), the texts around the continuations (texts). One `Worker.StateChanged` handler reports any worker
-failure. A restart (mode, temperature, prompt) never waits: the old run is closed without blocking and
-finishes its step in flight on its own thread.
+stepping, the lens behind the stepping, attributing: workers) post messages (messages), the runs and their keys
+(runs), where it breaks (breaks), the texts around the continuations (texts). One `Worker.StateChanged` handler
+reports any worker failure. A restart (mode, temperature, prompt) never waits: the old run is closed without
+blocking and finishes its step in flight on its own thread.
+
+The logit lens of a live run with the lens "all" is computed behind the stepping by its own worker (group
+"lens"), started when a step arrives and none is running for the run shown; it takes the selected step first
+and ends when no step is pending. Each LensDone is merged into its step's record (a new record and list, so the
+panels refresh); one of a run no longer shown is ignored (its run id), and a step not shown yet gets its values
+from the run when it arrives (LiveRun.with_lens).
 
 Where it breaks (docs/design.md): the layer × step map of the logit lens (`v` switches lens KL ⇄ dense
 final KL); `a` attributes the selected step by patching, in a worker, the result replacing the chart until
@@ -33,7 +39,7 @@ from textual.worker import Worker, WorkerState
 from engine.record.header import SessionHeader, header_of
 from engine.record.settings import StepSettings
 from hierui.explorer.breaks import BreakActions
-from hierui.explorer.messages import AttributionDone, LoadProgress, PairReady, StepDone
+from hierui.explorer.messages import AttributionDone, LensDone, LoadProgress, PairReady, StepDone
 from hierui.explorer.runs import RunActions
 from hierui.explorer.sources import RecordedRun, StepSource
 from hierui.explorer.state import AppState
@@ -152,6 +158,7 @@ class HieruiApp(RunActions, BreakActions, Workers, App):
         self._parents: list[tuple[StepSource, int | None, tuple]] = []  # the runs branched from: (run, step, lead)
         # (id of the run, step) → (the run, its attribution): kept while the run is open, a parent's too
         self._attributions: dict[tuple[int, int], tuple[object, object]] = {}
+        self._lens_worker: tuple[object, Worker] | None = None  # (the run, its lens worker) last started
 
     # a crash inside the app (a widget raising): kept for the command's one error line (hierui.cli.launch.run_app)
     failure: BaseException | None = None
@@ -241,13 +248,19 @@ class HieruiApp(RunActions, BreakActions, Workers, App):
 
     @on(Worker.StateChanged)
     def _on_worker_state(self, event: Worker.StateChanged) -> None:
-        """Every worker failure lands here: none is silent."""
+        """Every worker failure lands here: none is silent. A lens worker that ended looks again for pending steps
+        (a step may have arrived as it was ending)."""
+        group = event.worker.group
+        if group == "lens" and event.state == WorkerState.SUCCESS:
+            self._lens_behind()
         if event.state != WorkerState.ERROR:
             return
         from engine.errors import one_line
 
         text = one_line(event.worker.error)
-        group = event.worker.group
+        if group == "lens":  # the steps go on; the map keeps the steps not computed as pending
+            self.notify(text, title="logit lens failed", severity="error", timeout=30)
+            return
         if group == "attribute":  # the run itself is fine: say so in the panel, and once as a notice
             self.query_one("#attribution", AttributionPanel).note(f"attribution failed: {text}", title="attribution")
             self.notify(text, title="attribution failed", severity="error", timeout=30)
@@ -284,9 +297,12 @@ class HieruiApp(RunActions, BreakActions, Workers, App):
     def _on_step(self, message: StepDone) -> None:
         if message.run != self.run_id:
             return  # a step of a run that was restarted
-        self.records = [*self.records, message.record]
+        live = self.live
+        record = live.with_lens(message.record) if live is not None and live.lens_later else message.record
+        self.records = [*self.records, record]
         if self.follow:
             self.selected = len(self.records) - 1
+        self._lens_behind()
         if message.finished:
             self._go.clear()
             self.state = AppState.REPLAY if self.replay else AppState.DONE
@@ -295,6 +311,26 @@ class HieruiApp(RunActions, BreakActions, Workers, App):
                 self._show_counterfactual(counterfactual_line(self.live.recorder.branches[0]))
         elif not self._go.is_set():
             self.state = AppState.REPLAY if self.replay else AppState.PAUSED
+
+    @on(LensDone)
+    def _on_lens(self, message: LensDone) -> None:
+        if message.run != self.run_id or message.step >= len(self.records):
+            return  # a run no longer shown; a step not shown yet (its StepDone brings the values)
+        records = list(self.records)
+        records[message.step] = {**records[message.step], **message.values}
+        self.records = records
+
+    def _lens_behind(self) -> None:
+        """Start the lens worker for the live run shown where it has pending steps and none runs for it."""
+        live = self.live
+        if live is None or not live.lens_later:
+            return
+        if self._lens_worker is not None:
+            run, worker = self._lens_worker
+            if run is live and not worker.is_finished:
+                return
+        if live.lens_pending():
+            self._lens_worker = (live, self._computing_lens(live, self.run_id))
 
     @on(AttributionDone)
     def _on_attribution(self, message: AttributionDone) -> None:

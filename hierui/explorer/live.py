@@ -8,6 +8,15 @@ The models are used by one thread at a time: a step, an attribution (patching ho
 or a counterfactual branch holds MODEL_LOCK while it runs the pair, always in a worker thread, never the UI's.
 A branch (`prefix`, `start_step`, `parent`) is a run that continues another run's context from one of its
 steps with a chosen token (engine.run.stepper.Stepper); its session header names the parent.
+
+The logit lens off the stepping loop. With the lens "all" the stepper steps without it (`lens_later`: each
+record's lens fields null, what the lens needs kept) and a second worker (hierui.explorer.workers) computes the
+pending steps behind the loop: `compute_lens(step)` runs outside both locks (the lens reads the final norm and
+the head without hooks, engine.run.lens), keeps the values (`records` and `with_lens` merge them into the step
+records) and writes the step's lens line (engine.record.session.SessionWriter.write_lens) under the run's lock,
+so after the step's own line. A run the user ends (quit, restart, leaving a branch) computes no more lens: the
+steps not reached stay null in its file. A run that ends by itself keeps computing until every step has its
+lens; the lines after the closing summary are appended to the closed file.
 """
 
 from __future__ import annotations
@@ -37,7 +46,11 @@ class LiveRun:
         start_step: int = 0,
         parent: dict | None = None,
     ):
-        self.stepper = Stepper(pair, prompt, settings, prefix=prefix, start_step=start_step, parent=parent)
+        self.lens_later = settings.lens == "all"  # the lens computed behind the stepping (compute_lens)
+        self.stepper = Stepper(
+            pair, prompt, settings, prefix=prefix, start_step=start_step, parent=parent, lens_later=self.lens_later
+        )
+        self._lens: dict[int, dict] = {}  # step → its lens values, computed behind the stepping
         name = f"branch {parent['step'] + 1} {prompt}" if parent else prompt  # a branch's file says so
         self._name = (name, f"{pair.spec}-{settings.mode}", session_dir)
         self.path = default_session_path(*self._name)
@@ -53,7 +66,13 @@ class LiveRun:
 
     @property
     def records(self) -> list[dict]:
-        return self.stepper.records
+        """The step records, each with its lens values where computed."""
+        return [self.with_lens(record) for record in self.stepper.records]
+
+    def with_lens(self, record: dict) -> dict:
+        """`record` with its step's lens values where they were computed (a new dict), else itself."""
+        values = self._lens.get(record["step"])
+        return {**record, **values} if values is not None else record
 
     @property
     def total(self) -> int:
@@ -90,6 +109,27 @@ class LiveRun:
         if self._close_requested and not self.closed:  # asked while this step was being written
             self.close()
         return record
+
+    def lens_pending(self) -> list[int]:
+        """The steps whose lens is still to compute, oldest first; none once the user ended the run."""
+        if not self.lens_later or self._close_requested:
+            return []
+        return [step for _row, step in self.stepper.batch.lens_pending()]
+
+    def compute_lens(self, step: int) -> dict | None:
+        """Compute step `step`'s lens (in the calling worker thread, never holding a lock the stepping loop takes
+        while it computes), keep it and write its lens line; None where there is nothing to compute."""
+        values = self.stepper.batch.compute_lens(0, step)
+        if values is None:
+            return None
+        with self._lock:  # a step being recorded writes its own line first
+            self._lens[step] = values
+            writer = self.recorder.writers[0]
+            if writer is not None:
+                writer.write_lens(step, values)
+        if self._close_requested and not self.closed:  # asked while the line was being written
+            self.close()
+        return values
 
     def _open_session(self) -> None:
         """Create the session file at the first step, exclusively (O_EXCL): two explorers never share a file;

@@ -1,4 +1,5 @@
-"""Messages the workers post to the app (models loading, steps arriving, attributions).
+"""Messages the workers post to the app (models loading, steps arriving, lens values computed behind them,
+attributions).
 Failures reach the app as Textual's own `Worker.StateChanged`, handled in one place."""
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ class StepDone(Message):
     def __init__(self, run: int, record: dict, finished: bool) -> None:
         super().__init__()
         self.run, self.record, self.finished = run, record, finished
+
+
+class LensDone(Message):
+    """The logit lens of step `step` of run number `run`, computed behind the stepping (hierui.explorer.live):
+    `values` holds its lens fields as a step record does (a restarted run's are ignored)."""
+
+    def __init__(self, run: int, step: int, values: dict) -> None:
+        super().__init__()
+        self.run, self.step, self.values = run, step, values
 
 
 class AttributionDone(Message):

@@ -11,6 +11,7 @@ from hierui.explorer.sources import StepSource
 from hierui.explorer.state import AppState
 from hierui.explorer.texts import branch_lead, recorded_counterfactual
 from hierui.explorer.widgets.attribution import AttributionPanel
+from hierui.explorer.widgets.heatmap import HeatmapPanel
 
 
 class RunActions:
@@ -32,8 +33,10 @@ class RunActions:
         self.query_one("#attribution", AttributionPanel).note("")
         self._show_counterfactual(recorded_counterfactual(source))
         self.refresh_bindings()
+        self.query_one("#heatmap", HeatmapPanel).live = source.live
         for note in source.notes if notes else []:
             self.notify(note, severity="warning", timeout=10)
+        self._lens_behind()  # a run shown again (a parent) may have steps whose lens is still to compute
 
     def _new_run(self, settings: StepSettings) -> None:
         """Close the current live run (never waiting for a step in flight) and start a fresh one."""

@@ -18,6 +18,9 @@ PLAYBACK_SECONDS = 0.15
 
 class StepSource(Protocol):
     live: bool  # True: steps are computed (restarts, mode and temperature changes make sense)
+    # True: the lens of each step is computed behind the stepping (hierui.explorer.live.LiveRun: lens_pending,
+    # compute_lens, with_lens)
+    lens_later: bool
     pace: float  # seconds between steps when running continuously
     header: SessionHeader
     settings: StepSettings
@@ -39,6 +42,7 @@ class RecordedRun:
     """A recorded session as a step source: it starts with every step shown; `rewind()` plays it again."""
 
     live = False
+    lens_later = False
     pace = PLAYBACK_SECONDS
 
     def __init__(self, session: Session):

@@ -1,6 +1,6 @@
-"""The explorer's thread workers: loading the pair, stepping a source, attributing a step. Each runs off the UI
-thread and only posts messages (hierui.explorer.messages); a failure reaches the app's `Worker.StateChanged`
-handler, by the worker's group."""
+"""The explorer's thread workers: loading the pair, stepping a source, computing the logit lens behind the
+stepping, attributing a step. Each runs off the UI thread and only posts messages (hierui.explorer.messages); a
+failure reaches the app's `Worker.StateChanged` handler, by the worker's group."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import time
 from textual import work
 from textual.worker import get_current_worker
 
-from hierui.explorer.messages import AttributionDone, LoadProgress, PairReady, StepDone
+from hierui.explorer.messages import AttributionDone, LensDone, LoadProgress, PairReady, StepDone
 from hierui.explorer.sources import StepSource
 
 
 class Workers:
-    """Mixed into hierui.explorer.app.HieruiApp: reads its `pair_factory`, `pair` and `_go` (set while running)."""
+    """Mixed into hierui.explorer.app.HieruiApp: reads its `pair_factory`, `pair`, `_go` (set while running), and for
+    the lens worker `source`, `selected` and `follow`."""
 
     @work(thread=True, exclusive=True, group="load", exit_on_error=False)
     def _load_pair(self) -> None:
@@ -38,6 +39,27 @@ class Workers:
                 break
             done += 1
             self.post_message(StepDone(run_id, record, source.finished))
+
+    @work(thread=True, exclusive=True, group="lens", exit_on_error=False)
+    def _computing_lens(self, source, run_id: int) -> None:
+        """Compute the lens of the live run `source`'s pending steps (hierui.explorer.live.LiveRun.compute_lens):
+        the selected step first while it is pending, else the oldest; a LensDone for each. While the run runs
+        with the selection following its newest step, the oldest first: the newest is selected by default then,
+        and taking it first left holes behind the loop (filled only once it stopped). Ends when none is pending
+        (the app starts it again when a step arrives) or when cancelled (another run shown, quit)."""
+        worker = get_current_worker()
+        tried: set[int] = set()  # each step once, even where there was nothing to compute
+        while not worker.is_cancelled:
+            pending = [step for step in source.lens_pending() if step not in tried]
+            if not pending:
+                return
+            chosen = self.source is source and not (self.follow and self._go.is_set())
+            selected = self.selected if chosen else None
+            step = selected if selected in pending else pending[0]
+            tried.add(step)
+            values = source.compute_lens(step)
+            if values is not None:
+                self.post_message(LensDone(run_id, step, values))
 
     @work(thread=True, group="attribute", exit_on_error=False)
     def _attribute(self, source, run_id: int, step: int) -> None:

@@ -48,6 +48,8 @@ def where_it_breaks(run: RunData) -> dict:
             said.append(f"{grid.spec}: half of the final KL is reached by layer {half} of {grid.layers}")
     if said:
         s["readings"].append(_said("Lens: " + "; ".join(said) + "."))
+    if grids and W.sweep_lens(run) == "sampled":
+        s["readings"].append(_said(sampled_note()))
     units = W.flip_units(run)
     tables = []
     if units:
@@ -77,12 +79,23 @@ def where_it_breaks(run: RunData) -> dict:
     s["chart2"] = svg(C.chart_flip_layers(W.flip_layers(run)))
     if not grids and not units and not recovery and not flips:
         s["nodata"] = (
-            "Nothing recorded to localize: this sweep has no logit lens (--no-lens), no attributed flips "
+            "Nothing recorded to localize: this sweep has no logit lens (--lens off), no attributed flips "
             "(--attribute flips) and no free-mode runs."
         )
     elif not grids:
-        s["readings"].append(_said("No logit lens in this sweep (recorded with --no-lens)."))
+        s["readings"].append(_said("No logit lens in this sweep (recorded with --lens off)."))
     return s
+
+
+def sampled_note() -> str:
+    """The sentence a sampled sweep's lens figures come with (engine.record.settings: lens "sampled")."""
+    from engine.record.settings import LENS_SAMPLE_EVERY
+
+    return (
+        f"The lens figures come from a sample of steps (--lens sampled): every {LENS_SAMPLE_EVERY}th step, every "
+        "step whose top-1 flips and each run's first divergence; the other steps have no lens data (no cell), "
+        "and --lens all computes every step."
+    )
 
 
 def _units_reading(units: list[dict]) -> dict:

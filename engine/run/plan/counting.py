@@ -20,14 +20,17 @@ that allocates it (b = the dtype's bytes per element).
   working copy of W and the update product.
 - self-generated calibration: sampled 32 sequences at a time with a KV cache and float32 logits.
 - stepping: both models' KV caches for B × (prompt + T) tokens, the last position's logits (b) and the
-  metrics' float32 vectors (B × V each), the logit lens (B × L × V float32 several times) and the prefill's
-  activations.
+  metrics' float32 vectors (B × V each), the logit lens and the prefill's activations. The lens (engine.run.lens,
+  any mode but "off": "sampled" may choose every row at a step) holds one vocabulary chunk of both models' mid
+  layers at a time, (2, B·(L−1), LENS_CHUNK) in b and LENS_CHUNK_VECTORS float32 (B·(L−1), LENS_CHUNK) tensors,
+  and LENS_FINAL_VECTORS float32 (B, V) (the models' own distributions at ℓ = L).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.record.settings import LENS_CHUNK, lens_mode
 from engine.run.plan.result import STAGES, Item
 from engine.run.plan.shape import Geometry, geometry
 from engine.run.plan.units import MiB, gib
@@ -43,7 +46,8 @@ CALIB_CHUNK = 8  # engine.perturb.layerwise / engine.perturb.drop: calibration s
 GENERATION_BATCH = 32  # engine.perturb.calibration: sequences sampled at once
 PREFILL_CHUNK = 512  # engine.run.stepper.PREFILL_CHUNK
 METRIC_VECTORS = 14  # float32 (B, V) tensors engine.run.metrics.step_metrics holds at once (softmaxes, logs, products)
-LENS_VECTORS = 7  # float32 (B, L, V) tensors engine.run.lens.lens_metrics holds at once
+LENS_CHUNK_VECTORS = 6  # float32 (B·(L−1), chunk) tensors engine.run.lens._online holds at once (z, exp, products)
+LENS_FINAL_VECTORS = 5  # float32 (B, V) tensors engine.run.lens.lens_metrics holds at once (log-softmaxes, exps)
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class Workload:
     samples: int  # calibration sequences (0: none)
     length: int  # tokens per calibration sequence
     self_calibration: bool  # sampled from the dense model itself, not read from a file
-    lens: bool
+    lens: str  # the lens mode (engine.record.settings.LENS_MODES; a bool: True "all", False "off")
     perplexity: int  # the window of a perplexity measurement after pruning, 0 for none
 
     @property
@@ -147,9 +151,11 @@ def _step_items(specs: list, g: Geometry, work: Workload) -> list[Item]:
     if quantized:  # a quantized linear de-quantizes its weight to the compute dtype for each matmul
         largest = max((o * i for o, i, e in g.matrices if not e), default=0)
         items.append(Item("de-quantized weight in flight", largest * b, ("step",), f"the largest matrix, {g.dtype}"))
-    if work.lens:
-        lens_bytes = batch_size * g.layers * g.vocab * (2 * b + LENS_VECTORS * 4)
-        items.append(Item("logit lens", lens_bytes, ("step",), f"{batch_size} × {g.layers} layers × vocab"))
+    if lens_mode(work.lens) != "off":
+        rows, chunk = batch_size * max(g.layers - 1, 0), min(LENS_CHUNK, g.vocab)
+        lens_bytes = rows * chunk * (2 * b + LENS_CHUNK_VECTORS * 4) + LENS_FINAL_VECTORS * batch_size * g.vocab * 4
+        how = f"{batch_size} × {g.layers - 1} layers × a chunk of {chunk:,} of the vocabulary, both models"
+        items.append(Item(f"logit lens ({lens_mode(work.lens)})", lens_bytes, ("step",), how))
     return items
 
 

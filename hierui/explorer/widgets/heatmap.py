@@ -7,6 +7,11 @@ a step out of view is selected the window moves just enough to show it. Above th
 tokens differ) is ✗ and a near tie (a flip within the noise margin) ≈; the selected step is marked above
 (▼, or its flip mark reversed) and below (▲ with its number). The colour is the KL in nats on a log scale,
 half a decade per colour (the legend in the bottom border).
+
+A run with the lens "all" steps without waiting for it: the explorer computes each step's lens behind the stepping
+(hierui.explorer.live), so a step whose lens is not there yet is a pending column, ░ (PENDING_STYLE), not a colour
+and not the · of a step with nothing to show (a model had ended; `--lens sampled` left it out). In a replay the same
+░ marks a step whose lens was never computed (the run was closed before its lens); the border says which.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ PALETTE = (
 )
 assert len(PALETTE) == BANDS + 2
 MISSING_STYLE = "#5a5a5a"
+PENDING, PENDING_STYLE = "░", "#8a8a8a"  # a step whose lens is still to come (or was never computed: a replay)
 
 VIEWS = {
     # view: (record field, the title's name for it, what it is)
@@ -74,6 +80,19 @@ def legend() -> Text:
     return text
 
 
+def pending(record: dict, key: str, mode: str | None) -> bool:
+    """Whether `record`'s lens `key` is still to come: the lens is on for every step (`mode`, the header's lens,
+    is "all"), the field is there but null, and the step compares the two models (after a model ended there is
+    nothing to compute)."""
+    return (
+        mode == "all"
+        and key in record
+        and record[key] is None
+        and record.get("token_d") is not None
+        and record.get("token_p") is not None
+    )
+
+
 def bins(layers: int, rows: int) -> list[tuple[int, int]]:
     """[start, stop) layer indices (0-based) of each of at most `rows` bins over `layers` layers."""
     count = max(1, min(layers, rows))
@@ -96,6 +115,7 @@ class HeatmapPanel(Static):
     selected: reactive[int | None] = reactive(None)
     header: reactive[SessionHeader] = reactive(SessionHeader)
     view: reactive[str] = reactive("lens")
+    live: reactive[bool] = reactive(False)  # the steps come from a live run: a pending column is being computed
     validate_header = staticmethod(header_of)  # a header set as a dict is read as a SessionHeader
 
     def __init__(self, **kwargs):
@@ -106,7 +126,7 @@ class HeatmapPanel(Static):
     def _redraw(self) -> None:
         self.show()
 
-    watch_records = watch_selected = watch_header = watch_view = _redraw
+    watch_records = watch_selected = watch_header = watch_view = watch_live = _redraw
 
     def on_resize(self) -> None:
         self.show()
@@ -117,14 +137,17 @@ class HeatmapPanel(Static):
 
     def layers(self) -> int:
         key = VIEWS[self.view][0]
-        return max((len(r.get(key) or []) for r in self.records), default=0)
+        count = max((len(r.get(key) or []) for r in self.records), default=0)
+        if not count and any(pending(r, key, self.header.lens) for r in self.records):
+            count = self.header.layers or 0  # every step shown is pending: the rows the lens will fill
+        return count
 
     def off_note(self) -> str | None:
         """Why there is nothing to draw, or None."""
         if self.layers():
             return None
-        if self.header.lens is False:
-            return "the logit lens was off for this run (--no-lens): no layer × step map"
+        if self.header.lens == "off":
+            return "the logit lens was off for this run (--lens off): no layer × step map"
         if self.records:
             return "this session has no logit-lens data (recorded without the lens): no layer × step map"
         return None
@@ -159,9 +182,7 @@ class HeatmapPanel(Static):
         if self.size.width and len(title) + 6 > self.size.width:  # too long for the border: the binning first
             title = f"{name}{binned}"
         self.border_title = title
-        subtitle = legend()
-        subtitle.append(f" · v: {other}", style="dim")
-        self.border_subtitle = subtitle
+        self.border_subtitle = self._subtitle(sum(pending(r, key, self.header.lens) for r in self.records), other)
         if note or not self.records:
             self.border_subtitle = ""
             self.shown = {"steps": (0, 0), "bins": [], "layers": layers, "note": note}
@@ -172,7 +193,7 @@ class HeatmapPanel(Static):
         first, stop = self.window(width // wide)
         steps = self.records[first:stop]
         selected = self.selected
-        columns = [aggregate(r.get(key), groups) for r in steps]
+        columns = [PENDING if pending(r, key, self.header.lens) else aggregate(r.get(key), groups) for r in steps]
         text = Text(no_wrap=True, overflow="crop")
         text.append_text(self._flip_row(steps, selected, wide))
         text.append("\n")
@@ -184,14 +205,35 @@ class HeatmapPanel(Static):
                 label = f"{groups[top][0] + 1:>{LABEL - 1}} " if again == 0 else " " * LABEL
                 text.append(label, style="dim")
                 for column in columns:
+                    if column == PENDING:
+                        text.append(PENDING * wide, style=PENDING_STYLE)
+                        continue
                     upper = color(column[top])
                     lower = color(column[top + 1]) if half and top + 1 < len(groups) else None
                     glyph, style = self._cell(upper, lower, half)
                     text.append(glyph * wide, style=style)
                 text.append("\n")
         text.append_text(self._axis(steps, selected, wide, width))
-        self.shown = {"steps": (first, stop), "bins": groups, "layers": layers, "note": None}
+        waiting = [r["step"] for r, column in zip(steps, columns) if column == PENDING]
+        self.shown = {"steps": (first, stop), "bins": groups, "layers": layers, "note": None, "pending": waiting}
         self.update(text)
+
+    def _subtitle(self, waiting: int, other: str) -> Text:
+        """The legend, the count of pending columns (░) and the `v` hint, the latter parts dropped, the hint first,
+        where the border is too narrow for them."""
+        what = "computing" if self.live else "uncomputed"
+        parts = [f" {waiting} {what}", " · v: " + other] if waiting else [None, " · v: " + other]
+        for keep in (parts, parts[:1] + [None], [f" {waiting}" if waiting else None, None]):
+            text = legend()
+            if keep[0] is not None:
+                text.append(" · ", style="dim")
+                text.append(PENDING, style=PENDING_STYLE)
+                text.append(keep[0], style="dim")
+            if keep[1] is not None:
+                text.append(keep[1], style="dim")
+            if not self.size.width or len(text.plain) + 6 <= self.size.width:
+                break
+        return text
 
     @staticmethod
     def _cell(upper: str | None, lower: str | None, half: bool) -> tuple[str, Style | str]:
