@@ -274,3 +274,15 @@ def test_a_hessian_that_needs_more_damping_is_factored_again():
         for view, w in zip(group.views, new):
             assert torch.equal(w, sparsegpt_weight(view.matrix(), group.stats.xtx, spec))
     assert torch.isfinite(got[1][0]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.embedded
+@pytest.mark.parametrize("spec", ["wanda:0.5", "sparsegpt:0.5"])
+def test_the_embedded_model_prunes_as_the_per_matrix_way(embedded, spec):
+    """Guards equality where weights tie: the embedded model's de-quantized Q4_1 weights have many exact ties in
+    |W|, so any change in which entries a selection picks among equal scores would show here (4 × 64 tokens:
+    chunks of 3 and 1)."""
+    ids = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(0))
+    spec = parse_spec(spec)
+    _assert_same(_pruned(embedded.model, ids, spec), _pruned(embedded.model, ids, spec, per_matrix=True), spec)

@@ -199,6 +199,7 @@ class BaseFile:
         for name, shape in shapes.items():
             if self.shapes.get(name) != shape:
                 raise HieruiError(f"--base {self.path}: tensor {name} is missing or not of shape {shape}")
+        self._checked: dict = {}
         self._check_values()
         self.scored = 0
         self._device: dict = {}
@@ -217,7 +218,8 @@ class BaseFile:
             if self.exact:
                 for name in ("head_weight", "head_bias"):
                     if name in self.shapes:
-                        self._refuse_where(name, ~torch.isfinite(f.get_tensor(name)), "a non-finite value")
+                        self._checked[name] = f.get_tensor(name)  # kept for the scoring (_whole): read once
+                        self._refuse_where(name, ~torch.isfinite(self._checked[name]), "a non-finite value")
                 rows = self.shapes["head_in"]
                 step = max(1, (64 << 20) // max(1, rows[1] * 4))
                 head_in = f.get_slice("head_in")
@@ -316,8 +318,11 @@ class BaseFile:
         from safetensors import safe_open
 
         if name not in self._device:
-            with safe_open(str(self.path), framework="pt") as f:
-                self._device[name] = f.get_tensor(name).to(device)
+            if name in self._checked:
+                self._device[name] = self._checked.pop(name).to(device)
+            else:
+                with safe_open(str(self.path), framework="pt") as f:
+                    self._device[name] = f.get_tensor(name).to(device)
         return self._device[name]
 
     def head(self, device):
