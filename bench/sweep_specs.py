@@ -26,25 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from batch_throughput import PROMPTS  # bench/ is on the path when a bench script runs
+
 SPECS = ["magnitude:0.3", "magnitude:0.5", "magnitude:0.7", "int8"]
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a short story about a lighthouse keeper.",
-    "Explain photosynthesis to a child.",
-    "List three uses of a paperclip.",
-    "Translate 'good morning' into Spanish and German.",
-    "Why is the sky blue?",
-    "Write a Python function that reverses a string.",
-    "Give me a recipe for pancakes.",
-    "What are the planets of the solar system?",
-    "Describe a rainy day in the city.",
-    "How do vaccines work?",
-    "Summarise the plot of Romeo and Juliet.",
-    "What is 17 times 23?",
-    "Name five animals that live in the ocean.",
-    "Why do leaves change colour in autumn?",
-    "Write a haiku about winter.",
-]
 
 
 # `hierui batch` with the dense trajectories never kept: every spec runs the dense model (the path before them)

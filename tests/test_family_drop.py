@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from zoo_grid import grid
 
+from engine.anatomy.sublayers import state_modules
 from engine.errors import HieruiError
 from engine.models.loading import load
 from engine.models.zoo import FAMILIES, SLIDING_WINDOW
@@ -31,7 +32,7 @@ from engine.perturb.drop import (
 from engine.perturb.pair import ModelPair, clone_sharing, shared_fraction
 from engine.perturb.spec import parse_spec
 from engine.record.settings import StepSettings
-from engine.run.stepper import BatchStepper, Stepper, _last_position_modules
+from engine.run.stepper import BatchStepper, Stepper
 
 DROP = {"attention": drop_attention, "mlp": drop_mlp, "block": drop_blocks}
 SPECS = {"attndrop:1": "attention", "mlpdrop:1": "mlp", "blockdrop:1": "block"}
@@ -306,7 +307,7 @@ def test_last_position_hooks_equal_output_hidden_states(family):
     stepper = BatchStepper(pair, ["x"])
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(9))
     for name, model in models.items():
-        layers, final = _last_position_modules(model)
+        layers, final = state_modules(model)
         assert layers is not None and final is not None, f"{family} {name} falls back to every position"
         assert len(layers) == model.config.num_hidden_layers
         hidden, logits = stepper._forward(model, ids, DynamicCache(config=model.config))

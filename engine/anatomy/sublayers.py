@@ -187,3 +187,31 @@ def state_modules(model) -> tuple[list | None, object | None]:
     config = model.config.get_text_config(decoder=True)
     count = getattr(config, "num_hidden_layers", None)
     return list(layers)[: count if isinstance(count, int) else len(layers)], final
+
+
+def logit_softcap(model) -> float | None:
+    """The model's final logit soft-capping (Gemma: z = cap · tanh(z / cap)), or None where it has none: the one
+    reading of it for every head applied by hand (engine.run.lens, engine.kld.window)."""
+    config = model.config
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    cap = getattr(config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def state_hooks(layers, final, on_state) -> list:
+    """Hooks on the modules of state_modules that call `on_state(ℓ, h)` with each hidden state as the forward pass
+    makes it, the whole tensor (batch, positions, H): ℓ = 0 … L−1 each decoder layer's input, L the final norm's
+    output; the caller keeps what it needs of it (a few positions). The handles, to `remove()` after the pass."""
+
+    def layer_input(index):
+        def hook(_module, args, kwargs):
+            on_state(index, args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
+    def final_output(_module, _args, output):
+        on_state(len(layers), output[0] if isinstance(output, tuple) else output)
+
+    hooks = [layer.register_forward_pre_hook(layer_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    hooks.append(final.register_forward_hook(final_output))
+    return hooks

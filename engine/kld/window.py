@@ -52,11 +52,10 @@ class Head:
         weight = getattr(module, "weight", None)
         if weight is None or weight.dim() != 2 or weight.device.type == "meta":
             return None
+        from engine.anatomy.sublayers import logit_softcap
+
         bias = getattr(module, "bias", None)
-        config = model.config
-        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        cap = getattr(config, "final_logit_softcapping", None)
-        return cls(weight.detach(), bias.detach() if bias is not None else None, float(cap) if cap else None)
+        return cls(weight.detach(), bias.detach() if bias is not None else None, logit_softcap(model))
 
     def __call__(self, h):
         import torch
@@ -110,11 +109,11 @@ def forward(model, ids, m: int, head: Head | None, on_state=None) -> Window:
     hooks = [module.register_forward_pre_hook(head_input, with_kwargs=True)] if module is not None else []
     layers, final = (None, None)
     if on_state is not None:
-        from engine.anatomy.sublayers import state_modules
+        from engine.anatomy.sublayers import state_hooks, state_modules
 
         layers, final = state_modules(model)
-        if layers is not None:
-            hooks += _state_hooks(layers, final, keep, on_state)
+        if layers is not None:  # each state at the scored positions
+            hooks += state_hooks(layers, final, lambda index, h: on_state(index, h[0, -keep:-1]))
     every = on_state is not None and layers is None  # no layers found: output_hidden_states, every position
     try:
         with torch.no_grad():
@@ -150,26 +149,6 @@ def _same_logits(mine, own, dtype) -> bool:
     scale = float(own.abs().max()) or 1.0
     rel = max(1e-3, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-3
     return bool(torch.allclose(mine, own, rtol=0, atol=rel * scale))
-
-
-def _state_hooks(layers, final, keep: int, on_state) -> list:
-    """Hooks handing on_state each layer's input (states 0 … L−1) and the final norm's output (L) at the scored
-    positions."""
-
-    def layer_input(index):
-        def hook(_module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            on_state(index, h[0, -keep:-1])
-
-        return hook
-
-    def final_output(_module, _args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        on_state(len(layers), h[0, -keep:-1])
-
-    hooks = [layer.register_forward_pre_hook(layer_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    hooks.append(final.register_forward_hook(final_output))
-    return hooks
 
 
 class Cosines:

@@ -95,9 +95,7 @@ def lens_head(model) -> LensHead | None:
         owner = A.get(model, parts.owner)
         norm = getattr(owner, "final_layer_norm", None)
         norms = [norm, final] if norm is not None else [final]
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return LensHead(norms=norms, head=head, softcap=float(softcap) if softcap else None)
+    return LensHead(norms=norms, head=head, softcap=A.logit_softcap(model))
 
 
 def _chunks(head: LensHead, head_p: LensHead | None, x: torch.Tensor, chunk: int):

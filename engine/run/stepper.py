@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.anatomy.sublayers import state_hooks, state_modules
 from engine.errors import HieruiError
 from engine.models.tokens import choice_token_ids, eos_ids, piece, prompt_ids
 from engine.perturb.pair import mapped_hidden
@@ -69,15 +70,6 @@ def model_context(model) -> int | None:
     """The longest sequence the model takes (config.max_position_embeddings), or None when it does not say."""
     value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     return value if isinstance(value, int) and value > 0 else None
-
-
-def _last_position_modules(model):
-    """The decoder layers the forward pass runs and the module whose output is the final hidden state (the
-    final norm: model.norm, GPT-2's transformer.ln_f, OPT's decoder.final_layer_norm, NeoX's final_layer_norm;
-    engine.anatomy.sublayers.state_modules), or (None, None) where not found."""
-    from engine.anatomy.sublayers import state_modules
-
-    return state_modules(model)
 
 
 @torch.no_grad()
@@ -237,24 +229,20 @@ class BatchStepper:
         Only the last position is kept: `logits_to_keep=1` computes the LM head there alone, and hooks copy
         the last position of each decoder layer's input and of the final norm's output, so a long prompt's
         prefill never holds logits or hidden states for every position (output_hidden_states would)."""
-        grabbed: list[torch.Tensor] = []
         if model not in self._taps:  # found once per model, not at every forward pass
-            self._taps[model] = _last_position_modules(model)
+            self._taps[model] = state_modules(model)  # each layer's input, the final norm's output
         layers, norm = self._taps[model]
         if layers is None:  # an architecture whose layers and final norm we cannot find: every position
             out = model(input_ids=ids.to(self.device), cache=cache, use_cache=True, output_hidden_states=True, **kwargs)
             logits = out.logits[:, -1, :]
             return gather([h[:, -1, :] for h in out.hidden_states], logits.device, dim=1), logits
 
-        def layer_input(_m, args, kw):
-            h = args[0] if args else kw["hidden_states"]
-            grabbed.append(h[:, -1, :].clone())
+        grabbed: list = [None] * (len(layers) + 1)  # the last position of each state ℓ = 0 … L
 
-        def norm_output(_m, _args, output):
-            grabbed.append(output[:, -1, :].clone())
+        def keep_last(index: int, h: torch.Tensor) -> None:
+            grabbed[index] = h[:, -1, :].clone()
 
-        hooks = [layer.register_forward_pre_hook(layer_input, with_kwargs=True) for layer in layers]
-        hooks.append(norm.register_forward_hook(norm_output))
+        hooks = state_hooks(layers, norm, keep_last)
         try:
             out = model(input_ids=ids.to(self.device), cache=cache, use_cache=True, logits_to_keep=1, **kwargs)
         finally:
