@@ -10,7 +10,9 @@ end of sequence disabled so every row makes --tokens steps, for each lens mode (
 """
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from engine.models.loading import load
 from engine.perturb import perturb
@@ -59,11 +61,12 @@ def main() -> None:
         choices=LENS_MODES,
         help=f"lens modes to measure (default: batch's {BATCH_LENS}, then all and off)",
     )
+    parser.add_argument("--json", type=Path, help="also write the figures to this file (bench/speed_goals.py reads it)")
     args = parser.parse_args()
     pair = perturb(load(args.model, device=args.device), args.prune)
     prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]
     tokens_per_second(pair, prompts[:1], StepSettings(max_new_tokens=4))  # warm up
-    batched_by_mode = {}
+    batched_by_mode, single_by_mode = {}, {}
     for lens in args.lens:
         settings = StepSettings(max_new_tokens=args.tokens, lens=lens)
         single_start = time.perf_counter()
@@ -72,7 +75,7 @@ def main() -> None:
             stepper = BatchStepper(pair, [prompt], settings)
             stepper.eos = set()
             single_tokens += sum(len(r) for r in stepper.run())
-        single = single_tokens / (time.perf_counter() - single_start)
+        single = single_by_mode[lens] = single_tokens / (time.perf_counter() - single_start)
         batched = batched_by_mode[lens] = tokens_per_second(pair, prompts, settings)
         print(
             f"lens {lens:7s} B=1: {single:6.1f} tokens/s · B={args.batch}: {batched:6.1f} tokens/s · "
@@ -84,6 +87,9 @@ def main() -> None:
                 print(
                     f"lens {lens:7s} B={args.batch} ÷ lens off B={args.batch}: {batched / batched_by_mode['off']:.2f}×"
                 )
+    if args.json:
+        figures = {"batch": args.batch, "single_tokens_s": single_by_mode, "batched_tokens_s": batched_by_mode}
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
 
 
 if __name__ == "__main__":

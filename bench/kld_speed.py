@@ -67,14 +67,19 @@ def main() -> None:
     ap.add_argument("--long-ctx", type=int, nargs="+", default=[512, 2048, 8192])
     ap.add_argument("--no-timing", action="store_true", help="skip the timing and the ctx-512 peaks")
     ap.add_argument("--no-long", action="store_true", help="skip the long-context peaks")
+    ap.add_argument("--json", type=Path, help="also write the figures to this file (bench/speed_goals.py reads it)")
     args = ap.parse_args()
+    figures: dict[str, dict] = {}
     if not args.no_timing:
-        timing(args)
+        figures["ratio_to_dense"] = timing(args)
     if not args.no_long:
-        long_contexts(args)
+        figures["peak_mib_by_ctx"] = long_contexts(args)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
 
 
-def timing(args) -> None:
+def timing(args) -> dict[str, float]:
+    """Prints the figures; returns each case's wall-clock time ÷ the dense forward's."""
     import torch
 
     from engine.kld import corpus as kld
@@ -149,9 +154,10 @@ def timing(args) -> None:
         peaks[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
     print(f"peak RSS, dense + {args.spec} scored together: {peaks['pair']:.0f} MiB")
     print(f"peak RSS, the saved {args.spec} model alone against the exact base file: {peaks['base']:.0f} MiB")
+    return {name: wall[name] / wall["dense"] for name in times}
 
 
-def long_contexts(args) -> None:
+def long_contexts(args) -> dict[int, float]:
     """Peak RSS of `hierui kld` at each --long-ctx on the heldout suite repeated to LONG_TOKENS tokens, each in a
     fresh process."""
     import os
@@ -185,6 +191,7 @@ def long_contexts(args) -> None:
         f"{tokens} tokens ({args.model}, {args.spec}): peak at ctx {high} = {peaks[high] / peaks[low]:.2f} × the "
         f"peak at ctx {low} (goal ≤ 1.5×)"
     )
+    return peaks
 
 
 def _load() -> str:

@@ -21,12 +21,14 @@ and uneven on a busy 2-core machine (load 8–10), a second thread of work chang
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file (bench/speed_goals.py reads it)")
     args = parser.parse_args()
     pair = perturb(load(args.model, device=args.device), args.prune)
     n = args.steps
@@ -139,6 +142,8 @@ def main() -> None:
         f" · behind ÷ off {med['behind/off']:.3f}"
     )
     print(f"load average after: {os.getloadavg()}")
+    if args.json:
+        args.json.write_text(json.dumps({"ratio_to_bare": med}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ CPU seconds count threads spinning in wait; `--threads 1` makes the CPU-seconds 
 """
 
 import argparse
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of every spec, alternated (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--calib-samples", type=int, default=None, help="calibration sequences for every spec")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file (bench/speed_goals.py reads it)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,6 +130,7 @@ def main() -> None:
             del pair
     judged = "CPU seconds" if args.threads == 1 else "wall-clock"  # see the module's docstring
     print(f"median over the repeats (wall-clock / CPU seconds; the goals judged on {judged}):")
+    figures = {}
     for spec in specs:
         wall = statistics.median(r[0] for r in ratios[str(spec)])
         cpu = statistics.median(r[1] for r in ratios[str(spec)])
@@ -134,6 +138,9 @@ def main() -> None:
         ratio = cpu if args.threads == 1 else wall
         verdict = "" if goal is None else f"  goal ≤ {goal}×: {'met' if ratio <= goal else 'NOT met'}"
         print(f"  {str(spec):>14}: {wall:5.2f}× / {cpu:5.2f}× one dense forward{verdict}")
+        figures[str(spec)] = {"method": spec.method, "judged": ratio, "wall": wall, "cpu": cpu}
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
 
 
 if __name__ == "__main__":

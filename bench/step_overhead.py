@@ -15,9 +15,11 @@ over alternating repeats (machines here are noisy; compare ratios, not times) an
 """
 
 import argparse
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default torch's); 1 on a shared machine is steadier"
     )
+    parser.add_argument("--json", type=Path, help="also write the figures to this file (bench/speed_goals.py reads it)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,6 +105,9 @@ def main() -> None:
             f"(range {min(values):.3f}–{max(values):.3f})"
         )
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if args.json:
+        medians = {mode: statistics.median(values) for mode, values in ratios.items()}
+        args.json.write_text(json.dumps({"ratio_to_bare": medians}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

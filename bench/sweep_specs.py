@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lens", nargs="+", default=["default", "off"], choices=["default", "off"])
     parser.add_argument("--old", action="store_true", help="also time A0, the sweep without the dense side once")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file (bench/speed_goals.py reads it)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hierui-bench-sweep-"))
     os.environ.setdefault("HIERUI_HOME", str(work / "home"))
@@ -94,6 +95,7 @@ def main() -> None:
     )
     # the model converted and every spec's pruned weights in the cache: no variant pays the pruning for the others
     batch(args, prompts, args.specs, work / "warm", [], tokens=1)
+    figures: dict[str, dict] = {}
     for lens in args.lens:
         flags = [] if lens == "default" else ["--no-lens"]
         ratios, olds = [], []
@@ -123,11 +125,15 @@ def main() -> None:
             b_runs = {k: v for n in range(len(args.specs)) for k, v in steps(b_out / str(n)).items()}
             same = a_runs.keys() == b_runs.keys() and all(close(a_runs[k], b_runs[k]) for k in a_runs)
             print(f"  the sweep's sessions {'equal' if same else 'DIFFER FROM'} the runs one at a time (1e-5)")
+            figures.setdefault(lens, {"equal": True})["equal"] &= same
+        figures[lens]["speedup"] = statistics.median(ratios)
         print(
             f"lens {lens}: {len(args.specs)}-spec sweep vs one at a time: median {statistics.median(ratios):.2f}× "
             "(goal ≥ 1.5×)" + (f"; vs recomputing the dense side: {statistics.median(olds):.2f}×" if olds else ""),
             flush=True,
         )
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
 
 
 if __name__ == "__main__":
