@@ -11,7 +11,7 @@ from engine.models.random_shapes import parse_random
 from engine.models.tiny import TINY_SHAPE, TINY_TOKENS
 
 # tiny-random's config.json values that the early checks read, without torch (engine.models.tiny)
-TINY_CONFIG = {**TINY_TOKENS, **TINY_SHAPE}
+TINY_CONFIG = {"model_type": "llama", **TINY_TOKENS, **TINY_SHAPE}  # as its config.json would say
 
 
 def read_config(name: str) -> dict | None:

@@ -101,7 +101,7 @@ def expert_stats(inputs: ExpertInputs, expert: int, views: list, gram: bool) -> 
 def prune_experts(layer: int, inputs: ExpertInputs, views: list, prune_layer, gram: bool, spec, details: dict) -> None:
     """Prune every expert of one experts module, one expert at a time, recording token counts in `details`.
     `prune_layer` is the method's (engine.perturb.layerwise.PruneLayer), given each expert matrix as its own input."""
-    from engine.perturb.magnitude import magnitude_mask
+    from engine.perturb.masks import magnitude_mask
 
     counts = inputs.counts()
     details.setdefault("expert_tokens", []).append({"layer": layer, "tokens": counts})

@@ -16,34 +16,30 @@ import torch
 
 from engine.anatomy.linears import decoder_layers, weight_views
 from engine.perturb.job import Job
-from engine.perturb.masks import lowest_per_matrix, n_of_m
+from engine.perturb.masks import magnitude_mask
 from engine.perturb.spec import Spec
 from engine.perturb.stored import build_pruned
 
 # its declaration (grammar, ALGORITHM_VERSION, memory footprint): engine.record.methods.magnitude
 
 
-def magnitude_mask(weight: torch.Tensor, spec: Spec) -> torch.Tensor:
-    """True where pruned: one threshold per matrix (unstructured), or per group of M inputs (N:M).
-    `weight` is [out, in] (a WeightView's matrix)."""
-    score = weight.detach().abs().float()
-    if spec.n is not None:
-        return n_of_m(score, spec.n, spec.m)
-    return lowest_per_matrix(score, spec.sparsity)
-
-
 @torch.no_grad()
 def prune_magnitude(model, spec: Spec, progress=None) -> dict:
+    """Prune `model` in place (new weight tensors); returns the details (a layer allocation's,
+    engine.perturb.allocated). The mask: engine.perturb.masks.magnitude_mask."""
+    from engine.perturb.allocated import rates
     from engine.place.streaming import each_resident
 
+    allocated = rates(model, spec)
     layers = decoder_layers(model)
     for index, layer in each_resident(layers):  # a streamed layer: its weights in for its turn (engine.place.streaming)
         for view in weight_views(layer, index):
             w = view.matrix()
-            view.assign(w.masked_fill(magnitude_mask(w, spec), 0))
+            own = allocated.spec_for(view) if allocated is not None else spec
+            view.assign(w.masked_fill(magnitude_mask(w, own), 0))
         if progress:
             progress(index + 1, len(layers))
-    return {}
+    return {"allocation": allocated.details} if allocated is not None else {}
 
 
 def build(job: Job):

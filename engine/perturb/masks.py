@@ -63,3 +63,13 @@ def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
     if k > 0:
         mask[torch.topk(score.flatten(), k, largest=False, sorted=False).indices] = True
     return mask.view_as(score)
+
+
+def magnitude_mask(weight: torch.Tensor, spec) -> torch.Tensor:
+    """Magnitude pruning's mask (engine.perturb.magnitude), True where pruned: one threshold per matrix at
+    `spec.sparsity` (unstructured), or per group of M inputs (`spec.n`, `spec.m`). `weight` is [out, in] (a
+    WeightView's matrix)."""
+    score = weight.detach().abs().float()
+    if spec.n is not None:
+        return n_of_m(score, spec.n, spec.m)
+    return lowest_per_matrix(score, spec.sparsity)

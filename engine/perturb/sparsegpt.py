@@ -64,6 +64,7 @@ def obs_sweep(
     spec: Spec,
     blocksize: int = BLOCK_SIZE,
     mask: torch.Tensor | None = None,
+    sparsities: list[float] | None = None,
 ) -> list[torch.Tensor]:
     """SparseGPT's blocked OBS sweep over matrices that read one input (one Hessian), each with its own count for
     unstructured sparsity; returns the new weights (their dtypes).
@@ -73,13 +74,15 @@ def obs_sweep(
     side and the block's columns transposed (contiguous), so each column is four small operations for all of
     them; a block's pruned weights are its final values with the mask applied (a kept weight's column is never
     updated after its own step), and each matrix takes the block's update of its later columns in its own product.
+    `sparsities`: each matrix's own unstructured sparsity (a layer allocation), else the spec's for all.
     """
     Ws = [w.detach().to(torch.float32, copy=True) for w in weights]
     bounds = [0]
     for w in Ws:
         w.masked_fill_(dead.to(w.device), 0)
         bounds.append(bounds[-1] + w.shape[0])
-    segments = list(zip(Ws, bounds, bounds[1:]))
+    rates = sparsities if sparsities is not None else [spec.sparsity] * len(Ws)
+    segments = list(zip(Ws, bounds, bounds[1:], rates))
     cols = Ws[0].shape[1]
     nm = spec.n is not None
     if nm and blocksize % spec.m:
@@ -98,9 +101,9 @@ def obs_sweep(
             # exactly int(numel · sparsity) pruned over each whole matrix: each block takes its share
             score = W1**2 / d.reshape(1, -1) ** 2
             mask1 = torch.empty_like(W1, dtype=torch.bool)
-            for _W, r0, r1 in segments:
+            for _W, r0, r1, rate in segments:
                 n = r1 - r0
-                k = int(n * i2 * spec.sparsity) - int(n * i1 * spec.sparsity)
+                k = int(n * i2 * rate) - int(n * i1 * rate)
                 mask1[r0:r1] = lowest_k(score[r0:r1], k)
         W1t = W1.t().contiguous()  # [block columns, rows]
         pruned_t = mask1.t().float()
@@ -117,7 +120,7 @@ def obs_sweep(
             W1t[i + 1 :] -= Hinv1[i, i + 1 :].unsqueeze(1) * err.unsqueeze(0)
         Q1 = W1t.t().masked_fill(mask1, 0.0)
         Err1 = Err1t.t().contiguous()
-        for W, r0, r1 in segments:
+        for W, r0, r1, _rate in segments:
             W[:, i1:i2] = Q1[r0:r1]
             W[:, i2:] -= Err1[r0:r1] @ Hinv[i1:i2, i2:]
     return [W.to(w.dtype) for W, w in zip(Ws, weights)]
@@ -145,35 +148,49 @@ def sparsegpt_weight(
 
 
 @torch.no_grad()
-def sparsegpt_layer(shared: list[SharedInput], spec: Spec, percdamp: float = PERCENT_DAMP) -> list[list[torch.Tensor]]:
+def sparsegpt_layer(
+    shared: list[SharedInput], spec: Spec, percdamp: float = PERCENT_DAMP, allocated=None
+) -> list[list[torch.Tensor]]:
     """The new weights of a layer's matrices, one sweep per shared input (its Hessian factored once for all
     the matrices that read it). The factorizations are checked on the host once for the whole layer: a
-    Hessian that needed more damping is factored and swept again."""
+    Hessian that needed more damping is factored and swept again. `allocated`: a layer allocation's Rates
+    (engine.perturb.allocated), each matrix at its own sparsity."""
     out, failures = [], []
+
+    def rates(group):
+        return [allocated.of(v) for v in group.views] if allocated is not None else None
+
     for group in shared:
         H, damp, dead = _damped(group.stats.xtx.to(group.views[0].parameter.device), percdamp)
         U, failed = _factor(H, damp, 0)
-        out.append(obs_sweep([v.matrix() for v in group.views], U, dead, spec))
+        out.append(obs_sweep([v.matrix() for v in group.views], U, dead, spec, sparsities=rates(group)))
         failures.append(failed.to(failures[0].device) if failures else failed)
     if failures and torch.stack(failures).any():  # the layer's one host synchronisation
         for j, (group, failed) in enumerate(zip(shared, failures)):
             if bool(failed):
                 U, dead = inverse_hessian_factor(group.stats.xtx.to(group.views[0].parameter.device), percdamp)
-                out[j] = obs_sweep([v.matrix() for v in group.views], U, dead, spec)
+                out[j] = obs_sweep([v.matrix() for v in group.views], U, dead, spec, sparsities=rates(group))
     return out
 
 
 def prune_sparsegpt(model, spec: Spec, calib_ids: torch.Tensor, progress=None, batch_size: int = 8) -> dict:
-    """Prune `model` in place (new weight tensors); returns the details (expert token counts on MoE models)."""
-    return prune_layers_sequentially(
+    """Prune `model` in place (new weight tensors); returns the details (expert token counts on MoE models, a layer
+    allocation's, engine.perturb.allocated)."""
+    from engine.perturb.allocated import rates
+
+    allocated = rates(model, spec, calib_ids)
+    details = prune_layers_sequentially(
         model,
         calib_ids,
-        lambda shared: sparsegpt_layer(shared, spec),
+        lambda shared: sparsegpt_layer(shared, spec, allocated=allocated),
         gram=True,
         spec=spec,
         progress=progress,
         batch_size=batch_size,
     )
+    if allocated is not None:
+        details["allocation"] = allocated.details
+    return details
 
 
 def build(job: Job):

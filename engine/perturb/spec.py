@@ -9,6 +9,9 @@ arguments parse (engine.record.methods.grammar):
     int8            nf4                            bitsandbytes quantization
     checkpoint:PATH                                an already-perturbed model from elsewhere
     none                                           the dense model against itself
+
+A pruning method's unstructured sparsity may carry a layer allocation after '@' (engine.perturb.allocation):
+    wanda:0.6@owl   magnitude:0.7@owl:5:0.1   sparsegpt:0.6@alloc.json
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.errors import HieruiError
+from engine.perturb.allocation import Allocation, parse_allocation
 from engine.record.methods import Method, find, identity, methods, names
-from engine.record.methods.grammar import bad
+from engine.record.methods.grammar import PATH, bad
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,8 @@ class Spec:
     """A parsed perturbation spec.
 
     `sparsity` is set for unstructured pruning; `n`, `m` for N:M (keep n of every m);
-    `count` for drop methods; `path` for a method that takes a path (checkpoint).
+    `count` for drop methods; `path` for a method that takes a path (checkpoint); `allocation` for unstructured
+    pruning whose layers get sparsities of their own around `sparsity` (engine.perturb.allocation).
     """
 
     method: str
@@ -34,6 +39,7 @@ class Spec:
     m: int | None = None
     count: int | None = None
     path: str | None = None
+    allocation: Allocation | None = None
 
     @property
     def declared(self) -> Method | None:
@@ -63,7 +69,8 @@ class Spec:
         if self.path is not None:
             return f"{self.method}:{self.path}"
         if self.sparsity is not None:
-            return f"{self.method}:{self.sparsity:g}"
+            at = f"@{self.allocation}" if self.allocation is not None else ""
+            return f"{self.method}:{self.sparsity:g}{at}"
         if self.n is not None:
             return f"{self.method}:{self.n}:{self.m}"
         if self.count is not None:
@@ -77,6 +84,8 @@ class Spec:
             from pathlib import Path
 
             return f"{self.method}-" + "".join(c if c.isalnum() else "_" for c in Path(self.path).name)
+        if self.allocation is not None:
+            return f"{self.method}-{self.sparsity:g}-at-{self.allocation.slug}"
         return str(self).replace(":", "-") if self.n is None else f"{self.method}-{self.n}of{self.m}"
 
 
@@ -87,11 +96,24 @@ def parse_spec(text: str) -> Spec:
     if not text:
         raise bad(raw, "empty spec; try e.g. wanda:0.5, magnitude:2:4, attndrop:4, int8 or none")
     name, colon, rest = text.partition(":")
+    if "@" in name:  # int8@owl, wanda@owl: an allocation with no arguments before it
+        name, _, after = name.partition("@")
+        rest, colon = "@" + after + colon + rest, ""
     name = name.strip().lower()
     declared = find(name)
     if declared is None:
         raise bad(raw, f"unknown method '{name}'; known: {', '.join(names())}")
-    return Spec(name, **declared.grammar.parse(raw, name, rest if colon else None))
+    allocation = None
+    if declared.grammar is not PATH and "@" in rest:  # (a path may hold '@' itself)
+        rest, _, after = rest.partition("@")
+        if not declared.allocates:
+            allocating = ", ".join(m.name for m in methods() if m.allocates)
+            raise bad(raw, f"a layer allocation (@…) applies to the pruning methods ({allocating}), not to {name}")
+        allocation = parse_allocation(raw, after, bad)
+    fields = declared.grammar.parse(raw, name, rest if colon else None)
+    if allocation is not None and fields.get("sparsity") is None:
+        raise bad(raw, "an N:M pattern fixes the sparsity of every group: a layer allocation (@…) needs a sparsity")
+    return Spec(name, **fields, allocation=allocation)
 
 
 def unperturbed() -> Spec:
@@ -105,6 +127,10 @@ def check_fits(spec: Spec, config: dict | None) -> None:
     (a method pruning per output row, Wanda, one of its fewest input features; magnitude and SparseGPT per matrix)."""
     from engine.models.configs import config_int, smallest_linear
 
+    if spec.allocation is not None:
+        from engine.perturb.allocated import check_before_loading
+
+        check_before_loading(spec, config)
     if not config:
         return
     layers = config_int(config, "num_hidden_layers")

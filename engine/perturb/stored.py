@@ -11,7 +11,12 @@ from engine.perturb.job import Job
 
 def _prune_key(loaded, spec, calibration):
     """The cache entry (engine.perturb.cache.Slot) of pruning `loaded` with `spec` (a Spec)."""
-    return _entry(loaded, "pruned", spec.declared.algorithm, str(spec), calibration)
+    text = str(spec)
+    if spec.allocation is not None and spec.allocation.kind == "file":  # the file's content, not only its name
+        from engine.perturb.allocation import file_hash
+
+        text += f"#{file_hash(spec.allocation.path)}"
+    return _entry(loaded, "pruned", spec.declared.algorithm, text, calibration)
 
 
 def _scores_key(loaded, algorithm: str, calibration):

@@ -42,14 +42,26 @@ def wanda_weights(weights: list[torch.Tensor], input_norm: torch.Tensor, spec: S
 
 
 def prune_wanda(model, spec: Spec, calib_ids: torch.Tensor, progress=None, batch_size: int = 8) -> dict:
-    """Prune `model` in place (new weight tensors); returns the details (expert token counts on MoE models)."""
+    """Prune `model` in place (new weight tensors); returns the details (expert token counts on MoE models, a layer
+    allocation's, engine.perturb.allocated)."""
+    from engine.perturb.allocated import rates
+
+    allocated = rates(model, spec, calib_ids)
 
     def prune_layer(shared: list[SharedInput]) -> list[list[torch.Tensor]]:
-        return [wanda_weights([v.matrix() for v in group.views], group.stats.norm, spec) for group in shared]
+        if allocated is None:
+            return [wanda_weights([v.matrix() for v in group.views], group.stats.norm, spec) for group in shared]
+        return [
+            [wanda_weights([v.matrix()], group.stats.norm, allocated.spec_for(v))[0] for v in group.views]
+            for group in shared
+        ]
 
-    return prune_layers_sequentially(
+    details = prune_layers_sequentially(
         model, calib_ids, prune_layer, gram=False, spec=spec, progress=progress, batch_size=batch_size
     )
+    if allocated is not None:
+        details["allocation"] = allocated.details
+    return details
 
 
 def build(job: Job):

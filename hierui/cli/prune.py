@@ -273,6 +273,9 @@ def _print_report(report, parsed) -> None:
     experts = _expert_table(report.details)
     if experts is not None:
         console.print(experts)
+    allocated = _allocation_table(report.details.get("allocation"))
+    if allocated is not None:
+        console.print(allocated)
     console.print(parsed.declared.describe(report.details))  # the method's own line (engine.record.methods)
     how = "loaded from cache" if report.from_cache else f"{report.seconds:.2f} s"
     calib_note = ""
@@ -283,6 +286,26 @@ def _print_report(report, parsed) -> None:
         made = "from the cache" if c["from_cache"] else f"made in {c['seconds']:.1f} s"
         calib_note = f" · {describe_calibration(c)} ({made})"
     console.print(f"perturbation time: {how}{calib_note}", highlight=False)
+
+
+def _allocation_table(allocation: dict | None):
+    """Per decoder layer, a layer allocation's sparsity (engine.perturb.allocated): OWL's outlier ratio and the
+    sparsity its formula wanted, or the file's; the fraction pruned, in whole rows or weights."""
+    if not allocation:
+        return None
+    owl = allocation["kind"] == "owl"
+    what = f"OWL, M = {allocation['m']:g}, λ = {allocation['lam']:g}" if owl else f"from {allocation['allocation']}"
+    table = Table(title="sparsity per layer", caption=what, title_justify="left", caption_justify="left")
+    table.add_column("layer", justify="right")
+    if owl:
+        table.add_column("outliers", justify="right")
+        table.add_column("wanted", justify="right")
+    table.add_column("pruned", justify="right")
+    for layer, pruned in enumerate(allocation["layers"]):
+        owl_cells = [f"{allocation['outlier_ratios'][layer]:.2%}", f"{allocation['wanted'][layer]:.2%}"] if owl else []
+        table.add_row(str(layer), *owl_cells, f"{pruned:.2%}")
+    table.add_row("all", *([""] * (2 if owl else 0)), f"{allocation['sparsity']:.2%}", style="bold")
+    return table
 
 
 def _expert_table(details: dict):

@@ -66,6 +66,8 @@ class Method:
     quick_calibration: bool = False  # the interactive commands take fewer samples (engine.record.settings)
     streams: bool = True  # runs on decoder layers streamed from disk (engine.place.streaming)
     per_row: bool = False  # a sparsity applies to each output row (else to each matrix)
+    # takes a layer allocation after its sparsity, `METHOD:S@owl` or `@FILE.json` (engine.perturb.allocation)
+    allocates: bool = False
     identity: bool = False  # the dense model against itself: the self-check's zero check
     describe: Callable[[dict], str] = _nothing_to_say  # one line on what it did, from its report's details
     memory: Memory = Memory()

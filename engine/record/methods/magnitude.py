@@ -15,11 +15,12 @@ METHODS = (
         family="prune",
         grammar=SPARSITY,
         summary="unstructured or N:M pruning by |W|, one threshold per matrix",
-        examples=("magnitude:0.5", "magnitude:2:4"),
+        examples=("magnitude:0.5", "magnitude:2:4", "magnitude:0.5@owl"),
         apply="engine.perturb.magnitude:build",
         changes="weights",
         algorithm="magnitude",
         describe=describe_pruning,
+        allocates=True,
         # the largest matrix: its float32 score and bool mask, the top-k values (float32) and int64 indices
         memory=Memory(
             per_weight=4 + 1,

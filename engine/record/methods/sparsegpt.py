@@ -20,6 +20,7 @@ METHODS = (
         changes="weights",
         algorithm="sparsegpt",
         calibrates=True,
+        allocates=True,
         describe=describe_pruning,
         # every linear of the layer keeps its float32 Hessian until the layer is done; the one being pruned adds
         # the clone, the damped copy, the Cholesky factor, the inverse and its upper factor, or once those are

@@ -23,6 +23,7 @@ METHODS = (
         # its published ablation is flat from about 16-32 calibration sequences: the explorer starts quicker
         quick_calibration=True,
         per_row=True,
+        allocates=True,
         describe=describe_pruning,
         # the largest matrix: |W| and the score (float32), the mask, the top-k per row; the statistics hook's
         # float32 copy of a linear's input
