@@ -247,3 +247,18 @@ def test_allocation_file_from_a_sensitivity_table(tiny, tiny_calib, tmp_path):
     path.write_text(json.dumps(data))
     pair = perturb(tiny, f"wanda:0.6@{path}", calibration=tiny_calib, use_cache=False)
     assert abs(pair.report.measured_sparsity - 0.6) <= 0.001
+
+
+def test_the_sparsity_check_reads_each_matrix_own_target(tiny, tiny_calib):
+    """`hierui check`'s sparsity check passes an allocated pair (each matrix at the count it was given) and still
+    fails one whose matrix holds a zero too few."""
+    from engine.check.sparsity import check_sparsity
+
+    pair = perturb(tiny, "wanda:0.6@owl", calibration=tiny_calib, use_cache=False)
+    assert check_sparsity(pair).status == "pass"
+    q = pair.perturbed.model.layers[1].self_attn.q_proj.weight
+    with torch.no_grad():
+        row = (q[0] == 0).nonzero()[0, 0]
+        q[0, row] = 1.0
+    result = check_sparsity(pair)
+    assert result.status == "fail" and "layer 1 self_attn.q_proj" in result.reason

@@ -82,7 +82,7 @@ def test_sharing_check_catches_pruning_the_dense_model_in_place(cli, tmp_path, m
     import engine.perturb.magnitude as magnitude
     from engine.anatomy.linears import decoder_layers, layer_linears
 
-    def in_place(model, spec, progress=None):  # zeroes the smallest half of each weight, in the shared tensor
+    def in_place(model, spec, progress=None, allocated=None):  # zeroes the smallest half of each weight, in the shared tensor
         for layer in decoder_layers(model):
             for lin in layer_linears(layer).values():
                 w = lin.weight.data
@@ -128,7 +128,7 @@ def test_sparsity_check_catches_one_matrix_less_sparse(cli, tmp_path, monkeypatc
 
     original = magnitude.prune_magnitude
 
-    def one_row_unpruned(model, spec, progress=None):
+    def one_row_unpruned(model, spec, progress=None, allocated=None):
         original(model, spec, progress)
         lin = decoder_layers(model)[2].mlp.down_proj
         lin.weight.data[0].fill_(0.5)  # the pruned copy's own tensor: sharing is unaffected
@@ -195,7 +195,7 @@ def test_zero_check_catches_noise_in_none(cli, tmp_path, monkeypatch):
 def test_a_perturbation_that_raises_fails_its_checks_and_the_others_run(cli, tmp_path, monkeypatch):
     import engine.perturb.magnitude as magnitude
 
-    def broken(model, spec, progress=None):
+    def broken(model, spec, progress=None, allocated=None):
         raise RuntimeError("planted failure\nsecond line")
 
     monkeypatch.setattr(magnitude, "prune_magnitude", broken)

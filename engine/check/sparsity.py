@@ -2,7 +2,8 @@
 method's own comparison group.
 
 int(numel·s) per matrix (magnitude, sparsegpt), int(cols·s) per output row (wanda), M−N in every group of M
-consecutive inputs of a row (N:M). A weight the dense model already had at zero may stay zero beyond that (a
+consecutive inputs of a row (N:M); with a layer allocation (`wanda:0.6@owl`), s is the matrix's own, as the
+pruning handed it to the method (the report's details.allocation.given, engine.perturb.allocated). A weight the dense model already had at zero may stay zero beyond that (a
 de-quantized model has some): the zeros of a group must lie in [k, max(k, dense zeros)]. The value is the largest
 |sparsity − requested| of a matrix.
 """
@@ -61,6 +62,17 @@ def _zeros_per_group(w: torch.Tensor, spec: Spec) -> tuple[torch.Tensor, int, st
     return zeros.sum().reshape(1), int(w.numel() * spec.sparsity), "matrix"
 
 
+def _own_spec(spec: Spec, label: str, given: dict | None) -> Spec:
+    """The spec a matrix labelled 'layer ℓ NAME[ expert e]' was pruned with: `spec`, or under a layer allocation
+    the spec at the sparsity handed to the method for it."""
+    if not given:
+        return spec
+    from dataclasses import replace
+
+    _, layer, name = label.split(" ", 2)
+    return replace(spec, sparsity=given[f"layers.{layer}.{name.split(' expert ')[0]}"], allocation=None)
+
+
 def check_sparsity(pair) -> CheckResult:
     """Exactly the zeros the spec asks for, per comparison group of every prunable matrix."""
     spec_ = pair.spec
@@ -73,8 +85,10 @@ def check_sparsity(pair) -> CheckResult:
     worst = allowance = 0.0
     failures = []
     measure = ""
+    given = ((getattr(pair, "report", None) and pair.report.details.get("allocation")) or {}).get("given")
     for label, matrix, _ in views:
         w = matrix.detach()
+        own = _own_spec(spec_, label, given)
         if label not in dense:
             failures.append(f"{label} has no dense counterpart")
             continue
@@ -82,8 +96,10 @@ def check_sparsity(pair) -> CheckResult:
         if d.shape != w.shape:
             failures.append(f"{label}: shape {tuple(w.shape)}, dense {tuple(d.shape)}")
             continue
-        got, k, group = _zeros_per_group(w, spec_)
-        had, _, _ = _zeros_per_group(d, spec_)
+        got, k, group = _zeros_per_group(w, own)
+        had, _, _ = _zeros_per_group(d, own)
+        if given:  # this matrix's own target: the whole count its sparsity gives
+            target = k * got.numel() / w.numel()
         high = torch.clamp(had, min=k)
         bad = (got < k) | (got > high)
         numel = w.numel()

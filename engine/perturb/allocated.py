@@ -47,9 +47,10 @@ def matrices(model) -> list[Matrix]:
     return out
 
 
-def rates(model, spec, calib_ids: torch.Tensor | None = None) -> Rates | None:
+def rates(model, spec, calib_ids: torch.Tensor | None = None, say=None) -> Rates | None:
     """The Rates of `spec` on `model` (dense: the OWL ratios read its weights and activations), None for a spec
-    without an allocation. `calib_ids`: the calibration of a method that calibrates (OWL's ‖X‖)."""
+    without an allocation. `calib_ids`: the calibration of a method that calibrates (OWL's ‖X‖); `say(stage, done,
+    total)`: progress (engine.perturb.Progress)."""
     allocation = spec.allocation
     if allocation is None:
         return None
@@ -59,10 +60,11 @@ def rates(model, spec, calib_ids: torch.Tensor | None = None) -> Rates | None:
     if allocation.kind == "owl":
         from engine.perturb import owl
 
+        step = (lambda d, t: say("outlier ratios (OWL)", d, t)) if say else None
         if spec.declared.calibrates:
-            ratios = owl.wanda_ratios(model, calib_ids, allocation.m)
+            ratios = owl.wanda_ratios(model, calib_ids, allocation.m, progress=step)
         else:
-            ratios = owl.magnitude_ratios(model, allocation.m)
+            ratios = owl.magnitude_ratios(model, allocation.m, progress=step)
         layer_wanted = owl_sparsities(ratios, spec.sparsity, allocation.lam)
         wanted = {(m.layer, m.name): layer_wanted[m.layer] for m in found}
         details.update(m=allocation.m, lam=allocation.lam, outlier_ratios=ratios, wanted=layer_wanted)
@@ -74,6 +76,7 @@ def rates(model, spec, calib_ids: torch.Tensor | None = None) -> Rates | None:
     given = realize_counts(found, wanted, per_row, spec.sparsity)
     fractions = realized_fractions(found, given, per_row)
     details["layers"] = by_layer(found, fractions)
+    details["given"] = {f"layers.{layer}.{name}": s for (layer, name), s in given.items()}  # what the method read
     total = sum(m.weights for m in found)
     details["sparsity"] = sum(fractions[(m.layer, m.name)] * m.weights for m in found) / total
     return Rates(spec, given, details)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from engine.anatomy.linears import decoder_layers, weight_views
+from engine.perturb.allocated import rates
 from engine.perturb.job import Job
 from engine.perturb.masks import magnitude_mask
 from engine.perturb.spec import Spec
@@ -24,13 +25,13 @@ from engine.perturb.stored import build_pruned
 
 
 @torch.no_grad()
-def prune_magnitude(model, spec: Spec, progress=None) -> dict:
+def prune_magnitude(model, spec: Spec, progress=None, allocated=None) -> dict:
     """Prune `model` in place (new weight tensors); returns the details (a layer allocation's,
     engine.perturb.allocated). The mask: engine.perturb.masks.magnitude_mask."""
-    from engine.perturb.allocated import rates
     from engine.place.streaming import each_resident
 
-    allocated = rates(model, spec)
+    if allocated is None:  # a layer allocation's Rates, when the caller has not made them
+        allocated = rates(model, spec)
     layers = decoder_layers(model)
     for index, layer in each_resident(layers):  # a streamed layer: its weights in for its turn (engine.place.streaming)
         for view in weight_views(layer, index):
@@ -44,4 +45,8 @@ def prune_magnitude(model, spec: Spec, progress=None) -> dict:
 
 def build(job: Job):
     """The pruned clone (from the pruned-weight cache when it holds it, engine.perturb.stored)."""
-    return build_pruned(job, lambda clone, step: prune_magnitude(clone, job.spec, progress=step))
+
+    def prune(clone, step, allocated):
+        return prune_magnitude(clone, job.spec, progress=step, allocated=allocated)
+
+    return build_pruned(job, prune, lambda clone: rates(clone, job.spec, say=job.say))

@@ -29,19 +29,22 @@ def _ratio(scores: list[torch.Tensor], m: float) -> float:
 
 
 @torch.no_grad()
-def magnitude_ratios(model, m: float) -> list[float]:
-    """Each decoder layer's share of |W| above m × the layer's mean |W|."""
+def magnitude_ratios(model, m: float, progress=None) -> list[float]:
+    """Each decoder layer's share of |W| above m × the layer's mean |W|. `progress(done, total)` after each layer."""
     ratios = []
-    for index, layer in each_resident(decoder_layers(model)):
+    layers = decoder_layers(model)
+    for index, layer in each_resident(layers):
         views = [v for v in weight_views(layer, index) if v.expert is None]
         ratios.append(_ratio([v.matrix().detach().abs().float() for v in views], m))
+        if progress:
+            progress(index + 1, len(layers))
     return ratios
 
 
 @torch.no_grad()
-def wanda_ratios(model, calib_ids: torch.Tensor, m: float, batch_size: int = 8) -> list[float]:
+def wanda_ratios(model, calib_ids: torch.Tensor, m: float, batch_size: int = 8, progress=None) -> list[float]:
     """Each decoder layer's share of Wanda scores |W|·‖X‖ above m × the layer's mean score, ‖X‖ from the dense
-    model's own activations on `calib_ids`."""
+    model's own activations on `calib_ids`. `progress(done, total)` after each layer."""
     layers = decoder_layers(model)
     hidden, layer_kwargs = capture_calibration(model, calib_ids, batch_size)
     ratios = []
@@ -61,4 +64,6 @@ def wanda_ratios(model, calib_ids: torch.Tensor, m: float, batch_size: int = 8) 
         del scores, shared
         if index < last:
             hidden = [h for h, _ in run_layer(layer, chunks)]
+        if progress:
+            progress(index + 1, len(layers))
     return ratios

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.perturb.allocated import rates
 from engine.perturb.inputs import SharedInput
 from engine.perturb.job import Job
 from engine.perturb.layerwise import prune_layers_sequentially
@@ -81,8 +82,8 @@ def obs_sweep(
     for w in Ws:
         w.masked_fill_(dead.to(w.device), 0)
         bounds.append(bounds[-1] + w.shape[0])
-    rates = sparsities if sparsities is not None else [spec.sparsity] * len(Ws)
-    segments = list(zip(Ws, bounds, bounds[1:], rates))
+    shares = sparsities if sparsities is not None else [spec.sparsity] * len(Ws)
+    segments = list(zip(Ws, bounds, bounds[1:], shares))
     cols = Ws[0].shape[1]
     nm = spec.n is not None
     if nm and blocksize % spec.m:
@@ -157,28 +158,29 @@ def sparsegpt_layer(
     (engine.perturb.allocated), each matrix at its own sparsity."""
     out, failures = [], []
 
-    def rates(group):
+    def own(group):
         return [allocated.of(v) for v in group.views] if allocated is not None else None
 
     for group in shared:
         H, damp, dead = _damped(group.stats.xtx.to(group.views[0].parameter.device), percdamp)
         U, failed = _factor(H, damp, 0)
-        out.append(obs_sweep([v.matrix() for v in group.views], U, dead, spec, sparsities=rates(group)))
+        out.append(obs_sweep([v.matrix() for v in group.views], U, dead, spec, sparsities=own(group)))
         failures.append(failed.to(failures[0].device) if failures else failed)
     if failures and torch.stack(failures).any():  # the layer's one host synchronisation
         for j, (group, failed) in enumerate(zip(shared, failures)):
             if bool(failed):
                 U, dead = inverse_hessian_factor(group.stats.xtx.to(group.views[0].parameter.device), percdamp)
-                out[j] = obs_sweep([v.matrix() for v in group.views], U, dead, spec, sparsities=rates(group))
+                out[j] = obs_sweep([v.matrix() for v in group.views], U, dead, spec, sparsities=own(group))
     return out
 
 
-def prune_sparsegpt(model, spec: Spec, calib_ids: torch.Tensor, progress=None, batch_size: int = 8) -> dict:
+def prune_sparsegpt(
+    model, spec: Spec, calib_ids: torch.Tensor, progress=None, batch_size: int = 8, allocated=None
+) -> dict:
     """Prune `model` in place (new weight tensors); returns the details (expert token counts on MoE models, a layer
     allocation's, engine.perturb.allocated)."""
-    from engine.perturb.allocated import rates
-
-    allocated = rates(model, spec, calib_ids)
+    if allocated is None:  # a layer allocation's Rates, when the caller has not made them (engine.perturb.allocated)
+        allocated = rates(model, spec, calib_ids)
     details = prune_layers_sequentially(
         model,
         calib_ids,
@@ -195,4 +197,8 @@ def prune_sparsegpt(model, spec: Spec, calib_ids: torch.Tensor, progress=None, b
 
 def build(job: Job):
     """The pruned clone (from the pruned-weight cache when it holds it, engine.perturb.stored)."""
-    return build_pruned(job, lambda clone, step: prune_sparsegpt(clone, job.spec, job.calibration.ids, progress=step))
+
+    def prune(clone, step, allocated):
+        return prune_sparsegpt(clone, job.spec, job.calibration.ids, progress=step, allocated=allocated)
+
+    return build_pruned(job, prune, lambda clone: rates(clone, job.spec, job.calibration.ids, job.say))

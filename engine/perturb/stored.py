@@ -50,11 +50,13 @@ def _cached_json(entry, compute: Callable[[], dict], use_cache: bool) -> dict:
     return value
 
 
-def build_pruned(job: Job, prune: Callable) -> object:
+def build_pruned(job: Job, prune: Callable, prepare: Callable | None = None) -> object:
     """The pruned clone of `job`'s dense model: from the cache when it holds it, else `prune(clone, progress)`
     (returning the pruning's details) on a clone sharing every tensor, stored afterwards. Every WeightView
     (engine.anatomy.linears) is pruned: linears, GPT-2 Conv1Ds, each expert of a 3-D expert tensor; never routers.
-    The details (expert token counts) travel with the cached weights."""
+    The details (expert token counts) travel with the cached weights. `prepare(clone)`: what runs on the clone
+    before the pruning's progress starts (a layer allocation's dense pass, engine.perturb.allocated), its result
+    handed to `prune(clone, progress, prepared)`."""
     from engine.anatomy.linears import decoder_layers
     from engine.perturb.pair import clone_sharing
 
@@ -68,9 +70,10 @@ def build_pruned(job: Job, prune: Callable) -> object:
             job.report.details.update(details)
             return clone
     clone = clone_sharing(dense)
+    prepared = prepare(clone) if prepare is not None else None
     step = lambda d, t: job.say("pruning", d, t)  # noqa: E731
     step(0, len(decoder_layers(clone)))  # the bar (and its clock) starts before the first layer
-    details = prune(clone, step)
+    details = prune(clone, step, prepared) if prepare is not None else prune(clone, step)
     job.report.details.update(details or {})
     if job.use_cache:
         job.say("storing the pruned weights in the cache", 0, 0)

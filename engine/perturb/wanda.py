@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.perturb.allocated import rates
 from engine.perturb.inputs import SharedInput
 from engine.perturb.job import Job
 from engine.perturb.layerwise import prune_layers_sequentially
@@ -41,12 +42,11 @@ def wanda_weights(weights: list[torch.Tensor], input_norm: torch.Tensor, spec: S
     return [zero_lowest_per_row(w, wanda_score(w, norm), spec.sparsity, spec.n, spec.m) for w in weights]
 
 
-def prune_wanda(model, spec: Spec, calib_ids: torch.Tensor, progress=None, batch_size: int = 8) -> dict:
+def prune_wanda(model, spec: Spec, calib_ids: torch.Tensor, progress=None, batch_size: int = 8, allocated=None) -> dict:
     """Prune `model` in place (new weight tensors); returns the details (expert token counts on MoE models, a layer
     allocation's, engine.perturb.allocated)."""
-    from engine.perturb.allocated import rates
-
-    allocated = rates(model, spec, calib_ids)
+    if allocated is None:  # a layer allocation's Rates, when the caller has not made them (engine.perturb.allocated)
+        allocated = rates(model, spec, calib_ids)
 
     def prune_layer(shared: list[SharedInput]) -> list[list[torch.Tensor]]:
         if allocated is None:
@@ -66,4 +66,8 @@ def prune_wanda(model, spec: Spec, calib_ids: torch.Tensor, progress=None, batch
 
 def build(job: Job):
     """The pruned clone (from the pruned-weight cache when it holds it, engine.perturb.stored)."""
-    return build_pruned(job, lambda clone, step: prune_wanda(clone, job.spec, job.calibration.ids, progress=step))
+
+    def prune(clone, step, allocated):
+        return prune_wanda(clone, job.spec, job.calibration.ids, progress=step, allocated=allocated)
+
+    return build_pruned(job, prune, lambda clone: rates(clone, job.spec, job.calibration.ids, job.say))
