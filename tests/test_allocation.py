@@ -22,6 +22,8 @@ def test_grammar_round_trips_and_slugs():
         "magnitude:0.7@owl:7:0.1": ("magnitude:0.7@owl:7:0.1", "magnitude-0.7-at-owl-7-0.1"),
         "sparsegpt:0.6@OWL:5:0.08": ("sparsegpt:0.6@owl", "sparsegpt-0.6-at-owl"),
         "wanda:0.5@runs/x/allocation.json": ("wanda:0.5@runs/x/allocation.json", "wanda-0.5-at-allocation"),
+        "wanda:0.6@auto": ("wanda:0.6@auto", "wanda-0.6-at-auto"),
+        "sparsegpt:0.6@auto:0.4:0.8": ("sparsegpt:0.6@auto:0.4:0.8", "sparsegpt-0.6-at-auto-0.4-0.8"),
     }
     for typed, (text, slug) in cases.items():
         spec = parse_spec(typed)
@@ -42,7 +44,8 @@ def test_grammar_round_trips_and_slugs():
         ("wanda:0.5@owl:1:0.1", "M must be above 1"),
         ("wanda:0.5@owl:5:0.7", "λ must be in [0, 0.5)"),
         ("wanda:0.5@owl:5", "two numbers"),
-        ("wanda:0.5@auto", "@auto is not available yet"),
+        ("wanda:0.5@auto:0.6:0.8", "do not hold the target 0.5"),
+        ("wanda:0.5@auto:0.8:0.6", "0 ≤ LO < HI < 1"),
     ],
 )
 def test_bad_allocations_are_one_line(typed, says):
@@ -262,3 +265,22 @@ def test_the_sparsity_check_reads_each_matrix_own_target(tiny, tiny_calib):
         q[0, row] = 1.0
     result = check_sparsity(pair)
     assert result.status == "fail" and "layer 1 self_attn.q_proj" in result.reason
+
+
+def test_auto_measures_the_layers_and_meets_the_budget(tiny, tiny_calib, monkeypatch, fresh_home):
+    """@auto on a tiny model: the sensitivity is measured at the bounds and the target on the calibration, the
+    layers get different sparsities within the bounds, the total is the target, and what was measured is cached
+    (a second build reads it back: the measurement does not run again)."""
+    from engine.sensitivity import auto
+
+    calls = []
+    measure = auto.allocation_for
+    monkeypatch.setattr(auto, "allocation_for", lambda job, say=None: calls.append(1) or measure(job, say))
+    pair = perturb(tiny, "wanda:0.6@auto:0.5:0.7", calibration=tiny_calib)
+    details = pair.report.details["allocation"]
+    assert abs(pair.report.measured_sparsity - 0.6) <= 0.001
+    assert details["auto"]["levels"] == [0.5, 0.6, 0.7] and details["auto"]["bounds"] == [0.5, 0.7]
+    assert all(0.5 - 1 / 64 <= s <= 0.7 + 1 / 64 for s in details["layers"])
+    assert max(details["layers"]) - min(details["layers"]) > 0.05
+    perturb(tiny, "wanda:0.6@auto:0.5:0.7", calibration=tiny_calib, use_cache=True)
+    assert len(calls) == 1

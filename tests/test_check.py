@@ -82,7 +82,7 @@ def test_sharing_check_catches_pruning_the_dense_model_in_place(cli, tmp_path, m
     import engine.perturb.magnitude as magnitude
     from engine.anatomy.linears import decoder_layers, layer_linears
 
-    def in_place(model, spec, progress=None, allocated=None):  # zeroes the smallest half of each weight, in the shared tensor
+    def in_place(model, spec, progress=None, allocated=None):  # zeroes the smallest half of each weight, shared
         for layer in decoder_layers(model):
             for lin in layer_linears(layer).values():
                 w = lin.weight.data

@@ -79,6 +79,7 @@ DTYPE_COMMANDS = {
     "prune": ["--model", "tiny-random", "-p", "none"],
     "plan": ["--model", "tiny-random", "-p", "none"],
     "kld": ["--model", "tiny-random", "-p", "none", "--out", "{tmp}/kld"],
+    "sensitivity": ["--model", "tiny-random", "-p", "magnitude:0.5", "--out", "{tmp}/kld"],
     "check": ["--model", "tiny-random", "-p", "none"],
 }
 

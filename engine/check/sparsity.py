@@ -3,9 +3,9 @@ method's own comparison group.
 
 int(numel·s) per matrix (magnitude, sparsegpt), int(cols·s) per output row (wanda), M−N in every group of M
 consecutive inputs of a row (N:M); with a layer allocation (`wanda:0.6@owl`), s is the matrix's own, as the
-pruning handed it to the method (the report's details.allocation.given, engine.perturb.allocated). A weight the dense model already had at zero may stay zero beyond that (a
-de-quantized model has some): the zeros of a group must lie in [k, max(k, dense zeros)]. The value is the largest
-|sparsity − requested| of a matrix.
+pruning handed it to the method (the report's details.allocation.given, engine.perturb.allocated). A weight the
+dense model already had at zero may stay zero beyond that (a de-quantized model has some): the zeros of a group
+must lie in [k, max(k, dense zeros)]. The value is the largest |sparsity − requested| of a matrix.
 """
 
 from __future__ import annotations

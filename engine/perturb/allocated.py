@@ -47,10 +47,14 @@ def matrices(model) -> list[Matrix]:
     return out
 
 
-def rates(model, spec, calib_ids: torch.Tensor | None = None, say=None) -> Rates | None:
+AUTO = "engine.sensitivity.auto:allocation_for"  # @auto's measurement, named (it sits above engine.perturb)
+
+
+def rates(model, spec, calib_ids: torch.Tensor | None = None, say=None, job=None) -> Rates | None:
     """The Rates of `spec` on `model` (dense: the OWL ratios read its weights and activations), None for a spec
     without an allocation. `calib_ids`: the calibration of a method that calibrates (OWL's ‖X‖); `say(stage, done,
-    total)`: progress (engine.perturb.Progress)."""
+    total)`: progress (engine.perturb.Progress); `job` (engine.perturb.job.Job): what @auto measures with (its
+    loaded model, calibration and cache setting)."""
     allocation = spec.allocation
     if allocation is None:
         return None
@@ -68,6 +72,8 @@ def rates(model, spec, calib_ids: torch.Tensor | None = None, say=None) -> Rates
         layer_wanted = owl_sparsities(ratios, spec.sparsity, allocation.lam)
         wanted = {(m.layer, m.name): layer_wanted[m.layer] for m in found}
         details.update(m=allocation.m, lam=allocation.lam, outlier_ratios=ratios, wanted=layer_wanted)
+    elif allocation.kind == "auto":
+        wanted, details["auto"] = _auto(spec, found, job, say)
     else:
         shapes = [(m.layer, m.name, m.weights) for m in found]
         check_file(allocation.path, shapes, spec.sparsity)
@@ -80,6 +86,26 @@ def rates(model, spec, calib_ids: torch.Tensor | None = None, say=None) -> Rates
     total = sum(m.weights for m in found)
     details["sparsity"] = sum(fractions[(m.layer, m.name)] * m.weights for m in found) / total
     return Rates(spec, given, details)
+
+
+def _auto(spec, found: list[Matrix], job, say) -> tuple[dict, dict]:
+    """@auto's wanted sparsities per matrix and what the report keeps of its measurement: engine.sensitivity.auto
+    (imported by name) on the job's model and calibration, cached as the pruned weights are keyed."""
+    import importlib
+
+    from engine.errors import HieruiError
+    from engine.perturb.stored import _cached_json, _entry
+
+    if job is None:
+        raise HieruiError(f"{spec}: @auto measures the model's sensitivity through perturb(); call it from there")
+    module, _, function = AUTO.partition(":")
+    measure = getattr(importlib.import_module(module), function)
+    entry = _entry(job.loaded, "scores", spec.declared.algorithm, f"{spec}#auto-v1", job.calibration)
+    data = _cached_json(entry, lambda: measure(job, say), job.use_cache)
+    shapes = [(m.layer, m.name, m.weights) for m in found]
+    wanted = file_sparsities(data, shapes, f"{spec}'s measured allocation")
+    kept = {k: data[k] for k in ("levels", "bounds", "predicted_kl", "measured_on") if k in data}
+    return wanted, kept
 
 
 def check_before_loading(spec, config: dict | None) -> None:

@@ -7,6 +7,8 @@ Written after the spec's own arguments (engine.perturb.spec), for the pruning me
     wanda:0.6@owl:M:λ        the same with outliers above M × the layer's mean score (default 5) and the densities
                              spread over 2λ (default 0.08) around the target
     wanda:0.6@FILE.json      the sparsities a file gives, per layer or per matrix (`read_file` says how)
+    wanda:0.6@auto           from measured sensitivity (`hierui sensitivity` on the calibration): the layer
+    wanda:0.6@auto:LO:HI     sparsities in [LO, HI] (default the target ± AUTO_BOUND) minimising the predicted KLD
 
 Whatever the per-layer mix, the sparsity over all pruned weights equals the target, counted in weights: `realize`
 turns the wanted per-matrix sparsities into whole counts of pruned weights (as each method rounds: per output row
@@ -37,16 +39,21 @@ _DECIMAL = re.compile(r"[0-9]*\.?[0-9]+")
 
 @dataclass(frozen=True)
 class Allocation:
-    """What follows '@' in a spec: `kind` owl (with `m`, `lam`) or file (with `path`)."""
+    """What follows '@' in a spec: `kind` owl (with `m`, `lam`), auto (with the bounds `lo`, `hi`, None: the
+    target ± AUTO_BOUND) or file (with `path`)."""
 
     kind: str
     m: float = OWL_M
     lam: float = OWL_LAMBDA
     path: str | None = None
+    lo: float | None = None
+    hi: float | None = None
 
     def __str__(self) -> str:
         if self.kind == "file":
             return str(self.path)
+        if self.kind == "auto":
+            return "auto" if self.lo is None else f"auto:{self.lo:g}:{self.hi:g}"
         if (self.m, self.lam) == (OWL_M, OWL_LAMBDA):
             return "owl"
         return f"owl:{self.m:g}:{self.lam:g}"
@@ -78,8 +85,23 @@ def parse_allocation(raw: str, text: str, bad) -> Allocation:
             raise bad(raw, f"OWL's λ must be in [0, 0.5), got {parts[1]}")
         return Allocation("owl", m=m, lam=lam)
     if name.lower() == "auto":
-        raise bad(raw, "@auto is not available yet; measure with `hierui sensitivity` and use @owl or @FILE.json")
+        if not rest:
+            return Allocation("auto")
+        parts = [p.strip() for p in rest.split(":")]
+        if len(parts) != 2 or not all(_DECIMAL.fullmatch(p) for p in parts):
+            raise bad(raw, "@auto takes two sparsities, @auto:LO:HI (e.g. @auto:0.45:0.75: every layer within them)")
+        lo, hi = float(parts[0]), float(parts[1])
+        if not 0 <= lo < hi < 1:
+            raise bad(raw, f"@auto's bounds need 0 ≤ LO < HI < 1, got {parts[0]}:{parts[1]}")
+        return Allocation("auto", lo=lo, hi=hi)
     return Allocation("file", path=text)
+
+
+def bounds(allocation: Allocation, target: float) -> tuple[float, float]:
+    """@auto's per-unit bounds: its own, or the target ± AUTO_BOUND within [0, 0.99]."""
+    if allocation.lo is not None:
+        return allocation.lo, allocation.hi
+    return round(max(0.0, target - AUTO_BOUND), 6), round(min(0.99, target + AUTO_BOUND), 6)
 
 
 # ------------------------------------------------------------------ files
@@ -318,13 +340,15 @@ def allocate(units: list[dict], target: float, lo: float, hi: float) -> dict[str
     return chosen
 
 
-def allocate_from_table(rows: list[dict], method: str, target: float, lo: float | None = None, hi: float | None = None):
+def allocate_from_table(
+    rows: list[dict], method: str, target: float, lo: float | None = None, hi: float | None = None
+) -> dict:
     """The allocation file (a dict to write as JSON, engine.perturb.allocation.read_file's format) that `hierui
     sensitivity --allocate TARGET` writes from its table: rows {"unit", "unit_kind" (layer, sublayer or matrix),
     "layer", "matrices" (the `layers.ℓ.name` names the unit covers), "weights", "level" (a sparsity), "kl_mean"}.
     Bounds default to AUTO_BOUND around the target."""
-    lo = max(0.0, target - AUTO_BOUND) if lo is None else lo
-    hi = min(0.99, target + AUTO_BOUND) if hi is None else hi
+    if lo is None or hi is None:
+        lo, hi = bounds(Allocation("auto"), target)
     units: dict[str, dict] = {}
     for row in rows:
         unit = units.setdefault(row["unit"], {"unit": row["unit"], "weights": row["weights"], "points": [], "row": row})

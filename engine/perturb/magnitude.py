@@ -49,4 +49,4 @@ def build(job: Job):
     def prune(clone, step, allocated):
         return prune_magnitude(clone, job.spec, progress=step, allocated=allocated)
 
-    return build_pruned(job, prune, lambda clone: rates(clone, job.spec, say=job.say))
+    return build_pruned(job, prune, lambda clone: rates(clone, job.spec, say=job.say, job=job))

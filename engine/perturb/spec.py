@@ -113,6 +113,9 @@ def parse_spec(text: str) -> Spec:
     fields = declared.grammar.parse(raw, name, rest if colon else None)
     if allocation is not None and fields.get("sparsity") is None:
         raise bad(raw, "an N:M pattern fixes the sparsity of every group: a layer allocation (@…) needs a sparsity")
+    lo, hi = (allocation.lo, allocation.hi) if allocation is not None else (None, None)
+    if lo is not None and not lo <= fields["sparsity"] <= hi:
+        raise bad(raw, f"the bounds {lo:g}–{hi:g} do not hold the target {fields['sparsity']:g}")
     return Spec(name, **fields, allocation=allocation)
 
 

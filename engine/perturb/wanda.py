@@ -70,4 +70,4 @@ def build(job: Job):
     def prune(clone, step, allocated):
         return prune_wanda(clone, job.spec, job.calibration.ids, progress=step, allocated=allocated)
 
-    return build_pruned(job, prune, lambda clone: rates(clone, job.spec, job.calibration.ids, job.say))
+    return build_pruned(job, prune, lambda clone: rates(clone, job.spec, job.calibration.ids, job.say, job=job))

@@ -295,6 +295,21 @@ KLD_PAIRS = {
     "mcnemar_p": FLOAT,  # McNemar's exact two-sided p on a_only vs b_only
 }
 TABLES.update({"kld_tokens": KLD_TOKENS, "kld_summary": KLD_SUMMARY, "kld_pairs": KLD_PAIRS})
+# OUT/sensitivity.parquet (and .csv), hierui sensitivity: a row per (unit, level), the unit perturbed alone
+SENSITIVITY = {
+    "unit": STRING,  # layers.3, layers.3.attention, layers.3.self_attn.q_proj
+    "layer": INT,
+    "sublayer": STRING,  # attention or mlp; null for a whole layer
+    "matrix": STRING,  # the matrix's path inside its layer with --unit matrix; else null
+    "level": STRING,  # the spec it was perturbed with (wanda:0.5)
+    "sparsity": FLOAT,  # that spec's target sparsity (null for int8, nf4)
+    "weights": INT,  # weights in the unit's matrices
+    "tokens": INT,
+    **{name: FLOAT for name in ("kl_mean", "kl_mean_unc", "kl_mean_lo", "kl_mean_hi", "kl_median", "kl_p99")},
+    **{name: FLOAT for name in ("kl_max", "same_top", "ppl_d", "ppl_p", "ppl_delta", "ln_ppl_ratio", "ppl_ratio")},
+    "seconds": FLOAT,  # the unit's forward passes, and an equal share of its layer's scoring
+}
+TABLES["sensitivity"] = SENSITIVITY
 
 
 class SchemaError(HieruiError):

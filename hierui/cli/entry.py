@@ -9,14 +9,27 @@ from rich.text import Text  # messages are plain text: a path like a[b] is not m
 from engine.errors import HieruiError, is_oom
 
 # each module registers its commands on the apps when it is imported
-from hierui.cli import attribute, batch, check, explore, kld, prune, sessions, store  # noqa: F401
+from hierui.cli import attribute, batch, check, explore, kld, prune, sensitivity, sessions, store  # noqa: F401
 from hierui.cli.apps import app, cache_app, models_app
 from hierui.cli.checks import reject_empty_paths
 from hierui.output import err_console
 from hierui.tokentext import escape  # a message may quote a file's text or an argument: no control characters
 
 # the order of `hierui --help` (models and cache, groups, come last)
-COMMANDS = ("explore", "show", "replay", "attribute", "batch", "report", "prune", "plan", "kld", "check", "noise")
+COMMANDS = (
+    "explore",
+    "show",
+    "replay",
+    "attribute",
+    "batch",
+    "report",
+    "prune",
+    "plan",
+    "kld",
+    "sensitivity",
+    "check",
+    "noise",
+)
 app.registered_commands.sort(key=lambda info: COMMANDS.index(info.name or info.callback.__name__))
 
 

@@ -160,6 +160,15 @@ TieMargin = Annotated[Optional[float], typer.Option("--tie-margin", help=TIE_MAR
 Session = Annotated[Path, typer.Argument(help=SESSION_HELP, show_default=False)]
 
 
+# ------------------------------------------------------------------ a corpus in windows (kld, sensitivity)
+
+
+Text = Annotated[Optional[Path], typer.Option("--text", help="a UTF-8 text file to score")]
+Suite = Annotated[Optional[str], typer.Option("--suite", help="a shipped corpus: heldout (the default)")]
+Ctx = Annotated[int, typer.Option("--ctx", help="tokens per window; the second half of each is scored")]
+Stride = Annotated[Optional[int], typer.Option("--stride", help="tokens between window starts (default --ctx)")]
+
+
 def out(help: str) -> Any:
     """`--out/-o`: a file or a folder, as `help` says."""
     return Annotated[Optional[Path], typer.Option("--out", "-o", help=help)]

@@ -412,3 +412,45 @@ def chart_kld_hidden(rows: list[dict]) -> str | None:
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _style(ax)
     return _svg(fig, "kld-hidden")
+
+
+def chart_sensitivity_heatmap(grids: list[dict]) -> str | None:
+    """`hierui sensitivity`: per level, a layer × part heatmap of the mean KLD of perturbing that part alone (log
+    colour scale shared by the levels). `grids`: {level, layers: [ℓ …], parts: [column names], values: [[kl or None
+    per part] per layer]}; None when nothing is above 0."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    arrays = [np.array([[np.nan if v is None else v for v in row] for row in g["values"]], dtype=float) for g in grids]
+    positive = np.concatenate([a[np.isfinite(a) & (a > 0)] for a in arrays]) if arrays else np.array([])
+    if positive.size == 0:
+        return None
+    low, high = max(float(positive.min()), float(positive.max()) * 1e-6), float(positive.max())
+    columns = min(len(grids), 3)
+    rows = (len(grids) + columns - 1) // columns
+    width = max(len(g["parts"]) for g in grids)
+    height = min(9.0, 1.4 + 0.16 * len(grids[0]["layers"]))
+    fig = _figure(min(11.0, (1.2 + 0.45 * width) * columns + 1.0), height * rows)
+    image = None
+    for i, (grid, values) in enumerate(zip(grids, arrays)):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        shown = np.where(np.isfinite(values) & (values > 0), np.clip(values, low, high), np.nan)
+        image = ax.imshow(
+            shown, origin="lower", aspect="auto", interpolation="nearest", norm=LogNorm(vmin=low, vmax=high),
+            cmap="magma",
+        )  # fmt: skip
+        turned = width > 2
+        ax.set_xticks(
+            range(len(grid["parts"])),
+            grid["parts"],
+            fontsize=7,
+            rotation=45 if turned else 0,
+            ha="right" if turned else "center",
+        )
+        step = max(1, len(grid["layers"]) // 16)
+        ax.set_yticks(range(0, len(grid["layers"]), step), [str(x) for x in grid["layers"]][::step], fontsize=7)
+        ax.set_title(str(grid["level"]), fontsize=8)
+        if i % columns == 0:
+            ax.set_ylabel("layer ℓ", fontsize=8)
+    fig.colorbar(image, ax=fig.axes, shrink=0.85, label="mean KLD (nats)")
+    return _svg(fig, "sensitivity-heatmap")

@@ -133,6 +133,12 @@ def render_html(run: RunData, stamp: str | None = None) -> str:
         kld = report_kld.load_kld(run.path)
         sections.append(report_kld.section(kld, len(sections) + 1))
         files += kld.files
+    from hierui.report import sensitivity as report_sensitivity
+
+    if report_sensitivity.has_sensitivity(run.path):  # `hierui sensitivity --out` into the same folder
+        rows, manifest = report_sensitivity.load(run.path)
+        sections.append(report_sensitivity.section(rows, manifest, len(sections) + 1))
+        files += [report_sensitivity.TABLE]
     return (
         environment()
         .get_template("report.html.j2")
@@ -157,13 +163,16 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, stamp: bool
     that section, hierui.report.kld). With `stamp`, the footer says when the page was made (and the page then
     differs from run to run)."""
     from hierui.report import kld as report_kld
+    from hierui.report import sensitivity as report_sensitivity
 
     folder = Path(run_dir)
     kld_only = folder.is_dir() and not (folder / "batch.json").is_file()
-    if kld_only and not report_kld.has_kld(folder):
+    sensitivity_only = kld_only and not report_kld.has_kld(folder) and report_sensitivity.has_sensitivity(folder)
+    if kld_only and not report_kld.has_kld(folder) and not sensitivity_only:
         raise HieruiError(
             f"{folder} is not a hierui batch output (no batch.json), nor a hierui kld output (no "
-            f"{report_kld.SUMMARY}): run hierui batch --out {folder} or hierui kld --out {folder} first"
+            f"{report_kld.SUMMARY}) or sensitivity output (no {report_sensitivity.TABLE}): run hierui batch --out "
+            f"{folder}, hierui kld --out {folder} or hierui sensitivity --out {folder} first"
         )
     from engine.record.paths import check_output_file
 
@@ -174,8 +183,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, stamp: bool
         target = target / "report.html"
     # before reading the run: not a FIFO at its name, a file can be made in its folder (a probe: holds for root)
     check_output_file(target, f"--out {target}" if out is not None else f"the report {target}")
-    run = report_kld.load_kld(folder) if kld_only else load_run(run_dir)
-    render = report_kld.render_html if kld_only else render_html
+    if sensitivity_only:  # a `hierui sensitivity --out` folder: its section alone
+        run, render = folder, report_sensitivity.render_html
+    else:
+        run = report_kld.load_kld(folder) if kld_only else load_run(run_dir)
+        render = report_kld.render_html if kld_only else render_html
     from engine.record.lock import lock_file
 
     with lock_file(target):  # one writer per report file: a second one is refused, naming the first
