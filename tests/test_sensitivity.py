@@ -299,3 +299,22 @@ def test_the_command_runs_on_every_zoo_family(cli, tmp_path, family):
     assert r.returncode == 0, r.stderr
     rows = folder.read_table(out)
     assert len(rows) == 8 and all(row["kl_mean"] > 0 for row in rows)
+
+
+def test_the_table_reads_whole_at_80_columns():
+    """At 80 columns the compact table keeps every unit name and number whole (no cut with …); at 130: the interval."""
+    from rich.console import Console
+
+    from hierui.views.sensitivity import sensitivity_table
+
+    rows = [
+        {"unit": f"layers.{i}.attention", "level": f"wanda:{s}", "sparsity": s, "kl_mean": 0.0717 * (i + 1) * s,
+         "kl_mean_lo": 0.06, "kl_mean_hi": 0.08, "kl_p99": 0.182, "same_top": 0.411, "ppl_delta": -52.04}
+        for i in range(12) for s in (0.4, 0.6)
+    ]  # fmt: skip
+    for width, wanted in ((80, "11.attention"), (130, "95% interval")):
+        console = Console(width=width, record=True, color_system=None)
+        console.print(sensitivity_table(rows, None, width))
+        text = console.export_text()
+        assert wanted in text and "…" not in text.replace(" … ", "")
+        assert max(len(line) for line in text.splitlines()) <= width
