@@ -88,15 +88,20 @@ def manifest(
 
 def read_manifest(out: str | Path) -> dict | None:
     """OUT/kld.json, or None where there is none; an unreadable one is one line (exit 2)."""
-    path = Path(out) / MANIFEST
+    return read_format_file(Path(out) / MANIFEST, FORMAT, lambda old: isinstance(old.get("specs", []), list))
+
+
+def read_format_file(path: Path, fmt: str, valid=lambda old: True) -> dict | None:
+    """A run folder's JSON manifest (kld.json, sensitivity.json): None where there is none; one line (exit 2) where
+    it is not readable JSON, not an object of format `fmt`, or not `valid`."""
     if not path.exists():
         return None
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         old = None
-    if not isinstance(old, dict) or old.get("format") != FORMAT or not isinstance(old.get("specs", []), list):
-        raise HieruiError(f"{path} is not a readable kld.json; use another --out")
+    if not isinstance(old, dict) or old.get("format") != fmt or not valid(old):
+        raise HieruiError(f"{path} is not a readable {path.name}; use another --out")
     return old
 
 

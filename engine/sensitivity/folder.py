@@ -68,16 +68,10 @@ def manifest(
 
 
 def read_manifest(out: str | Path) -> dict | None:
-    path = Path(out) / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        old = None
-    if not isinstance(old, dict) or old.get("format") != FORMAT:
-        raise HieruiError(f"{path} is not a readable sensitivity.json; use another --out")
-    return old
+    """OUT/sensitivity.json, or None where there is none; an unreadable one is one line (exit 2)."""
+    from engine.kld.folder import read_format_file
+
+    return read_format_file(Path(out) / MANIFEST, FORMAT)
 
 
 def check_out(wanted: dict, out: str | Path) -> set[tuple[str, str]]:
