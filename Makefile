@@ -17,7 +17,7 @@ run: $(BIN)/.installed
 	$(BIN)/hierui explore --model smollm2-135m --prune wanda:0.5
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # a developer's quick loop: everything but the tests marked slow (CI runs `make test`, all of them)
 test-fast: $(BIN)/.installed

@@ -8,7 +8,8 @@ One `hierui kld` run scores every spec (uniform and each allocation of each leve
 gives per spec the measured sparsity, mean KLD (± its uncertainty), perplexity ratio and same top-1, and for each
 allocation against its uniform level the KLD change in percent with the paired 95% interval and p, and McNemar's
 p on top-1 correctness (hierui kld's own paired statistics, kld_pairs.parquet). Issue 27's goal: an allocation
-at least 10% lower mean KLD than uniform at 60% and 15% at 70%.
+at least 10% lower mean KLD than uniform at 60% and 15% at 70%. For each @auto spec, its predicted total KLD (kld.json's
+allocations: the additive prediction from each layer measured alone on the calibration) beside the measured one.
 """
 
 from __future__ import annotations
@@ -63,6 +64,21 @@ def main() -> None:
             print(
                 f"{spec:28} {row['measured_sparsity']:8.4f} {row['kl_mean']:9.4f} ± {row['kl_mean_unc']:.4f} "
                 f"{row['ppl_ratio']:9.3f} {row['same_top']:8.2%}   {versus}"
+            )
+    import json
+
+    allocations = json.loads((out / "kld.json").read_text(encoding="utf-8")).get("allocations") or {}
+    predicted = {spec: a["auto"] for spec, a in allocations.items() if (a.get("auto") or {}).get("predicted_kl")}
+    if predicted:
+        print(
+            "\n@auto's prediction (each layer measured alone on the calibration, damages summed) against the mean KLD "
+            "measured here on the whole allocated model:"
+        )
+        for spec, auto in predicted.items():
+            measured = summary[spec]["kl_mean"]
+            print(
+                f"{spec:28} predicted {auto['predicted_kl']:.4f}  measured {measured:.4f}  "
+                f"measured ÷ predicted {measured / auto['predicted_kl']:.2f}  (levels {auto.get('levels')})"
             )
     print(f"tables: {out}")
 

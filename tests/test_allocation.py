@@ -4,6 +4,7 @@ sparsities against hand computations, the global sparsity exact in weights, file
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -170,6 +171,74 @@ def test_a_file_allocation_is_pruned_as_written(tiny, tiny_calib, tmp_path):
         zeros = sum(int((p == 0).sum()) for n, p in layer.named_parameters() if n.endswith("proj.weight"))
         total = sum(p.numel() for n, p in layer.named_parameters() if n.endswith("proj.weight"))
         assert zeros / total == pytest.approx(details["layers"][i], abs=1e-9)
+        assert pair.report.details["layer_sparsity"][i] == pytest.approx(zeros / total, abs=1e-6)  # the tables'
+
+
+@pytest.mark.slow  # a batch, a kld run and two reports (about 40 s); fast: the header's layer_sparsity above
+def test_layer_sparsities_reach_the_batch_and_kld_tables_and_the_report(cli, tmp_path):
+    """Each spec's zeros per decoder layer, as its session header records them: summary.parquet (and .csv) of
+    batch, kld_summary.parquet of kld, and the report's chart only where the layers differ."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from engine.record.session import load_session
+    from engine.sweep.folder import session_path
+    from engine.sweep.runner import run_sweep
+    from engine.sweep.sweeps import plan_sweep
+
+    path = _layers_file(tmp_path, [0.5, 0.7, 0.5, 0.7])
+    specs = ["wanda:0.6", f"wanda:0.6@{path}"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello there\n", encoding="utf-8")
+    calib = {"samples": 4, "length": 16, "seed": 0}
+    sweep = plan_sweep(
+        prompts_file=prompts, model="tiny-random", specs=specs, modes=["shared"], max_new_tokens=3, calib=calib
+    )
+    out = tmp_path / "out"
+    run_sweep(sweep, out, batch_size=1)
+    rows = {r["spec"]: r for r in pq.read_table(out / "summary.parquet").to_pylist()}
+    uniform, allocated = (json.loads(rows[s]["layer_sparsity"]) for s in specs)
+    assert uniform == pytest.approx([38 / 64] * 4, abs=1e-6)  # int(64 · 0.6) of each 64-wide row
+    assert allocated == pytest.approx([0.5, 0.7, 0.5, 0.7], abs=1 / 64)
+    for run in sweep.runs():
+        header = load_session(session_path(out, run)).header
+        assert json.loads(rows[str(run.spec)]["layer_sparsity"]) == header.perturbation.details["layer_sparsity"]
+    assert "layer_sparsity" in (out / "summary.csv").read_text(encoding="utf-8").splitlines()[0]
+    text = tmp_path / "corpus.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 12, encoding="utf-8")
+    prune = [a for s in specs for a in ("--prune", s)]
+    done = cli(
+        "kld",
+        "--model",
+        "tiny-random",
+        "--text",
+        text,
+        "--ctx",
+        "32",
+        *prune,
+        "--out",
+        out,
+        "--calib-samples",
+        "4",
+        "--calib-len",
+        "16",
+    )
+    assert done.returncode == 0, done.stderr
+    kld_rows = {r["spec"]: r for r in pq.read_table(out / "kld_summary.parquet").to_pylist()}
+    assert json.loads(kld_rows[specs[1]]["layer_sparsity"]) == allocated
+    allocations = json.loads((out / "kld.json").read_text(encoding="utf-8"))["allocations"]
+    assert list(allocations) == [specs[1]] and len(allocations[specs[1]]["sha256"]) == 64  # the uniform has none
+    from hierui.report.page import write_report
+
+    page = write_report(out).read_text(encoding="utf-8")
+    assert page.count('id="layer-sparsity-') >= 2  # section 1 and the kld section
+    uniform_only = tmp_path / "uniform"
+    shutil.copytree(out, uniform_only)
+    table = pq.read_table(uniform_only / "kld_summary.parquet")
+    pq.write_table(table.filter(pc.equal(table.column("spec"), specs[0])), uniform_only / "kld_summary.parquet")
+    kld_page = write_report(uniform_only, tmp_path / "u.html").read_text(encoding="utf-8")
+    kld_section = kld_page[kld_page.index('<section id="corpus-kld"') :]
+    assert 'id="layer-sparsity-' not in kld_section  # one flat line says nothing the tables do not
 
 
 @pytest.mark.parametrize(
@@ -284,3 +353,24 @@ def test_auto_measures_the_layers_and_meets_the_budget(tiny, tiny_calib, monkeyp
     assert max(details["layers"]) - min(details["layers"]) > 0.05
     perturb(tiny, "wanda:0.6@auto:0.5:0.7", calibration=tiny_calib, use_cache=True)
     assert len(calls) == 1
+
+
+def test_charts_name_an_allocation_file_by_its_name():
+    """A spec naming its allocation file by a long path: the charts' labels keep the file's name only, and the
+    axes keep their room (matplotlib warns when a label squeezes them to nothing)."""
+    import warnings
+
+    from hierui.report import charts as C
+
+    long = "wanda:0.6@/data/runs/2026-12-08/some/deep/folder/of/allocations/smollm2-wanda-0.6-auto.json"
+    rows = [
+        {"spec": "wanda:0.6", "layer_sparsity": [0.59] * 8, "amp": 3.0},
+        {"spec": long, "layer_sparsity": [0.5, 0.7] * 4, "amp": 2.5},
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layers = C.chart_layer_sparsity(rows)
+        amplification = C.chart_amplification(rows)
+    for svg in (layers, amplification):
+        assert "wanda:0.6@smollm2-wanda-0.6-auto.json" in svg and "/data/runs" not in svg
+    assert C.chart_layer_sparsity([rows[0]]) is None  # flat: nothing the tables do not say

@@ -43,6 +43,9 @@ def _copy(kld_out, folder):
 def _rewrite_summary(folder, change):
     rows = pq.read_table(folder / K.SUMMARY).to_pylist()
     for row in rows:
+        for name, kind in schema.KLD_SUMMARY.items():  # to_table encodes JSON columns again
+            if kind == schema.JSON and isinstance(row.get(name), str):
+                row[name] = json.loads(row[name])
         change(row)
     pq.write_table(schema.to_table(rows, schema.KLD_SUMMARY, K.SUMMARY), folder / K.SUMMARY)
     return rows

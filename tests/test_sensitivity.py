@@ -249,6 +249,12 @@ def test_the_command_writes_the_table_prints_it_and_refuses_another_run_into_its
     page = (out / "report.html").read_text()
     assert report.returncode == 0 and "Sensitivity: one unit perturbed at a time" in page
     assert 'id="sensitivity-heatmap' in page and f"most damaging unit is {worst['unit']}" in page
+    kld = cli(
+        "kld", "-m", "tiny-random", "--device", "cpu", "--text", text, "--ctx", CTX, "-p", "magnitude:0.5", "--out", out
+    )
+    assert kld.returncode == 0, kld.stderr  # a kld run into the same folder: its page keeps the sensitivity section
+    page = (cli("report", out), (out / "report.html").read_text())[1]
+    assert page.index('<section id="corpus-kld">') < page.index("Sensitivity: one unit perturbed at a time")
 
 
 # ------------------------------------------------------------------ the zoo

@@ -165,6 +165,8 @@ class SpecResult:
     tokens: dict = field(default_factory=dict)  # name -> np.ndarray (TOKEN_FIELDS, top_d, top_p)
     hidden_cos: list | None = None  # mean cosine per layer 0 … L; None with a base file
     measured_sparsity: float | None = None
+    layer_sparsity: list | None = None  # the zero weights' fraction per decoder layer (PerturbReport.details)
+    allocation: dict | None = None  # a layer allocation's details (PerturbReport.details["allocation"]), for kld.json
 
 
 @dataclass
@@ -215,6 +217,7 @@ class KldRun:
                 "base_k": self.base_k,
                 "base_model": self.base_model,
                 "measured_sparsity": r.measured_sparsity,
+                "layer_sparsity": r.layer_sparsity,
                 **summarize(r.tokens),
                 **kl_mean_interval(r.tokens["kl"], self.window_of),
                 **token_flips(r.tokens, self.targets),
@@ -339,7 +342,13 @@ def score(
         if cos_sum[j] is not None:
             hidden = [None if math.isnan(v) else v for v in (cos_sum[j] / lay.total).tolist()]
         report = getattr(pair, "report", None)
-        run.results.append(SpecResult(str(pair.spec), tokens, hidden, getattr(report, "measured_sparsity", None)))
+        measured = getattr(report, "measured_sparsity", None)
+        details = getattr(report, "details", None) or {}
+        run.results.append(
+            SpecResult(
+                str(pair.spec), tokens, hidden, measured, details.get("layer_sparsity"), details.get("allocation")
+            )
+        )
     run.seconds = time.perf_counter() - started
     return run
 

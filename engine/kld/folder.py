@@ -4,7 +4,8 @@ holds (reused by a rerun instead of being scored again).
     kld.json    format hierui-kld, version, model (its name and model_key: the weights, ModelRef.cache_key), corpus
                 (name and corpus_sha256), ctx, stride, device, dtype, base (the base file's path, None: the dense
                 model ran), base_k (None: exact), calibration (spec → its calibration, as batch.json's; None: no
-                spec calibrates), specs (scored there), created
+                spec calibrates), specs (scored there), allocations (spec → its layer allocation's details, where
+                a spec has one: @auto's levels, bounds and predicted KLD), created
 
 One run per folder, as `hierui batch`'s (engine.sweep.folder.check_out): a kld run whose model, text, window
 (ctx, stride), device, dtype or base file differ from the folder's kld.json, or that calibrates a spec the folder
@@ -178,7 +179,8 @@ def load_results(out: str | Path, specs: list[str], run: KldRun) -> list[SpecRes
         for name in (*TOKEN_FIELDS, "top_d", "top_p"):
             arrays[name] = _as_scored(np.asarray(rows.column(name).to_numpy(zero_copy_only=False)))
         row = summary[spec]
-        results.append(SpecResult(spec, arrays, row.get("hidden_cos"), row.get("measured_sparsity")))
+        layers = json.loads(row["layer_sparsity"]) if row.get("layer_sparsity") else None  # a JSON column
+        results.append(SpecResult(spec, arrays, row.get("hidden_cos"), row.get("measured_sparsity"), layers))
     return results
 
 
@@ -203,14 +205,19 @@ def _as_scored(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def write_manifest(out: str | Path, wanted: dict, specs: list[str]) -> None:
+def write_manifest(out: str | Path, wanted: dict, specs: list[str], allocations: dict | None = None) -> None:
     """OUT/kld.json for the run `wanted` holding `specs` (the folder's earlier specs, then the new ones); the
-    calibration of the folder's specs is kept beside this run's."""
+    calibration of the folder's specs is kept beside this run's, and so are the layer allocations' details
+    (`allocations`: {spec: PerturbReport.details["allocation"]}; @auto's measured levels and predicted KLD)."""
     out = Path(out)
     old = read_manifest(out) or {}
     calibration = {**(old.get("calibration") or {}), **(wanted.get("calibration") or {})}
     calibration = {spec: c for spec, c in calibration.items() if spec in specs}
+    allocated = {**(old.get("allocations") or {}), **(allocations or {})}
+    allocated = {spec: a for spec, a in allocated.items() if spec in specs}
     data = {**wanted, "calibration": calibration or None, "specs": list(specs)}
+    if allocated:
+        data["allocations"] = allocated
     data["created"] = old.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z")
     atomic_write(out / MANIFEST, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
@@ -221,7 +228,8 @@ def write_run(out: str | Path, wanted: dict, run: KldRun, tokenizer, stored: lis
     from engine.kld.corpus import write_tables
 
     run.results[:0] = [r for r in stored if r.spec not in {x.spec for x in run.results}]
-    write_manifest(out, wanted, [r.spec for r in run.results])
+    allocations = {r.spec: r.allocation for r in run.results if r.allocation}
+    write_manifest(out, wanted, [r.spec for r in run.results], allocations)
     return write_tables(run, out, tokenizer)
 
 

@@ -116,13 +116,16 @@ def _algorithm(name: str):
 
 def _measure_sparsity(dense, perturbed, report: PerturbReport) -> None:
     """Zeros over every WeightView (linears, Conv1Ds, expert slices; not routers), per type and in all; on
-    MoE models also per expert in details['by_expert'] ([{layer, expert, dense, perturbed, total}])."""
-    from engine.perturb.sparsity import sparsity_by_expert, sparsity_by_type
+    MoE models also per expert in details['by_expert'] ([{layer, expert, dense, perturbed, total}]); per decoder
+    layer in details['layer_sparsity']."""
+    from engine.perturb.sparsity import count_zeros, sparsity_by_expert, sparsity_by_type
 
     d = sparsity_by_type(dense)
-    p = sparsity_by_type(perturbed)
+    p, by_layer = count_zeros(perturbed)
     if p["all"]["total"] == 0:  # quantized: no float weights to count
         return
+    # each decoder layer's zeros (6 digits): the batch and kld tables' layer_sparsity, the report's chart
+    report.details["layer_sparsity"] = [None if s is None else round(s, 6) for s in by_layer]
     report.by_type = {
         t: {"dense": d[t]["sparsity"] if t in d else None, "perturbed": row["sparsity"], "total": row["total"]}
         for t, row in p.items()

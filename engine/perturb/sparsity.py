@@ -20,17 +20,30 @@ def sparsity_by_type(model) -> OrderedDict[str, dict]:
     Every WeightView counts (Conv1D and expert slices included, routers not); the key 'all' sums every type.
     Quantized linears (no float weight) are not views, so a quantized model has 'all' with total 0.
     """
+    return count_zeros(model)[0]
+
+
+def count_zeros(model) -> tuple[OrderedDict[str, dict], list[float | None]]:
+    """(sparsity_by_type's table, the fraction of zero weights of each decoder layer 0 … L − 1, None for a layer
+    without float weights), in one pass over the weights."""
     table: OrderedDict[str, dict] = OrderedDict()
+    layers: dict[int, list[int]] = {}
     for view in _resident_views(model):
         w = view.matrix()
+        zeros = int((w == 0).sum())
         row = table.setdefault(view.type, {"zeros": 0, "total": 0})
-        row["zeros"] += int((w == 0).sum())
+        row["zeros"] += zeros
         row["total"] += w.numel()
+        layer = layers.setdefault(view.layer, [0, 0])
+        layer[0] += zeros
+        layer[1] += w.numel()
     total = {"zeros": sum(r["zeros"] for r in table.values()), "total": sum(r["total"] for r in table.values())}
     table["all"] = total
     for row in table.values():
         row["sparsity"] = row["zeros"] / row["total"] if row["total"] else 0.0
-    return table
+    count = len(decoder_layers(model))
+    by_layer = [layers[i][0] / layers[i][1] if layers.get(i, [0, 0])[1] else None for i in range(count)]
+    return table, by_layer
 
 
 def sparsity_by_expert(model) -> list[dict]:

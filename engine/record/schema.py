@@ -181,6 +181,7 @@ SUMMARY = {
     "choices": JSON,
     "model": STRING,
     "measured_sparsity": FLOAT,
+    "layer_sparsity": JSON,  # the zero weights' fraction per decoder layer, [s_0, …] (null: not measured)
     **SUMMARY_FIELDS,
 }
 CHOICES = {"spec": STRING, **CHOICE_FIELDS}
@@ -258,6 +259,7 @@ KLD_SUMMARY = {
     "base_k": INT,
     "base_model": STRING,  # the dense model the base file was made from, as it names it (null: none named)
     "measured_sparsity": FLOAT,
+    "layer_sparsity": JSON,  # the zero weights' fraction per decoder layer, [s_0, …] (null: not measured)
     "tokens": INT,
     **{name: FLOAT for name in ("ppl_d", "ppl_d_unc", "ppl_p", "ppl_p_unc", "ln_ppl_ratio", "ln_ppl_ratio_unc")},
     **{name: FLOAT for name in ("ppl_ratio", "ppl_ratio_unc", "ln_ppl_cor")},

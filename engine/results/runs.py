@@ -218,6 +218,7 @@ def spec_rows(run: RunData) -> list[dict]:
             {
                 "spec": spec,
                 "sparsity": mean(r.get("measured_sparsity") for r in mine),
+                "layer_sparsity": layer_sparsity(mine),
                 "runs": len(mine),
                 "emb_cos": mean(r.get("emb_cos_final_mean") for r in base),
                 "logit_cos": mean(r.get("logit_cos_mean") for r in base),
@@ -250,6 +251,18 @@ def spec_rows(run: RunData) -> list[dict]:
             }
         )
     return rows
+
+
+def layer_sparsity(rows: list[dict]) -> list | None:
+    """The zero weights' fraction per decoder layer of the first of `rows` (summary or kld_summary rows; the
+    same for every run of a spec) that recorded it, from its JSON column; None where none did."""
+    for r in rows:
+        value = r.get("layer_sparsity")
+        if isinstance(value, str):
+            value = json.loads(value)
+        if isinstance(value, list) and value:
+            return value
+    return None
 
 
 @dataclass

@@ -71,6 +71,7 @@ def build_tables(sweep: Sweep, out: str | Path):
                 "choices": run.prompt.choices or None,
                 "model": sweep.model,
                 "measured_sparsity": session.header.perturbation.measured_sparsity,
+                "layer_sparsity": (session.header.perturbation.details or {}).get("layer_sparsity"),
                 **summarize(session.steps, run.mode),
                 # the counterfactual branch's fields, from the closing line (engine.run.branch)
                 **{k: v for k, v in (session.summary or {}).items() if k in BRANCH_SUMMARY},

@@ -10,7 +10,17 @@ from __future__ import annotations
 import io
 import re
 
+LAYER_SPREAD = 0.005  # chart_layer_sparsity draws when some spec's layer sparsities differ by more
 COLORS = {"emb": "#4C72B0", "logit": "#DD8452", "prob": "#C44E52", "dense": "#55A868", "pert": "#8172B2"}
+
+
+def _label(spec: str) -> str:
+    """A spec as a chart names it: an allocation file by its name alone (wanda:0.6@alloc.json), since a path can
+    be longer than the chart is wide; the tables beside the chart give it whole."""
+    head, at, allocation = spec.partition("@")
+    if at and ("/" in allocation or "\\" in allocation):
+        return f"{head}@{allocation.replace(chr(92), '/').rsplit('/', 1)[-1]}"
+    return spec
 
 
 def _figure(width: float, height: float):
@@ -82,7 +92,7 @@ def chart_hierarchy(rows: list[dict]) -> str | None:
                 fontsize=7,
                 color="#666",
             )
-    ax.set_xticks(x, [r["spec"] for r in rows], rotation=40, ha="right", fontsize=8)
+    ax.set_xticks(x, [_label(r["spec"]) for r in rows], rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("1 − cosine (dense vs perturbed)")
     ax.legend(fontsize=8, frameon=False)
     _style(ax)
@@ -101,7 +111,7 @@ def chart_kl_theory(rows: list[dict]) -> str | None:
     ax.plot([lo, hi], [lo, hi], "--", color="#888", linewidth=1, label="estimate = measured")
     ax.scatter(xs, ys, color=COLORS["prob"], zorder=3)
     for r, xv, yv in zip(pts, xs, ys):
-        ax.annotate(r["spec"], (xv, yv), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.annotate(_label(r["spec"]), (xv, yv), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, hi)
@@ -121,7 +131,7 @@ def chart_amplification(rows: list[dict]) -> str | None:
     ax = fig.add_subplot()
     ax.bar(range(len(rows)), [r["amp"] for r in rows], color=COLORS["prob"])
     ax.axhline(1.0, color="#888", linestyle="--", linewidth=1)
-    ax.set_xticks(range(len(rows)), [r["spec"] for r in rows], rotation=40, ha="right", fontsize=8)
+    ax.set_xticks(range(len(rows)), [_label(r["spec"]) for r in rows], rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("amp = (1 − cos p) / (1 − cos z)")
     _style(ax)
     return _svg(fig, "amplification")
@@ -160,7 +170,7 @@ def chart_accumulation(curves: dict, specs: list[str]) -> str | None:
                 linestyle="-" if mode == "shared" else "--",
                 color=color.get(spec, "#444"),
                 linewidth=1.4,
-                label=f"{spec} · {mode}",
+                label=f"{_label(spec)} · {mode}",
             )
         _style(ax)
     runs = sorted({c.runs for c in curves.values()})
@@ -218,7 +228,7 @@ def chart_first_divergence(groups: list[dict]) -> str | None:
         n = len(g["steps"])
         jitter = [i + (k - (n - 1) / 2) * min(0.3 / max(n, 1), 0.05) for k in range(n)]
         ax.scatter(jitter, steps[i], s=10, color=COLORS["pert"], alpha=0.6, zorder=3)
-    ax.set_xticks(range(len(groups)), [g["spec"] for g in groups], rotation=40, ha="right", fontsize=8)
+    ax.set_xticks(range(len(groups)), [_label(g["spec"]) for g in groups], rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("first step where the texts differ\n(1 = the first generated token)")
     from matplotlib.ticker import MaxNLocator
 
@@ -240,7 +250,7 @@ def chart_choices(rows: list[dict]) -> str | None:
     left.bar(x + 0.2, [r["acc_p"] for r in rows], 0.4, label="perturbed", color=COLORS["pert"])
     left.set_ylim(0, 1.05)
     left.set_ylabel("multiple-choice accuracy")
-    left.set_xticks(x, [r["spec"] for r in rows], rotation=40, ha="right", fontsize=8)
+    left.set_xticks(x, [_label(r["spec"]) for r in rows], rotation=40, ha="right", fontsize=8)
     left.legend(fontsize=8, frameon=False)
     _style(left)
     series = [
@@ -254,7 +264,7 @@ def chart_choices(rows: list[dict]) -> str | None:
     if _positive([r[k] for r in rows for k, _, _ in series]):
         right.set_yscale("log")
     right.set_ylabel("KL, nats")
-    right.set_xticks(x, [r["spec"] for r in rows], rotation=40, ha="right", fontsize=8)
+    right.set_xticks(x, [_label(r["spec"]) for r in rows], rotation=40, ha="right", fontsize=8)
     right.legend(fontsize=7, frameon=False)
     _style(right)
     return _svg(fig, "multiple-choice")
@@ -293,7 +303,7 @@ def chart_lens_heatmaps(grids) -> str | None:
         )
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"{grid.spec} ({grid.runs} run{'s' * (grid.runs != 1)})", fontsize=8)
+        ax.set_title(f"{_label(grid.spec)} ({grid.runs} run{'s' * (grid.runs != 1)})", fontsize=8)
         ax.set_xlabel("step", fontsize=8)
         if i % columns == 0:
             ax.set_ylabel("layer ℓ", fontsize=8)
@@ -318,7 +328,7 @@ def chart_flip_layers(counts: dict) -> str | None:
         mlp = [counts[spec]["mlp"].get(layer, 0) for layer in range(layers)]
         ax.bar(x, attn, 0.8, label="attention", color=COLORS["emb"])
         ax.bar(x, mlp, 0.8, bottom=attn, label="MLP", color=COLORS["logit"])
-        ax.set_title(spec, fontsize=8, loc="left")
+        ax.set_title(_label(spec), fontsize=8, loc="left")
         ax.set_ylabel("flips", fontsize=8)
         ax.tick_params(labelsize=7)
         if i == 0:
@@ -373,7 +383,7 @@ def chart_kld_confidence(rows: list[dict]) -> str | None:
     ax.patch.set_visible(False)
     for r in rows:
         ys = [v if v is not None and v > 0 else np.nan for v in r["conf_kl_mean"]]
-        ax.plot(x, ys, marker="o", markersize=3.5, linewidth=1.4, color=color[r["spec"]], label=r["spec"])
+        ax.plot(x, ys, marker="o", markersize=3.5, linewidth=1.4, color=color[r["spec"]], label=_label(r["spec"]))
     _log_y(ax)
     ax.set_xticks(x, [f"{i / buckets:.1f}–{(i + 1) / buckets:.1f}" for i in x], fontsize=7)
     ax.set_xlabel("dense top-1 probability")
@@ -401,7 +411,13 @@ def chart_kld_hidden(rows: list[dict]) -> str | None:
     for r in rows:
         values = gaps(r)
         ax.plot(
-            range(len(values)), values, marker="o", markersize=3, linewidth=1.4, color=color[r["spec"]], label=r["spec"]
+            range(len(values)),
+            values,
+            marker="o",
+            markersize=3,
+            linewidth=1.4,
+            color=color[r["spec"]],
+            label=_label(r["spec"]),
         )
     _log_y(ax)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -412,6 +428,43 @@ def chart_kld_hidden(rows: list[dict]) -> str | None:
     ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _style(ax)
     return _svg(fig, "kld-hidden")
+
+
+def chart_layer_sparsity(rows: list[dict]) -> str | None:
+    """The zero weights' fraction per decoder layer, one line per spec that recorded it (`layer_sparsity`); None
+    unless some spec's layers differ by more than LAYER_SPREAD (a layer allocation, a spec that spares layers): a
+    uniform sweep's flat lines say nothing the tables do not."""
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    color = _spec_colors([r["spec"] for r in rows])
+    rows = [r for r in rows if r.get("layer_sparsity") and any(v is not None for v in r["layer_sparsity"])]
+    spread = [
+        max(v for v in r["layer_sparsity"] if v is not None) - min(v for v in r["layer_sparsity"] if v is not None)
+        for r in rows
+    ]
+    if not rows or max(spread) <= LAYER_SPREAD:
+        return None
+    fig = _figure(8.5, 3.2)
+    ax = fig.add_subplot()
+    for r in rows:
+        values = [float("nan") if v is None else v for v in r["layer_sparsity"]]
+        ax.plot(
+            range(len(values)),
+            values,
+            marker="o",
+            markersize=3,
+            linewidth=1.4,
+            color=color[r["spec"]],
+            label=_label(r["spec"]),
+        )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_xlabel("decoder layer ℓ")
+    ax.set_ylabel("zero weights in the layer")
+    # below the axes: a spec naming its allocation file can be longer than a legend beside them leaves room for
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.18))
+    _style(ax)
+    return _svg(fig, "layer-sparsity")
 
 
 def chart_sensitivity_heatmap(grids: list[dict]) -> str | None:

@@ -51,6 +51,10 @@ def hierarchy_section(rows: list[dict], said: dict, basis: str | None) -> dict:
             "95% CI: the percentile bootstrap interval of the mean over prompts (2000 resamples, seed 0)."
         )
         s["chart"] = svg(C.chart_hierarchy(rows))
+        layers = svg(C.chart_layer_sparsity(rows))
+        if layers:  # a layer allocation (wanda:0.6@owl, @auto, @FILE): where each spec's zeros are
+            s["figures"] = [layers]
+            s["note"] += " Last chart: the zero weights per decoder layer of each spec (a layer allocation's mix)."
     else:
         s["nodata"] = "No generation runs in this sweep: nothing to compare across the three spaces."
     return s

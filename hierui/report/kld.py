@@ -21,6 +21,7 @@ from pathlib import Path
 
 from engine.errors import HieruiError
 from engine.results.paired import SIGNIFICANT, SILENT_KL, is_silent, silent_limit
+from engine.results.runs import layer_sparsity
 from hierui.format import MISSING, count, metric, num, pct, prob
 from hierui.tokentext import escape
 
@@ -402,14 +403,34 @@ def section(data: KldData, number: int | None = None) -> dict:
     shown = [{**r, "spec": escape(r["spec"])} for r in rows]  # names in the charts' legends, as in the tables
     s["chart"] = svg(C.chart_kld_confidence(shown))
     s["chart2"] = svg(C.chart_kld_hidden(shown))
-    return {"note": None, "table": None, "tables": [], "chart": None, "chart2": None, "nodata": None, **s}
+    layers = svg(C.chart_layer_sparsity([{**r, "layer_sparsity": layer_sparsity([r])} for r in shown]))
+    if layers:  # a layer allocation: where each spec's zeros are
+        s["figures"] = [layers]
+        s["note"] += " Last chart: the zero weights per decoder layer of each spec (a layer allocation's mix)."
+    return {
+        "note": None,
+        "table": None,
+        "tables": [],
+        "chart": None,
+        "chart2": None,
+        "figures": [],
+        "nodata": None,
+        **s,
+    }
 
 
 def render_html(data: KldData, stamp: str | None = None) -> str:
-    """The page of a kld folder alone (no batch output beside it): this section, no claim block."""
+    """The page of a kld folder alone (no batch output beside it): this section, no claim block; and the
+    sensitivity section after it when a `hierui sensitivity --out` went into the same folder."""
+    from hierui.report import sensitivity as report_sensitivity
     from hierui.report.render import environment
 
     r = data.first
+    sections, files = [section(data)], list(data.files)
+    if report_sensitivity.has_sensitivity(data.path):
+        rows, manifest = report_sensitivity.load(data.path)
+        sections = [section(data, 1), report_sensitivity.section(rows, manifest, 2)]
+        files.append(report_sensitivity.TABLE)
     corpus = Path(str(r.get("corpus") or MISSING)).name
     return (
         environment()
@@ -420,10 +441,10 @@ def render_html(data: KldData, stamp: str | None = None) -> str:
             meta=meta(data),
             description=None,
             claim=False,
-            sections=[section(data)],
+            sections=sections,
             summary=[],
             source=str(data.path),
             stamp=stamp,
-            files=data.files,
+            files=files,
         )
     )

@@ -117,7 +117,7 @@ def _sections(run: RunData) -> tuple[list[dict], list[dict]]:
     for s in sections:
         s["readings"] = [r for r in s["readings"] if r is not None]
     return [
-        {"note": None, "table": None, "tables": [], "chart": None, "chart2": None, "nodata": None, **s}
+        {"note": None, "table": None, "tables": [], "chart": None, "chart2": None, "figures": [], "nodata": None, **s}
         for s in sections
     ], summary
 

@@ -124,6 +124,7 @@ def section(rows: list[dict], manifest: dict, number: int | None = None) -> dict
         "tables": [],
         "chart": Markup(chart) if chart else None,
         "chart2": None,
+        "figures": [],
         "nodata": None if rows else "The sensitivity table holds no rows yet: rerun hierui sensitivity into it.",
     }
 
