@@ -444,7 +444,8 @@ def chart_layer_sparsity(rows: list[dict]) -> str | None:
     ]
     if not rows or max(spread) <= LAYER_SPREAD:
         return None
-    fig = _figure(8.5, 3.2)
+    columns = min(3, len(rows))  # the legend below the axes, in columns: a long spec keeps a third of the width
+    fig = _figure(8.5, 3.0 + 0.2 * -(-len(rows) // columns))
     ax = fig.add_subplot()
     for r in rows:
         values = [float("nan") if v is None else v for v in r["layer_sparsity"]]
@@ -460,9 +461,9 @@ def chart_layer_sparsity(rows: list[dict]) -> str | None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     ax.set_xlabel("decoder layer ℓ")
-    ax.set_ylabel("zero weights in the layer")
+    ax.set_ylabel("zero weights")
     # below the axes: a spec naming its allocation file can be longer than a legend beside them leaves room for
-    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.18))
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.2), ncols=columns)
     _style(ax)
     return _svg(fig, "layer-sparsity")
 
