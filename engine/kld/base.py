@@ -70,6 +70,8 @@ class BaseWriter:
     `k` None: the exact kind (call `bind(model)` first, then `add_head_in(window)` per window); an int: the top-K
     kind (`add_dense(dense)` per chunk of positions)."""
 
+    bos_first = False  # hierui's token stream (engine.kld.corpus.tokenize); llama.cpp's files begin with the BOS
+
     def __init__(self, path: str | Path, k: int | None = None):
         self.path = Path(path)
         self.k = k
@@ -106,9 +108,9 @@ class BaseWriter:
             )
         self.parts.setdefault("head_in", []).append(window.head_in.cpu())
 
-    def add_dense(self, dense: dict) -> None:
+    def add_dense(self, dense: dict, logits=None) -> None:
         """The top-K kind: one chunk of scored positions, from engine.kld.window.dense_side (its log-probabilities
-        and the NLL of the actual next tokens)."""
+        and the NLL of the actual next tokens; `logits`, the chunk's logits, are for llama.cpp's writer)."""
         lp = dense["lp"]
         logp, ids = lp.topk(self.k, dim=-1)
         tail = lp.scatter(-1, ids, float("-inf")).logsumexp(dim=-1)
@@ -160,6 +162,8 @@ class BaseFile:
 
     The file is untrusted input: its metadata names the dense model only to describe it, and nothing loads what
     it names (the user gives --model; engine.models.trust); values from it are escaped in messages."""
+
+    bos_first = False
 
     def __init__(self, path: str | Path):
         from engine.record.paths import check_regular_file
@@ -344,38 +348,9 @@ class BaseFile:
             return {name: f.get_slice(name)[rows] for name in self._names()}
 
     def windows(self, count: int, device):
-        """read(0 … count − 1) on `device`, read by a thread at most READ_AHEAD windows ahead of the scoring (a
-        bounded queue), so that reading the file overlaps the perturbed model's forward passes."""
-        import queue
-        import threading
-
-        ahead: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
-        stop = threading.Event()
-
-        def reader() -> None:
-            try:
-                for w in range(count):
-                    if stop.is_set():
-                        return
-                    ahead.put({name: t.to(device, non_blocking=True) for name, t in self.read(w).items()})
-            except BaseException as e:  # handed to the scoring thread, raised there
-                ahead.put(e)
-
-        thread = threading.Thread(target=reader, name="hierui-base-reader", daemon=True)
-        thread.start()
-        try:
-            for _ in range(count):
-                item = ahead.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while thread.is_alive():  # unblock a reader waiting on a full queue
-                try:
-                    ahead.get_nowait()
-                except queue.Empty:
-                    thread.join(0.01)
+        """read(0 … count − 1) on `device`, read by a thread at most READ_AHEAD windows ahead of the scoring
+        (read_ahead), so that reading the file overlaps the perturbed model's forward passes."""
+        return read_ahead(self.read, count, device)
 
     def dense_side(self, rows: dict, lo: int, hi: int, targets) -> dict:
         """The dense side of scored positions lo … hi − 1 of a window (its `rows`, from windows()): the exact kind's
@@ -424,3 +399,38 @@ class BaseFile:
         """The metrics of window `w`'s scored positions at once (logits_p (m, V)): one window, for checks."""
         rows = {name: t.to(logits_p.device) for name, t in self.read(w).items()}
         return self.pair_metrics(self.dense_side(rows, 0, self.scored, targets), logits_p, targets)
+
+
+def read_ahead(read, count: int, device):
+    """read(0 … count − 1) (dicts of host tensors) moved to `device`, read by a thread at most READ_AHEAD windows
+    ahead of the consumer (a bounded queue)."""
+    import queue
+    import threading
+
+    ahead: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            for w in range(count):
+                if stop.is_set():
+                    return
+                ahead.put({name: t.to(device, non_blocking=True) for name, t in read(w).items()})
+        except BaseException as e:  # handed to the consumer's thread, raised there
+            ahead.put(e)
+
+    thread = threading.Thread(target=reader, name="hierui-base-reader", daemon=True)
+    thread.start()
+    try:
+        for _ in range(count):
+            item = ahead.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                ahead.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)

@@ -150,8 +150,12 @@ def layout(n_tokens: int, ctx: int, stride: int | None, max_ctx: int | None = No
     return Layout(n_tokens, ctx, stride)
 
 
-def tokenize(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def tokenize(tokenizer, text: str, bos_first: bool = False) -> list[int]:
+    """The corpus's token ids (no special tokens); `bos_first`: with the BOS before them where the tokenizer adds
+    one, as llama.cpp tokenizes a text (its base files, engine.kld.llamacpp)."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = bos_id(tokenizer) if bos_first else None
+    return ids if bos is None else [bos, *ids]
 
 
 # ------------------------------------------------------------------ the run
@@ -188,6 +192,7 @@ class KldRun:
     results: list[SpecResult] = field(default_factory=list)
     base: str | None = None  # the base file compared against
     base_k: int | None = None  # its K for a top-K file (kl and kl_rev are then lower bounds); None: exact
+    base_kind: str | None = None  # "exact", "topk" or "llama.cpp" (engine.kld.llamacpp); None: no base file
     base_model: str | None = None  # the dense model the base file names (engine.kld.base.BaseFile.model)
     noise_floor: dict | None = None  # engine.sweep.folder.noise_floor of the dense model (None: not measured)
     workers: list | None = (
@@ -215,6 +220,7 @@ class KldRun:
                 "windows": self.windows,
                 "base": self.base,
                 "base_k": self.base_k,
+                "base_kind": self.base_kind,
                 "base_model": self.base_model,
                 "measured_sparsity": r.measured_sparsity,
                 "layer_sparsity": r.layer_sparsity,
@@ -272,16 +278,20 @@ class KldRun:
         return out
 
 
-def prepare(tokenizer, text: str, ctx: int, stride: int | None, max_ctx: int | None):
-    """(ids, layout, bos) of a corpus: the checks before any model runs."""
-    ids = tokenize(tokenizer, text)
+def prepare(tokenizer, text: str, ctx: int, stride: int | None, max_ctx: int | None, bos_first: bool = False):
+    """(ids, layout, bos) of a corpus: the checks before any model runs (`bos_first`: tokenize)."""
+    ids = tokenize(tokenizer, text, bos_first)
     return ids, layout(len(ids), ctx, stride, max_ctx), bos_id(tokenizer)
 
 
-def frame(tokenizer, text: str, corpus: str, model: str, ctx: int, stride: int | None, max_ctx=None, base=None):
+def frame(
+    tokenizer, text: str, corpus: str, model: str, ctx: int, stride: int | None, max_ctx=None, base=None, save=None
+):
     """A KldRun of `text` with no spec scored yet: its windows, scored positions and targets (what score() fills,
-    and what a rerun into the same folder puts the stored specs in, engine.kld.folder)."""
-    ids, lay, bos = prepare(tokenizer, text, ctx, stride, max_ctx)
+    and what a rerun into the same folder puts the stored specs in, engine.kld.folder). A llama.cpp base file
+    (`base` read, `save` written) makes the token stream llama.cpp's (a BOS first, tokenize)."""
+    bos_first = getattr(base, "bos_first", False) or getattr(save, "bos_first", False)
+    ids, lay, bos = prepare(tokenizer, text, ctx, stride, max_ctx, bos_first)
     m = lay.scored
     positions = np.concatenate([np.arange(s + ctx - m, s + ctx) for s in lay.starts])
     return KldRun(
@@ -299,6 +309,7 @@ def frame(tokenizer, text: str, corpus: str, model: str, ctx: int, stride: int |
         bos=bos,
         base=str(base.path) if base is not None else None,
         base_k=base.k if base is not None and not base.exact else None,
+        base_kind=base.kind if base is not None else None,
         base_model=base.model if base is not None else None,
     )
 
@@ -327,7 +338,7 @@ def score(
     from engine.models.configs import config_int
 
     max_ctx = config_int(loaded.model.config.to_dict(), "max_position_embeddings")
-    run = frame(loaded.tokenizer, text, corpus, loaded.ref.name, ctx, stride, max_ctx, base)
+    run = frame(loaded.tokenizer, text, corpus, loaded.ref.name, ctx, stride, max_ctx, base, save_base)
     lay = Layout(len(run.ids), ctx, run.stride)
     if base is not None:
         from engine.models.tokens import model_rows
@@ -407,9 +418,10 @@ def _score_windows(loaded, pairs: list, ids: list, lay: Layout, bos: int | None,
             for lo, hi in chunks(m, vocab):
                 t = tgt[lo:hi]
                 if base is None:
-                    d = dense_side(dense.logits_at(lo, hi), t)
+                    logits = dense.logits_at(lo, hi)
+                    d = dense_side(logits, t)
                     if save_base is not None and not save_base.exact:
-                        save_base.add_dense(d)
+                        save_base.add_dense(d, logits)
                     score = pair_metrics
                 else:
                     d = base.dense_side(dense_rows, lo, hi, t)

@@ -53,9 +53,9 @@ class KldWorker:
         pair = open_pair(self.request, parsed, dense=self.loaded, calib=self.calibration.get(str(parsed), {}))
         base_file = None
         if base is not None:
-            from engine.kld.base import BaseFile
+            from engine.kld.llamacpp import open_base
 
-            base_file = BaseFile(base)
+            base_file = open_base(base)
         run = kld.score(self.loaded, [pair], text, corpus, ctx, stride, base=base_file)
         run.noise_floor = noise_floor(self.loaded.ref.name, self.loaded.model)
         del pair

@@ -257,6 +257,7 @@ KLD_SUMMARY = {
     "windows": INT,
     "base": STRING,  # the base file compared against (null: the dense model ran)
     "base_k": INT,
+    "base_kind": STRING,  # exact, topk or llama.cpp (null: the dense model ran)
     "base_model": STRING,  # the dense model the base file was made from, as it names it (null: none named)
     "measured_sparsity": FLOAT,
     "layer_sparsity": JSON,  # the zero weights' fraction per decoder layer, [s_0, …] (null: not measured)

@@ -23,8 +23,28 @@ SaveBase = Annotated[
     ),
 ]
 Base = Annotated[
-    Optional[Path], typer.Option("--base", help="compare against this base file instead of running the dense model")
+    Optional[Path],
+    typer.Option(
+        "--base",
+        help="compare against this base file instead of running the dense model (hierui's, or llama.cpp's "
+        "--kl-divergence-base file)",
+    ),
 ]
+BaseFormat = Annotated[
+    str,
+    typer.Option(
+        "--base-format",
+        help="the format of --save-base: hierui (default) or llama.cpp (llama-perplexity's --kl-divergence-base "
+        "file: 16-bit log-probabilities of the whole vocabulary; --stride = --ctx)",
+    ),
+]
+Ctx = Annotated[
+    Optional[int],
+    typer.Option(
+        "--ctx", help="tokens per window, the second half of each scored (default 512; a llama.cpp --base file's n_ctx)"
+    ),
+]
+FORMATS = ("hierui", "llama.cpp")
 Ray = Annotated[
     Optional[str],
     typer.Option("--ray", help="score the specs on a Ray cluster: auto or its address (pip install 'hierui[ray]')"),
@@ -37,12 +57,13 @@ def kld(
     specs: Specs = None,
     text: options.Text = None,
     suite: options.Suite = None,
-    ctx: options.Ctx = 512,
+    ctx: Ctx = None,
     stride: options.Stride = None,
     out: Out = None,
     save_base: SaveBase = None,
     base: Base = None,
     base_k: Optional[int] = typer.Option(None, "--base-k", min=1, help="write a top-K base file (e.g. 64)"),
+    base_format: BaseFormat = "hierui",
     ray: Ray = None,
     ray_cpus: Optional[int] = typer.Option(None, "--ray-cpus", help="with --ray: CPUs per worker (default 1)"),
     ray_gpus: Optional[int] = typer.Option(None, "--ray-gpus", help="with --ray: GPUs per worker (default 1)"),
@@ -61,7 +82,8 @@ def kld(
     --save-base FILE stores the dense model's side of the comparison (exact by default; --base-k K writes a
     small top-K file whose KL is a lower bound), and --base FILE scores against it without running the dense
     model. Without --prune, --base scores --model itself: `hierui prune --save DIR`, then
-    `hierui kld --model DIR --base FILE`, holds only the pruned model in memory."""
+    `hierui kld --model DIR --base FILE`, holds only the pruned model in memory. --base-format llama.cpp writes
+    llama-perplexity's --kl-divergence-base file, and --base reads one (its n_ctx is the run's --ctx)."""
     from engine.kld import corpus as kldmod
     from engine.models.names import resolve
     from engine.perturb.spec import parse_spec, unperturbed
@@ -70,6 +92,7 @@ def kld(
     parsed = [parse_spec(s) for s in specs or []]
     if text is not None and suite is not None:
         raise HieruiError("give --text or --suite, not both")
+    ctx = _window(ctx, stride, base, save_base, base_format, base_k)
     kldmod.check_window(ctx, stride)  # the window's bounds; against the model's context in _check_corpus
     if base_k is not None and save_base is None:
         raise HieruiError("--base-k is the K of --save-base FILE; give both")
@@ -89,7 +112,7 @@ def kld(
     given = _calibration(model, parsed, calib, calib_samples, calib_len, calib_seed)
     corpus = str(text) if text is not None else (suite or "heldout")
     body = kldmod.read_text(text) if text is not None else kldmod.suite_text(suite or "heldout")
-    base_file = _check_corpus(model, parsed, device, body, ctx, stride, base, save_base, base_k)
+    base_file = _check_corpus(model, parsed, device, body, ctx, stride, base, save_base, base_k, base_format)
     if base_file is not None and specs:  # --prune perturbs --model: it must be the base file's dense model
         base_file.check_model(model)
     # a file can be made in OUT (a probe that leaves nothing: the lock makes the folder), before anything slow
@@ -107,7 +130,35 @@ def kld(
         if ray_options is not None:
             _kld_on_ray(*scoring, ray_options, base_file, calibration=calibration)
         else:
-            _kld_here(*scoring, base_file, save_base, base_k, calibration=calibration)
+            _kld_here(*scoring, base_file, save_base, base_k, calibration=calibration, base_format=base_format)
+
+
+def _window(ctx: int | None, stride, base: Path | None, save_base: Path | None, base_format: str, base_k) -> int:
+    """--ctx (default kldmod.DEFAULT_CTX), or a llama.cpp --base file's n_ctx (engine.kld.llamacpp: its chunks
+    are the run's windows); the llama.cpp format's refusals, before anything slow."""
+    from engine.kld import llamacpp
+    from engine.kld.corpus import DEFAULT_CTX
+
+    if base_format not in FORMATS:
+        raise HieruiError(f"--base-format {base_format}: use {' or '.join(FORMATS)}")
+    if base_format != "hierui" and save_base is None:
+        raise HieruiError("--base-format is the format of --save-base FILE (--base knows a file's format); give both")
+    if base_format == "llama.cpp":
+        if base_k is not None:
+            raise HieruiError("--base-format llama.cpp holds the whole vocabulary: leave --base-k out")
+        if stride is not None and stride != (ctx or DEFAULT_CTX):
+            raise HieruiError(
+                f"--base-format llama.cpp: llama.cpp's chunks do not overlap: --stride {stride} must be --ctx "
+                f"({ctx or DEFAULT_CTX}) or left out"
+            )
+    n_ctx = llamacpp.peek_ctx(base) if base is not None else None
+    if n_ctx is None:
+        return DEFAULT_CTX if ctx is None else ctx
+    if ctx is not None and ctx != n_ctx:
+        raise HieruiError(f"--ctx {ctx}: the llama.cpp base file {base} was made with n_ctx {n_ctx}; leave --ctx out")
+    if stride is not None and stride != n_ctx:
+        raise HieruiError(f"--stride {stride}: llama.cpp's chunks do not overlap (n_ctx {n_ctx}); leave --stride out")
+    return n_ctx
 
 
 def _say(text: str) -> None:
@@ -181,17 +232,18 @@ def _request(model: str, parsed, ctx: int, device: str, dtype: str, gpu_mem, gpu
     return pair_request(model, parsed, device, dtype, gpu_mem, gpus, calib=calib, use_cache=use_cache, **workload)
 
 
-def _check_corpus(model: str, parsed, device: str, body: str, ctx: int, stride, base, save_base, base_k):
+def _check_corpus(model: str, parsed, device: str, body: str, ctx: int, stride, base, save_base, base_k, fmt):
     """Before the model loads: the base file (a truncated or foreign one fails here), the device and the specs,
     and, where the config is local, the corpus against the windows and the base file against the corpus.
-    Returns the base file (engine.kld.base.BaseFile) or None."""
+    Returns the base file (engine.kld.base.BaseFile or engine.kld.llamacpp.LlamaCppBase) or None."""
     from engine.kld import corpus as kldmod
 
     base_file = None
     if base is not None:
-        from engine.kld.base import BaseFile
+        from engine.kld.llamacpp import open_base
 
-        base_file = BaseFile(base)
+        base_file = open_base(base)
+    bos_first = getattr(base_file, "bos_first", False) or (save_base is not None and fmt == "llama.cpp")
     from engine.models.configs import config_int
     from engine.models.loading import load_tokenizer
     from engine.run.open import check_specs
@@ -199,7 +251,8 @@ def _check_corpus(model: str, parsed, device: str, body: str, ctx: int, stride, 
     config = check_specs(model, parsed, device)
     if config is not None:
         tok = load_tokenizer(model)
-        _ids, lay, _bos = kldmod.prepare(tok, body, ctx, stride, config_int(config, "max_position_embeddings"))
+        max_ctx = config_int(config, "max_position_embeddings")
+        _ids, lay, _bos = kldmod.prepare(tok, body, ctx, stride, max_ctx, bos_first)
         if base_file is not None:
             from engine.models.tokens import embedding_rows
 
@@ -209,15 +262,26 @@ def _check_corpus(model: str, parsed, device: str, body: str, ctx: int, stride, 
     return base_file
 
 
-def _kld_here(request, plan, body, corpus, ctx, stride, out, wanted, reused, base_file, save_base, base_k, calibration):
+def _kld_here(
+    request,
+    plan,
+    body,
+    corpus,
+    ctx,
+    stride,
+    out,
+    wanted,
+    reused,
+    base_file,
+    save_base,
+    base_k,
+    calibration,
+    base_format,
+):
     """The specs scored in this process: beside the dense model (one dense forward per window serves them all) or
     against the base file (one perturbed copy in memory at a time, the tables written after each); --save-base
     writes the dense side. The models are opened by `request`, placed as `plan` says (engine.run.open). Specs
     OUT already holds (`reused`) are not scored again; with nothing else to do no model is loaded."""
-    from engine.kld import corpus as kldmod
-    from engine.kld import folder
-    from engine.run.open import open_dense, open_pair
-    from hierui.progress import stage_progress
     from hierui.views.kld import print_report
 
     stored, frame = _stored(request, body, corpus, ctx, stride, out, wanted, reused, base_file)
@@ -228,8 +292,36 @@ def _kld_here(request, plan, body, corpus, ctx, stride, out, wanted, reused, bas
     writer = None
     if save_base is not None:
         from engine.kld.base import BaseWriter
+        from engine.kld.llamacpp import LlamaCppWriter
 
-        writer = BaseWriter(save_base, base_k)
+        writer = LlamaCppWriter(save_base) if base_format == "llama.cpp" else BaseWriter(save_base, base_k)
+    try:
+        rows, run, loaded = _score_here(
+            request, plan, body, corpus, ctx, stride, out, wanted, stored, todo, base_file, writer, base_k, calibration
+        )
+    finally:
+        if writer is not None and hasattr(writer, "discard"):
+            writer.discard()  # a llama.cpp writer's rows, where the run stopped before the file was written
+    if rows:
+        worst = run.worst(loaded.tokenizer)
+        print_report(console, run, rows, worst, out)
+    if writer is not None:
+        console.print(
+            f"base file {save_base}: {writer.describe(len(run.positions))} (ctx {ctx}, stride {run.stride}), "
+            f"{save_base.stat().st_size / 2**20:.1f} MiB",
+            highlight=False,
+        )
+
+
+def _score_here(
+    request, plan, body, corpus, ctx, stride, out, wanted, stored, todo, base_file, writer, base_k, calibration
+):
+    """_kld_here's scoring: (the summary rows, the KldRun, the dense model as loaded)."""
+    from engine.kld import corpus as kldmod
+    from engine.kld import folder
+    from engine.run.open import open_dense, open_pair
+    from hierui.progress import stage_progress
+
     with stage_progress(err_console) as (say, step):
         loaded = open_dense(request, plan, progress=step)
         parsed = todo
@@ -263,15 +355,7 @@ def _kld_here(request, plan, body, corpus, ctx, stride, out, wanted, reused, bas
             lay = kldmod.layout(len(run.ids), ctx, stride)
             writer.write(loaded.tokenizer, body, lay, loaded.ref.name, loaded.ref.cache_key())
         rows = folder.write_run(out, wanted, run, loaded.tokenizer, stored) if run.results or stored else []
-    if rows:
-        worst = run.worst(loaded.tokenizer)
-        print_report(console, run, rows, worst, out)
-    if writer is not None:
-        console.print(
-            f"base file {save_base}: {writer.describe(len(run.positions))} (ctx {ctx}, stride {run.stride}), "
-            f"{save_base.stat().st_size / 2**20:.1f} MiB",
-            highlight=False,
-        )
+    return rows, run, loaded
 
 
 def _report_stored(request, out: Path, wanted: dict, stored: list, frame) -> None:

@@ -351,6 +351,8 @@ def meta(data: KldData) -> list[str]:
     ]
     if r.get("base") is not None:
         kind = "exact" if r.get("base_k") is None else f"top-{r['base_k']}, KLD lower bounds"
+        if r.get("base_kind") == "llama.cpp":
+            kind = "llama.cpp, 16-bit log-probabilities"
         of = f" of {escape(r['base_model'])}" if r.get("base_model") else ""
         parts.append(f"against base file {escape(r['base'])}{of} ({kind})")
     return parts

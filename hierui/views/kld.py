@@ -151,6 +151,8 @@ def print_report(console, run, rows: list[dict], worst: list[dict], out=None) ->
     head = f"{run.model} · {run.corpus} · ctx {run.ctx} stride {run.stride} · {run.windows} windows"
     if run.base is not None:
         kind = f"top-{run.base_k}, KL lower bounds" if bound else "exact"
+        if getattr(run, "base_kind", None) == "llama.cpp":
+            kind = "llama.cpp, 16-bit log-probabilities"
         of = f" of {run.base_model}" if run.base_model else ""
         head += f" · against base file {run.base}{of} ({kind})"
     console.print(head, highlight=False, markup=False)
