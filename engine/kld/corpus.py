@@ -22,7 +22,8 @@ n < 10); ln_ppl_ratio = mean nll_p − mean nll_d with uncertainty sqrt(u_p² + 
 cov/(u_p u_d) (the per-token NLL correlation llama.cpp prints as Cor(ln(PPL(Q)), ln(PPL(base)))); percentiles
 interpolate linearly at fraction·(n − 1) of the sorted values (numpy's "linear"); dp_rms = sqrt(mean dp²) with
 uncertainty 0.5/rms · u(dp²); same_top ± sqrt(p(1 − p)/(n − 1)). One difference: llama.cpp sums the KL only
-over tokens whose base log-probability exceeds −16 (its 16-bit log-prob files); here the sum is exact.
+over tokens whose base log-probability exceeds −16 (its 16-bit log-prob files); here the sum is exact (against
+one of llama.cpp's files, engine.kld.llamacpp, hierui sums as llama.cpp does).
 
 Beyond llama.cpp: the mean KL per decile of the dense top-1 probability, the per-layer hidden-state cosine
 (mean over scored positions, layers 0 … L, needs the dense model's states: null with a base file), and the
