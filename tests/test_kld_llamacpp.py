@@ -97,7 +97,7 @@ def test_round_trip_against_the_dense_model_and_a_wanda_spec(tiny, tiny_calib, t
     a, b = plain.results[0].tokens, read.results[0].tokens
     assert np.allclose(a["kl"], b["kl"], atol=3e-4)
     assert abs(a["kl"].mean() - b["kl"].mean()) < 1e-4 * max(1.0, a["kl"].mean())
-    assert np.allclose(a["nll_d"], b["nll_d"], atol=3e-4) and np.array_equal(a["nll_p"], b["nll_p"])
+    assert np.allclose(a["nll_d"], b["nll_d"], atol=3e-4) and np.allclose(a["nll_p"], b["nll_p"], atol=1e-5)
     assert np.allclose(a["kl_rev"], b["kl_rev"], atol=3e-4)
     assert (a["same_top"] == b["same_top"]).mean() > 0.98
     none = kld.score(tiny, [perturb(tiny, unperturbed(), use_cache=False)], TEXT, "test", ctx=CTX, base=base)

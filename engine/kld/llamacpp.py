@@ -78,6 +78,15 @@ def peek_ctx(path: str | Path) -> int | None:
     return struct.unpack("<i", head[8:12])[0]
 
 
+def log_softmax(logits):
+    """ln softmax of (m, V) logits as llama.cpp takes it: z − max − ln Σ exp(z − max), the sum in float64, the rest
+    in float32. torch.log_softmax's float32 sum is biased on real logits (on the embedded model's, by about +9e-6
+    nats: the 16-bit file's own rounding is unbiased), and the NLL, the KL and the PPL ratio would carry it."""
+    z = logits.float()
+    top = z.max(dim=-1, keepdim=True).values
+    return (z - top) - (z - top).exp().double().sum(dim=-1, keepdim=True).log().float()
+
+
 def quantize(logits):
     """llama.cpp's rows of (m, V) float32 logits: a (m, row_width(V)) uint16 numpy array (on the host)."""
     import numpy as np
@@ -305,7 +314,7 @@ class LlamaCppBase:
         lp_d = dense["lp"]
         if logits_p.shape[-1] != lp_d.shape[-1]:
             raise HieruiError(f"--base {self.path}: n_vocab {self.vocab}, the model's logits have {logits_p.shape[-1]}")
-        lp_p = torch.log_softmax(logits_p.to(lp_d.device).float(), dim=-1)
+        lp_p = log_softmax(logits_p.to(lp_d.device))
         top_p = lp_p.argmax(dim=-1)
         nll_p = -lp_p.gather(-1, targets.to(lp_p.device)[:, None])[:, 0]
         diff = lp_d - lp_p
