@@ -58,7 +58,10 @@ def scored(n_ctx: int) -> int:
 
 
 def is_llamacpp(path: str | Path) -> bool:
-    """Whether `path` starts with llama.cpp's magic (False for anything unreadable: the caller's reader says why)."""
+    """Whether `path` starts with llama.cpp's magic (False for anything unreadable or not a regular file, which
+    opening would block on, a FIFO: the caller's reader says why)."""
+    if not Path(path).is_file():
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(8) == MAGIC
@@ -67,7 +70,9 @@ def is_llamacpp(path: str | Path) -> bool:
 
 
 def peek_ctx(path: str | Path) -> int | None:
-    """The n_ctx of a llama.cpp base file (None: not one, or too short to say)."""
+    """The n_ctx of a llama.cpp base file (None: not one, not a regular file, or too short to say)."""
+    if not Path(path).is_file():
+        return None
     try:
         with open(path, "rb") as f:
             head = f.read(12)

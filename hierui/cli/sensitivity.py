@@ -78,7 +78,7 @@ def sensitivity(
     given = _calibration(model, levels, calib, calib_samples, calib_len, calib_seed)
     corpus = str(text) if text is not None else (suite or "heldout")
     body = kldmod.read_text(text) if text is not None else kldmod.suite_text(suite or "heldout")
-    _check_corpus(model, levels, device, body, ctx, stride, None, None, None)
+    _check_corpus(model, levels, device, body, ctx, stride, None, None, None, "hierui")
     out = checks.writable_folder(out or Path("runs") / time.strftime("sensitivity-%Y%m%d-%H%M%S"), "--out")
     request = _request(model, levels, ctx, device, dtype, gpu_mem, gpus, not no_cache, given)
     from engine.record.lock import lock_folder
