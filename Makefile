@@ -16,8 +16,9 @@ setup: $(BIN)/.installed
 run: $(BIN)/.installed
 	$(BIN)/hierui explore --model smollm2-135m --prune wanda:0.5
 
+# two workers (pytest-xdist), a test file each at a time: module fixtures are built once
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 # a developer's quick loop: everything but the tests marked slow (CI runs `make test`, all of them)
 test-fast: $(BIN)/.installed

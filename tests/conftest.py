@@ -15,6 +15,10 @@ _SESSION_HOME = tempfile.mkdtemp(prefix="hierui-test-home-")
 os.environ["HIERUI_HOME"] = _SESSION_HOME
 os.environ["HIERUI_MODELS"] = str(TEST_STORE / "models")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs two pytest-xdist workers on the 2-core machines: one torch thread each (before torch is
+# imported), not two each fighting over two cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
