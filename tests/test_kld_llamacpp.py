@@ -172,6 +172,17 @@ def test_cli_writes_and_reads_a_llamacpp_file(cli, tmp_path):
 
     summary = pq.read_table(tmp_path / "o" / "kld_summary.parquet").to_pylist()[0]
     assert summary["base_kind"] == "llama.cpp" and summary["base"] == str(path) and summary["kl_mean"] < 3e-4
+    import json
+
+    assert json.loads((tmp_path / "o" / "kld.json").read_text())["tokens"] == "llama.cpp"
+    # a folder scored over hierui's own token stream takes no run over llama.cpp's (a BOS first): the stored specs'
+    # tokens would not be the new run's
+    plain = cli(*args, "--ctx", CTX, "-p", "none", "--out", tmp_path / "p")
+    assert plain.returncode == 0, plain.stderr
+    again = cli(*args, "--ctx", CTX, "-p", "none", "--out", tmp_path / "p", "--save-base", tmp_path / "x.kld",
+                "--base-format", "llama.cpp")  # fmt: skip
+    err = again.stderr.strip()
+    assert again.returncode == 2 and len(err.splitlines()) == 1 and "the token stream" in err, err
 
 
 def _refused(cli, monkeypatch, *args):

@@ -4,8 +4,9 @@ holds (reused by a rerun instead of being scored again).
     kld.json    format hierui-kld, version, model (its name and model_key: the weights, ModelRef.cache_key), corpus
                 (name and corpus_sha256), ctx, stride, device, dtype, base (the base file's path, None: the dense
                 model ran), base_k (None: exact), calibration (spec → its calibration, as batch.json's; None: no
-                spec calibrates), specs (scored there), allocations (spec → its layer allocation's details, where
-                a spec has one: @auto's levels, bounds and predicted KLD), created
+                spec calibrates), tokens ("llama.cpp": the stream begins with the BOS, a llama.cpp base file was
+                read or written; else "hierui"), specs (scored there), allocations (spec → its layer allocation's
+                details, where a spec has one: @auto's levels, bounds and predicted KLD), created
 
 One run per folder, as `hierui batch`'s (engine.sweep.folder.check_out): a kld run whose model, text, window
 (ctx, stride), device, dtype or base file differ from the folder's kld.json, or that calibrates a spec the folder
@@ -46,7 +47,10 @@ COMPARED = {
     "dtype": "dtype",
     "base": "--base",
     "base_k": "the base file's K",
+    "tokens": "the token stream (a llama.cpp base file's begins with the BOS)",
 }
+# what a kld.json of an earlier version, which lacks the key, ran with
+COMPARED_DEFAULTS = {"tokens": "hierui"}
 
 
 def manifest(
@@ -60,10 +64,12 @@ def manifest(
     base: str | Path | None = None,
     base_k: int | None = None,
     calibration: dict | None = None,
+    tokens: str = "hierui",
 ) -> dict:
     """kld.json of a run (its specs and creation time are added when written): `model` a --model name (resolved
     here, not loaded), `device` and `dtype` as given (auto resolved to what it picks), `calibration`
-    (CalibSettings.to_dict) None when no spec calibrates."""
+    (CalibSettings.to_dict) None when no spec calibrates, `tokens` "llama.cpp" where a llama.cpp base file is read or
+    written (the token stream begins with the BOS), else "hierui"."""
     from engine.models.devices import pick_device, pick_dtype
     from engine.models.names import resolve
     from engine.run.floor import dtype_name
@@ -84,6 +90,7 @@ def manifest(
         "base": str(Path(base).expanduser().resolve()) if base is not None else None,
         "base_k": base_k,
         "calibration": dict(calibration) if calibration else None,
+        "tokens": tokens,  # "llama.cpp": a BOS first, as llama.cpp's base files hold them (engine.kld.llamacpp)
     }
 
 
@@ -121,7 +128,7 @@ def check_out(wanted: dict, out: str | Path) -> list[str]:
                 f"{out} holds kld tables but no {MANIFEST} (written by another version); use another --out"
             )
         return []
-    differ = [label for key, label in COMPARED.items() if old.get(key) != wanted.get(key)]
+    differ = [label for key, label in COMPARED.items() if old.get(key, COMPARED_DEFAULTS.get(key)) != wanted.get(key)]
     differ += [
         f"the calibration of {spec}" for spec in calibrations_differ(old.get("calibration"), wanted["calibration"])
     ]

@@ -124,7 +124,9 @@ def kld(
     from engine.record.lock import lock_folder
 
     with lock_folder(out, warn=_say):  # one writer per OUT, as batch (engine.record.lock)
-        wanted, reused = _check_out(request, corpus, body, ctx, stride, base_file, out, calibration)
+        llama = getattr(base_file, "bos_first", False) or (save_base is not None and base_format == "llama.cpp")
+        tokens = "llama.cpp" if llama else "hierui"  # llama.cpp's token stream: kld.json keeps which
+        wanted, reused = _check_out(request, corpus, body, ctx, stride, base_file, out, calibration, tokens)
         plan = launch.print_plan(request, always=False)
         scoring = (request, plan, body, corpus, ctx, stride, out, wanted, reused)
         if ray_options is not None:
@@ -165,7 +167,9 @@ def _say(text: str) -> None:
     err_console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
-def _check_out(request, corpus: str, body: str, ctx: int, stride, base_file, out: Path, calibration: dict):
+def _check_out(
+    request, corpus: str, body: str, ctx: int, stride, base_file, out: Path, calibration: dict, tokens: str = "hierui"
+):
     """Before the model loads: whether OUT takes this run (engine.kld.folder: the same kld run, a batch folder of
     the same model and calibration, or a new folder). Returns (kld.json's fields, the specs OUT already holds)."""
     from engine.kld import corpus as kldmod
@@ -183,6 +187,7 @@ def _check_out(request, corpus: str, body: str, ctx: int, stride, base_file, out
         base,
         base_k,
         calibration or None,  # engine.record.settings.calibrations: per spec that calibrates
+        tokens,
     )
     reused = folder.check_out(wanted, out)
     if reused:
