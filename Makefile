@@ -22,7 +22,7 @@ test: $(BIN)/.installed
 
 # a developer's quick loop: everything but the tests marked slow (CI runs `make test`, all of them)
 test-fast: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
