@@ -184,3 +184,47 @@ def test_checkpoint_incompatible(loaded, tmp_path, change, message):
     loaded.tokenizer.save_pretrained(tmp_path)
     with pytest.raises(HieruiError, match=message):
         perturb(loaded, f"checkpoint:{tmp_path}")
+
+
+def test_many_checkpoints_expand_to_one_spec_each(tmp_path):
+    """`checkpoint:quants/*.gguf` and `checkpoint:FOLDER` of GGUF files: one spec per file, by name; a glob that
+    matches nothing, or a folder with nothing to score, one line; a model folder and other specs left as typed."""
+    from engine.perturb.spec import expand_specs
+
+    quants = tmp_path / "quants"
+    quants.mkdir()
+    for name in ("m-Q8_0.gguf", "m-Q4_K_M.gguf", "notes.txt"):
+        (quants / name).write_bytes(b"")
+    model = tmp_path / "pruned"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    files = [f"checkpoint:{quants / n}" for n in ("m-Q4_K_M.gguf", "m-Q8_0.gguf")]
+    assert expand_specs([f"checkpoint:{quants}/*.gguf", "wanda:0.5"]) == [*files, "wanda:0.5"]
+    assert expand_specs([f"checkpoint:{quants}"]) == files
+    assert expand_specs([f"checkpoint:{tmp_path}/*"]) == [f"checkpoint:{model}"]  # a model folder, not a text file
+    assert expand_specs([f"checkpoint:{model}", "checkpoint:/no/such"]) == [f"checkpoint:{model}", "checkpoint:/no/such"]
+    with pytest.raises(HieruiError, match="no GGUF file or model folder matches"):
+        expand_specs([f"checkpoint:{tmp_path}/*.safetensors"])
+    (quants / "m-Q8_0.gguf").unlink()
+    (quants / "m-Q4_K_M.gguf").unlink()
+    with pytest.raises(HieruiError, match="neither a config.json nor GGUF files"):
+        expand_specs([f"checkpoint:{quants}"])
+
+
+def test_kld_scores_every_model_a_glob_names(cli, tmp_path):
+    """hierui kld --prune 'checkpoint:runs/*': each saved model a candidate of its own, in the tables."""
+    import pyarrow.parquet as pq
+
+    runs = tmp_path / "runs"
+    for spec in ("magnitude:0.3", "magnitude:0.6"):
+        saved = cli("prune", "--model", "tiny-random", "--prune", spec, "--save", runs / spec.replace(":", "-"))
+        assert saved.returncode == 0, saved.stderr
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 10, encoding="utf-8")
+    out = tmp_path / "out"
+    done = cli("kld", "-m", "tiny-random", "--text", text, "--ctx", "32", "-p", f"checkpoint:{runs}/*", "--out", out)
+    assert done.returncode == 0, done.stderr
+    rows = pq.read_table(out / "kld_summary.parquet").to_pylist()
+    assert [r["spec"] for r in rows] == [f"checkpoint:{runs / n}" for n in ("magnitude-0.3", "magnitude-0.6")]
+    assert rows[0]["kl_mean"] < rows[1]["kl_mean"]  # the sparser checkpoint moves the model further
+    assert [round(r["measured_sparsity"], 2) for r in rows] == [0.3, 0.6]

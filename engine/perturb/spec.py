@@ -7,7 +7,9 @@ arguments parse (engine.record.methods.grammar):
     magnitude:2:4   wanda:2:4   sparsegpt:4:8      N:M semi-structured, keep N of every M, 0 < N < M
     attndrop:4      mlpdrop:4   blockdrop:4        drop the N most redundant sublayers / blocks
     int8            nf4                            bitsandbytes quantization
-    checkpoint:PATH                                an already-perturbed model from elsewhere
+    checkpoint:PATH                                an already-perturbed model from elsewhere (a folder or a GGUF
+                                                   file; where many are given, `checkpoint:quants/*.gguf` or a
+                                                   folder of GGUF files, expand_specs makes one spec of each)
     none                                           the dense model against itself
 
 A pruning method's unstructured sparsity may carry a layer allocation after '@' (engine.perturb.allocation):
@@ -17,6 +19,7 @@ A pruning method's unstructured sparsity may carry a layer allocation after '@' 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from engine.errors import HieruiError
 from engine.perturb.allocation import Allocation, parse_allocation
@@ -81,8 +84,6 @@ class Spec:
     def slug(self) -> str:
         """A file-name-safe form, e.g. 'wanda-0.5', 'wanda-2of4', 'checkpoint-llama_7b'."""
         if self.path is not None:
-            from pathlib import Path
-
             return f"{self.method}-" + "".join(c if c.isalnum() else "_" for c in Path(self.path).name)
         if self.allocation is not None:
             return f"{self.method}-{self.sparsity:g}-at-{self.allocation.slug}"
@@ -117,6 +118,39 @@ def parse_spec(text: str) -> Spec:
     if lo is not None and not lo <= fields["sparsity"] <= hi:
         raise bad(raw, f"the bounds {lo:g}–{hi:g} do not hold the target {fields['sparsity']:g}")
     return Spec(name, **fields, allocation=allocation)
+
+
+GLOB = set("*?[")
+
+
+def expand_specs(texts: list[str]) -> list[str]:
+    """The specs as typed, each checkpoint of many files expanded to one spec per file: `checkpoint:quants/*.gguf`
+    (a glob: the matching GGUF files and model folders, by name) and `checkpoint:DIR` for a folder that is not a
+    model itself (no config.json) but holds GGUF files (each of them). Anything else is left as it is (parse_spec
+    judges it). A glob that matches nothing, or a folder with nothing to score, is one line (exit 2)."""
+    import glob
+
+    out: list[str] = []
+    for text in texts:
+        name, colon, path = text.strip().partition(":")
+        if name.strip().lower() != "checkpoint" or not colon:
+            out.append(text)
+            continue
+        folder = Path(path).expanduser()
+        if GLOB & set(path):
+            found = sorted(glob.glob(str(folder)))
+            found = [f for f in found if Path(f).suffix.lower() == ".gguf" or (Path(f) / "config.json").is_file()]
+            if not found:
+                raise bad(text, f"no GGUF file or model folder matches {path}")
+        elif folder.is_dir() and not (folder / "config.json").is_file():
+            found = sorted(str(f) for f in folder.iterdir() if f.suffix.lower() == ".gguf" and f.is_file())
+            if not found:
+                raise bad(text, f"{path} is a folder with neither a config.json nor GGUF files")
+        else:
+            out.append(text)
+            continue
+        out.extend(f"checkpoint:{f}" for f in found)
+    return out
 
 
 def unperturbed() -> Spec:

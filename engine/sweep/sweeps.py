@@ -8,7 +8,7 @@ from pathlib import Path
 
 from engine.errors import HieruiError
 from engine.models.names import DEFAULT_MODEL
-from engine.perturb.spec import Spec, parse_spec
+from engine.perturb.spec import Spec, expand_specs, parse_spec
 from engine.record.header import SessionHeader
 from engine.record.methods import DEFAULT_SPEC
 from engine.record.prompts import PromptItem, read_prompts
@@ -184,7 +184,7 @@ def plan_sweep(
     model = model or DEFAULT_MODEL
     resolve(model)  # an unknown model fails here, before anything slow
     check_placement(device, dtype)
-    parsed = _unique([parse_spec(s) for s in (specs or [DEFAULT_SPEC])])
+    parsed = _unique([parse_spec(s) for s in expand_specs(specs or [DEFAULT_SPEC])])
     config = _check_specs(parsed, model, device)
     calibration = _calibration({**base_calib, **calib_given}, model, parsed)
     modes = _unique([m.strip().lower() for m in (modes or ["shared"])])

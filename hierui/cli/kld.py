@@ -86,10 +86,10 @@ def kld(
     llama-perplexity's --kl-divergence-base file, and --base reads one (its n_ctx is the run's --ctx)."""
     from engine.kld import corpus as kldmod
     from engine.models.names import resolve
-    from engine.perturb.spec import parse_spec, unperturbed
+    from engine.perturb.spec import expand_specs, parse_spec, unperturbed
 
     resolve(model)
-    parsed = [parse_spec(s) for s in specs or []]
+    parsed = [parse_spec(s) for s in expand_specs(specs or [])]
     if text is not None and suite is not None:
         raise HieruiError("give --text or --suite, not both")
     ctx = _window(ctx, stride, base, save_base, base_format, base_k)
