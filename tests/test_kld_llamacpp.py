@@ -240,3 +240,50 @@ def test_bad_writing_options_are_one_line(cli, tmp_path, monkeypatch):
     )
     assert "--save-base" in _refused(cli, monkeypatch, "-p", "none", "--text", text, "--base-format", "llama.cpp")
     assert not out.exists()
+
+
+def test_a_gguf_file_is_described_by_its_tensors_not_its_name(tmp_path):
+    """describe_gguf: each type's weights and the bits per weight from the tensor table (Q8_0: 34 bytes per block
+    of 32 weights, 8.5 bits; F32: 32), whatever the file is called."""
+    import gguf
+    import numpy as np
+
+    from engine.models.gguf_info import describe_gguf, types_label
+
+    path = tmp_path / "named-Q4_K_M.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    q8 = gguf.quants.quantize(
+        np.linspace(-1, 1, 64 * 96, dtype=np.float32).reshape(64, 96), gguf.GGMLQuantizationType.Q8_0
+    )
+    writer.add_tensor("blk.0.ffn_down.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("output_norm.weight", np.ones(32 * 64, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    info = describe_gguf(path)
+    assert info["types"] == {"Q8_0": 64 * 96, "F32": 32 * 64}
+    assert info["bits_per_weight"] == pytest.approx((64 * 96 * 8.5 + 32 * 64 * 32) / (64 * 96 + 32 * 64))
+    assert info["file_size"] == path.stat().st_size
+    assert types_label(info["types"]) == "Q8_0 75% · F32 25%"
+
+
+def test_the_size_table_sorts_by_file_and_compares_with_the_next_smaller():
+    from hierui.views.kld import size_lines
+
+    def row(spec, size, kl):
+        return {"spec": spec, "file_size": size, "bits_per_weight": size / 1e6, "kl_mean": kl, "kl_p99_9": 10 * kl,
+                "same_top": 0.9, "quant_types": '{"Q8_0": 3, "F32": 1}'}  # fmt: skip
+
+    rows = [row("checkpoint:/q/m-Q8_0.gguf", 150 * 2**20, 0.004), row("checkpoint:/q/m-Q4_K_M.gguf", 90 * 2**20, 0.05)]
+    rows.append({"spec": "wanda:0.5", "kl_mean": 0.7})  # not a file: not in the table
+    # kld_pairs holds each pair once, a before b in the order given: Q8_0 − Q4_K_M here
+    pairs = [{"spec_a": rows[0]["spec"], "spec_b": rows[1]["spec"], "kl_diff": -0.046, "kl_diff_lo": -0.05,
+              "kl_diff_hi": -0.042}]  # fmt: skip
+    lines = size_lines(rows, pairs)
+    body = [line for line in lines[2:] if line.strip()]
+    assert body[0].startswith("m-Q4_K_M.gguf") and "90.0" in body[0] and "vs" not in body[0]
+    assert body[1].strip() == "Q8_0 75% · F32 25%"
+    assert body[2].startswith("m-Q8_0.gguf") and "KLD -0.046000 [-0.050000 … -0.042000] differs" in body[2]
+    assert not any("wanda" in line for line in lines)
+    assert size_lines(rows[2:], pairs) == []

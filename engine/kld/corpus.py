@@ -172,6 +172,7 @@ class SpecResult:
     measured_sparsity: float | None = None
     layer_sparsity: list | None = None  # the zero weights' fraction per decoder layer (PerturbReport.details)
     allocation: dict | None = None  # a layer allocation's details (PerturbReport.details["allocation"]), for kld.json
+    gguf: dict | None = None  # a GGUF candidate's file (PerturbReport.details["gguf"], engine.models.gguf_info)
 
 
 @dataclass
@@ -225,6 +226,9 @@ class KldRun:
                 "base_model": self.base_model,
                 "measured_sparsity": r.measured_sparsity,
                 "layer_sparsity": r.layer_sparsity,
+                "file_size": (r.gguf or {}).get("file_size"),
+                "bits_per_weight": (r.gguf or {}).get("bits_per_weight"),
+                "quant_types": (r.gguf or {}).get("types"),
                 **summarize(r.tokens),
                 **kl_mean_interval(r.tokens["kl"], self.window_of),
                 **token_flips(r.tokens, self.targets),
@@ -358,7 +362,13 @@ def score(
         details = getattr(report, "details", None) or {}
         run.results.append(
             SpecResult(
-                str(pair.spec), tokens, hidden, measured, details.get("layer_sparsity"), details.get("allocation")
+                str(pair.spec),
+                tokens,
+                hidden,
+                measured,
+                details.get("layer_sparsity"),
+                details.get("allocation"),
+                details.get("gguf"),
             )
         )
     run.seconds = time.perf_counter() - started

@@ -187,7 +187,12 @@ def load_results(out: str | Path, specs: list[str], run: KldRun) -> list[SpecRes
             arrays[name] = _as_scored(np.asarray(rows.column(name).to_numpy(zero_copy_only=False)))
         row = summary[spec]
         layers = json.loads(row["layer_sparsity"]) if row.get("layer_sparsity") else None  # a JSON column
-        results.append(SpecResult(spec, arrays, row.get("hidden_cos"), row.get("measured_sparsity"), layers))
+        gguf = None
+        if row.get("file_size") is not None:
+            types = json.loads(row["quant_types"]) if row.get("quant_types") else None
+            gguf = {"file_size": row["file_size"], "bits_per_weight": row.get("bits_per_weight"), "types": types}
+        measured = row.get("measured_sparsity")
+        results.append(SpecResult(spec, arrays, row.get("hidden_cos"), measured, layers, gguf=gguf))
     return results
 
 

@@ -64,6 +64,10 @@ def build(job):
     """The checkpoint's model sharing what it has in common with the dense one (engine.perturb.job.Job); its
     hidden_map when its layers do not correspond one to one."""
     model = load_checkpoint(job.loaded, job.spec, progress=lambda m: job.say(m, 0, 0), report=job.report)
+    if str(job.spec.path).lower().endswith(".gguf"):  # the quant table's columns (engine.models.gguf_info)
+        from engine.models.gguf_info import describe_gguf
+
+        job.report.details["gguf"] = describe_gguf(Path(job.spec.path).expanduser())
     structure = job.report.details.get("structure", {})
     if "hidden_map" in structure:
         job.hidden_map = list(structure["hidden_map"])  # -1: no counterpart (engine.perturb.pair)

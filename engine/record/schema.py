@@ -261,6 +261,10 @@ KLD_SUMMARY = {
     "base_model": STRING,  # the dense model the base file was made from, as it names it (null: none named)
     "measured_sparsity": FLOAT,
     "layer_sparsity": JSON,  # the zero weights' fraction per decoder layer, [s_0, …] (null: not measured)
+    # a GGUF candidate (checkpoint:FILE.gguf), read from the file (engine.models.gguf_info); null otherwise
+    "file_size": INT,
+    "bits_per_weight": FLOAT,
+    "quant_types": JSON,  # {type: weights of that type}
     "tokens": INT,
     **{name: FLOAT for name in ("ppl_d", "ppl_d_unc", "ppl_p", "ppl_p_unc", "ln_ppl_ratio", "ln_ppl_ratio_unc")},
     **{name: FLOAT for name in ("ppl_ratio", "ppl_ratio_unc", "ln_ppl_cor")},

@@ -120,6 +120,47 @@ def pair_lines(pairs: list[dict]) -> list[str]:
     return lines
 
 
+def size_lines(rows: list[dict], pairs: list[dict] | None) -> list[str]:
+    """The quant-choosing table: the candidates read from GGUF files (file_size), smallest first, with what each
+    file holds (its types' shares and bits per weight), its KLD, and its paired difference from the next smaller
+    candidate (kld_pairs: the same tokens, windows resampled). Empty without a GGUF candidate."""
+    import json
+    from pathlib import Path
+
+    from engine.models.gguf_info import types_label
+
+    sized = sorted((r for r in rows if r.get("file_size") is not None), key=lambda r: r["file_size"])
+    if not sized:
+        return []
+    by_pair = {(p["spec_a"], p["spec_b"]): p for p in pairs or []}
+    lines = ["====== candidates by size (GGUF files; what each holds read from the file) ======"]
+    lines.append(
+        f"{'candidate':<28} {'MiB':>8} {'BPW':>6} {'mean KLD':>10} {'99.9% KLD':>10} {'same top':>9}  "
+        "vs the next smaller (KLD this − that)"
+    )
+    for i, r in enumerate(sized):
+        name = Path(r["spec"].partition(":")[2]).name
+        versus = ""
+        if i:
+            below = sized[i - 1]["spec"]
+            pair, sign = by_pair.get((r["spec"], below)), 1
+            if pair is None:
+                pair, sign = by_pair.get((below, r["spec"])), -1
+            if pair is not None and pair["kl_diff"] is not None:
+                lo, hi = sorted((sign * pair["kl_diff_lo"], sign * pair["kl_diff_hi"]))
+                versus = f"KLD {sign * pair['kl_diff']:+.6f} [{lo:+.6f} … {hi:+.6f}] {_verdict(lo, hi)}"
+        same = None if r.get("same_top") is None else 100 * r["same_top"]
+        lines.append(
+            f"{name:<28} {r['file_size'] / 2**20:8.1f} {_f(r.get('bits_per_weight'), '6.2f')} "
+            f"{_f(r.get('kl_mean'), '10.6f')} {_f(r.get('kl_p99_9'), '10.6f')} {_f(same, '8.3f')}%  {versus}"
+        )
+        types = r.get("quant_types")
+        types = json.loads(types) if isinstance(types, str) else types
+        lines.append(f"{'':<28} {types_label(types)}")
+    lines.append("")
+    return lines
+
+
 def extra_lines(row: dict, worst: list[dict]) -> list[str]:
     """What llama.cpp does not print: KLD by the dense top-1 probability, hidden-state cosines, worst tokens."""
     lines = [f"====== KLD by dense top-1 probability ({row['spec']}) ======"]
@@ -168,6 +209,8 @@ def print_report(console, run, rows: list[dict], worst: list[dict], out=None) ->
             run.pairs = pair_rows(run)
         for line in pair_lines(run.pairs):
             console.print(escape(line), highlight=False, markup=False, soft_wrap=True)
+    for line in size_lines(rows, run.pairs):
+        console.print(escape(line), highlight=False, markup=False, soft_wrap=True)
     if out is not None:
         console.print(
             f"tables in {out} (kld_tokens.parquet, kld_summary.parquet/.csv, kld_pairs.parquet/.csv, kld_worst.json)"
