@@ -282,8 +282,17 @@ def test_the_size_table_sorts_by_file_and_compares_with_the_next_smaller():
               "kl_diff_hi": -0.042}]  # fmt: skip
     lines = size_lines(rows, pairs)
     body = [line for line in lines[2:] if line.strip()]
-    assert body[0].startswith("m-Q4_K_M.gguf") and "90.0" in body[0] and "vs" not in body[0]
+    assert body[0].startswith("◆ m-Q4_K_M.gguf") and "90.0" in body[0] and "KLD" not in body[0]
     assert body[1].strip() == "Q8_0 75% · F32 25%"
-    assert body[2].startswith("m-Q8_0.gguf") and "KLD -0.046000 [-0.050000 … -0.042000] differs" in body[2]
+    assert body[2].startswith("◆ m-Q8_0.gguf") and "KLD -0.046000 [-0.050000 … -0.042000] differs" in body[2]
     assert not any("wanda" in line for line in lines)
     assert size_lines(rows[2:], pairs) == []
+
+
+def test_the_pareto_front_by_hand():
+    from engine.results.sizes import pareto_front
+
+    #          small+bad  mid+good  big+worse  big+best  equal to mid
+    sizes = [1.0, 2.0, 3.0, 3.0, 2.0]
+    losses = [0.9, 0.1, 0.5, 0.05, 0.1]
+    assert pareto_front(sizes, losses) == [True, True, False, True, True]

@@ -166,3 +166,22 @@ def test_a_top_k_base_file_says_lower_bounds_and_has_no_hidden_chart(kld_out, tm
     assert "top-32 base file (dense.kldbase)" in page and "is a lower bound" in page
     assert "against base file dense.kldbase (top-32, KLD lower bounds)" in page  # the meta line
     assert page.count("<svg") == 1 and 'id="kld-hidden-' not in page
+
+
+def test_gguf_candidates_get_the_size_table_and_chart(kld_out, tmp_path):
+    """Rows with a file size (GGUF candidates): the candidates-by-size table, smallest first, and the KLD-against-
+    size chart; a folder without them has neither."""
+    folder = _copy(kld_out, tmp_path / "sized")
+    sizes = {SPECS[0]: 3 * 2**20, SPECS[1]: 2 * 2**20}  # the sparser spec stands for the smaller file
+
+    def sized(row):
+        row.update(file_size=sizes[row["spec"]], bits_per_weight=4.5, quant_types={"Q4_K": 3, "F32": 1})
+
+    _rewrite_summary(folder, sized)
+    section = _section(HR.write_report(folder).read_text(encoding="utf-8"))
+    assert 'id="kld-size-' in section and "Pareto front" in section
+    table = section[section.index("<th>candidate</th>") :]
+    assert table.index("<td>2.0</td>") < table.index("<td>3.0</td>")  # smallest first
+    assert "Q4_K 75% · F32 25%" in table
+    plain = _section(HR.write_report(kld_out, tmp_path / "plain.html").read_text(encoding="utf-8"))
+    assert "kld-size" not in plain and "<th>candidate</th>" not in plain

@@ -468,6 +468,30 @@ def chart_layer_sparsity(rows: list[dict]) -> str | None:
     return _svg(fig, "layer-sparsity")
 
 
+def chart_kld_size(sized: list[dict]) -> str | None:
+    """The quant-choosing chart: mean KLD (log scale) against file size, one point per GGUF candidate
+    (engine.results.sizes.candidates_by_size), the Pareto front joined and drawn as diamonds."""
+    points = [r for r in sized if r.get("kl_mean") is not None and r["kl_mean"] > 0]
+    if not points:
+        return None
+    fig = _figure(8.5, 3.6)
+    ax = fig.add_subplot()
+    front = [r for r in points if r["front"]]
+    ax.plot([r["file_size"] / 2**20 for r in front], [r["kl_mean"] for r in front], color=COLORS["pert"],
+            linewidth=1.2, zorder=1)  # fmt: skip
+    for r in points:
+        ax.scatter(r["file_size"] / 2**20, r["kl_mean"], marker="D" if r["front"] else "o", s=28,
+                   color=COLORS["pert"] if r["front"] else "#999", zorder=2)  # fmt: skip
+        ax.annotate(r["name"], (r["file_size"] / 2**20, r["kl_mean"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")  # fmt: skip
+    _log_y(ax)
+    ax.set_xlabel("file size, MiB")
+    ax.set_ylabel("mean KLD, nats")
+    ax.set_title("◆ the Pareto front: no other candidate is smaller with a lower mean KLD", fontsize=8, loc="left")
+    _style(ax)
+    return _svg(fig, "kld-size")
+
+
 def chart_sensitivity_heatmap(grids: list[dict]) -> str | None:
     """`hierui sensitivity`: per level, a layer × part heatmap of the mean KLD of perturbing that part alone (log
     colour scale shared by the levels). `grids`: {level, layers: [ℓ …], parts: [column names], values: [[kl or None

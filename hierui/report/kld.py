@@ -268,6 +268,49 @@ def spec_table(rows: list[dict]) -> dict:
     )
 
 
+def size_table(sized: list[dict]) -> dict:
+    """The GGUF candidates smallest first (engine.results.sizes.candidates_by_size): what each file holds, its KLD,
+    its paired difference from the next smaller one, and whether it is on the Pareto front."""
+    from engine.models.gguf_info import types_label
+
+    def versus(v: dict | None) -> str:
+        if v is None:
+            return MISSING
+        return f"{metric('kl', v['diff'])} [{metric('kl', v['lo'])} … {metric('kl', v['hi'])}] {_verdict(v)}"
+
+    return _table(
+        [
+            "candidate",
+            "MiB",
+            "bits per weight",
+            "types (share of weights)",
+            "mean KLD",
+            "KLD p99.9",
+            "same top p",
+            "vs the next smaller (KLD this − that)",
+            "Pareto front",
+        ],  # fmt: skip
+        [
+            [
+                escape(r["name"]),
+                f"{r['file_size'] / 2**20:.1f}",
+                num(r.get("bits_per_weight")),
+                escape(types_label(r["types"])),
+                metric("kl", r.get("kl_mean")),
+                metric("kl", r.get("kl_p99_9")),
+                MISSING if r.get("same_top") is None else pct(r["same_top"]),
+                versus(r["versus"]),
+                "yes" if r["front"] else "no",
+            ]
+            for r in sized
+        ],
+    )
+
+
+def _verdict(v: dict) -> str:
+    return "differs" if v["lo"] > 0 or v["hi"] < 0 else "no significant difference"
+
+
 def pair_table(pairs: list[dict]) -> dict:
     """Per pair of specs (a before b): the paired differences a − b and the verdict."""
 
@@ -405,9 +448,19 @@ def section(data: KldData, number: int | None = None) -> dict:
     shown = [{**r, "spec": escape(r["spec"])} for r in rows]  # names in the charts' legends, as in the tables
     s["chart"] = svg(C.chart_kld_confidence(shown))
     s["chart2"] = svg(C.chart_kld_hidden(shown))
+    from engine.results.sizes import candidates_by_size
+
+    sized = candidates_by_size(rows, data.pairs)
+    if sized:  # GGUF candidates: the quant-choosing table and KLD against size
+        s["tables"].insert(0, size_table(sized))
+        s["figures"] = [x for x in (svg(C.chart_kld_size(sized)),) if x]
+        s["note"] += (
+            " The candidates by size: GGUF files, what each holds read from its tensor table; the chart marks the "
+            "Pareto front (no other candidate is smaller with a lower mean KLD)."
+        )
     layers = svg(C.chart_layer_sparsity([{**r, "layer_sparsity": layer_sparsity([r])} for r in shown]))
     if layers:  # a layer allocation: where each spec's zeros are
-        s["figures"] = [layers]
+        s["figures"] = [*s.get("figures", []), layers]
         s["note"] += " Last chart: the zero weights per decoder layer of each spec (a layer allocation's mix)."
     return {
         "note": None,

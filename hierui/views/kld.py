@@ -121,42 +121,32 @@ def pair_lines(pairs: list[dict]) -> list[str]:
 
 
 def size_lines(rows: list[dict], pairs: list[dict] | None) -> list[str]:
-    """The quant-choosing table: the candidates read from GGUF files (file_size), smallest first, with what each
-    file holds (its types' shares and bits per weight), its KLD, and its paired difference from the next smaller
-    candidate (kld_pairs: the same tokens, windows resampled). Empty without a GGUF candidate."""
-    import json
-    from pathlib import Path
-
+    """The quant-choosing table (engine.results.sizes.candidates_by_size): the GGUF candidates smallest first, what
+    each file holds, its KLD and its paired difference from the next smaller one. Empty without a GGUF candidate."""
     from engine.models.gguf_info import types_label
+    from engine.results.sizes import candidates_by_size
 
-    sized = sorted((r for r in rows if r.get("file_size") is not None), key=lambda r: r["file_size"])
+    sized = candidates_by_size(rows, pairs)
     if not sized:
         return []
-    by_pair = {(p["spec_a"], p["spec_b"]): p for p in pairs or []}
     lines = ["====== candidates by size (GGUF files; what each holds read from the file) ======"]
     lines.append(
         f"{'candidate':<28} {'MiB':>8} {'BPW':>6} {'mean KLD':>10} {'99.9% KLD':>10} {'same top':>9}  "
         "vs the next smaller (KLD this − that)"
     )
-    for i, r in enumerate(sized):
-        name = Path(r["spec"].partition(":")[2]).name
-        versus = ""
-        if i:
-            below = sized[i - 1]["spec"]
-            pair, sign = by_pair.get((r["spec"], below)), 1
-            if pair is None:
-                pair, sign = by_pair.get((below, r["spec"])), -1
-            if pair is not None and pair["kl_diff"] is not None:
-                lo, hi = sorted((sign * pair["kl_diff_lo"], sign * pair["kl_diff_hi"]))
-                versus = f"KLD {sign * pair['kl_diff']:+.6f} [{lo:+.6f} … {hi:+.6f}] {_verdict(lo, hi)}"
+    for r in sized:
+        v = r["versus"]
+        versus = (
+            "" if v is None else f"KLD {v['diff']:+.6f} [{v['lo']:+.6f} … {v['hi']:+.6f}] {_verdict(v['lo'], v['hi'])}"
+        )
         same = None if r.get("same_top") is None else 100 * r["same_top"]
+        name = ("◆ " if r["front"] else "  ") + r["name"]
         lines.append(
             f"{name:<28} {r['file_size'] / 2**20:8.1f} {_f(r.get('bits_per_weight'), '6.2f')} "
             f"{_f(r.get('kl_mean'), '10.6f')} {_f(r.get('kl_p99_9'), '10.6f')} {_f(same, '8.3f')}%  {versus}"
         )
-        types = r.get("quant_types")
-        types = json.loads(types) if isinstance(types, str) else types
-        lines.append(f"{'':<28} {types_label(types)}")
+        lines.append(f"{'':<28} {types_label(r['types'])}")
+    lines.append("◆ on the Pareto front: no other candidate is smaller with a lower mean KLD")
     lines.append("")
     return lines
 
