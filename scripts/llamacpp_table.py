@@ -52,7 +52,9 @@ def hierui_stats(folder: Path) -> dict[str, dict[str, float]]:
     out = {}
     for r in rows:
         quant = next((q for q in QUANTS if r["spec"].endswith(f"{q}.gguf")), r["spec"])
-        out[quant] = {k: float(r[k]) for k in ("ppl_p", "ppl_d", "ln_ppl_ratio", "kl_mean", "kl_p99", "kl_p99_9", "same_top")}
+        out[quant] = {
+            k: float(r[k]) for k in ("ppl_p", "ppl_d", "ln_ppl_ratio", "kl_mean", "kl_p99", "kl_p99_9", "same_top")
+        }
     return out
 
 
@@ -65,11 +67,34 @@ def main(work: Path) -> None:
         rows.append((q, "llama.cpp", "hierui's (base-hi.kld)", llamacpp_stats(work / f"lc_{q}_hi.log")))
         rows.append((q, "hierui", "own dense run (wrote base-hi.kld)", hi_own[q]))
         rows.append((q, "hierui", "llama.cpp's (base-lc.kld)", hi_lc[q]))
-    head = ("quant", "computed by", "base", "PPL(Q)", "PPL(base)", "ln PPL ratio", "mean KLD", "99% KLD", "99.9% KLD", "same top")
+    head = (
+        "quant",
+        "computed by",
+        "base",
+        "PPL(Q)",
+        "PPL(base)",
+        "ln PPL ratio",
+        "mean KLD",
+        "99% KLD",
+        "99.9% KLD",
+        "same top",
+    )
     body = []
     for q, who, base, s in rows:
-        body.append((q, who, base, f"{s['ppl_p']:.4f}", f"{s['ppl_d']:.4f}", f"{s['ln_ppl_ratio']:.6f}",
-                     f"{s['kl_mean']:.6f}", f"{s['kl_p99']:.6f}", f"{s['kl_p99_9']:.6f}", f"{100 * s['same_top']:.3f} %"))
+        body.append(
+            (
+                q,
+                who,
+                base,
+                f"{s['ppl_p']:.4f}",
+                f"{s['ppl_d']:.4f}",
+                f"{s['ln_ppl_ratio']:.6f}",
+                f"{s['kl_mean']:.6f}",
+                f"{s['kl_p99']:.6f}",
+                f"{s['kl_p99_9']:.6f}",
+                f"{100 * s['same_top']:.3f} %",
+            )
+        )
     widths = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
     print("|" + "|".join(("-" * (w + 2)) if i < 3 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|")
@@ -78,8 +103,10 @@ def main(work: Path) -> None:
     dense_lc = llamacpp_dense_ppl(work / "lc_base.log")
     dense_hi = next(iter(hi_own.values()))["ppl_d"]
     print()
-    print(f"dense F32 PPL: llama.cpp's base pass {dense_lc:.4f}, hierui {dense_hi:.4f} "
-          f"(ln ratio {math.log(dense_hi / dense_lc):+.6f})")
+    print(
+        f"dense F32 PPL: llama.cpp's base pass {dense_lc:.4f}, hierui {dense_hi:.4f} "
+        f"(ln ratio {math.log(dense_hi / dense_lc):+.6f})"
+    )
 
 
 if __name__ == "__main__":
