@@ -308,35 +308,28 @@ class LlamaCppBase:
         return read_ahead(self.read, count, device)
 
     def dense_side(self, rows: dict, lo: int, hi: int, targets) -> dict:
-        lp, q = rows["lp"][lo:hi], rows["q"][lo:hi]
-        t = targets.to(lp.device)[:, None]
-        return {"lp": lp, "top": q.argmax(dim=-1), "nll": -lp.gather(-1, t)[:, 0], "conf": lp.max(dim=-1).values.exp()}
-
-    def pair_metrics(self, dense: dict, logits_p, targets) -> dict:
-        """llama.cpp's KL (terms at or below the floor dropped) and the rest, against the file's rows."""
+        """engine.kld.window.dense_side's fields from the file's rows; "p" is zero at or below the floor, so that
+        the KL sums only the tokens llama.cpp's does."""
         import torch
 
-        lp_d = dense["lp"]
-        if logits_p.shape[-1] != lp_d.shape[-1]:
-            raise HieruiError(f"--base {self.path}: n_vocab {self.vocab}, the model's logits have {logits_p.shape[-1]}")
-        lp_p = log_softmax(logits_p.to(lp_d.device))
-        top_p = lp_p.argmax(dim=-1)
-        nll_p = -lp_p.gather(-1, targets.to(lp_p.device)[:, None])[:, 0]
-        diff = lp_d - lp_p
-        p_d = torch.where(lp_d > FLOOR, lp_d.exp(), torch.zeros_like(lp_d))
-        kl = (p_d * diff).sum(-1)
-        kl_rev = -(lp_p.exp() * diff).sum(-1)
+        lp, q = rows["lp"][lo:hi], rows["q"][lo:hi]
+        t = targets.to(lp.device)[:, None]
         return {
-            "kl": kl,
-            "kl_rev": kl_rev,
-            "same_top": dense["top"] == top_p,
-            "dp": nll_p.neg().exp() - dense["nll"].neg().exp(),
-            "nll_d": dense["nll"],
-            "nll_p": nll_p,
-            "conf_d": dense["conf"],
-            "top_d": dense["top"],
-            "top_p": top_p,
+            "lp": lp,
+            "p": torch.where(lp > FLOOR, lp.exp(), torch.zeros_like(lp)),
+            "top": q.argmax(dim=-1),
+            "nll": -lp.gather(-1, t)[:, 0],
+            "conf": lp.max(dim=-1).values.exp(),
         }
+
+    def pair_metrics(self, dense: dict, logits_p, targets) -> dict:
+        """llama.cpp's KL (terms at or below the floor dropped: dense_side's "p") and the rest, against the file's
+        rows, with the perturbed log-softmax as llama.cpp takes it (engine.kld.window.pair_metrics)."""
+        from engine.kld.window import pair_metrics
+
+        if logits_p.shape[-1] != dense["lp"].shape[-1]:
+            raise HieruiError(f"--base {self.path}: n_vocab {self.vocab}, the model's logits have {logits_p.shape[-1]}")
+        return pair_metrics(dense, logits_p, targets, log_softmax)
 
     def token_metrics(self, w: int, logits_p, targets) -> dict:
         rows = {name: t.to(logits_p.device) for name, t in self.read(w).items()}

@@ -204,11 +204,14 @@ def dense_side(logits_d, targets) -> dict:
     return {"lp": lp, "p": p, "nll": nll, "conf": conf, "top": top}
 
 
-def pair_metrics(dense: dict, logits_p, targets) -> dict:
-    """Per-token metrics of a chunk (dense_side's and the perturbed float32 logits (c, V)), on the device."""
+def pair_metrics(dense: dict, logits_p, targets, log_softmax=None) -> dict:
+    """Per-token metrics of a chunk (dense_side's and the perturbed float32 logits (c, V)), on the device. The KL
+    weighs by dense["p"] (a llama.cpp base file's leaves out the tokens at its floor); `log_softmax` (default
+    torch's over the last dimension) turns the perturbed logits into log-probabilities."""
     import torch
 
-    lp_p = torch.log_softmax(logits_p.to(dense["lp"].device), dim=-1)
+    logits_p = logits_p.to(dense["lp"].device)
+    lp_p = torch.log_softmax(logits_p, dim=-1) if log_softmax is None else log_softmax(logits_p)
     top_p = lp_p.argmax(dim=-1)
     nll_p = -lp_p.gather(-1, targets.to(lp_p.device)[:, None])[:, 0]
     diff = torch.sub(dense["lp"], lp_p)
