@@ -393,6 +393,16 @@ def chart_kld_confidence(rows: list[dict]) -> str | None:
     return _svg(fig, "kld-confidence")
 
 
+def _line_per_spec(ax, rows: list[dict], values, color: dict) -> None:
+    """One line per row over the layers 0 … n − 1, `values(row)` its points (nan: not drawn), in the spec's
+    colour (_spec_colors) and named as the charts name it (_label)."""
+    for r in rows:
+        ys = values(r)
+        ax.plot(
+            range(len(ys)), ys, marker="o", markersize=3, linewidth=1.4, color=color[r["spec"]], label=_label(r["spec"])
+        )
+
+
 def chart_kld_hidden(rows: list[dict]) -> str | None:
     """Corpus KLD: the hidden-state 1 − cos per layer (0 = the token embeddings), mean over the scored tokens, one
     line per spec (log scale); None when no spec has them (a base file) or none deviates."""
@@ -408,17 +418,7 @@ def chart_kld_hidden(rows: list[dict]) -> str | None:
         return None
     fig = _figure(8.5, 3.6)
     ax = fig.add_subplot()
-    for r in rows:
-        values = gaps(r)
-        ax.plot(
-            range(len(values)),
-            values,
-            marker="o",
-            markersize=3,
-            linewidth=1.4,
-            color=color[r["spec"]],
-            label=_label(r["spec"]),
-        )
+    _line_per_spec(ax, rows, gaps, color)
     _log_y(ax)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(
@@ -447,17 +447,7 @@ def chart_layer_sparsity(rows: list[dict]) -> str | None:
     columns = min(3, len(rows))  # the legend below the axes, in columns: a long spec keeps a third of the width
     fig = _figure(8.5, 3.0 + 0.2 * -(-len(rows) // columns))
     ax = fig.add_subplot()
-    for r in rows:
-        values = [float("nan") if v is None else v for v in r["layer_sparsity"]]
-        ax.plot(
-            range(len(values)),
-            values,
-            marker="o",
-            markersize=3,
-            linewidth=1.4,
-            color=color[r["spec"]],
-            label=_label(r["spec"]),
-        )
+    _line_per_spec(ax, rows, lambda r: [float("nan") if v is None else v for v in r["layer_sparsity"]], color)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     ax.set_xlabel("decoder layer ℓ")
